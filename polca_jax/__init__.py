@@ -1,0 +1,1 @@
+"""POLCA in JAX."""
