@@ -1,1 +1,50 @@
-"""POLCA in JAX."""
+"""polca_jax: POLCA (Projection Oriented Loss Change Allocation) in JAX.
+
+Kernels are pure functions of a params pytree and a batch pytree; see the README for the data flow.
+"""
+
+from polca_jax.basis import (
+    Basis,
+    basis_from_matrix,
+    hessian_basis,
+    parameter_axis_basis,
+    random_basis,
+    shuffled_hessian_basis,
+)
+from polca_jax.checkpoints import OrbaxCheckpoints
+from polca_jax.decomposition import POLCAResult, polca
+from polca_jax.hvp import FlatHessianMatvec, hvp
+from polca_jax.lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
+from polca_jax.projections import (
+    choose_method,
+    per_sample_curvature,
+    per_sample_losses,
+    per_sample_projections,
+    per_sample_projections_and_curvature,
+)
+from polca_jax.sharding import data_mesh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Basis",
+    "Eigenpairs",
+    "FlatHessianMatvec",
+    "OrbaxCheckpoints",
+    "POLCAResult",
+    "basis_from_matrix",
+    "check_orthonormal",
+    "choose_method",
+    "data_mesh",
+    "hessian_basis",
+    "hvp",
+    "parameter_axis_basis",
+    "per_sample_curvature",
+    "per_sample_losses",
+    "per_sample_projections",
+    "per_sample_projections_and_curvature",
+    "polca",
+    "random_basis",
+    "shuffled_hessian_basis",
+    "top_eigenpairs",
+]

@@ -1,0 +1,280 @@
+"""Orthonormal bases of the training subspace: Algorithm 1 (Hessian), random, parameter axes, user matrices."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polca_jax import tree
+from polca_jax._progress import progress_bar
+from polca_jax.checks import check_finite_params, check_same_structure
+from polca_jax.hvp import FlatHessianMatvec
+from polca_jax.lanczos import check_orthonormal, top_eigenpairs
+from polca_jax.sharding import replicate, shard_batch
+
+PyTree = Any
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(eq=False)
+class Basis:
+    """K orthonormal directions in the flat parameter space (``ravel_pytree`` order).
+
+    Attributes:
+      vectors: ``[K, P]`` orthonormal rows.
+      eigenvalues: ``[K]`` Hessian eigenvalue each direction was found with (NaN where it has none).
+      steps: ``[K]`` training step of the checkpoint each direction came from (-1 where none).
+      method: how the basis was made (``"hessian"``, ``"shuffled_hessian"``, ``"random"``, ...).
+      residuals: ``[K]`` Ritz residual norms (NaN where none).
+    """
+
+    vectors: jax.Array
+    eigenvalues: np.ndarray
+    steps: np.ndarray
+    method: str
+    residuals: np.ndarray
+    _trees: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.vectors = jnp.asarray(self.vectors)
+        if self.vectors.ndim != 2:
+            raise ValueError(f"basis vectors must be [K, P], got shape {self.vectors.shape}")
+        k = self.vectors.shape[0]
+        for name in ("eigenvalues", "steps", "residuals"):
+            value = np.asarray(getattr(self, name))
+            if value.shape != (k,):
+                raise ValueError(f"basis {name} must have shape [{k}], got {value.shape}")
+            setattr(self, name, value)
+
+    @property
+    def size(self) -> int:
+        """K, the number of directions."""
+        return self.vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """P, the number of parameters."""
+        return self.vectors.shape[1]
+
+    def as_tree(self, like: PyTree) -> PyTree:
+        """The rows as a params-shaped pytree with leaves ``[K, *leaf.shape]`` (made once per structure)."""
+        check_width(self, like)
+        signature = tree.structure_signature(like)
+        if signature not in self._trees:
+            self._trees[signature] = _split_rows(self.vectors, like)
+        return self._trees[signature]
+
+    def coordinates(self, vector: jax.Array | PyTree) -> jax.Array:
+        """⟨b, v⟩ for every direction b: ``[K]``, for a flat ``[P]`` vector or a params pytree."""
+        flat = vector if isinstance(vector, jax.Array | np.ndarray) and np.ndim(vector) == 1 else tree.ravel(vector)
+        return jnp.dot(self.vectors, flat.astype(self.vectors.dtype), precision=jax.lax.Precision.HIGHEST)
+
+    def select(self, index) -> "Basis":
+        """A basis of the chosen rows (an index array, a boolean mask or a slice)."""
+        index = np.arange(self.size)[index]
+        return Basis(
+            self.vectors[index], self.eigenvalues[index], self.steps[index], self.method, self.residuals[index]
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``vectors.npy`` (and eigenvalues, steps, residuals) plus ``basis.json`` to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "vectors.npy", np.asarray(self.vectors))
+        np.savez(directory / "info.npz", eigenvalues=self.eigenvalues, steps=self.steps, residuals=self.residuals)
+        manifest = {"format": FORMAT_VERSION, "method": self.method, "size": self.size, "dim": self.dim}
+        (directory / "basis.json").write_text(json.dumps(manifest, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Basis":
+        """Read a basis written by :meth:`save`; a missing or inconsistent file raises ``ValueError``."""
+        directory = Path(directory)
+        try:
+            manifest = json.loads((directory / "basis.json").read_text())
+            vectors = np.load(directory / "vectors.npy")
+            info = np.load(directory / "info.npz")
+            arrays = {name: info[name] for name in ("eigenvalues", "steps", "residuals")}
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot read a basis from {directory}: {error}") from error
+        if vectors.shape != (manifest["size"], manifest["dim"]):
+            raise ValueError(
+                f"corrupt basis in {directory}: vectors.npy has shape {vectors.shape}, "
+                f"manifest says [{manifest['size']}, {manifest['dim']}]"
+            )
+        return cls(vectors, method=manifest["method"], **arrays)
+
+
+@jax.jit
+def _split_rows(vectors: jax.Array, like: PyTree) -> PyTree:
+    return tree.unravel_rows(vectors, like)
+
+
+def check_width(basis: Basis, params: PyTree) -> None:
+    """Raise ``ValueError`` unless the basis has one column per parameter."""
+    num = tree.num_params(params)
+    if basis.dim != num:
+        raise ValueError(f"basis has width {basis.dim} but the parameters have {num} entries")
+
+
+def _unknown(k: int) -> np.ndarray:
+    return np.full(k, np.nan)
+
+
+def basis_from_matrix(
+    matrix: jax.Array | np.ndarray,
+    *,
+    orthonormalize: bool = False,
+    eigenvalues: np.ndarray | None = None,
+    steps: np.ndarray | None = None,
+    method: str = "user",
+) -> Basis:
+    """A :class:`Basis` from a user's ``[K, P]`` rows.
+
+    Rows that are not orthonormal raise ``ValueError`` unless ``orthonormalize=True``, which replaces them by the
+    Gram–Schmidt (QR) orthonormalisation that keeps each row's span and sign.
+    """
+    matrix = jnp.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[0] > matrix.shape[1]:
+        raise ValueError(f"a basis matrix must be [K, P] with 1 <= K <= P, got shape {matrix.shape}")
+    if orthonormalize:
+        q, r = jnp.linalg.qr(matrix.T)
+        if np.min(np.abs(np.diag(np.asarray(r)))) <= 1e-6 * np.max(np.abs(np.asarray(r))):
+            raise ValueError("basis matrix rows are linearly dependent; cannot orthonormalise")
+        matrix = (q * jnp.sign(jnp.diag(r))).T
+    else:
+        check_orthonormal(matrix)
+    k = matrix.shape[0]
+    return Basis(
+        matrix,
+        _unknown(k) if eigenvalues is None else eigenvalues,
+        np.full(k, -1) if steps is None else steps,
+        method,
+        _unknown(k),
+    )
+
+
+def random_basis(params: PyTree, k: int, key: jax.Array) -> Basis:
+    """K random orthonormal directions (QR of a Gaussian matrix) in the parameter space of ``params``."""
+    dim = tree.num_params(params)
+    if not 1 <= k <= dim:
+        raise ValueError(f"need 1 <= k <= {dim} random directions, got {k}")
+    dtype = tree.ravel(params).dtype
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (dim, k), dtype))
+    return Basis(q.T, _unknown(k), np.full(k, -1), "random", _unknown(k))
+
+
+def parameter_axis_basis(params: PyTree, m: int, *, step: int = -1) -> Basis:
+    """The m parameter axes whose values are largest in magnitude in ``params`` (the paper's LCA baseline)."""
+    flat = tree.ravel(params)
+    if not 1 <= m <= flat.size:
+        raise ValueError(f"need 1 <= m <= {flat.size} parameter axes, got {m}")
+    axes = jnp.argsort(-jnp.abs(flat))[:m]
+    vectors = jax.nn.one_hot(axes, flat.size, dtype=flat.dtype)
+    return Basis(vectors, _unknown(m), np.full(m, step), "parameter_axes", _unknown(m))
+
+
+def hessian_basis(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    checkpoints: Sequence[PyTree],
+    batch: PyTree,
+    *,
+    k_per_checkpoint: int = 1,
+    num_iters: int = 20,
+    key: jax.Array,
+    steps: Sequence[int] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    method: str = "hessian",
+) -> Basis:
+    """Algorithm 1: at each checkpoint, the top-k eigenvectors of ``Π⊥ H Π⊥`` on the complement of those found so far.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the aggregate loss whose Hessian is used.
+      checkpoints: T params pytrees of identical structure (e.g. :class:`polca_jax.OrbaxCheckpoints`).
+      batch: the training sample the Hessian is taken on (leaves with a leading sample axis).
+      k_per_checkpoint: k, new vectors per checkpoint (the paper: 1).
+      num_iters: Lanczos steps per checkpoint.
+      key: PRNG key; checkpoint t uses ``fold_in(key, t)``.
+      steps: training step of each checkpoint (default: ``checkpoints.steps`` or 0..T-1).
+      mesh: optional mesh; the batch is sharded over its ``"data"`` axis.
+
+    Returns a :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
+    """
+    steps = _checkpoint_steps(checkpoints, steps)
+    if len(steps) == 0:
+        raise ValueError("hessian_basis needs at least one checkpoint")
+    first = checkpoints[0]
+    dim = tree.num_params(first)
+    total = len(steps) * k_per_checkpoint
+    if total > dim:
+        raise ValueError(f"{total} basis vectors requested but the model has only {dim} parameters")
+    dtype = tree.ravel(first).dtype
+    found = jnp.zeros((total, dim), dtype)  # preallocated: zero rows do not deflate, so Lanczos compiles once
+    values, residuals = np.zeros(total), np.zeros(total)
+    batch = shard_batch(batch, mesh)
+    matvec = FlatHessianMatvec(loss_fn)
+    for t in progress_bar(range(len(steps)), progress, desc=f"{method} basis"):
+        params = first if t == 0 else checkpoints[t]
+        check_same_structure(first, params, f"checkpoint {steps[t]}")
+        check_finite_params(params, f"checkpoint {steps[t]}")
+        pairs = top_eigenpairs(
+            matvec,
+            dim,
+            k_per_checkpoint,
+            num_iters,
+            jax.random.fold_in(key, t),
+            orthogonal_to=found,
+            matvec_args=(replicate(params, mesh), batch),
+            num_deflated=t * k_per_checkpoint,
+        )
+        rows = slice(t * k_per_checkpoint, (t + 1) * k_per_checkpoint)
+        found = found.at[rows].set(pairs.vectors)
+        values[rows], residuals[rows] = np.asarray(pairs.values), np.asarray(pairs.residuals)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("the Hessian eigenvalues are not finite: is the loss NaN at some checkpoint?")
+    return Basis(found, values, np.repeat(np.asarray(steps), k_per_checkpoint), method, residuals)
+
+
+def shuffled_hessian_basis(
+    loss_fn, checkpoints: Sequence[PyTree], batch: PyTree, *, key: jax.Array, steps=None, **kwargs
+) -> Basis:
+    """Algorithm 1 over the checkpoints in a random order (the paper's "random shuffled Hessian" ablation)."""
+    steps = _checkpoint_steps(checkpoints, steps)
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, -1), len(steps)))
+    return hessian_basis(
+        loss_fn,
+        _Permuted(checkpoints, order),
+        batch,
+        key=key,
+        steps=[steps[i] for i in order],
+        method="shuffled_hessian",
+        **kwargs,
+    )
+
+
+class _Permuted(Sequence):
+    """A lazy view of a sequence in another order."""
+
+    def __init__(self, items: Sequence, order: np.ndarray):
+        self._items, self._order = items, order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __getitem__(self, i):
+        return self._items[int(self._order[i])]
+
+
+def _checkpoint_steps(checkpoints: Sequence[PyTree], steps: Sequence[int] | None) -> list[int]:
+    if steps is None:
+        steps = getattr(checkpoints, "steps", None)
+    steps = list(range(len(checkpoints))) if steps is None else [int(s) for s in steps]
+    if len(steps) != len(checkpoints):
+        raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
+    return steps

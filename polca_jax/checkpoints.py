@@ -1,0 +1,55 @@
+"""Reading parameter checkpoints written by an orbax ``CheckpointManager``.
+
+The convention: each step is saved with ``ocp.args.Composite(params=ocp.args.StandardSave(params), ...)``; other
+items (optimizer state, ...) may sit beside ``params`` and are ignored here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import orbax.checkpoint as ocp
+
+from polca_jax import tree
+
+PyTree = Any
+PARAMS_ITEM = "params"
+
+
+class OrbaxCheckpoints(Sequence):
+    """The params saved at ``steps`` in an orbax checkpoint directory, restored lazily one at a time.
+
+    Args:
+      directory: the ``CheckpointManager`` directory.
+      steps: the steps to use, in order (default: every step on disk).
+      template: optional params pytree (or ``ShapeDtypeStruct``s) to restore into, fixing shapes and dtypes.
+    """
+
+    def __init__(self, directory: str | Path, steps: Sequence[int] | None = None, template: PyTree | None = None):
+        self.directory = Path(directory).absolute()
+        if not self.directory.is_dir():
+            raise ValueError(f"checkpoint directory {self.directory} does not exist")
+        self._manager = ocp.CheckpointManager(self.directory, item_names=(PARAMS_ITEM,))
+        available = set(self._manager.all_steps())
+        self.steps = sorted(available) if steps is None else [int(s) for s in steps]
+        missing = [s for s in self.steps if s not in available]
+        if missing:
+            raise ValueError(
+                f"steps {missing} have no checkpoint in {self.directory} (available: {sorted(available)})"
+            )
+        self._target = None if template is None else tree.abstract(template)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> PyTree:
+        if isinstance(index, slice):
+            raise TypeError("OrbaxCheckpoints does not support slicing; index one checkpoint at a time")
+        step = self.steps[index]
+        restore = ocp.args.StandardRestore(self._target)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{PARAMS_ITEM: restore}))
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"checkpoint step {step} in {self.directory} cannot be read: {error}") from error
+        return restored[PARAMS_ITEM]

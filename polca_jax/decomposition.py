@@ -1,0 +1,274 @@
+"""The POLCA decomposition (paper Eqs. 2–8) over a sequence of checkpoints, and its on-disk result.
+
+For checkpoints θ_0..θ_{T-1}, samples x and basis directions b, with g_t(x) = ⟨b, ∇L(x; θ_t)⟩ and the projected
+step s_t = ⟨b, θ_{t+1} − θ_t⟩:
+
+* first order (Eq. 2): g_t(x) · s_t
+* second order, by ``second_order=``:
+  - ``"none"``: 0
+  - ``"paper"`` (Eqs. 4–5): ½ λ(X,b) s_t² · Δg(x) / Δg(X), with Δg = g_{t+1} − g_t and Δg(X) its mean over the
+    samples (the aggregate loss is the mean, matching the Hessian of ``hessian_basis``'s mean loss). λ(X,b) is the
+    eigenvalue stored with the basis vector when it was found (``eigenvalues="stored"``, the paper's "keeping track
+    of the eigenvalues"), or bᵀH_t(X)b recomputed at every checkpoint as the mean per-sample curvature on the
+    evaluated samples (``eigenvalues="current"``). Where |Δg(X)| is below 1e-12 · max|Δg(X)| the term is 0.
+  - ``"trapezoid"``: ½ s_t · Δg(x) (what ``"paper"`` becomes when Δg(X) = λ s_t holds exactly); no eigenvalue.
+  - ``"exact"`` (Eq. 3): ½ bᵀH_t(x)b · s_t², with the exact per-sample curvature (forward-over-forward AD).
+* projected loss (Eq. 8): L_b(x, θ_t) = Σ_{i<t} POLCA(x, b; θ_i), so ``projected_loss[0] == 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polca_jax import tree
+from polca_jax._progress import progress_bar
+from polca_jax.basis import Basis, check_width
+from polca_jax.checkpoints import OrbaxCheckpoints
+from polca_jax.checks import check_finite, check_finite_params, check_same_structure
+from polca_jax.lanczos import check_orthonormal
+from polca_jax.projections import (
+    PerSampleLossFn,
+    per_sample_losses,
+    per_sample_projections,
+    per_sample_projections_and_curvature,
+)
+from polca_jax.sharding import replicate
+
+PyTree = Any
+SecondOrder = Literal["none", "paper", "trapezoid", "exact"]
+SECOND_ORDER_CHOICES = ("none", "paper", "trapezoid", "exact")
+FORMAT_VERSION = 1
+_ARRAYS = ("steps", "loss", "projections", "step_projection", "second_order", "outside_fraction")
+
+
+@dataclasses.dataclass(eq=False)
+class POLCAResult:
+    """POLCA over T checkpoints, N samples and K directions (arrays are numpy, possibly memory-mapped).
+
+    Attributes:
+      steps: ``[T]`` training step of each checkpoint.
+      loss: ``[T, N]`` exact per-sample loss L(x; θ_t).
+      projections: ``[T, N, K]`` projected per-sample gradients ⟨b, ∇L(x; θ_t)⟩.
+      step_projection: ``[T-1, K]`` projected steps ⟨b, θ_{t+1} − θ_t⟩.
+      second_order: ``[T-1, N, K]`` second-order terms (zeros for ``"none"``).
+      outside_fraction: ``[T-1]`` fraction of ‖θ_{t+1} − θ_t‖² outside the basis span.
+      config: how the result was computed (second_order, method, basis method, ...).
+    """
+
+    steps: np.ndarray
+    loss: np.ndarray
+    projections: np.ndarray
+    step_projection: np.ndarray
+    second_order: np.ndarray
+    outside_fraction: np.ndarray
+    config: dict
+
+    def __post_init__(self):
+        t, n, k = self.projections.shape
+        expected = {
+            "steps": (t,),
+            "loss": (t, n),
+            "step_projection": (t - 1, k),
+            "second_order": (t - 1, n, k),
+            "outside_fraction": (t - 1,),
+        }
+        for name, shape in expected.items():
+            if np.shape(getattr(self, name)) != shape:
+                raise ValueError(f"POLCAResult.{name} must have shape {shape}, got {np.shape(getattr(self, name))}")
+
+    @property
+    def first_order(self) -> np.ndarray:
+        """``[T-1, N, K]`` first-order terms g_t(x) · s_t (Eq. 2)."""
+        return self.projections[:-1] * self.step_projection[:, None, :]
+
+    @property
+    def terms(self) -> np.ndarray:
+        """``[T-1, N, K]`` POLCA(x, b; θ_t), first plus second order (Eq. 7)."""
+        return self.first_order + self.second_order
+
+    @functools.cached_property
+    def projected_loss(self) -> np.ndarray:
+        """``[T, N, K]`` cumulative projected loss L_b(x, θ_t) (Eq. 8); row 0 is zero."""
+        terms = self.terms
+        return np.concatenate([np.zeros_like(terms[:1]), np.cumsum(terms, axis=0)])
+
+    @property
+    def loss_change(self) -> np.ndarray:
+        """``[T-1, N]`` true per-sample loss change L(x; θ_{t+1}) − L(x; θ_t)."""
+        return np.diff(self.loss, axis=0)
+
+    @property
+    def decomposed_change(self) -> np.ndarray:
+        """``[T-1, N]`` Σ_b POLCA(x, b; θ_t): the part of the loss change the basis accounts for."""
+        return self.terms.sum(axis=-1)
+
+    def save(self, directory: str | Path) -> None:
+        """Write each array as ``.npy`` and a ``manifest.json`` (config, shapes, package versions)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in _ARRAYS:
+            np.save(directory / f"{name}.npy", np.asarray(getattr(self, name)))
+        manifest = {
+            "format": FORMAT_VERSION,
+            "config": self.config,
+            "shapes": {name: list(np.shape(getattr(self, name))) for name in _ARRAYS},
+            "versions": _versions(),
+        }
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+    @classmethod
+    def load(cls, directory: str | Path, *, mmap: bool = True) -> "POLCAResult":
+        """Read a result written by :meth:`save` (memory-mapped by default); raise ``ValueError`` if incomplete."""
+        directory = Path(directory)
+        try:
+            manifest = json.loads((directory / "manifest.json").read_text())
+            arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r" if mmap else None) for name in _ARRAYS}
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot read a POLCA result from {directory}: {error}") from error
+        for name, shape in manifest["shapes"].items():
+            if list(arrays[name].shape) != shape:
+                raise ValueError(f"corrupt POLCA result in {directory}: {name}.npy has shape {arrays[name].shape}")
+        return cls(config=manifest["config"], **arrays)
+
+
+def polca(
+    per_sample_loss_fn: PerSampleLossFn,
+    checkpoints: Sequence[PyTree] | str | Path,
+    batch: PyTree,
+    basis: Basis,
+    *,
+    second_order: SecondOrder = "paper",
+    eigenvalues: Literal["stored", "current"] = "stored",
+    steps: Sequence[int] | None = None,
+    mask: np.ndarray | None = None,
+    method: str = "auto",
+    chunk_size: int | None = None,
+    chunks_per_call: int = 4,
+    basis_chunk_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+) -> POLCAResult:
+    """Decompose every sample's loss change between consecutive checkpoints along every basis direction.
+
+    Args:
+      per_sample_loss_fn: ``(params, batch) -> [n_seq]`` or ``[n_seq, n_tok]`` per-sample losses.
+      checkpoints: T ≥ 2 params pytrees in training order, or an orbax checkpoint directory (then ``steps``
+        chooses the steps; default all).
+      batch: the evaluation samples (leaves with a leading ``n_seq`` axis).
+      basis: orthonormal :class:`Basis` of K directions.
+      second_order: ``"none" | "paper" | "trapezoid" | "exact"`` (see the module docstring).
+      eigenvalues: for ``"paper"``: ``"stored"`` (the basis' own eigenvalues) or ``"current"`` (bᵀH_t(X)b).
+      steps: training step of each checkpoint (default: the store's steps, else 0..T-1).
+      mask, method, chunk_size, chunks_per_call, basis_chunk_size, mesh: as in :func:`per_sample_projections`.
+      progress: show a progress bar over checkpoints.
+    """
+    if second_order not in SECOND_ORDER_CHOICES:
+        raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {second_order!r}")
+    if eigenvalues not in ("stored", "current"):
+        raise ValueError(f"eigenvalues must be 'stored' or 'current', got {eigenvalues!r}")
+    if isinstance(checkpoints, str | Path):
+        checkpoints = OrbaxCheckpoints(checkpoints, steps)
+    steps = list(range(len(checkpoints))) if steps is None and not hasattr(checkpoints, "steps") else steps
+    steps = np.asarray(checkpoints.steps if steps is None else steps)
+    if len(checkpoints) < 2:
+        raise ValueError(f"POLCA needs at least two checkpoints, got {len(checkpoints)}")
+    if len(steps) != len(checkpoints):
+        raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
+    if not isinstance(basis, Basis):
+        raise ValueError("basis must be a polca_jax.Basis (make one with basis_from_matrix)")
+    check_orthonormal(basis.vectors)
+    needs_curvature = second_order == "exact" or (second_order == "paper" and eigenvalues == "current")
+    if second_order == "paper" and eigenvalues == "stored" and not np.all(np.isfinite(basis.eigenvalues)):
+        raise ValueError(
+            f"second_order='paper' needs the basis' eigenvalues, but this {basis.method!r} basis has none; "
+            "use eigenvalues='current', second_order='trapezoid' or 'exact'"
+        )
+
+    kernel_options = dict(
+        mask=mask, chunk_size=chunk_size, chunks_per_call=chunks_per_call, basis_chunk_size=basis_chunk_size,
+        mesh=mesh,
+    )
+    first = checkpoints[0]
+    check_width(basis, first)
+    losses, projections, curvatures, step_projection, outside = [], [], [], [], []
+    previous_flat = None
+    for t in progress_bar(range(len(steps)), progress, desc="POLCA checkpoints"):
+        params = first if t == 0 else checkpoints[t]
+        what = f"checkpoint at step {steps[t]}"
+        check_same_structure(first, params, what)
+        check_finite_params(params, what)
+        params = replicate(params, mesh)
+        loss = np.asarray(per_sample_losses(per_sample_loss_fn, params, batch, mask=mask, mesh=mesh))
+        check_finite(loss, f"the per-sample loss at {what}")
+        losses.append(loss)
+        if needs_curvature:
+            g, c = per_sample_projections_and_curvature(per_sample_loss_fn, params, batch, basis, **kernel_options)
+            curvatures.append(np.asarray(c))
+        else:
+            g = per_sample_projections(per_sample_loss_fn, params, batch, basis, method=method, **kernel_options)
+        projections.append(np.asarray(g))
+        flat = tree.ravel(params)
+        if previous_flat is not None:
+            delta = flat - previous_flat
+            coordinates = basis.coordinates(delta)
+            step_projection.append(np.asarray(coordinates))
+            total = float(jnp.vdot(delta, delta))
+            outside.append(0.0 if total == 0 else max(0.0, 1.0 - float(jnp.vdot(coordinates, coordinates)) / total))
+        previous_flat = flat
+
+    projections = np.stack(projections)
+    step_projection = np.stack(step_projection)
+    second = _second_order_terms(
+        second_order, projections, step_projection, np.stack(curvatures) if curvatures else None, basis.eigenvalues
+    )
+    config = {
+        "second_order": second_order,
+        "eigenvalues": eigenvalues if second_order == "paper" else None,
+        "method": method,
+        "basis_method": basis.method,
+        "basis_size": basis.size,
+        "basis_steps": basis.steps.tolist(),
+        "num_params": basis.dim,
+    }
+    return POLCAResult(
+        steps, np.stack(losses), projections, step_projection, second, np.asarray(outside), config
+    )
+
+
+def _second_order_terms(kind, projections, step_projection, curvatures, stored_eigenvalues) -> np.ndarray:
+    """``[T-1, N, K]`` second-order terms from g ``[T, N, K]``, s ``[T-1, K]`` and curvature ``[T, N, K]``."""
+    s = step_projection[:, None, :]
+    if kind == "none":
+        return np.zeros_like(projections[:-1])
+    if kind == "exact":
+        return 0.5 * curvatures[:-1] * s**2
+    change = np.diff(projections, axis=0)  # Δg(x) [T-1, N, K]
+    if kind == "trapezoid":
+        return 0.5 * s * change
+    aggregate = change.mean(axis=1, keepdims=True)  # Δg(X) [T-1, 1, K]
+    if curvatures is None:
+        eigenvalue = np.asarray(stored_eigenvalues, projections.dtype)[None, None, :]
+    else:
+        eigenvalue = curvatures[:-1].mean(axis=1, keepdims=True)
+    usable = np.abs(aggregate) > 1e-12 * np.max(np.abs(aggregate), initial=0.0)
+    ratio = np.divide(change, aggregate, out=np.zeros_like(change), where=usable)
+    return 0.5 * eigenvalue * s**2 * ratio
+
+
+def _versions() -> dict:
+    versions = {}
+    for package in ("polca_jax", "jax", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -1,0 +1,36 @@
+"""Hessian-vector products (forward-over-reverse)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from polca_jax import tree
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+
+def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: PyTree) -> PyTree:
+    """H(params) v for the scalar ``loss_fn(params, batch)``; ``v`` and the result are shaped like ``params``.
+
+    Forward-over-reverse (``jvp`` of ``grad``): about two gradients of cost, no Hessian is formed.
+    Wrap in ``jax.jit`` (``loss_fn`` static) or use :func:`flat_hessian_matvec` to compile once.
+    """
+    return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatHessianMatvec:
+    """``v [P] -> H v [P]`` for ``loss_fn`` at ``(params, batch)``, usable as a Lanczos ``matvec``.
+
+    Hashable by ``loss_fn`` alone, so ``top_eigenpairs(FlatHessianMatvec(loss_fn), ..., matvec_args=(params, batch))``
+    compiles once and is reused for every checkpoint with parameters of the same shapes.
+    """
+
+    loss_fn: LossFn
+
+    def __call__(self, v: jax.Array, params: PyTree, batch: PyTree) -> jax.Array:
+        return tree.ravel(hvp(self.loss_fn, params, tree.unravel(v, params), batch))

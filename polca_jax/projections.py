@@ -1,0 +1,287 @@
+"""Per-sample projected gradients ⟨b, ∇L(x)⟩ and curvatures bᵀH(x)b for N samples × K directions.
+
+A *sample* is a sequence (``per_sample_loss_fn`` returns ``[n_seq]``) or one token of a sequence (it returns
+``[n_seq, n_tok]``; an optional ``mask [n_seq, n_tok]`` keeps the tokens that count). Two strategies compute the
+projections, chosen by cost (see :func:`choose_method` and DESIGN.md's cost model):
+
+* ``"reverse"``: per-sample gradients on chunks of sequences (``vmap`` of ``jacrev``), each parameter leaf
+  contracted with its slice of the params-shaped basis; about one backward pass per sample, plus ``2·P·K`` flops.
+* ``"forward"``: one ``jvp`` per basis direction over a chunk of sequences (vmapped over groups of directions);
+  about ``2K`` forward passes per *sequence*, whatever its number of samples.
+
+Chunks of sequences are unrolled inside one compiled call (``chunks_per_call`` of them), so the small output GEMM of
+one chunk overlaps the next chunk's work; compiled kernels are cached on (loss function, shapes, chunking, mesh), so
+a second call with new parameters of the same shapes does not recompile. An ``[N, P]`` array is never built: memory
+is bounded by ``chunk_size × samples per sequence × P`` (reverse) or ``chunk_size × basis_chunk_size`` activations
+(forward).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from polca_jax import tree
+from polca_jax.basis import Basis, _split_rows
+from polca_jax.checks import batch_size
+from polca_jax.sharding import DATA_AXIS, num_data_shards, shard_batch
+
+PyTree = Any
+PerSampleLossFn = Callable[[PyTree, PyTree], jax.Array]
+Method = Literal["auto", "reverse", "forward"]
+HIGHEST = lax.Precision.HIGHEST
+REVERSE_SAMPLES_PER_CHUNK = 64
+FORWARD_SEQUENCES_PER_CHUNK = 32
+
+
+def choose_method(samples_per_sequence: int, num_directions: int) -> Literal["reverse", "forward"]:
+    """The cheaper strategy by the cost model, in forward-pass units per sequence.
+
+    reverse ≈ 1 + 2·s (one forward, one backward per sample) + K (the contraction, ≈ s·K·2P flops, taking the
+    sequence length as s); forward ≈ 1 + 2·K (one tangent pass per direction). So forward wins when K < 2·s:
+    token-level samples of long sequences, or few directions.
+    """
+    reverse = 1 + 2 * samples_per_sequence + num_directions
+    forward = 1 + 2 * num_directions
+    return "forward" if forward < reverse else "reverse"
+
+
+def per_sample_projections(
+    per_sample_loss_fn: PerSampleLossFn,
+    params: PyTree,
+    batch: PyTree,
+    basis: Basis | jax.Array | PyTree,
+    *,
+    mask: np.ndarray | None = None,
+    method: Method = "auto",
+    chunk_size: int | None = None,
+    chunks_per_call: int = 4,
+    basis_chunk_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> jax.Array:
+    """⟨b, ∇L(x; params)⟩ for every sample x and direction b: ``[N, K]``.
+
+    Args:
+      per_sample_loss_fn: ``(params, batch) -> [n_seq]`` or ``[n_seq, n_tok]`` losses, one per sample.
+      params: parameters pytree.
+      batch: pytree of arrays with a leading ``n_seq`` axis.
+      basis: a :class:`Basis`, a ``[K, P]`` matrix, or a params-shaped pytree of ``[K, ...]`` leaves.
+      mask: optional bool ``[n_seq, n_tok]``; N is its count of True, rows in row-major (sequence, token) order.
+        Without it N = ``n_seq · n_tok``.
+      method: ``"reverse"``, ``"forward"`` or ``"auto"`` (:func:`choose_method`).
+      chunk_size: sequences per chunk (default: 64 samples' worth for reverse, 32 sequences for forward).
+      chunks_per_call: chunks unrolled in one compiled call.
+      basis_chunk_size: directions per vmapped group in forward mode.
+      mesh: optional mesh; sequences are sharded over its ``"data"`` axis, parameters and basis replicated.
+    """
+    directions, num_directions = _directions(basis, params)
+    samples = _samples_per_sequence(per_sample_loss_fn, params, batch)
+    if method == "auto":
+        method = choose_method(samples, num_directions)
+    if method not in ("reverse", "forward"):
+        raise ValueError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
+    kernel = _reverse_chunk if method == "reverse" else functools.partial(_forward_chunk, basis_chunk_size)
+    chunk_size = chunk_size or _default_chunk(method, samples)
+    (projections,) = _run_chunked(
+        kernel, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, mesh
+    )
+    return _select_samples(projections, mask)
+
+
+def per_sample_curvature(per_sample_loss_fn: PerSampleLossFn, params, batch, basis, **kwargs) -> jax.Array:
+    """bᵀH(x)b exactly for every sample x and direction b, ``[N, K]``, by forward-over-forward AD (no Hessian).
+
+    Takes the arguments of :func:`per_sample_projections` except ``method``.
+    """
+    return per_sample_projections_and_curvature(per_sample_loss_fn, params, batch, basis, **kwargs)[1]
+
+
+def per_sample_projections_and_curvature(
+    per_sample_loss_fn: PerSampleLossFn,
+    params: PyTree,
+    batch: PyTree,
+    basis: Basis | jax.Array | PyTree,
+    *,
+    mask: np.ndarray | None = None,
+    chunk_size: int | None = None,
+    chunks_per_call: int = 4,
+    basis_chunk_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(⟨b, ∇L(x)⟩, bᵀH(x)b), both ``[N, K]``, from one nested ``jvp`` per direction."""
+    directions, _ = _directions(basis, params)
+    chunk_size = chunk_size or _default_chunk("forward", 1)
+    kernel = functools.partial(_curvature_chunk, basis_chunk_size)
+    projections, curvature = _run_chunked(
+        kernel, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, mesh
+    )
+    return _select_samples(projections, mask), _select_samples(curvature, mask)
+
+
+def per_sample_losses(
+    per_sample_loss_fn: PerSampleLossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    mask: np.ndarray | None = None,
+    chunk_size: int = FORWARD_SEQUENCES_PER_CHUNK,
+    mesh: jax.sharding.Mesh | None = None,
+) -> jax.Array:
+    """L(x; params) for every sample: ``[N]``, in the sample order of :func:`per_sample_projections`."""
+    _samples_per_sequence(per_sample_loss_fn, params, batch)
+    (losses,) = _run_chunked(_loss_chunk, per_sample_loss_fn, params, batch, None, chunk_size, 4, mesh)
+    return _select_samples(losses, mask)[:, 0]
+
+
+# --- chunk kernels: (loss_fn, params, directions [K, ...] leaves, chunk) -> tuple of [c, s, K] ---------------------
+
+
+def _loss_chunk(loss_fn, params, directions, chunk):
+    return (_as_matrix(loss_fn(params, chunk))[..., None],)
+
+
+def _reverse_chunk(loss_fn, params, directions, chunk):
+    def example_losses(p, example):
+        return loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], example)).reshape(-1)
+
+    jacobians = jax.vmap(jax.jacrev(example_losses), in_axes=(None, 0))(params, chunk)  # leaves [c, s, ...]
+    leaves = jax.tree_util.tree_leaves(jacobians)
+    c, s = leaves[0].shape[:2]
+    total = sum(
+        jnp.dot(g.reshape(c * s, -1), b.reshape(b.shape[0], -1).T, precision=HIGHEST)
+        for g, b in zip(leaves, jax.tree_util.tree_leaves(directions))
+    )
+    return (total.reshape(c, s, -1),)
+
+
+def _grouped_directional(group_size, directions, along):
+    """Apply ``along(direction) -> [m, c, s]`` to every direction, ``group_size`` at a time: ``[m, c, s, K]``."""
+    k = jax.tree_util.tree_leaves(directions)[0].shape[0]
+    groups = -(-k // group_size)
+
+    def group(leaf):
+        padded = jnp.pad(leaf, [(0, groups * group_size - k)] + [(0, 0)] * (leaf.ndim - 1))
+        return padded.reshape(groups, group_size, *leaf.shape[1:])
+
+    out = lax.map(jax.vmap(along), jax.tree_util.tree_map(group, directions))  # [groups, group, m, c, s]
+    out = out.reshape(groups * group_size, *out.shape[2:])[:k]
+    return jnp.moveaxis(out, 0, -1)
+
+
+def _forward_chunk(group_size, loss_fn, params, directions, chunk):
+    def along(direction):
+        return jax.jvp(lambda p: _as_matrix(loss_fn(p, chunk)), (params,), (direction,))[1][None]
+
+    return (_grouped_directional(group_size, directions, along)[0],)
+
+
+def _curvature_chunk(group_size, loss_fn, params, directions, chunk):
+    def along(direction):
+        def directional(p):
+            return jax.jvp(lambda q: _as_matrix(loss_fn(q, chunk)), (p,), (direction,))[1]
+
+        return jnp.stack(jax.jvp(directional, (params,), (direction,)))
+
+    out = _grouped_directional(group_size, directions, along)
+    return out[0], out[1]
+
+
+def _as_matrix(losses: jax.Array) -> jax.Array:
+    return losses.reshape(losses.shape[0], -1)
+
+
+# --- driver ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _block_kernel(chunk_kernel, loss_fn, chunk_size: int, num_chunks: int, mesh):
+    """Compiled: ``num_chunks`` chunks of ``chunk_size`` sequences (per device), unrolled."""
+
+    def block(params, directions, sequences):
+        outputs = [
+            chunk_kernel(loss_fn, params, directions, _slice(sequences, i * chunk_size, chunk_size))
+            for i in range(num_chunks)
+        ]
+        return tuple(jnp.concatenate(parts) for parts in zip(*outputs))
+
+    if mesh is not None:
+        block = jax.shard_map(
+            block,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)),
+            out_specs=PartitionSpec(DATA_AXIS),
+        )
+    return jax.jit(block)
+
+
+def _slice(sequences: PyTree, start: int, size: int) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: lax.dynamic_slice_in_dim(x, start, size), sequences)
+
+
+def _run_chunked(chunk_kernel, loss_fn, params, batch, directions, chunk_size, chunks_per_call, mesh):
+    """Run ``chunk_kernel`` over all sequences in compiled blocks; returns its outputs as arrays ``[n_seq, s, K]``."""
+    if chunk_size < 1 or chunks_per_call < 1:
+        raise ValueError(f"chunk_size and chunks_per_call must be >= 1, got {chunk_size}, {chunks_per_call}")
+    n_seq = batch_size(batch)
+    unit = chunk_size * num_data_shards(mesh)
+    padded = math.ceil(n_seq / unit) * unit
+    order = np.minimum(np.arange(padded), n_seq - 1)  # pad by repeating the last sequence; dropped below
+    outputs = []
+    for start in range(0, padded, unit * chunks_per_call):
+        stop = min(start + unit * chunks_per_call, padded)
+        block = shard_batch(jax.tree_util.tree_map(lambda x: x[order[start:stop]], batch), mesh)
+        kernel = _block_kernel(chunk_kernel, loss_fn, chunk_size, (stop - start) // unit, mesh)
+        outputs.append(kernel(params, directions, block))
+    return tuple(jnp.concatenate(parts)[:n_seq] for parts in zip(*outputs))
+
+
+def _directions(basis, params) -> tuple[PyTree, int]:
+    """The basis as a params-shaped pytree of ``[K, ...]`` leaves, and K."""
+    if isinstance(basis, Basis):
+        return basis.as_tree(params), basis.size
+    if isinstance(basis, jax.Array | np.ndarray):
+        if basis.ndim != 2 or basis.shape[1] != tree.num_params(params):
+            raise ValueError(f"basis matrix must be [K, {tree.num_params(params)}], got shape {basis.shape}")
+        return _split_rows(jnp.asarray(basis), params), basis.shape[0]
+    leaves, treedef = jax.tree_util.tree_flatten(basis)
+    if treedef != jax.tree_util.tree_structure(params):
+        raise ValueError("a basis pytree must have the structure of params, with [K, ...] leaves")
+    k = {np.shape(leaf)[0] for leaf in leaves}
+    shapes_ok = all(np.shape(b)[1:] == np.shape(p) for b, p in zip(leaves, jax.tree_util.tree_leaves(params)))
+    if len(k) != 1 or not shapes_ok:
+        raise ValueError("every basis leaf must be [K, *param.shape] with the same K")
+    return basis, k.pop()
+
+
+def _samples_per_sequence(loss_fn, params, batch) -> int:
+    n_seq = batch_size(batch)
+    shape = jax.eval_shape(loss_fn, params, batch).shape
+    if len(shape) not in (1, 2) or shape[0] != n_seq:
+        raise ValueError(f"per_sample_loss_fn must return [n_seq] or [n_seq, n_tok] with n_seq={n_seq}, got {shape}")
+    return 1 if len(shape) == 1 else shape[1]
+
+
+def _default_chunk(method: str, samples_per_sequence: int) -> int:
+    if method == "reverse":
+        return max(1, REVERSE_SAMPLES_PER_CHUNK // samples_per_sequence)
+    return FORWARD_SEQUENCES_PER_CHUNK
+
+
+def _select_samples(values: jax.Array, mask: np.ndarray | None) -> jax.Array:
+    """``[n_seq, s, K]`` → ``[N, K]``, keeping the samples where ``mask`` is True."""
+    flat = values.reshape(-1, values.shape[-1])
+    if mask is None:
+        return flat
+    mask = np.asarray(mask, bool)
+    if mask.size != flat.shape[0] or mask.shape[0] != values.shape[0]:
+        raise ValueError(f"mask must have shape {values.shape[:2]} (sequences × samples), got {mask.shape}")
+    if not mask.any():
+        raise ValueError("the mask selects no samples")
+    return flat[np.flatnonzero(mask.reshape(-1))]

@@ -1,0 +1,56 @@
+"""Flat vectors and params-shaped pytrees.
+
+A basis lives in the flat parameter space of ``jax.flatten_util.ravel_pytree``: row ``k`` of a ``[K, P]``
+matrix is one direction. The fast kernels instead contract per-leaf, so the same rows are also presented as a
+params-shaped pytree whose leaves have a leading ``K`` axis (``[K, *leaf.shape]``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def num_params(params: PyTree) -> int:
+    """Total number of scalars P in a params pytree."""
+    return sum(math.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def ravel(params: PyTree) -> jax.Array:
+    """Flatten a params pytree into a ``[P]`` vector (``ravel_pytree`` order)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+
+
+def unravel_rows(rows: jax.Array, like: PyTree) -> PyTree:
+    """Split ``rows [K, P]`` into a pytree shaped like ``like`` with leaves ``[K, *leaf.shape]``."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    sizes = [math.prod(np.shape(leaf)) for leaf in leaves]
+    offsets = np.cumsum([0] + sizes)
+    pieces = [
+        rows[:, start:stop].reshape((rows.shape[0], *np.shape(leaf)))
+        for start, stop, leaf in zip(offsets[:-1], offsets[1:], leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, pieces)
+
+
+def unravel(vector: jax.Array, like: PyTree) -> PyTree:
+    """Split a flat ``[P]`` vector into a pytree shaped like ``like``."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[0], unravel_rows(vector[None], like))
+
+
+def structure_signature(params: PyTree) -> tuple:
+    """Hashable description of a pytree's structure, leaf shapes and dtypes (for compatibility checks)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
+
+
+def abstract(params: PyTree) -> PyTree:
+    """``jax.ShapeDtypeStruct`` pytree mirroring ``params``."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
