@@ -1,0 +1,71 @@
+"""Host-side analysis of POLCA results (numpy + scikit-learn; no JAX): filters, HDBSCAN clustering, breakthroughs
+(Eq. 9-10) and the arithmetic carry metrics."""
+
+from polca_jax.analysis.breakthroughs import (
+    DEFAULT_THRESHOLD_STEP,
+    DEFAULT_WINDOW_STEPS,
+    ClusterBreakthrough,
+    breakthrough_scores,
+    breakthrough_step,
+    cluster_breakthroughs,
+    hidden_breakthrough,
+    hidden_breakthrough_fraction,
+)
+from polca_jax.analysis.clustering import (
+    DEFAULT_MIN_CLUSTER_SIZE,
+    DEFAULT_MIN_SAMPLES_DIVISOR,
+    PAPER_REFERENCE_NUM_SAMPLES,
+    Clustering,
+    cluster_directions,
+    cluster_signal,
+    cluster_trajectories,
+    hdbscan_params,
+    medoid,
+    quartile_curves,
+)
+from polca_jax.analysis.filters import kept_directions, relying_samples
+from polca_jax.analysis.metrics import (
+    MIN_QUALIFYING_FRACTION,
+    PLACE_10S,
+    PLACE_100S,
+    PLACE_1000S,
+    PLACE_1S,
+    QUALIFYING_PLACES,
+    CarryClusterScore,
+    carry_cluster_scores,
+    max_carry_homogeneity,
+    top_carry_clusters,
+)
+
+__all__ = [
+    "DEFAULT_MIN_CLUSTER_SIZE",
+    "DEFAULT_MIN_SAMPLES_DIVISOR",
+    "DEFAULT_THRESHOLD_STEP",
+    "DEFAULT_WINDOW_STEPS",
+    "MIN_QUALIFYING_FRACTION",
+    "PAPER_REFERENCE_NUM_SAMPLES",
+    "PLACE_1000S",
+    "PLACE_100S",
+    "PLACE_10S",
+    "PLACE_1S",
+    "QUALIFYING_PLACES",
+    "CarryClusterScore",
+    "ClusterBreakthrough",
+    "Clustering",
+    "breakthrough_scores",
+    "breakthrough_step",
+    "carry_cluster_scores",
+    "cluster_breakthroughs",
+    "cluster_directions",
+    "cluster_signal",
+    "cluster_trajectories",
+    "hdbscan_params",
+    "hidden_breakthrough",
+    "hidden_breakthrough_fraction",
+    "kept_directions",
+    "max_carry_homogeneity",
+    "medoid",
+    "quartile_curves",
+    "relying_samples",
+    "top_carry_clusters",
+]

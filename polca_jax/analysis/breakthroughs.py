@@ -1,0 +1,170 @@
+"""Breakthroughs (Eq. 9) and hidden breakthroughs (Eq. 10) of the paper, §3.
+
+Eq. 9:  break(f, x, Δ) = argmax_t [f(x, t+Δ) − f(x, t)] − [f(x, t) − f(x, t−Δ)]   (maximum acceleration)
+Eq. 10: hidden(f, X', Δ) = 1{ mean_{x ∈ X'} break(f, x, Δ) > τ }
+
+Sign convention (the paper does not give one; this is our decision). Applied literally to a falling loss, Eq. 9 finds
+where the fall *decelerates most*, i.e. where a drop ends. With ``sign="drop"`` (the default) we apply Eq. 9 to −f
+instead: the argmax is where the fall *accelerates most*, i.e. where a breakthrough starts. For a loss that starts
+falling linearly at step 600 and stops at step 900, "drop" gives 600 and "paper" (Eq. 9 on f as written) gives 900.
+
+Δ is in training steps. The argmax runs over the checkpoints t with t−Δ and t+Δ both inside [steps[0], steps[-1]];
+f(t±Δ) is interpolated linearly between checkpoints (as ``np.interp``), so uneven checkpoint spacing is fine.
+Paper defaults (arithmetic): Δ = 100 steps, τ = 1000 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from polca_jax.analysis.clustering import Clustering
+from polca_jax.analysis.filters import _checked_array
+
+DEFAULT_WINDOW_STEPS = 100  # Δ
+DEFAULT_THRESHOLD_STEP = 1000  # τ: the arithmetic mean exact loss is flat after this step
+SIGNS = ("drop", "paper")
+
+
+def _checked_steps(steps, num_checkpoints: int) -> np.ndarray:
+    """steps as float[T], strictly increasing and matching the curves' T axis."""
+    steps = _checked_array(steps, "steps", 1)
+    if steps.shape != (num_checkpoints,):
+        raise ValueError(f"steps must have shape ({num_checkpoints},) to match the curves, got {steps.shape}")
+    if np.any(np.diff(steps) <= 0):
+        raise ValueError("steps must be strictly increasing")
+    return steps
+
+
+def _interpolate_rows(curves: np.ndarray, steps: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Linear interpolation of every row of curves float[n, T] at query float[m] inside [steps[0], steps[-1]]
+    -> float[n, m]; equal to ``np.interp(query, steps, row)`` for each row."""
+    right = np.clip(np.searchsorted(steps, query, side="right"), 1, steps.size - 1)
+    left = right - 1
+    weight = (query - steps[left]) / (steps[right] - steps[left])
+    return curves[:, left] * (1.0 - weight) + curves[:, right] * weight
+
+
+def breakthrough_scores(
+    curves, steps, window_steps: float = DEFAULT_WINDOW_STEPS, *, sign: str = "drop"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The quantity Eq. 9 maximises -> (candidate_steps float[m], scores float[n, m]).
+
+    curves: float[n, T], one curve per sample; steps: int[T], the training step of each checkpoint.
+    scores[i, j] = [g(t+Δ) − g(t)] − [g(t) − g(t−Δ)] at t = candidate_steps[j], with g = −f for sign="drop" and
+    g = f for sign="paper" (see the module docstring).
+    """
+    curves = _checked_array(curves, "curves", 2)
+    steps = _checked_steps(steps, curves.shape[1])
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    if not window_steps > 0:
+        raise ValueError(f"window_steps must be positive, got {window_steps}")
+    inside = (steps - window_steps >= steps[0]) & (steps + window_steps <= steps[-1])
+    if not inside.any():
+        raise ValueError(
+            f"no checkpoint t has t ± {window_steps} inside the step range [{steps[0]:g}, {steps[-1]:g}]"
+        )
+    candidates = steps[inside]
+    before = _interpolate_rows(curves, steps, candidates - window_steps)
+    after = _interpolate_rows(curves, steps, candidates + window_steps)
+    at = curves[:, inside]
+    second_difference = (after - at) - (at - before)
+    return candidates, (-second_difference if sign == "drop" else second_difference)
+
+
+def breakthrough_step(
+    curves, steps, window_steps: float = DEFAULT_WINDOW_STEPS, *, sign: str = "drop"
+) -> np.ndarray:
+    """Eq. 9 for each curve: float[n], the training step of the breakthrough of each row of curves float[n, T].
+
+    sign="drop": where the fall accelerates most (a breakthrough's start); sign="paper": Eq. 9 on f literally
+    (for a falling curve, where the fall ends). Ties go to the earliest step (a flat curve gives the first candidate).
+    """
+    candidates, scores = breakthrough_scores(curves, steps, window_steps, sign=sign)
+    return candidates[np.argmax(scores, axis=1)]
+
+
+def hidden_breakthrough(
+    curves,
+    steps,
+    window_steps: float = DEFAULT_WINDOW_STEPS,
+    threshold_step: float = DEFAULT_THRESHOLD_STEP,
+    *,
+    sign: str = "drop",
+) -> bool:
+    """Eq. 10: True iff the mean breakthrough step of the set of curves float[n, T] is later than ``threshold_step``."""
+    return bool(breakthrough_step(curves, steps, window_steps, sign=sign).mean() > threshold_step)
+
+
+@dataclass(frozen=True)
+class ClusterBreakthrough:
+    """The mean Eq. 9 breakthrough step over the ``size`` members of one cluster of one clustering."""
+
+    direction: int | None
+    cluster: int
+    size: int
+    mean_step: float
+
+
+def _member_curves(trajectories: np.ndarray, clustering: Clustering, cluster: int) -> np.ndarray:
+    """float[m, T]: the curves of a cluster's members, from trajectories float[T, N, K] (at the clustering's
+    direction) or float[T, N] (the same signal for every clustering)."""
+    members = clustering.members(cluster)
+    if trajectories.ndim == 2:
+        return trajectories[:, members].T
+    if clustering.direction is None:
+        raise ValueError("a clustering without a direction needs a [T, N] signal, not [T, N, K] trajectories")
+    return trajectories[:, members, clustering.direction].T
+
+
+def cluster_breakthroughs(
+    clusterings: list[Clustering],
+    trajectories,
+    steps,
+    window_steps: float = DEFAULT_WINDOW_STEPS,
+    *,
+    sign: str = "drop",
+) -> list[ClusterBreakthrough]:
+    """Mean breakthrough step of every cluster of every clustering.
+
+    trajectories: float[T, N, K] projected loss, read at each clustering's direction; or float[T, N], one signal
+    used for all clusterings (the clustered baseline signal, or the exact loss to compare with). steps: int[T].
+    """
+    if len(clusterings) == 0:
+        raise ValueError("no clusterings given")
+    trajectories = np.asarray(trajectories)
+    if trajectories.ndim not in (2, 3):
+        raise ValueError(f"trajectories must be [T, N, K] or [T, N], got shape {trajectories.shape}")
+    trajectories = _checked_array(trajectories, "trajectories", trajectories.ndim)
+    records = []
+    for clustering in clusterings:
+        if clustering.num_samples != trajectories.shape[1]:
+            raise ValueError(
+                f"clustering labels cover {clustering.num_samples} samples, trajectories have {trajectories.shape[1]}"
+            )
+        for cluster in range(clustering.num_clusters):
+            curves = _member_curves(trajectories, clustering, cluster)
+            mean_step = float(breakthrough_step(curves, steps, window_steps, sign=sign).mean())
+            records.append(ClusterBreakthrough(clustering.direction, cluster, curves.shape[0], mean_step))
+    return records
+
+
+def hidden_breakthrough_fraction(
+    clusterings: list[Clustering],
+    trajectories,
+    steps,
+    window_steps: float = DEFAULT_WINDOW_STEPS,
+    threshold_step: float = DEFAULT_THRESHOLD_STEP,
+    *,
+    sign: str = "drop",
+) -> float:
+    """Fraction of all clusters, over all clusterings, with a hidden breakthrough (Eq. 10; Tables 1, 9, 11).
+
+    Arguments as for :func:`cluster_breakthroughs`. NaN when the clusterings hold no cluster at all.
+    """
+    records = cluster_breakthroughs(clusterings, trajectories, steps, window_steps, sign=sign)
+    if not records:
+        return float("nan")
+    return float(np.mean([record.mean_step > threshold_step for record in records]))

@@ -1,0 +1,224 @@
+"""HDBSCAN clustering of per-sample trajectories (§4.1/§5.1 of the paper).
+
+POLCA clusters each kept basis direction separately, on the samples that rely on it; the baselines cluster one signal
+per sample (exact loss, change in exact loss). Either way the result is a :class:`Clustering` whose labels cover all N
+samples, with -1 for HDBSCAN noise and for samples that were filtered out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import HDBSCAN
+
+from polca_jax.analysis.filters import _checked_array, kept_directions, relying_samples
+
+DEFAULT_MIN_CLUSTER_SIZE = 150  # arithmetic; the paper uses 300 for English
+DEFAULT_MIN_SAMPLES_DIVISOR = 15  # min_samples = number of tokens / 15
+PAPER_REFERENCE_NUM_SAMPLES = 5000  # the arithmetic evaluation set the settings were tuned on
+NORMALIZATIONS = (None, "unit", "standardize")
+
+
+@dataclass(frozen=True, eq=False)
+class Clustering:
+    """One HDBSCAN clustering of N samples.
+
+    labels: int[N], cluster ids 0..num_clusters-1; -1 for HDBSCAN noise and for samples not clustered.
+    direction: the basis direction k whose projected loss was clustered, or None for a per-sample signal (baselines).
+    sample_indices: int[n], the samples (indices into N) that were clustered, i.e. those left after filtering.
+    min_cluster_size, min_samples: the HDBSCAN settings used; None when fewer than 2 samples were left to cluster.
+    metric, normalize: the distance and trajectory normalisation used (see :func:`cluster_trajectories`).
+    """
+
+    labels: np.ndarray
+    direction: int | None
+    sample_indices: np.ndarray
+    min_cluster_size: int | None
+    min_samples: int | None
+    metric: str
+    normalize: str | None
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples the labels cover."""
+        return int(self.labels.shape[0])
+
+    @property
+    def num_clusters(self) -> int:
+        """Number of clusters (noise excluded)."""
+        return int(self.labels.max()) + 1 if self.labels.size else 0
+
+    def members(self, cluster: int) -> np.ndarray:
+        """int[m]: indices into N of the samples in ``cluster``."""
+        if not 0 <= cluster < self.num_clusters:
+            raise ValueError(f"cluster {cluster} out of range: this clustering has {self.num_clusters} clusters")
+        return np.flatnonzero(self.labels == cluster)
+
+
+def hdbscan_params(
+    num_samples: int,
+    *,
+    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE,
+    min_samples_divisor: float = DEFAULT_MIN_SAMPLES_DIVISOR,
+    reference_num_samples: int | None = None,
+    dataset_size: int | None = None,
+) -> tuple[int, int]:
+    """The paper's HDBSCAN settings for clustering ``num_samples`` trajectories -> (min_cluster_size, min_samples).
+
+    - min_samples = floor(num_samples / min_samples_divisor): "number of tokens / 15", where we take the number of
+      tokens to be the count actually clustered, i.e. after the per-direction filter (the paper does not say).
+    - min_cluster_size is used as given (150 arithmetic, 300 English), unless ``reference_num_samples`` is set: then it
+      is scaled by ``dataset_size / reference_num_samples`` (rounded), the paper having tuned 150 on 5000 tokens
+      (``PAPER_REFERENCE_NUM_SAMPLES``). ``dataset_size`` is the size of the whole sample set, before filtering;
+      it defaults to ``num_samples``.
+    - Both are clipped to [2, num_samples] (HDBSCAN's limits).
+    """
+    if num_samples < 2:
+        raise ValueError(f"HDBSCAN needs at least 2 samples, got {num_samples}")
+    if min_cluster_size < 1 or min_samples_divisor <= 0:
+        raise ValueError(
+            f"min_cluster_size must be >= 1 and min_samples_divisor > 0, got {min_cluster_size}, {min_samples_divisor}"
+        )
+    if reference_num_samples is not None:
+        if reference_num_samples < 1:
+            raise ValueError(f"reference_num_samples must be >= 1, got {reference_num_samples}")
+        scale = (num_samples if dataset_size is None else dataset_size) / reference_num_samples
+        min_cluster_size = round(min_cluster_size * scale)
+    min_samples = int(num_samples // min_samples_divisor)
+    return int(np.clip(min_cluster_size, 2, num_samples)), int(np.clip(min_samples, 2, num_samples))
+
+
+def _normalized(trajectories: np.ndarray, normalize: str | None) -> np.ndarray:
+    """[n, T] trajectories normalised as :func:`cluster_trajectories` describes; zero norms / spreads are left as is."""
+    if normalize is None:
+        return trajectories
+    if normalize == "unit":
+        norms = np.linalg.norm(trajectories, axis=1, keepdims=True)
+        return trajectories / np.where(norms > 0, norms, 1.0)
+    if normalize == "standardize":
+        spread = trajectories.std(axis=0)
+        return (trajectories - trajectories.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+
+
+def cluster_trajectories(
+    trajectories,
+    *,
+    min_cluster_size: int,
+    min_samples: int,
+    metric: str = "euclidean",
+    normalize: str | None = None,
+) -> np.ndarray:
+    """HDBSCAN (scikit-learn, deterministic) on trajectories float[n, T] -> labels int[n], -1 for noise.
+
+    normalize: None (the paper: raw trajectories), "unit" (each trajectory divided by its L2 norm, so only the shape
+    counts) or "standardize" (z-score each time step across samples).
+    """
+    trajectories = _checked_array(trajectories, "trajectories", 2)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    num_samples = trajectories.shape[0]
+    if not (2 <= min_cluster_size <= num_samples and 1 <= min_samples <= num_samples):
+        raise ValueError(
+            f"need 2 <= min_cluster_size <= n and 1 <= min_samples <= n for n={num_samples} trajectories, "
+            f"got min_cluster_size={min_cluster_size}, min_samples={min_samples}"
+        )
+    model = HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, metric=metric, copy=True)
+    labels = model.fit_predict(_normalized(trajectories, normalize))
+    return np.where(labels < 0, -1, labels).astype(np.int64)
+
+
+def _cluster_samples(
+    trajectories: np.ndarray,
+    sample_indices: np.ndarray,
+    direction: int | None,
+    *,
+    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE,
+    min_samples_divisor: float = DEFAULT_MIN_SAMPLES_DIVISOR,
+    reference_num_samples: int | None = None,
+    metric: str = "euclidean",
+    normalize: str | None = None,
+) -> Clustering:
+    """Cluster rows ``sample_indices`` of trajectories float[N, T]; labels mapped back to all N (-1 elsewhere)."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    labels = np.full(trajectories.shape[0], -1, dtype=np.int64)
+    params = (None, None)
+    if sample_indices.size >= 2:
+        params = hdbscan_params(
+            sample_indices.size,
+            min_cluster_size=min_cluster_size,
+            min_samples_divisor=min_samples_divisor,
+            reference_num_samples=reference_num_samples,
+            dataset_size=trajectories.shape[0],
+        )
+        labels[sample_indices] = cluster_trajectories(
+            trajectories[sample_indices],
+            min_cluster_size=params[0],
+            min_samples=params[1],
+            metric=metric,
+            normalize=normalize,
+        )
+    return Clustering(labels, direction, sample_indices, *params, metric=metric, normalize=normalize)
+
+
+def cluster_directions(projected_loss, *, directions=None, filter_samples: bool = True, **options) -> list[Clustering]:
+    """One clustering per basis direction of projected_loss float[T, N, K] (the POLCA pipeline).
+
+    directions: the directions to cluster; None keeps those passing the oscillation filter (:func:`kept_directions`).
+    filter_samples: cluster only the samples relying on the direction (:func:`relying_samples`); the others get -1.
+    options: ``min_cluster_size``, ``min_samples_divisor``, ``reference_num_samples`` (see :func:`hdbscan_params`;
+    min_samples is computed from each direction's own sample count, scaling from N), ``metric``, ``normalize``
+    (see :func:`cluster_trajectories`).
+    """
+    projected_loss = _checked_array(projected_loss, "projected_loss", 3)
+    _, num_samples, num_directions = projected_loss.shape
+    if directions is None:
+        directions = np.flatnonzero(kept_directions(projected_loss))
+    directions = np.asarray(directions, dtype=np.int64).reshape(-1)
+    if np.any((directions < 0) | (directions >= num_directions)):
+        raise ValueError(f"directions must lie in [0, {num_directions}), got {directions.tolist()}")
+    relying = relying_samples(projected_loss) if filter_samples else np.ones((num_samples, num_directions), bool)
+    return [
+        _cluster_samples(projected_loss[:, :, k].T, np.flatnonzero(relying[:, k]), int(k), **options)
+        for k in directions
+    ]
+
+
+def cluster_signal(signal, *, sample_mask=None, **options) -> Clustering:
+    """Cluster one trajectory per sample, signal float[T, N] (baselines: exact loss ``loss``, change in exact loss
+    ``np.diff(loss, axis=0)``); ``direction`` is None.
+
+    sample_mask: bool[N], the samples to cluster (default all); the others get label -1.
+    options: as for :func:`cluster_directions`.
+    """
+    signal = _checked_array(signal, "signal", 2)
+    num_samples = signal.shape[1]
+    if sample_mask is None:
+        sample_mask = np.ones(num_samples, bool)
+    sample_mask = _checked_array(sample_mask, "sample_mask", 1, dtype=bool)
+    if sample_mask.shape != (num_samples,):
+        raise ValueError(f"sample_mask must have shape ({num_samples},), got {sample_mask.shape}")
+    return _cluster_samples(signal.T, np.flatnonzero(sample_mask), None, **options)
+
+
+def medoid(trajectories, *, chunk_size: int = 512) -> int:
+    """Index of the medoid of trajectories float[n, T]: the row minimising the sum of Euclidean distances to all
+    rows. Distances are computed ``chunk_size`` rows at a time (memory chunk_size × n)."""
+    trajectories = _checked_array(trajectories, "trajectories", 2)
+    centred = trajectories - trajectories.mean(axis=0)  # distances are unchanged; less cancellation below
+    squared_norms = np.einsum("it,it->i", centred, centred)
+    distance_sums = np.empty(centred.shape[0])
+    for start in range(0, centred.shape[0], chunk_size):
+        block = slice(start, start + chunk_size)
+        squared = squared_norms[block, None] + squared_norms[None, :] - 2.0 * centred[block] @ centred.T
+        distance_sums[block] = np.sqrt(np.maximum(squared, 0.0)).sum(axis=1)
+    return int(np.argmin(distance_sums))
+
+
+def quartile_curves(trajectories) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q25, median, q75), each float[T]: the per-time-step quartiles of trajectories float[n, T]."""
+    trajectories = _checked_array(trajectories, "trajectories", 2)
+    q25, median, q75 = np.percentile(trajectories, [25, 50, 75], axis=0)
+    return q25, median, q75
