@@ -246,7 +246,8 @@ def shuffled_hessian_basis(
 ) -> Basis:
     """Algorithm 1 over the checkpoints in a random order (the paper's "random shuffled Hessian" ablation)."""
     steps = _checkpoint_steps(checkpoints, steps)
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, -1), len(steps)))
+    order_key, key = jax.random.split(key)
+    order = np.asarray(jax.random.permutation(order_key, len(steps)))
     return hessian_basis(
         loss_fn,
         _Permuted(checkpoints, order),

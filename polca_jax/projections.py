@@ -87,10 +87,9 @@ def per_sample_projections(
         method = choose_method(samples, num_directions)
     if method not in ("reverse", "forward"):
         raise ValueError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
-    kernel = _reverse_chunk if method == "reverse" else functools.partial(_forward_chunk, basis_chunk_size)
     chunk_size = chunk_size or _default_chunk(method, samples)
     (projections,) = _run_chunked(
-        kernel, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, mesh
+        method, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
     )
     return _select_samples(projections, mask)
 
@@ -118,9 +117,8 @@ def per_sample_projections_and_curvature(
     """(⟨b, ∇L(x)⟩, bᵀH(x)b), both ``[N, K]``, from one nested ``jvp`` per direction."""
     directions, _ = _directions(basis, params)
     chunk_size = chunk_size or _default_chunk("forward", 1)
-    kernel = functools.partial(_curvature_chunk, basis_chunk_size)
     projections, curvature = _run_chunked(
-        kernel, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, mesh
+        "curvature", per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
     )
     return _select_samples(projections, mask), _select_samples(curvature, mask)
 
@@ -136,18 +134,18 @@ def per_sample_losses(
 ) -> jax.Array:
     """L(x; params) for every sample: ``[N]``, in the sample order of :func:`per_sample_projections`."""
     _samples_per_sequence(per_sample_loss_fn, params, batch)
-    (losses,) = _run_chunked(_loss_chunk, per_sample_loss_fn, params, batch, None, chunk_size, 4, mesh)
+    (losses,) = _run_chunked("loss", per_sample_loss_fn, params, batch, None, chunk_size, 4, 1, mesh)
     return _select_samples(losses, mask)[:, 0]
 
 
-# --- chunk kernels: (loss_fn, params, directions [K, ...] leaves, chunk) -> tuple of [c, s, K] ---------------------
+# --- chunk kernels: (group_size, loss_fn, params, directions [K, ...] leaves, chunk) -> tuple of [c, s, K] ---------
 
 
-def _loss_chunk(loss_fn, params, directions, chunk):
+def _loss_chunk(group_size, loss_fn, params, directions, chunk):
     return (_as_matrix(loss_fn(params, chunk))[..., None],)
 
 
-def _reverse_chunk(loss_fn, params, directions, chunk):
+def _reverse_chunk(group_size, loss_fn, params, directions, chunk):
     def example_losses(p, example):
         return loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], example)).reshape(-1)
 
@@ -200,13 +198,22 @@ def _as_matrix(losses: jax.Array) -> jax.Array:
 # --- driver ---------------------------------------------------------------------------------------------------------
 
 
+_CHUNK_KERNELS = {
+    "loss": _loss_chunk,
+    "reverse": _reverse_chunk,
+    "forward": _forward_chunk,
+    "curvature": _curvature_chunk,
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _block_kernel(chunk_kernel, loss_fn, chunk_size: int, num_chunks: int, mesh):
+def _block_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, group_size: int, mesh):
     """Compiled: ``num_chunks`` chunks of ``chunk_size`` sequences (per device), unrolled."""
+    chunk_kernel = _CHUNK_KERNELS[kind]
 
     def block(params, directions, sequences):
         outputs = [
-            chunk_kernel(loss_fn, params, directions, _slice(sequences, i * chunk_size, chunk_size))
+            chunk_kernel(group_size, loss_fn, params, directions, _slice(sequences, i * chunk_size, chunk_size))
             for i in range(num_chunks)
         ]
         return tuple(jnp.concatenate(parts) for parts in zip(*outputs))
@@ -225,8 +232,8 @@ def _slice(sequences: PyTree, start: int, size: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: lax.dynamic_slice_in_dim(x, start, size), sequences)
 
 
-def _run_chunked(chunk_kernel, loss_fn, params, batch, directions, chunk_size, chunks_per_call, mesh):
-    """Run ``chunk_kernel`` over all sequences in compiled blocks; returns its outputs as arrays ``[n_seq, s, K]``."""
+def _run_chunked(kind, loss_fn, params, batch, directions, chunk_size, chunks_per_call, group_size, mesh):
+    """Run the ``kind`` chunk kernel over all sequences in compiled blocks; its outputs as arrays ``[n_seq, s, K]``."""
     if chunk_size < 1 or chunks_per_call < 1:
         raise ValueError(f"chunk_size and chunks_per_call must be >= 1, got {chunk_size}, {chunks_per_call}")
     n_seq = batch_size(batch)
@@ -237,7 +244,7 @@ def _run_chunked(chunk_kernel, loss_fn, params, batch, directions, chunk_size, c
     for start in range(0, padded, unit * chunks_per_call):
         stop = min(start + unit * chunks_per_call, padded)
         block = shard_batch(jax.tree_util.tree_map(lambda x: x[order[start:stop]], batch), mesh)
-        kernel = _block_kernel(chunk_kernel, loss_fn, chunk_size, (stop - start) // unit, mesh)
+        kernel = _block_kernel(kind, loss_fn, chunk_size, (stop - start) // unit, group_size, mesh)
         outputs.append(kernel(params, directions, block))
     return tuple(jnp.concatenate(parts)[:n_seq] for parts in zip(*outputs))
 

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny float64 models (an MLP and a transformer) whose kernels compile once per session."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from polca_jax.models import TransformerConfig, apply, init_params, token_cross_entropy  # noqa: E402
+
+
+def mlp_token_losses(params, batch):
+    """[n, 2] squared errors of a 3→4→2 tanh MLP: two token-level samples per row."""
+    hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+    return (hidden @ params["w2"] - batch["y"]) ** 2
+
+
+def mlp_sequence_losses(params, batch):
+    """[n] one sample per row."""
+    return mlp_token_losses(params, batch).sum(axis=1)
+
+
+def mlp_mean_loss(params, batch):
+    return mlp_token_losses(params, batch).mean()
+
+
+class Problem:
+    """A model's loss functions, parameters and an evaluation batch."""
+
+    def __init__(self, name, params, batch, token_losses, sequence_losses, mean_loss):
+        self.name, self.params, self.batch = name, params, batch
+        self.token_losses, self.sequence_losses, self.mean_loss = token_losses, sequence_losses, mean_loss
+
+    def single(self, i):
+        """The batch restricted to row i (keeping the leading axis)."""
+        return jax.tree_util.tree_map(lambda x: x[i : i + 1], self.batch)
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "w1": jax.random.normal(keys[0], (3, 4)),
+        "b1": 0.1 * jax.random.normal(keys[1], (4,)),
+        "w2": jax.random.normal(keys[2], (4, 2)),
+    }
+    data = jax.random.normal(keys[3], (11, 5))
+    batch = {"x": data[:, :3], "y": data[:, 3:]}
+    return Problem("mlp", params, batch, mlp_token_losses, mlp_sequence_losses, mlp_mean_loss)
+
+
+TINY_TRANSFORMER = TransformerConfig(
+    vocab_size=5, context_length=6, num_layers=1, d_model=8, num_heads=2, d_mlp=16, param_dtype="float64"
+)
+_GRAPHDEF, _PARAMS = init_params(TINY_TRANSFORMER, seed=0)
+
+
+def transformer_token_losses(params, batch):
+    """[n, 5] next-token cross-entropy at every position of 6-token sequences."""
+    tokens = batch["tokens"]
+    return token_cross_entropy(apply(_GRAPHDEF, params, tokens[:, :-1]), tokens[:, 1:])
+
+
+def transformer_sequence_losses(params, batch):
+    return transformer_token_losses(params, batch).sum(axis=1)
+
+
+def transformer_mean_loss(params, batch):
+    return transformer_token_losses(params, batch).mean()
+
+
+@pytest.fixture(scope="session")
+def transformer():
+    tokens = jax.random.randint(jax.random.key(1), (7, 6), 0, TINY_TRANSFORMER.vocab_size)
+    return Problem(
+        "transformer",
+        _PARAMS,
+        {"tokens": tokens},
+        transformer_token_losses,
+        transformer_sequence_losses,
+        transformer_mean_loss,
+    )
+
+
+def sgd_checkpoints(problem, num, learning_rate=0.05):
+    """``num`` parameter pytrees along plain gradient descent on the mean loss."""
+    grad = jax.jit(jax.grad(problem.mean_loss))
+    checkpoints = [problem.params]
+    for _ in range(num - 1):
+        g = grad(checkpoints[-1], problem.batch)
+        checkpoints.append(jax.tree_util.tree_map(lambda p, d: p - learning_rate * d, checkpoints[-1], g))
+    return checkpoints
+
+
+def dense_hessian(loss, params):
+    """[P, P] Hessian of ``loss(params)`` in the flat (ravel_pytree) order."""
+    from polca_jax import tree
+
+    flat = tree.ravel(params)
+    return np.asarray(jax.jit(jax.hessian(lambda v: loss(tree.unravel(v, params))))(flat))
