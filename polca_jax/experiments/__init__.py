@@ -1,0 +1,1 @@
+"""Experiments of the paper, built only from the public kernels."""

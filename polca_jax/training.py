@@ -1,0 +1,244 @@
+"""Training with optax, checkpointed by orbax at exactly the steps POLCA needs; resumable and bit-reproducible.
+
+Step numbering: "step s" means the parameters after s optimizer updates, so step 0 is the initial parameters, and
+update s (from step s to step s + 1) uses ``batches(s)``.
+
+A checkpoint directory holds one orbax step directory per saved step, each with two items: ``"params"`` (the params
+pytree, read back by :func:`restore_params`) and ``"opt_state"`` (so :func:`train` can resume).
+"""
+
+import functools
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+_PARAMS = "params"
+_OPT_STATE = "opt_state"
+
+
+def adamw_paper(
+    learning_rate: float = 1e-5,
+    weight_decay: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    warmup_steps: int = 100,
+) -> optax.GradientTransformation:
+    """AdamW with the paper's schedule ``learning_rate * min(i / warmup_steps, 1)`` at update i (0-based).
+
+    As with PyTorch's ``LambdaLR`` in the paper, update 0 has learning rate 0. ``warmup_steps=0`` means a constant rate.
+    """
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+    if warmup_steps == 0:
+        schedule = learning_rate
+    else:
+
+        def schedule(count: jax.Array) -> jax.Array:
+            return learning_rate * jnp.minimum(count / warmup_steps, 1.0)
+
+    return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+
+
+def train(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    batches: Callable[[int], Any],
+    num_steps: int,
+    checkpoint_dir: str | Path,
+    checkpoint_steps: Sequence[int],
+    *,
+    metrics_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    metrics_every: int = 100,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+) -> Any:
+    """Train ``params`` for ``num_steps`` updates of ``optimizer`` on ``loss_fn(params, batches(step))``.
+
+    Saves params and optimizer state at every step in ``checkpoint_steps`` (step 0 included when listed; steps beyond
+    ``num_steps`` are skipped, so an interrupted run can be called with the same list). If ``checkpoint_dir`` already
+    holds checkpoints, training resumes from the latest one (``params`` then only serves as the restore template, and
+    the optimizer state is restored too); because ``batches`` must be a pure function of the step, a resumed run ends
+    with bit-identical parameters to an uninterrupted one. A directory whose latest step exceeds ``num_steps`` is an
+    error; one whose latest step equals ``num_steps`` returns those parameters without training.
+
+    Every ``metrics_every`` steps (step % metrics_every == 0, before that step's update) a JSON line
+    ``{"step", "loss", **metrics_fn(params)}`` is appended to ``metrics_path``, "loss" being the training loss of
+    ``batches(step)``. On resume, records from the resumed step on are dropped first, so each step appears once.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``; jitted once here.
+      params: initial parameters (any pytree).
+      optimizer: an optax transformation, e.g. :func:`adamw_paper`.
+      batches: ``batches(step) -> batch``, a pure function of the step.
+      num_steps: number of updates; the returned parameters are step ``num_steps``.
+      checkpoint_dir: orbax checkpoint directory (created if missing).
+      checkpoint_steps: steps to save; all are kept.
+      metrics_fn: ``metrics_fn(params) -> {name: float or array}``; needs ``metrics_path``.
+      metrics_every: interval of metric records and progress-bar updates.
+      metrics_path: JSON-lines file for the metric records.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      The parameters after ``num_steps`` updates.
+    """
+    _check_int("num_steps", num_steps, minimum=0)
+    _check_int("metrics_every", metrics_every, minimum=1)
+    for step in checkpoint_steps:
+        _check_int("each of checkpoint_steps", step, minimum=0)
+    save_steps = {int(step) for step in checkpoint_steps}
+    if metrics_fn is not None and metrics_path is None:
+        raise ValueError("metrics_fn was given without metrics_path to write its values to")
+
+    opt_state = optimizer.init(params)
+    train_step = jax.jit(functools.partial(_train_step, loss_fn, optimizer))
+    with _checkpoint_manager(checkpoint_dir, create=True) as manager:
+        start = manager.latest_step()
+        if start is None:
+            start = 0
+            if 0 in save_steps:
+                _save(manager, 0, params, opt_state)
+        elif start > num_steps:
+            raise ValueError(
+                f"{checkpoint_dir} already holds step {start}, beyond num_steps={num_steps}; use restore_params "
+                "to read an earlier step, or a fresh checkpoint_dir"
+            )
+        else:
+            params, opt_state = _restore_training_state(manager, start, params, opt_state)
+
+        metrics_file = _open_metrics_log(metrics_path, start) if metrics_path is not None else None
+        try:
+            bar = tqdm(range(start, num_steps), initial=start, total=num_steps, disable=not progress, desc="train")
+            for step in bar:
+                new_params, opt_state, loss = train_step(params, opt_state, batches(step))
+                if step % metrics_every == 0:
+                    bar.set_postfix(loss=f"{float(loss):.4g}")
+                    if metrics_file is not None:
+                        record = {"step": step, "loss": float(loss)}
+                        if metrics_fn is not None:
+                            record.update(_jsonable_metrics(metrics_fn(params)))
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                params = new_params
+                if step + 1 in save_steps:
+                    _save(manager, step + 1, params, opt_state)
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+        manager.wait_until_finished()
+    return params
+
+
+def restore_params(checkpoint_dir: str | Path, step: int, template: Any = None) -> Any:
+    """The params saved at ``step`` in ``checkpoint_dir``.
+
+    ``template`` (a params pytree of arrays or ``jax.ShapeDtypeStruct``) fixes the tree structure, dtypes and
+    shardings; without it the saved tree comes back as nested dicts with string keys.
+    """
+    directory = _existing_directory(checkpoint_dir)
+    with _checkpoint_manager(directory, create=False) as manager:
+        saved = manager.all_steps()
+        if step not in saved:
+            raise ValueError(f"no checkpoint for step {step} in {directory}; saved steps: {sorted(saved)}")
+        target = None if template is None else _abstract(template)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(target)}))
+        except Exception as error:
+            raise ValueError(f"could not read the params of step {step} in {directory}: {error}") from error
+    return restored[_PARAMS]
+
+
+def checkpoint_steps(checkpoint_dir: str | Path) -> list[int]:
+    """Sorted steps saved in ``checkpoint_dir``."""
+    directory = _existing_directory(checkpoint_dir)
+    with _checkpoint_manager(directory, create=False) as manager:
+        return sorted(manager.all_steps())
+
+
+def _train_step(loss_fn, optimizer, params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def _checkpoint_manager(directory: str | Path, *, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def _existing_directory(checkpoint_dir: str | Path) -> Path:
+    directory = Path(checkpoint_dir).absolute()
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint directory {directory} does not exist")
+    return directory
+
+
+def _save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> None:
+    saved = manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{_PARAMS: ocp.args.StandardSave(params), _OPT_STATE: ocp.args.StandardSave(opt_state)}
+        ),
+    )
+    if not saved:
+        raise RuntimeError(f"orbax declined to save step {step} in {manager.directory}")
+
+
+def _restore_training_state(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any):
+    args = ocp.args.Composite(
+        **{
+            _PARAMS: ocp.args.StandardRestore(_abstract(params)),
+            _OPT_STATE: ocp.args.StandardRestore(_abstract(opt_state)),
+        }
+    )
+    try:
+        restored = manager.restore(step, args=args)
+    except Exception as error:
+        raise ValueError(
+            f"could not resume from step {step} in {manager.directory}: the checkpoint is unreadable or does not "
+            f"match the given params and optimizer ({error})"
+        ) from error
+    return restored[_PARAMS], restored[_OPT_STATE]
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _open_metrics_log(metrics_path: str | Path, start_step: int):
+    """Open the JSON-lines log for appending, first dropping records of steps >= start_step (and torn lines)."""
+    path = Path(metrics_path)
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", start_step) < start_step:
+                kept.append(line + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(kept))
+    return path.open("a")
+
+
+def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict:
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics_fn must return a dict of name -> value, got {type(metrics).__name__}")
+    reserved = {"step", "loss"} & set(metrics)
+    if reserved:
+        raise ValueError(f"metrics_fn must not return the reserved names {sorted(reserved)}")
+    return {name: np.asarray(value).tolist() for name, value in metrics.items()}
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

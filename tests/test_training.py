@@ -1,0 +1,106 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from polca_jax.experiments.arithmetic import (
+    OUTPUT_SIZE,
+    SEQUENCE_LENGTH,
+    VOCAB_SIZE,
+    answer_accuracy,
+    make_loss_fns,
+    make_problems,
+    training_batches,
+)
+from polca_jax.models import TransformerConfig, init_params
+from polca_jax.training import adamw_paper, checkpoint_steps, restore_params, train
+
+NUM_STEPS = 30
+SAVE_STEPS = (0, 10, 20, 30)
+CONFIG = TransformerConfig(vocab_size=VOCAB_SIZE, context_length=SEQUENCE_LENGTH, num_layers=1, d_model=16,
+                           num_heads=2, d_mlp=32, output_size=OUTPUT_SIZE)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    graphdef, params = init_params(CONFIG, seed=0)
+    _, loss_fn = make_loss_fns(graphdef)
+    batches = training_batches(make_problems(512, seed=0), batch_size=16)
+    optimizer = adamw_paper(learning_rate=1e-2, warmup_steps=2)
+    return graphdef, params, loss_fn, batches, optimizer
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory):
+    graphdef, params, loss_fn, batches, optimizer = setup
+    directory = tmp_path_factory.mktemp("full")
+    metrics_path = directory / "metrics.jsonl"
+    final = train(loss_fn, params, optimizer, batches, NUM_STEPS, directory / "checkpoints", SAVE_STEPS,
+                  metrics_fn=lambda p: {"accuracy": answer_accuracy(graphdef, p, batches(0)["tokens"])},
+                  metrics_every=1, metrics_path=metrics_path, progress=False)
+    return final, directory / "checkpoints", metrics_path
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_loss_decreases_and_metrics_are_logged(full_run):
+    _, _, metrics_path = full_run
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(NUM_STEPS))
+    assert len(records[0]["accuracy"]) == 4
+    losses = [r["loss"] for r in records]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2
+
+
+def test_saves_exactly_the_requested_steps(setup, full_run):
+    final, directory, _ = full_run
+    assert checkpoint_steps(directory) == list(SAVE_STEPS)
+    assert_trees_equal(restore_params(directory, NUM_STEPS, template=setup[1]), final)
+    assert_trees_equal(restore_params(directory, NUM_STEPS), final)  # string keys: same tree without a template
+    assert_trees_equal(restore_params(directory, 0), setup[1])
+
+
+def test_interrupted_run_resumes_bit_identically(setup, full_run, tmp_path):
+    _, params, loss_fn, batches, optimizer = setup
+    directory, metrics_path = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
+    # Stop between checkpoints: the resumed run restores step 10 and replays steps 10..14.
+    train(loss_fn, params, optimizer, batches, 15, directory, SAVE_STEPS, metrics_every=1,
+          metrics_path=metrics_path, progress=False)
+    assert checkpoint_steps(directory) == [0, 10]
+    resumed = train(loss_fn, params, optimizer, batches, NUM_STEPS, directory, SAVE_STEPS, metrics_every=1,
+                    metrics_path=metrics_path, progress=False)
+    assert_trees_equal(resumed, full_run[0])
+    assert checkpoint_steps(directory) == list(SAVE_STEPS)
+    steps = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
+    assert steps == list(range(NUM_STEPS))
+    with pytest.raises(ValueError, match="beyond num_steps"):
+        train(loss_fn, params, optimizer, batches, 20, directory, SAVE_STEPS, progress=False)
+
+
+def test_missing_checkpoints_are_value_errors(full_run, tmp_path):
+    _, directory, _ = full_run
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint_steps(tmp_path / "missing")
+    with pytest.raises(ValueError, match="does not exist"):
+        restore_params(tmp_path / "missing", 0)
+    with pytest.raises(ValueError, match="saved steps"):
+        restore_params(directory, 7)
+
+
+def test_adamw_paper_warmup_starts_at_zero():
+    optimizer = adamw_paper(learning_rate=1.0, warmup_steps=4)
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.ones(3)}
+    state = optimizer.init(params)
+    first, state = optimizer.update(grads, state, params)
+    second, _ = optimizer.update(grads, state, params)
+    np.testing.assert_array_equal(first["w"], 0.0)
+    np.testing.assert_allclose(second["w"], -0.25 * (1.0 + 0.1), rtol=1e-5)  # lr 1/4 times (adam step 1 + wd * 1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        adamw_paper(warmup_steps=-1)
