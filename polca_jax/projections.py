@@ -219,6 +219,14 @@ def _block_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, group_si
         return tuple(jnp.concatenate(parts) for parts in zip(*outputs))
 
     if mesh is not None:
+        per_device = block
+
+        def block(params, directions, sequences):
+            # Mark the replicated inputs as varying per device: otherwise the transpose of their implicit broadcast
+            # sums every per-sample gradient over the "data" axis.
+            params, directions = lax.pcast((params, directions), DATA_AXIS, to="varying")
+            return per_device(params, directions, sequences)
+
         block = jax.shard_map(
             block,
             mesh=mesh,

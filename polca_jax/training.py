@@ -20,7 +20,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-_PARAMS = "params"
+from polca_jax.checkpoints import PARAMS_ITEM, OrbaxCheckpoints
+
 _OPT_STATE = "opt_state"
 
 
@@ -140,27 +141,15 @@ def train(
 def restore_params(checkpoint_dir: str | Path, step: int, template: Any = None) -> Any:
     """The params saved at ``step`` in ``checkpoint_dir``.
 
-    ``template`` (a params pytree of arrays or ``jax.ShapeDtypeStruct``) fixes the tree structure, dtypes and
-    shardings; without it the saved tree comes back as nested dicts with string keys.
+    ``template`` (a params pytree of arrays or ``jax.ShapeDtypeStruct``) fixes the tree structure and dtypes;
+    without it the saved tree comes back as nested dicts with string keys.
     """
-    directory = _existing_directory(checkpoint_dir)
-    with _checkpoint_manager(directory, create=False) as manager:
-        saved = manager.all_steps()
-        if step not in saved:
-            raise ValueError(f"no checkpoint for step {step} in {directory}; saved steps: {sorted(saved)}")
-        target = None if template is None else _abstract(template)
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(**{_PARAMS: ocp.args.StandardRestore(target)}))
-        except Exception as error:
-            raise ValueError(f"could not read the params of step {step} in {directory}: {error}") from error
-    return restored[_PARAMS]
+    return OrbaxCheckpoints(checkpoint_dir, [step], template)[0]
 
 
 def checkpoint_steps(checkpoint_dir: str | Path) -> list[int]:
     """Sorted steps saved in ``checkpoint_dir``."""
-    directory = _existing_directory(checkpoint_dir)
-    with _checkpoint_manager(directory, create=False) as manager:
-        return sorted(manager.all_steps())
+    return OrbaxCheckpoints(checkpoint_dir).steps
 
 
 def _train_step(loss_fn, optimizer, params, opt_state, batch):
@@ -185,7 +174,7 @@ def _save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any
     saved = manager.save(
         step,
         args=ocp.args.Composite(
-            **{_PARAMS: ocp.args.StandardSave(params), _OPT_STATE: ocp.args.StandardSave(opt_state)}
+            **{PARAMS_ITEM: ocp.args.StandardSave(params), _OPT_STATE: ocp.args.StandardSave(opt_state)}
         ),
     )
     if not saved:
@@ -195,7 +184,7 @@ def _save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any
 def _restore_training_state(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any):
     args = ocp.args.Composite(
         **{
-            _PARAMS: ocp.args.StandardRestore(_abstract(params)),
+            PARAMS_ITEM: ocp.args.StandardRestore(_abstract(params)),
             _OPT_STATE: ocp.args.StandardRestore(_abstract(opt_state)),
         }
     )
@@ -206,7 +195,7 @@ def _restore_training_state(manager: ocp.CheckpointManager, step: int, params: A
             f"could not resume from step {step} in {manager.directory}: the checkpoint is unreadable or does not "
             f"match the given params and optimizer ({error})"
         ) from error
-    return restored[_PARAMS], restored[_OPT_STATE]
+    return restored[PARAMS_ITEM], restored[_OPT_STATE]
 
 
 def _abstract(tree: Any) -> Any:

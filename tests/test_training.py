@@ -89,7 +89,7 @@ def test_missing_checkpoints_are_value_errors(full_run, tmp_path):
         checkpoint_steps(tmp_path / "missing")
     with pytest.raises(ValueError, match="does not exist"):
         restore_params(tmp_path / "missing", 0)
-    with pytest.raises(ValueError, match="saved steps"):
+    with pytest.raises(ValueError, match="have no checkpoint"):
         restore_params(directory, 7)
 
 

@@ -1,0 +1,221 @@
+"""POLCA against Taylor expansions, on orbax checkpoints on disk, across devices, and with bad input."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import sgd_checkpoints
+
+import polca_jax as pj
+from polca_jax import tree
+
+
+def complete_basis(params, seed=0):
+    """A random orthonormal basis of the whole parameter space (K = P)."""
+    dim = tree.num_params(params)
+    return pj.basis_from_matrix(np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, dim)))[0].T)
+
+
+def moved(params, direction, scale):
+    return tree.unravel(tree.ravel(params) + scale * direction, params)
+
+
+def test_complete_basis_first_order_sums_to_the_directional_derivative(mlp):
+    checkpoints = sgd_checkpoints(mlp, 3)
+    result = pj.polca(mlp.token_losses, checkpoints, mlp.batch, complete_basis(mlp.params), second_order="none",
+                      progress=False)
+    per_sample_grads = jax.jacrev(lambda v: mlp.token_losses(tree.unravel(v, mlp.params), mlp.batch).reshape(-1))
+    for t in range(2):
+        delta = tree.ravel(checkpoints[t + 1]) - tree.ravel(checkpoints[t])
+        expected = np.asarray(per_sample_grads(tree.ravel(checkpoints[t]))) @ np.asarray(delta)
+        np.testing.assert_allclose(result.first_order[t].sum(-1), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result.outside_fraction, 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("second_order, order", [("none", 2), ("exact", 3), ("trapezoid", 3)])
+def test_prediction_error_falls_with_the_order_of_the_expansion(mlp, second_order, order):
+    """A step along one basis direction: "exact" (and the trapezoid rule) leave an O(|Δθ|³) error, first order O(|Δθ|²)."""
+    basis = complete_basis(mlp.params, seed=1)
+    direction = np.asarray(basis.vectors[0])
+    errors = []
+    for scale in (0.2, 0.1, 0.05):
+        result = pj.polca(mlp.token_losses, [mlp.params, moved(mlp.params, direction, scale)], mlp.batch, basis,
+                          second_order=second_order, progress=False)
+        errors.append(np.abs(result.decomposed_change - result.loss_change).max())
+    ratios = np.array(errors[:-1]) / np.array(errors[1:])
+    np.testing.assert_allclose(np.log2(ratios), order, atol=0.35)
+
+
+def test_paper_second_order_terms_add_up_to_the_aggregate_curvature_term(mlp):
+    checkpoints = sgd_checkpoints(mlp, 3)
+    basis = pj.hessian_basis(mlp.mean_loss, checkpoints[:1], mlp.batch, k_per_checkpoint=3, num_iters=12,
+                             key=jax.random.key(0), progress=False)
+    result = pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="paper", progress=False)
+    num_samples = result.loss.shape[1]
+    expected = num_samples * 0.5 * basis.eigenvalues * result.step_projection**2  # Σ_x h̃(x) = N · ½ λ s²
+    np.testing.assert_allclose(result.second_order.sum(axis=1), expected, rtol=1e-9)
+    assert result.config["eigenvalues"] == "stored"
+
+
+def test_result_arrays_are_consistent(mlp):
+    checkpoints = sgd_checkpoints(mlp, 4)
+    basis = pj.random_basis(mlp.params, 3, jax.random.key(1))
+    result = pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="trapezoid", steps=[0, 5, 10, 15],
+                      progress=False)
+    assert result.projected_loss.shape == (4, 22, 3)
+    np.testing.assert_array_equal(result.projected_loss[0], 0)
+    np.testing.assert_allclose(result.projected_loss[-1], result.terms.sum(0))
+    np.testing.assert_allclose(result.loss[2], mlp.token_losses(checkpoints[2], mlp.batch).reshape(-1))
+    np.testing.assert_allclose(
+        result.step_projection[1], basis.vectors @ (tree.ravel(checkpoints[2]) - tree.ravel(checkpoints[1]))
+    )
+    np.testing.assert_array_equal(result.steps, [0, 5, 10, 15])
+
+
+def test_result_save_load_round_trip(tmp_path, mlp):
+    basis = pj.random_basis(mlp.params, 2, jax.random.key(2))
+    result = pj.polca(mlp.token_losses, sgd_checkpoints(mlp, 3), mlp.batch, basis, second_order="exact",
+                      progress=False)
+    result.save(tmp_path / "polca")
+    loaded = pj.POLCAResult.load(tmp_path / "polca")
+    for name in ("steps", "loss", "projections", "step_projection", "second_order", "outside_fraction",
+                 "projected_loss"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
+    assert loaded.config == result.config
+    np.save(tmp_path / "polca" / "loss.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="corrupt"):
+        pj.POLCAResult.load(tmp_path / "polca")
+    (tmp_path / "polca" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="cannot read"):
+        pj.POLCAResult.load(tmp_path / "polca")
+
+
+# --- orbax checkpoints on disk --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, mlp):
+    directory = tmp_path_factory.mktemp("orbax") / "checkpoints"
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=None)) as manager:
+        for step, params in zip((0, 10, 20), sgd_checkpoints(mlp, 3)):
+            manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        manager.wait_until_finished()
+    return directory
+
+
+def test_polca_reads_orbax_checkpoints(checkpoint_dir, mlp):
+    basis = pj.random_basis(mlp.params, 3, jax.random.key(3))
+    from_disk = pj.polca(mlp.token_losses, checkpoint_dir, mlp.batch, basis, second_order="none", progress=False)
+    in_memory = pj.polca(mlp.token_losses, sgd_checkpoints(mlp, 3), mlp.batch, basis, second_order="none",
+                         progress=False)
+    np.testing.assert_array_equal(from_disk.steps, [0, 10, 20])
+    np.testing.assert_allclose(from_disk.projected_loss, in_memory.projected_loss, rtol=1e-12)
+    subset = pj.polca(mlp.token_losses, checkpoint_dir, mlp.batch, basis, steps=[0, 20], progress=False,
+                      second_order="none")
+    np.testing.assert_array_equal(subset.steps, [0, 20])
+
+
+def test_missing_and_corrupt_checkpoints_are_reported(checkpoint_dir, tmp_path, mlp):
+    with pytest.raises(ValueError, match="does not exist"):
+        pj.OrbaxCheckpoints(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"steps \[5\] have no checkpoint"):
+        pj.OrbaxCheckpoints(checkpoint_dir, steps=[0, 5])
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(checkpoint_dir), str(broken)], check=True)
+    for data in (broken / "10" / "params").rglob("d/*"):
+        data.write_bytes(b"garbage")
+    store = pj.OrbaxCheckpoints(broken)
+    store[0]  # intact
+    with pytest.raises(ValueError, match="step 10 .* cannot be read"):
+        store[1]
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_gets_a_clear_error(mlp):
+    checkpoints = sgd_checkpoints(mlp, 2)
+    basis = pj.random_basis(mlp.params, 2, jax.random.key(4))
+
+    def run(checkpoints=checkpoints, batch=mlp.batch, basis=basis, second_order="none", **kwargs):
+        return pj.polca(mlp.token_losses, checkpoints, batch, basis, second_order=second_order, progress=False,
+                        **kwargs)
+
+    with pytest.raises(ValueError, match="at least two checkpoints"):
+        run(checkpoints[:1])
+    reshaped = dict(checkpoints[1], w1=jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"\['w1'\] has shape \(4, 3\)"):
+        run([checkpoints[0], reshaped])
+    with pytest.raises(ValueError, match="different parameter tree structure"):
+        run([checkpoints[0], {"w1": checkpoints[1]["w1"]}])
+    with pytest.raises(ValueError, match=r"\['b1'\] contains NaN"):
+        run([checkpoints[0], dict(checkpoints[1], b1=jnp.full(4, jnp.nan))])
+    with pytest.raises(ValueError, match="per-sample loss .* NaN"):
+        run(batch=dict(mlp.batch, y=mlp.batch["y"].at[3, 0].set(jnp.inf)))
+    with pytest.raises(ValueError, match="empty"):
+        run(batch=jax.tree_util.tree_map(lambda x: x[:0], mlp.batch))
+    with pytest.raises(ValueError, match="width"):
+        run(basis=pj.basis_from_matrix(np.eye(30)[:2]))
+    with pytest.raises(ValueError, match="not orthonormal"):
+        run(basis=pj.Basis(2 * basis.vectors, basis.eigenvalues, basis.steps, "user", basis.residuals))
+    with pytest.raises(ValueError, match="needs the basis' eigenvalues"):
+        run(second_order="paper")
+    with pytest.raises(ValueError, match="second_order must be"):
+        run(second_order="third")
+    with pytest.raises(ValueError, match="mask must have shape"):
+        run(mask=np.ones((11, 3), bool))
+
+
+# --- devices --------------------------------------------------------------------------------------------------------
+
+SHARDED_SCRIPT = """
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+assert jax.device_count() == 4, jax.devices()
+import polca_jax as pj
+from conftest import mlp_mean_loss, mlp_token_losses
+keys = jax.random.split(jax.random.key(0), 4)
+params = {"w1": jax.random.normal(keys[0], (3, 4)), "b1": jax.random.normal(keys[1], (4,)),
+          "w2": jax.random.normal(keys[2], (4, 2))}
+data = jax.random.normal(keys[3], (11, 5))
+batch = {"x": data[:, :3], "y": data[:, 3:]}
+grad = jax.grad(mlp_mean_loss)
+checkpoints = [params]
+for _ in range(3):
+    checkpoints.append(jax.tree_util.tree_map(lambda p, g: p - 0.05 * g, checkpoints[-1], grad(checkpoints[-1], batch)))
+mask = np.ones((11, 2), bool); mask[2, 1] = mask[7, 0] = False
+mesh = pj.data_mesh()
+hessian_sample = jax.tree_util.tree_map(lambda x: x[:8], batch)
+results = {}
+for name, on in (("one", None), ("four", mesh)):
+    basis = pj.hessian_basis(mlp_mean_loss, checkpoints[:2], hessian_sample, k_per_checkpoint=2, num_iters=10,
+                             key=jax.random.key(1), mesh=on, progress=False)
+    results[name] = pj.polca(mlp_token_losses, checkpoints, batch, basis, second_order="exact", mask=mask,
+                             chunk_size=2, mesh=on, progress=False)
+    for method in ("reverse", "forward"):
+        results[name, method] = pj.per_sample_projections(mlp_token_losses, checkpoints[1], batch, basis,
+                                                          method=method, chunk_size=1, mesh=on)
+np.testing.assert_allclose(results["four"].projected_loss, results["one"].projected_loss, rtol=1e-9, atol=1e-12)
+np.testing.assert_allclose(results["four"].loss, results["one"].loss, rtol=1e-12)
+for method in ("reverse", "forward"):
+    np.testing.assert_allclose(results["four", method], results["one", method], rtol=1e-9, atol=1e-12)
+print("SHARDED-OK", results["one"].projected_loss.shape)
+"""
+
+
+def test_same_result_on_one_and_four_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    tests_dir = Path(__file__).parent
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SHARDED_SCRIPT)], cwd=tests_dir, env=env, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "SHARDED-OK (4, 20, 4)" in completed.stdout
