@@ -285,3 +285,21 @@ def test_top_carry_clusters_ordering():
     assert [(r.direction, r.cluster) for r in one_each] == [(0, 0), (1, 0)]
     with pytest.raises(ValueError, match="same shape"):
         carry_cluster_scores(clusterings, place[:5], carry)
+
+
+def test_clusterings_save_load_round_trip(tmp_path):
+    from polca_jax.analysis import Clustering, load_clusterings, save_clusterings
+
+    clusterings = [
+        Clustering(np.array([0, 1, -1, 0]), 3, np.array([0, 1, 3]), 2, 1, "euclidean", None),
+        Clustering(np.array([-1, 0, 0, -1]), None, np.arange(4), None, None, "euclidean", "unit"),
+    ]
+    save_clusterings(tmp_path / "c.npz", clusterings)
+    loaded = load_clusterings(tmp_path / "c.npz")
+    for a, b in zip(loaded, clusterings):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.sample_indices, b.sample_indices)
+        assert (a.direction, a.min_cluster_size, a.min_samples, a.metric, a.normalize) == (
+            b.direction, b.min_cluster_size, b.min_samples, b.metric, b.normalize)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_clusterings(tmp_path / "missing.npz")

@@ -20,8 +20,10 @@ from polca_jax.analysis.clustering import (
     cluster_signal,
     cluster_trajectories,
     hdbscan_params,
+    load_clusterings,
     medoid,
     quartile_curves,
+    save_clusterings,
 )
 from polca_jax.analysis.filters import kept_directions, relying_samples
 from polca_jax.analysis.metrics import (
@@ -60,12 +62,14 @@ __all__ = [
     "cluster_signal",
     "cluster_trajectories",
     "hdbscan_params",
+    "load_clusterings",
     "hidden_breakthrough",
     "hidden_breakthrough_fraction",
     "kept_directions",
     "max_carry_homogeneity",
     "medoid",
     "quartile_curves",
+    "save_clusterings",
     "relying_samples",
     "top_carry_clusters",
 ]

@@ -222,3 +222,47 @@ def quartile_curves(trajectories) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     trajectories = _checked_array(trajectories, "trajectories", 2)
     q25, median, q75 = np.percentile(trajectories, [25, 50, 75], axis=0)
     return q25, median, q75
+
+
+def save_clusterings(path, clusterings: list[Clustering]) -> None:
+    """Write clusterings of the same N samples to one ``.npz`` (labels ``[C, N]``, directions, settings)."""
+    num_samples = {c.num_samples for c in clusterings}
+    if len(num_samples) > 1:
+        raise ValueError(f"clusterings cover different sample counts: {sorted(num_samples)}")
+    n = num_samples.pop() if num_samples else 0
+    clustered = np.zeros((len(clusterings), n), bool)
+    for row, c in zip(clustered, clusterings):
+        row[c.sample_indices] = True
+
+    def missing_as(value, fill):
+        return fill if value is None else value
+
+    np.savez(
+        path,
+        labels=np.array([c.labels for c in clusterings], np.int64).reshape(len(clusterings), n),
+        clustered=clustered,
+        directions=np.array([missing_as(c.direction, -1) for c in clusterings], np.int64),
+        min_cluster_size=np.array([missing_as(c.min_cluster_size, -1) for c in clusterings], np.int64),
+        min_samples=np.array([missing_as(c.min_samples, -1) for c in clusterings], np.int64),
+        metric=np.array([c.metric for c in clusterings], str),
+        normalize=np.array([missing_as(c.normalize, "") for c in clusterings], str),
+    )
+
+
+def load_clusterings(path) -> list[Clustering]:
+    """Read clusterings written by :func:`save_clusterings`."""
+    try:
+        data = np.load(path)
+        fields = [data[name] for name in ("labels", "clustered", "directions", "min_cluster_size", "min_samples",
+                                          "metric", "normalize")]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read clusterings from {path}: {error}") from error
+
+    def present(value):
+        return None if value < 0 else int(value)
+
+    return [
+        Clustering(labels, present(direction), np.flatnonzero(clustered), present(size), present(samples), str(metric),
+                   str(normalize) or None)
+        for labels, clustered, direction, size, samples, metric, normalize in zip(*fields)
+    ]

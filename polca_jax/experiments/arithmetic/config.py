@@ -1,0 +1,157 @@
+"""Configuration of the arithmetic experiment: presets (``paper``, ``cpu``, ``tiny``) and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from polca_jax.decomposition import SECOND_ORDER_CHOICES
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticConfig:
+    """Everything that determines a run; a run directory holds exactly one config (``config.json``)."""
+
+    preset: str
+    # model (TransformerLens layout; see polca_jax.models.transformer)
+    num_layers: int
+    d_model: int
+    num_heads: int
+    d_mlp: int
+    # data: problems are disjoint between evaluation, Hessian sample and training
+    num_train_problems: int
+    num_eval_problems: int  # N = 4 answer tokens per problem
+    num_hessian_problems: int
+    # training (AdamW, lr · min(i / warmup, 1))
+    learning_rate: float
+    num_steps: int
+    batch_size: int = 64
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    warmup_steps: int = 100
+    # checkpoints
+    polca_every: int = 20  # POLCA checkpoint interval (steps)
+    basis_every: int = 200  # Algorithm 1 checkpoint interval: steps basis_every, 2·basis_every, ... <= basis_until
+    basis_until: int | None = None  # last basis step (default num_steps)
+    k_per_checkpoint: int = 1
+    lanczos_iters: int = 20
+    # decomposition
+    second_order: str = "paper"
+    projection_method: str = "auto"
+    # clustering (HDBSCAN per direction; min_samples = tokens / divisor)
+    min_cluster_size: int = 150
+    min_samples_divisor: float = 15.0
+    reference_num_samples: int | None = 5000  # scale min_cluster_size by N / this (None: use it as is)
+    normalize: str | None = None  # None (the paper), "unit" or "standardize"
+    # breakthroughs (Eqs. 9-10)
+    window_steps: int = 100
+    threshold_step: int = 1000
+    # baselines and ablations
+    ablations: bool = True  # LCA, random and shuffled-Hessian bases (each one more decomposition)
+    lca_axes: int = 50
+    seed: int = 0
+    metrics_every: int = 50
+
+    def __post_init__(self):
+        positive = [
+            "num_layers", "d_model", "num_heads", "d_mlp", "num_train_problems", "num_eval_problems",
+            "num_hessian_problems", "num_steps", "batch_size", "polca_every", "basis_every", "k_per_checkpoint",
+            "lanczos_iters", "min_cluster_size", "window_steps", "lca_axes", "metrics_every",
+        ]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.second_order not in SECOND_ORDER_CHOICES:
+            raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
+        if self.projection_method not in ("auto", "reverse", "forward"):
+            raise ValueError(f"projection_method must be auto, reverse or forward, got {self.projection_method!r}")
+        if self.normalize not in (None, "unit", "standardize"):
+            raise ValueError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
+        if self.num_steps % self.polca_every:
+            raise ValueError(f"num_steps ({self.num_steps}) must be a multiple of polca_every ({self.polca_every})")
+        if not self.basis_steps:
+            raise ValueError(f"no basis checkpoint: basis_every={self.basis_every} > basis_until={self.basis_until}")
+        if self.basis_until is not None and not 1 <= self.basis_until <= self.num_steps:
+            raise ValueError(f"basis_until must lie in [1, num_steps], got {self.basis_until}")
+        total = self.num_train_problems + self.num_eval_problems + self.num_hessian_problems
+        if total > 1000 * 1000:
+            raise ValueError(f"{total} problems requested but there are only 1,000,000 pairs of 3-digit operands")
+
+    @property
+    def polca_steps(self) -> list[int]:
+        """Steps of the POLCA checkpoints: 0, polca_every, ..., num_steps."""
+        return list(range(0, self.num_steps + 1, self.polca_every))
+
+    @property
+    def basis_steps(self) -> list[int]:
+        """Steps of the Algorithm 1 checkpoints."""
+        until = self.num_steps if self.basis_until is None else self.basis_until
+        return list(range(self.basis_every, until + 1, self.basis_every))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper (Tables 2-3, Appendix D): 9,475,594 parameters, 10k steps, 50 basis vectors, 5000 tokens.
+    "paper": dict(
+        num_layers=3, d_model=512, num_heads=4, d_mlp=2048, num_train_problems=640_000, num_eval_problems=1250,
+        num_hessian_problems=1250, learning_rate=1e-5, num_steps=10_000, polca_every=20, basis_every=200,
+    ),
+    # Sized for a 2-core CPU in about a quarter of an hour.
+    "cpu": dict(
+        num_layers=2, d_model=128, num_heads=4, d_mlp=512, num_train_problems=96_000, num_eval_problems=300,
+        num_hessian_problems=256, learning_rate=3e-4, num_steps=1500, polca_every=10, basis_every=100,
+        window_steps=50, threshold_step=300, ablations=False,
+    ),
+    # Seconds, for tests and the notebook.
+    "tiny": dict(
+        num_layers=1, d_model=32, num_heads=2, d_mlp=64, num_train_problems=2000, num_eval_problems=40,
+        num_hessian_problems=32, learning_rate=1e-3, num_steps=60, batch_size=32, warmup_steps=10, polca_every=5,
+        basis_every=20, lanczos_iters=8, min_cluster_size=8, reference_num_samples=None, window_steps=10,
+        threshold_step=30, lca_axes=5, metrics_every=10,
+    ),
+}
+
+
+def make_config(preset: str, overrides: dict[str, Any] | None = None) -> ArithmeticConfig:
+    """The ``preset`` config with ``overrides`` (field → value) applied; unknown names raise ``ValueError``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ArithmeticConfig)}
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(fields - {'preset'})}")
+    return ArithmeticConfig(preset=preset, **{**PRESETS[preset], **(overrides or {})})
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", ...]`` → typed values, coerced to each field's type (``none`` → None, ``true``/``false``)."""
+    types = {f.name: f.type for f in dataclasses.fields(ArithmeticConfig)}
+    overrides = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"bad --set {assignment!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+        overrides[key] = _coerce(key, text, str(types[key]))
+    return overrides
+
+
+def _coerce(key: str, text: str, type_name: str) -> Any:
+    if text.lower() == "none" and "None" in type_name:
+        return None
+    try:
+        if type_name.startswith("bool"):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(text)
+            return text.lower() == "true"
+        if type_name.startswith("int"):
+            return int(text)
+        if type_name.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: expected {type_name.split(' |')[0]}") from None
+    return text
