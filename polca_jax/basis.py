@@ -94,20 +94,27 @@ class Basis:
     @classmethod
     def load(cls, directory: str | Path) -> "Basis":
         """Read a basis written by :meth:`save`; a missing or inconsistent file raises ``ValueError``."""
-        directory = Path(directory)
+        info = load_basis_info(directory)
         try:
-            manifest = json.loads((directory / "basis.json").read_text())
-            vectors = np.load(directory / "vectors.npy")
-            info = np.load(directory / "info.npz")
-            arrays = {name: info[name] for name in ("eigenvalues", "steps", "residuals")}
-        except (OSError, ValueError, KeyError) as error:
+            vectors = np.load(Path(directory) / "vectors.npy")
+        except (OSError, ValueError) as error:
             raise ValueError(f"cannot read a basis from {directory}: {error}") from error
-        if vectors.shape != (manifest["size"], manifest["dim"]):
-            raise ValueError(
-                f"corrupt basis in {directory}: vectors.npy has shape {vectors.shape}, "
-                f"manifest says [{manifest['size']}, {manifest['dim']}]"
-            )
-        return cls(vectors, method=manifest["method"], **arrays)
+        if vectors.shape != (info.pop("size"), info.pop("dim")):
+            raise ValueError(f"corrupt basis in {directory}: vectors.npy has shape {vectors.shape}, unlike basis.json")
+        return cls(vectors, **info)
+
+
+def load_basis_info(directory: str | Path) -> dict:
+    """A saved basis' ``method``, ``size``, ``dim`` and ``[K]`` ``eigenvalues``, ``steps``, ``residuals``, without
+    reading its ``[K, P]`` vectors."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / "basis.json").read_text())
+        with np.load(directory / "info.npz") as info:
+            arrays = {name: info[name] for name in ("eigenvalues", "steps", "residuals")}
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot read a basis from {directory}: {error}") from error
+    return {"method": manifest["method"], "size": manifest["size"], "dim": manifest["dim"], **arrays}
 
 
 @jax.jit
