@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polca_jax.analysis.clustering import Clustering
-from polca_jax.analysis.filters import _checked_array
+from polca_jax.analysis._arrays import checked_array
 
 DEFAULT_WINDOW_STEPS = 100  # Δ
 DEFAULT_THRESHOLD_STEP = 1000  # τ: the arithmetic mean exact loss is flat after this step
@@ -29,7 +29,7 @@ SIGNS = ("drop", "paper")
 
 def _checked_steps(steps, num_checkpoints: int) -> np.ndarray:
     """steps as float[T], strictly increasing and matching the curves' T axis."""
-    steps = _checked_array(steps, "steps", 1)
+    steps = checked_array(steps, "steps", 1)
     if steps.shape != (num_checkpoints,):
         raise ValueError(f"steps must have shape ({num_checkpoints},) to match the curves, got {steps.shape}")
     if np.any(np.diff(steps) <= 0):
@@ -55,7 +55,7 @@ def breakthrough_scores(
     scores[i, j] = [g(t+Δ) − g(t)] − [g(t) − g(t−Δ)] at t = candidate_steps[j], with g = −f for sign="drop" and
     g = f for sign="paper" (see the module docstring).
     """
-    curves = _checked_array(curves, "curves", 2)
+    curves = checked_array(curves, "curves", 2)
     steps = _checked_steps(steps, curves.shape[1])
     if sign not in SIGNS:
         raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
@@ -137,7 +137,7 @@ def cluster_breakthroughs(
     trajectories = np.asarray(trajectories)
     if trajectories.ndim not in (2, 3):
         raise ValueError(f"trajectories must be [T, N, K] or [T, N], got shape {trajectories.shape}")
-    trajectories = _checked_array(trajectories, "trajectories", trajectories.ndim)
+    trajectories = checked_array(trajectories, "trajectories", trajectories.ndim)
     records = []
     for clustering in clusterings:
         if clustering.num_samples != trajectories.shape[1]:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
-from polca_jax.analysis.filters import _checked_array, kept_directions, relying_samples
+from polca_jax.analysis._arrays import checked_array
+from polca_jax.analysis.filters import kept_directions, relying_samples
 
 DEFAULT_MIN_CLUSTER_SIZE = 150  # arithmetic; the paper uses 300 for English
 DEFAULT_MIN_SAMPLES_DIVISOR = 15  # min_samples = number of tokens / 15
@@ -115,7 +116,7 @@ def cluster_trajectories(
     normalize: None (the paper: raw trajectories), "unit" (each trajectory divided by its L2 norm, so only the shape
     counts) or "standardize" (z-score each time step across samples).
     """
-    trajectories = _checked_array(trajectories, "trajectories", 2)
+    trajectories = checked_array(trajectories, "trajectories", 2)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     num_samples = trajectories.shape[0]
@@ -172,7 +173,7 @@ def cluster_directions(projected_loss, *, directions=None, filter_samples: bool 
     min_samples is computed from each direction's own sample count, scaling from N), ``metric``, ``normalize``
     (see :func:`cluster_trajectories`).
     """
-    projected_loss = _checked_array(projected_loss, "projected_loss", 3)
+    projected_loss = checked_array(projected_loss, "projected_loss", 3)
     _, num_samples, num_directions = projected_loss.shape
     if directions is None:
         directions = np.flatnonzero(kept_directions(projected_loss))
@@ -193,11 +194,11 @@ def cluster_signal(signal, *, sample_mask=None, **options) -> Clustering:
     sample_mask: bool[N], the samples to cluster (default all); the others get label -1.
     options: as for :func:`cluster_directions`.
     """
-    signal = _checked_array(signal, "signal", 2)
+    signal = checked_array(signal, "signal", 2)
     num_samples = signal.shape[1]
     if sample_mask is None:
         sample_mask = np.ones(num_samples, bool)
-    sample_mask = _checked_array(sample_mask, "sample_mask", 1, dtype=bool)
+    sample_mask = checked_array(sample_mask, "sample_mask", 1, dtype=bool)
     if sample_mask.shape != (num_samples,):
         raise ValueError(f"sample_mask must have shape ({num_samples},), got {sample_mask.shape}")
     return _cluster_samples(signal.T, np.flatnonzero(sample_mask), None, **options)
@@ -206,7 +207,7 @@ def cluster_signal(signal, *, sample_mask=None, **options) -> Clustering:
 def medoid(trajectories, *, chunk_size: int = 512) -> int:
     """Index of the medoid of trajectories float[n, T]: the row minimising the sum of Euclidean distances to all
     rows. Distances are computed ``chunk_size`` rows at a time (memory chunk_size × n)."""
-    trajectories = _checked_array(trajectories, "trajectories", 2)
+    trajectories = checked_array(trajectories, "trajectories", 2)
     centred = trajectories - trajectories.mean(axis=0)  # distances are unchanged; less cancellation below
     squared_norms = np.einsum("it,it->i", centred, centred)
     distance_sums = np.empty(centred.shape[0])
@@ -219,7 +220,7 @@ def medoid(trajectories, *, chunk_size: int = 512) -> int:
 
 def quartile_curves(trajectories) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(q25, median, q75), each float[T]: the per-time-step quartiles of trajectories float[n, T]."""
-    trajectories = _checked_array(trajectories, "trajectories", 2)
+    trajectories = checked_array(trajectories, "trajectories", 2)
     q25, median, q75 = np.percentile(trajectories, [25, 50, 75], axis=0)
     return q25, median, q75
 

@@ -9,27 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _checked_array(array, name: str, ndim: int, *, dtype=float) -> np.ndarray:
-    """``array`` as a finite, non-empty ``dtype`` array with ``ndim`` axes, or a ValueError naming ``name``."""
-    array = np.asarray(array)
-    if array.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} axes, got shape {array.shape}")
-    if array.size == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
-    if dtype is float:
-        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-            raise ValueError(f"{name} must be real-valued, got dtype {array.dtype}")
-        array = array.astype(np.float64, copy=False)
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"{name} contains NaN or infinite values")
-    elif dtype is int:
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
-    elif dtype is bool:
-        if array.dtype != np.bool_:
-            raise ValueError(f"{name} must be boolean, got dtype {array.dtype}")
-    return array
+from polca_jax.analysis._arrays import checked_array
 
 
 def kept_directions(projected_loss) -> np.ndarray:
@@ -38,7 +18,7 @@ def kept_directions(projected_loss) -> np.ndarray:
 
     projected_loss: float[T, N, K].
     """
-    projected_loss = _checked_array(projected_loss, "projected_loss", 3)
+    projected_loss = checked_array(projected_loss, "projected_loss", 3)
     mean_curve = projected_loss.mean(axis=1)  # [T, K]
     return mean_curve[-1] < mean_curve[0]
 
@@ -49,5 +29,5 @@ def relying_samples(projected_loss) -> np.ndarray:
 
     projected_loss: float[T, N, K].
     """
-    projected_loss = _checked_array(projected_loss, "projected_loss", 3)
+    projected_loss = checked_array(projected_loss, "projected_loss", 3)
     return projected_loss[-1] < projected_loss[0]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polca_jax.analysis.clustering import Clustering
-from polca_jax.analysis.filters import _checked_array
+from polca_jax.analysis._arrays import checked_array
 
 PLACE_1000S, PLACE_100S, PLACE_10S, PLACE_1S = 0, 1, 2, 3
 QUALIFYING_PLACES = (PLACE_100S, PLACE_10S)
@@ -55,8 +55,8 @@ def carry_cluster_scores(
     qualifying_places / min_qualifying_fraction: a cluster qualifies when more than this fraction of its carry
     tokens have one of these places.
     """
-    place = _checked_array(place, "place", 1, dtype=int)
-    carry = _checked_array(carry, "carry", 1, dtype=bool)
+    place = checked_array(place, "place", 1, dtype=int)
+    carry = checked_array(carry, "carry", 1, dtype=bool)
     if place.shape != carry.shape:
         raise ValueError(f"place and carry must have the same shape, got {place.shape} and {carry.shape}")
     in_qualifying_place = np.isin(place, qualifying_places)
