@@ -11,6 +11,10 @@ step s_t = ⟨b, θ_{t+1} − θ_t⟩:
     eigenvalue stored with the basis vector when it was found (``eigenvalues="stored"``, the paper's "keeping track
     of the eigenvalues"), or bᵀH_t(X)b recomputed at every checkpoint as the mean per-sample curvature on the
     evaluated samples (``eigenvalues="current"``). Where |Δg(X)| is below 1e-12 · max|Δg(X)| the term is 0.
+    By construction the terms of one step sum over the samples to N · ½ λ s_t² ≥ 0 for a positive eigenvalue; with
+    a stored eigenvalue that is larger than the direction's later curvature (and large steps), this positive term
+    can outweigh the first-order one and make every direction fail the oscillation filter — ``"current"``,
+    ``"trapezoid"`` or ``"exact"`` then track the actual curvature.
   - ``"trapezoid"``: ½ s_t · Δg(x) (what ``"paper"`` becomes when Δg(X) = λ s_t holds exactly); no eigenvalue.
   - ``"exact"`` (Eq. 3): ½ bᵀH_t(x)b · s_t², with the exact per-sample curvature (forward-over-forward AD).
 * projected loss (Eq. 8): L_b(x, θ_t) = Σ_{i<t} POLCA(x, b; θ_i), so ``projected_loss[0] == 0``.
