@@ -20,6 +20,8 @@ PARAMS_ITEM = "params"
 class OrbaxCheckpoints(Sequence):
     """The params saved at ``steps`` in an orbax checkpoint directory, restored lazily one at a time.
 
+    Use it as a context manager (or call :meth:`close`) to release orbax's background threads when done.
+
     Args:
       directory: the ``CheckpointManager`` directory.
       steps: the steps to use, in order (default: every step on disk).
@@ -42,6 +44,16 @@ class OrbaxCheckpoints(Sequence):
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def close(self) -> None:
+        """Release the orbax manager (its background threads); the store cannot restore afterwards."""
+        self._manager.close()
+
+    def __enter__(self) -> "OrbaxCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __getitem__(self, index: int) -> PyTree:
         if isinstance(index, slice):

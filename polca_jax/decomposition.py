@@ -180,7 +180,12 @@ def polca(
     if eigenvalues not in ("stored", "current"):
         raise ValueError(f"eigenvalues must be 'stored' or 'current', got {eigenvalues!r}")
     if isinstance(checkpoints, str | Path):
-        checkpoints = OrbaxCheckpoints(checkpoints, steps)
+        with OrbaxCheckpoints(checkpoints, steps) as store:
+            return polca(
+                per_sample_loss_fn, store, batch, basis, second_order=second_order, eigenvalues=eigenvalues,
+                mask=mask, method=method, chunk_size=chunk_size, chunks_per_call=chunks_per_call,
+                basis_chunk_size=basis_chunk_size, mesh=mesh, progress=progress,
+            )
     steps = list(range(len(checkpoints))) if steps is None and not hasattr(checkpoints, "steps") else steps
     steps = np.asarray(checkpoints.steps if steps is None else steps)
     if len(checkpoints) < 2:

@@ -144,12 +144,14 @@ def restore_params(checkpoint_dir: str | Path, step: int, template: Any = None) 
     ``template`` (a params pytree of arrays or ``jax.ShapeDtypeStruct``) fixes the tree structure and dtypes;
     without it the saved tree comes back as nested dicts with string keys.
     """
-    return OrbaxCheckpoints(checkpoint_dir, [step], template)[0]
+    with OrbaxCheckpoints(checkpoint_dir, [step], template) as store:
+        return store[0]
 
 
 def checkpoint_steps(checkpoint_dir: str | Path) -> list[int]:
     """Sorted steps saved in ``checkpoint_dir``."""
-    return OrbaxCheckpoints(checkpoint_dir).steps
+    with OrbaxCheckpoints(checkpoint_dir) as store:
+        return store.steps
 
 
 def _train_step(loss_fn, optimizer, params, opt_state, batch):

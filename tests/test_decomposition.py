@@ -131,10 +131,10 @@ def test_missing_and_corrupt_checkpoints_are_reported(checkpoint_dir, tmp_path, 
     subprocess.run(["cp", "-r", str(checkpoint_dir), str(broken)], check=True)
     for data in (broken / "10" / "params").rglob("d/*"):
         data.write_bytes(b"garbage")
-    store = pj.OrbaxCheckpoints(broken)
-    store[0]  # intact
-    with pytest.raises(ValueError, match="step 10 .* cannot be read"):
-        store[1]
+    with pj.OrbaxCheckpoints(broken) as store:
+        store[0]  # intact
+        with pytest.raises(ValueError, match="step 10 .* cannot be read"):
+            store[1]
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

@@ -143,39 +143,44 @@ def basis_stage(run: RunDirectory, experiment: Experiment, progress: bool) -> di
     config = run.config
     key = jax.random.key(config.seed)
     options = dict(k_per_checkpoint=config.k_per_checkpoint, num_iters=config.lanczos_iters, progress=progress)
-    store = experiment.checkpoints(run, config.basis_steps)
-    bases = {MAIN_BASIS: lambda: pj.hessian_basis(experiment.loss_fn, store, experiment.hessian_batch, key=key,
-                                                  **options)}
-    if config.ablations:
-        size = len(config.basis_steps) * config.k_per_checkpoint
-        final = experiment.checkpoints(run, [config.num_steps])[0]
-        bases["shuffled_hessian"] = lambda: pj.shuffled_hessian_basis(
-            experiment.loss_fn, store, experiment.hessian_batch, key=jax.random.fold_in(key, 1), **options)
-        bases["random"] = lambda: pj.random_basis(experiment.initial_params, size, jax.random.fold_in(key, 2))
-        bases["parameter_axes"] = lambda: pj.parameter_axis_basis(final, config.lca_axes, step=config.num_steps)
-    for name, make in bases.items():
-        if not (run / "basis" / name / "basis.json").exists():
-            make().save(run / "basis" / name)
+    size = len(config.basis_steps) * config.k_per_checkpoint
+
+    def final_params():
+        with experiment.checkpoints(run, [config.num_steps]) as final:
+            return final[0]
+
+    with experiment.checkpoints(run, config.basis_steps) as store:
+        bases = {MAIN_BASIS: lambda: pj.hessian_basis(
+            experiment.loss_fn, store, experiment.hessian_batch, key=key, **options)}
+        if config.ablations:
+            bases["shuffled_hessian"] = lambda: pj.shuffled_hessian_basis(
+                experiment.loss_fn, store, experiment.hessian_batch, key=jax.random.fold_in(key, 1), **options)
+            bases["random"] = lambda: pj.random_basis(experiment.initial_params, size, jax.random.fold_in(key, 2))
+            bases["parameter_axes"] = lambda: pj.parameter_axis_basis(
+                final_params(), config.lca_axes, step=config.num_steps)
+        for name, make in bases.items():  # a basis already on disk (an interrupted stage) is kept
+            if not (run / "basis" / name / "basis.json").exists():
+                make().save(run / "basis" / name)
     return {"bases": list(bases)}
 
 
 def decompose_stage(run: RunDirectory, experiment: Experiment, progress: bool) -> dict:
     """POLCA on every evaluation answer token at every POLCA checkpoint, along each basis."""
     config = run.config
-    store = experiment.checkpoints(run, config.polca_steps)
     names = [MAIN_BASIS, *ABLATION_BASES] if config.ablations else [MAIN_BASIS]
-    for name in names:
-        if (run / "polca" / name / "manifest.json").exists():
-            continue
-        basis = pj.Basis.load(run / "basis" / name)
-        second_order = "none" if name == "parameter_axes" else config.second_order  # LCA is first order (Eq. 1)
-        has_eigenvalues = bool(np.all(np.isfinite(basis.eigenvalues)))
-        result = pj.polca(
-            experiment.per_sample_loss_fn, store, experiment.eval_batch, basis, second_order=second_order,
-            eigenvalues="stored" if has_eigenvalues else "current", method=config.projection_method,
-            progress=progress,
-        )
-        result.save(run / "polca" / name)
+    with experiment.checkpoints(run, config.polca_steps) as store:
+        for name in names:
+            if (run / "polca" / name / "manifest.json").exists():  # finished before an interruption
+                continue
+            basis = pj.Basis.load(run / "basis" / name)
+            second_order = "none" if name == "parameter_axes" else config.second_order  # LCA is first order (Eq. 1)
+            has_eigenvalues = bool(np.all(np.isfinite(basis.eigenvalues)))
+            result = pj.polca(
+                experiment.per_sample_loss_fn, store, experiment.eval_batch, basis, second_order=second_order,
+                eigenvalues="stored" if has_eigenvalues else "current", method=config.projection_method,
+                progress=progress,
+            )
+            result.save(run / "polca" / name)
     return {"decompositions": names}
 
 
