@@ -37,6 +37,7 @@ class OrbaxCheckpoints(Sequence):
         self.steps = sorted(available) if steps is None else [int(s) for s in steps]
         missing = [s for s in self.steps if s not in available]
         if missing:
+            self._manager.close()
             raise ValueError(
                 f"steps {missing} have no checkpoint in {self.directory} (available: {sorted(available)})"
             )

@@ -156,7 +156,7 @@ def polca(
     mask: np.ndarray | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
-    chunks_per_call: int = 4,
+    chunks_per_call: int = 8,
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,

@@ -4,7 +4,7 @@ A *sample* is a sequence (``per_sample_loss_fn`` returns ``[n_seq]``) or one tok
 ``[n_seq, n_tok]``; an optional ``mask [n_seq, n_tok]`` keeps the tokens that count). Two strategies compute the
 projections, chosen by cost (see :func:`choose_method` and DESIGN.md's cost model):
 
-* ``"reverse"``: per-sample gradients on chunks of sequences (``vmap`` of ``jacrev``), each parameter leaf
+* ``"reverse"``: per-sample gradients on chunks of sequences (``vmap`` of ``grad``), each parameter leaf
   contracted with its slice of the params-shaped basis; about one backward pass per sample, plus ``2·P·K`` flops.
 * ``"forward"``: one ``jvp`` per basis direction over a chunk of sequences (vmapped over groups of directions);
   about ``2K`` forward passes per *sequence*, whatever its number of samples.
@@ -42,15 +42,14 @@ FORWARD_SEQUENCES_PER_CHUNK = 32
 
 
 def choose_method(samples_per_sequence: int, num_directions: int) -> Literal["reverse", "forward"]:
-    """The cheaper strategy by the cost model, in forward-pass units per sequence.
+    """The cheaper strategy by the cost model, in units of one batched forward pass of the sequences.
 
-    reverse ≈ 1 + 2·s (one forward, one backward per sample) + K (the contraction, ≈ s·K·2P flops, taking the
-    sequence length as s); forward ≈ 1 + 2·K (one tangent pass per direction). So forward wins when K < 2·s:
-    token-level samples of long sequences, or few directions.
+    Measured on a 2-core CPU (benchmarks/README.md): forward ≈ 1 + 1.25·K (one tangent pass per direction, whatever
+    the number of samples s per sequence); reverse ≈ s·(5 + 0.04·K) (one forward and backward per sample, plus the
+    contraction with the basis). So forward wins when K < 4·s: token-level samples of long sequences, or few
+    directions.
     """
-    reverse = 1 + 2 * samples_per_sequence + num_directions
-    forward = 1 + 2 * num_directions
-    return "forward" if forward < reverse else "reverse"
+    return "forward" if num_directions < 4 * samples_per_sequence else "reverse"
 
 
 def per_sample_projections(
@@ -62,7 +61,7 @@ def per_sample_projections(
     mask: np.ndarray | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
-    chunks_per_call: int = 4,
+    chunks_per_call: int = 8,
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
@@ -110,7 +109,7 @@ def per_sample_projections_and_curvature(
     *,
     mask: np.ndarray | None = None,
     chunk_size: int | None = None,
-    chunks_per_call: int = 4,
+    chunks_per_call: int = 8,
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -146,23 +145,35 @@ def _loss_chunk(group_size, loss_fn, params, directions, chunk):
 
 
 def _reverse_chunk(group_size, loss_fn, params, directions, chunk):
-    def example_losses(p, example):
-        return loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], example)).reshape(-1)
+    """Per-sample gradients as ``vmap(grad)`` over (sequence, sample) pairs: each sequence repeated once per sample.
 
-    jacobians = jax.vmap(jax.jacrev(example_losses), in_axes=(None, 0))(params, chunk)  # leaves [c, s, ...]
-    leaves = jax.tree_util.tree_leaves(jacobians)
-    c, s = leaves[0].shape[:2]
+    On XLA CPU this is 23–35% faster than ``vmap(jacrev)`` over sequences (benchmarks/README.md), though it repeats the
+    forward pass per sample; for many samples per sequence ``"auto"`` picks forward mode instead.
+    """
+    c = batch_size(chunk)
+    shape = jax.eval_shape(loss_fn, params, chunk).shape
+    s = 1 if len(shape) == 1 else shape[1]
+
+    def sample_loss(p, example, j):
+        return loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], example)).reshape(-1)[j]
+
+    examples = jax.tree_util.tree_map(lambda x: jnp.repeat(x, s, axis=0), chunk)
+    grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0))(params, examples, jnp.tile(jnp.arange(s), c))
     total = sum(
         jnp.dot(g.reshape(c * s, -1), b.reshape(b.shape[0], -1).T, precision=HIGHEST)
-        for g, b in zip(leaves, jax.tree_util.tree_leaves(directions))
+        for g, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(directions))
     )
     return (total.reshape(c, s, -1),)
 
 
 def _grouped_directional(group_size, directions, along):
-    """Apply ``along(direction) -> [m, c, s]`` to every direction, ``group_size`` at a time: ``[m, c, s, K]``."""
+    """Apply ``along(direction) -> [m, c, s]`` to every direction, at most ``group_size`` at a time: ``[m, c, s, K]``.
+
+    The K directions are split into equal groups (K = 12, group_size 8 → two groups of 6), so little is padded.
+    """
     k = jax.tree_util.tree_leaves(directions)[0].shape[0]
     groups = -(-k // group_size)
+    group_size = -(-k // groups)
 
     def group(leaf):
         padded = jnp.pad(leaf, [(0, groups * group_size - k)] + [(0, 0)] * (leaf.ndim - 1))

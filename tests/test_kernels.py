@@ -232,6 +232,8 @@ def test_per_sample_projections_with_a_mask_keep_the_masked_tokens(transformer):
 def test_auto_picks_forward_for_many_tokens_and_reverse_for_many_directions():
     assert pj.choose_method(samples_per_sequence=128, num_directions=32) == "forward"
     assert pj.choose_method(samples_per_sequence=1, num_directions=32) == "reverse"
+    assert pj.choose_method(samples_per_sequence=4, num_directions=8) == "forward"
+    assert pj.choose_method(samples_per_sequence=4, num_directions=32) == "reverse"
 
 
 @pytest.mark.parametrize("level", ["sequence", "token"])
