@@ -165,13 +165,6 @@ def _checkpoint_manager(directory: str | Path, *, create: bool) -> ocp.Checkpoin
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def _existing_directory(checkpoint_dir: str | Path) -> Path:
-    directory = Path(checkpoint_dir).absolute()
-    if not directory.is_dir():
-        raise ValueError(f"checkpoint directory {directory} does not exist")
-    return directory
-
-
 def _save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any) -> None:
     saved = manager.save(
         step,
