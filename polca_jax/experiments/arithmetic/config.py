@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from polca_jax.decomposition import SECOND_ORDER_CHOICES
+from polca_jax.experiments import runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,39 +120,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def make_config(preset: str, overrides: dict[str, Any] | None = None) -> ArithmeticConfig:
     """The ``preset`` config with ``overrides`` (field → value) applied; unknown names raise ``ValueError``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ArithmeticConfig)}
-    unknown = sorted(set(overrides or {}) - fields)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(fields - {'preset'})}")
-    return ArithmeticConfig(preset=preset, **{**PRESETS[preset], **(overrides or {})})
+    return runs.make_config(ArithmeticConfig, PRESETS, preset, overrides)
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
-    """``["lr=1e-3", ...]`` → typed values, coerced to each field's type (``none`` → None, ``true``/``false``)."""
-    types = {f.name: f.type for f in dataclasses.fields(ArithmeticConfig)}
-    overrides = {}
-    for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        if not sep or key not in types:
-            raise ValueError(f"bad --set {assignment!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
-        overrides[key] = _coerce(key, text, str(types[key]))
-    return overrides
-
-
-def _coerce(key: str, text: str, type_name: str) -> Any:
-    if text.lower() == "none" and "None" in type_name:
-        return None
-    try:
-        if type_name.startswith("bool"):
-            if text.lower() not in ("true", "false"):
-                raise ValueError(text)
-            return text.lower() == "true"
-        if type_name.startswith("int"):
-            return int(text)
-        if type_name.startswith("float"):
-            return float(text)
-    except ValueError:
-        raise ValueError(f"--set {key}={text}: expected {type_name.split(' |')[0]}") from None
-    return text
+    """``["learning_rate=1e-3", ...]`` → typed values for :func:`make_config`."""
+    return runs.parse_overrides(ArithmeticConfig, assignments)

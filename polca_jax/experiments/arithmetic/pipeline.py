@@ -19,7 +19,6 @@ Every stage is built from the public kernels (``polca_jax``) and host analysis (
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis, tree
+from polca_jax.experiments import runs
 from polca_jax.experiments.arithmetic import task
 from polca_jax.experiments.arithmetic.config import ArithmeticConfig
 from polca_jax.models import TransformerConfig, init_params
@@ -51,45 +51,11 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
 }
 
 
-class RunDirectory:
-    """A run directory bound to one config: creating it writes ``config.json``, reopening it checks the config."""
+class RunDirectory(runs.RunDirectory):
+    """A run directory holding one :class:`ArithmeticConfig`."""
 
-    def __init__(self, path: str | Path, config: ArithmeticConfig | None = None):
-        self.path = Path(path)
-        config_file = self.path / "config.json"
-        if config_file.exists():
-            try:
-                saved = json.loads(config_file.read_text())
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{config_file} is not valid JSON: {error}") from error
-            if config is not None and saved != config.to_dict():
-                changed = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
-                details = ", ".join(f"{k}: {saved.get(k)!r} on disk vs {config.to_dict().get(k)!r}" for k in changed)
-                raise ValueError(
-                    f"{self.path} holds a run with another config ({details}); choose a new --out directory "
-                    "(nothing was changed)"
-                )
-            config = ArithmeticConfig(**saved)
-        elif config is None:
-            raise ValueError(f"{self.path} is not a run directory (no config.json); start one with --preset")
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            config_file.write_text(json.dumps(config.to_dict(), indent=2))
-        self.config = config
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
-    def done(self, stage: str) -> bool:
-        return (self.path / "stages" / f"{stage}.json").exists()
-
-    def mark_done(self, stage: str, info: dict) -> None:
-        (self.path / "stages").mkdir(exist_ok=True)
-        (self.path / "stages" / f"{stage}.json").write_text(json.dumps(info, indent=2))
-
-    def require(self, stage: str) -> None:
-        if not self.done(stage):
-            raise ValueError(f"stage {stage!r} has not finished in {self.path}; run `polca arithmetic {stage}` first")
+    config_type = ArithmeticConfig
+    command = "polca arithmetic"
 
 
 class Experiment:
@@ -279,22 +245,5 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunDirectory, Experiment, bool], dict]] = {
 def run_stages(run: RunDirectory, stages=STAGES, *, force: bool = False, progress: bool = True,
                log: Callable[[str], None] = print) -> Path:
     """Run ``stages`` in order on ``run``, skipping finished ones (unless ``force``); returns the report path."""
-    experiment = None
-    for stage in stages:
-        if stage not in STAGE_FUNCTIONS:
-            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
-        upstream = STAGES[: STAGES.index(stage)]
-        for previous in upstream:
-            if previous not in stages:
-                run.require(previous)
-        if run.done(stage) and not force:
-            log(f"[{stage}] already finished in {run.path}, skipped")
-            continue
-        experiment = experiment or Experiment(run.config)
-        log(f"[{stage}] running")
-        start = time.perf_counter()
-        info = STAGE_FUNCTIONS[stage](run, experiment, progress)
-        info["wall_seconds"] = time.perf_counter() - start
-        run.mark_done(stage, info)
-        log(f"[{stage}] done in {info['wall_seconds']:.1f} s")
+    runs.run_stages(run, STAGE_FUNCTIONS, Experiment, stages, force=force, progress=progress, log=log)
     return run / "report" / "report.md"
