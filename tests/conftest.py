@@ -1,5 +1,11 @@
 """Shared fixtures: tiny float64 models (an MLP and a transformer) whose kernels compile once per session."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -100,3 +106,25 @@ def dense_hessian(loss, params):
 
     flat = tree.ravel(params)
     return np.asarray(jax.jit(jax.hessian(lambda v: loss(tree.unravel(v, params))))(flat))
+
+
+def _kill_cli_run_after(arguments: list[str], run_dir, stage: str = "basis") -> dict[str, str]:
+    """Run ``polca ARGUMENTS --out run_dir --quiet`` in a subprocess, SIGKILL it as soon as ``stage`` has finished,
+    and return the record (``stages/<name>.json`` text) of every stage finished by then."""
+    command = [sys.executable, "-m", "polca_jax.cli", *arguments, "--out", str(run_dir), "--quiet"]
+    process = subprocess.Popen(command, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run_dir / "stages" / f"{stage}.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, f"the run did not finish its {stage} stage in 5 minutes"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return {path.stem: path.read_text() for path in (run_dir / "stages").glob("*.json")}
+
+
+@pytest.fixture(scope="session")
+def kill_cli_run_after():
+    """``kill_cli_run_after(arguments, run_dir, stage="basis") -> {stage: record}``: a CLI run killed mid-way."""
+    return _kill_cli_run_after

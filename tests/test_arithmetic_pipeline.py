@@ -2,11 +2,6 @@
 rejected configs and run directories."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -19,20 +14,10 @@ from polca_jax.experiments.arithmetic.pipeline import STAGES, VARIANTS, RunDirec
 
 
 @pytest.fixture(scope="module")
-def interrupted_then_resumed(tmp_path_factory):
+def interrupted_then_resumed(tmp_path_factory, kill_cli_run_after):
     """A tiny run killed right after its basis stage, then resumed to the end with the CLI."""
     run_dir = tmp_path_factory.mktemp("arithmetic") / "run"
-    command = [sys.executable, "-m", "polca_jax.cli", "arithmetic", "--preset", "tiny", "--out", str(run_dir), "--quiet"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (run_dir / "stages" / "basis.json").exists():
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "the tiny run did not finish its basis stage in 5 minutes"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    finished_before = {stage: (run_dir / "stages" / f"{stage}.json").read_text() for stage in ("train", "basis")}
+    finished_before = kill_cli_run_after(["arithmetic", "--preset", "tiny"], run_dir)
     assert not (run_dir / "stages" / "decompose.json").exists()
     assert main(["arithmetic", "--out", str(run_dir), "--quiet"]) == 0
     return run_dir, finished_before

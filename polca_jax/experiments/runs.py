@@ -1,7 +1,7 @@
 """What every experiment shares: a run directory bound to one config, resumable stages, presets with overrides.
 
-An experiment supplies a frozen config dataclass, its presets, and an ordered mapping stage name → function
-``(run, experiment, progress) -> info``; :func:`run_stages` runs them, skipping finished ones.
+An experiment supplies a frozen config dataclass (a :class:`CheckpointedConfig`), its presets, and an ordered mapping
+stage name → function ``(run, experiment, progress) -> info``; :func:`run_stages` runs them, skipping finished ones.
 """
 
 from __future__ import annotations
@@ -11,6 +11,77 @@ import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from polca_jax.decomposition import SECOND_ORDER_CHOICES
+
+PROJECTION_METHODS = ("auto", "reverse", "forward")
+NORMALIZATIONS = (None, "unit", "standardize")
+
+
+class CheckpointedConfig:
+    """Base of the experiments' frozen config dataclasses: the checkpoint schedules and the checks of the fields
+    every experiment has (training, checkpoints, Algorithm 1, decomposition, clustering, breakthroughs).
+
+    A subclass declares those fields (``learning_rate``, ``num_steps``, ``batch_size``, ``warmup_steps``,
+    ``polca_every``, ``basis_every``, ``basis_until``, ``k_per_checkpoint``, ``lanczos_iters``, ``second_order``,
+    ``projection_method``, ``min_cluster_size``, ``min_samples_divisor``, ``reference_num_samples``, ``normalize``,
+    ``window_steps``, ``threshold_step``, ``seed``, ``metrics_every``) and calls :meth:`check_fields` from
+    ``__post_init__`` with its own positive-integer fields.
+    """
+
+    SHARED_POSITIVE_INTS = (
+        "num_steps", "batch_size", "polca_every", "basis_every", "k_per_checkpoint", "lanczos_iters",
+        "min_cluster_size", "window_steps", "metrics_every",
+    )
+
+    def check_fields(self, positive_ints=()) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in (*self.SHARED_POSITIVE_INTS, *positive_ints):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if not self.min_samples_divisor > 0:
+            raise ValueError(f"min_samples_divisor must be > 0, got {self.min_samples_divisor}")
+        if self.reference_num_samples is not None and not (
+            isinstance(self.reference_num_samples, int) and self.reference_num_samples >= 1
+        ):
+            raise ValueError(
+                f"reference_num_samples must be None or a positive integer, got {self.reference_num_samples!r}")
+        if self.second_order not in SECOND_ORDER_CHOICES:
+            raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
+        if self.projection_method not in PROJECTION_METHODS:
+            raise ValueError(f"projection_method must be auto, reverse or forward, got {self.projection_method!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
+        if self.num_steps % self.polca_every:
+            raise ValueError(f"num_steps ({self.num_steps}) must be a multiple of polca_every ({self.polca_every})")
+        if self.basis_until is not None and not 1 <= self.basis_until <= self.num_steps:
+            raise ValueError(f"basis_until must lie in [1, num_steps], got {self.basis_until}")
+        if not self.basis_steps:
+            raise ValueError(f"no basis checkpoint: basis_every={self.basis_every} > basis_until={self.basis_until}")
+
+    @property
+    def polca_steps(self) -> list[int]:
+        """Steps of the POLCA checkpoints: 0, polca_every, ..., num_steps."""
+        return list(range(0, self.num_steps + 1, self.polca_every))
+
+    @property
+    def basis_steps(self) -> list[int]:
+        """Steps of the Algorithm 1 checkpoints: basis_every, 2·basis_every, ... <= basis_until (default num_steps)."""
+        until = self.num_steps if self.basis_until is None else self.basis_until
+        return list(range(self.basis_every, until + 1, self.basis_every))
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Every step the train stage saves: the POLCA and the basis steps."""
+        return sorted(set(self.polca_steps) | set(self.basis_steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class RunDirectory:
@@ -68,12 +139,13 @@ StageFunction = Callable[[RunDirectory, Any, bool], dict]
 
 
 def run_stages(run: RunDirectory, stage_functions: Mapping[str, StageFunction], make_experiment: Callable[[Any], Any],
-               stages=None, *, force: bool = False, progress: bool = True,
+               stages=None, *, host_stages=(), force: bool = False, progress: bool = True,
                log: Callable[[str], None] = print) -> None:
     """Run ``stages`` (default: all, in order) on ``run``, skipping finished ones unless ``force``.
 
     Every stage before a requested one must have finished. ``make_experiment(config)`` is built once, on the first
-    stage that runs; each stage's info and wall time go to ``stages/<stage>.json``.
+    stage that runs and is not in ``host_stages`` (those read only the run directory and get None); each stage's info
+    and wall time go to ``stages/<stage>.json``.
     """
     order = list(stage_functions)
     stages = order if stages is None else list(stages)
@@ -87,10 +159,11 @@ def run_stages(run: RunDirectory, stage_functions: Mapping[str, StageFunction], 
         if run.done(stage) and not force:
             log(f"[{stage}] already finished in {run.path}, skipped")
             continue
-        experiment = experiment or make_experiment(run.config)
         log(f"[{stage}] running")
         start = time.perf_counter()
-        info = stage_functions[stage](run, experiment, progress)
+        if stage not in host_stages:
+            experiment = experiment or make_experiment(run.config)
+        info = stage_functions[stage](run, None if stage in host_stages else experiment, progress)
         info["wall_seconds"] = time.perf_counter() - start
         run.mark_done(stage, info)
         log(f"[{stage}] done in {info['wall_seconds']:.1f} s")

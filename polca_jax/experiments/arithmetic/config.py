@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from polca_jax.decomposition import SECOND_ORDER_CHOICES
 from polca_jax.experiments import runs
 
 
 @dataclasses.dataclass(frozen=True)
-class ArithmeticConfig:
+class ArithmeticConfig(runs.CheckpointedConfig):
     """Everything that determines a run; a run directory holds exactly one config (``config.json``)."""
 
     preset: str
@@ -55,45 +54,11 @@ class ArithmeticConfig:
     metrics_every: int = 50
 
     def __post_init__(self):
-        positive = [
-            "num_layers", "d_model", "num_heads", "d_mlp", "num_train_problems", "num_eval_problems",
-            "num_hessian_problems", "num_steps", "batch_size", "polca_every", "basis_every", "k_per_checkpoint",
-            "lanczos_iters", "min_cluster_size", "window_steps", "lca_axes", "metrics_every",
-        ]
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.second_order not in SECOND_ORDER_CHOICES:
-            raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
-        if self.projection_method not in ("auto", "reverse", "forward"):
-            raise ValueError(f"projection_method must be auto, reverse or forward, got {self.projection_method!r}")
-        if self.normalize not in (None, "unit", "standardize"):
-            raise ValueError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
-        if self.num_steps % self.polca_every:
-            raise ValueError(f"num_steps ({self.num_steps}) must be a multiple of polca_every ({self.polca_every})")
-        if not self.basis_steps:
-            raise ValueError(f"no basis checkpoint: basis_every={self.basis_every} > basis_until={self.basis_until}")
-        if self.basis_until is not None and not 1 <= self.basis_until <= self.num_steps:
-            raise ValueError(f"basis_until must lie in [1, num_steps], got {self.basis_until}")
+        self.check_fields(["num_layers", "d_model", "num_heads", "d_mlp", "num_train_problems", "num_eval_problems",
+                           "num_hessian_problems", "lca_axes"])
         total = self.num_train_problems + self.num_eval_problems + self.num_hessian_problems
         if total > 1000 * 1000:
             raise ValueError(f"{total} problems requested but there are only 1,000,000 pairs of 3-digit operands")
-
-    @property
-    def polca_steps(self) -> list[int]:
-        """Steps of the POLCA checkpoints: 0, polca_every, ..., num_steps."""
-        return list(range(0, self.num_steps + 1, self.polca_every))
-
-    @property
-    def basis_steps(self) -> list[int]:
-        """Steps of the Algorithm 1 checkpoints."""
-        until = self.num_steps if self.basis_until is None else self.basis_until
-        return list(range(self.basis_every, until + 1, self.basis_every))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

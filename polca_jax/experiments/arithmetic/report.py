@@ -11,19 +11,17 @@ Directions are 0-based indices into the basis: the paper's "basis vector #1" is 
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 
-from polca_jax.analysis import PLACE_1S, Clustering, load_clusterings, quartile_curves
-from polca_jax.basis import load_basis_info
+from polca_jax.analysis import PLACE_1S, Clustering
 from polca_jax.decomposition import POLCAResult
+from polca_jax.experiments import reporting
 from polca_jax.experiments.arithmetic.task import ANSWER_PLACES
+from polca_jax.experiments.reporting import MAX_CLUSTERS_PER_PANEL, MISSING
 
 PAPER_ARITHMETIC_RESULTS = {
     "exact_loss": {"hidden_breakthrough_fraction": 0.0, "top_clusters": [(0.514, 0.771, 0.617)]},
@@ -81,11 +79,8 @@ TABLE_8_TOP = 3
 STAGES = ("train", "basis", "decompose", "cluster")
 MAIN_BASIS = "hessian"
 MAX_DIRECTION_FIGURES = 4
-MAX_CLUSTERS_PER_PANEL = 6
 NOT_RUN = "not run"
-MISSING = "n/a"
 
-CLUSTER_COLORS = matplotlib.colormaps["tab10"]
 PLACE_COLORS = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, len(ANSWER_PLACES)))
 SKILLS = tuple(
     (place, has_carry)
@@ -124,62 +119,24 @@ class _Run:
         return MISSING if value is None else str(value)
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _read_log(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl (empty if the file is missing)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _read_basis_steps(directory: Path) -> np.ndarray:
-    """float[K] training step each basis direction was found at (those >= 0); empty if the basis is missing."""
-    if not (directory / "basis.json").is_file():
-        return np.zeros(0)
-    steps = load_basis_info(directory)["steps"]
-    return steps[steps >= 0].astype(float)
-
-
 def _load_run(run_dir: Path) -> _Run:
     """Everything :func:`write_report` uses; labels are flattened in the order of the per-sample losses."""
     labels = np.load(run_dir / "labels.npz") if (run_dir / "labels.npz").is_file() else None
-    result_dir = run_dir / "polca" / MAIN_BASIS
     return _Run(
         directory=run_dir,
-        config=_read_json(run_dir / "config.json") or {},
-        log=_read_log(run_dir / "metrics.jsonl"),
-        metrics=_read_json(run_dir / "metrics.json"),
+        config=reporting.read_json(run_dir / "config.json") or {},
+        log=reporting.read_log(run_dir / "metrics.jsonl"),
+        metrics=reporting.read_json(run_dir / "metrics.json"),
         place=None if labels is None else labels["place"].reshape(-1),
         carry=None if labels is None else labels["carry"].astype(bool).reshape(-1),
-        result=POLCAResult.load(result_dir) if (result_dir / "manifest.json").is_file() else None,
-        basis_steps=_read_basis_steps(run_dir / "basis" / MAIN_BASIS),
-        clusterings={path.stem: load_clusterings(path) for path in sorted((run_dir / "clusters").glob("*.npz"))},
-        stages={path.stem: json.loads(path.read_text()) for path in sorted((run_dir / "stages").glob("*.json"))},
+        result=reporting.read_result(run_dir / "polca" / MAIN_BASIS),
+        basis_steps=reporting.read_basis_steps(run_dir / "basis" / MAIN_BASIS),
+        clusterings=reporting.read_clusterings(run_dir),
+        stages=reporting.read_stages(run_dir),
     )
 
 
 # ---------------------------------------------------------------- tables
-
-
-def _number(value) -> str:
-    """A metric with 3 decimals; ``MISSING`` for None or NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return MISSING
-    return f"{value:.3f}"
-
-
-def _cell(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _summary_table(run: _Run, rows, with_homogeneity: bool) -> str:
@@ -193,13 +150,13 @@ def _summary_table(run: _Run, rows, with_homogeneity: bool) -> str:
         ours, paper = run.variants.get(variant), PAPER_ARITHMETIC_RESULTS[variant]
         row = [name]
         if with_homogeneity:
-            row += [NOT_RUN if ours is None else _number(ours.get("max_carry_homogeneity")),
-                    _number(paper["top_clusters"][0][0])]
-        row += [NOT_RUN if ours is None else _number(ours.get("hidden_breakthrough_fraction")),
-                _number(paper["hidden_breakthrough_fraction"]),
+            row += [NOT_RUN if ours is None else reporting.number(ours.get("max_carry_homogeneity")),
+                    reporting.number(paper["top_clusters"][0][0])]
+        row += [NOT_RUN if ours is None else reporting.number(ours.get("hidden_breakthrough_fraction")),
+                reporting.number(paper["hidden_breakthrough_fraction"]),
                 NOT_RUN if ours is None else str(ours.get("num_clusters", MISSING))]
         table.append(row)
-    return _markdown_table(header, table)
+    return reporting.markdown_table(header, table)
 
 
 def _top_clusters_table(run: _Run, rows) -> str:
@@ -218,35 +175,13 @@ def _top_clusters_table(run: _Run, rows) -> str:
                 record = top[rank]
                 direction = record.get("direction")
                 where = ["—" if direction is None else str(direction), str(record.get("size", MISSING))]
-                scores = [_number(record.get(key)) for key in ("homogeneity", "recall", "f1")]
+                scores = [reporting.number(record.get(key)) for key in ("homogeneity", "recall", "f1")]
             else:
                 where, scores = ["—"] * 2, ["no qualifying cluster" if rank == 0 else "—", "—", "—"]
-            theirs = [_number(value) for value in paper[rank]] if rank < len(paper) else ["—"] * 3
+            theirs = [reporting.number(value) for value in paper[rank]] if rank < len(paper) else ["—"] * 3
             side_by_side = [cell for pair in zip(scores, theirs) for cell in pair]
             table.append([name if rank == 0 else "", str(rank + 1), *where, *side_by_side])
-    return _markdown_table(header, table)
-
-
-def _config_table(config: dict) -> str:
-    return _markdown_table(["Setting", "Value"], [[key, value] for key, value in config.items()])
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _stages_table(stages: dict[str, dict]) -> str:
-    names = list(STAGES) + [name for name in stages if name not in STAGES]
-    rows, total = [], 0.0
-    for name in names:
-        seconds = stages.get(name, {}).get("wall_seconds")
-        if seconds is None:
-            rows.append([name, "not recorded"])
-        else:
-            total += seconds
-            rows.append([name, _duration(seconds)])
-    rows.append(["**total recorded**", _duration(total)])
-    return _markdown_table(["Stage", "Wall time"], rows)
+    return reporting.markdown_table(header, table)
 
 
 def _variants_table(run: _Run) -> str:
@@ -255,63 +190,11 @@ def _variants_table(run: _Run) -> str:
          str(info.get("num_clusters", MISSING)), "yes" if variant in run.clusterings else "missing"]
         for variant, info in run.variants.items()
     ]
-    return _markdown_table(["Variant", "Label", "Basis", "Clustered trajectory", "Clusters", "clusters/*.npz"], rows)
+    header = ["Variant", "Label", "Basis", "Clustered trajectory", "Clusters", "clusters/*.npz"]
+    return reporting.markdown_table(header, rows)
 
 
 # ---------------------------------------------------------------- figures
-
-
-def _new_figure(num_panels: int, panel_width: float = 5.0, height: float = 3.8):
-    figure = Figure(figsize=(panel_width * num_panels, height), layout="constrained")
-    return figure, np.atleast_1d(figure.subplots(1, num_panels))
-
-
-def _save(figure: Figure, figures_dir: Path, name: str) -> str:
-    """Write the figure as ``figures_dir/name.png``; returns its link relative to the report."""
-    figure.savefig(figures_dir / f"{name}.png", dpi=110)
-    return f"{figures_dir.name}/{name}.png"
-
-
-def _plot_median_band(ax, steps, curves, color, label: str) -> np.ndarray:
-    """Median of curves float[n, T] as a line over its 25-75% band; returns the median float[T]."""
-    q25, median, q75 = quartile_curves(curves)
-    ax.fill_between(steps, q25, q75, color=color, alpha=0.2, linewidth=0)
-    ax.plot(steps, median, color=color, label=label)
-    return median
-
-
-def _mark_steps(ax, threshold_step, basis_steps=()) -> None:
-    """Dashed lines where basis directions were found; a dotted line at τ (breakthroughs later are hidden).
-    The marks never widen the x-axis."""
-    limits = ax.get_xlim()
-    for index, step in enumerate(basis_steps):
-        ax.axvline(step, color="0.6", linestyle="--", linewidth=0.7,
-                   label="basis direction found" if index == 0 else None)
-    if threshold_step is not None:
-        ax.axvline(threshold_step, color="black", linestyle=":", linewidth=1.2, label=f"τ = {threshold_step}")
-    ax.set_xlim(limits)
-
-
-def _shown_clusters(clustering: Clustering, first=()) -> list[int]:
-    """Up to ``MAX_CLUSTERS_PER_PANEL`` clusters, in cluster order: those in ``first`` (e.g. the top carry clusters),
-    then the largest."""
-    sizes = np.bincount(clustering.labels[clustering.labels >= 0], minlength=clustering.num_clusters)
-    ordered = dict.fromkeys([*first, *np.argsort(-sizes, kind="stable").tolist()])
-    return sorted(list(ordered)[:MAX_CLUSTERS_PER_PANEL])
-
-
-def _plot_cluster_curves(ax, steps, signal, clustering: Clustering, clusters, breakthroughs: dict) -> None:
-    """Median + quartile band of signal float[T, N] over each cluster's members; a marker at each cluster's
-    breakthrough step (``breakthroughs``: cluster -> step) on its median."""
-    for cluster in clusters:
-        members = clustering.members(cluster)
-        color = CLUSTER_COLORS(cluster % CLUSTER_COLORS.N)
-        median = _plot_median_band(ax, steps, signal[:, members].T, color, f"cluster {cluster} (n={members.size})")
-        if cluster in breakthroughs:
-            step = breakthroughs[cluster]
-            ax.plot(step, np.interp(step, steps, median), "o", color=color, markersize=8, markeredgecolor="black",
-                    zorder=4)
-    ax.set_xlabel("training step")
 
 
 def _plot_composition(ax, clustering: Clustering, clusters, place, carry) -> None:
@@ -332,28 +215,13 @@ def _plot_composition(ax, clustering: Clustering, clusters, place, carry) -> Non
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
-def _clusters_title(clustering: Clustering, clusters) -> str:
-    shown, total = len(clusters), clustering.num_clusters
-    return f"{shown} clusters" if shown == total else f"{shown} of {total} clusters"
-
-
-def _breakthrough_steps(variant_metrics: dict | None, direction) -> dict[int, float]:
-    """cluster -> mean breakthrough step of one direction (None for the baselines), from metrics.json."""
-    records = (variant_metrics or {}).get("breakthroughs", [])
-    return {
-        record["cluster"]: record["mean_step"]
-        for record in records
-        if record.get("direction") == direction and record.get("mean_step") is not None
-    }
-
-
 def _training_figure(run: _Run, figures_dir: Path) -> str | None:
     """Loss and per-place answer accuracy over training (metrics.jsonl)."""
     loss_rows = [row for row in run.log if "step" in row and row.get("loss") is not None]
     accuracy_rows = [row for row in run.log if "step" in row and row.get("answer_accuracy") is not None]
     if not loss_rows and not accuracy_rows:
         return None
-    figure, (loss_ax, accuracy_ax) = _new_figure(2)
+    figure, (loss_ax, accuracy_ax) = reporting.new_figure(2)
     if loss_rows:
         loss_ax.plot([row["step"] for row in loss_rows], [row["loss"] for row in loss_rows], color="black")
         loss_ax.set_yscale("log")
@@ -365,24 +233,24 @@ def _training_figure(run: _Run, figures_dir: Path) -> str | None:
                              label=name)
         accuracy_ax.legend(title="answer digit", fontsize=8)
     accuracy_ax.set(title="answer accuracy per digit place", xlabel="training step", ylabel="accuracy", ylim=(0, 1.02))
-    return _save(figure, figures_dir, "training_curves")
+    return reporting.save_figure(figure, figures_dir, "training_curves")
 
 
 def _place_loss_figure(run: _Run, figures_dir: Path) -> str:
     """Fig. 6: mean exact loss per digit place over the POLCA checkpoints."""
-    figure, (ax,) = _new_figure(1, panel_width=6.0)
+    figure, (ax,) = reporting.new_figure(1, panel_width=6.0)
     for place, name in enumerate(ANSWER_PLACES):
         ax.plot(run.result.steps, run.result.loss[:, run.place == place].mean(axis=1), color=PLACE_COLORS[place],
                 label=name)
-    _mark_steps(ax, run.setting("threshold_step"))
+    reporting.mark_steps(ax, run.setting("threshold_step"))
     ax.set(title="mean exact loss per digit place", xlabel="training step", ylabel="exact loss")
     ax.legend(fontsize=8)
-    return _save(figure, figures_dir, "place_loss")
+    return reporting.save_figure(figure, figures_dir, "place_loss")
 
 
 def _place_carry_loss_figure(run: _Run, figures_dir: Path) -> str:
     """Fig. 7: mean exact loss per digit place, carry vs no carry."""
-    figure, axes = _new_figure(len(ANSWER_PLACES), panel_width=3.6)
+    figure, axes = reporting.new_figure(len(ANSWER_PLACES), panel_width=3.6)
     for ax, (place, name) in zip(axes, enumerate(ANSWER_PLACES)):
         for has_carry, style in ((False, "-"), (True, "--")):
             tokens = (run.place == place) & (run.carry == has_carry)
@@ -392,24 +260,24 @@ def _place_carry_loss_figure(run: _Run, figures_dir: Path) -> str:
         ax.set(title=f"{name} digit", xlabel="training step")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("mean exact loss")
-    return _save(figure, figures_dir, "place_carry_loss")
+    return reporting.save_figure(figure, figures_dir, "place_carry_loss")
 
 
 def _exact_loss_clusters_figure(run: _Run, figures_dir: Path) -> str | None:
     """Fig. 3: exact-loss trajectories of the exact-loss clusters and their skill make-up."""
     clustering = run.clusterings["exact_loss"][0]
-    clusters = _shown_clusters(clustering)
+    clusters = reporting.shown_clusters(clustering)
     if not clusters:
         return None
-    figure, (curves_ax, bars_ax) = _new_figure(2, panel_width=5.5)
-    _plot_cluster_curves(curves_ax, run.result.steps, run.result.loss, clustering, clusters,
-                         _breakthrough_steps(run.variants.get("exact_loss"), None))
-    _mark_steps(curves_ax, run.setting("threshold_step"))
-    curves_ax.set(title=f"exact loss, {_clusters_title(clustering, clusters)}", ylabel="exact loss")
+    figure, (curves_ax, bars_ax) = reporting.new_figure(2, panel_width=5.5)
+    breakthroughs = reporting.breakthrough_steps(run.variants.get("exact_loss", {}).get("breakthroughs", []), None)
+    reporting.plot_cluster_curves(curves_ax, run.result.steps, run.result.loss, clustering, clusters, breakthroughs)
+    reporting.mark_steps(curves_ax, run.setting("threshold_step"))
+    curves_ax.set(title=f"exact loss, {reporting.clusters_title(clustering, clusters)}", ylabel="exact loss")
     curves_ax.legend(fontsize=8)
     _plot_composition(bars_ax, clustering, clusters, run.place, run.carry)
     bars_ax.set_title("skill make-up")
-    return _save(figure, figures_dir, "exact_loss_clusters")
+    return reporting.save_figure(figure, figures_dir, "exact_loss_clusters")
 
 
 def _directions_to_plot(run: _Run) -> list[int]:
@@ -422,41 +290,30 @@ def _directions_to_plot(run: _Run) -> list[int]:
     return [d for d in ordered if d in clustered][:MAX_DIRECTION_FIGURES]
 
 
-def _direction_projected_loss(result: POLCAResult, direction: int) -> np.ndarray:
-    """float[T, N] projected loss (Eq. 8) of one direction, without forming the [T, N, K] array."""
-    k = slice(direction, direction + 1)
-    one_direction = POLCAResult(result.steps, result.loss, result.projections[:, :, k], result.step_projection[:, k],
-                                result.second_order[:, :, k], result.outside_fraction, result.config)
-    return one_direction.projected_loss[:, :, 0]
-
-
 def _direction_figure(run: _Run, direction: int, figures_dir: Path) -> str:
     """Figs. 4/8: one POLCA direction's clusters: projected loss, exact loss and skill make-up."""
     clustering = next(c for c in run.clusterings["polca"] if c.direction == direction)
     top_clusters = run.variants.get("polca", {}).get("top_clusters", [])
-    clusters = _shown_clusters(clustering, [r["cluster"] for r in top_clusters if r.get("direction") == direction])
+    clusters = reporting.shown_clusters(
+        clustering, [r["cluster"] for r in top_clusters if r.get("direction") == direction])
     result = run.result
-    projected_loss = _direction_projected_loss(result, direction)
-    figure, (projected_ax, exact_ax, bars_ax) = _new_figure(3, panel_width=5.0)
+    projected_loss = reporting.direction_projected_loss(result, direction)
+    figure, (projected_ax, exact_ax, bars_ax) = reporting.new_figure(3, panel_width=5.0)
     threshold = run.setting("threshold_step")
-    _plot_cluster_curves(projected_ax, result.steps, projected_loss, clustering, clusters,
-                         _breakthrough_steps(run.variants.get("polca"), direction))
-    _plot_cluster_curves(exact_ax, result.steps, result.loss, clustering, clusters, {})
+    breakthroughs = reporting.breakthrough_steps(run.variants.get("polca", {}).get("breakthroughs", []), direction)
+    reporting.plot_cluster_curves(projected_ax, result.steps, projected_loss, clustering, clusters, breakthroughs)
+    reporting.plot_cluster_curves(exact_ax, result.steps, result.loss, clustering, clusters, {})
     for ax in (projected_ax, exact_ax):
-        _mark_steps(ax, threshold, run.basis_steps)
+        reporting.mark_steps(ax, threshold, run.basis_steps)
     projected_ax.set(title=f"direction {direction}: projected loss", ylabel="projected loss $L_b$")
     exact_ax.set(title="exact loss of the same clusters", ylabel="exact loss")
     projected_ax.legend(fontsize=7)
     _plot_composition(bars_ax, clustering, clusters, run.place, run.carry)
-    bars_ax.set_title(f"skill make-up ({_clusters_title(clustering, clusters)})")
-    return _save(figure, figures_dir, f"polca_direction_{direction}")
+    bars_ax.set_title(f"skill make-up ({reporting.clusters_title(clustering, clusters)})")
+    return reporting.save_figure(figure, figures_dir, f"polca_direction_{direction}")
 
 
 # ---------------------------------------------------------------- report
-
-
-def _figure_markdown(link: str, title: str, caption: str) -> str:
-    return f"![{title}]({link})\n\n*{caption}*"
 
 
 def _figures_section(run: _Run, figures_dir: Path) -> list[str]:
@@ -465,26 +322,27 @@ def _figures_section(run: _Run, figures_dir: Path) -> list[str]:
     parts = ["## Figures"]
     training = _training_figure(run, figures_dir)
     parts.append(
-        _figure_markdown(training, "Training curves",
-                         "Training loss and per-place answer accuracy (metrics.jsonl). Look for the order in which "
-                         "the digit places are learned: the paper finds 1000s first, then 100s, 10s, 1s.")
+        reporting.figure_markdown(training, "Training curves",
+                                  "Training loss and per-place answer accuracy (metrics.jsonl). Look for the order in "
+                                  "which the digit places are learned: the paper finds 1000s first, then 100s, 10s, "
+                                  "1s.")
         if training else "*Training curves: metrics.jsonl is missing or has no `loss`/`answer_accuracy` entries.*"
     )
     if run.result is None or run.place is None:
         missing = "polca/hessian/" if run.result is None else "labels.npz"
         parts.append(f"*No exact-loss or cluster figures: {missing} is missing.*")
         return parts
-    parts.append(_figure_markdown(
+    parts.append(reporting.figure_markdown(
         _place_loss_figure(run, figures_dir), "Exact loss per digit place (Fig. 6)",
         f"Mean exact loss of the evaluation tokens per digit place (paper Fig. 6). The dotted line is "
         f"τ = {threshold}: the paper's mean loss is flat after it, so breakthroughs later than τ are hidden."))
-    parts.append(_figure_markdown(
+    parts.append(reporting.figure_markdown(
         _place_carry_loss_figure(run, figures_dir), "Exact loss per place, carry vs no carry (Fig. 7)",
         "Mean exact loss per digit place split by whether a carry comes into it (the 1s digit never has one). "
         "The paper finds carry and no-carry curves almost identical: the exact loss does not reveal carrying."))
     if run.clusterings.get("exact_loss"):
         link = _exact_loss_clusters_figure(run, figures_dir)
-        parts.append(_figure_markdown(
+        parts.append(reporting.figure_markdown(
             link, "Exact-loss clusters (Fig. 3)",
             "Left: median exact loss (line) and 25–75% band of each exact-loss cluster (the paper's Fig. 3 shows the "
             "mean); dots mark each cluster's mean breakthrough step. Right: each cluster's make-up by digit place, "
@@ -503,7 +361,7 @@ def _figures_section(run: _Run, figures_dir: Path) -> list[str]:
         f"Directions shown: {', '.join(map(str, directions))} (those holding the top carry clusters of Table 8, then "
         f"the lowest-numbered clustered directions; at most {MAX_DIRECTION_FIGURES}).")
     for direction in directions:
-        parts.append(_figure_markdown(
+        parts.append(reporting.figure_markdown(
             _direction_figure(run, direction, figures_dir), f"POLCA direction {direction} (Figs. 4, 8)",
             f"Direction {direction}. Left: median projected loss and 25–75% band per cluster; dots mark each "
             f"cluster's mean breakthrough step (Eq. 9, Δ = {window}), hidden if right of the dotted τ line. Middle: "
@@ -544,18 +402,15 @@ def write_report(run_dir: str | Path) -> Path:
     """
     run = _load_run(Path(run_dir))
     report_dir = run.directory / "report"
-    figures_dir = report_dir / "figures"
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    for stale in figures_dir.glob("*.png"):
-        stale.unlink()
+    figures_dir = reporting.figures_directory(report_dir)
     parts = [
         f"# POLCA arithmetic run — preset `{run.config.get('preset', 'unknown')}`",
         f"Run directory: `{run.directory}`. Directions are 0-based basis indices (the paper's vector #1 is our "
         "direction 0).",
         "## Configuration",
-        _config_table(run.config) if run.config else "*config.json is missing.*",
+        reporting.config_table(run.config) if run.config else "*config.json is missing.*",
         "## Stage wall times",
-        _stages_table(run.stages),
+        reporting.stages_table(run.stages, STAGES),
         "## Variants run",
         _variants_table(run) if run.variants else "*No variant in metrics.json.*",
         *_tables_section(run),
