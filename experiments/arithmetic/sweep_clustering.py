@@ -10,6 +10,11 @@ homogeneous cluster of any kind.
 First it prints how well each direction separates carry from no-carry tokens before any clustering: the ROC AUC of
 a token's final projected loss as a carry predictor, within the 100s and within the 10s place (0.5: no signal; a
 cluster of carry homogeneity >= 0.9 with real recall needs a direction far above 0.5).
+
+    python experiments/arithmetic/sweep_clustering.py RUN_DIR --random-directions 20
+
+also decomposes the run's checkpoints along that many random orthonormal directions (first order; this recomputes
+projections, a few minutes on a CPU) and prints their carry separability, to tell a weak basis from a weak signal.
 """
 
 import argparse
@@ -17,11 +22,14 @@ import itertools
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 import polca_jax as pj
 from polca_jax import analysis
+from polca_jax.experiments.arithmetic.pipeline import Experiment, RunDirectory
+from polca_jax.experiments.common import checkpoint_store
 
 
 def projected_losses(result: pj.POLCAResult) -> dict[str, np.ndarray]:
@@ -43,6 +51,24 @@ def carry_separability(projected: np.ndarray, place: np.ndarray, carry: np.ndarr
     return auc
 
 
+def print_separability(name: str, projected: np.ndarray, labels) -> None:
+    auc = carry_separability(projected, labels["place"], labels["carry"])
+    best = np.argsort(-auc.max(axis=1))[:3]
+    print(f"- carry separability, {name}: best directions "
+          + ", ".join(f"{k} (AUC 100s {auc[k, 0]:.2f}, 10s {auc[k, 1]:.2f})" for k in best)
+          + f"; median direction 100s {np.median(auc[:, 0]):.2f}, 10s {np.median(auc[:, 1]):.2f}")
+
+
+def random_basis_trajectories(run_dir: Path, num_directions: int) -> np.ndarray:
+    """``[T, N, K]`` first-order projected loss of the run's evaluation tokens along random orthonormal directions."""
+    run = RunDirectory(run_dir)
+    experiment = Experiment(run.config)
+    basis = pj.random_basis(experiment.initial_params, num_directions, jax.random.key(run.config.seed + 7))
+    with checkpoint_store(run, experiment, run.config.polca_steps) as store:
+        result = pj.polca(experiment.per_sample_loss_fn, store, experiment.eval_batch, basis, second_order="none")
+    return result.projected_loss
+
+
 def describe(clusters) -> str:
     return ", ".join(f"dir {c.direction}: {c.size} tokens, h={c.homogeneity:.2f}, r={c.recall:.2f}" for c in clusters)
 
@@ -51,6 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--min-cluster-sizes", type=int, nargs="+", default=[150, 60])
+    parser.add_argument("--random-directions", type=int, default=0, metavar="K",
+                        help="also measure the carry separability along K random directions")
     args = parser.parse_args()
     config = json.loads((args.run_dir / "config.json").read_text())
     labels = np.load(args.run_dir / "labels.npz")
@@ -59,10 +87,10 @@ def main() -> None:
           f"reference_num_samples={config['reference_num_samples']}")
     trajectories = projected_losses(result)
     for rule, projected in trajectories.items():
-        auc = carry_separability(projected, labels["place"], labels["carry"])
-        best = np.argsort(-auc.max(axis=1))[:3]
-        print(f"- carry separability, second order {rule}: best directions "
-              + ", ".join(f"{k} (AUC 100s {auc[k, 0]:.2f}, 10s {auc[k, 1]:.2f})" for k in best))
+        print_separability(f"second order {rule}", projected, labels)
+    if args.random_directions:
+        print_separability(f"{args.random_directions} random directions, first order",
+                           random_basis_trajectories(args.run_dir, args.random_directions), labels)
     for (rule, projected), normalize, size in itertools.product(
         trajectories.items(), [None, "unit"], args.min_cluster_sizes
     ):
