@@ -205,10 +205,12 @@ def test_breakthrough_step_rejects_bad_input():
 
 def test_hidden_breakthrough_threshold():
     steps = np.arange(0, 3001, 50)
-    curves = np.stack([ramp(600, 800, steps), ramp(1600, 1800, steps)])  # breakthroughs at 600 and 1600: mean 1100
-    assert hidden_breakthrough(curves, steps, 100, 1000)
-    assert not hidden_breakthrough(curves, steps, 100, 1100)  # strictly later than τ
+    curves = np.stack([ramp(600, 800, steps), ramp(1600, 1800, steps)])  # drops end at 800 and 1800: mean 1300
+    assert hidden_breakthrough(curves, steps, 100, 1200)
+    assert not hidden_breakthrough(curves, steps, 100, 1300)  # strictly later than τ
     assert not hidden_breakthrough(curves[:1], steps, 100, 1000)
+    assert hidden_breakthrough(curves, steps, 100, 1000, sign="drop")  # drops start at 600 and 1600: mean 1100
+    assert not hidden_breakthrough(curves, steps, 100, 1100, sign="drop")
 
 
 def test_hidden_breakthrough_fraction_on_hand_made_clusters():
@@ -218,20 +220,20 @@ def test_hidden_breakthrough_fraction_on_hand_made_clusters():
     projected_loss[:, :, 0] = np.stack([ramp(t, t + 100, steps) for t in onsets]).T
     projected_loss[:, :, 1] = np.stack([ramp(t + 300, t + 400, steps) for t in onsets]).T
     by_direction = [
-        Clustering(np.array([0, 0, 1, 1, -1, -1]), 0, np.arange(6), 2, 2, "euclidean", None),  # 400 | 1400
-        Clustering(np.array([-1, -1, -1, -1, 0, 0]), 1, np.arange(4, 6), 2, 2, "euclidean", None),  # 1500
+        Clustering(np.array([0, 0, 1, 1, -1, -1]), 0, np.arange(6), 2, 2, "euclidean", None),  # ends 500 | 1500
+        Clustering(np.array([-1, -1, -1, -1, 0, 0]), 1, np.arange(4, 6), 2, 2, "euclidean", None),  # ends 1600
     ]
     records = cluster_breakthroughs(by_direction, projected_loss, steps, 100)
     assert [(r.direction, r.cluster, r.size, r.mean_step) for r in records] == [
-        (0, 0, 2, 400.0),
-        (0, 1, 2, 1400.0),
-        (1, 0, 2, 1500.0),
+        (0, 0, 2, 500.0),
+        (0, 1, 2, 1500.0),
+        (1, 0, 2, 1600.0),
     ]
     assert hidden_breakthrough_fraction(by_direction, projected_loss, steps, 100, 1000) == pytest.approx(2 / 3)
-    assert hidden_breakthrough_fraction(by_direction, projected_loss, steps, 100, 1450) == pytest.approx(1 / 3)
+    assert hidden_breakthrough_fraction(by_direction, projected_loss, steps, 100, 1550) == pytest.approx(1 / 3)
 
     # A baseline clustering reads a [T, N] signal; it cannot be matched to a direction of [T, N, K] trajectories.
-    baseline = Clustering(np.array([0, 0, 0, 0, 1, 1]), None, np.arange(6), 2, 2, "euclidean", None)  # 900 | 1200
+    baseline = Clustering(np.array([0, 0, 0, 0, 1, 1]), None, np.arange(6), 2, 2, "euclidean", None)  # 1000 | 1300
     assert hidden_breakthrough_fraction([baseline], projected_loss[:, :, 0], steps, 100, 1000) == 0.5
     with pytest.raises(ValueError, match="without a direction"):
         hidden_breakthrough_fraction([baseline], projected_loss, steps)
