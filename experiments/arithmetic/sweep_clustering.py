@@ -9,7 +9,10 @@ homogeneous cluster of any kind.
 
 First it prints how well each direction separates carry from no-carry tokens before any clustering: the ROC AUC of
 a token's final projected loss as a carry predictor, within the 100s and within the 10s place (0.5: no signal; a
-cluster of carry homogeneity >= 0.9 with real recall needs a direction far above 0.5).
+cluster of carry homogeneity >= 0.9 with real recall needs a direction far above 0.5). It also prints a supervised
+upper bound: the 5-fold cross-validated ROC AUC of a logistic regression on a token's whole trajectory in one
+direction (again within the 100s and within the 10s place). A high probe AUC with a low final-value AUC means the
+carry signal is in the trajectories' shape, and what fails is finding it without labels.
 
     python experiments/arithmetic/sweep_clustering.py RUN_DIR --random-directions 20
 
@@ -24,7 +27,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 import polca_jax as pj
 from polca_jax import analysis
@@ -51,8 +58,23 @@ def carry_separability(projected: np.ndarray, place: np.ndarray, carry: np.ndarr
     return auc
 
 
+def carry_probe(projected: np.ndarray, place: np.ndarray, carry: np.ndarray) -> np.ndarray:
+    """``[K, 2]`` cross-validated ROC AUC of a linear probe for carry on whole trajectories, in the 100s and 10s."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    auc = np.empty((projected.shape[2], 2))
+    for column, place_index in enumerate((1, 2)):
+        tokens = place == place_index
+        for direction in range(projected.shape[2]):
+            trajectories = projected[:, tokens, direction].T  # [n, T]
+            auc[direction, column] = cross_val_score(probe, trajectories, carry[tokens], cv=5, scoring="roc_auc").mean()
+    return auc
+
+
 def print_separability(name: str, projected: np.ndarray, labels) -> None:
     auc = carry_separability(projected, labels["place"], labels["carry"])
+    probe = carry_probe(projected, labels["place"], labels["carry"])
+    print(f"- linear probe on whole trajectories, {name}: best direction AUC 100s {probe[:, 0].max():.2f} "
+          f"(direction {probe[:, 0].argmax()}), 10s {probe[:, 1].max():.2f} (direction {probe[:, 1].argmax()})")
     best = np.argsort(-auc.max(axis=1))[:3]
     print(f"- carry separability, {name}: best directions "
           + ", ".join(f"{k} (AUC 100s {auc[k, 0]:.2f}, 10s {auc[k, 1]:.2f})" for k in best)
