@@ -3,7 +3,7 @@
     python experiments/arithmetic/sweep_clustering.py RUN_DIR
 
 For each second-order rule that is free given the stored projections (none, trapezoid, and the run's own), each
-trajectory normalisation and min_cluster_size, prints the directions kept by the oscillation filter, the number of
+trajectory normalisation (none, unit, standardize) and min_cluster_size, prints the directions kept by the oscillation filter, the number of
 clusters, the three most carry-homogeneous clusters that qualify under the paper's 10s/100s rule, and the most
 homogeneous cluster of any kind.
 
@@ -12,7 +12,8 @@ a token's final projected loss as a carry predictor, within the 100s and within 
 cluster of carry homogeneity >= 0.9 with real recall needs a direction far above 0.5). It also prints a supervised
 upper bound: the 5-fold cross-validated ROC AUC of a logistic regression on a token's whole trajectory in one
 direction (again within the 100s and within the 10s place). A high probe AUC with a low final-value AUC means the
-carry signal is in the trajectories' shape, and what fails is finding it without labels.
+carry signal is in the trajectories' shape, and what fails is finding it without labels; the same probe on the
+exact-loss trajectories is the baseline it has to beat.
 
     python experiments/arithmetic/sweep_clustering.py RUN_DIR --random-directions 20
 
@@ -107,14 +108,21 @@ def main() -> None:
     result = pj.POLCAResult.load(args.run_dir / "polca" / "hessian")
     print(f"run {args.run_dir}: {result.loss.shape[1]} tokens, {result.projections.shape[2]} directions, "
           f"reference_num_samples={config['reference_num_samples']}")
+    exact_probe = carry_probe(np.asarray(result.loss)[:, :, None], labels["place"], labels["carry"])[0]
+    print(f"- linear probe on exact-loss trajectories (the baseline to beat): AUC 100s {exact_probe[0]:.2f}, "
+          f"10s {exact_probe[1]:.2f}")
     trajectories = projected_losses(result)
+    shuffled = np.random.default_rng(0).permutation(labels["carry"])
+    control = carry_probe(trajectories["none"], labels["place"], shuffled).max(axis=0)
+    print(f"- linear probe with shuffled carry labels (chance level), best direction: AUC 100s {control[0]:.2f}, "
+          f"10s {control[1]:.2f}")
     for rule, projected in trajectories.items():
         print_separability(f"second order {rule}", projected, labels)
     if args.random_directions:
         print_separability(f"{args.random_directions} random directions, first order",
                            random_basis_trajectories(args.run_dir, args.random_directions), labels)
     for (rule, projected), normalize, size in itertools.product(
-        trajectories.items(), [None, "unit"], args.min_cluster_sizes
+        trajectories.items(), [None, "unit", "standardize"], args.min_cluster_sizes
     ):
         kept = np.flatnonzero(analysis.kept_directions(projected))
         clusterings = analysis.cluster_directions(
