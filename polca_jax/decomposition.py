@@ -102,8 +102,22 @@ class POLCAResult:
     @functools.cached_property
     def projected_loss(self) -> np.ndarray:
         """``[T, N, K]`` cumulative projected loss L_b(x, θ_t) (Eq. 8); row 0 is zero."""
-        terms = self.terms
-        return np.concatenate([np.zeros_like(terms[:1]), np.cumsum(terms, axis=0)])
+        return _cumulative(self.terms)
+
+    def projected_loss_with(self, second_order: SecondOrder, eigenvalues=None) -> np.ndarray:
+        """``[T, N, K]`` projected loss under another second-order rule, from the stored arrays (no recomputation).
+
+        second_order: ``"none"``, ``"trapezoid"`` or ``"paper"``; the last needs ``eigenvalues`` ``[K]`` (e.g. the
+        basis' stored ones). ``"exact"`` needs per-sample curvature, which a result does not store.
+        """
+        if second_order not in ("none", "trapezoid", "paper"):
+            raise ValueError(f"second_order must be 'none', 'trapezoid' or 'paper' from stored arrays, got "
+                             f"{second_order!r}")
+        if second_order == "paper" and eigenvalues is None:
+            raise ValueError("second_order='paper' needs eigenvalues [K]")
+        projections = np.asarray(self.projections)
+        second = _second_order_terms(second_order, projections, np.asarray(self.step_projection), None, eigenvalues)
+        return _cumulative(self.first_order + second)
 
     @property
     def loss_change(self) -> np.ndarray:
@@ -251,6 +265,11 @@ def polca(
     return POLCAResult(
         steps, np.stack(losses), projections, step_projection, second, np.asarray(outside), config
     )
+
+
+def _cumulative(terms: np.ndarray) -> np.ndarray:
+    """``[T, N, K]`` running sums of per-interval terms ``[T-1, N, K]``, starting from zero (Eq. 8)."""
+    return np.concatenate([np.zeros_like(terms[:1]), np.cumsum(terms, axis=0)])
 
 
 def _second_order_terms(kind, projections, step_projection, curvatures, stored_eigenvalues) -> np.ndarray:

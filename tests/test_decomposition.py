@@ -79,6 +79,22 @@ def test_result_arrays_are_consistent(mlp):
     np.testing.assert_array_equal(result.steps, [0, 5, 10, 15])
 
 
+def test_projected_loss_under_another_rule_matches_a_fresh_decomposition(mlp):
+    checkpoints = sgd_checkpoints(mlp, 3)
+    basis = pj.hessian_basis(mlp.mean_loss, checkpoints[:1], mlp.batch, k_per_checkpoint=2, num_iters=12,
+                             key=jax.random.key(0), progress=False)
+    results = {rule: pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order=rule, progress=False)
+               for rule in ("none", "trapezoid", "paper")}
+    for stored in results.values():
+        for rule, fresh in results.items():
+            np.testing.assert_allclose(stored.projected_loss_with(rule, basis.eigenvalues), fresh.projected_loss,
+                                       rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="needs eigenvalues"):
+        results["none"].projected_loss_with("paper")
+    with pytest.raises(ValueError, match="stored arrays"):
+        results["none"].projected_loss_with("exact")
+
+
 def test_result_save_load_round_trip(tmp_path, mlp):
     basis = pj.random_basis(mlp.params, 2, jax.random.key(2))
     result = pj.polca(mlp.token_losses, sgd_checkpoints(mlp, 3), mlp.batch, basis, second_order="exact",

@@ -42,10 +42,8 @@ from polca_jax.experiments.common import checkpoint_store
 
 def projected_losses(result: pj.POLCAResult) -> dict[str, np.ndarray]:
     """``[T, N, K]`` projected loss under each second-order rule computable from the stored arrays."""
-    first = result.first_order
-    trapezoid = 0.5 * result.step_projection[:, None, :] * np.diff(np.asarray(result.projections), axis=0)
-    terms = {"none": first, "trapezoid": first + trapezoid, f"run ({result.config['second_order']})": result.terms}
-    return {name: np.concatenate([np.zeros_like(t[:1]), np.cumsum(t, axis=0)]) for name, t in terms.items()}
+    return {"none": result.projected_loss_with("none"), "trapezoid": result.projected_loss_with("trapezoid"),
+            f"run ({result.config['second_order']})": result.projected_loss}
 
 
 def carry_separability(projected: np.ndarray, place: np.ndarray, carry: np.ndarray) -> np.ndarray:

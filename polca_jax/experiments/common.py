@@ -105,8 +105,7 @@ def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray,
     if kind == "fisher":
         return np.asarray(result.projections) ** 2, result.steps
     if kind == "first_order":
-        first = result.first_order
-        return np.concatenate([np.zeros_like(first[:1]), np.cumsum(first, axis=0)]), result.steps
+        return result.projected_loss_with("none"), result.steps
     if kind == "projected_loss":
         return result.projected_loss, result.steps
     raise ValueError(f"unknown trajectory kind {kind!r}; choose from {TRAJECTORY_KINDS}")
