@@ -106,6 +106,11 @@ def main() -> None:
     result = pj.POLCAResult.load(args.run_dir / "polca" / "hessian")
     print(f"run {args.run_dir}: {result.loss.shape[1]} tokens, {result.projections.shape[2]} directions, "
           f"reference_num_samples={config['reference_num_samples']}")
+    steps_along = np.asarray(result.step_projection)  # [T-1, K]
+    sign_changes = (np.sign(steps_along[1:]) != np.sign(steps_along[:-1])).mean(axis=0)
+    print(f"- the basis holds a median {1 - np.median(result.outside_fraction):.1%} of |θ_t+1 − θ_t|²; the projected "
+          f"step changes sign between consecutive intervals {sign_changes.min():.0%}–{sign_changes.max():.0%} of the "
+          "time, per direction")
     exact_probe = carry_probe(np.asarray(result.loss)[:, :, None], labels["place"], labels["carry"])[0]
     print(f"- linear probe on exact-loss trajectories (the baseline to beat): AUC 100s {exact_probe[0]:.2f}, "
           f"10s {exact_probe[1]:.2f}")
