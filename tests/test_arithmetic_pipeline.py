@@ -1,7 +1,11 @@
-"""The arithmetic experiment end to end on the tiny preset: artifacts, metrics from the saved clusters, resume, and
-rejected configs and run directories."""
+"""The arithmetic experiment end to end on the tiny preset: artifacts, metrics from the saved clusters, resume,
+rejected configs and run directories, and the re-clustering sweep script on a finished run."""
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +76,39 @@ def test_metrics_are_those_of_the_saved_clusters(interrupted_then_resumed):
             members = clustering.members(record["cluster"])
             assert record["size"] == members.size
             assert record["homogeneity"] == pytest.approx(labels["carry"][members].mean())
+
+
+SWEEP_SCRIPT = Path(__file__).parents[1] / "experiments" / "arithmetic" / "sweep_clustering.py"
+
+
+def _sweep_module():
+    spec = importlib.util.spec_from_file_location("sweep_clustering", SWEEP_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_within_digit_separability_sees_a_carry_signal_the_answer_digit_masks():
+    rng = np.random.default_rng(0)
+    place = np.repeat([1, 2], 400)
+    digit = rng.integers(0, 10, place.size)
+    carry = rng.random(place.size) < 0.5
+    final = 1.0 * digit + 0.5 * carry  # carry raises every digit's value by less than the spread between digits
+    projected = np.stack([np.zeros_like(final), final])[:, :, None]  # [T=2, N, K=1]
+    sweep = _sweep_module()
+    pooled = sweep.carry_separability(projected, place, carry)
+    within = sweep.within_digit_separability(projected, place, carry, digit)
+    assert np.all(pooled < 0.7)
+    np.testing.assert_allclose(within, 1.0)
+
+
+def test_sweep_script_runs_on_a_finished_run(interrupted_then_resumed):
+    run_dir, _ = interrupted_then_resumed
+    output = subprocess.run([sys.executable, str(SWEEP_SCRIPT), str(run_dir), "--min-cluster-sizes", "8"],
+                            capture_output=True, text=True, check=True).stdout
+    for line in ("linear probe on exact-loss trajectories", "within one answer digit, second order none",
+                 "second order trapezoid, normalize=unit, min_cluster_size=8"):
+        assert line in output
 
 
 def test_bad_configs_are_rejected():

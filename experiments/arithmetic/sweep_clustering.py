@@ -13,7 +13,8 @@ cluster of carry homogeneity >= 0.9 with real recall needs a direction far above
 upper bound: the 5-fold cross-validated ROC AUC of a logistic regression on a token's whole trajectory in one
 direction (again within the 100s and within the 10s place). A high probe AUC with a low final-value AUC means the
 carry signal is in the trajectories' shape, and what fails is finding it without labels; the same probe on the
-exact-loss trajectories is the baseline it has to beat.
+exact-loss trajectories is the baseline it has to beat. Last, the final-value AUC within each answer digit (averaged
+over the digits), and the per-digit means of the best 10s direction: whether the answer digit masks the carry.
 
     python experiments/arithmetic/sweep_clustering.py RUN_DIR --random-directions 20
 
@@ -36,6 +37,7 @@ from sklearn.preprocessing import StandardScaler
 
 import polca_jax as pj
 from polca_jax import analysis
+from polca_jax.experiments.arithmetic import task
 from polca_jax.experiments.arithmetic.pipeline import Experiment, RunDirectory
 from polca_jax.experiments.common import checkpoint_store
 
@@ -69,15 +71,45 @@ def carry_probe(projected: np.ndarray, place: np.ndarray, carry: np.ndarray) -> 
     return auc
 
 
-def print_separability(name: str, projected: np.ndarray, labels) -> None:
+def within_digit_separability(projected: np.ndarray, place: np.ndarray, carry: np.ndarray,
+                              digit: np.ndarray) -> np.ndarray:
+    """``[K, 2]`` ROC AUC of the final projected loss for carry within each answer digit, averaged over the digits
+    (then direction-free), in the 100s and 10s: the separability left once the answer digit is known."""
+    auc = np.empty((projected.shape[2], 2))
+    for column, place_index in enumerate((1, 2)):
+        for direction in range(projected.shape[2]):
+            per_digit = [roc_auc_score(carry[tokens], projected[-1, tokens, direction])
+                         for tokens in ((place == place_index) & (digit == d) for d in range(10))
+                         if 0 < carry[tokens].sum() < tokens.sum()]
+            value = np.mean(per_digit)
+            auc[direction, column] = max(value, 1 - value)
+    return auc
+
+
+def digit_means(projected: np.ndarray, place: np.ndarray, carry: np.ndarray, digit: np.ndarray,
+                direction: int) -> str:
+    """The final projected loss of 10s-place tokens in ``direction``, averaged per answer digit and carry."""
+    final = projected[-1, :, direction]
+    means = np.array([[final[(place == 2) & (digit == d) & (carry == c)].mean() for c in (False, True)]
+                      for d in range(10)])  # [digit, (no carry, carry)]
+    higher = int(np.sum(means[:, 1] > means[:, 0]))
+    return (f"direction {direction}, 10s place: per-digit means {means.min():+.2f} to {means.max():+.2f}; carry "
+            f"tokens above no-carry tokens for {higher} of 10 answer digits")
+
+
+def print_separability(name: str, projected: np.ndarray, labels, digit: np.ndarray) -> None:
     auc = carry_separability(projected, labels["place"], labels["carry"])
     probe = carry_probe(projected, labels["place"], labels["carry"])
+    within = within_digit_separability(projected, labels["place"], labels["carry"], digit)
     print(f"- linear probe on whole trajectories, {name}: best direction AUC 100s {probe[:, 0].max():.2f} "
           f"(direction {probe[:, 0].argmax()}), 10s {probe[:, 1].max():.2f} (direction {probe[:, 1].argmax()})")
     best = np.argsort(-auc.max(axis=1))[:3]
     print(f"- carry separability, {name}: best directions "
           + ", ".join(f"{k} (AUC 100s {auc[k, 0]:.2f}, 10s {auc[k, 1]:.2f})" for k in best)
           + f"; median direction 100s {np.median(auc[:, 0]):.2f}, 10s {np.median(auc[:, 1]):.2f}")
+    print(f"- within one answer digit, {name}: best AUC 100s {within[:, 0].max():.2f} (direction "
+          f"{within[:, 0].argmax()}), 10s {within[:, 1].max():.2f} (direction {within[:, 1].argmax()}); "
+          + digit_means(projected, labels["place"], labels["carry"], digit, int(auc[:, 1].argmax())))
 
 
 def random_basis_trajectories(run_dir: Path, num_directions: int) -> np.ndarray:
@@ -119,11 +151,13 @@ def main() -> None:
     control = carry_probe(trajectories["none"], labels["place"], shuffled).max(axis=0)
     print(f"- linear probe with shuffled carry labels (chance level), best direction: AUC 100s {control[0]:.2f}, "
           f"10s {control[1]:.2f}")
+    problems = task.make_problems(config["num_eval_problems"], config["seed"])  # the run's evaluation problems
+    digit = task.encode(problems)[:, -4:].reshape(-1)  # [N] answer digit per token, in the order of the labels
     for rule, projected in trajectories.items():
-        print_separability(f"second order {rule}", projected, labels)
+        print_separability(f"second order {rule}", projected, labels, digit)
     if args.random_directions:
         print_separability(f"{args.random_directions} random directions, first order",
-                           random_basis_trajectories(args.run_dir, args.random_directions), labels)
+                           random_basis_trajectories(args.run_dir, args.random_directions), labels, digit)
     for (rule, projected), normalize, size in itertools.product(
         trajectories.items(), [None, "unit", "standardize"], args.min_cluster_sizes
     ):
