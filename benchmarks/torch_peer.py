@@ -117,7 +117,7 @@ def gradient(params, tokens, num_heads) -> dict[str, torch.Tensor]:
 
 
 def hvp(params, tangent, tokens, num_heads) -> dict[str, torch.Tensor]:
-    """Hessian-vector product of :func:`mean_loss`, forward-over-reverse as in ``polca_jax.hvp``."""
+    """Hessian-vector product of :func:`mean_loss`, forward-over-reverse as in ``polca_jax._hvp``."""
     return jvp(lambda p: gradient(p, tokens, num_heads), (params,), (tangent,))[1]
 
 

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -35,7 +37,7 @@ from polca_jax.experiments.arithmetic.pipeline import Experiment, RunDirectory, 
 config = make_config("tiny")
 run = RunDirectory(Path(tempfile.mkdtemp()) / "run", config)
 experiment = Experiment(config)  # problems, model and loss functions, all determined by the config's seed
-print(f"{pj.tree.num_params(experiment.initial_params):,} parameters; "
+print(f"{pj._tree.num_params(experiment.initial_params):,} parameters; "
       f"{len(experiment.eval_problems)} evaluation problems = {4 * len(experiment.eval_problems)} answer tokens")
 
 # %% [markdown]

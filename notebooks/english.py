@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -38,7 +40,7 @@ config = make_config("tiny", {"data": "lee"})  # or a .txt / .jsonl file, a dire
 run = RunDirectory(Path(tempfile.mkdtemp()) / "run", config)
 # documents → train/validation split → BPE tokenizer (saved as tokenizer.json) → contexts, model, loss functions
 experiment = Experiment(config, run / "tokenizer.json")
-print(f"{pj.tree.num_params(experiment.initial_params):,} parameters; "
+print(f"{pj._tree.num_params(experiment.initial_params):,} parameters; "
       f"{len(experiment.train_contexts)} training, {len(experiment.hessian_contexts)} Hessian and "
       f"{len(experiment.eval_contexts)} evaluation contexts of {config.context_length} + 1 tokens")
 print("an evaluation context:", repr(experiment.tokenizer.decode(experiment.eval_contexts[0].tolist())))

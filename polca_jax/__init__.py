@@ -3,7 +3,7 @@
 Kernels are pure functions of a params pytree and a batch pytree; see the README for the data flow.
 """
 
-from polca_jax.basis import (
+from polca_jax._basis import (
     Basis,
     basis_from_matrix,
     hessian_basis,
@@ -11,18 +11,18 @@ from polca_jax.basis import (
     random_basis,
     shuffled_hessian_basis,
 )
-from polca_jax.checkpoints import OrbaxCheckpoints
-from polca_jax.decomposition import POLCAResult, polca
-from polca_jax.hvp import FlatHessianMatvec, hvp
-from polca_jax.lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
-from polca_jax.projections import (
+from polca_jax._checkpoints import OrbaxCheckpoints
+from polca_jax._decomposition import POLCAResult, polca
+from polca_jax._hvp import FlatHessianMatvec, hvp
+from polca_jax._lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
+from polca_jax._projections import (
     choose_method,
     per_sample_curvature,
     per_sample_losses,
     per_sample_projections,
     per_sample_projections_and_curvature,
 )
-from polca_jax.sharding import data_mesh
+from polca_jax._sharding import data_mesh
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from polca_jax.checkpoints import PARAMS_ITEM, OrbaxCheckpoints
+from polca_jax._checkpoints import PARAMS_ITEM, OrbaxCheckpoints
 
 _OPT_STATE = "opt_state"
 

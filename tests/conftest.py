@@ -102,7 +102,7 @@ def sgd_checkpoints(problem, num, learning_rate=0.05):
 
 def dense_hessian(loss, params):
     """[P, P] Hessian of ``loss(params)`` in the flat (ravel_pytree) order."""
-    from polca_jax import tree
+    from polca_jax import _tree as tree
 
     flat = tree.ravel(params)
     return np.asarray(jax.jit(jax.hessian(lambda v: loss(tree.unravel(v, params))))(flat))

@@ -14,7 +14,7 @@ import pytest
 from conftest import sgd_checkpoints
 
 import polca_jax as pj
-from polca_jax import tree
+from polca_jax import _tree as tree
 
 
 def complete_basis(params, seed=0):

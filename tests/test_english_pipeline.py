@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import polca_jax as pj
-from polca_jax import analysis, tree
+from polca_jax import _tree as tree, analysis
 from polca_jax.cli import main
 from polca_jax.experiments.english.config import make_config, parse_overrides
 from polca_jax.experiments.english.pipeline import (

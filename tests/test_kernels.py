@@ -8,7 +8,7 @@ import pytest
 from conftest import dense_hessian, sgd_checkpoints
 
 import polca_jax as pj
-from polca_jax import tree
+from polca_jax import _tree as tree
 
 
 @pytest.fixture(params=["mlp", "transformer"])

@@ -1,7 +1,7 @@
 """Host-side analysis of POLCA results (numpy + scikit-learn; no JAX): filters, HDBSCAN clustering, breakthroughs
 (Eq. 9-10) and the arithmetic carry metrics."""
 
-from polca_jax.analysis.breakthroughs import (
+from polca_jax.analysis._breakthroughs import (
     DEFAULT_THRESHOLD_STEP,
     DEFAULT_WINDOW_STEPS,
     ClusterBreakthrough,
@@ -11,7 +11,7 @@ from polca_jax.analysis.breakthroughs import (
     hidden_breakthrough,
     hidden_breakthrough_fraction,
 )
-from polca_jax.analysis.clustering import (
+from polca_jax.analysis._clustering import (
     DEFAULT_MIN_CLUSTER_SIZE,
     DEFAULT_MIN_SAMPLES_DIVISOR,
     PAPER_REFERENCE_NUM_SAMPLES,
@@ -25,8 +25,8 @@ from polca_jax.analysis.clustering import (
     quartile_curves,
     save_clusterings,
 )
-from polca_jax.analysis.filters import kept_directions, relying_samples
-from polca_jax.analysis.metrics import (
+from polca_jax.analysis._filters import kept_directions, relying_samples
+from polca_jax.analysis._metrics import (
     MIN_QUALIFYING_FRACTION,
     PLACE_10S,
     PLACE_100S,

@@ -15,8 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from polca_jax.analysis import Clustering, load_clusterings, quartile_curves
-from polca_jax.basis import load_basis_info
-from polca_jax.decomposition import POLCAResult
+from polca_jax._basis import load_basis_info
+from polca_jax._decomposition import POLCAResult
 
 MAX_CLUSTERS_PER_PANEL = 6
 MISSING = "n/a"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from polca_jax.decomposition import SECOND_ORDER_CHOICES
+from polca_jax._decomposition import SECOND_ORDER_CHOICES
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
 NORMALIZATIONS = (None, "unit", "standardize")

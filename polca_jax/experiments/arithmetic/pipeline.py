@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 import polca_jax as pj
-from polca_jax import analysis, tree
+from polca_jax import _tree as tree, analysis
 from polca_jax.experiments import common, runs
 from polca_jax.experiments.arithmetic import task
 from polca_jax.experiments.arithmetic.config import ArithmeticConfig

@@ -18,7 +18,7 @@ import matplotlib
 import numpy as np
 
 from polca_jax.analysis import PLACE_1S, Clustering
-from polca_jax.decomposition import POLCAResult
+from polca_jax._decomposition import POLCAResult
 from polca_jax.experiments import reporting
 from polca_jax.experiments.arithmetic.task import ANSWER_PLACES
 from polca_jax.experiments.reporting import MAX_CLUSTERS_PER_PANEL, MISSING

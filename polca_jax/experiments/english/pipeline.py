@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 import polca_jax as pj
-from polca_jax import analysis, tree
+from polca_jax import _tree as tree, analysis
 from polca_jax.experiments import common, runs
 from polca_jax.experiments.english import labels, text, tokenizer
 from polca_jax.experiments.english.config import EnglishConfig

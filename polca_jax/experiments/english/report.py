@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from polca_jax.analysis import Clustering
-from polca_jax.decomposition import POLCAResult
+from polca_jax._decomposition import POLCAResult
 from polca_jax.experiments import reporting
 from polca_jax.experiments.reporting import MISSING
 

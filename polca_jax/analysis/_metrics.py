@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polca_jax.analysis.clustering import Clustering
+from polca_jax.analysis._clustering import Clustering
 from polca_jax.analysis._arrays import checked_array
 
 PLACE_1000S, PLACE_100S, PLACE_10S, PLACE_1S = 0, 1, 2, 3

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polca_jax.analysis.clustering import Clustering
+from polca_jax.analysis._clustering import Clustering
 from polca_jax.analysis._arrays import checked_array
 
 DEFAULT_WINDOW_STEPS = 100  # Δ

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax import tree
+from polca_jax import _tree as tree
 
 PyTree = Any
 

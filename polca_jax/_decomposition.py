@@ -33,19 +33,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax import tree
+from polca_jax import _tree as tree
 from polca_jax._progress import progress_bar
-from polca_jax.basis import Basis, check_width
-from polca_jax.checkpoints import OrbaxCheckpoints
-from polca_jax.checks import check_finite, check_finite_params, check_same_structure
-from polca_jax.lanczos import check_orthonormal
-from polca_jax.projections import (
+from polca_jax._basis import Basis, check_width
+from polca_jax._checkpoints import OrbaxCheckpoints
+from polca_jax._checks import check_finite, check_finite_params, check_same_structure
+from polca_jax._lanczos import check_orthonormal
+from polca_jax._projections import (
     PerSampleLossFn,
     per_sample_losses,
     per_sample_projections,
     per_sample_projections_and_curvature,
 )
-from polca_jax.sharding import replicate
+from polca_jax._sharding import replicate
 
 PyTree = Any
 SecondOrder = Literal["none", "paper", "trapezoid", "exact"]

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax import tree
+from polca_jax import _tree as tree
 from polca_jax._progress import progress_bar
-from polca_jax.checks import check_finite_params, check_same_structure
-from polca_jax.hvp import FlatHessianMatvec
-from polca_jax.lanczos import check_orthonormal, top_eigenpairs
-from polca_jax.sharding import replicate, shard_batch
+from polca_jax._checks import check_finite_params, check_same_structure
+from polca_jax._hvp import FlatHessianMatvec
+from polca_jax._lanczos import check_orthonormal, top_eigenpairs
+from polca_jax._sharding import replicate, shard_batch
 
 PyTree = Any
 FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import orbax.checkpoint as ocp
 
-from polca_jax import tree
+from polca_jax import _tree as tree
 
 PyTree = Any
 PARAMS_ITEM = "params"

@@ -28,10 +28,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from polca_jax import tree
-from polca_jax.basis import Basis, _split_rows
-from polca_jax.checks import batch_size
-from polca_jax.sharding import DATA_AXIS, num_data_shards, shard_batch
+from polca_jax import _tree as tree
+from polca_jax._basis import Basis, _split_rows
+from polca_jax._checks import batch_size
+from polca_jax._sharding import DATA_AXIS, num_data_shards, shard_batch
 
 PyTree = Any
 PerSampleLossFn = Callable[[PyTree, PyTree], jax.Array]

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.cluster import HDBSCAN
 
 from polca_jax.analysis._arrays import checked_array
-from polca_jax.analysis.filters import kept_directions, relying_samples
+from polca_jax.analysis._filters import kept_directions, relying_samples
 
 DEFAULT_MIN_CLUSTER_SIZE = 150  # arithmetic; the paper uses 300 for English
 DEFAULT_MIN_SAMPLES_DIVISOR = 15  # min_samples = number of tokens / 15

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import jax
 
-from polca_jax import tree
+from polca_jax import _tree as tree
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
