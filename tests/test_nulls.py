@@ -1,4 +1,4 @@
-"""Null models for clusters: label-homogeneity permutation test, p-value adjustment, shuffled-increment breakthroughs."""
+"""Null models for clusters: label-homogeneity permutation test, p-value adjustment, shuffled breakthroughs."""
 
 import itertools
 import time

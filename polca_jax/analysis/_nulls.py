@@ -28,8 +28,8 @@ _CHUNK_ELEMENTS = 1 << 22  # permutations are drawn in chunks of about this many
 
 
 def _permutation_pvalue(null: np.ndarray, observed) -> np.ndarray:
-    """(1 + #{null ≥ observed}) / (1 + B) for null [B, ...] and observed [...] (exact comparison: pass integer
-    counts, or round floats that should tie)."""
+    """(1 + #{null ≥ observed}) / (1 + B) for null [B, ...] and observed [...]. The comparison is exact, so ties
+    count: pass integer counts, or floats that observed and null got through the same arithmetic."""
     return (1.0 + np.count_nonzero(null >= observed, axis=0)) / (1.0 + null.shape[0])
 
 
