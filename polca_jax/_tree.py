@@ -29,26 +29,35 @@ def ravel(params: PyTree) -> jax.Array:
 
 
 def unravel_rows(rows: jax.Array, like: PyTree) -> PyTree:
-    """Split ``rows [K, P]`` into a pytree shaped like ``like`` with leaves ``[K, *leaf.shape]``."""
+    """Split ``rows [K, P]`` into a pytree shaped like ``like`` with leaves ``[K, *leaf.shape]`` of ``like``'s dtypes.
+
+    The cast lets a basis of another precision (a float64 basis on float32 parameters) serve as tangents of ``like``.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(like)
     sizes = [math.prod(np.shape(leaf)) for leaf in leaves]
     offsets = np.cumsum([0] + sizes)
     pieces = [
-        rows[:, start:stop].reshape((rows.shape[0], *np.shape(leaf)))
+        rows[:, start:stop].reshape((rows.shape[0], *np.shape(leaf))).astype(jnp.result_type(leaf))
         for start, stop, leaf in zip(offsets[:-1], offsets[1:], leaves)
     ]
     return jax.tree_util.tree_unflatten(treedef, pieces)
 
 
 def unravel(vector: jax.Array, like: PyTree) -> PyTree:
-    """Split a flat ``[P]`` vector into a pytree shaped like ``like``."""
+    """Split a flat ``[P]`` vector into a pytree shaped like ``like`` (and of its dtypes)."""
     return jax.tree_util.tree_map(lambda leaf: leaf[0], unravel_rows(vector[None], like))
 
 
 def structure_signature(params: PyTree) -> tuple:
     """Hashable description of a pytree's structure, leaf shapes and dtypes (for compatibility checks)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    return (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
+    return (treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves))
+
+
+def from_signature(signature: tuple) -> PyTree:
+    """The ``jax.ShapeDtypeStruct`` pytree that :func:`structure_signature` describes."""
+    treedef, leaves = signature
+    return jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
 
 
 def abstract(params: PyTree) -> PyTree:
