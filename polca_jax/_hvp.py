@@ -8,6 +8,7 @@ from typing import Any, Callable
 import jax
 
 from polca_jax import _tree as tree
+from polca_jax._checks import batch_size, check_params
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -17,8 +18,13 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: PyTree) -> PyTree:
     """H(params) v for the scalar ``loss_fn(params, batch)``; ``v`` and the result are shaped like ``params``.
 
     Forward-over-reverse (``jvp`` of ``grad``): about two gradients of cost, no Hessian is formed.
-    Wrap in ``jax.jit`` (``loss_fn`` static) or use :func:`flat_hessian_matvec` to compile once.
+    Wrap in ``jax.jit`` (``loss_fn`` static) or use :func:`FlatHessianMatvec` to compile once.
+
+    Raises ``ValueError`` for an empty batch or parameters that are not all of one floating dtype (the check reads
+    only shapes and dtypes, so it also runs under ``jit``, at trace time).
     """
+    batch_size(batch, "hvp")
+    check_params(params, "hvp")
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
 
 

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from polca_jax import _tree as tree
+from polca_jax._checks import check_finite_tree
+
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -68,8 +71,33 @@ def top_eigenpairs(
             f"num_iters={num_iters} exceeds the dimension of the search space ({dim} parameters - {rank} deflated)"
         )
     dtype = jnp.dtype(dtype or _infer_dtype(orthogonal_to, matvec_args))
+    _check_matvec_shape(matvec, dim, dtype, tuple(matvec_args))
     deflate = None if orthogonal_to is None else jnp.asarray(orthogonal_to, dtype)
     return _lanczos(matvec, dim, k, num_iters, dtype, key, deflate, tuple(matvec_args))
+
+
+def _check_matvec_shape(matvec, dim: int, dtype, matvec_args: tuple) -> None:
+    """Raise ``ValueError`` unless ``matvec`` maps a ``[dim]`` vector to a ``[dim]`` one (traced, not run)."""
+    signature = tree.structure_signature(matvec_args)
+    try:
+        shape = _matvec_output_shape(matvec, dim, dtype, signature)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"top_eigenpairs: matvec fails on a [{dim}] vector ({error}); is dim={dim} the operator's dimension "
+            "(for FlatHessianMatvec, the number of parameters)?"
+        ) from error
+    if shape != (dim,):
+        raise ValueError(
+            f"top_eigenpairs: matvec maps a [{dim}] vector to shape {list(shape)}, expected [{dim}]; dim must be the "
+            "operator's dimension (for FlatHessianMatvec, the number of parameters)"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _matvec_output_shape(matvec, dim: int, dtype, signature: tuple) -> tuple:
+    """The output shape of ``matvec`` on a ``[dim]`` vector and arguments of ``signature`` (cached: traced once)."""
+    vector = jax.ShapeDtypeStruct((dim,), dtype)
+    return tuple(jax.eval_shape(lambda v, args: matvec(v, *args), vector, tree.from_signature(signature)).shape)
 
 
 def _infer_dtype(orthogonal_to, matvec_args) -> Any:
@@ -138,8 +166,7 @@ def check_orthonormal(rows: jax.Array | np.ndarray, *, atol: float | None = None
     rows = jnp.asarray(rows)
     if rows.ndim != 2:
         raise ValueError(f"{name} must be a [K, P] matrix, got shape {rows.shape}")
-    if not bool(jnp.all(jnp.isfinite(rows))):
-        raise ValueError(f"{name} contains NaN or inf")
+    check_finite_tree(rows, name)
     if atol is None:
         atol = 1e-8 if rows.dtype == jnp.float64 else 1e-4
     gram = np.asarray(jnp.dot(rows, rows.T, precision=HIGHEST), np.float64)  # [r, r], computed on device
