@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import orbax.checkpoint as ocp
 
 from polca_jax import _tree as tree
+from polca_jax._checks import check_increasing
 
 PyTree = Any
 PARAMS_ITEM = "params"
@@ -24,8 +25,11 @@ class OrbaxCheckpoints(Sequence):
 
     Args:
       directory: the ``CheckpointManager`` directory.
-      steps: the steps to use, in order (default: every step on disk).
+      steps: the steps to use, strictly increasing (default: every step on disk).
       template: optional params pytree (or ``ShapeDtypeStruct``s) to restore into, fixing shapes and dtypes.
+
+    Raises ``ValueError`` for a missing directory, one with no orbax checkpoints, steps that do not strictly increase
+    or are not on disk; indexing past the end raises ``IndexError`` (so iteration stops there).
     """
 
     def __init__(self, directory: str | Path, steps: Sequence[int] | None = None, template: PyTree | None = None):
@@ -33,15 +37,28 @@ class OrbaxCheckpoints(Sequence):
         if not self.directory.is_dir():
             raise ValueError(f"checkpoint directory {self.directory} does not exist")
         self._manager = ocp.CheckpointManager(self.directory, item_names=(PARAMS_ITEM,))
-        available = set(self._manager.all_steps())
-        self.steps = sorted(available) if steps is None else [int(s) for s in steps]
-        missing = [s for s in self.steps if s not in available]
-        if missing:
+        try:
+            self.steps = self._checked_steps(steps)
+        except ValueError:
             self._manager.close()
-            raise ValueError(
-                f"steps {missing} have no checkpoint in {self.directory} (available: {sorted(available)})"
-            )
+            raise
         self._target = None if template is None else tree.abstract(template)
+
+    def _checked_steps(self, steps: Sequence[int] | None) -> list[int]:
+        available = sorted(self._manager.all_steps())
+        if not available:
+            raise ValueError(
+                f"no orbax checkpoints in {self.directory}; pass the directory an orbax CheckpointManager saved "
+                "the params in"
+            )
+        if steps is None:
+            return available
+        steps = [int(s) for s in steps]
+        check_increasing(steps, f"OrbaxCheckpoints({self.directory})")
+        missing = sorted(set(steps) - set(available))
+        if missing:
+            raise ValueError(f"steps {missing} have no checkpoint in {self.directory} (available: {available})")
+        return steps
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -59,6 +76,11 @@ class OrbaxCheckpoints(Sequence):
     def __getitem__(self, index: int) -> PyTree:
         if isinstance(index, slice):
             raise TypeError("OrbaxCheckpoints does not support slicing; index one checkpoint at a time")
+        if not -len(self.steps) <= index < len(self.steps):
+            raise IndexError(
+                f"checkpoint index {index} is out of range for the {len(self.steps)} selected steps of "
+                f"{self.directory}"
+            )
         step = self.steps[index]
         restore = ocp.args.StandardRestore(self._target)
         try:
