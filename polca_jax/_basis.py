@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -12,14 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from polca_jax import _tree as tree
+from polca_jax._checks import (
+    batch_size,
+    check_finite_params,
+    check_finite_tree,
+    check_params,
+    check_same_structure,
+    checkpoint_steps,
+    count_nonfinite,
+    is_traced,
+)
+from polca_jax._files import load_npy, read_json, save_npy_atomic, save_npz_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
-from polca_jax._checks import check_finite_params, check_same_structure
 from polca_jax._hvp import FlatHessianMatvec
 from polca_jax._lanczos import check_orthonormal, top_eigenpairs
 from polca_jax._sharding import replicate, shard_batch
 
 PyTree = Any
 FORMAT_VERSION = 1
+MANIFEST = "basis.json"
 
 
 @dataclasses.dataclass(eq=False)
@@ -32,6 +43,9 @@ class Basis:
       steps: ``[K]`` training step of the checkpoint each direction came from (-1 where none).
       method: how the basis was made (``"hessian"``, ``"shuffled_hessian"``, ``"random"``, ...).
       residuals: ``[K]`` Ritz residual norms (NaN where none).
+
+    Construction checks shapes and that the vectors are finite (not that they are orthonormal: see
+    :func:`polca_jax.check_orthonormal` and :func:`basis_from_matrix`).
     """
 
     vectors: jax.Array
@@ -45,6 +59,7 @@ class Basis:
         self.vectors = jnp.asarray(self.vectors)
         if self.vectors.ndim != 2:
             raise ValueError(f"basis vectors must be [K, P], got shape {self.vectors.shape}")
+        check_finite_tree(self.vectors, "a Basis' vector matrix", "build the basis from finite vectors")
         k = self.vectors.shape[0]
         for name in ("eigenvalues", "steps", "residuals"):
             value = np.asarray(getattr(self, name))
@@ -63,11 +78,15 @@ class Basis:
         return self.vectors.shape[1]
 
     def as_tree(self, like: PyTree) -> PyTree:
-        """The rows as a params-shaped pytree with leaves ``[K, *leaf.shape]`` (made once per structure)."""
+        """The rows as a params-shaped pytree with leaves ``[K, *leaf.shape]`` in ``like``'s dtypes (made once per
+        structure and dtypes)."""
         check_width(self, like)
         signature = tree.structure_signature(like)
+        if is_traced(self.vectors):
+            return split_rows(self.vectors, signature)
         if signature not in self._trees:
-            self._trees[signature] = _split_rows(self.vectors, like)
+            with jax.ensure_compile_time_eval():  # concrete even when ``like`` is traced: safe to cache
+                self._trees[signature] = split_rows(self.vectors, signature)
         return self._trees[signature]
 
     def coordinates(self, vector: jax.Array | PyTree) -> jax.Array:
@@ -83,43 +102,57 @@ class Basis:
         )
 
     def save(self, directory: str | Path) -> None:
-        """Write ``vectors.npy`` (and eigenvalues, steps, residuals) plus ``basis.json`` to ``directory``."""
+        """Write ``vectors.npy``, ``info.npz`` (eigenvalues, steps, residuals), then ``basis.json`` to ``directory``.
+
+        Every file is written atomically and ``basis.json`` last, after removing an old one: a directory with a
+        ``basis.json`` holds a complete save, and saving over an earlier save replaces it cleanly.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "vectors.npy", np.asarray(self.vectors))
-        np.savez(directory / "info.npz", eigenvalues=self.eigenvalues, steps=self.steps, residuals=self.residuals)
+        (directory / MANIFEST).unlink(missing_ok=True)
+        save_npy_atomic(directory / "vectors.npy", self.vectors)
+        info = {"eigenvalues": self.eigenvalues, "steps": self.steps, "residuals": self.residuals}
+        save_npz_atomic(directory / "info.npz", **info)
         manifest = {"format": FORMAT_VERSION, "method": self.method, "size": self.size, "dim": self.dim}
-        (directory / "basis.json").write_text(json.dumps(manifest, indent=2))
+        write_json_atomic(directory / MANIFEST, manifest)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Basis":
-        """Read a basis written by :meth:`save`; a missing or inconsistent file raises ``ValueError``."""
+        """Read a basis written by :meth:`save`; a missing or inconsistent file raises ``ValueError`` naming it."""
         info = load_basis_info(directory)
+        path = Path(directory) / "vectors.npy"
         try:
-            vectors = np.load(Path(directory) / "vectors.npy")
-        except (OSError, ValueError) as error:
+            vectors = load_npy(path)
+        except ValueError as error:
             raise ValueError(f"cannot read a basis from {directory}: {error}") from error
         if vectors.shape != (info.pop("size"), info.pop("dim")):
-            raise ValueError(f"corrupt basis in {directory}: vectors.npy has shape {vectors.shape}, unlike basis.json")
+            raise ValueError(f"corrupt basis in {directory}: {path} has shape {vectors.shape}, unlike {MANIFEST}")
         return cls(vectors, **info)
 
 
 def load_basis_info(directory: str | Path) -> dict:
     """A saved basis' ``method``, ``size``, ``dim`` and ``[K]`` ``eigenvalues``, ``steps``, ``residuals``, without
-    reading its ``[K, P]`` vectors."""
+    reading its ``[K, P]`` vectors; a missing or unreadable file raises ``ValueError`` naming it."""
     directory = Path(directory)
+    info_path = directory / "info.npz"
     try:
-        manifest = json.loads((directory / "basis.json").read_text())
-        with np.load(directory / "info.npz") as info:
-            arrays = {name: info[name] for name in ("eigenvalues", "steps", "residuals")}
-    except (OSError, ValueError, KeyError) as error:
+        manifest = read_json(directory / MANIFEST, required=("method", "size", "dim"))
+    except ValueError as error:
         raise ValueError(f"cannot read a basis from {directory}: {error}") from error
+    try:
+        with np.load(info_path, allow_pickle=False) as info:
+            arrays = {name: info[name] for name in ("eigenvalues", "steps", "residuals")}
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise ValueError(
+            f"cannot read a basis from {directory}: {info_path} is missing or corrupt ({error})"
+        ) from error
     return {"method": manifest["method"], "size": manifest["size"], "dim": manifest["dim"], **arrays}
 
 
-@jax.jit
-def _split_rows(vectors: jax.Array, like: PyTree) -> PyTree:
-    return tree.unravel_rows(vectors, like)
+@functools.partial(jax.jit, static_argnums=1)
+def split_rows(vectors: jax.Array, signature: tuple) -> PyTree:
+    """``vectors [K, P]`` as a pytree of ``[K, *leaf.shape]`` leaves for params of ``tree.structure_signature``."""
+    return tree.unravel_rows(vectors, tree.from_signature(signature))
 
 
 def check_width(basis: Basis, params: PyTree) -> None:
@@ -144,11 +177,14 @@ def basis_from_matrix(
     """A :class:`Basis` from a user's ``[K, P]`` rows.
 
     Rows that are not orthonormal raise ``ValueError`` unless ``orthonormalize=True``, which replaces them by the
-    Gram–Schmidt (QR) orthonormalisation that keeps each row's span and sign.
+    Gram–Schmidt (QR) orthonormalisation that keeps each row's span and sign. A matrix with NaN or inf raises.
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[0] > matrix.shape[1]:
         raise ValueError(f"a basis matrix must be [K, P] with 1 <= K <= P, got shape {matrix.shape}")
+    if not jnp.issubdtype(matrix.dtype, jnp.floating):
+        raise ValueError(f"a basis matrix must be floating point, got dtype {matrix.dtype}")
+    check_finite_tree(matrix, "the basis matrix")
     if orthonormalize:
         q, r = jnp.linalg.qr(matrix.T)
         if np.min(np.abs(np.diag(np.asarray(r)))) <= 1e-6 * np.max(np.abs(np.asarray(r))):
@@ -168,6 +204,7 @@ def basis_from_matrix(
 
 def random_basis(params: PyTree, k: int, key: jax.Array) -> Basis:
     """K random orthonormal directions (QR of a Gaussian matrix) in the parameter space of ``params``."""
+    check_params(params, "random_basis")
     dim = tree.num_params(params)
     if not 1 <= k <= dim:
         raise ValueError(f"need 1 <= k <= {dim} random directions, got {k}")
@@ -178,6 +215,8 @@ def random_basis(params: PyTree, k: int, key: jax.Array) -> Basis:
 
 def parameter_axis_basis(params: PyTree, m: int, *, step: int = -1) -> Basis:
     """The m parameter axes whose values are largest in magnitude in ``params`` (the paper's LCA baseline)."""
+    check_params(params, "parameter_axis_basis")
+    check_finite_params(params, "parameter_axis_basis")
     flat = tree.ravel(params)
     if not 1 <= m <= flat.size:
         raise ValueError(f"need 1 <= m <= {flat.size} parameter axes, got {m}")
@@ -212,11 +251,17 @@ def hessian_basis(
       mesh: optional mesh; the batch is sharded over its ``"data"`` axis.
 
     Returns a :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
+
+    Raises ``ValueError`` for an empty batch, parameters that are not floating point (or mix dtypes), checkpoints that
+    are not a sequence or differ in structure, NaN parameters, and a loss whose Hessian-vector product is not finite.
     """
-    steps = _checkpoint_steps(checkpoints, steps)
+    what = f"{method}_basis"
+    batch_size(batch, what)
+    steps = checkpoint_steps(checkpoints, steps, what, increasing=False)
     if len(steps) == 0:
-        raise ValueError("hessian_basis needs at least one checkpoint")
+        raise ValueError(f"{what} needs at least one checkpoint")
     first = checkpoints[0]
+    check_params(first, f"{what}: checkpoint at step {steps[0]}")
     dim = tree.num_params(first)
     total = len(steps) * k_per_checkpoint
     if total > dim:
@@ -228,8 +273,8 @@ def hessian_basis(
     matvec = FlatHessianMatvec(loss_fn)
     for t in progress_bar(range(len(steps)), progress, desc=f"{method} basis"):
         params = first if t == 0 else checkpoints[t]
-        check_same_structure(first, params, f"checkpoint {steps[t]}")
-        check_finite_params(params, f"checkpoint {steps[t]}")
+        check_same_structure(first, params, f"{what}: checkpoint at step {steps[t]}")
+        check_finite_params(params, f"{what}: checkpoint at step {steps[t]}")
         pairs = top_eigenpairs(
             matvec,
             dim,
@@ -240,11 +285,16 @@ def hessian_basis(
             matvec_args=(replicate(params, mesh), batch),
             num_deflated=t * k_per_checkpoint,
         )
+        bad = count_nonfinite(pairs)
+        if bad:
+            raise ValueError(
+                f"{what}: the loss or its Hessian-vector product is not finite at the checkpoint at step {steps[t]} "
+                f"({bad} NaN or inf entries in the eigenpairs); check loss_fn on this batch at that checkpoint "
+                "(e.g. log or sqrt of 0, an overflow)"
+            )
         rows = slice(t * k_per_checkpoint, (t + 1) * k_per_checkpoint)
         found = found.at[rows].set(pairs.vectors)
         values[rows], residuals[rows] = np.asarray(pairs.values), np.asarray(pairs.residuals)
-    if not np.all(np.isfinite(values)):
-        raise ValueError("the Hessian eigenvalues are not finite: is the loss NaN at some checkpoint?")
     return Basis(found, values, np.repeat(np.asarray(steps), k_per_checkpoint), method, residuals)
 
 
@@ -252,7 +302,7 @@ def shuffled_hessian_basis(
     loss_fn, checkpoints: Sequence[PyTree], batch: PyTree, *, key: jax.Array, steps=None, **kwargs
 ) -> Basis:
     """Algorithm 1 over the checkpoints in a random order (the paper's "random shuffled Hessian" ablation)."""
-    steps = _checkpoint_steps(checkpoints, steps)
+    steps = checkpoint_steps(checkpoints, steps, "shuffled_hessian_basis", increasing=False)
     order_key, key = jax.random.split(key)
     order = np.asarray(jax.random.permutation(order_key, len(steps)))
     return hessian_basis(
@@ -277,12 +327,3 @@ class _Permuted(Sequence):
 
     def __getitem__(self, i):
         return self._items[int(self._order[i])]
-
-
-def _checkpoint_steps(checkpoints: Sequence[PyTree], steps: Sequence[int] | None) -> list[int]:
-    if steps is None:
-        steps = getattr(checkpoints, "steps", None)
-    steps = list(range(len(checkpoints))) if steps is None else [int(s) for s in steps]
-    if len(steps) != len(checkpoints):
-        raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
-    return steps

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -34,10 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from polca_jax import _tree as tree
-from polca_jax._progress import progress_bar
 from polca_jax._basis import Basis, check_width
 from polca_jax._checkpoints import OrbaxCheckpoints
-from polca_jax._checks import check_finite, check_finite_params, check_same_structure
+from polca_jax._checks import (
+    batch_size,
+    check_finite,
+    check_finite_params,
+    check_params,
+    check_same_structure,
+    checkpoint_steps,
+)
+from polca_jax._files import load_npy, read_json, save_npy_atomic, write_json_atomic
+from polca_jax._progress import progress_bar
 from polca_jax._lanczos import check_orthonormal
 from polca_jax._projections import (
     PerSampleLossFn,
@@ -51,6 +58,7 @@ PyTree = Any
 SecondOrder = Literal["none", "paper", "trapezoid", "exact"]
 SECOND_ORDER_CHOICES = ("none", "paper", "trapezoid", "exact")
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
 _ARRAYS = ("steps", "loss", "projections", "step_projection", "second_order", "outside_fraction")
 
 
@@ -130,31 +138,42 @@ class POLCAResult:
         return self.terms.sum(axis=-1)
 
     def save(self, directory: str | Path) -> None:
-        """Write each array as ``.npy`` and a ``manifest.json`` (config, shapes, package versions)."""
+        """Write each array as ``.npy``, then a ``manifest.json`` (config, shapes, package versions).
+
+        Every file is written atomically and the manifest last, after removing an old one: a directory with a
+        manifest holds a complete save, and saving over an earlier save (even the one this result was
+        memory-mapped from) replaces it cleanly.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST).unlink(missing_ok=True)
         for name in _ARRAYS:
-            np.save(directory / f"{name}.npy", np.asarray(getattr(self, name)))
+            save_npy_atomic(directory / f"{name}.npy", getattr(self, name))
         manifest = {
             "format": FORMAT_VERSION,
             "config": self.config,
             "shapes": {name: list(np.shape(getattr(self, name))) for name in _ARRAYS},
             "versions": _versions(),
         }
-        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        write_json_atomic(directory / MANIFEST, manifest)
 
     @classmethod
     def load(cls, directory: str | Path, *, mmap: bool = True) -> "POLCAResult":
-        """Read a result written by :meth:`save` (memory-mapped by default); raise ``ValueError`` if incomplete."""
+        """Read a result written by :meth:`save` (memory-mapped by default); raise ``ValueError`` naming the file
+        that is missing, unreadable or of the wrong shape."""
         directory = Path(directory)
         try:
-            manifest = json.loads((directory / "manifest.json").read_text())
-            arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r" if mmap else None) for name in _ARRAYS}
-        except (OSError, ValueError, KeyError) as error:
+            manifest = read_json(directory / MANIFEST, required=("config", "shapes"))
+            arrays = {name: load_npy(directory / f"{name}.npy", mmap_mode="r" if mmap else None) for name in _ARRAYS}
+        except ValueError as error:
             raise ValueError(f"cannot read a POLCA result from {directory}: {error}") from error
-        for name, shape in manifest["shapes"].items():
-            if list(arrays[name].shape) != shape:
-                raise ValueError(f"corrupt POLCA result in {directory}: {name}.npy has shape {arrays[name].shape}")
+        shapes = manifest["shapes"] if isinstance(manifest["shapes"], dict) else {}
+        for name in _ARRAYS:
+            if list(arrays[name].shape) != shapes.get(name):
+                raise ValueError(
+                    f"corrupt POLCA result in {directory}: {directory / name}.npy has shape {arrays[name].shape}, "
+                    f"but {MANIFEST} says {shapes.get(name)}"
+                )
         return cls(config=manifest["config"], **arrays)
 
 
@@ -188,11 +207,18 @@ def polca(
       steps: training step of each checkpoint (default: the store's steps, else 0..T-1).
       mask, method, chunk_size, chunks_per_call, basis_chunk_size, mesh: as in :func:`per_sample_projections`.
       progress: show a progress bar over checkpoints.
+
+    Raises ``ValueError`` (before any work where it can) for unknown options, an empty batch, fewer than two
+    checkpoints, steps that do not strictly increase, checkpoints that are not a sequence or differ in structure,
+    parameters that are not floating point, a basis that is not orthonormal or of the wrong width; and, at the
+    checkpoint where it happens, for NaN parameters, NaN per-sample losses, and NaN projected gradients or curvatures
+    (a loss that is finite where its gradient is not).
     """
     if second_order not in SECOND_ORDER_CHOICES:
         raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {second_order!r}")
     if eigenvalues not in ("stored", "current"):
         raise ValueError(f"eigenvalues must be 'stored' or 'current', got {eigenvalues!r}")
+    batch_size(batch, "polca")
     if isinstance(checkpoints, str | Path):
         with OrbaxCheckpoints(checkpoints, steps) as store:
             return polca(
@@ -200,12 +226,9 @@ def polca(
                 mask=mask, method=method, chunk_size=chunk_size, chunks_per_call=chunks_per_call,
                 basis_chunk_size=basis_chunk_size, mesh=mesh, progress=progress,
             )
-    steps = list(range(len(checkpoints))) if steps is None and not hasattr(checkpoints, "steps") else steps
-    steps = np.asarray(checkpoints.steps if steps is None else steps)
+    steps = np.asarray(checkpoint_steps(checkpoints, steps, "polca", increasing=True))
     if len(checkpoints) < 2:
         raise ValueError(f"POLCA needs at least two checkpoints, got {len(checkpoints)}")
-    if len(steps) != len(checkpoints):
-        raise ValueError(f"got {len(steps)} steps for {len(checkpoints)} checkpoints")
     if not isinstance(basis, Basis):
         raise ValueError("basis must be a polca_jax.Basis (make one with basis_from_matrix)")
     check_orthonormal(basis.vectors)
@@ -221,24 +244,25 @@ def polca(
         mesh=mesh,
     )
     first = checkpoints[0]
+    check_params(first, f"polca: checkpoint at step {steps[0]}")
     check_width(basis, first)
     losses, projections, curvatures, step_projection, outside = [], [], [], [], []
     previous_flat = None
     for t in progress_bar(range(len(steps)), progress, desc="POLCA checkpoints"):
         params = first if t == 0 else checkpoints[t]
         what = f"checkpoint at step {steps[t]}"
-        check_same_structure(first, params, what)
-        check_finite_params(params, what)
+        check_same_structure(first, params, f"polca: {what}")
+        check_finite_params(params, f"polca: {what}")
         params = replicate(params, mesh)
         loss = np.asarray(per_sample_losses(per_sample_loss_fn, params, batch, mask=mask, mesh=mesh))
-        check_finite(loss, f"the per-sample loss at {what}")
+        check_finite(loss, f"polca: the per-sample loss at {what}", "check per_sample_loss_fn on these samples")
         losses.append(loss)
         if needs_curvature:
             g, c = per_sample_projections_and_curvature(per_sample_loss_fn, params, batch, basis, **kernel_options)
-            curvatures.append(np.asarray(c))
+            curvatures.append(_finite_terms(c, "curvatures bᵀH(x)b", what))
         else:
             g = per_sample_projections(per_sample_loss_fn, params, batch, basis, method=method, **kernel_options)
-        projections.append(np.asarray(g))
+        projections.append(_finite_terms(g, "projected gradients ⟨b, ∇L(x)⟩", what))
         flat = tree.ravel(params)
         if previous_flat is not None:
             delta = flat - previous_flat
@@ -265,6 +289,18 @@ def polca(
     return POLCAResult(
         steps, np.stack(losses), projections, step_projection, second, np.asarray(outside), config
     )
+
+
+def _finite_terms(values: jax.Array, name: str, what: str) -> np.ndarray:
+    """``values`` on the host, or ``ValueError`` if some are NaN or inf (the loss is finite, its derivatives not)."""
+    values = np.asarray(values)
+    check_finite(
+        values,
+        f"polca: the per-sample {name} at {what}",
+        "the losses are finite there, so the loss is not differentiable at these parameters (e.g. sqrt or log at 0, "
+        "or a jnp.where whose unused branch is NaN); make it differentiable, e.g. clip the argument of sqrt or log",
+    )
+    return values
 
 
 def _cumulative(terms: np.ndarray) -> np.ndarray:

@@ -29,8 +29,8 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from polca_jax import _tree as tree
-from polca_jax._basis import Basis, _split_rows
-from polca_jax._checks import batch_size
+from polca_jax._basis import Basis, split_rows
+from polca_jax._checks import batch_size, check_finite_params, check_finite_tree, check_params
 from polca_jax._sharding import DATA_AXIS, num_data_shards, shard_batch
 
 PyTree = Any
@@ -79,14 +79,21 @@ def per_sample_projections(
       chunks_per_call: chunks unrolled in one compiled call.
       basis_chunk_size: directions per vmapped group in forward mode.
       mesh: optional mesh; sequences are sharded over its ``"data"`` axis, parameters and basis replicated.
+
+    Raises ``ValueError`` for an empty batch, parameters that are not all of one floating dtype, NaN parameters or
+    basis entries (checked when concrete; skipped under a caller's ``jit``), and a basis of the wrong shape. A basis
+    of another float dtype than the parameters is cast to theirs. The result itself is not checked for NaN (see
+    :func:`polca_jax.polca`, which does).
     """
-    directions, num_directions = _directions(basis, params)
-    samples = _samples_per_sequence(per_sample_loss_fn, params, batch)
+    what = "per_sample_projections"
+    n_seq = _check_inputs(what, params, batch)
+    directions, num_directions = _directions(basis, params, what)
+    samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
     if method == "auto":
         method = choose_method(samples, num_directions)
     if method not in ("reverse", "forward"):
         raise ValueError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
-    chunk_size = chunk_size or _default_chunk(method, samples)
+    chunk_size = _default_chunk(method, samples) if chunk_size is None else chunk_size
     (projections,) = _run_chunked(
         method, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
     )
@@ -98,7 +105,7 @@ def per_sample_curvature(per_sample_loss_fn: PerSampleLossFn, params, batch, bas
 
     Takes the arguments of :func:`per_sample_projections` except ``method``.
     """
-    return per_sample_projections_and_curvature(per_sample_loss_fn, params, batch, basis, **kwargs)[1]
+    return _projections_and_curvature("per_sample_curvature", per_sample_loss_fn, params, batch, basis, **kwargs)[1]
 
 
 def per_sample_projections_and_curvature(
@@ -113,9 +120,24 @@ def per_sample_projections_and_curvature(
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(⟨b, ∇L(x)⟩, bᵀH(x)b), both ``[N, K]``, from one nested ``jvp`` per direction."""
-    directions, _ = _directions(basis, params)
-    chunk_size = chunk_size or _default_chunk("forward", 1)
+    """(⟨b, ∇L(x)⟩, bᵀH(x)b), both ``[N, K]``, from one nested ``jvp`` per direction.
+
+    Arguments and checks as in :func:`per_sample_projections`.
+    """
+    return _projections_and_curvature(
+        "per_sample_projections_and_curvature", per_sample_loss_fn, params, batch, basis, mask=mask,
+        chunk_size=chunk_size, chunks_per_call=chunks_per_call, basis_chunk_size=basis_chunk_size, mesh=mesh,
+    )
+
+
+def _projections_and_curvature(
+    what, per_sample_loss_fn, params, batch, basis, *, mask=None, chunk_size=None, chunks_per_call=8,
+    basis_chunk_size=8, mesh=None,
+) -> tuple[jax.Array, jax.Array]:
+    n_seq = _check_inputs(what, params, batch)
+    directions, _ = _directions(basis, params, what)
+    _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
+    chunk_size = _default_chunk("forward", 1) if chunk_size is None else chunk_size
     projections, curvature = _run_chunked(
         "curvature", per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
     )
@@ -132,7 +154,9 @@ def per_sample_losses(
     mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
     """L(x; params) for every sample: ``[N]``, in the sample order of :func:`per_sample_projections`."""
-    _samples_per_sequence(per_sample_loss_fn, params, batch)
+    what = "per_sample_losses"
+    n_seq = _check_inputs(what, params, batch)
+    _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
     (losses,) = _run_chunked("loss", per_sample_loss_fn, params, batch, None, chunk_size, 4, 1, mesh)
     return _select_samples(losses, mask)[:, 0]
 
@@ -268,29 +292,47 @@ def _run_chunked(kind, loss_fn, params, batch, directions, chunk_size, chunks_pe
     return tuple(jnp.concatenate(parts)[:n_seq] for parts in zip(*outputs))
 
 
-def _directions(basis, params) -> tuple[PyTree, int]:
-    """The basis as a params-shaped pytree of ``[K, ...]`` leaves, and K."""
+def _check_inputs(what: str, params: PyTree, batch: PyTree) -> int:
+    """The checks every public kernel runs once, on the host: a non-empty batch (its size n_seq is returned),
+    parameters of one floating dtype, finite parameter values (when not traced)."""
+    n_seq = batch_size(batch, what)
+    check_params(params, what)
+    check_finite_params(params, what)
+    return n_seq
+
+
+def _directions(basis, params, what: str) -> tuple[PyTree, int]:
+    """The basis as a params-shaped pytree of ``[K, ...]`` leaves in the parameters' dtype, and K.
+
+    A :class:`Basis` was checked finite when made; a matrix or pytree is checked here (when not traced).
+    """
     if isinstance(basis, Basis):
         return basis.as_tree(params), basis.size
+    fix = "every basis entry must be finite"
     if isinstance(basis, jax.Array | np.ndarray):
         if basis.ndim != 2 or basis.shape[1] != tree.num_params(params):
-            raise ValueError(f"basis matrix must be [K, {tree.num_params(params)}], got shape {basis.shape}")
-        return _split_rows(jnp.asarray(basis), params), basis.shape[0]
+            raise ValueError(f"{what}: basis matrix must be [K, {tree.num_params(params)}], got shape {basis.shape}")
+        check_finite_tree(basis, f"{what}: the basis matrix", fix)
+        return split_rows(jnp.asarray(basis), tree.structure_signature(params)), basis.shape[0]
     leaves, treedef = jax.tree_util.tree_flatten(basis)
     if treedef != jax.tree_util.tree_structure(params):
-        raise ValueError("a basis pytree must have the structure of params, with [K, ...] leaves")
-    k = {np.shape(leaf)[0] for leaf in leaves}
+        raise ValueError(f"{what}: a basis pytree must have the structure of params, with [K, ...] leaves")
+    k = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
     shapes_ok = all(np.shape(b)[1:] == np.shape(p) for b, p in zip(leaves, jax.tree_util.tree_leaves(params)))
-    if len(k) != 1 or not shapes_ok:
-        raise ValueError("every basis leaf must be [K, *param.shape] with the same K")
-    return basis, k.pop()
+    if len(k) != 1 or None in k or not shapes_ok:
+        raise ValueError(f"{what}: every basis leaf must be [K, *param.shape] with the same K")
+    check_finite_tree(basis, f"{what}: the basis pytree", fix)
+    return jax.tree_util.tree_map(lambda b, p: jnp.asarray(b, jnp.result_type(p)), basis, params), k.pop()
 
 
-def _samples_per_sequence(loss_fn, params, batch) -> int:
-    n_seq = batch_size(batch)
+def _samples_per_sequence(loss_fn, params, batch, n_seq: int, what: str) -> int:
+    """Samples per sequence s of ``loss_fn``'s ``[n_seq]`` (s = 1) or ``[n_seq, s]`` output; raise for other shapes."""
     shape = jax.eval_shape(loss_fn, params, batch).shape
     if len(shape) not in (1, 2) or shape[0] != n_seq:
-        raise ValueError(f"per_sample_loss_fn must return [n_seq] or [n_seq, n_tok] with n_seq={n_seq}, got {shape}")
+        raise ValueError(
+            f"{what}: per_sample_loss_fn must return [n_seq] or [n_seq, n_tok] losses with n_seq={n_seq}, got shape "
+            f"{shape}; return one loss per sample (or per token), not their mean"
+        )
     return 1 if len(shape) == 1 else shape[1]
 
 
@@ -309,5 +351,5 @@ def _select_samples(values: jax.Array, mask: np.ndarray | None) -> jax.Array:
     if mask.size != flat.shape[0] or mask.shape[0] != values.shape[0]:
         raise ValueError(f"mask must have shape {values.shape[:2]} (sequences × samples), got {mask.shape}")
     if not mask.any():
-        raise ValueError("the mask selects no samples")
+        raise ValueError("the mask selects no samples; pass a mask with at least one True entry")
     return flat[np.flatnonzero(mask.reshape(-1))]
