@@ -1,4 +1,5 @@
-"""Host-side analysis: filters, HDBSCAN clustering, breakthroughs (Eq. 9-10) and carry metrics, on synthetic data."""
+"""Host-side analysis: filters, HDBSCAN clustering, breakthroughs (Eq. 9-10) and cluster scores against label sets,
+on synthetic data."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from polca_jax.analysis import (
     Clustering,
     breakthrough_scores,
     breakthrough_step,
-    carry_cluster_scores,
+    cluster_label_scores,
     cluster_breakthroughs,
     cluster_directions,
     cluster_signal,
@@ -16,11 +17,11 @@ from polca_jax.analysis import (
     hidden_breakthrough,
     hidden_breakthrough_fraction,
     kept_directions,
-    max_carry_homogeneity,
+    max_homogeneity,
     medoid,
     quartile_curves,
     relying_samples,
-    top_carry_clusters,
+    top_clusters,
 )
 
 STEPS = np.array([0, 30, 120, 250, 410, 600, 640, 777, 900, 950, 1130, 1300, 1500, 1720, 2000])
@@ -101,13 +102,13 @@ def test_cluster_trajectories_normalize_options():
 
 
 def test_hdbscan_params_follow_the_paper():
-    assert hdbscan_params(5000) == (150, 333)  # 5000 / 15 = 333.3
+    assert hdbscan_params(5000, min_cluster_size=150) == (150, 333)  # 5000 / 15 = 333.3
     assert hdbscan_params(2640, min_cluster_size=300) == (300, 176)
     # Scaled like the paper's 150 on 5000 tokens to 12600 tokens, min_samples from the filtered count.
-    assert hdbscan_params(6000, reference_num_samples=5000, dataset_size=12600) == (378, 400)
-    assert hdbscan_params(10) == (10, 2)  # clipped to [2, num_samples]
+    assert hdbscan_params(6000, min_cluster_size=150, reference_num_samples=5000, dataset_size=12600) == (378, 400)
+    assert hdbscan_params(10, min_cluster_size=150) == (10, 2)  # clipped to [2, num_samples]
     with pytest.raises(ValueError, match="at least 2"):
-        hdbscan_params(1)
+        hdbscan_params(1, min_cluster_size=150)
 
 
 def test_cluster_directions_maps_labels_back_and_filters():
@@ -236,15 +237,15 @@ def test_hidden_breakthrough_fraction_on_hand_made_clusters():
     baseline = Clustering(np.array([0, 0, 0, 0, 1, 1]), None, np.arange(6), 2, 2, "euclidean", None)  # 1000 | 1300
     assert hidden_breakthrough_fraction([baseline], projected_loss[:, :, 0], steps, 100, 1000) == 0.5
     with pytest.raises(ValueError, match="without a direction"):
-        hidden_breakthrough_fraction([baseline], projected_loss, steps)
+        hidden_breakthrough_fraction([baseline], projected_loss, steps, 100, 1000)
     empty = Clustering(np.full(6, -1), 0, np.arange(6), 2, 2, "euclidean", None)
-    assert np.isnan(hidden_breakthrough_fraction([empty], projected_loss, steps))
+    assert np.isnan(hidden_breakthrough_fraction([empty], projected_loss, steps, 100, 1000))
 
 
-# ---------------------------------------------------------------- carry metrics
+# ---------------------------------------------------------------- cluster scores against label sets
 
 
-def test_carry_metrics_worked_by_hand():
+def test_positive_class_scores_with_the_papers_qualifying_rule_worked_by_hand():
     # place: 0=1000s 1=100s 2=10s 3=1s.
     #  cluster 0 (5): carry at 10s, 100s, 10s, 100s + one non-carry    -> homogeneity 4/5
     #  cluster 1 (4): carry at 1000s x3 and 10s                        -> homogeneity 1, only 1/4 of carries in 10s/100s
@@ -253,40 +254,60 @@ def test_carry_metrics_worked_by_hand():
     carry = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0], bool)
     labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1])
     clustering = Clustering(labels, 7, np.arange(12), 2, 2, "euclidean", None)
-    first, second = carry_cluster_scores([clustering], place, carry)
-    # Recall denominator: carry tokens in some cluster = 4 + 4 = 8.
-    assert (first.direction, first.cluster, first.size, first.qualifies) == (7, 0, 5, True)
+    qualifying = np.isin(place, (1, 2))
+    first, second = cluster_label_scores([clustering], carry, positive=True, qualifying=qualifying)
+    # Recall denominator: carry tokens in some cluster = 4 + 4 = 8. Base rate: 9 carry of 12 kept samples.
+    assert (first.direction, first.cluster, first.size, first.label, first.qualifies) == (7, 0, 5, True, True)
     assert first.homogeneity == pytest.approx(0.8)
     assert first.recall == pytest.approx(0.5)
     assert first.f1 == pytest.approx(2 * 0.8 * 0.5 / 1.3)
+    assert first.base_rate == pytest.approx(9 / 12)
     assert (second.homogeneity, second.recall, second.qualifies) == (1.0, 0.5, False)
     assert second.f1 == pytest.approx(2 / 3)
 
-    assert top_carry_clusters([first, second]) == [first]
-    assert max_carry_homogeneity([first, second]) == pytest.approx(0.8)
-    assert max_carry_homogeneity([first, second], qualifying_only=False) == 1.0
-    assert max_carry_homogeneity([second]) != max_carry_homogeneity([second])  # NaN: nothing qualifies
-    relaxed = carry_cluster_scores([clustering], place, carry, min_qualifying_fraction=0.2)
+    assert top_clusters([first, second]) == [first]
+    assert max_homogeneity([first, second]) == pytest.approx(0.8)
+    assert max_homogeneity([first, second], qualifying_only=False) == 1.0
+    assert np.isnan(max_homogeneity([second]))  # nothing qualifies
+    relaxed = cluster_label_scores([clustering], carry, positive=True, qualifying=qualifying,
+                                   min_qualifying_fraction=0.2)
     assert [r.qualifies for r in relaxed] == [True, True]
-    at_threshold = carry_cluster_scores([clustering], place, carry, min_qualifying_fraction=0.25)
+    at_threshold = cluster_label_scores([clustering], carry, positive=True, qualifying=qualifying,
+                                        min_qualifying_fraction=0.25)
     assert [r.qualifies for r in at_threshold] == [True, False]  # "more than": exactly 1/4 does not qualify
+    unruled = cluster_label_scores([clustering], carry, positive=True)
+    assert [r.qualifies for r in unruled] == [True, True]  # without a rule: every cluster holding the class
 
 
-def test_top_carry_clusters_ordering():
+def test_majority_class_scores_of_string_labels_and_filtered_samples():
+    # samples 6-7 were filtered out of this direction: they count for no base rate and no recall
+    kinds = np.array(["word", "word", "word", "punct", "punct", "word", "punct", "punct"])
+    labels = np.array([0, 0, 0, 1, 1, -1, -1, -1])
+    clustering = Clustering(labels, 2, np.arange(6), 2, 2, "euclidean", None)
+    word, punct = cluster_label_scores([clustering], kinds)
+    assert (word.label, word.homogeneity, word.recall, word.base_rate) == ("word", 1.0, 1.0, pytest.approx(4 / 6))
+    assert (punct.label, punct.homogeneity, punct.recall, punct.base_rate) == ("punct", 1.0, 1.0,
+                                                                               pytest.approx(2 / 6))
+    none_of_class = cluster_label_scores([clustering], kinds, positive="digit")
+    assert [(r.homogeneity, r.qualifies) for r in none_of_class] == [(0.0, False), (0.0, False)]
+
+
+def test_top_clusters_ordering():
     clusterings = [
         Clustering(np.array([0, 0, 1, 1, 1, 1]), 0, np.arange(6), 2, 2, "euclidean", None),
         Clustering(np.array([0, 0, 0, -1, -1, -1]), 1, np.arange(6), 2, 2, "euclidean", None),
     ]
-    place = np.full(6, 2)
     carry = np.array([1, 1, 1, 0, 0, 1], bool)
-    records = carry_cluster_scores(clusterings, place, carry)
+    records = cluster_label_scores(clusterings, carry, positive=True)
     assert [(r.direction, r.cluster, r.homogeneity) for r in records] == [(0, 0, 1.0), (0, 1, 0.5), (1, 0, 1.0)]
-    assert [(r.direction, r.cluster) for r in top_carry_clusters(records, n=2)] == [(0, 0), (1, 0)]
-    assert [(r.direction, r.cluster) for r in top_carry_clusters(records, n=3)] == [(0, 0), (1, 0), (0, 1)]
-    one_each = top_carry_clusters(records, n=3, one_per_direction=True)
+    assert [(r.direction, r.cluster) for r in top_clusters(records, n=2)] == [(0, 0), (1, 0)]
+    assert [(r.direction, r.cluster) for r in top_clusters(records, n=3)] == [(0, 0), (1, 0), (0, 1)]
+    one_each = top_clusters(records, n=3, one_per_direction=True)
     assert [(r.direction, r.cluster) for r in one_each] == [(0, 0), (1, 0)]
-    with pytest.raises(ValueError, match="same shape"):
-        carry_cluster_scores(clusterings, place[:5], carry)
+    with pytest.raises(ValueError, match="clustering labels cover 6 samples, labels has 5"):
+        cluster_label_scores(clusterings, carry[:5], positive=True)
+    with pytest.raises(ValueError, match="qualifying must have shape"):
+        cluster_label_scores(clusterings, carry, qualifying=np.ones(5, bool))
 
 
 def test_clusterings_save_load_round_trip(tmp_path):

@@ -1,9 +1,7 @@
-"""Host-side analysis of POLCA results (numpy + scikit-learn; no JAX): filters, HDBSCAN clustering, breakthroughs
-(Eq. 9-10) and the arithmetic carry metrics."""
+"""Host-side analysis of POLCA results (numpy + scikit-learn; no JAX): the paper's filters, HDBSCAN clustering,
+breakthroughs (Eqs. 9-10) and cluster scores against categorical label sets."""
 
 from polca_jax.analysis._breakthroughs import (
-    DEFAULT_THRESHOLD_STEP,
-    DEFAULT_WINDOW_STEPS,
     ClusterBreakthrough,
     breakthrough_scores,
     breakthrough_step,
@@ -12,9 +10,8 @@ from polca_jax.analysis._breakthroughs import (
     hidden_breakthrough_fraction,
 )
 from polca_jax.analysis._clustering import (
-    DEFAULT_MIN_CLUSTER_SIZE,
     DEFAULT_MIN_SAMPLES_DIVISOR,
-    PAPER_REFERENCE_NUM_SAMPLES,
+    NORMALIZATIONS,
     Clustering,
     cluster_directions,
     cluster_signal,
@@ -26,50 +23,30 @@ from polca_jax.analysis._clustering import (
     save_clusterings,
 )
 from polca_jax.analysis._filters import kept_directions, relying_samples
-from polca_jax.analysis._metrics import (
-    MIN_QUALIFYING_FRACTION,
-    PLACE_10S,
-    PLACE_100S,
-    PLACE_1000S,
-    PLACE_1S,
-    QUALIFYING_PLACES,
-    CarryClusterScore,
-    carry_cluster_scores,
-    max_carry_homogeneity,
-    top_carry_clusters,
-)
+from polca_jax.analysis._scores import ClusterScore, cluster_label_scores, max_homogeneity, top_clusters
 
 __all__ = [
-    "DEFAULT_MIN_CLUSTER_SIZE",
     "DEFAULT_MIN_SAMPLES_DIVISOR",
-    "DEFAULT_THRESHOLD_STEP",
-    "DEFAULT_WINDOW_STEPS",
-    "MIN_QUALIFYING_FRACTION",
-    "PAPER_REFERENCE_NUM_SAMPLES",
-    "PLACE_1000S",
-    "PLACE_100S",
-    "PLACE_10S",
-    "PLACE_1S",
-    "QUALIFYING_PLACES",
-    "CarryClusterScore",
+    "NORMALIZATIONS",
     "ClusterBreakthrough",
+    "ClusterScore",
     "Clustering",
     "breakthrough_scores",
     "breakthrough_step",
-    "carry_cluster_scores",
     "cluster_breakthroughs",
     "cluster_directions",
+    "cluster_label_scores",
     "cluster_signal",
     "cluster_trajectories",
     "hdbscan_params",
-    "load_clusterings",
     "hidden_breakthrough",
     "hidden_breakthrough_fraction",
     "kept_directions",
-    "max_carry_homogeneity",
+    "load_clusterings",
+    "max_homogeneity",
     "medoid",
     "quartile_curves",
-    "save_clusterings",
     "relying_samples",
-    "top_carry_clusters",
+    "save_clusterings",
+    "top_clusters",
 ]

@@ -13,7 +13,7 @@ candidate range (t − Δ must be a step), so "drop" lands on noise in the flat 
 
 Δ is in training steps. The argmax runs over the checkpoints t with t−Δ and t+Δ both inside [steps[0], steps[-1]];
 f(t±Δ) is interpolated linearly between checkpoints (as ``np.interp``), so uneven checkpoint spacing is fine.
-Paper defaults (arithmetic): Δ = 100 steps, τ = 1000 steps.
+The paper's arithmetic settings: Δ = 100 steps, τ = 1000 steps (the step after which its mean exact loss is flat).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import numpy as np
 from polca_jax.analysis._clustering import Clustering
 from polca_jax.analysis._arrays import checked_array
 
-DEFAULT_WINDOW_STEPS = 100  # Δ
-DEFAULT_THRESHOLD_STEP = 1000  # τ: the arithmetic mean exact loss is flat after this step
 SIGNS = ("drop", "paper")
 
 
@@ -50,7 +48,7 @@ def _interpolate_rows(curves: np.ndarray, steps: np.ndarray, query: np.ndarray) 
 
 
 def breakthrough_scores(
-    curves, steps, window_steps: float = DEFAULT_WINDOW_STEPS, *, sign: str = "paper"
+    curves, steps, window_steps: float, *, sign: str = "paper"
 ) -> tuple[np.ndarray, np.ndarray]:
     """The quantity Eq. 9 maximises -> (candidate_steps float[m], scores float[n, m]).
 
@@ -78,7 +76,7 @@ def breakthrough_scores(
 
 
 def breakthrough_step(
-    curves, steps, window_steps: float = DEFAULT_WINDOW_STEPS, *, sign: str = "paper"
+    curves, steps, window_steps: float, *, sign: str = "paper"
 ) -> np.ndarray:
     """Eq. 9 for each curve: float[n], the training step of the breakthrough of each row of curves float[n, T].
 
@@ -92,8 +90,8 @@ def breakthrough_step(
 def hidden_breakthrough(
     curves,
     steps,
-    window_steps: float = DEFAULT_WINDOW_STEPS,
-    threshold_step: float = DEFAULT_THRESHOLD_STEP,
+    window_steps: float,
+    threshold_step: float,
     *,
     sign: str = "paper",
 ) -> bool:
@@ -126,7 +124,7 @@ def cluster_breakthroughs(
     clusterings: list[Clustering],
     trajectories,
     steps,
-    window_steps: float = DEFAULT_WINDOW_STEPS,
+    window_steps: float,
     *,
     sign: str = "paper",
 ) -> list[ClusterBreakthrough]:
@@ -158,8 +156,8 @@ def hidden_breakthrough_fraction(
     clusterings: list[Clustering],
     trajectories,
     steps,
-    window_steps: float = DEFAULT_WINDOW_STEPS,
-    threshold_step: float = DEFAULT_THRESHOLD_STEP,
+    window_steps: float,
+    threshold_step: float,
     *,
     sign: str = "paper",
 ) -> float:

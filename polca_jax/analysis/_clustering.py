@@ -15,9 +15,7 @@ from sklearn.cluster import HDBSCAN
 from polca_jax.analysis._arrays import checked_array
 from polca_jax.analysis._filters import kept_directions, relying_samples
 
-DEFAULT_MIN_CLUSTER_SIZE = 150  # arithmetic; the paper uses 300 for English
-DEFAULT_MIN_SAMPLES_DIVISOR = 15  # min_samples = number of tokens / 15
-PAPER_REFERENCE_NUM_SAMPLES = 5000  # the arithmetic evaluation set the settings were tuned on
+DEFAULT_MIN_SAMPLES_DIVISOR = 15  # the paper's min_samples = number of tokens / 15, in both of its experiments
 NORMALIZATIONS = (None, "unit", "standardize")
 
 
@@ -60,7 +58,7 @@ class Clustering:
 def hdbscan_params(
     num_samples: int,
     *,
-    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE,
+    min_cluster_size: int,
     min_samples_divisor: float = DEFAULT_MIN_SAMPLES_DIVISOR,
     reference_num_samples: int | None = None,
     dataset_size: int | None = None,
@@ -70,9 +68,9 @@ def hdbscan_params(
     - min_samples = floor(num_samples / min_samples_divisor): "number of tokens / 15", where we take the number of
       tokens to be the count actually clustered, i.e. after the per-direction filter (the paper does not say).
     - min_cluster_size is used as given (150 arithmetic, 300 English), unless ``reference_num_samples`` is set: then it
-      is scaled by ``dataset_size / reference_num_samples`` (rounded), the paper having tuned 150 on 5000 tokens
-      (``PAPER_REFERENCE_NUM_SAMPLES``). ``dataset_size`` is the size of the whole sample set, before filtering;
-      it defaults to ``num_samples``.
+      is scaled by ``dataset_size / reference_num_samples`` (rounded), as the paper tuned 150 on 5000 tokens and
+      scaled it for English. ``dataset_size`` is the size of the whole sample set, before filtering; it defaults to
+      ``num_samples``.
     - Both are clipped to [2, num_samples] (HDBSCAN's limits).
     """
     if num_samples < 2:
@@ -135,7 +133,7 @@ def _cluster_samples(
     sample_indices: np.ndarray,
     direction: int | None,
     *,
-    min_cluster_size: int = DEFAULT_MIN_CLUSTER_SIZE,
+    min_cluster_size: int,
     min_samples_divisor: float = DEFAULT_MIN_SAMPLES_DIVISOR,
     reference_num_samples: int | None = None,
     metric: str = "euclidean",
