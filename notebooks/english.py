@@ -5,8 +5,6 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
-#       format_version: '1.3'
-#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,11 +14,11 @@
 # %% [markdown]
 # # POLCA on an English language model, step by step (`tiny` preset)
 #
-# The `polca english` command runs these steps for you; here each one is a call to the public API, so you can swap
-# in your own model or corpus. Every next-token prediction of the evaluation contexts is a POLCA sample. The `tiny`
-# preset trains a one-layer model for a few seconds on part of the Lee news corpus that ships with gensim (no
-# network needed), so the clusters are not meaningful: the point is the data flow. `polca english --preset cpu`
-# gives the real thing.
+# `polca run english` runs these steps for you; here each one is a call to the public API, so you can swap in your
+# own model or corpus. Every next-token prediction of the evaluation contexts is a POLCA sample. The `tiny` preset
+# trains a one-layer model for a few seconds on part of the Lee news corpus that ships with gensim (no network
+# needed), so the clusters are not meaningful: the point is the data flow. `polca english --preset cpu` gives the
+# real thing.
 
 # %%
 import tempfile
@@ -32,29 +30,26 @@ from IPython.display import Image, Markdown, display
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.experiments.english import labels
-from polca_jax.experiments.english.config import make_config
-from polca_jax.experiments.english.pipeline import Experiment, RunDirectory, run_stages, target_positions
+from polca_jax.pipeline import build_task, checkpoint_store, open_run, run_stages
+from polca_jax.pipeline.tasks.english import labels, target_positions
 
-config = make_config("tiny", {"data": "lee"})  # or a .txt / .jsonl file, a directory of them, "hf:NAME"
-run = RunDirectory(Path(tempfile.mkdtemp()) / "run", config)
-# documents → train/validation split → BPE tokenizer (saved as tokenizer.json) → contexts, model, loss functions
-experiment = Experiment(config, run / "tokenizer.json")
-print(f"{pj._tree.num_params(experiment.initial_params):,} parameters; "
-      f"{len(experiment.train_contexts)} training, {len(experiment.hessian_contexts)} Hessian and "
-      f"{len(experiment.eval_contexts)} evaluation contexts of {config.context_length} + 1 tokens")
-print("an evaluation context:", repr(experiment.tokenizer.decode(experiment.eval_contexts[0].tolist())))
+# data="lee", or a .txt / .jsonl file, a directory of them, "hf:NAME"
+run, definition = open_run("english", Path(tempfile.mkdtemp()) / "run", preset="tiny", settings={"data": "lee"})
+config, options = run.config, run.config.task_options
+# documents → train/validation split → BPE tokenizer (kept as tokenizer.json) → contexts, model, loss functions
+task = build_task(run)
+print(f"{pj._tree.num_params(task.init_params):,} parameters; {task.num_samples} evaluation tokens")
+print("a sample:", task.sample_texts[5])
 
 # %% [markdown]
 # ## 1. Train, keeping a checkpoint at every POLCA and basis step
-# `polca_jax.training.train` (optax AdamW, orbax `CheckpointManager`). The loss function of the kernels is the
-# cross-entropy of every next token: `per_sample_loss_fn(params, batch) -> [n_contexts, context_length]`. The train
-# stage also saves the evaluation tokens' ids and texts (`tokens.npz`) for labelling.
+# The loss function of the kernels is the cross-entropy of every next token:
+# `per_sample_loss(params, batch) -> [n_contexts, context_length]`.
 
 # %%
-run_stages(run, ["train"], progress=False)
+run_stages(run, definition, ["train"], progress=False)
 print("checkpoints at steps", pj.OrbaxCheckpoints(run / "checkpoints").steps)
-print("per-token losses:", experiment.per_sample_loss_fn(experiment.initial_params, experiment.eval_batch).shape)
+print("per-token losses:", task.per_sample_loss(task.init_params, task.eval_batch).shape)
 
 # %% [markdown]
 # ## 2. The basis: Algorithm 1 over the basis checkpoints
@@ -62,9 +57,9 @@ print("per-token losses:", experiment.per_sample_loss_fn(experiment.initial_para
 # onto the complement of the vectors found before (Lanczos on Π⊥HΠ⊥).
 
 # %%
-basis_checkpoints = pj.OrbaxCheckpoints(run / "checkpoints", config.basis_steps, template=experiment.initial_params)
-basis = pj.hessian_basis(experiment.loss_fn, basis_checkpoints, experiment.hessian_batch,
-                         num_iters=config.lanczos_iters, key=jax.random.key(config.seed), progress=False)
+with checkpoint_store(run, task, config.basis_steps) as basis_checkpoints:
+    basis = pj.hessian_basis(task.loss, basis_checkpoints, task.hessian_batch, num_iters=config.lanczos_iters,
+                             key=jax.random.key(config.seed), progress=False)
 print("eigenvalues", np.round(basis.eigenvalues, 3), "found at steps", basis.steps)
 
 # %% [markdown]
@@ -73,10 +68,11 @@ print("eigenvalues", np.round(basis.eigenvalues, 3), "found at steps", basis.ste
 # the projected gradient of every token of a context at once.
 
 # %%
-print("method:", pj.choose_method(config.context_length, basis.size))
-result = pj.polca(experiment.per_sample_loss_fn, run / "checkpoints", experiment.eval_batch, basis,
-                  steps=config.polca_steps, second_order=config.second_order, progress=False)
-print("projected loss [T, N, K] =", result.projected_loss.shape, f"(N = {config.num_eval_tokens} tokens)")
+print("method:", pj.choose_method(options["context_length"], basis.size))
+with checkpoint_store(run, task, config.polca_steps) as polca_checkpoints:
+    result = pj.polca(task.per_sample_loss, polca_checkpoints, task.eval_batch, basis,
+                      second_order=config.second_order, progress=False)
+print("projected loss [T, N, K] =", result.projected_loss.shape)
 
 # %% [markdown]
 # ## 4. Filters, HDBSCAN per direction, and a label for each cluster
@@ -90,7 +86,7 @@ kept = analysis.kept_directions(result.projected_loss)
 clusterings = analysis.cluster_directions(result.projected_loss, directions=np.flatnonzero(kept),
                                           min_cluster_size=config.min_cluster_size)
 texts = np.load(run / "tokens.npz")["texts"]  # [contexts, context_length + 1]
-targets = target_positions(config.num_eval_contexts, config.context_length)  # sample -> (context, target column)
+targets = target_positions(options["num_eval_contexts"], options["context_length"])  # sample -> (context, column)
 tags = labels.tag_tokens(texts, targets, tagger=labels.default_tagger())
 for clustering in clusterings:
     for cluster in range(clustering.num_clusters):
@@ -98,15 +94,16 @@ for clustering in clusterings:
         label = labels.label_cluster([tags[i] for i in members])
         medoid = members[analysis.medoid(result.projected_loss[:, members, clustering.direction].T)]
         print(f"direction {clustering.direction}, cluster {cluster} ({members.size} tokens): {label.text}")
-        print("   medoid context:", labels.format_context(texts[targets[medoid, 0]], targets[medoid, 1]))
+        print("   medoid context:", task.sample_texts[medoid])
 
 # %% [markdown]
 # ## 5. The whole pipeline and its report
-# The remaining stages (decompose, cluster POLCA and the exact-loss baseline, label every cluster, report) as the
-# CLI runs them, on the same run directory.
+# The remaining stages (decompose, cluster and score POLCA and the exact-loss baseline, report with the paper's
+# labels) as the CLI runs them, on the same run directory.
 
 # %%
-report = run_stages(run, progress=False)
-display(Markdown(report.read_text().split("## Summary")[1].split("## Training")[0]))
-for figure in sorted((report.parent / "figures").glob("*.png"))[:3]:
+run_stages(run, definition, progress=False, log=lambda _: None)
+report = run / "report" / "report.md"
+display(Markdown(report.read_text().split("## What this run found")[1].split("## Strategies")[0]))
+for figure in sorted((report.parent / "figures").glob("polca_direction_*.png"))[:2]:
     display(Image(filename=str(figure)))

@@ -15,6 +15,7 @@ from polca_jax._checkpoints import OrbaxCheckpoints
 from polca_jax._decomposition import POLCAResult, polca
 from polca_jax._hvp import FlatHessianMatvec, hvp
 from polca_jax._lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
+from polca_jax._recorder import CheckpointRecorder
 from polca_jax._projections import (
     choose_method,
     per_sample_curvature,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Basis",
+    "CheckpointRecorder",
     "Eigenpairs",
     "FlatHessianMatvec",
     "OrbaxCheckpoints",

@@ -14,7 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from polca_jax.models import TransformerConfig, apply, init_params, token_cross_entropy  # noqa: E402
+from polca_jax.pipeline.models import TransformerConfig, apply, init_params, token_cross_entropy  # noqa: E402
 
 
 def mlp_token_losses(params, batch):
@@ -111,7 +111,7 @@ def dense_hessian(loss, params):
 def _kill_cli_run_after(arguments: list[str], run_dir, stage: str = "basis") -> dict[str, str]:
     """Run ``polca ARGUMENTS --out run_dir --quiet`` in a subprocess, SIGKILL it as soon as ``stage`` has finished,
     and return the record (``stages/<name>.json`` text) of every stage finished by then."""
-    command = [sys.executable, "-m", "polca_jax.cli", *arguments, "--out", str(run_dir), "--quiet"]
+    command = [sys.executable, "-m", "polca_jax.pipeline._cli", *arguments, "--out", str(run_dir), "--quiet"]
     process = subprocess.Popen(command, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     deadline = time.time() + 300

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polca_jax.experiments.arithmetic import (
+from polca_jax.pipeline.tasks.arithmetic import (
     ANSWER_PLACES,
     OUTPUT_SIZE,
     SEQUENCE_LENGTH,
@@ -19,7 +19,7 @@ from polca_jax.experiments.arithmetic import (
     paper_model_config,
     training_batches,
 )
-from polca_jax.models import TransformerConfig, init_params, parameter_count
+from polca_jax.pipeline.models import TransformerConfig, init_params, parameter_count
 
 
 def grade_school_carries(a: int, b: int, num_digits: int) -> list[bool]:

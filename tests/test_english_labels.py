@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from polca_jax.experiments.english.labels import (
+from polca_jax.pipeline.tasks.english._labels import (
     NO_TOKEN,
     ClusterLabel,
     builtin_tags,
@@ -19,7 +19,7 @@ from polca_jax.experiments.english.labels import (
     tag_tokens,
     top_tokens,
 )
-from polca_jax.experiments.english.tokenizer import END_OF_TEXT
+from polca_jax.pipeline.tasks.english._tokenizer import END_OF_TEXT
 
 CONTEXT = ["The", " cat", " sat", ".", "\n", "\n", "In", " 1990", ",", " the", " cat", "s", END_OF_TEXT, " (", "x"]
 

@@ -8,8 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from polca_jax.experiments.english.text import load_documents, split_documents
-from polca_jax.experiments.english.tokenizer import (
+from polca_jax.pipeline.tasks.english._text import load_documents, split_documents
+from polca_jax.pipeline.tasks.english._tokenizer import (
     END_OF_TEXT,
     load_or_train_tokenizer,
     make_contexts,

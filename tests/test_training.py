@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from polca_jax.experiments.arithmetic import (
+from polca_jax.pipeline.tasks.arithmetic import (
     OUTPUT_SIZE,
     SEQUENCE_LENGTH,
     VOCAB_SIZE,
@@ -14,8 +14,8 @@ from polca_jax.experiments.arithmetic import (
     make_problems,
     training_batches,
 )
-from polca_jax.models import TransformerConfig, init_params
-from polca_jax.training import adamw_paper, checkpoint_steps, restore_params, train
+from polca_jax.pipeline.models import TransformerConfig, init_params
+from polca_jax.pipeline._training import adamw_paper, checkpoint_steps, restore_params, train
 
 NUM_STEPS = 30
 SAVE_STEPS = (0, 10, 20, 30)

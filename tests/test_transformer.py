@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from polca_jax.models import Transformer, TransformerConfig, apply, init_params, parameter_count, token_cross_entropy
+from polca_jax.pipeline.models import Transformer, TransformerConfig, apply, init_params, parameter_count, token_cross_entropy
 
 TINY = TransformerConfig(vocab_size=12, context_length=12, num_layers=1, d_model=16, num_heads=2, d_mlp=32,
                          output_size=10)

@@ -37,9 +37,10 @@ from sklearn.preprocessing import StandardScaler
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.experiments.arithmetic import task
-from polca_jax.experiments.arithmetic.pipeline import Experiment, RunDirectory
-from polca_jax.experiments.common import checkpoint_store
+from polca_jax.pipeline import RunDirectory, build_task, checkpoint_store, load_labels
+
+LABEL_SETS = ("place", "carry", "digit")  # the arithmetic task's answer place, carry and answer digit per token
+QUALIFYING_PLACES = (1, 2)  # the paper's rule: a carry cluster counts when >85% of its carry tokens are 100s or 10s
 
 
 def projected_losses(result: pj.POLCAResult) -> dict[str, np.ndarray]:
@@ -113,13 +114,25 @@ def print_separability(name: str, projected: np.ndarray, labels, digit: np.ndarr
 
 
 def random_basis_trajectories(run_dir: Path, num_directions: int) -> np.ndarray:
-    """``[T, N, K]`` first-order projected loss of the run's evaluation tokens along random orthonormal directions."""
+    """``[T, N, K]`` first-order projected loss of the run's evaluation tokens along random orthonormal directions
+    (the run's task is rebuilt and checked against the data the run started with)."""
     run = RunDirectory(run_dir)
-    experiment = Experiment(run.config)
-    basis = pj.random_basis(experiment.initial_params, num_directions, jax.random.key(run.config.seed + 7))
-    with checkpoint_store(run, experiment, run.config.polca_steps) as store:
-        result = pj.polca(experiment.per_sample_loss_fn, store, experiment.eval_batch, basis, second_order="none")
+    task = build_task(run)
+    basis = pj.random_basis(task.init_params, num_directions, jax.random.key(run.config.seed + 7))
+    with checkpoint_store(run, task, run.config.polca_steps) as store:
+        result = pj.polca(task.per_sample_loss, store, task.eval_batch, basis, second_order="none",
+                          mask=task.eval_mask)
     return result.projected_loss
+
+
+def run_labels(run_dir: Path) -> dict[str, np.ndarray]:
+    """The run's ``place``, ``carry`` and ``digit`` label of every evaluation token, as the run stored them."""
+    label_sets, _ = load_labels(run_dir)
+    missing = [name for name in LABEL_SETS if name not in label_sets]
+    if missing:
+        raise SystemExit(f"{run_dir} has no label set(s) {missing} (it has {sorted(label_sets)}): this sweep reads "
+                         "the arithmetic task's answer place, carry and digit")
+    return {name: label_sets[name].values for name in LABEL_SETS}
 
 
 def describe(clusters) -> str:
@@ -134,7 +147,7 @@ def main() -> None:
                         help="also measure the carry separability along K random directions")
     args = parser.parse_args()
     config = json.loads((args.run_dir / "config.json").read_text())
-    labels = np.load(args.run_dir / "labels.npz")
+    labels = run_labels(args.run_dir)
     result = pj.POLCAResult.load(args.run_dir / "polca" / "hessian")
     print(f"run {args.run_dir}: {result.loss.shape[1]} tokens, {result.projections.shape[2]} directions, "
           f"reference_num_samples={config['reference_num_samples']}")
@@ -151,8 +164,7 @@ def main() -> None:
     control = carry_probe(trajectories["none"], labels["place"], shuffled).max(axis=0)
     print(f"- linear probe with shuffled carry labels (chance level), best direction: AUC 100s {control[0]:.2f}, "
           f"10s {control[1]:.2f}")
-    problems = task.make_problems(config["num_eval_problems"], config["seed"])  # the run's evaluation problems
-    digit = task.encode(problems)[:, -4:].reshape(-1)  # [N] answer digit per token, in the order of the labels
+    digit = labels["digit"]
     for rule, projected in trajectories.items():
         print_separability(f"second order {rule}", projected, labels, digit)
     if args.random_directions:
@@ -166,12 +178,13 @@ def main() -> None:
             projected, directions=kept, min_cluster_size=size, normalize=normalize,
             reference_num_samples=config["reference_num_samples"],
         ) if kept.size else []
-        scores = analysis.carry_cluster_scores(clusterings, labels["place"], labels["carry"])
+        scores = analysis.cluster_label_scores(clusterings, labels["carry"], positive=True,
+                                               qualifying=np.isin(labels["place"], QUALIFYING_PLACES))
         print(f"- second order {rule}, normalize={normalize}, min_cluster_size={size}: kept {kept.size} directions, "
               f"{sum(c.num_clusters for c in clusterings)} clusters")
-        print(f"    qualifying top 3: {describe(analysis.top_carry_clusters(scores, 3)) or 'none'}")
+        print(f"    qualifying top 3: {describe(analysis.top_clusters(scores, 3)) or 'none'}")
         print(f"    most carry-homogeneous of any place: "
-              f"{describe(analysis.top_carry_clusters(scores, 1, qualifying_only=False)) or 'none'}")
+              f"{describe(analysis.top_clusters(scores, 1, qualifying_only=False)) or 'none'}")
 
 
 if __name__ == "__main__":

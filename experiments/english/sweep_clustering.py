@@ -16,7 +16,7 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.experiments.common import variant_trajectories
+from polca_jax.pipeline import variant_trajectories
 
 # (min_cluster_size, min_samples divisor, normalize); the first row is the paper's setting
 SETTINGS = [(300, 15, None), (300, 15, "unit"), (50, 15, None), (300, 200, None), (50, 200, None)]

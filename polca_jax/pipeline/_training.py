@@ -118,19 +118,22 @@ def train(
         metrics_file = _open_metrics_log(metrics_path, start) if metrics_path is not None else None
         try:
             bar = tqdm(range(start, num_steps), initial=start, total=num_steps, disable=not progress, desc="train")
+            first_bad = jnp.asarray(-1)  # the first step whose loss is not finite, tracked on the device
             for step in bar:
-                new_params, opt_state, loss = train_step(params, opt_state, batches(step))
+                if step % metrics_every == 0 and metrics_file is not None and metrics_fn is not None:
+                    metrics = _jsonable_metrics(metrics_fn(params))  # of the params before this step's update
+                params, opt_state, loss, first_bad = train_step(params, opt_state, batches(step), step, first_bad)
                 if step % metrics_every == 0:
+                    _check_finite_loss(first_bad)
                     bar.set_postfix(loss=f"{float(loss):.4g}")
                     if metrics_file is not None:
-                        record = {"step": step, "loss": float(loss)}
-                        if metrics_fn is not None:
-                            record.update(_jsonable_metrics(metrics_fn(params)))
+                        record = {"step": step, "loss": float(loss), **(metrics if metrics_fn is not None else {})}
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
-                params = new_params
                 if step + 1 in save_steps:
+                    _check_finite_loss(first_bad)  # never save parameters that a non-finite loss produced
                     _save(manager, step + 1, params, opt_state)
+            _check_finite_loss(first_bad)
         finally:
             if metrics_file is not None:
                 metrics_file.close()
@@ -154,10 +157,18 @@ def checkpoint_steps(checkpoint_dir: str | Path) -> list[int]:
         return store.steps
 
 
-def _train_step(loss_fn, optimizer, params, opt_state, batch):
+def _train_step(loss_fn, optimizer, params, opt_state, batch, step, first_bad):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    first_bad = jnp.where((first_bad < 0) & ~jnp.isfinite(loss), step, first_bad)
+    return optax.apply_updates(params, updates), opt_state, loss, first_bad
+
+
+def _check_finite_loss(first_bad: jax.Array) -> None:
+    step = int(first_bad)
+    if step >= 0:
+        raise ValueError(f"the training loss is not finite at step {step} (NaN or inf): the learning rate may be too "
+                         "high or the loss may overflow; checkpoints before that step are kept, none after it")
 
 
 def _checkpoint_manager(directory: str | Path, *, create: bool) -> ocp.CheckpointManager:

@@ -1,6 +1,6 @@
 """Models analysed by POLCA."""
 
-from polca_jax.models.transformer import (
+from polca_jax.pipeline.models._transformer import (
     Transformer,
     TransformerConfig,
     apply,

@@ -1,5 +1,5 @@
-"""What the experiments' reports share: reading a run directory's files, markdown tables, and matplotlib figures of
-cluster trajectories (median and quartile band per cluster, breakthrough markers, basis and τ marks).
+"""What reports share: a view of a run directory's files, markdown tables, and matplotlib figures of cluster
+trajectories (median and quartile band per cluster, breakthrough markers, basis and τ marks).
 
 Host code only (numpy, matplotlib's object API, no pyplot state): safe to call from a stage or a notebook.
 """
@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from polca_jax.analysis import Clustering, load_clusterings, quartile_curves
 from polca_jax._basis import load_basis_info
 from polca_jax._decomposition import POLCAResult
+from polca_jax._files import read_json
+from polca_jax.analysis import Clustering, load_clusterings, quartile_curves
+from polca_jax.pipeline._rundir import load_labels
+from polca_jax.pipeline._task import LabelSet
 
 MAX_CLUSTERS_PER_PANEL = 6
 MISSING = "n/a"
@@ -26,16 +30,77 @@ CLUSTER_COLORS = matplotlib.colormaps["tab10"]
 # ---------------------------------------------------------------- reading a run directory
 
 
-def read_json(path: Path):
-    """The parsed file, or None if it does not exist."""
-    return json.loads(path.read_text()) if path.is_file() else None
+@dataclass(frozen=True)
+class RunView:
+    """What a run directory holds, for reports; None (or empty) for the parts it lacks.
+
+    config: the raw ``config.json``; log: ``metrics.jsonl`` rows; metrics: ``metrics.json``; label_sets and texts:
+    ``labels.npz`` with ``task.json``; result: the POLCA result along the Hessian basis; basis_steps: the steps its
+    directions were found at; clusterings: variant -> clusterings (``clusters/*.npz``); stages: stage -> record.
+    """
+
+    directory: Path
+    config: dict
+    task_info: dict | None
+    log: list[dict]
+    metrics: dict | None
+    label_sets: dict[str, LabelSet]
+    texts: np.ndarray | None
+    result: POLCAResult | None
+    basis_steps: np.ndarray
+    clusterings: dict[str, list[Clustering]]
+    stages: dict[str, dict]
+
+    @property
+    def variants(self) -> dict:
+        return (self.metrics or {}).get("variants", {})
+
+    def setting(self, name: str):
+        """A breakthrough setting (window_steps, threshold_step): from metrics.json, else the config; None if
+        absent."""
+        return (self.metrics or {}).get("settings", {}).get(name, self.config.get(name))
+
+    def setting_text(self, name: str) -> str:
+        value = self.setting(name)
+        return MISSING if value is None else str(value)
+
+    def variant_clusters(self, variant: str, direction) -> dict[int, dict]:
+        """cluster -> its ``metrics.json`` record, for one direction of a variant (None: a per-sample signal)."""
+        records = self.variants.get(variant, {}).get("clusters", [])
+        return {r["cluster"]: r for r in records if r.get("direction") == direction}
+
+
+def load_run_view(run_dir: Path) -> RunView:
+    """Everything a report reads from ``run_dir``; missing parts are None or empty."""
+    has_labels = (run_dir / "task.json").is_file() and (run_dir / "labels.npz").is_file()
+    label_sets, texts = load_labels(run_dir) if has_labels else ({}, None)
+    return RunView(
+        directory=run_dir,
+        config=read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {},
+        task_info=read_json(run_dir / "task.json") if (run_dir / "task.json").is_file() else None,
+        log=read_log(run_dir / "metrics.jsonl"),
+        metrics=read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None,
+        label_sets=label_sets,
+        texts=texts,
+        result=POLCAResult.load(run_dir / "polca" / "hessian")
+        if (run_dir / "polca" / "hessian" / "manifest.json").is_file() else None,
+        basis_steps=read_basis_steps(run_dir / "basis" / "hessian"),
+        clusterings={path.stem: load_clusterings(path) for path in sorted((run_dir / "clusters").glob("*.npz"))},
+        stages={path.stem: read_json(path) for path in sorted((run_dir / "stages").glob("*.json"))},
+    )
 
 
 def read_log(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file such as metrics.jsonl (empty if the file is missing)."""
+    """The rows of a JSON-lines file such as metrics.jsonl (empty if the file is missing; torn lines skipped)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def read_basis_steps(directory: Path) -> np.ndarray:
@@ -44,21 +109,6 @@ def read_basis_steps(directory: Path) -> np.ndarray:
         return np.zeros(0)
     steps = load_basis_info(directory)["steps"]
     return steps[steps >= 0].astype(float)
-
-
-def read_result(directory: Path) -> POLCAResult | None:
-    """The POLCA result saved in ``directory`` (memory-mapped), or None if there is none."""
-    return POLCAResult.load(directory) if (directory / "manifest.json").is_file() else None
-
-
-def read_clusterings(run_dir: Path) -> dict[str, list[Clustering]]:
-    """variant → its clusterings, from ``clusters/<variant>.npz``."""
-    return {path.stem: load_clusterings(path) for path in sorted((run_dir / "clusters").glob("*.npz"))}
-
-
-def read_stages(run_dir: Path) -> dict[str, dict]:
-    """stage → the record it wrote when it finished (``stages/<stage>.json``)."""
-    return {path.stem: json.loads(path.read_text()) for path in sorted((run_dir / "stages").glob("*.json"))}
 
 
 def figures_directory(report_dir: Path) -> Path:
@@ -93,7 +143,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def config_table(config: dict) -> str:
-    return markdown_table(["Setting", "Value"], [[key, value] for key, value in config.items()])
+    """The run's settings, task options listed as ``task option NAME``."""
+    rows = [[key, value] for key, value in config.items() if key != "task_options"]
+    rows += [[f"task option {key}", value] for key, value in (config.get("task_options") or {}).items()]
+    return markdown_table(["Setting", "Value"], rows)
 
 
 def duration(seconds: float) -> str:
@@ -201,3 +254,30 @@ def direction_projected_loss(result: POLCAResult, direction: int) -> np.ndarray:
     one_direction = POLCAResult(result.steps, result.loss, result.projections[:, :, k], result.step_projection[:, k],
                                 result.second_order[:, :, k], result.outside_fraction, result.config)
     return one_direction.projected_loss[:, :, 0]
+
+
+def top_classes(label_set: LabelSet, max_classes: int) -> list:
+    """The label set's classes, the most frequent first, at most ``max_classes`` (the rest count as "other")."""
+    classes, counts = np.unique(label_set.values, return_counts=True)
+    return classes[np.argsort(-counts, kind="stable")][:max_classes].tolist()
+
+
+def plot_composition(ax, clustering: Clustering, clusters, label_set: LabelSet, name: str,
+                     max_classes: int = 9) -> None:
+    """Stacked bars: the share of each class of ``label_set`` in each cluster (rarer classes as "other")."""
+    shown = top_classes(label_set, max_classes)
+    colors = matplotlib.colormaps["Dark2"]  # not the clusters' palette: these colours are classes
+    members = [clustering.members(cluster) for cluster in clusters]
+    positions = np.arange(len(clusters))
+    bottom = np.zeros(len(clusters))
+    groups = [(label_set.name_of(c), label_set.values == c) for c in shown]
+    if len(shown) < np.unique(label_set.values).size:
+        groups.append(("other", ~np.isin(label_set.values, shown)))
+    for index, (label, in_class) in enumerate(groups):
+        fractions = np.array([np.mean(in_class[m]) for m in members])
+        ax.bar(positions, fractions, bottom=bottom, color=colors(index % colors.N) if label != "other" else "0.7",
+               edgecolor="white", label=label)
+        bottom += fractions
+    ax.set_xticks(positions, [str(cluster) for cluster in clusters])
+    ax.set(xlabel="cluster", ylabel="share of cluster", ylim=(0, 1), title=f"make-up by {name}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

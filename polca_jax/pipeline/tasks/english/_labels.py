@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from polca_jax.experiments.english.tokenizer import END_OF_TEXT
+from polca_jax.pipeline.tasks.english._tokenizer import END_OF_TEXT
 
 NO_TOKEN = "none"
 Tagger = Callable[[Sequence[str], int], frozenset[str]]

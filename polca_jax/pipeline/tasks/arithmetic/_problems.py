@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from polca_jax.models.transformer import TransformerConfig, apply, token_cross_entropy
+from polca_jax.pipeline.models import TransformerConfig, apply, token_cross_entropy
 
 ANSWER_PLACES = ("1000s", "100s", "10s", "1s")
 SEQUENCE_LENGTH = 12

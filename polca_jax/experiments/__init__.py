@@ -1,1 +1,0 @@
-"""Experiments of the paper, built only from the public kernels."""

@@ -1,0 +1,69 @@
+"""POLCA on any training run: a task interface, one resumable pipeline and its report, the ``polca`` CLI.
+
+Needs the ``pipeline`` extra (``pip install "polca_jax[pipeline]"``: flax, optax, matplotlib). A user supplies a
+:class:`Task` (parameters, a per-sample loss, evaluation and Hessian samples, training batches or existing
+checkpoints, optional label sets) from a factory (:func:`task_factory`); :func:`run` trains, builds the basis,
+decomposes, clusters, scores and reports::
+
+    train → basis → decompose → cluster → score → report
+
+The paper's experiments are two such tasks, ``polca_jax.pipeline.tasks.arithmetic`` and ``...english``.
+"""
+
+try:
+    import matplotlib  # noqa: F401
+    import optax  # noqa: F401
+except ImportError as error:
+    raise ImportError(f"polca_jax.pipeline needs the pipeline extra ({error}): pip install 'polca_jax[pipeline]'. The "
+                      "kernels, polca_jax and polca_jax.analysis, work without it.") from error
+
+from polca_jax.pipeline._config import RunConfig, make_config  # noqa: E402
+from polca_jax.pipeline._report import write_report  # noqa: E402
+from polca_jax.pipeline._reporting import RunView, load_run_view  # noqa: E402
+from polca_jax.pipeline._run import open_run, run  # noqa: E402
+from polca_jax.pipeline._rundir import RunDirectory, load_labels  # noqa: E402
+from polca_jax.pipeline._stages import (  # noqa: E402
+    STAGES,
+    VARIANTS,
+    build_task,
+    checkpoint_store,
+    run_stages,
+    variant_trajectories,
+)
+from polca_jax.pipeline._task import (  # noqa: E402
+    BUILTIN_TASKS,
+    LabelSet,
+    Qualifier,
+    Task,
+    TaskDefinition,
+    load_task_definition,
+    task_factory,
+)
+from polca_jax.pipeline._training import adamw_paper, train  # noqa: E402
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "STAGES",
+    "VARIANTS",
+    "LabelSet",
+    "Qualifier",
+    "RunConfig",
+    "RunDirectory",
+    "RunView",
+    "Task",
+    "TaskDefinition",
+    "adamw_paper",
+    "build_task",
+    "checkpoint_store",
+    "load_labels",
+    "load_run_view",
+    "load_task_definition",
+    "make_config",
+    "open_run",
+    "run",
+    "run_stages",
+    "task_factory",
+    "train",
+    "variant_trajectories",
+    "write_report",
+]

@@ -1,0 +1,99 @@
+"""The ``polca`` command line: run POLCA on a task as resumable stages in a run directory.
+
+    polca run TASK --out DIR [--preset NAME] [--set KEY=VALUE ...] [--checkpoints DIR] [--stage STAGE ...]
+    polca arithmetic [STAGE] --out DIR ...        (= polca run arithmetic)
+    polca english [STAGE] [--data DATA] --out DIR ...
+    polca report DIR
+    polca --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from polca_jax.pipeline._report import write_report
+from polca_jax.pipeline._run import run
+from polca_jax.pipeline._stages import STAGES
+
+SHORTHANDS = {
+    "arithmetic": "the paper's 3-digit addition task (= polca run arithmetic)",
+    "english": "the paper's English language model (= polca run english)",
+}
+
+
+def _version() -> str:
+    from polca_jax import __version__
+
+    return f"polca_jax {__version__}"
+
+
+def _add_run_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--out", required=True, help="run directory (created for a new run, resumed otherwise)")
+    command.add_argument("--preset", help="preset of a new run (default: the task's); an existing run keeps its own")
+    command.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                         help="a pipeline setting or task option, e.g. --set learning_rate=1e-4 (repeatable)")
+    command.add_argument("--checkpoints", metavar="DIR",
+                         help="an existing orbax checkpoint directory to decompose instead of training (see "
+                         "polca_jax.CheckpointRecorder)")
+    command.add_argument("--force", action="store_true", help="redo the stage(s), and remove what later ones made")
+    command.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polca", description="POLCA: find hidden breakthroughs in training.")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_command = commands.add_parser(
+        "run", help="run POLCA on a task: train, basis, decompose, cluster, score, report",
+        description="Run every stage (or those named with --stage) on a run directory. Finished stages are "
+        "skipped, so a killed run resumes where it stopped.")
+    run_command.add_argument("task", help="arithmetic, english, path/to/file.py:factory or module:factory")
+    run_command.add_argument("--stage", dest="stages", action="append", choices=STAGES,
+                             help="run only this stage (repeatable; earlier ones must have finished)")
+    _add_run_options(run_command)
+    for name, summary in SHORTHANDS.items():
+        command = commands.add_parser(name, help=summary, description=f"{summary}.")
+        command.add_argument("stage", nargs="?", choices=STAGES, help="run only this stage")
+        if name == "english":
+            command.add_argument("--data", metavar="lee|hf:NAME[:CONFIG]|PATH",
+                                 help="corpus: gensim's Lee corpus, a Hugging Face dataset, or a .txt/.jsonl file or "
+                                 "directory (the task option data)")
+        _add_run_options(command)
+    report = commands.add_parser("report", help="write the report of a run directory again",
+                                 description="Re-render report/report.md of a run from what its directory holds.")
+    report.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            print(f"report: {write_report(args.run_dir)}")
+            return 0
+        task = args.task if args.command == "run" else args.command
+        stages = args.stages if args.command == "run" else ([args.stage] if args.stage else None)
+        settings = list(args.settings)
+        if getattr(args, "data", None) is not None:
+            settings.append(f"data={_data_reference(args.data)}")
+        report = run(task, args.out, preset=args.preset, settings=settings, checkpoints=args.checkpoints,
+                     stages=stages, force=args.force, progress=not args.quiet)
+    except ValueError as error:
+        print(f"polca: error: {error}", file=sys.stderr)
+        return 2
+    if report.exists():
+        print(f"report: {report}")
+    return 0
+
+
+def _data_reference(data: str) -> str:
+    """A local corpus path made absolute (so a resumed run reads the same files from any directory)."""
+    if data == "lee" or data.startswith("hf:"):
+        return data
+    return str(Path(data).expanduser().absolute())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

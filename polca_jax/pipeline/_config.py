@@ -1,0 +1,263 @@
+"""The configuration of one run: the task and its options, and the pipeline's settings (training, checkpoints,
+Algorithm 1, decomposition, clustering, breakthroughs, baselines).
+
+Settings are one flat namespace, as presets and ``--set key=value`` write them: a key that is a field of
+:class:`RunConfig` sets the pipeline, any other key must be an option of the task factory. A run directory holds
+exactly one config (``config.json``), with every task option written out, defaults included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from typing import Any, Mapping
+
+from polca_jax._decomposition import SECOND_ORDER_CHOICES
+from polca_jax.analysis import NORMALIZATIONS
+from polca_jax.pipeline._task import TaskDefinition
+
+PROJECTION_METHODS = ("auto", "reverse", "forward")
+NOT_SETTABLE = ("task", "preset", "task_options")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run.
+
+    ``window_steps`` (Δ of Eq. 9) and ``threshold_step`` (τ of Eq. 10) may be None: Δ is then 5 POLCA intervals
+    (the paper's 100 steps at its 20-step interval) and τ the first checkpoint at which the mean exact loss of the
+    evaluation samples has made 90% of its fall, i.e. where the loss curve flattens (the paper's reading of τ).
+    """
+
+    task: str  # a built-in task, path/to/file.py:factory or module:factory
+    preset: str | None
+    task_options: Mapping[str, Any]
+    checkpoints: str | None = None  # an existing orbax checkpoint directory: no training
+    # training (AdamW, lr · min(i / warmup, 1))
+    learning_rate: float = 1e-3
+    num_steps: int = 1000
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    warmup_steps: int = 100
+    # checkpoints: POLCA at 0, polca_every, ..., num_steps; Algorithm 1 at basis_every, 2·basis_every, ... <= basis_until
+    polca_every: int = 10
+    basis_every: int = 100
+    basis_until: int | None = None
+    k_per_checkpoint: int = 1
+    lanczos_iters: int = 20
+    # decomposition
+    second_order: str = "paper"
+    projection_method: str = "auto"
+    # clustering: HDBSCAN per direction; min_cluster_size scaled by N / reference_num_samples, min_samples = n / divisor
+    min_cluster_size: int = 150
+    min_samples_divisor: float = 15.0
+    reference_num_samples: int | None = 5000
+    normalize: str | None = None
+    # breakthroughs (Eqs. 9-10)
+    window_steps: int | None = None
+    threshold_step: int | None = None
+    # baselines (change in exact loss, Fisher, first-order POLCA) and ablations (LCA, random and shuffled bases)
+    baselines: bool = True
+    ablations: bool = True
+    lca_axes: int = 50
+    seed: int = 0
+    metrics_every: int = 50
+
+    def __post_init__(self):
+        object.__setattr__(self, "task_options", dict(self.task_options))
+        for name in ("num_steps", "polca_every", "basis_every", "k_per_checkpoint", "lanczos_iters",
+                     "min_cluster_size", "lca_axes", "metrics_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("basis_until", "window_steps", "threshold_step", "reference_num_samples"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1, optional=True)
+        for name in ("learning_rate", "min_samples_divisor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and
+                                                                                     value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("weight_decay", "b1", "b2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and
+                                                                                     value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("baselines", "ablations"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.second_order not in SECOND_ORDER_CHOICES:
+            raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
+        if self.projection_method not in PROJECTION_METHODS:
+            raise ValueError(f"projection_method must be one of {PROJECTION_METHODS}, got {self.projection_method!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
+        if self.num_steps % self.polca_every:
+            raise ValueError(f"num_steps ({self.num_steps}) must be a multiple of polca_every ({self.polca_every})")
+        if self.basis_until is not None and self.basis_until > self.num_steps:
+            raise ValueError(f"basis_until must lie in [1, num_steps={self.num_steps}], got {self.basis_until}")
+        if not self.basis_steps:
+            raise ValueError(f"no basis checkpoint: basis_every={self.basis_every} exceeds "
+                             f"{'basis_until' if self.basis_until is not None else 'num_steps'}="
+                             f"{self.basis_until or self.num_steps}")
+        if self.window_steps is not None and 2 * self.window_steps >= self.num_steps:
+            raise ValueError(f"window_steps (Δ = {self.window_steps}) must be less than half of num_steps "
+                             f"({self.num_steps}): Eq. 9 needs t - Δ and t + Δ inside training")
+
+    @property
+    def polca_steps(self) -> list[int]:
+        """Steps of the POLCA checkpoints: 0, polca_every, ..., num_steps."""
+        return list(range(0, self.num_steps + 1, self.polca_every))
+
+    @property
+    def basis_steps(self) -> list[int]:
+        """Steps of the Algorithm 1 checkpoints: basis_every, 2·basis_every, ... <= basis_until (default num_steps)."""
+        until = self.num_steps if self.basis_until is None else self.basis_until
+        return list(range(self.basis_every, until + 1, self.basis_every))
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Every step a run needs a checkpoint at: the POLCA and the basis steps."""
+        return sorted(set(self.polca_steps) | set(self.basis_steps))
+
+    @property
+    def window(self) -> int:
+        """Δ of Eq. 9 in steps: ``window_steps``, or 5 POLCA intervals."""
+        return self.window_steps if self.window_steps is not None else 5 * self.polca_every
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def settings(self) -> dict[str, Any]:
+        """The flat ``key -> value`` view (pipeline fields and task options) that presets and ``--set`` write."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_SETTABLE}
+        return {**flat, **self.task_options}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any], source: str) -> "RunConfig":
+        """The config stored in ``source`` (a file name, for error messages)."""
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{source} does not hold a config object")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - fields)
+        missing = sorted({"task", "preset", "task_options"} - set(saved))
+        if unknown or missing:
+            raise ValueError(f"{source} is not a polca run config (unknown keys {unknown}, missing {missing}); it "
+                             "may come from an older version of polca_jax: start a new run directory")
+        return cls(**saved)
+
+
+PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_SETTABLE)
+
+
+def make_config(definition: TaskDefinition, task: str, preset: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The config of a new run: ``preset`` (default: the definition's) with ``overrides`` (key -> value) on top."""
+    preset = definition.default_preset if preset is None else preset
+    if preset is not None and preset not in definition.presets:
+        choices = sorted(definition.presets) or ["none: this task has no presets"]
+        raise ValueError(f"unknown preset {preset!r} for task {task}; choose one of {choices}")
+    settings = {**(definition.presets.get(preset, {}) if preset else {}), **(overrides or {})}
+    return _config_from_settings(definition, task, preset, settings)
+
+
+def apply_overrides(definition: TaskDefinition, config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """``config`` with ``overrides`` (key -> value) applied to its own settings, not to a preset's."""
+    return _config_from_settings(definition, config.task, config.preset, {**config.settings(), **overrides})
+
+
+def parse_overrides(definition: TaskDefinition, assignments: list[str]) -> dict[str, Any]:
+    """``["learning_rate=1e-3", "d_model=64", ...]`` -> typed values, coerced to each key's type (``none`` -> None,
+    ``true``/``false`` for booleans)."""
+    types = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in NOT_SETTABLE}
+    for name, parameter in definition.options().items():
+        types[name] = _parameter_type(parameter)
+    overrides = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if key in NOT_SETTABLE:
+            raise ValueError(f"--set {assignment}: {key!r} is not a setting; "
+                             + ("use --preset NAME" if key == "preset" else "name the task on the command line"))
+        if not sep or key not in types:
+            raise ValueError(f"bad --set {assignment!r}: expected KEY=VALUE with KEY one of the pipeline settings "
+                             f"{sorted(PIPELINE_KEYS)} or the task options {sorted(definition.options())}")
+        overrides[key] = _coerce(key, text, types[key])
+    return overrides
+
+
+def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
+    """``"key: saved on disk vs new"`` for every setting that differs."""
+    a, b = {**saved.settings(), "task": saved.task}, {**new.settings(), "task": new.task}
+    return [f"{key}: {a.get(key)!r} on disk vs {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key)]
+
+
+def _config_from_settings(definition: TaskDefinition, task: str, preset: str | None,
+                          settings: Mapping[str, Any]) -> RunConfig:
+    options = definition.options()
+    clashes = sorted(set(options) & set(PIPELINE_KEYS))
+    if clashes:
+        raise ValueError(f"the task factory {definition.name} has options named like pipeline settings {clashes}; "
+                         "rename them")
+    for key in NOT_SETTABLE:
+        if key in settings:
+            raise ValueError(f"{key!r} cannot be set as a setting (use --preset, or name the task)")
+    unknown = sorted(set(settings) - set(options) - set(PIPELINE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for task {task}: the pipeline settings are "
+                         f"{sorted(PIPELINE_KEYS)} and the task options {sorted(options)}")
+    task_options = {}
+    for name, parameter in options.items():
+        if name in settings:
+            task_options[name] = settings[name]
+        elif parameter.default is not inspect.Parameter.empty:
+            task_options[name] = parameter.default
+        else:
+            raise ValueError(f"task option {name!r} of {task} has no default and no preset sets it: "
+                             f"--set {name}=VALUE")
+    pipeline = {key: value for key, value in settings.items() if key in PIPELINE_KEYS}
+    return RunConfig(task=task, preset=preset, task_options=task_options, **pipeline)
+
+
+def _parameter_type(parameter: inspect.Parameter) -> str:
+    """A factory parameter's type as text (its annotation, else its default's type)."""
+    annotation = parameter.annotation
+    if annotation is not inspect.Parameter.empty:
+        return annotation if isinstance(annotation, str) else _type_name(annotation)
+    if parameter.default is not inspect.Parameter.empty and parameter.default is not None:
+        return type(parameter.default).__name__
+    return "str"
+
+
+def _type_name(annotation) -> str:
+    args = typing.get_args(annotation)
+    if args:
+        return " | ".join(_type_name(arg) for arg in args)
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(key: str, text: str, type_name) -> Any:
+    type_name = type_name if isinstance(type_name, str) else _type_name(type_name)
+    if text.lower() == "none" and "None" in type_name:
+        return None
+    try:
+        if type_name.startswith("bool"):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(text)
+            return text.lower() == "true"
+        if type_name.startswith("int"):
+            return int(text)
+        if type_name.startswith("float"):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: expected {type_name.split(' |')[0]}") from None
+    return text
+
+
+def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "None or an integer" if optional else "an integer"
+        raise ValueError(f"{name} must be {kind} >= {minimum}, got {value!r}")

@@ -1,0 +1,476 @@
+"""The report of any run: ``report/report.md`` with PNG figures in ``report/figures/``.
+
+It reads whatever the run directory holds (any part may be missing, and the report says which) and describes any
+task: what the run found, with the reason and a remedy for every empty result; every strategy's clusters scored
+against every label set; the projected loss of every kept direction, clustered or not, so the method is visible on
+every run; then the task's own sections (the paper tasks put the paper's numbers there), the config and stage times.
+
+Directions are 0-based basis indices (the paper's "basis vector #1" is direction 0).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+from polca_jax.pipeline import _reporting as reporting
+from polca_jax.pipeline._reporting import MISSING, RunView, load_run_view
+from polca_jax.pipeline._stages import STAGES, VARIANTS
+from polca_jax.pipeline._task import TaskDefinition, load_task_definition
+
+MAX_DIRECTION_FIGURES = 6
+MAX_CLASSES_PLOTTED = 9
+CLUSTER_TABLE_LABEL_SETS = 4
+REPORT_TEXTS = 3  # samples nearest a cluster's medoid shown per cluster (metrics.json keeps more)
+NOT_RUN = "not run"
+LINE_COLORS = matplotlib.colormaps["tab10"]
+
+
+def report_stage(run, definition: TaskDefinition) -> dict:
+    """The report stage: write the report of ``run`` with the sections of its task definition."""
+    return {"report": str(write_report(run.path, definition, started=time.perf_counter()))}
+
+
+def write_report(run_dir: str | Path, definition: TaskDefinition | None = None, *,
+                 started: float | None = None) -> Path:
+    """Write ``run_dir/report/report.md`` and its figures; returns the report's path.
+
+    definition: the run's task definition, for its own report sections (default: loaded from the run's config; a
+    task that cannot be loaded any more only loses those sections). started: ``time.perf_counter()`` when the
+    report stage began, to list its own time so far among the stage times.
+    """
+    view = load_run_view(Path(run_dir).absolute())
+    definition, definition_note = _definition(view, definition)
+    report_dir = view.directory / "report"
+    figures_dir = reporting.figures_directory(report_dir)
+    config = view.config
+    task_options = config.get("task_options") or {}
+    num_samples = (view.task_info or {}).get("num_samples")
+    parts = [
+        f"# POLCA run — task `{config.get('task', MISSING)}`, preset `{config.get('preset')}`",
+        " ".join(filter(None, [
+            (view.task_info or {}).get("description"),
+            f"Run directory: `{view.directory}`.",
+            f"{num_samples} evaluation samples." if num_samples else None,
+            "Directions are 0-based basis indices (the paper's basis vector #1 is direction 0).",
+        ])),
+        "## What this run found",
+        *_findings(view),
+        "## Strategies",
+        _strategies_table(view),
+        *_label_set_sections(view),
+        "## Figures",
+        *_figures(view, figures_dir),
+    ]
+    if definition is not None and definition.report_sections is not None:
+        parts += definition.report_sections(view)
+    elif definition_note:
+        parts.append(definition_note)
+    stages = dict(view.stages)
+    if started is not None:
+        stages["report"] = {"wall_seconds": time.perf_counter() - started}
+    parts += [
+        "## Configuration",
+        reporting.config_table(config) if config else "*config.json is missing.*",
+        f"{len(task_options)} task option(s) above are the task factory's; the rest are the pipeline's.",
+        "## Stage wall times",
+        reporting.stages_table(stages, STAGES),
+    ]
+    report_path = report_dir / "report.md"
+    report_path.write_text("\n\n".join(parts) + "\n")
+    return report_path
+
+
+def _definition(view: RunView, definition: TaskDefinition | None) -> tuple[TaskDefinition | None, str | None]:
+    if definition is not None or "task" not in view.config:
+        return definition, None
+    try:
+        return load_task_definition(view.config["task"]), None
+    except ValueError as error:
+        return None, f"*The task's own report sections are missing: {error}*"
+
+
+# ---------------------------------------------------------------- findings
+
+
+def _findings(view: RunView) -> list[str]:
+    """Bullets: what POLCA found, and for every empty result which filter or setting emptied it and what to try."""
+    if view.metrics is None:
+        done = [stage for stage in STAGES if stage in view.stages]
+        return [f"*No numbers yet: the score stage has not run (finished stages: {', '.join(done) or 'none'}).*"]
+    bullets = []
+    polca = view.variants.get("polca")
+    filters = view.metrics.get("filters", {}).get("hessian")
+    config = view.config
+    if filters is not None:
+        kept, total = filters["kept_directions"], filters["num_directions"]
+        bullets.append(f"**Oscillation filter:** {len(kept)} of {total} basis directions kept (their mean projected "
+                       f"loss falls over training){': ' + ', '.join(map(str, kept)) if kept else ''}.")
+        if not kept:
+            rises = np.asarray(filters["mean_final_projected_loss"])
+            bullets.append(
+                f"**POLCA found no cluster because no direction passed the oscillation filter**: in every direction "
+                f"the mean projected loss ends higher than it starts (by {rises.min():+.3g} to {rises.max():+.3g}). "
+                + _second_order_advice(config.get("second_order")))
+    if polca is not None and filters is not None and filters["kept_directions"]:
+        clustered = sorted({c["direction"] for c in polca["clusters"]})
+        bullets.append(f"**POLCA:** {polca['num_clusters']} cluster(s) in {len(clustered)} of "
+                       f"{len(filters['kept_directions'])} kept directions.")
+        if polca["num_clusters"] == 0:
+            bullets.append(_no_cluster_advice(view, "polca"))
+        unclustered = sorted(set(filters["kept_directions"]) - set(clustered))
+        if unclustered and polca["num_clusters"]:
+            bullets.append(f"Kept directions where HDBSCAN found only noise: {', '.join(map(str, unclustered))} "
+                           "(their projected loss is still plotted below).")
+    exact = view.variants.get("exact_loss")
+    if exact is not None and exact["num_clusters"] == 0:
+        bullets.append("**Exact loss:** no cluster. " + _no_cluster_advice(view, "exact_loss"))
+    for name, label_set in view.label_sets.items():
+        bullets.append(_best_clusters_line(view, name, label_set))
+    threshold = view.setting("threshold_step")
+    source = view.metrics.get("settings", {}).get("threshold_source", "config")
+    if polca is not None and polca.get("hidden_breakthrough_fraction") is not None:
+        hidden = sum(bool(b["hidden"]) for b in polca["breakthroughs"])
+        bullets.append(f"**Breakthroughs:** {hidden} of {len(polca['breakthroughs'])} POLCA clusters have their mean "
+                       f"breakthrough step (Eq. 9, Δ = {view.setting('window_steps')}) after τ = {threshold} "
+                       f"({source}), i.e. hidden by the flat exact loss (Eq. 10).")
+    return ["\n".join(f"- {bullet}" for bullet in bullets)]
+
+
+def _second_order_advice(second_order) -> str:
+    if second_order == "paper":
+        return ("With `second_order=paper` the stored eigenvalue's term is positive in every interval and can "
+                "outweigh the first-order one when steps are large (a high learning rate); try "
+                "`--set second_order=trapezoid` (it follows the actual curvature) or `--set second_order=none`, "
+                "on a new --out directory.")
+    return ("The basis directions mostly carry oscillation, not the loss's long-term fall: try more basis "
+            "directions (a smaller `--set basis_every=...`), basis checkpoints while the loss still falls "
+            "(`--set basis_until=...`), or another second order (`--set second_order=...`), on a new --out "
+            "directory.")
+
+
+def _no_cluster_advice(view: RunView, variant: str) -> str:
+    clusterings = view.clusterings.get(variant, [])
+    sizes = sorted({c.min_cluster_size for c in clusterings if c.min_cluster_size is not None})
+    samples = sorted({c.min_samples for c in clusterings if c.min_samples is not None})
+    settings = (f"min_cluster_size {', '.join(map(str, sizes))} and min_samples {', '.join(map(str, samples))}"
+                if sizes else "too few samples to cluster")
+    return (f"HDBSCAN labelled every sample as noise ({settings}, from min_cluster_size="
+            f"{view.config.get('min_cluster_size')} scaled by N / reference_num_samples="
+            f"{view.config.get('reference_num_samples')}, and min_samples = samples / "
+            f"{view.config.get('min_samples_divisor')}). Try a smaller `--set min_cluster_size=...` or "
+            "`--set reference_num_samples=none`, a larger `--set min_samples_divisor=...`, or "
+            "`--set normalize=unit` (cluster the trajectories' shape), on a new --out directory.")
+
+
+def _best_clusters_line(view: RunView, name: str, label_set) -> str:
+    cls = label_set.positive
+    target = f"class {label_set.name_of(cls)!r}" if cls is not None else "its majority class"
+    parts = []
+    for variant in ("polca", "exact_loss", "random_basis"):
+        info = view.variants.get(variant)
+        if info is None:
+            continue
+        top = info["label_sets"].get(name, {}).get("top_clusters", [])
+        if top:
+            best = top[0]
+            where = "" if best["direction"] is None else f"direction {best['direction']}, "
+            parts.append(f"{info['label']} {best['homogeneity']:.3f} ({where}cluster {best['cluster']}, "
+                         f"{best['size']} samples, base rate {best['base_rate']:.3f})")
+        else:
+            parts.append(f"{info['label']} {MISSING}")
+    qualifier = " among qualifying clusters" if label_set.qualifier is not None else ""
+    return (f"**Label set `{name}`** (scored for {target}{qualifier}): the most homogeneous cluster — "
+            + "; ".join(parts) + ".")
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _strategies_table(view: RunView) -> str:
+    names = list(view.label_sets)
+    header = ["Strategy", "Basis", "Clustered trajectory", "Clusterings", "Clusters", "Hidden-breakthrough fraction",
+              *[f"Max homogeneity `{name}`" for name in names]]
+    rows = []
+    for variant in VARIANTS:
+        info = view.variants.get(variant.name)
+        if info is None:
+            rows.append([variant.label, variant.basis, variant.trajectory, NOT_RUN, NOT_RUN, NOT_RUN,
+                         *[NOT_RUN] * len(names)])
+            continue
+        rows.append([info["label"], info["basis"], info["trajectory"], str(info["num_directions"]),
+                     str(info["num_clusters"]), reporting.number(info["hidden_breakthrough_fraction"]),
+                     *[reporting.number(info["label_sets"].get(name, {}).get("max_homogeneity")) for name in names]])
+    note = (f"`{NOT_RUN}`: the strategy is off in this config (`baselines`, `ablations`); `{MISSING}`: no value "
+            "(no cluster, or none qualifies). Homogeneity is the share of a cluster's samples in the label set's "
+            "scored class; per-direction strategies count only qualifying clusters.")
+    return reporting.markdown_table(header, rows) + "\n\n" + note
+
+
+def _label_set_sections(view: RunView) -> list[str]:
+    parts = []
+    for name, label_set in view.label_sets.items():
+        cls = label_set.positive
+        target = f"class `{label_set.name_of(cls)}`" if cls is not None else "each cluster's majority class"
+        qualifier = label_set.qualifier
+        rule = ("" if qualifier is None else
+                f" A cluster of a decomposition qualifies only when more than {qualifier.min_fraction:.0%} of its "
+                f"scored members have `{qualifier.label_set}` in {list(qualifier.classes)}.")
+        header = ["Strategy", "#", "Direction", "Cluster", "Size", "Class", "Homogeneity", "Base rate", "Recall",
+                  "F1"]
+        rows = []
+        for variant in VARIANTS:
+            info = view.variants.get(variant.name)
+            if info is None:
+                continue
+            top = info["label_sets"].get(name, {}).get("top_clusters", [])
+            if not top:
+                rows.append([info["label"], "—", "—", "—", "—", "—", "no qualifying cluster", "", "", ""])
+            for rank, record in enumerate(top):
+                rows.append([info["label"] if rank == 0 else "", str(rank + 1),
+                             "—" if record["direction"] is None else str(record["direction"]),
+                             str(record["cluster"]), str(record["size"]), label_set.name_of(record["class"]),
+                             *[reporting.number(record[key]) for key in ("homogeneity", "base_rate", "recall", "f1")]])
+        parts += [f"## Label set `{name}`",
+                  f"The most homogeneous clusters of each strategy, scored for {target}.{rule} Base rate: the "
+                  "class's share among the samples the clustering saw (what a random cluster would score); recall "
+                  "and F1 leave HDBSCAN's outliers out.",
+                  reporting.markdown_table(header, rows)]
+    return parts
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _figures(view: RunView, figures_dir: Path) -> list[str]:
+    parts = []
+    training = _training_figure(view, figures_dir)
+    parts.append(reporting.figure_markdown(
+        training, "Training curves", "Training loss, evaluation loss and the task's training metrics "
+        "(metrics.jsonl); the dotted line is τ.") if training else
+        "*Training curves: metrics.jsonl is missing or empty (a run on existing checkpoints has none).*")
+    if view.result is None:
+        return parts + ["*No trajectory figures: polca/hessian/ is missing (the decompose stage has not run).*"]
+    per_class = _class_loss_figure(view, figures_dir)
+    if per_class:
+        parts.append(reporting.figure_markdown(
+            per_class, "Exact loss per class", "Mean exact loss of the evaluation samples of each class, per label "
+            "set. Classes that move together here cannot be told apart by exact-loss clustering."))
+    parts.append(reporting.figure_markdown(
+        _directions_overview_figure(view, figures_dir), "Every direction's projected loss",
+        "Left: the mean projected loss (Eq. 8) of every basis direction over training; directions kept by the "
+        "oscillation filter in colour, dropped ones in grey. Right: the mean exact loss change against the part the "
+        "basis accounts for (the sum over directions of the mean projected loss)."))
+    parts += _exact_loss_clusters_section(view, figures_dir)
+    parts += _directions_section(view, figures_dir)
+    return parts
+
+
+def _training_figure(view: RunView, figures_dir: Path) -> str | None:
+    rows = [row for row in view.log if "step" in row]
+    if not rows:
+        return None
+    extra = sorted({key for row in rows for key, value in row.items()
+                    if key not in ("step", "loss", "eval_loss") and isinstance(value, int | float)})
+    figure, axes = reporting.new_figure(2 if extra else 1, panel_width=5.5)
+    for key, color, label in (("loss", "0.5", "training batch"), ("eval_loss", "black", "evaluation samples")):
+        points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if points:
+            axes[0].plot(*zip(*points), color=color, label=label)
+    reporting.mark_steps(axes[0], view.setting("threshold_step"))
+    axes[0].set(title="loss", xlabel="training step", ylabel="loss")
+    axes[0].legend(fontsize=8)
+    if extra:
+        for index, key in enumerate(extra):
+            points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), int | float)]
+            axes[1].plot(*zip(*points), color=LINE_COLORS(index % 10), label=key)
+        axes[1].set(title="training metrics", xlabel="training step")
+        axes[1].legend(fontsize=7)
+    return reporting.save_figure(figure, figures_dir, "training_curves")
+
+
+def _class_loss_figure(view: RunView, figures_dir: Path) -> str | None:
+    label_sets = dict(view.label_sets)
+    if not label_sets:
+        return None
+    figure, axes = reporting.new_figure(len(label_sets), panel_width=4.5)
+    steps, loss = view.result.steps, np.asarray(view.result.loss)
+    for ax, (name, label_set) in zip(axes, label_sets.items()):
+        for index, cls in enumerate(reporting.top_classes(label_set, MAX_CLASSES_PLOTTED)):
+            members = label_set.values == cls
+            ax.plot(steps, loss[:, members].mean(axis=1), color=LINE_COLORS(index % 10),
+                    label=f"{label_set.name_of(cls)} (n={members.sum()})")
+        reporting.mark_steps(ax, view.setting("threshold_step"))
+        ax.set(title=f"mean exact loss by {name}", xlabel="training step")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("exact loss")
+    return reporting.save_figure(figure, figures_dir, "exact_loss_per_class")
+
+
+def _directions_overview_figure(view: RunView, figures_dir: Path) -> str:
+    result = view.result
+    steps = result.steps
+    mean_projected = np.asarray(result.terms).mean(axis=1).cumsum(axis=0)  # [T-1, K]
+    mean_projected = np.concatenate([np.zeros((1, mean_projected.shape[1])), mean_projected])
+    filters = (view.metrics or {}).get("filters", {}).get("hessian")
+    kept = set(filters["kept_directions"]) if filters else set(range(mean_projected.shape[1]))
+    figure, (directions_ax, total_ax) = reporting.new_figure(2, panel_width=5.5)
+    for direction in range(mean_projected.shape[1]):
+        if direction in kept:
+            directions_ax.plot(steps, mean_projected[:, direction], color=LINE_COLORS(direction % 10),
+                               label=f"{direction}" if direction < 10 else None)
+        else:
+            directions_ax.plot(steps, mean_projected[:, direction], color="0.75", linestyle="--", linewidth=0.8)
+    reporting.mark_steps(directions_ax, view.setting("threshold_step"), view.basis_steps)
+    directions_ax.set(title="mean projected loss per direction", xlabel="training step",
+                      ylabel="mean projected loss $L_b$")
+    directions_ax.legend(fontsize=7, title="kept direction", ncols=2)
+    loss = np.asarray(result.loss).mean(axis=1)
+    total_ax.plot(steps, loss - loss[0], color="black", label="exact loss change")
+    total_ax.plot(steps, mean_projected.sum(axis=1), color="tab:red", label="sum over directions")
+    total_ax.set(title="what the basis accounts for", xlabel="training step", ylabel="change since step 0")
+    total_ax.legend(fontsize=8)
+    return reporting.save_figure(figure, figures_dir, "directions_overview")
+
+
+def _composition_label_set(view: RunView):
+    """(name, label set) whose make-up the cluster figures show: the one with the most classes that still fit in a
+    plot (the most detailed make-up), else the first; (None, None) without label sets."""
+    sizes = {name: np.unique(label_set.values).size for name, label_set in view.label_sets.items()}
+    fitting = [name for name, size in sizes.items() if size <= MAX_CLASSES_PLOTTED]
+    name = max(fitting, key=sizes.get) if fitting else next(iter(sizes), None)
+    return (name, view.label_sets[name]) if name is not None else (None, None)
+
+
+def _exact_loss_clusters_section(view: RunView, figures_dir: Path) -> list[str]:
+    clusterings = view.clusterings.get("exact_loss")
+    if not clusterings:
+        return [f"*Exact-loss clusters: clusters/exact_loss.npz {NOT_RUN}.*"]
+    clustering = clusterings[0]
+    if clustering.num_clusters == 0:
+        return ["*Exact-loss clustering found no cluster: nothing to plot.*"]
+    clusters = reporting.shown_clusters(clustering)
+    name, label_set = _composition_label_set(view)
+    figure, axes = reporting.new_figure(2 if label_set is not None else 1, panel_width=5.5)
+    breakthroughs = reporting.breakthrough_steps(view.variants.get("exact_loss", {}).get("breakthroughs", []), None)
+    reporting.plot_cluster_curves(axes[0], view.result.steps, np.asarray(view.result.loss), clustering, clusters,
+                                  breakthroughs)
+    reporting.mark_steps(axes[0], view.setting("threshold_step"))
+    axes[0].set(title=f"exact loss, {reporting.clusters_title(clustering, clusters)}", ylabel="exact loss")
+    axes[0].legend(fontsize=8)
+    if label_set is not None:
+        reporting.plot_composition(axes[1], clustering, clusters, label_set, name)
+    link = reporting.save_figure(figure, figures_dir, "exact_loss_clusters")
+    return [reporting.figure_markdown(
+        link, "Exact-loss clusters", "The baseline: clusters of exact-loss trajectories. Median (line) and 25–75% "
+        "band per cluster, dots at each cluster's mean breakthrough step" + (f"; right, their make-up by `{name}`."
+                                                                          if name else "."))]
+
+
+def _directions_to_show(view: RunView) -> list[int]:
+    """Kept directions, those holding the best POLCA clusters of any label set first, then clustered ones, then the
+    rest, at most ``MAX_DIRECTION_FIGURES``."""
+    filters = (view.metrics or {}).get("filters", {}).get("hessian")
+    kept = filters["kept_directions"] if filters else []
+    polca = view.variants.get("polca", {})
+    best = [record["direction"] for summary in polca.get("label_sets", {}).values()
+            for record in summary.get("top_clusters", [])]
+    clustered = sorted({c["direction"] for c in polca.get("clusters", [])})
+    ordered = list(dict.fromkeys([*best, *clustered, *kept]))
+    return [d for d in ordered if d in kept][:MAX_DIRECTION_FIGURES]
+
+
+def _directions_section(view: RunView, figures_dir: Path) -> list[str]:
+    parts = ["### POLCA directions"]
+    clusterings = {c.direction: c for c in view.clusterings.get("polca", [])}
+    directions = _directions_to_show(view)
+    if not directions:
+        return parts + ["*No kept direction to show (see \"What this run found\").*"]
+    filters = view.metrics["filters"]["hessian"]
+    parts.append(
+        f"Directions shown: {', '.join(map(str, directions))} of the {len(filters['kept_directions'])} kept (those "
+        f"holding the best clusters first; at most {MAX_DIRECTION_FIGURES}). Left: median projected loss and 25–75% "
+        f"band per cluster, dots at each cluster's mean breakthrough step (Eq. 9, Δ = "
+        f"{view.setting_text('window_steps')}), hidden if right of the dotted τ line; a direction without clusters "
+        "shows the samples relying on it (projected loss falls) against the rest. Middle: the exact loss of the "
+        "same samples — look for sharp projected-loss changes the smooth exact loss hides. Dashed lines: steps "
+        "where basis directions were found.")
+    for direction in directions:
+        clustering = clusterings.get(direction)
+        parts.append(f"#### Direction {direction}")
+        parts.append(reporting.figure_markdown(_direction_figure(view, direction, clustering, figures_dir),
+                                               f"POLCA direction {direction}", _direction_caption(view, direction,
+                                                                                                  clustering)))
+        if clustering is not None and clustering.num_clusters:
+            parts.append(_cluster_table(view, "polca", direction))
+    return parts
+
+
+def _direction_caption(view: RunView, direction: int, clustering) -> str:
+    relying = view.metrics["filters"]["hessian"]["relying_samples"][direction]
+    if clustering is None or clustering.num_clusters == 0:
+        return f"Direction {direction}: no cluster; {relying} samples rely on it."
+    return (f"Direction {direction}: {clustering.num_clusters} cluster(s) among the {relying} samples relying on it "
+            f"({int((clustering.labels >= 0).sum())} clustered, the rest HDBSCAN noise).")
+
+
+def _direction_figure(view: RunView, direction: int, clustering, figures_dir: Path) -> str:
+    result = view.result
+    projected = reporting.direction_projected_loss(result, direction)
+    loss = np.asarray(result.loss)
+    name, label_set = _composition_label_set(view)
+    clustered = clustering is not None and clustering.num_clusters > 0
+    figure, axes = reporting.new_figure(3 if clustered and label_set is not None else 2, panel_width=5.0)
+    threshold = view.setting("threshold_step")
+    if clustered:
+        clusters = reporting.shown_clusters(clustering)
+        breakthroughs = reporting.breakthrough_steps(view.variants.get("polca", {}).get("breakthroughs", []),
+                                                     direction)
+        reporting.plot_cluster_curves(axes[0], result.steps, projected, clustering, clusters, breakthroughs)
+        reporting.plot_cluster_curves(axes[1], result.steps, loss, clustering, clusters, {})
+        if label_set is not None:
+            reporting.plot_composition(axes[2], clustering, clusters, label_set, name)
+        title = reporting.clusters_title(clustering, clusters)
+    else:
+        relying = projected[-1] < projected[0]
+        for ax, signal in ((axes[0], projected), (axes[1], loss)):
+            for members, color, label in ((relying, "tab:blue", "relying on it"), (~relying, "0.5", "the rest")):
+                if members.any():
+                    reporting.plot_median_band(ax, result.steps, signal[:, members].T, color,
+                                               f"{label} (n={members.sum()})")
+            ax.set_xlabel("training step")
+        title = "no cluster"
+    reporting.mark_steps(axes[0], threshold, view.basis_steps)
+    reporting.mark_steps(axes[1], threshold)
+    axes[0].set(title=f"direction {direction}: projected loss", ylabel="projected loss $L_b$")
+    axes[1].set(title=f"exact loss of the same samples ({title})", ylabel="exact loss")
+    axes[0].legend(fontsize=7)
+    return reporting.save_figure(figure, figures_dir, f"polca_direction_{direction}")
+
+
+def _cluster_table(view: RunView, variant: str, direction) -> str:
+    """One row per cluster of a direction: size, breakthrough, the share of its main class per label set, and the
+    texts of the samples nearest its medoid."""
+    records = view.variant_clusters(variant, direction)
+    names = list(view.label_sets)[:CLUSTER_TABLE_LABEL_SETS]
+    header = ["Cluster", "Size", "Breakthrough step", *[f"`{name}`" for name in names]]
+    has_texts = view.texts is not None
+    if has_texts:
+        header.append("Samples nearest the medoid")
+    rows = []
+    for cluster, record in sorted(records.items()):
+        step = record.get("breakthrough_step")
+        row = [str(cluster), str(record["size"]),
+               MISSING if step is None else f"{step:.0f}{' (after τ)' if record.get('hidden') else ''}"]
+        for name in names:
+            score = record["labels"].get(name)
+            row.append(MISSING if score is None else
+                       f"{view.label_sets[name].name_of(score['class'])} {score['homogeneity']:.0%} "
+                       f"(base {score['base_rate']:.0%})")
+        if has_texts:
+            row.append(" ⁞ ".join(str(view.texts[i]) for i in record.get("nearest_samples", [])[:REPORT_TEXTS]))
+        rows.append(row)
+    return reporting.markdown_table(header, rows)

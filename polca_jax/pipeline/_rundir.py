@@ -1,0 +1,196 @@
+"""A run directory bound to one config, with resumable stages and a fingerprint of the task's data.
+
+Guarantees:
+
+- ``config.json`` is written once, atomically, after the config has been validated; reopening the directory with
+  another config is refused, naming every difference, and changes nothing.
+- A stage is finished when its marker ``stages/<stage>.json`` exists; markers and every JSON file are written
+  atomically (temp file + rename), so a killed run never leaves a torn marker, and a finished stage is skipped.
+- ``task.json`` holds a fingerprint of the task's data (parameters at step 0, evaluation, Hessian and first
+  training batch, labels) taken when the task was first built; a later build that differs is refused, so a run
+  never mixes two datasets (e.g. a relative data path resumed from another directory).
+- Redoing a stage (``force``) first removes its outputs and those of every later stage, and their markers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from polca_jax._files import read_json, save_npz_atomic, write_json_atomic
+from polca_jax.pipeline._config import RunConfig, config_differences
+from polca_jax.pipeline._task import LabelSet, Qualifier, Task
+
+PyTree = Any
+
+
+class RunDirectory:
+    """A directory holding one run: opened with ``config=None`` (it must exist) or created with a config.
+
+    ``created`` is True when this object created the directory's ``config.json`` (a new run).
+    """
+
+    def __init__(self, path: str | Path, config: RunConfig | None = None):
+        self.path = Path(path).absolute()
+        _check_usable(self.path)
+        config_file = self.path / "config.json"
+        self.created = False
+        if config_file.exists():
+            saved = RunConfig.from_dict(read_json(config_file), str(config_file))
+            if config is not None and saved != config:
+                raise ValueError(f"{self.path} holds a run with another config ({'; '.join(config_differences(saved, config))})"
+                                 "; choose a new --out directory, or leave out --preset/--set to resume it as it is "
+                                 "(nothing was changed)")
+            config = saved
+        elif config is None:
+            raise ValueError(f"{self.path} is not a run directory (no config.json); start a run with "
+                             "polca run TASK --out DIR")
+        else:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise ValueError(f"{self.path} holds files but no config.json, so it is not a run directory; choose "
+                                 "a new or empty --out directory")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(config_file, config.to_dict())
+            except OSError as error:
+                raise ValueError(f"cannot create the run directory {self.path}: {error.strerror or error}; "
+                                 "choose another --out") from error
+            self.created = True
+        self.config: RunConfig = config
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The orbax checkpoints the run reads: its own, or the directory named by ``config.checkpoints``."""
+        return Path(self.config.checkpoints) if self.config.checkpoints else self.path / "checkpoints"
+
+    # --- stages ----------------------------------------------------------------------------------------------------
+
+    def done(self, stage: str) -> bool:
+        return (self.path / "stages" / f"{stage}.json").exists()
+
+    def stage_record(self, stage: str) -> dict:
+        return read_json(self.path / "stages" / f"{stage}.json")
+
+    def mark_done(self, stage: str, info: dict) -> None:
+        (self.path / "stages").mkdir(exist_ok=True)
+        write_json_atomic(self.path / "stages" / f"{stage}.json", info)
+
+    def require(self, stage: str) -> None:
+        if not self.done(stage):
+            raise ValueError(f"stage {stage!r} has not finished in {self.path}; run it first "
+                             f"(polca run {self.config.task} --out {self.path} --stage {stage})")
+
+    def reset(self, stages: list[str], outputs: dict[str, tuple[str, ...]]) -> None:
+        """Remove the markers of ``stages`` and the outputs ``outputs[stage]`` (paths relative to the run)."""
+        for stage in stages:
+            (self.path / "stages" / f"{stage}.json").unlink(missing_ok=True)
+            for name in outputs.get(stage, ()):
+                target = self.path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Delete a directory this object created, after the run failed before it trained or finished a stage."""
+        if self.created and not (self.path / "checkpoints").exists() and not any((self.path / "stages").glob("*")):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    # --- the task's data -------------------------------------------------------------------------------------------
+
+    def bind_task(self, task: Task) -> None:
+        """On the first build: save the task's labels and texts and its data fingerprint; later: refuse a task
+        whose data differ from the fingerprint."""
+        fingerprint = task_fingerprint(task)
+        task_file = self.path / "task.json"
+        if task_file.exists():
+            saved = read_json(task_file)["fingerprint"]
+            changed = sorted(part for part in set(saved) | set(fingerprint) if saved.get(part) != fingerprint.get(part))
+            if changed:
+                raise ValueError(
+                    f"the task built now differs from the one this run started with in: {', '.join(changed)} "
+                    f"(fingerprints in {task_file}). Changed data files, a relative data path resumed from another "
+                    "working directory or an edited task file can cause this; resume from the original setting or "
+                    "start a new --out directory (nothing was changed)")
+            return
+        arrays = {f"label:{name}": label_set.values for name, label_set in task.labels.items()}
+        if task.sample_texts is not None:
+            arrays["texts"] = np.asarray(task.sample_texts, dtype=str)
+        save_npz_atomic(self.path / "labels.npz", **arrays)
+        write_json_atomic(task_file, {
+            "fingerprint": fingerprint,
+            "num_samples": task.num_samples,
+            "description": task.description,
+            "label_sets": {name: label_set.metadata() for name, label_set in task.labels.items()},
+            "has_texts": task.sample_texts is not None,
+        })
+
+
+def task_fingerprint(task: Task) -> dict[str, str]:
+    """SHA-256 of each part of the task's data: init_params, eval_batch, eval_mask, hessian_batch, the first training
+    batch, the labels and the sample texts."""
+    parts = {
+        "init_params": task.init_params,
+        "eval_batch": task.eval_batch,
+        "eval_mask": task.eval_mask,
+        "hessian_batch": task.hessian_batch,
+        "first_train_batch": None if task.train_batches is None else task.train_batches(0),
+        "labels": {name: label_set.values for name, label_set in task.labels.items()},
+        "sample_texts": None if task.sample_texts is None else np.asarray(task.sample_texts, dtype=str),
+    }
+    return {name: _digest(value) for name, value in parts.items()}
+
+
+def _digest(tree: PyTree) -> str:
+    digest = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    digest.update(str(treedef).encode())
+    for leaf in leaves:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _check_usable(path: Path) -> None:
+    """Raise ``ValueError`` if ``path`` cannot be a run directory: it is a file, lies below a file, or cannot be
+    written."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a directory; choose another --out")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {path} lies below {parent}, which is a file; choose another --out")
+            break
+    existing = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {existing} (permission denied); choose another --out")
+
+
+def load_labels(run_dir: Path) -> tuple[dict[str, LabelSet], np.ndarray | None]:
+    """The label sets ``name -> LabelSet`` and the sample texts ``[N]`` (or None) a run stored (``labels.npz`` and
+    ``task.json``), without building its task."""
+    info = read_json(run_dir / "task.json")
+    try:
+        with np.load(run_dir / "labels.npz") as stored:
+            arrays = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {run_dir / 'labels.npz'}: {error}") from error
+    label_sets = {}
+    for name, metadata in info["label_sets"].items():
+        qualifier = metadata["qualifier"]
+        label_sets[name] = LabelSet(
+            arrays[f"label:{name}"], positive=metadata["positive"],
+            qualifier=None if qualifier is None else Qualifier(qualifier["label_set"], tuple(qualifier["classes"]),
+                                                               qualifier["min_fraction"]),
+            class_names=metadata["class_names"])
+    return label_sets, arrays.get("texts")

@@ -1,0 +1,314 @@
+"""The pipeline's stages over any task: train → basis → decompose → cluster → score → report.
+
+Run directory layout::
+
+    config.json            the run's RunConfig (a run directory holds one config)
+    task.json              the task's data fingerprint, sample count and label-set metadata
+    labels.npz             the evaluation samples' label sets (``label:<name>``) and texts (``texts``)
+    checkpoints/           orbax: params (+ optimizer state) at every POLCA and basis step (absent when the run
+                           reads an existing checkpoint directory, ``config.checkpoints``)
+    metrics.jsonl          training log: loss, evaluation loss and the task's training metrics
+    basis/<name>/          Basis: hessian (Algorithm 1) [, shuffled_hessian, random, parameter_axes]
+    polca/<name>/          POLCAResult per basis
+    clusters/<variant>.npz HDBSCAN clusterings of each strategy
+    metrics.json           filters, cluster scores against every label set, breakthroughs (Eqs. 9-10)
+    stages/<stage>.json    written when a stage finishes (wall time); a finished stage is skipped
+    report/report.md       the report, with figures in report/figures/
+
+The train, basis and decompose stages build the task (its data and model); cluster, score and report read only
+the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import polca_jax as pj
+from polca_jax import _tree as tree
+from polca_jax import analysis
+from polca_jax._checks import check_same_structure
+from polca_jax.pipeline._rundir import RunDirectory
+from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
+from polca_jax.pipeline._training import adamw_paper, train
+
+STAGES = ("train", "basis", "decompose", "cluster", "score", "report")
+HOST_STAGES = ("cluster", "score", "report")
+STAGE_OUTPUTS = {
+    "train": ("checkpoints", "metrics.jsonl"),
+    "basis": ("basis",),
+    "decompose": ("polca",),
+    "cluster": ("clusters",),
+    "score": ("metrics.json",),
+    "report": ("report",),
+}
+MAIN_BASIS = "hessian"
+ABLATION_BASES = ("shuffled_hessian", "random", "parameter_axes")
+NEAREST_SAMPLES = 10  # samples nearest each cluster's medoid, kept for reports
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One clustering strategy: what it decomposes along and which trajectory it clusters.
+
+    group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``) or
+    ``"ablation"`` (another basis, config ``ablations``).
+    """
+
+    name: str
+    label: str
+    basis: str
+    trajectory: str
+    group: str
+
+
+VARIANTS = (
+    Variant("exact_loss", "Exact loss", MAIN_BASIS, "loss", "main"),
+    Variant("loss_change", "Change in exact loss", MAIN_BASIS, "loss_change", "baseline"),
+    Variant("fisher", "Fisher information", MAIN_BASIS, "fisher", "baseline"),
+    Variant("lca", "LCA (parameter axes)", "parameter_axes", "first_order", "ablation"),
+    Variant("first_order_polca", "First-order POLCA", MAIN_BASIS, "first_order", "baseline"),
+    Variant("polca", "POLCA", MAIN_BASIS, "projected_loss", "main"),
+    Variant("random_basis", "Random orthonormal basis", "random", "projected_loss", "ablation"),
+    Variant("shuffled_hessian", "Random shuffled Hessian", "shuffled_hessian", "projected_loss", "ablation"),
+)
+TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss")
+
+
+def variants_of(config) -> tuple[Variant, ...]:
+    """The strategies a config runs."""
+    enabled = {"main": True, "baseline": config.baselines, "ablation": config.ablations}
+    return tuple(v for v in VARIANTS if enabled[v.group])
+
+
+def bases_of(config) -> tuple[str, ...]:
+    """The bases a config builds and decomposes along."""
+    return (MAIN_BASIS, *ABLATION_BASES) if config.ablations else (MAIN_BASIS,)
+
+
+# --- train ----------------------------------------------------------------------------------------------------------
+
+
+def train_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
+    """Train with AdamW, checkpointing at every POLCA and basis step; or check the run's existing checkpoints."""
+    config = run.config
+    if config.checkpoints:
+        _check_existing_checkpoints(run, task)
+        return {"checkpoints": str(run.checkpoint_dir), "trained": False}
+    if task.train_batches is None:
+        raise ValueError("the task has no training batches (Task.train_batches is None): give the run its "
+                         "checkpoints with --checkpoints DIR (or the setting checkpoints=DIR)")
+    evaluation_loss = _mean_eval_loss(task)
+
+    def metrics(params) -> dict:
+        extra = dict(task.training_metrics(params)) if task.training_metrics is not None else {}
+        return {"eval_loss": float(evaluation_loss(params, task.eval_batch)), **extra}
+
+    optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2, config.warmup_steps)
+    train(task.loss, task.init_params, optimizer, task.train_batches, config.num_steps, run.checkpoint_dir,
+          config.checkpoint_steps, metrics_fn=metrics, metrics_every=config.metrics_every,
+          metrics_path=run / "metrics.jsonl", progress=progress)
+    return {"parameters": tree.num_params(task.init_params), "trained": True}
+
+
+def _mean_eval_loss(task: Task) -> Callable:
+    """jitted ``(params, batch) -> scalar``: the mean loss of the evaluation samples (those of ``eval_mask``)."""
+    if task.eval_mask is None:
+        return jax.jit(task.loss)
+    mask = jnp.asarray(task.eval_mask)
+    return jax.jit(lambda params, batch: jnp.sum(task.per_sample_loss(params, batch) * mask) / mask.sum())
+
+
+def _check_existing_checkpoints(run: RunDirectory, task: Task) -> None:
+    """Raise unless the run's checkpoint directory holds params like the task's at every step the run needs."""
+    steps = run.config.checkpoint_steps
+    with pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params) as store:
+        try:
+            first = store[0]
+        except ValueError as error:
+            raise ValueError(f"the checkpoints in {run.checkpoint_dir} do not hold parameters like the task's "
+                             f"init_params (saved from another model than the task's?): {error}") from error
+    try:
+        check_same_structure(task.init_params, first, f"the checkpoint at step {steps[0]} in {run.checkpoint_dir}")
+    except ValueError as error:
+        raise ValueError(f"{error}; the checkpoints were saved from another model than the task's") from error
+
+
+def build_task(run: RunDirectory, definition: TaskDefinition | None = None) -> Task:
+    """The run's task, built from its config (and definition, default: loaded from ``config.task``) and checked
+    against the data fingerprint the run started with (the first build records it)."""
+    definition = definition or load_task_definition(run.config.task)
+    task = definition.build(run.config.task_options, seed=run.config.seed, workdir=run.path)
+    run.bind_task(task)
+    return task
+
+
+def checkpoint_store(run: RunDirectory, task: Task, steps: list[int]) -> pj.OrbaxCheckpoints:
+    """The run's checkpoints at ``steps``, restored into the task's parameter shapes and dtypes."""
+    return pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params)
+
+
+# --- basis and decompose --------------------------------------------------------------------------------------------
+
+
+def basis_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
+    """Each basis to ``basis/<name>/``; one already on disk (an interrupted stage) is kept. ``hessian`` is
+    Algorithm 1 on the Hessian sample at every basis step; ``shuffled_hessian`` the same with the checkpoints in
+    random order; ``random`` as many random orthonormal vectors; ``parameter_axes`` the ``lca_axes``
+    largest-magnitude parameters at the end of training (LCA)."""
+    config = run.config
+    names = bases_of(config)
+    key = jax.random.key(config.seed)
+    options = dict(k_per_checkpoint=config.k_per_checkpoint, num_iters=config.lanczos_iters, progress=progress)
+    size = len(config.basis_steps) * config.k_per_checkpoint
+
+    def final_params():
+        with checkpoint_store(run, task, [config.num_steps]) as final:
+            return final[0]
+
+    with checkpoint_store(run, task, config.basis_steps) as store:
+        makers = {
+            "hessian": lambda: pj.hessian_basis(task.loss, store, task.hessian_batch, key=key, **options),
+            "shuffled_hessian": lambda: pj.shuffled_hessian_basis(
+                task.loss, store, task.hessian_batch, key=jax.random.fold_in(key, 1), **options),
+            "random": lambda: pj.random_basis(task.init_params, size, jax.random.fold_in(key, 2)),
+            "parameter_axes": lambda: pj.parameter_axis_basis(final_params(), config.lca_axes, step=config.num_steps),
+        }
+        for name in names:
+            if not (run / "basis" / name / "basis.json").exists():
+                makers[name]().save(run / "basis" / name)
+    return {"bases": list(names)}
+
+
+def decompose_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
+    """POLCA of every evaluation sample at every POLCA checkpoint along each basis, to ``polca/<name>/``; a result
+    already on disk is kept. LCA's ``parameter_axes`` is first order (Eq. 1); a basis without eigenvalues uses the
+    current curvature for the paper's second order."""
+    config = run.config
+    names = bases_of(config)
+    with checkpoint_store(run, task, config.polca_steps) as store:
+        for name in names:
+            if (run / "polca" / name / "manifest.json").exists():
+                continue
+            basis = pj.Basis.load(run / "basis" / name)
+            second_order = "none" if name == "parameter_axes" else config.second_order
+            has_eigenvalues = bool(np.all(np.isfinite(basis.eigenvalues)))
+            result = pj.polca(
+                task.per_sample_loss, store, task.eval_batch, basis, second_order=second_order,
+                eigenvalues="stored" if has_eigenvalues else "current", mask=task.eval_mask,
+                method=config.projection_method, progress=progress,
+            )
+            result.save(run / "polca" / name)
+    return {"decompositions": list(names), "method": _projection_method(run, task)}
+
+
+def _projection_method(run: RunDirectory, task: Task) -> str:
+    if run.config.projection_method != "auto":
+        return run.config.projection_method
+    shape = jax.eval_shape(task.per_sample_loss, task.init_params, task.eval_batch).shape
+    samples_per_sequence = 1 if len(shape) == 1 else shape[1]
+    return pj.choose_method(samples_per_sequence, len(run.config.basis_steps) * run.config.k_per_checkpoint)
+
+
+# --- cluster --------------------------------------------------------------------------------------------------------
+
+
+def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The trajectories a strategy clusters, ``[T, N, K]`` or ``[T, N]``, and their steps ``[T]``.
+
+    kind: ``loss`` (exact loss), ``loss_change`` (its change per interval), ``fisher`` (⟨b, ∇L(x)⟩²),
+    ``first_order`` (cumulative first-order POLCA) or ``projected_loss`` (POLCA, Eq. 8).
+    """
+    if kind == "loss":
+        return np.asarray(result.loss), result.steps
+    if kind == "loss_change":
+        return result.loss_change, result.steps[1:]
+    if kind == "fisher":
+        return np.asarray(result.projections) ** 2, result.steps
+    if kind == "first_order":
+        return result.projected_loss_with("none"), result.steps
+    if kind == "projected_loss":
+        return result.projected_loss, result.steps
+    raise ValueError(f"unknown trajectory kind {kind!r}; choose from {TRAJECTORY_KINDS}")
+
+
+def cluster_options(config) -> dict:
+    """The HDBSCAN settings of a config, as keyword arguments of the ``analysis`` clustering functions."""
+    return dict(min_cluster_size=config.min_cluster_size, min_samples_divisor=config.min_samples_divisor,
+                reference_num_samples=config.reference_num_samples, normalize=config.normalize)
+
+
+def cluster_variant(trajectories: np.ndarray, kind: str, options: dict) -> list[analysis.Clustering]:
+    """HDBSCAN of one strategy's trajectories: one clustering of a per-sample signal ``[T, N]``; for the Fisher
+    information one per direction of ``[T, N, K]``, without filters (it is no decomposition of the loss); otherwise
+    one per direction kept by the oscillation filter, on the samples relying on it."""
+    if trajectories.ndim == 2:
+        return [analysis.cluster_signal(trajectories, **options)]
+    if kind == "fisher":
+        return analysis.cluster_directions(trajectories, directions=np.arange(trajectories.shape[2]),
+                                           filter_samples=False, **options)
+    return analysis.cluster_directions(trajectories, **options)
+
+
+def cluster_stage(run: RunDirectory, progress: bool) -> dict:
+    """HDBSCAN of every strategy to ``clusters/<variant>.npz``."""
+    options = cluster_options(run.config)
+    (run / "clusters").mkdir(exist_ok=True)
+    counts = {}
+    for variant in variants_of(run.config):
+        result = pj.POLCAResult.load(run / "polca" / variant.basis)
+        trajectories, _ = variant_trajectories(result, variant.trajectory)
+        clusterings = cluster_variant(trajectories, variant.trajectory, options)
+        analysis.save_clusterings(run / "clusters" / f"{variant.name}.npz", clusterings)
+        counts[variant.name] = sum(c.num_clusters for c in clusterings)
+    return {"clusters": counts}
+
+
+# --- orchestration --------------------------------------------------------------------------------------------------
+
+
+def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, force: bool = False,
+               progress: bool = True, log: Callable[[str], None] = print) -> None:
+    """Run ``stages`` (default: all, in order) on ``run``, skipping finished ones unless ``force``.
+
+    Every stage before a requested one must have finished. An interrupted stage resumes, keeping the parts it
+    finished (a basis, a decomposition, training up to its last checkpoint); redoing a stage (``force``) first
+    removes its outputs and those of every later stage. The task is built once, by the first stage that needs it, and its data must
+    match the fingerprint the run was started with. Each stage's info and wall time go to ``stages/<stage>.json``.
+    """
+    from polca_jax.pipeline._score import score_stage
+    from polca_jax.pipeline._report import report_stage
+
+    bodies = {
+        "train": train_stage, "basis": basis_stage, "decompose": decompose_stage,
+        "cluster": lambda run, task, progress: cluster_stage(run, progress),
+        "score": lambda run, task, progress: score_stage(run),
+        "report": lambda run, task, progress: report_stage(run, definition),
+    }
+    stages = list(STAGES) if stages is None else list(stages)
+    for stage in stages:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    task = None
+    for stage in sorted(stages, key=STAGES.index):
+        for previous in STAGES[: STAGES.index(stage)]:
+            if previous not in stages:
+                run.require(previous)
+        if run.done(stage) and not force:
+            log(f"[{stage}] already finished in {run.path}, skipped")
+            continue
+        if force:  # redo fully; without force, an interrupted stage keeps the parts it finished
+            run.reset(list(STAGES[STAGES.index(stage):]), STAGE_OUTPUTS)
+        log(f"[{stage}] running")
+        start = time.perf_counter()
+        if stage not in HOST_STAGES and task is None:
+            task = build_task(run, definition)
+        info = bodies[stage](run, task, progress)
+        info["wall_seconds"] = time.perf_counter() - start
+        run.mark_done(stage, info)
+        log(f"[{stage}] done in {info['wall_seconds']:.1f} s")

@@ -1,0 +1,336 @@
+"""What a user supplies to run POLCA on their own problem: a :class:`Task`, built by a factory from options.
+
+A *task* is everything the pipeline needs and nothing more: the parameters at step 0, a per-sample loss, the
+evaluation and Hessian samples, training batches (or none, when the run brings its own checkpoints), and optionally
+named categorical label sets and a short text per evaluation sample for the report.
+
+A *task definition* is a factory ``(**options) -> Task`` with presets of options, made with :func:`task_factory`;
+``polca run path/to/file.py:factory`` or ``polca run module:factory`` loads one (:func:`load_task_definition`). Two
+factory parameters are reserved and filled by the pipeline when the factory declares them: ``seed`` (the run's seed)
+and ``workdir`` (the run directory, for files the task wants to keep, such as a trained tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from polca_jax._checks import batch_size
+
+PyTree = Any
+RESERVED_OPTIONS = ("seed", "workdir")
+BUILTIN_TASKS = {
+    "arithmetic": "polca_jax.pipeline.tasks.arithmetic:make_task",
+    "english": "polca_jax.pipeline.tasks.english:make_task",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qualifier:
+    """A cluster counts for a label set only when more than ``min_fraction`` of its members of the label set's
+    positive class have a class in ``classes`` of the label set ``label_set``.
+
+    The paper's arithmetic rule: a carry cluster counts only when more than 85% of its carry tokens are in the 10s or
+    100s place (``Qualifier("place", (1, 2), 0.85)``). Per-sample baselines (exact loss and its change) are scored
+    without it, as in the paper.
+    """
+
+    label_set: str
+    classes: tuple
+    min_fraction: float
+
+    def to_dict(self) -> dict:
+        return {"label_set": self.label_set, "classes": _jsonable(list(self.classes)),
+                "min_fraction": self.min_fraction}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LabelSet:
+    """Categorical labels of the N evaluation samples, used to score clusters.
+
+    Attributes:
+      values: ``[N]`` class of each sample (ints, bools or strings).
+      positive: the class clusters are scored for (e.g. ``True`` for carry tokens); None scores each cluster for its
+        majority class.
+      qualifier: an optional :class:`Qualifier` restricting which clusters count.
+      class_names: optional class -> display name for reports (e.g. place 0 -> "1000s").
+    """
+
+    values: np.ndarray
+    positive: Any = None
+    qualifier: Qualifier | None = None
+    class_names: Mapping[Any, str] | None = None
+
+    def __post_init__(self):
+        values = np.asarray(self.values)
+        if values.ndim != 1:
+            raise ValueError(f"label values must be one class per sample, [N], got shape {values.shape}")
+        object.__setattr__(self, "values", values)
+
+    def name_of(self, value) -> str:
+        """The display name of one class."""
+        names = {str(_plain(k)): v for k, v in (self.class_names or {}).items()}
+        return str(names.get(str(_plain(value)), _plain(value)))
+
+    def metadata(self) -> dict:
+        """What a run directory stores beside the values (``task.json``)."""
+        return {
+            "positive": _jsonable(self.positive),
+            "qualifier": None if self.qualifier is None else self.qualifier.to_dict(),
+            "class_names": None if self.class_names is None else {
+                str(_plain(k)): v for k, v in self.class_names.items()},
+        }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """Everything the pipeline needs to run POLCA on one problem.
+
+    Attributes:
+      init_params: the parameters at step 0 (a pytree of floating-point arrays); also the template every checkpoint
+        is restored into.
+      per_sample_loss: ``(params, batch) -> [n_seq]`` (one sample per sequence) or ``[n_seq, n_tok]`` (one sample per
+        token); a pure JAX function.
+      eval_batch: the evaluation samples POLCA decomposes: a pytree of arrays with a leading ``n_seq`` axis.
+      hessian_batch: the training sample whose Hessian Algorithm 1 uses (same layout).
+      train_batches: ``step -> batch``, a pure function of the step (so a resumed run sees the same data); None when
+        the run brings its own checkpoints (``polca run ... --checkpoints DIR``).
+      eval_mask: optional bool ``[n_seq, n_tok]``: the token samples that count; N is its number of True entries.
+      labels: name -> :class:`LabelSet` (or a plain ``[N]`` array) of the evaluation samples.
+      sample_texts: optional ``[N]`` short text per sample, shown in reports (e.g. the context of a token).
+      loss: optional ``(params, batch) -> scalar`` aggregate loss for training and the Hessian; default: the mean of
+        ``per_sample_loss`` over every entry.
+      training_metrics: optional ``params -> {name: float or array}`` logged every ``metrics_every`` training steps
+        beside the training and evaluation loss.
+      description: one line for the report.
+    """
+
+    init_params: PyTree
+    per_sample_loss: Callable[[PyTree, PyTree], jax.Array]
+    eval_batch: PyTree
+    hessian_batch: PyTree
+    train_batches: Callable[[int], PyTree] | None = None
+    eval_mask: np.ndarray | None = None
+    labels: Mapping[str, LabelSet | np.ndarray] = dataclasses.field(default_factory=dict)
+    sample_texts: Sequence[str] | None = None
+    loss: Callable[[PyTree, PyTree], jax.Array] | None = None
+    training_metrics: Callable[[PyTree], Mapping[str, Any]] | None = None
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.labels, Mapping):
+            raise ValueError(f"Task.labels must be a dict of name -> LabelSet or [N] array, got "
+                             f"{type(self.labels).__name__}")
+        labels = {str(name): value if isinstance(value, LabelSet) else LabelSet(value)
+                  for name, value in self.labels.items()}
+        object.__setattr__(self, "labels", labels)
+        if self.loss is None:
+            object.__setattr__(self, "loss", _MeanLoss(self.per_sample_loss))
+
+    @property
+    def num_samples(self) -> int:
+        """N, the evaluation samples (tokens or sequences) POLCA decomposes."""
+        if self.eval_mask is not None:
+            return int(np.count_nonzero(self.eval_mask))
+        return int(np.prod(jax.eval_shape(self.per_sample_loss, self.init_params, self.eval_batch).shape))
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first part of the task that cannot work."""
+        for name in ("per_sample_loss", "loss"):
+            if not callable(getattr(self, name)):
+                raise ValueError(f"Task.{name} must be a function (params, batch) -> losses")
+        if self.train_batches is not None and not callable(self.train_batches):
+            raise ValueError("Task.train_batches must be a function step -> batch, or None")
+        leaves = jax.tree_util.tree_leaves(self.init_params)
+        if not leaves:
+            raise ValueError("Task.init_params holds no arrays")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.init_params)[0]:
+            dtype = jax.numpy.result_type(leaf)
+            if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+                raise ValueError(f"Task.init_params{jax.tree_util.keystr(path)} has dtype {dtype}; "
+                                 "POLCA differentiates every parameter, so they must be floating point")
+        for name in ("eval_batch", "hessian_batch"):
+            _check_batch(getattr(self, name), f"Task.{name}")
+        try:
+            shape = jax.eval_shape(self.per_sample_loss, self.init_params, self.eval_batch).shape
+        except Exception as error:  # a user's function may fail in any way: say where
+            raise ValueError(f"Task.per_sample_loss fails on (init_params, eval_batch): {error}") from error
+        n_seq = _check_batch(self.eval_batch, "Task.eval_batch")
+        if len(shape) not in (1, 2) or shape[0] != n_seq:
+            raise ValueError(f"Task.per_sample_loss must return [n_seq] or [n_seq, n_tok] with n_seq={n_seq}, "
+                             f"got shape {shape}")
+        if self.eval_mask is not None:
+            mask = np.asarray(self.eval_mask)
+            if mask.dtype != np.bool_ or mask.shape != tuple(shape):
+                raise ValueError(f"Task.eval_mask must be bool {tuple(shape)} like the per-sample losses, got "
+                                 f"{mask.dtype} {mask.shape}")
+        num_samples = self.num_samples
+        if num_samples < 2:
+            raise ValueError(f"the task has {num_samples} evaluation sample(s); POLCA clusters need at least 2")
+        for name, label_set in self.labels.items():
+            if label_set.values.shape != (num_samples,):
+                raise ValueError(f"label set {name!r} has {label_set.values.shape[0]} values but the task has "
+                                 f"{num_samples} evaluation samples (one label per sample, in the order of the "
+                                 "flattened per-sample losses)")
+            classes = np.unique(label_set.values)
+            if classes.size < 2:
+                raise ValueError(f"label set {name!r} has a single class ({classes[0]!r}): it cannot tell clusters "
+                                 "apart; drop it")
+            if label_set.positive is not None and label_set.positive not in classes.tolist():
+                raise ValueError(f"label set {name!r}: positive class {label_set.positive!r} is not among its "
+                                 f"classes {classes.tolist()[:10]}")
+            qualifier = label_set.qualifier
+            if qualifier is not None and qualifier.label_set not in self.labels:
+                raise ValueError(f"label set {name!r} qualifies clusters by label set {qualifier.label_set!r}, which "
+                                 f"the task does not have (it has {sorted(self.labels)})")
+        if self.sample_texts is not None and len(self.sample_texts) != num_samples:
+            raise ValueError(f"Task.sample_texts has {len(self.sample_texts)} entries for {num_samples} samples")
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeanLoss:
+    """The mean of a per-sample loss: the default aggregate loss (hashable, so kernels compile once)."""
+
+    per_sample_loss: Callable
+
+    def __call__(self, params, batch):
+        return self.per_sample_loss(params, batch).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDefinition:
+    """A task factory with its presets: what ``polca run TASK`` loads.
+
+    Attributes:
+      factory: ``(**options) -> Task``; its keyword parameters are the task's options (``--set name=value``), with
+        ``seed`` and ``workdir`` reserved (see the module docstring).
+      presets: preset name -> settings; a setting is a task option or a pipeline config key
+        (:class:`polca_jax.pipeline.RunConfig`).
+      default_preset: the preset a new run takes without ``--preset`` (None: the defaults of the factory and the
+        pipeline).
+      report_sections: optional ``(run: RunView) -> list[str]`` of markdown parts the task adds to its report (e.g.
+        the paper's numbers beside the run's); host code reading only the run directory.
+    """
+
+    factory: Callable[..., Task]
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    default_preset: str | None = None
+    report_sections: Callable[[Any], list[str]] | None = None
+
+    def __post_init__(self):
+        if not callable(self.factory):
+            raise ValueError(f"a task factory must be callable, got {self.factory!r}")
+        if self.default_preset is not None and self.default_preset not in self.presets:
+            raise ValueError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
+
+    def __call__(self, *args, **kwargs) -> Task:
+        return self.factory(*args, **kwargs)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.factory, "__name__", type(self.factory).__name__)
+
+    def options(self) -> dict[str, inspect.Parameter]:
+        """The factory's keyword parameters other than the reserved ones: name -> parameter."""
+        parameters = inspect.signature(self.factory).parameters
+        return {name: p for name, p in parameters.items()
+                if name not in RESERVED_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    def build(self, options: Mapping[str, Any], *, seed: int, workdir: Path | None) -> Task:
+        """The task for ``options``, checked (:meth:`Task.check`); a wrong return type raises ``ValueError``."""
+        parameters = inspect.signature(self.factory).parameters
+        reserved = {"seed": seed, "workdir": workdir}
+        kwargs = {**options, **{name: value for name, value in reserved.items() if name in parameters}}
+        task = self.factory(**kwargs)
+        if not isinstance(task, Task):
+            raise ValueError(f"the task factory {self.name} returned {type(task).__name__}, expected a "
+                             "polca_jax.pipeline.Task")
+        task.check()
+        return task
+
+
+def task_factory(*, presets: Mapping[str, Mapping[str, Any]] | None = None, default_preset: str | None = None,
+                 report_sections: Callable | None = None) -> Callable[[Callable[..., Task]], TaskDefinition]:
+    """Decorator making a function ``(**options) -> Task`` a :class:`TaskDefinition` with presets."""
+
+    def wrap(factory: Callable[..., Task]) -> TaskDefinition:
+        return TaskDefinition(factory, dict(presets or {}), default_preset, report_sections)
+
+    return wrap
+
+
+def canonical_reference(reference: str) -> str:
+    """The form of a task reference stored in a run's config: a built-in name as is, a file path made absolute."""
+    if reference in BUILTIN_TASKS:
+        return reference
+    target, sep, attribute = reference.rpartition(":")
+    if not sep or not target or not attribute:
+        raise ValueError(f"unknown task {reference!r}: give a built-in task ({', '.join(BUILTIN_TASKS)}), "
+                         "path/to/file.py:factory or module:factory")
+    if target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{attribute}"
+    return reference
+
+
+def load_task_definition(reference: str) -> TaskDefinition:
+    """The task definition a reference names (see :func:`canonical_reference`); errors say what to fix."""
+    reference = canonical_reference(reference)
+    target, _, attribute = BUILTIN_TASKS.get(reference, reference).rpartition(":")
+    if target.endswith(".py"):
+        module = _import_file(Path(target))
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise ValueError(f"cannot import the task module {target!r}: {error}") from error
+    if not hasattr(module, attribute):
+        public = sorted(name for name in vars(module) if not name.startswith("_"))
+        raise ValueError(f"{target} has no {attribute!r} (it defines {', '.join(public[:12]) or 'nothing public'})")
+    found = getattr(module, attribute)
+    if isinstance(found, TaskDefinition):
+        return found
+    if callable(found):
+        return TaskDefinition(found)
+    raise ValueError(f"{reference} is a {type(found).__name__}, not a task factory (a function returning a Task)")
+
+
+def _import_file(path: Path):
+    if not path.is_file():
+        raise ValueError(f"task file {path} does not exist")
+    name = f"polca_user_task_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the user's file may raise anything at import: report it with the file named
+        del sys.modules[name]
+        raise ValueError(f"cannot import the task file {path}: {type(error).__name__}: {error}") from error
+    return module
+
+
+def _check_batch(batch: PyTree, what: str) -> int:
+    """The leading axis shared by every leaf of ``batch``; raise, naming ``what``, if it is empty or ragged."""
+    try:
+        return batch_size(batch)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from error
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _jsonable(value):
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return _plain(value)

@@ -1,0 +1,137 @@
+"""The paper's 3-digit addition task (§2.1 of the paper digest), as a pipeline task: ``polca run arithmetic``.
+
+Samples are the 4 answer tokens of each evaluation problem (1000s, 100s, 10s, 1s), labelled by whether a carry comes
+into them (``carry``, scored for carry tokens with the paper's rule that a cluster counts only when more than 85% of
+its carry tokens are in the 10s or 100s place), their place (``place``), both (``skill``) and the answer digit
+(``digit``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from polca_jax.pipeline._task import LabelSet, Qualifier, Task, task_factory
+from polca_jax.pipeline.models import TransformerConfig, init_params
+from polca_jax.pipeline.tasks.arithmetic._paper import paper_report_sections
+from polca_jax.pipeline.tasks.arithmetic._problems import (
+    ANSWER_INPUT_POSITIONS,
+    ANSWER_PLACES,
+    EQUALS_TOKEN,
+    OUTPUT_SIZE,
+    PLUS_TOKEN,
+    SEQUENCE_LENGTH,
+    VOCAB_SIZE,
+    answer_accuracy,
+    answer_labels,
+    decode,
+    encode,
+    make_loss_fns,
+    make_problems,
+    paper_model_config,
+    training_batches,
+)
+
+PAPER_SETTINGS = dict(polca_every=20, basis_every=200, window_steps=100, threshold_step=1000,
+                      min_cluster_size=150, reference_num_samples=5000, ablations=True)
+"""The paper's pipeline settings for arithmetic (Tables 2-3, Appendix D), under every preset's own."""
+
+PRESETS = {name: {**PAPER_SETTINGS, **preset} for name, preset in {
+    # The paper (Tables 2-3, Appendix D): 9,475,594 parameters, 10k steps, 50 basis vectors, 5000 tokens.
+    "paper": dict(
+        num_layers=3, d_model=512, num_heads=4, d_mlp=2048, num_train_problems=640_000, num_eval_problems=1250,
+        num_hessian_problems=1250, learning_rate=1e-5, num_steps=10_000,
+    ),
+    # Sized for a 2-core CPU in about five minutes.
+    "cpu": dict(
+        num_layers=2, d_model=128, num_heads=4, d_mlp=512, num_train_problems=96_000, num_eval_problems=300,
+        num_hessian_problems=256, learning_rate=3e-4, num_steps=1500, polca_every=10, basis_every=100,
+        window_steps=50, threshold_step=300, ablations=False,
+    ),
+    # Seconds, for tests and the notebook.
+    "tiny": dict(
+        num_layers=1, d_model=32, num_heads=2, d_mlp=64, num_train_problems=2000, num_eval_problems=40,
+        num_hessian_problems=32, learning_rate=1e-3, num_steps=60, batch_size=32, warmup_steps=10, polca_every=5,
+        basis_every=20, lanczos_iters=8, min_cluster_size=8, reference_num_samples=None, window_steps=10,
+        threshold_step=30, lca_axes=5, metrics_every=10,
+    ),
+}.items()}
+
+
+@task_factory(presets=PRESETS, default_preset="cpu", report_sections=paper_report_sections)
+def make_task(num_layers: int = 3, d_model: int = 512, num_heads: int = 4, d_mlp: int = 2048,
+              num_train_problems: int = 640_000, num_eval_problems: int = 1250, num_hessian_problems: int = 1250,
+              batch_size: int = 64, seed: int = 0) -> Task:
+    """3-digit addition with a TransformerLens-layout transformer (the paper's model by default).
+
+    Evaluation, Hessian and training problems are disjoint draws from the 1,000,000 operand pairs; all data and the
+    initial parameters are determined by ``seed``.
+    """
+    total = num_train_problems + num_eval_problems + num_hessian_problems
+    if total > 1000 * 1000:
+        raise ValueError(f"{total} problems requested but there are only 1,000,000 pairs of 3-digit operands")
+    eval_problems = make_problems(num_eval_problems, seed)
+    hessian_problems = make_problems(num_hessian_problems, seed + 1, eval_problems)
+    train_problems = make_problems(num_train_problems, seed + 2, np.concatenate([eval_problems, hessian_problems]))
+    model_config = TransformerConfig(vocab_size=VOCAB_SIZE, context_length=SEQUENCE_LENGTH, num_layers=num_layers,
+                                     d_model=d_model, num_heads=num_heads, d_mlp=d_mlp, output_size=OUTPUT_SIZE)
+    graphdef, params = init_params(model_config, seed)
+    per_sample_loss, loss = make_loss_fns(graphdef)
+    eval_tokens = encode(eval_problems)
+    place, carry = (labels.reshape(-1) for labels in answer_labels(eval_problems))
+    digit = eval_tokens[:, -len(ANSWER_PLACES):].reshape(-1)
+
+    def accuracy_per_place(params) -> dict:
+        accuracy = np.asarray(answer_accuracy(graphdef, params, eval_tokens))
+        return {f"accuracy_{name}": float(value) for name, value in zip(ANSWER_PLACES, accuracy)}
+
+    return Task(
+        init_params=params,
+        per_sample_loss=per_sample_loss,
+        loss=loss,
+        eval_batch={"tokens": eval_tokens},
+        hessian_batch={"tokens": encode(hessian_problems)},
+        train_batches=training_batches(train_problems, batch_size),
+        labels={
+            "carry": LabelSet(carry, positive=True, qualifier=Qualifier("place", (1, 2), 0.85),
+                              class_names={True: "carry", False: "no carry"}),
+            "place": LabelSet(place, class_names=dict(enumerate(ANSWER_PLACES))),
+            "skill": LabelSet(np.array([f"{ANSWER_PLACES[p]} {'carry' if c else 'no carry'}"
+                                        for p, c in zip(place, carry)])),
+            "digit": LabelSet(digit),
+        },
+        sample_texts=_token_texts(eval_tokens),
+        training_metrics=accuracy_per_place,
+        description=f"3-digit addition: {num_eval_problems} evaluation problems, 4 answer tokens each.",
+    )
+
+
+def _token_texts(tokens: np.ndarray) -> list[str]:
+    """``"123+456=0⟦5⟧79"`` for every answer token of every problem, in sample order."""
+    symbols = np.array([*map(str, range(10)), "+", "="])
+    texts = []
+    for row in symbols[tokens]:
+        for position in range(SEQUENCE_LENGTH - len(ANSWER_PLACES), SEQUENCE_LENGTH):
+            texts.append("".join(row[:position]) + f"⟦{row[position]}⟧" + "".join(row[position + 1:]))
+    return texts
+
+
+__all__ = [
+    "ANSWER_INPUT_POSITIONS",
+    "ANSWER_PLACES",
+    "EQUALS_TOKEN",
+    "OUTPUT_SIZE",
+    "PAPER_SETTINGS",
+    "PLUS_TOKEN",
+    "PRESETS",
+    "SEQUENCE_LENGTH",
+    "VOCAB_SIZE",
+    "answer_accuracy",
+    "answer_labels",
+    "decode",
+    "encode",
+    "make_loss_fns",
+    "make_problems",
+    "make_task",
+    "paper_model_config",
+    "training_batches",
+]

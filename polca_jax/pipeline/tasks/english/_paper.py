@@ -1,0 +1,122 @@
+"""The English report's own sections: the paper's summary numbers beside the run's (§5.1), and the paper's automatic
+label of every POLCA and exact-loss cluster (Appendix E.2) with its most frequent target tokens.
+
+Labels are computed here, from the run's ``tokens.npz`` and clusters, with spaCy part-of-speech tags when spaCy and
+``en_core_web_sm`` are installed and the built-in token tags otherwise; they are also written to
+``report/cluster_labels.json``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from polca_jax.pipeline._reporting import MISSING, markdown_table, number
+
+PAPER_EVAL_TOKENS = 12_600  # the paper's evaluation set; min_cluster_size 300 was chosen for it
+PAPER_ENGLISH_RESULTS = {
+    "num_directions": 30,
+    "kept_directions": 26,
+    "mean_tokens_dropped": 6655.5,
+    "num_samples": PAPER_EVAL_TOKENS,
+    "directions_with_simple_label": 22,
+    "exact_loss_clusters": ("repeated tokens", "continuing a noun (nouns of several tokens)"),
+}
+"""The paper's English numbers (§5.1, Appendix E.2, Fig. 9)."""
+TOP_TOKENS = 10
+TABLE_TOKENS = 5
+
+
+def paper_report_sections(view) -> list[str]:
+    """The summary beside the paper's, then each labelled cluster of POLCA and of the exact-loss baseline."""
+    labelled = cluster_labels(view)
+    parts = ["## The paper's English summary, beside this run", _summary_table(view, labelled)]
+    if labelled is None:
+        return parts + ["*No automatic labels: tokens.npz or the clusters are missing.*"]
+    (view.directory / "report" / "cluster_labels.json").write_text(
+        json.dumps(labelled, indent=2, ensure_ascii=False))
+    parts.append(f"Labels: `{labelled['tagger']}` tags covering {labelled['coverage']:.0%} of a cluster at each "
+                 f"offset (target, −1, −2, −3); simple if no offset needs more than {labelled['max_simple_tags']} "
+                 "tags (not counting padding). All labels: `report/cluster_labels.json`.")
+    for variant, title in (("exact_loss", "Exact-loss clusters (the paper's Fig. 9)"),
+                           ("polca", "POLCA clusters per kept direction (Figs. 5, 10, 11)")):
+        records = labelled["variants"].get(variant, [])
+        parts.append(f"### {title}")
+        if not records:
+            parts.append("*No cluster.*")
+            continue
+        rows = [[MISSING if r["direction"] is None else str(r["direction"]), str(r["cluster"]), str(r["size"]),
+                 ("**simple**: " if r["label"]["simple"] else "") + r["label"]["text"],
+                 ", ".join(f"{json.dumps(token, ensure_ascii=False)} ×{count}"
+                           for token, count in r["top_tokens"][:TABLE_TOKENS])]
+                for r in records]
+        parts.append(markdown_table(["Direction", "Cluster", "Tokens", "Label (tags covering the cluster)",
+                                     "Top target tokens"], rows))
+    return parts
+
+
+def cluster_labels(view) -> dict | None:
+    """Every POLCA and exact-loss cluster's automatic label and top target tokens; None when the run lacks its
+    evaluation tokens or clusters."""
+    from polca_jax.pipeline.tasks.english import _labels as labels
+    from polca_jax.pipeline.tasks.english import target_positions
+
+    tokens_file = view.directory / "tokens.npz"
+    if not tokens_file.is_file() or not {"polca", "exact_loss"} & set(view.clusterings):
+        return None
+    texts = np.load(tokens_file)["texts"]
+    targets = target_positions(texts.shape[0], texts.shape[1] - 1)
+    options = view.config.get("task_options", {})
+    coverage, max_simple = options.get("label_coverage", 0.7), options.get("max_simple_tags", 2)
+    tagger = labels.default_tagger()
+    tags = labels.tag_tokens(texts, targets, tagger=tagger)
+    variants = {}
+    for variant in ("polca", "exact_loss"):
+        variants[variant] = [
+            {"direction": clustering.direction, "cluster": cluster, "size": int(members.size),
+             "label": labels.label_cluster([tags[i] for i in members], coverage=coverage,
+                                           max_simple_tags=max_simple).to_dict(),
+             "top_tokens": labels.top_tokens(texts[targets[members, 0], targets[members, 1]].tolist(), k=TOP_TOKENS)}
+            for clustering in view.clusterings.get(variant, [])
+            for cluster in range(clustering.num_clusters)
+            for members in [clustering.members(cluster)]
+        ]
+    return {"tagger": "spacy" if labels.spacy_pipeline() is not None else "builtin", "coverage": coverage,
+            "max_simple_tags": max_simple, "variants": variants}
+
+
+def _summary_table(view, labelled: dict | None) -> str:
+    paper = PAPER_ENGLISH_RESULTS
+    filters = (view.metrics or {}).get("filters", {}).get("hessian")
+    rows = []
+    if filters is None:
+        rows.append(["directions kept by the oscillation filter", "metrics.json missing",
+                     str(paper["kept_directions"])])
+    else:
+        kept, num_samples = filters["kept_directions"], view.metrics["num_samples"]
+        dropped_tokens = [num_samples - filters["relying_samples"][k] for k in kept]
+        rows += [
+            ["basis directions", str(filters["num_directions"]), str(paper["num_directions"])],
+            ["kept by the oscillation filter (mean projected loss falls)", str(len(kept)),
+             str(paper["kept_directions"])],
+            ["dropped by it", ", ".join(map(str, filters["dropped_directions"])) or "none",
+             str(paper["num_directions"] - paper["kept_directions"])],
+            ["tokens dropped per kept direction (mean; their projected loss rises)",
+             f"{np.mean(dropped_tokens):.1f} of {num_samples}" if kept else MISSING,
+             f"{paper['mean_tokens_dropped']} of {paper['num_samples']}"],
+        ]
+    kept_count = len((filters or {}).get("kept_directions", []))
+    simple = ("labels missing" if labelled is None else
+              f"{len({r['direction'] for r in labelled['variants']['polca'] if r['label']['simple']})} of "
+              f"{kept_count}")
+    rows.append(["kept directions with a simply-labelled cluster", simple,
+                 f"{paper['directions_with_simple_label']} of {paper['kept_directions']}"])
+    threshold = view.setting("threshold_step")
+    for variant, name in (("polca", "POLCA"), ("exact_loss", "exact-loss baseline")):
+        info = view.variants.get(variant)
+        rows.append([f"{name} clusters", MISSING if info is None else str(info["num_clusters"]),
+                     "not reported" if variant == "polca" else "2"])
+        rows.append([f"{name}: fraction of clusters with a breakthrough after τ = {threshold}",
+                     MISSING if info is None else number(info["hidden_breakthrough_fraction"]), "not reported"])
+    return markdown_table(["Quantity", "This run", "Paper"], rows)

@@ -1,0 +1,102 @@
+"""The host stages (cluster, score, report) on synthetic run directories with planted answers, written through the
+real classes: scores against label sets, breakthroughs, empty results explained, the paper tables of a paper task."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from synthetic_runs import THRESHOLD, synthetic_labels, synthetic_run
+
+from polca_jax.pipeline import RunConfig, RunDirectory, load_task_definition, run_stages
+from polca_jax.pipeline._report import write_report
+
+PAPER_HEADINGS = ("### Table 1", "### Table 8", "### Table 9", "### Table 10", "### Table 11")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run = synthetic_run(tmp_path_factory.mktemp("report") / "run")
+    run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
+               log=lambda _: None)
+    text = (run / "report" / "report.md").read_text()
+    return run, text, json.loads((run / "metrics.json").read_text())
+
+
+def linked_figures(report_path, text):
+    return [report_path.parent / link for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
+
+
+def test_the_planted_late_carry_drop_is_found_scored_and_called_hidden(finished):
+    _, _, metrics = finished
+    polca = metrics["variants"]["polca"]
+    assert metrics["filters"]["hessian"]["kept_directions"] == [0, 1]
+    best = polca["label_sets"]["carry"]["top_clusters"][0]
+    assert (best["direction"], best["class"], best["homogeneity"], best["recall"]) == (0, True, 1.0, 1.0)
+    assert best["base_rate"] == pytest.approx(10 / 40)
+    carry_cluster = next(c for c in polca["clusters"] if c["direction"] == 0 and c["cluster"] == best["cluster"])
+    assert carry_cluster["hidden"] and carry_cluster["breakthrough_step"] > THRESHOLD
+    assert carry_cluster["labels"]["place"]["class"] in (1, 2)
+    # the samples nearest the medoid are members of the cluster
+    place, carry = synthetic_labels()
+    assert all(carry[i] for i in carry_cluster["nearest_samples"])
+    place_best = polca["label_sets"]["place"]["top_clusters"][0]  # direction 1 isolates the 1000s tokens
+    assert (place_best["direction"], place_best["class"], place_best["homogeneity"]) == (1, 0, 1.0)
+    exact = metrics["variants"]["exact_loss"]["label_sets"]["carry"]
+    assert exact["max_homogeneity"] is None or exact["max_homogeneity"] < 1.0
+
+
+def test_the_report_describes_the_run_and_the_paper_tables(finished):
+    run, text, metrics = finished
+    assert "## What this run found" in text and "2 of 3 basis directions kept" in text
+    assert "**Label set `carry`**" in text and "POLCA 1.000 (direction 0" in text
+    for heading in ("## Strategies", "## Label set `carry`", "## Label set `place`", *PAPER_HEADINGS):
+        assert heading in text
+    for paper_value in ("0.973", "0.514", "0.355", "0.031", "0.304", "0.948", "0.792"):
+        assert paper_value in text
+    rows = [line for line in text.splitlines() if line.startswith("| Random orthonormal basis |")]
+    assert rows and "not run" in rows[0]
+    assert "problem 0, place 1" in text or "problem 2, place 1" in text  # texts nearest a medoid
+    stage_rows = {line.split(" | ")[0].strip("| ") for line in text.splitlines() if " s |" in line}
+    assert {"train", "decompose", "report"} <= stage_rows  # the report stage lists its own time
+    assert "task option" not in text or "0 task option(s)" in text
+
+
+def test_every_linked_figure_is_a_png_and_every_kept_direction_is_drawn(finished):
+    run, text, _ = finished
+    path = run / "report" / "report.md"
+    figures = linked_figures(path, text)
+    names = {figure.name for figure in figures}
+    assert {"training_curves.png", "exact_loss_per_class.png", "directions_overview.png", "exact_loss_clusters.png",
+            "polca_direction_0.png", "polca_direction_1.png"} <= names
+    for figure in figures:
+        assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    assert set((path.parent / "figures").glob("*.png")) == set(figures)
+
+
+def test_no_direction_kept_is_explained_with_what_to_try(tmp_path):
+    run = synthetic_run(tmp_path / "run", rising=True, baselines=False)
+    run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
+               log=lambda _: None)
+    text = (run / "report" / "report.md").read_text()
+    assert "0 of 3 basis directions kept" in text
+    assert "no direction passed the oscillation filter" in text and "--set basis_every" in text
+    assert "directions_overview.png" in text  # the method is still visible
+
+
+def test_only_noise_is_explained_with_the_settings_used(tmp_path):
+    run = synthetic_run(tmp_path / "run", baselines=False, min_cluster_size=35)
+    run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
+               log=lambda _: None)
+    text = (run / "report" / "report.md").read_text()
+    assert "HDBSCAN labelled every sample as noise" in text and "min_cluster_size=35" in text
+    assert "#### Direction 0" in text and "no cluster;" in text  # unclustered kept directions are drawn
+
+
+def test_a_run_that_has_not_scored_yet_still_gives_a_report(tmp_path):
+    RunDirectory(tmp_path / "run", RunConfig(task="arithmetic", preset="tiny", task_options={}))
+    text = write_report(tmp_path / "run").read_text()
+    assert "No numbers yet: the score stage has not run (finished stages: none)" in text
+    assert "metrics.json is missing" in text and "polca/hessian/ is missing" in text
+    assert linked_figures(tmp_path / "run" / "report" / "report.md", text) == []
