@@ -31,8 +31,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import polca_jax as pj
-from polca_jax.experiments.arithmetic import task
-from polca_jax.models import transformer
+from polca_jax.pipeline.tasks import arithmetic as task
+from polca_jax.pipeline import models as transformer
 
 try:
     import torch

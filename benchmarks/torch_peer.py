@@ -1,6 +1,6 @@
 """PyTorch peer for ``kernels.py``: the benchmark transformer written by hand, and per-sample projections in torch.
 
-The model mirrors ``polca_jax.models.transformer`` (TransformerLens layout: untied embeddings, learned positions,
+The model mirrors ``polca_jax.pipeline.models`` (TransformerLens layout: untied embeddings, learned positions,
 pre-LayerNorm, attention with biases written out by hand, exact GELU MLP, final LayerNorm, unembedding with bias).
 Parameters are a flat ``{name: tensor}`` dict whose names and order are those of the JAX params' leaves
 (``ravel_pytree`` order) and whose dense kernels are ``[in, out]`` as in flax, so one ``[K, P]`` basis means the same

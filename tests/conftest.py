@@ -128,3 +128,21 @@ def _kill_cli_run_after(arguments: list[str], run_dir, stage: str = "basis") -> 
 def kill_cli_run_after():
     """``kill_cli_run_after(arguments, run_dir, stage="basis") -> {stage: record}``: a CLI run killed mid-way."""
     return _kill_cli_run_after
+
+
+def _check_resumed(run_dir, finished_before: dict[str, str]) -> None:
+    """After a killed run was resumed: the stages finished before the kill were not redone, and every stage ran."""
+    import json
+
+    from polca_jax.pipeline import STAGES
+
+    for stage, record in finished_before.items():
+        assert (run_dir / "stages" / f"{stage}.json").read_text() == record, f"stage {stage} was redone"
+    for stage in STAGES:
+        assert json.loads((run_dir / "stages" / f"{stage}.json").read_text())["wall_seconds"] >= 0
+
+
+@pytest.fixture(scope="session")
+def check_resumed():
+    """``check_resumed(run_dir, finished_before)``: the resumed run redid no finished stage and ran every stage."""
+    return _check_resumed

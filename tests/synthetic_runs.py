@@ -25,8 +25,8 @@ def synthetic_result(place, carry, rng, rising=False):
     """POLCAResult (T=6, N=40, K=3) with no second order and unit steps, so projected loss = cumsum of projections.
 
     Direction 0: carry tokens drop late (after step 30), the others early; direction 1: 1000s tokens drop, the others
-    fall less; direction 2: a rising random walk (the oscillation filter drops it). ``rising``: every direction's loss rises instead. Exact loss: falls faster for
-    higher digit places.
+    fall less; direction 2: a rising random walk (the oscillation filter drops it). ``rising``: every direction's loss
+    rises instead. Exact loss: falls faster for higher digit places.
     """
     num_samples = place.size
     late = np.array([0, 0, 0, -0.1, -1.0, -1.05])

@@ -13,7 +13,7 @@ from synthetic_runs import synthetic_run
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline import STAGES, VARIANTS, load_labels, load_task_definition, make_config
+from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config
 from polca_jax.pipeline._cli import main
 
 PINNED_TINY = {  # variant: (clusters, max carry homogeneity, hidden-breakthrough fraction)
@@ -41,14 +41,12 @@ def interrupted_then_resumed(tmp_path_factory, kill_cli_run_after):
     return run_dir, finished_before
 
 
-def test_resume_skips_finished_stages(interrupted_then_resumed):
-    run_dir, finished_before = interrupted_then_resumed
-    for stage, record in finished_before.items():
-        assert (run_dir / "stages" / f"{stage}.json").read_text() == record  # not redone
-    for stage in STAGES:
-        assert json.loads((run_dir / "stages" / f"{stage}.json").read_text())["wall_seconds"] > 0
+@pytest.mark.slow
+def test_resume_skips_finished_stages(interrupted_then_resumed, check_resumed):
+    check_resumed(*interrupted_then_resumed)
 
 
+@pytest.mark.slow
 def test_the_tiny_preset_gives_the_metrics_of_the_experiment_specific_pipeline(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
@@ -60,6 +58,7 @@ def test_the_tiny_preset_gives_the_metrics_of_the_experiment_specific_pipeline(i
         assert ours["hidden_breakthrough_fraction"] == pytest.approx(hidden), variant
 
 
+@pytest.mark.slow
 def test_every_artifact_is_written(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     config = make_config(load_task_definition("arithmetic"), "arithmetic", "tiny")
@@ -88,6 +87,7 @@ def test_every_artifact_is_written(interrupted_then_resumed):
     assert "### Table 1 — cluster quality" in report and "## What this run found" in report
 
 
+@pytest.mark.slow
 def test_metrics_are_those_of_the_saved_clusters(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     label_sets, _ = load_labels(run_dir)
@@ -133,6 +133,7 @@ def test_within_digit_separability_sees_a_carry_signal_the_answer_digit_masks():
     np.testing.assert_allclose(within, 1.0)
 
 
+@pytest.mark.slow
 def test_sweep_script_runs_on_a_finished_run(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     output = subprocess.run([sys.executable, str(SWEEP_SCRIPT), str(run_dir), "--min-cluster-sizes", "8"],

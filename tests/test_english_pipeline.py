@@ -13,7 +13,7 @@ import pytest
 import polca_jax as pj
 from polca_jax import _tree as tree
 from polca_jax import analysis
-from polca_jax.pipeline import STAGES, build_task, load_labels, load_task_definition, make_config, open_run
+from polca_jax.pipeline import build_task, load_labels, load_task_definition, make_config, open_run
 from polca_jax.pipeline._cli import main
 from polca_jax.pipeline.models import TransformerConfig, init_params
 from polca_jax.pipeline.tasks.english import language_model_loss_fns, target_positions, training_batches
@@ -41,14 +41,12 @@ def interrupted_then_resumed(tmp_path_factory, kill_cli_run_after):
     return run_dir, finished_before
 
 
-def test_resume_skips_finished_stages(interrupted_then_resumed):
-    run_dir, finished_before = interrupted_then_resumed
-    for stage, record in finished_before.items():
-        assert (run_dir / "stages" / f"{stage}.json").read_text() == record  # not redone
-    for stage in STAGES:
-        assert json.loads((run_dir / "stages" / f"{stage}.json").read_text())["wall_seconds"] >= 0
+@pytest.mark.slow
+def test_resume_skips_finished_stages(interrupted_then_resumed, check_resumed):
+    check_resumed(*interrupted_then_resumed)
 
 
+@pytest.mark.slow
 def test_the_tiny_preset_gives_the_results_of_the_experiment_specific_pipeline(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -64,6 +62,7 @@ def test_the_tiny_preset_gives_the_results_of_the_experiment_specific_pipeline(i
     assert ours == PINNED_TINY
 
 
+@pytest.mark.slow
 def test_every_artifact_is_written(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     tiny = config()
@@ -102,6 +101,7 @@ def test_every_artifact_is_written(interrupted_then_resumed):
         assert (run_dir / "report" / link).is_file()
 
 
+@pytest.mark.slow
 def test_every_cluster_is_labelled(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     texts = np.load(run_dir / "tokens.npz")["texts"]

@@ -6,7 +6,6 @@ checkpoint store, crash-safe saves).
 """
 
 import ast
-import os
 from pathlib import Path
 
 import jax

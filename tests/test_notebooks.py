@@ -10,6 +10,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["arithmetic", "english"])
 def test_notebook_is_paired_and_runs(name, tmp_path):
     notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)

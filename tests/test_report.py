@@ -4,7 +4,6 @@ real classes: scores against label sets, breakthroughs, empty results explained,
 import json
 import re
 
-import numpy as np
 import pytest
 
 from synthetic_runs import THRESHOLD, synthetic_labels, synthetic_run
@@ -49,7 +48,7 @@ def test_the_planted_late_carry_drop_is_found_scored_and_called_hidden(finished)
 
 def test_the_report_describes_the_run_and_the_paper_tables(finished):
     run, text, metrics = finished
-    assert "## What this run found" in text and "2 of 3 basis directions kept" in text
+    assert "## What this run found" in text and "2 of 3 basis directions pass" in text
     assert "**Label set `carry`**" in text and "POLCA 1.000 (direction 0" in text
     for heading in ("## Strategies", "## Label set `carry`", "## Label set `place`", *PAPER_HEADINGS):
         assert heading in text
@@ -80,7 +79,7 @@ def test_no_direction_kept_is_explained_with_what_to_try(tmp_path):
     run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
                log=lambda _: None)
     text = (run / "report" / "report.md").read_text()
-    assert "0 of 3 basis directions kept" in text
+    assert "0 of 3 basis directions pass" in text
     assert "no direction passed the oscillation filter" in text and "--set basis_every" in text
     assert "directions_overview.png" in text  # the method is still visible
 

@@ -86,7 +86,8 @@ def cluster_label_scores(
             )
             base_rate = np.count_nonzero(kept == label) / kept.size if kept.size else float("nan")
             records.append(ClusterScore(clustering.direction, cluster, int(members.size), _plain(label),
-                                        float(homogeneity), float(recall), float(f1), float(base_rate), qualifies))
+                                        float(homogeneity), float(recall), float(f1), float(base_rate),
+                                        bool(qualifies)))
     return records
 
 

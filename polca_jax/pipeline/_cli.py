@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "report":
+            if not (Path(args.run_dir) / "config.json").is_file():
+                raise ValueError(f"{Path(args.run_dir).absolute()} is not a run directory (no config.json)")
             print(f"report: {write_report(args.run_dir)}")
             return 0
         task = args.task if args.command == "run" else args.command

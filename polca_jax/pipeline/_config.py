@@ -42,7 +42,7 @@ class RunConfig:
     b1: float = 0.9
     b2: float = 0.95
     warmup_steps: int = 100
-    # checkpoints: POLCA at 0, polca_every, ..., num_steps; Algorithm 1 at basis_every, 2·basis_every, ... <= basis_until
+    # checkpoints: POLCA at 0, polca_every, ..., num_steps; Algorithm 1 at basis_every, 2·basis_every, ..., basis_until
     polca_every: int = 10
     basis_every: int = 100
     basis_until: int | None = None

@@ -107,14 +107,18 @@ def _findings(view: RunView) -> list[str]:
     config = view.config
     if filters is not None:
         kept, total = filters["kept_directions"], filters["num_directions"]
-        bullets.append(f"**Oscillation filter:** {len(kept)} of {total} basis directions kept (their mean projected "
-                       f"loss falls over training){': ' + ', '.join(map(str, kept)) if kept else ''}.")
+        listed = ": " + ", ".join(map(str, kept)) if kept else ""
+        bullets.append(f"**Oscillation filter:** {len(kept)} of {total} basis directions pass (a direction is kept "
+                       f"when its mean projected loss falls over training){listed}.")
         if not kept:
             rises = np.asarray(filters["mean_final_projected_loss"])
             bullets.append(
                 f"**POLCA found no cluster because no direction passed the oscillation filter**: in every direction "
                 f"the mean projected loss ends higher than it starts (by {rises.min():+.3g} to {rises.max():+.3g}). "
                 + _second_order_advice(config.get("second_order")))
+    if view.result is not None:
+        advised = filters is not None and not filters["kept_directions"]
+        bullets.append(_coverage_line(view, advise=not advised))
     if polca is not None and filters is not None and filters["kept_directions"]:
         clustered = sorted({c["direction"] for c in polca["clusters"]})
         bullets.append(f"**POLCA:** {polca['num_clusters']} cluster(s) in {len(clustered)} of "
@@ -140,6 +144,23 @@ def _findings(view: RunView) -> list[str]:
     return ["\n".join(f"- {bullet}" for bullet in bullets)]
 
 
+def _coverage_line(view: RunView, advise: bool) -> str:
+    """How much of the exact loss change the basis accounts for, with a warning when the two disagree."""
+    result = view.result
+    loss = np.asarray(result.loss).mean(axis=1)
+    exact = float(loss[-1] - loss[0])
+    decomposed = float(np.asarray(result.terms).mean(axis=1).sum())
+    inside = 1 - float(np.median(result.outside_fraction))
+    line = (f"**Coverage:** over training the mean exact loss changed by {exact:+.3g}; the sum over all directions of "
+            f"the mean projected loss by {decomposed:+.3g}. The basis spans a median {inside:.1%} of each step "
+            "(of ‖θ_t+1 − θ_t‖²).")
+    if exact * decomposed < 0 or abs(decomposed) > 2 * abs(exact):
+        line += (" **The decomposition does not track the loss**: its per-direction terms do not add up to the "
+                 "loss change, so its trajectories describe the basis more than the training."
+                 + (" " + _second_order_advice(view.config.get("second_order")) if advise else ""))
+    return line
+
+
 def _second_order_advice(second_order) -> str:
     if second_order == "paper":
         return ("With `second_order=paper` the stored eigenvalue's term is positive in every interval and can "
@@ -158,12 +179,14 @@ def _no_cluster_advice(view: RunView, variant: str) -> str:
     samples = sorted({c.min_samples for c in clusterings if c.min_samples is not None})
     settings = (f"min_cluster_size {', '.join(map(str, sizes))} and min_samples {', '.join(map(str, samples))}"
                 if sizes else "too few samples to cluster")
+    reference = view.config.get("reference_num_samples")
+    scaled = f" scaled by N / reference_num_samples={reference}" if reference is not None else ""
     return (f"HDBSCAN labelled every sample as noise ({settings}, from min_cluster_size="
-            f"{view.config.get('min_cluster_size')} scaled by N / reference_num_samples="
-            f"{view.config.get('reference_num_samples')}, and min_samples = samples / "
-            f"{view.config.get('min_samples_divisor')}). Try a smaller `--set min_cluster_size=...` or "
-            "`--set reference_num_samples=none`, a larger `--set min_samples_divisor=...`, or "
-            "`--set normalize=unit` (cluster the trajectories' shape), on a new --out directory.")
+            f"{view.config.get('min_cluster_size')}{scaled}, and min_samples = samples / "
+            f"{view.config.get('min_samples_divisor')}). Try a smaller `--set min_cluster_size=...`"
+            + (" or `--set reference_num_samples=none`" if reference is not None else "")
+            + ", a larger `--set min_samples_divisor=...`, or `--set normalize=unit` (cluster the trajectories' "
+            "shape), on a new --out directory.")
 
 
 def _best_clusters_line(view: RunView, name: str, label_set) -> str:

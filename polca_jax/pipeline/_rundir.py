@@ -44,9 +44,9 @@ class RunDirectory:
         if config_file.exists():
             saved = RunConfig.from_dict(read_json(config_file), str(config_file))
             if config is not None and saved != config:
-                raise ValueError(f"{self.path} holds a run with another config ({'; '.join(config_differences(saved, config))})"
-                                 "; choose a new --out directory, or leave out --preset/--set to resume it as it is "
-                                 "(nothing was changed)")
+                differences = "; ".join(config_differences(saved, config))
+                raise ValueError(f"{self.path} holds a run with another config ({differences}); choose a new --out "
+                                 "directory, or leave out --preset/--set to resume it as it is (nothing was changed)")
             config = saved
         elif config is None:
             raise ValueError(f"{self.path} is not a run directory (no config.json); start a run with "

@@ -278,8 +278,8 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
 
     Every stage before a requested one must have finished. An interrupted stage resumes, keeping the parts it
     finished (a basis, a decomposition, training up to its last checkpoint); redoing a stage (``force``) first
-    removes its outputs and those of every later stage. The task is built once, by the first stage that needs it, and its data must
-    match the fingerprint the run was started with. Each stage's info and wall time go to ``stages/<stage>.json``.
+    removes its outputs and those of every later stage. The task is built once, by the first stage that needs it,
+    and its data must match the fingerprint the run was started with. Each stage's info and wall time go to ``stages/<stage>.json``.
     """
     from polca_jax.pipeline._score import score_stage
     from polca_jax.pipeline._report import report_stage

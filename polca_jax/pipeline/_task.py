@@ -182,8 +182,8 @@ class Task:
                                  "flattened per-sample losses)")
             classes = np.unique(label_set.values)
             if classes.size < 2:
-                raise ValueError(f"label set {name!r} has a single class ({classes[0]!r}): it cannot tell clusters "
-                                 "apart; drop it")
+                raise ValueError(f"label set {name!r} has a single class ({_plain(classes[0])!r}): it cannot tell "
+                                 "clusters apart; drop it")
             if label_set.positive is not None and label_set.positive not in classes.tolist():
                 raise ValueError(f"label set {name!r}: positive class {label_set.positive!r} is not among its "
                                  f"classes {classes.tolist()[:10]}")

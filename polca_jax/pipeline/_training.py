@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from polca_jax._checkpoints import PARAMS_ITEM, OrbaxCheckpoints
 
