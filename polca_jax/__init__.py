@@ -3,6 +3,7 @@
 Kernels are pure functions of a params pytree and a batch pytree; see the README for the data flow.
 """
 
+from polca_jax._ablation import direction_ablation_losses, remove_direction
 from polca_jax._basis import (
     Basis,
     basis_from_matrix,
@@ -38,6 +39,7 @@ __all__ = [
     "check_orthonormal",
     "choose_method",
     "data_mesh",
+    "direction_ablation_losses",
     "hessian_basis",
     "hvp",
     "parameter_axis_basis",
@@ -47,6 +49,7 @@ __all__ = [
     "per_sample_projections_and_curvature",
     "polca",
     "random_basis",
+    "remove_direction",
     "shuffled_hessian_basis",
     "top_eigenpairs",
 ]

@@ -10,8 +10,9 @@ import pytest  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from conftest import sgd_checkpoints  # noqa: E402
-from polca_jax._ablation import ablation_effects, direction_ablation_losses, remove_direction  # noqa: E402
-from polca_jax._basis import basis_from_matrix, random_basis  # noqa: E402
+from polca_jax import direction_ablation_losses, remove_direction  # noqa: E402
+from polca_jax.analysis import ablation_effects  # noqa: E402
+from polca_jax import basis_from_matrix, random_basis  # noqa: E402
 from polca_jax.analysis._clustering import Clustering  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from polca_jax.analysis._clustering import Clustering
-from polca_jax.analysis._nulls import adjust_pvalues, breakthrough_null, homogeneity_pvalues
+from polca_jax.analysis import adjust_pvalues, breakthrough_null, homogeneity_pvalues
 
 
 def clustering(labels, sample_indices=None):

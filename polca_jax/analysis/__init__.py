@@ -1,5 +1,6 @@
 """Host-side analysis of POLCA results (numpy + scikit-learn; no JAX): the paper's filters, HDBSCAN clustering,
-breakthroughs (Eqs. 9-10) and cluster scores against categorical label sets."""
+breakthroughs (Eqs. 9-10), cluster scores against categorical label sets, and what a cluster must beat to count:
+permutation and shuffled-increment nulls, and the causal check's per-cluster effects."""
 
 from polca_jax.analysis._breakthroughs import (
     ClusterBreakthrough,
@@ -9,6 +10,7 @@ from polca_jax.analysis._breakthroughs import (
     hidden_breakthrough,
     hidden_breakthrough_fraction,
 )
+from polca_jax.analysis._causal import AblationEffect, ablation_effects
 from polca_jax.analysis._clustering import (
     DEFAULT_MIN_SAMPLES_DIVISOR,
     NORMALIZATIONS,
@@ -23,9 +25,25 @@ from polca_jax.analysis._clustering import (
     save_clusterings,
 )
 from polca_jax.analysis._filters import kept_directions, relying_samples
+from polca_jax.analysis._nulls import (
+    ADJUST_METHODS,
+    BreakthroughNull,
+    PermutationTest,
+    adjust_pvalues,
+    breakthrough_null,
+    homogeneity_pvalues,
+)
 from polca_jax.analysis._scores import ClusterScore, cluster_label_scores, max_homogeneity, top_clusters
 
 __all__ = [
+    "ADJUST_METHODS",
+    "AblationEffect",
+    "BreakthroughNull",
+    "PermutationTest",
+    "ablation_effects",
+    "adjust_pvalues",
+    "breakthrough_null",
+    "homogeneity_pvalues",
     "DEFAULT_MIN_SAMPLES_DIVISOR",
     "NORMALIZATIONS",
     "ClusterBreakthrough",
