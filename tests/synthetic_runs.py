@@ -1,5 +1,5 @@
-"""A synthetic run directory written through the real classes: the train, basis and decompose stages done, a
-POLCA result with planted answers, arithmetic-like label sets. Tests of the host stages use it."""
+"""A synthetic run directory written through the real classes: the train, basis, decompose and causal stages done,
+a POLCA result and causal check with planted answers, arithmetic-like label sets. Tests of the host stages use it."""
 
 import json
 
@@ -60,7 +60,7 @@ def labelled_task(place, carry) -> Task:
 
 
 def synthetic_run(path, *, rising=False, **settings) -> RunDirectory:
-    """A run directory whose train, basis and decompose stages are done, holding a synthetic POLCA result."""
+    """A run directory whose stages up to the causal check are done, holding a synthetic POLCA result."""
     place, carry = synthetic_labels()
     settings = dict(num_steps=50, polca_every=10, basis_every=10, window_steps=10, threshold_step=THRESHOLD,
                     second_order="none", min_cluster_size=5, reference_num_samples=None, ablations=False) | settings
@@ -74,6 +74,11 @@ def synthetic_run(path, *, rising=False, **settings) -> RunDirectory:
     log = [{"step": int(step), "loss": 2.0 / (1 + step), "eval_loss": 2.1 / (1 + step), "accuracy_10s": step / 50}
            for step in STEPS]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in log) + "\n{torn")
-    for seconds, stage in enumerate(("train", "basis", "decompose"), start=1):
+    # the causal check: removing direction 0 hurts the carry tokens, direction 1 the 1000s tokens, direction 2 nobody
+    noise = 0.01 * np.random.default_rng(1).standard_normal((NUM_DIRECTIONS, place.size))
+    increase = np.stack([carry * 1.0, (place == 0) * 0.5, np.zeros(place.size)]) + noise
+    (run / "causal").mkdir()
+    np.save(run / "causal" / "hessian.npy", increase)
+    for seconds, stage in enumerate(("train", "basis", "decompose", "causal"), start=1):
         run.mark_done(stage, {"wall_seconds": 1.5 * seconds})
     return run

@@ -46,6 +46,26 @@ def test_the_planted_late_carry_drop_is_found_scored_and_called_hidden(finished)
     assert exact["max_homogeneity"] is None or exact["max_homogeneity"] < 1.0
 
 
+def test_the_planted_clusters_beat_their_nulls_and_the_causal_check_finds_their_direction(finished):
+    _, text, metrics = finished
+    polca = metrics["variants"]["polca"]
+    carry_cluster = next(c for c in polca["clusters"] if c["direction"] == 0 and c["labels"]["carry"]["homogeneity"]
+                         == 1.0)
+    carry = carry_cluster["labels"]["carry"]
+    # 10 carry tokens among 40: a pure cluster of 10 happens by chance with probability 1 / C(40, 10)
+    assert carry["testable"] and carry["pvalue"] < 0.01 and carry["beats_null"]
+    assert carry["pvalue_adjusted"] >= carry["pvalue"]
+    assert carry_cluster["causal"]["rank"] == 1 and carry_cluster["causal"]["difference"] > 0.9
+    # hidden, but 6 checkpoints leave Eq. 9 four candidate steps: shuffled increments land as late too often
+    null = carry_cluster["breakthrough_null"]
+    assert carry_cluster["hidden"] and 0.2 < null["null_hidden_rate"] < 0.8 and not null["beats_null"]
+    others = [c for c in polca["clusters"] if c["direction"] == 0 and c is not carry_cluster]
+    assert all(c["causal"]["difference"] < 0 for c in others)
+    assert polca["causal"]["hurt_more_than_others"] >= 2  # the carry cluster and direction 1's 1000s cluster
+    assert "## Against the nulls" in text and "## Causal check" in text and "✓" in text
+    assert "*The random-basis null is not run: `--set ablations=true` adds it.*" in text
+
+
 def test_the_report_describes_the_run_and_the_paper_tables(finished):
     run, text, metrics = finished
     assert "## What this run found" in text and "2 of 3 basis directions pass" in text

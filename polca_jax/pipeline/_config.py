@@ -62,6 +62,10 @@ class RunConfig:
     # baselines (change in exact loss, Fisher, first-order POLCA) and ablations (LCA, random and shuffled bases)
     baselines: bool = True
     ablations: bool = True
+    # nulls: label permutations per homogeneity test, shuffles per breakthrough test, the level both are judged at
+    null_permutations: int = 1000
+    breakthrough_shuffles: int = 200
+    significance: float = 0.05
     lca_axes: int = 50
     seed: int = 0
     metrics_every: int = 50
@@ -69,7 +73,7 @@ class RunConfig:
     def __post_init__(self):
         object.__setattr__(self, "task_options", dict(self.task_options))
         for name in ("num_steps", "polca_every", "basis_every", "k_per_checkpoint", "lanczos_iters",
-                     "min_cluster_size", "lca_axes", "metrics_every"):
+                     "min_cluster_size", "lca_axes", "metrics_every", "null_permutations", "breakthrough_shuffles"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -86,6 +90,9 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and
                                                                                      value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.significance, bool) or not isinstance(self.significance, int | float) or not (
+                0 < self.significance < 1):
+            raise ValueError(f"significance must lie strictly between 0 and 1, got {self.significance!r}")
         for name in ("baselines", "ablations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

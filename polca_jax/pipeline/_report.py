@@ -61,6 +61,8 @@ def write_report(run_dir: str | Path, definition: TaskDefinition | None = None, 
         *_findings(view),
         "## Strategies",
         _strategies_table(view),
+        *_nulls_section(view),
+        *_causal_section(view),
         *_label_set_sections(view),
         "## Figures",
         *_figures(view, figures_dir),
@@ -134,14 +136,35 @@ def _findings(view: RunView) -> list[str]:
         bullets.append("**Exact loss:** no cluster. " + _no_cluster_advice(view, "exact_loss"))
     for name, label_set in view.label_sets.items():
         bullets.append(_best_clusters_line(view, name, label_set))
+    if view.label_sets and any(view.variants.get(v, {}).get("num_clusters") for v in ("polca", "random_basis")):
+        bullets.append(_against_chance_line(view))
     threshold = view.setting("threshold_step")
     source = view.metrics.get("settings", {}).get("threshold_source", "config")
     if polca is not None and polca.get("hidden_breakthrough_fraction") is not None:
-        hidden = sum(bool(b["hidden"]) for b in polca["breakthroughs"])
-        bullets.append(f"**Breakthroughs:** {hidden} of {len(polca['breakthroughs'])} POLCA clusters have their mean "
-                       f"breakthrough step (Eq. 9, Δ = {view.setting('window_steps')}) after τ = {threshold} "
-                       f"({source}), i.e. hidden by the flat exact loss (Eq. 10).")
+        hidden = [b for b in polca["breakthroughs"] if b["hidden"]]
+        beating = sum(bool(b.get("null", {}).get("beats_null")) for b in hidden)
+        bullets.append(f"**Breakthroughs:** {len(hidden)} of {len(polca['breakthroughs'])} POLCA clusters have their "
+                       f"mean breakthrough step (Eq. 9, Δ = {view.setting('window_steps')}) after τ = {threshold} "
+                       f"({source}), i.e. hidden by the flat exact loss (Eq. 10); {beating} of them are later than "
+                       "the same increments shuffled in time would make them (p < "
+                       f"{view.metrics['settings'].get('significance', 0.05)}).")
     return ["\n".join(f"- {bullet}" for bullet in bullets)]
+
+
+def _against_chance_line(view: RunView) -> str:
+    """How many clusters of POLCA, of the random basis and of the exact loss beat their permutation null."""
+    level = view.metrics["settings"].get("significance", 0.05)
+    parts = []
+    for variant in ("polca", "random_basis", "exact_loss"):
+        info = view.variants.get(variant)
+        if info is None:
+            continue
+        beating = sum(any(score.get("beats_null") for score in record["labels"].values())
+                      for record in info["clusters"])
+        parts.append(f"{info['label']} {beating} of {info['num_clusters']}")
+    return (f"**Against chance:** clusters more homogeneous in some label set than the same labels shuffled among "
+            f"the samples their clustering saw (Holm-corrected p < {level}): " + "; ".join(parts) + ". A cluster that "
+            "does not beat this null is no finding, whatever its homogeneity.")
 
 
 def _coverage_line(view: RunView, advise: bool) -> str:
@@ -243,7 +266,7 @@ def _label_set_sections(view: RunView) -> list[str]:
                 f" A cluster of a decomposition qualifies only when more than {qualifier.min_fraction:.0%} of its "
                 f"scored members have `{qualifier.label_set}` in {list(qualifier.classes)}.")
         header = ["Strategy", "#", "Direction", "Cluster", "Size", "Class", "Homogeneity", "Base rate", "Recall",
-                  "F1"]
+                  "F1", "p (Holm)"]
         rows = []
         for variant in VARIANTS:
             info = view.variants.get(variant.name)
@@ -251,18 +274,123 @@ def _label_set_sections(view: RunView) -> list[str]:
                 continue
             top = info["label_sets"].get(name, {}).get("top_clusters", [])
             if not top:
-                rows.append([info["label"], "—", "—", "—", "—", "—", "no qualifying cluster", "", "", ""])
+                rows.append([info["label"], "—", "—", "—", "—", "—", "no qualifying cluster", "", "", "", ""])
             for rank, record in enumerate(top):
                 rows.append([info["label"] if rank == 0 else "", str(rank + 1),
                              "—" if record["direction"] is None else str(record["direction"]),
                              str(record["cluster"]), str(record["size"]), label_set.name_of(record["class"]),
-                             *[reporting.number(record[key]) for key in ("homogeneity", "base_rate", "recall", "f1")]])
+                             *[reporting.number(record[key]) for key in ("homogeneity", "base_rate", "recall", "f1")],
+                             _pvalue_text(record)])
         parts += [f"## Label set `{name}`",
                   f"The most homogeneous clusters of each strategy, scored for {target}.{rule} Base rate: the "
                   "class's share among the samples the clustering saw (what a random cluster would score); recall "
-                  "and F1 leave HDBSCAN's outliers out.",
+                  "and F1 leave HDBSCAN's outliers out; p: the homogeneity's permutation p-value, Holm-corrected "
+                  "across the strategy's clusters (✓ beats the null).",
                   reporting.markdown_table(header, rows)]
     return parts
+
+
+def _pvalue_text(score: dict) -> str:
+    """``0.003 ✓`` (beats the null), ``0.41``, or ``not testable``."""
+    if not score.get("testable", True):
+        return "not testable"
+    adjusted = score.get("pvalue_adjusted")
+    return MISSING if adjusted is None else f"{adjusted:.3g}{' ✓' if score.get('beats_null') else ''}"
+
+
+NULL_ROWS = ("polca", "first_order_polca", "random_basis", "shuffled_hessian", "exact_loss")
+
+
+def _nulls_section(view: RunView) -> list[str]:
+    """Per label set: POLCA beside the random-basis null (same checkpoints, filters and clustering) and the exact
+    loss, with the clusters that beat the permutation null and the hidden breakthroughs that beat theirs."""
+    if view.metrics is None or not view.label_sets:
+        return []
+    rows_of = [v for v in NULL_ROWS if v in view.variants]
+    header = ["Strategy", "Best homogeneity", "Directions' best: median (25–75%)", "Clusters beating the null",
+              "Hidden breakthroughs beating theirs"]
+    parts = ["## Against the nulls",
+             "A finding must beat three nulls: its homogeneity against the same labels shuffled among the samples its "
+             "clustering saw (cluster sizes fixed, Holm-corrected); POLCA's numbers against the same pipeline along "
+             "random orthonormal directions through the same checkpoints (`Random orthonormal basis`, run with "
+             "`ablations`); a hidden breakthrough against its increments shuffled in time."]
+    if "random_basis" not in view.variants:
+        parts.append("*The random-basis null is not run: `--set ablations=true` adds it.*")
+    for name, label_set in view.label_sets.items():
+        rows = []
+        for variant in rows_of:
+            info = view.variants[variant]
+            summary = info["label_sets"].get(name, {})
+            spread = summary.get("per_direction_best") or {}
+            hidden = [b for b in info["breakthroughs"] if b["hidden"]]
+            rows.append([
+                info["label"], reporting.number(summary.get("max_homogeneity")),
+                MISSING if spread.get("median") is None else
+                f"{spread['median']:.3f} ({spread['q25']:.3f}–{spread['q75']:.3f}) over {spread['directions']}",
+                f"{summary.get('clusters_beating_null', 0)} of {info['num_clusters']}",
+                f"{sum(bool(b.get('null', {}).get('beats_null')) for b in hidden)} of {len(hidden)}",
+            ])
+        difference = _difference(view, name)
+        parts += [f"### Label set `{name}`", reporting.markdown_table(header, rows)]
+        if difference:
+            parts.append(difference)
+    return parts
+
+
+def _difference(view: RunView, name: str) -> str | None:
+    polca, random = view.variants.get("polca"), view.variants.get("random_basis")
+    if polca is None or random is None:
+        return None
+    ours = polca["label_sets"].get(name, {}).get("max_homogeneity")
+    theirs = random["label_sets"].get(name, {}).get("max_homogeneity")
+    if ours is None or theirs is None:
+        return f"POLCA − random basis, best homogeneity: {MISSING} (one of them has no qualifying cluster)."
+    spread = (random["label_sets"][name].get("per_direction_best") or {})
+    return (f"POLCA − random basis, best homogeneity: {ours - theirs:+.3f}; the random directions' best clusters "
+            f"spread over {spread.get('q25', float('nan')):.3f}–{spread.get('q75', float('nan')):.3f} (25–75%).")
+
+
+def _causal_section(view: RunView) -> list[str]:
+    """The causal check: per POLCA cluster, the loss increase when its direction is removed, against the rest."""
+    polca = view.variants.get("polca")
+    if polca is None or polca.get("causal") is None:
+        return [] if view.metrics is None else ["## Causal check", "*Not run (the causal stage has not finished).*"]
+    records = [r for r in polca["clusters"] if r.get("causal")]
+    parts = ["## Causal check",
+             "Each POLCA cluster's mean loss increase when its direction's share of the training displacement is "
+             "removed from the final parameters (θ_T − ⟨θ_T − θ_0, b⟩ b), against the other samples its clustering "
+             "saw. A cluster that is a mechanism living in its direction should be hurt more than the rest, and most "
+             "among its direction's clusters (rank 1)."]
+    if not records:
+        return parts + ["*No POLCA cluster to check.*"]
+    names = list(view.label_sets)[:CLUSTER_TABLE_LABEL_SETS]
+    header = ["Direction", "Cluster", "Size", "Loss increase: members", "others", "difference", "Rank",
+              *[f"`{name}`" for name in names]]
+    rows = []
+    for r in records:
+        causal = r["causal"]
+        rows.append([str(r["direction"]), str(r["cluster"]), str(r["size"]), f"{causal['member_mean']:+.4g}",
+                     MISSING if causal["others_mean"] is None else f"{causal['others_mean']:+.4g}",
+                     MISSING if causal["difference"] is None else f"{causal['difference']:+.4g}", str(causal["rank"]),
+                     *[_class_share(view, name, r["labels"].get(name)) for name in names]])
+    parts.append(reporting.markdown_table(header, rows))
+    lines = []
+    for variant in ("polca", "random_basis"):
+        summary = (view.variants.get(variant) or {}).get("causal")
+        if summary and summary["clusters"]:
+            lines.append(f"{view.variants[variant]['label']}: {summary['hurt_more_than_others']} of "
+                         f"{summary['clusters']} clusters hurt more than the rest, median difference "
+                         f"{summary['median_difference']:+.4g}")
+    if lines:
+        parts.append("; ".join(lines) + ".")
+    return parts
+
+
+def _class_share(view: RunView, name: str, score: dict | None) -> str:
+    if score is None:
+        return MISSING
+    return (f"{view.label_sets[name].name_of(score['class'])} {score['homogeneity']:.0%}"
+            f"{' ✓' if score.get('beats_null') else ''}")
 
 
 # ---------------------------------------------------------------- figures
@@ -475,8 +603,9 @@ def _direction_figure(view: RunView, direction: int, clustering, figures_dir: Pa
 
 
 def _cluster_table(view: RunView, variant: str, direction) -> str:
-    """One row per cluster of a direction: size, breakthrough, the share of its main class per label set, and the
-    texts of the samples nearest its medoid."""
+    """One row per cluster of a direction: size, breakthrough (✓ when it beats its shuffled-increment null), the
+    share of its main class per label set (✓ when it beats the permutation null), and the texts of the samples
+    nearest its medoid."""
     records = view.variant_clusters(variant, direction)
     names = list(view.label_sets)[:CLUSTER_TABLE_LABEL_SETS]
     header = ["Cluster", "Size", "Breakthrough step", *[f"`{name}`" for name in names]]
@@ -486,13 +615,14 @@ def _cluster_table(view: RunView, variant: str, direction) -> str:
     rows = []
     for cluster, record in sorted(records.items()):
         step = record.get("breakthrough_step")
-        row = [str(cluster), str(record["size"]),
-               MISSING if step is None else f"{step:.0f}{' (after τ)' if record.get('hidden') else ''}"]
+        null = record.get("breakthrough_null") or {}
+        hidden = (" (after τ" + (", beats its null ✓" if null.get("beats_null") else ", not beyond its null")
+                  + ")") if record.get("hidden") else ""
+        row = [str(cluster), str(record["size"]), MISSING if step is None else f"{step:.0f}{hidden}"]
         for name in names:
             score = record["labels"].get(name)
             row.append(MISSING if score is None else
-                       f"{view.label_sets[name].name_of(score['class'])} {score['homogeneity']:.0%} "
-                       f"(base {score['base_rate']:.0%})")
+                       f"{_class_share(view, name, score)} (base {score['base_rate']:.0%})")
         if has_texts:
             row.append(" ⁞ ".join(str(view.texts[i]) for i in record.get("nearest_samples", [])[:REPORT_TEXTS]))
         rows.append(row)

@@ -1,5 +1,13 @@
-"""The score stage: the filters, every cluster's breakthrough (Eqs. 9-10) and its scores against every label set, for
-every strategy, to ``metrics.json``. Host code: it reads only the run directory.
+"""The score stage: the filters, every cluster's breakthrough (Eqs. 9-10), its scores against every label set and the
+nulls it must beat, and the causal check, for every strategy, to ``metrics.json``. Host code: it reads only the run
+directory.
+
+Nulls (DESIGN.md, "Trust"): a cluster's homogeneity in a label set is tested against the same labels permuted among
+the samples its clustering saw, cluster sizes fixed (Holm-corrected across the strategy's clusters); a hidden
+breakthrough against the cluster's increments shuffled in time; and every strategy along the Hessian basis stands
+beside the same pipeline along random orthonormal directions (with ``ablations``). The causal check: each cluster's
+mean loss increase when its direction's share of the training displacement is removed, against the other samples
+its clustering saw.
 
 ``metrics.json``::
 
@@ -8,9 +16,11 @@ every strategy, to ``metrics.json``. Host code: it reads only the run directory.
     filters     per basis with projected-loss trajectories: directions kept by the oscillation filter, dropped ones,
                 and per direction the samples relying on it
     variants    per strategy: label, basis, trajectory, clusterings, clusters, hidden-breakthrough fraction,
-                breakthroughs, and per label set its class, maximum homogeneity and top clusters (Tables 1, 8, 10);
-                ``clusters`` lists every cluster with its breakthrough, its scores against each label set and (when
-                the task has sample texts) the samples nearest its medoid
+                breakthroughs, and per label set its class, maximum homogeneity, top clusters (Tables 1, 8, 10),
+                the spread of its directions' best homogeneity and how many clusters beat the permutation null;
+                ``clusters`` lists every cluster with its breakthrough (and its null, when hidden), its scores and
+                p-values against each label set, the causal check (directions of a basis with ``causal/``) and
+                (when the task has sample texts) the samples nearest its medoid
 """
 
 from __future__ import annotations
@@ -49,10 +59,14 @@ def score_stage(run: RunDirectory) -> dict:
         clusterings = analysis.load_clusterings(run / "clusters" / f"{variant.name}.npz")
         if variant.trajectory == "projected_loss":
             filters[variant.basis] = filter_summary(trajectories)
+        causal_file = run / "causal" / f"{variant.basis}.npy"
+        causal = np.load(causal_file) if causal_file.is_file() and trajectories.ndim == 3 else None
         variants[variant.name] = variant_scores(variant, clusterings, trajectories, steps, label_sets, texts,
-                                                window, threshold)
+                                                window, threshold, config, causal)
     metrics = {
-        "settings": {"window_steps": window, "threshold_step": threshold, "threshold_source": source},
+        "settings": {"window_steps": window, "threshold_step": threshold, "threshold_source": source,
+                     "null_permutations": config.null_permutations,
+                     "breakthrough_shuffles": config.breakthrough_shuffles, "significance": config.significance},
         "num_samples": int(main.loss.shape[1]),
         "filters": filters,
         "variants": variants,
@@ -89,14 +103,19 @@ def filter_summary(projected_loss: np.ndarray) -> dict:
 
 
 def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories: np.ndarray, steps: np.ndarray,
-                   label_sets: dict[str, LabelSet], texts, window: int, threshold: int) -> dict:
-    """One strategy's entry of ``metrics.json``."""
+                   label_sets: dict[str, LabelSet], texts, window: int, threshold: int, config,
+                   causal: np.ndarray | None) -> dict:
+    """One strategy's entry of ``metrics.json``; ``causal``: the per-sample loss increase ``[K, N]`` of removing
+    each direction of the strategy's basis, or None."""
     per_direction = trajectories.ndim == 3
     breakthroughs = breakthrough_records(clusterings, trajectories, steps, window)
     for record in breakthroughs:
         record["hidden"] = record["mean_step"] > threshold
+        if record["hidden"]:
+            record["null"] = _breakthrough_null(clusterings, trajectories, steps, record, window, threshold, config)
     hidden = [record["hidden"] for record in breakthroughs]
     scores = {name: label_scores(clusterings, label_set, label_sets) for name, label_set in label_sets.items()}
+    tests = {name: permutation_tests(clusterings, label_set, config) for name, label_set in label_sets.items()}
     summary = {}
     for name, records in scores.items():
         top = analysis.top_clusters(records, TOP_CLUSTERS, qualifying_only=per_direction)
@@ -104,23 +123,35 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
         summary[name] = {
             "class": label_sets[name].positive,
             "max_homogeneity": None if np.isnan(best) else best,
-            "top_clusters": [_score_json(record) for record in top],
+            "top_clusters": [{**_score_json(record), **tests[name][record.direction, record.cluster]}
+                             for record in top],
+            "per_direction_best": _per_direction_best(records) if per_direction else None,
+            "clusters_beating_null": sum(test["beats_null"] for test in tests[name].values()),
         }
     by_cluster = {(b["direction"], b["cluster"]): b for b in breakthroughs}
     cluster_records = []
-    for index, clustering in enumerate(clusterings):
+    for clustering in clusterings:
+        effects = ({} if causal is None else
+                   {e.cluster: e for e in analysis.ablation_effects(causal[clustering.direction], clustering)})
         for cluster in range(clustering.num_clusters):
             members = clustering.members(cluster)
-            breakthrough = by_cluster.get((clustering.direction, cluster), {})
+            key = (clustering.direction, cluster)
+            breakthrough = by_cluster.get(key, {})
             record = {
                 "direction": clustering.direction, "cluster": cluster, "size": int(members.size),
                 "breakthrough_step": breakthrough.get("mean_step"), "hidden": breakthrough.get("hidden"),
-                "labels": {name: _score_json(_find(records, clustering.direction, cluster), brief=True)
+                "breakthrough_null": breakthrough.get("null"),
+                "labels": {name: {**_score_json(_find(records, *key), brief=True), **tests[name][key]}
                            for name, records in scores.items()},
             }
+            if cluster in effects:
+                effect = effects[cluster]
+                record["causal"] = {"member_mean": effect.member_mean, "others_mean": _finite(effect.others_mean),
+                                    "difference": _finite(effect.difference), "rank": effect.rank}
             if texts is not None:
                 record["nearest_samples"] = nearest_to_medoid(trajectories, clustering, members).tolist()
             cluster_records.append(record)
+    hidden_beating = [bool(b.get("null", {}).get("beats_null")) for b in breakthroughs]
     return {
         "label": variant.label,
         "basis": variant.basis,
@@ -128,10 +159,71 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
         "num_directions": len(clusterings),
         "num_clusters": sum(c.num_clusters for c in clusterings),
         "hidden_breakthrough_fraction": float(np.mean(hidden)) if hidden else None,
+        "hidden_beating_null_fraction": float(np.mean(hidden_beating)) if hidden_beating else None,
         "breakthroughs": breakthroughs,
         "label_sets": summary,
+        "causal": _causal_summary(cluster_records) if causal is not None else None,
         "clusters": cluster_records,
     }
+
+
+def permutation_tests(clusterings, label_set: LabelSet, config) -> dict[tuple, dict]:
+    """(direction, cluster) -> its homogeneity p-value (label permutations, cluster sizes fixed), the Holm-adjusted
+    p-value across all the strategy's clusters, and whether the adjusted p-value is below ``config.significance``.
+    A cluster holding every sample its clustering saw has nothing to be compared with: ``"testable": False``."""
+    keys, pvalues, testable = [], [], []
+    for clustering in clusterings:
+        if clustering.num_clusters == 0:
+            continue
+        test = analysis.homogeneity_pvalues(clustering, label_set.values, positive=label_set.positive,
+                                            num_permutations=config.null_permutations, seed=config.seed)
+        kept = clustering.sample_indices.size
+        for cluster in range(clustering.num_clusters):
+            keys.append((clustering.direction, cluster))
+            pvalues.append(float(test.pvalues[cluster]))
+            testable.append(int(np.count_nonzero(clustering.labels == cluster)) < kept)
+    adjusted = analysis.adjust_pvalues(np.asarray(pvalues), "holm") if pvalues else np.zeros(0)
+    return {key: {"pvalue": p if ok else None, "pvalue_adjusted": float(a) if ok else None,
+                  "beats_null": bool(ok and a < config.significance), "testable": ok}
+            for key, p, a, ok in zip(keys, pvalues, adjusted, testable)}
+
+
+def _breakthrough_null(clusterings, trajectories, steps, record, window, threshold, config) -> dict:
+    """A hidden breakthrough against the cluster's increments shuffled in time (``analysis.breakthrough_null``)."""
+    clustering = next(c for c in clusterings if c.direction == record["direction"])
+    members = clustering.members(record["cluster"])
+    curves = trajectories[:, members] if clustering.direction is None else trajectories[:, members,
+                                                                                        clustering.direction]
+    null = analysis.breakthrough_null(np.asarray(curves), steps, window, threshold,
+                                      num_shuffles=config.breakthrough_shuffles, seed=config.seed)
+    return {"null_hidden_rate": null.null_hidden_rate, "pvalue": null.pvalue,
+            "null_median_step": null.null_median, "beats_null": bool(null.pvalue < config.significance)}
+
+
+def _per_direction_best(records: list[analysis.ClusterScore]) -> dict:
+    """The spread over directions of each direction's most homogeneous qualifying cluster."""
+    best = {}
+    for record in records:
+        if record.qualifies:
+            best[record.direction] = max(best.get(record.direction, 0.0), record.homogeneity)
+    values = np.asarray(list(best.values()))
+    if not values.size:
+        return {"directions": 0, "median": None, "q25": None, "q75": None}
+    q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
+    return {"directions": int(values.size), "median": float(median), "q25": float(q25), "q75": float(q75)}
+
+
+def _causal_summary(cluster_records: list[dict]) -> dict:
+    """How the strategy's clusters fare in the causal check: the median difference between a cluster's mean loss
+    increase and the other samples', and how many clusters are hurt more than the rest of their clustering."""
+    differences = [r["causal"]["difference"] for r in cluster_records
+                   if r.get("causal") and r["causal"]["difference"] is not None]
+    return {"clusters": len(differences), "hurt_more_than_others": int(np.sum(np.asarray(differences) > 0)),
+            "median_difference": float(np.median(differences)) if differences else None}
+
+
+def _finite(value: float) -> float | None:
+    return None if not np.isfinite(value) else float(value)
 
 
 def label_scores(clusterings, label_set: LabelSet, label_sets: dict[str, LabelSet]) -> list[analysis.ClusterScore]:

@@ -1,4 +1,4 @@
-"""The pipeline's stages over any task: train → basis → decompose → cluster → score → report.
+"""The pipeline's stages over any task: train → basis → decompose → causal → cluster → score → report.
 
 Run directory layout::
 
@@ -10,13 +10,14 @@ Run directory layout::
     metrics.jsonl          training log: loss, evaluation loss and the task's training metrics
     basis/<name>/          Basis: hessian (Algorithm 1) [, shuffled_hessian, random, parameter_axes]
     polca/<name>/          POLCAResult per basis
+    causal/<name>.npy      the causal check: per-sample loss increase [K, N] when a direction is removed
     clusters/<variant>.npz HDBSCAN clusterings of each strategy
     metrics.json           filters, cluster scores against every label set, breakthroughs (Eqs. 9-10)
     stages/<stage>.json    written when a stage finishes (wall time); a finished stage is skipped
     report/report.md       the report, with figures in report/figures/
 
-The train, basis and decompose stages build the task (its data and model); cluster, score and report read only
-the run directory.
+The train, basis, decompose and causal stages build the task (its data and model); cluster, score and report read
+only the run directory.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ import polca_jax as pj
 from polca_jax import _tree as tree
 from polca_jax import analysis
 from polca_jax._checks import check_same_structure
+from polca_jax._files import save_npy_atomic
 from polca_jax.pipeline._rundir import RunDirectory
 from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
 from polca_jax.pipeline._training import adamw_paper, train
 
-STAGES = ("train", "basis", "decompose", "cluster", "score", "report")
+STAGES = ("train", "basis", "decompose", "causal", "cluster", "score", "report")
 HOST_STAGES = ("cluster", "score", "report")
 STAGE_OUTPUTS = {
     "train": ("checkpoints", "metrics.jsonl"),
     "basis": ("basis",),
     "decompose": ("polca",),
+    "causal": ("causal",),
     "cluster": ("clusters",),
     "score": ("metrics.json",),
     "report": ("report",),
@@ -215,6 +218,31 @@ def _projection_method(run: RunDirectory, task: Task) -> str:
     return pj.choose_method(samples_per_sequence, len(run.config.basis_steps) * run.config.k_per_checkpoint)
 
 
+# --- causal ---------------------------------------------------------------------------------------------------------
+
+
+def causal_bases(config) -> tuple[str, ...]:
+    """The bases the causal check runs on: the Hessian basis, and the random one as its null."""
+    return ("hessian", "random") if config.ablations else ("hessian",)
+
+
+def causal_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
+    """The causal check: for every direction b of each basis, the per-sample loss increase ``[K, N]`` when b's share
+    of the training displacement is removed from the final parameters, θ_T − ⟨θ_T − θ_0, b⟩ b, to
+    ``causal/<basis>.npy``."""
+    config = run.config
+    with checkpoint_store(run, task, [0, config.num_steps]) as store:
+        initial, final = store[0], store[1]
+    names = causal_bases(config)
+    (run / "causal").mkdir(exist_ok=True)
+    for name in names:
+        basis = pj.Basis.load(run / "basis" / name)
+        increase = pj.direction_ablation_losses(task.per_sample_loss, final, initial, basis, task.eval_batch,
+                                                mask=task.eval_mask)
+        save_npy_atomic(run / "causal" / f"{name}.npy", np.asarray(increase))
+    return {"bases": list(names)}
+
+
 # --- cluster --------------------------------------------------------------------------------------------------------
 
 
@@ -285,7 +313,7 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
     from polca_jax.pipeline._report import report_stage
 
     bodies = {
-        "train": train_stage, "basis": basis_stage, "decompose": decompose_stage,
+        "train": train_stage, "basis": basis_stage, "decompose": decompose_stage, "causal": causal_stage,
         "cluster": lambda run, task, progress: cluster_stage(run, progress),
         "score": lambda run, task, progress: score_stage(run),
         "report": lambda run, task, progress: report_stage(run, definition),
