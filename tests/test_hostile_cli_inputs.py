@@ -96,6 +96,8 @@ CASES = [
     (["english", "--preset", "tiny", "--data", "missing.txt"], r"missing\.txt"),
     # stages and directories
     (["run", USER, "--stage", "cluster"], r"stage 'train' has not finished"),
+    (["arithmetic", "--preset", "tiny", "--stage", "score"], r"stage 'train' has not finished"),
+    (["arithmetic", "report", "--preset", "tiny"], r"stage 'train' has not finished"),
     (["report", "{out}"], r"is not a run directory \(no config\.json\)"),
 ]
 

@@ -39,6 +39,8 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
                          "polca_jax.CheckpointRecorder)")
     command.add_argument("--force", action="store_true", help="redo the stage(s), and remove what later ones made")
     command.add_argument("--quiet", action="store_true", help="no progress bars")
+    command.add_argument("--stage", dest="stages", action="append", choices=STAGES,
+                         help="run only this stage (repeatable; earlier ones must have finished)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,12 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Run every stage (or those named with --stage) on a run directory. Finished stages are "
         "skipped, so a killed run resumes where it stopped.")
     run_command.add_argument("task", help="arithmetic, english, path/to/file.py:factory or module:factory")
-    run_command.add_argument("--stage", dest="stages", action="append", choices=STAGES,
-                             help="run only this stage (repeatable; earlier ones must have finished)")
     _add_run_options(run_command)
     for name, summary in SHORTHANDS.items():
         command = commands.add_parser(name, help=summary, description=f"{summary}.")
-        command.add_argument("stage", nargs="?", choices=STAGES, help="run only this stage")
+        command.add_argument("stage", nargs="?", choices=STAGES, help="run only this stage (as --stage STAGE)")
         if name == "english":
             command.add_argument("--data", metavar="lee|hf:NAME[:CONFIG]|PATH",
                                  help="corpus: gensim's Lee corpus, a Hugging Face dataset, or a .txt/.jsonl file or "
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(args.run_dir)}")
             return 0
         task = args.task if args.command == "run" else args.command
-        stages = args.stages if args.command == "run" else ([args.stage] if args.stage else None)
+        stages = (args.stages or []) + ([args.stage] if getattr(args, "stage", None) else []) or None
         settings = list(args.settings)
         if getattr(args, "data", None) is not None:
             settings.append(f"data={_data_reference(args.data)}")
