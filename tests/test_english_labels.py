@@ -7,9 +7,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from polca_jax.pipeline.tasks.english import KINDS, token_kind
 from polca_jax.pipeline.tasks.english._labels import (
+    CLOSED_CLASSES,
+    FUNCTION_CLASSES,
+    MIN_ENRICHMENT,
     NO_TOKEN,
+    NUMBER_WORDS,
+    BaseRates,
     ClusterLabel,
+    base_rates,
     builtin_tags,
     default_tagger,
     format_context,
@@ -27,22 +34,152 @@ CONTEXT = ["The", " cat", " sat", ".", "\n", "\n", "In", " 1990", ",", " the", "
 @pytest.mark.parametrize(
     "position, expected",
     [
-        (0, {"tok:the", "bos", "capitalized", "word"}),
-        (1, {"tok:cat", "space", "word"}),
-        (3, {"tok:.", "punct"}),
-        (4, {"tok:\n", "newline", "whitespace"}),
-        (5, {"tok:\n", "newline", "whitespace", "repeated"}),
-        (6, {"tok:in", "capitalized", "word"}),
-        (7, {"tok:1990", "space", "digit"}),
-        (9, {"tok:the", "space", "word"}),  # "The" at 0 is another token text: not repeated
-        (10, {"tok:cat", "space", "word", "repeated"}),
-        (11, {"tok:s", "word", "continuation"}),
-        (12, {f"tok:{END_OF_TEXT}", "eot"}),
-        (13, {"tok:(", "space", "punct"}),
+        (0, {"tok:the", "class:determiner", "capitalized:sentence-start"}),  # the context start counts as one
+        (1, {"tok:cat", "class:content-word"}),
+        (3, {"tok:.", "punct:sentence-end"}),
+        (4, {"tok:\n", "newline"}),
+        (5, {"tok:\n", "newline", "repeated"}),
+        (6, {"tok:in", "class:preposition", "capitalized:sentence-start"}),
+        (7, {"tok:1990", "number:digits"}),
+        (8, {"tok:,", "punct:comma"}),
+        (9, {"tok:the", "class:determiner"}),  # "The" at 0 is another token text: not repeated
+        (10, {"tok:cat", "class:content-word", "repeated"}),  # " cat" "s": the word is "cats"
+        (11, {"tok:s", "continuation"}),
+        (12, {f"tok:{END_OF_TEXT}", "end-of-text"}),
+        (13, {"tok:(", "punct:bracket"}),
+        (14, {"tok:x", "class:content-word"}),  # after punctuation: starts a word
     ],
 )
 def test_builtin_tags_of_a_hand_made_context(position, expected):
     assert builtin_tags(CONTEXT, position) == expected
+
+
+def word_classes(context, position):
+    """The tags of a token other than its ``tok:`` tag."""
+    return {tag for tag in builtin_tags(context, position) if not tag.startswith("tok:")}
+
+
+@pytest.mark.parametrize(
+    "context, position, expected",
+    [
+        # closed classes, read from the whole word
+        ([" on", " the", " mat"], 1, {"class:determiner"}),
+        ([" said", " he", " was"], 1, {"class:pronoun"}),
+        ([" said", " he", " was"], 2, {"class:auxiliary"}),
+        ([" one", " of", " them"], 1, {"class:preposition"}),
+        ([" one", " of", " them"], 2, {"class:pronoun"}),
+        ([" cats", " and", " dogs"], 1, {"class:conjunction"}),
+        ([" said", " that", " it"], 1, {"class:subordinator"}),
+        ([" it", " would", " rain"], 1, {"class:modal"}),
+        ([" it", " did", " not", " rain"], 2, {"class:negation"}),
+        ([" the", " man", " who", " left"], 2, {"class:wh-word"}),
+        ([" is", " very", " old"], 1, {"class:adverb"}),
+        ([" in", "j", "ury"], 0, {"class:content-word"}),  # " in" starts "injury", not the preposition
+        ([" in", "j", "ury"], 1, {"continuation"}),
+        ([" in", "j", "ury"], 2, {"continuation"}),
+        ([" play", "ing", " cricket"], 0, {"class:content-word"}),
+        ([" play", "ing", " cricket"], 1, {"continuation"}),
+        ([" the", " wor"], 1, {"class:content-word"}),  # a word cut off by the end of the context: read as it goes
+        # clitics and negated stems
+        ([" week", "'s", " match"], 1, {"class:clitic"}),
+        ([" they", "'re", " here"], 1, {"class:auxiliary"}),
+        ([" we", "'ll", " see"], 1, {"class:modal"}),
+        ([" don", "'t", " go"], 0, {"class:auxiliary"}),
+        ([" won", "'t", " go"], 0, {"class:modal"}),
+        ([" don", "'t", " go"], 1, {"class:negation"}),
+        ([" they", " won", " the"], 1, {"class:content-word"}),  # no 't after it: the verb
+        ([" week", "'", "s", " match"], 1, {"punct:apostrophe"}),  # a clitic split in two pieces
+        ([" week", "'", "s", " match"], 2, {"class:clitic"}),
+        (["O", "'", "Brien"], 1, {"punct:apostrophe"}),
+        # capitalised words: names in mid-sentence, sentence starts after a sentence end, newline or quote
+        ([" in", " Sydney", " on"], 1, {"class:name", "capitalized:mid-sentence"}),
+        ([" in", " Austral", "ia"], 1, {"class:name", "capitalized:mid-sentence"}),
+        ([" in", " Austral", "ia"], 2, {"continuation"}),
+        ([" left", ".", " He", " said"], 2, {"class:pronoun", "capitalized:sentence-start"}),
+        ([" left", ".", " Rain", " fell"], 2, {"class:content-word", "capitalized:sentence-start"}),
+        ([" left", ".", " \"", "He", " said"], 3, {"class:pronoun", "capitalized:sentence-start"}),
+        ([" left", ".\"", " He", " said"], 2, {"class:pronoun", "capitalized:sentence-start"}),
+        ([" left", "),", " He", " said"], 2, {"class:pronoun", "capitalized:mid-sentence"}),
+        ([" left", "\n", "The", " end"], 2, {"class:determiner", "capitalized:sentence-start"}),
+        ([END_OF_TEXT, "The", " end"], 1, {"class:determiner", "capitalized:sentence-start"}),
+        ([" and", " I", " left"], 1, {"class:pronoun", "capitalized:mid-sentence"}),
+        ([" the", " NATO", " talks"], 1, {"class:name", "capitalized:mid-sentence"}),
+        # numbers
+        ([" in", " 1999", ","], 1, {"number:digits"}),
+        ([" the", " 1990", "s"], 1, {"number:digits"}),
+        ([" the", " 1990", "s"], 2, {"continuation"}),
+        ([" the", " 19", "99"], 2, {"continuation"}),
+        ([" won", " three", " games"], 1, {"number:word"}),
+        ([" 3", ".", "5", " m"], 1, {"number:separator"}),
+        ([" 1", ",", "000", " m"], 1, {"number:separator"}),
+        ([" 1", ",", "000", " m"], 2, {"number:digits"}),
+        ([" 1", ",", " 2"], 1, {"punct:comma"}),  # a space after it: a list, not a number
+        # punctuation
+        ([" left", "."], 1, {"punct:sentence-end"}),
+        ([" left", "!"], 1, {"punct:sentence-end"}),
+        ([" left", "?"], 1, {"punct:sentence-end"}),
+        ([" left", ","], 1, {"punct:comma"}),
+        ([" left", ";"], 1, {"punct:colon"}),
+        ([" left", ":"], 1, {"punct:colon"}),
+        ([" said", " \""], 1, {"punct:quote"}),
+        ([" said", " “"], 1, {"punct:quote"}),
+        ([" left", " ("], 1, {"punct:bracket"}),
+        ([" left", " —"], 1, {"punct:dash"}),
+        ([" well", "-", "known"], 1, {"punct:dash"}),
+        ([" 5", "%"], 1, {"punct:other"}),
+        ([" cost", " $"], 1, {"punct:other"}),
+        ([" left", ".\""], 1, {"punct:sentence-end", "punct:quote"}),  # each kind of a token of several marks
+        ([" left", "),"], 1, {"punct:bracket", "punct:comma"}),
+        # layout and the rest
+        ([" left", "\n\n"], 1, {"newline"}),
+        ([" left", " \n"], 1, {"newline"}),
+        ([" left", "  "], 1, {"whitespace"}),
+        ([" left", END_OF_TEXT], 1, {"end-of-text"}),
+        ([" caf", "\ufffd"], 1, {"other"}),
+    ],
+)
+def test_builtin_word_classes(context, position, expected):
+    assert word_classes(context, position) == expected
+
+
+def test_closed_word_lists_are_small_lowercase_and_disjoint():
+    lists = [*CLOSED_CLASSES.values(), NUMBER_WORDS]
+    words = [word for words in lists for word in words]
+    assert len(words) == len(set(words)), "a word is in two lists"
+    assert all(word == word.lower() and word.isalpha() for word in words)
+    assert all(0 < len(words) < 100 for words in lists)
+    assert set(FUNCTION_CLASSES) == {f"class:{name}" for name in CLOSED_CLASSES} | {"class:clitic"}
+
+
+def test_every_token_has_one_class_or_punctuation_kinds():
+    context = [" The", " cat", "'s", " 3", ".", "5", " kg", ".\"", "\n", "He", " said", END_OF_TEXT]
+    for position in range(len(context)):
+        tags = word_classes(context, position) - {"repeated", "capitalized:sentence-start",
+                                                  "capitalized:mid-sentence"}
+        assert len(tags) == 1 or all(tag.startswith("punct:") for tag in tags), (position, tags)
+
+
+@pytest.mark.parametrize(
+    "context, position, kind",
+    [
+        ([" left", END_OF_TEXT], 1, "end of text"),
+        ([" left", "\n"], 1, "newline"),
+        ([" left", "  "], 1, "whitespace"),
+        ([" left", ".\""], 1, "punctuation"),
+        ([" in", " 1999"], 1, "number"),
+        ([" won", " three"], 1, "number"),
+        ([" play", "ing"], 1, "word continuation"),
+        ([" cats", " and"], 1, "function word"),
+        ([" week", "'s"], 1, "function word"),
+        ([" in", " Sydney"], 1, "name"),
+        ([" the", " cat"], 1, "content word"),
+        ([" left", ".", " Rain"], 2, "content word"),
+        ([" caf", "\ufffd"], 1, "other"),
+    ],
+)
+def test_token_kind_is_one_coarse_class(context, position, kind):
+    assert token_kind(context, position) == kind
+    assert kind in KINDS
 
 
 def test_builtin_tags_accept_a_numpy_row_and_check_the_position():
@@ -147,11 +284,102 @@ def test_label_to_dict_is_json_and_shows_newlines():
     assert data == {
         "positions": [["tok:\n"], ["tok:\n"]],
         "coverage": [1.0, 1.0],
+        "base_coverage": None,
+        "informative": None,
+        "few_tags": True,
         "simple": True,
         "text": "target ∈ {tok:⏎} · −1 ∈ {tok:⏎}",
     }
     assert ClusterLabel(**{**data, "positions": tuple(map(tuple, data["positions"])),
                            "coverage": tuple(data["coverage"])}) == label
+
+
+def test_label_with_base_rates_to_dict():
+    population = members([{"tok:\n", "newline"}] * 3 + [{"tok:a", "class:determiner"}] * 7,
+                         [{"tok:\n"}] * 2 + [{NO_TOKEN}] + [{"tok:x"}] * 7)
+    label = label_cluster(population[:3], base_rates=base_rates(population))
+    data = json.loads(json.dumps(label.to_dict()))
+    assert data == {
+        "positions": [["tok:\n"], ["tok:\n", NO_TOKEN]],
+        "coverage": [1.0, 1.0],
+        "base_coverage": [0.3, 0.3],
+        "informative": [True, False],  # padding at −1: never informative
+        "few_tags": True,
+        "simple": True,
+        "text": "target ∈ {tok:⏎} (100% vs 30%) · −1 ∈ {tok:⏎, none} (100% vs 30%)",
+    }
+
+
+def test_base_rates_measure_unions_of_tags_among_all_samples():
+    population = members([{"tok:of", "class:preposition"}] * 2 + [{"tok:in", "class:preposition"}]
+                         + [{"tok:cat", "class:content-word"}] * 5,
+                         [{NO_TOKEN}] * 4 + [{"tok:the"}] * 4)
+    rates = base_rates(population)
+    assert isinstance(rates, BaseRates) and rates.num_samples == 8 and rates.num_offsets == 2
+    assert rates.coverage(0, ["tok:of"]) == 0.25
+    assert rates.coverage(0, ["tok:of", "class:preposition"]) == 0.375  # a union, not a sum
+    assert rates.coverage(0, ["tok:of", "tok:cat"]) == 0.875
+    assert rates.coverage(0, ["unseen"]) == 0.0 and rates.coverage(0, []) == 0.0
+    assert rates.coverage(1, [NO_TOKEN]) == 0.5
+    assert rates.rates(0) == {"class:content-word": 0.625, "tok:cat": 0.625, "class:preposition": 0.375,
+                              "tok:of": 0.25, "tok:in": 0.125}
+    with pytest.raises(ValueError, match="offset 2 is outside the 2 offsets"):
+        rates.coverage(2, ["tok:of"])
+    with pytest.raises(ValueError, match="offset -1 is outside the 2 offsets"):
+        rates.rates(-1)
+
+
+NEWS = ("Heavy rain flooded coastal towns on Monday , forcing thousands of residents to leave flooded homes . "
+        "Emergency crews rescued stranded drivers near swollen rivers , while local officials warned worried farmers "
+        "about rising water levels in low fields .")
+PREPOSITIONS = (" on", " of", " to", " near", " about", " in")
+
+
+def news_population():
+    """Token texts of a news sentence as BPE-like pieces, and the tags of its samples (4 offsets), as in a run."""
+    context = [word if word in ".," else " " + word for word in NEWS.split(" ")]
+    positions = np.array([[0, p] for p in range(1, len(context))])
+    return [context[p] for _, p in positions], tag_tokens(np.array([context], dtype=object), positions)
+
+
+def test_a_cluster_of_ordinary_words_is_not_simple_but_prepositions_are():
+    targets, tags = news_population()
+    rates = base_rates(tags)
+    words = [i for i, tag_sets in enumerate(tags) if "class:content-word" in tag_sets[0]]
+    assert len(words) / len(targets) > 0.5  # as in running text, most tokens are content words
+    label = label_cluster([tags[i] for i in words], base_rates=rates)
+    assert label.positions[0] == ("class:content-word",) and label.coverage[0] == 1.0
+    assert label.base_coverage[0] == pytest.approx(len(words) / len(targets))
+    assert label.few_tags and label.informative == (False,) * 4 and not label.simple
+    assert label_cluster([tags[i] for i in words]).simple  # the paper's tag count alone would count it
+    assert not label_cluster(tags[::2], base_rates=rates).simple  # a sample of the text is no finding either
+    prepositions = [i for i, target in enumerate(targets) if target in PREPOSITIONS]
+    label = label_cluster([tags[i] for i in prepositions], base_rates=rates)
+    share = len(prepositions) / len(targets)
+    assert label.positions[0] == ("class:preposition",) and label.informative[0] and label.simple
+    assert label.coverage[0] == 1.0 and label.base_coverage[0] == pytest.approx(share)
+    assert label.text.startswith(f"target ∈ {{class:preposition}} (100% vs {share:.0%}) · −1 ∈ ")
+
+
+def test_enrichment_threshold_is_inclusive_and_padding_is_never_informative():
+    # the population: 10 samples; "a" on 4 of them at the target, padding on 4 at −1
+    population = members([{"a"}] * 4 + [{"b"}] * 6, [{NO_TOKEN}] * 4 + [{"c"}] * 6)
+    rates = base_rates(population)
+    cluster = population[:4]  # all "a" (100% vs 40%: 2.5x) and all padding at −1
+    label = label_cluster(cluster, base_rates=rates)
+    assert label.positions == (("a",), (NO_TOKEN,))
+    assert label.base_coverage == (0.4, 0.4) and label.informative == (True, False) and label.simple
+    assert label_cluster(cluster, base_rates=rates, min_enrichment=2.5).informative == (True, False)
+    label = label_cluster(cluster, base_rates=rates, min_enrichment=2.6)
+    assert label.informative == (False, False) and label.few_tags and not label.simple
+    assert MIN_ENRICHMENT == 2.0
+
+
+def test_too_many_tags_is_not_simple_even_when_informative():
+    population = members([{"a"}] * 3 + [{"b"}] * 3 + [{"c"}] * 2 + [{"d"}] * 2 + [{"e"}] * 90)
+    label = label_cluster(population[:10], base_rates=base_rates(population))
+    assert label.positions == (("a", "b", "c"),) and label.informative == (True,)
+    assert not label.few_tags and not label.simple
 
 
 @pytest.mark.parametrize(
@@ -163,11 +391,28 @@ def test_label_to_dict_is_json_and_shows_newlines():
         ([[frozenset({"a"})]], {"coverage": 0.0}, r"coverage must lie in \(0, 1\]"),
         ([[frozenset({"a"})]], {"coverage": 1.5}, r"coverage must lie in \(0, 1\]"),
         ([[frozenset({"a"})]], {"max_simple_tags": -1}, "max_simple_tags must be a non-negative int"),
+        ([[frozenset({"a"})]], {"base_rates": {"a": 0.5}}, r"base_rates must come from base_rates\(all_tags\)"),
+        ([[frozenset({"a"})]], {"base_rates": base_rates([[frozenset({"a"})] * 2])}, "base_rates has 2 offsets"),
+        ([[frozenset({"a"})]], {"min_enrichment": 0.5}, "min_enrichment must be a number >= 1"),
+        ([[frozenset({"a"})]], {"min_enrichment": float("nan")}, "min_enrichment must be a number >= 1"),
     ],
 )
 def test_label_cluster_errors(member_tags, kwargs, message):
     with pytest.raises(ValueError, match=message):
         label_cluster(member_tags, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "all_tags, message",
+    [
+        ([], "all_tags must be a non-empty list"),
+        ([[frozenset({"a"})], [frozenset({"a"}), frozenset({"b"})]], "sample 1: expected a list of 1 tag sets"),
+        ([[frozenset({"a"})], ["a"]], "sample 1: every offset needs a non-empty set"),
+    ],
+)
+def test_base_rates_errors(all_tags, message):
+    with pytest.raises(ValueError, match=message):
+        base_rates(all_tags)
 
 
 def test_labels_of_tagged_contexts_find_the_comma_before():

@@ -3,8 +3,9 @@
 
 Every next-token prediction of the evaluation contexts is a sample, in row-major (context, position) order: sample
 ``i`` reads ``ids[i // L, : i % L + 1]`` and is scored on the target ``ids[i // L, i % L + 1]``. Label sets: the
-target token (``token``) and its coarse kind (``kind``: word, punctuation, newline, ...). The report adds the
-paper's automatic labels (tags covering 70% of a cluster at the target and the 3 tokens before it, Appendix E.2).
+target token (``token``) and its coarse kind (``kind``: function word, content word, name, punctuation, ...). The
+report adds the paper's automatic labels (tags covering 70% of a cluster at the target and the 3 tokens before it,
+Appendix E.2).
 
 The task keeps two files in the run directory: ``tokenizer.json`` (a byte-level BPE trained on the training
 documents the first time, then reused so every stage sees the same token ids) and ``tokens.npz`` (ids and token
@@ -66,9 +67,11 @@ PRESETS = {name: {**PAPER_SETTINGS, **preset} for name, preset in {
     ),
 }.items()}
 
-KINDS = ("end of text", "newline", "whitespace", "punctuation", "digits", "word continuation", "capitalized word",
-         "word", "other")
-"""The coarse kinds of the ``kind`` label set, in the order they are tested."""
+KINDS = ("end of text", "newline", "whitespace", "punctuation", "number", "word continuation", "function word",
+         "name", "content word", "other")
+"""The coarse kinds of the ``kind`` label set (one per token), from the token's ``labels.builtin_tags`` class:
+function words are the closed classes (determiners, pronouns, prepositions, ...), names are other words capitalised
+in mid-sentence."""
 
 
 @task_factory(presets=PRESETS, default_preset="cpu", report_sections=paper_report_sections)
@@ -181,13 +184,15 @@ def target_positions(num_contexts: int, context_length: int) -> np.ndarray:
 
 
 def token_kind(context_texts, position: int) -> str:
-    """The first of :data:`KINDS` that the token at ``position`` of a context of token texts is."""
+    """The one of :data:`KINDS` that the token at ``position`` of a context of token texts is, from its class tag."""
     tags = labels.builtin_tags(context_texts, position)
-    for kind, tag in zip(KINDS, ("eot", "newline", "whitespace", "punct", "digit", "continuation")):
-        if tag in tags:
+    for kind, matches in zip(KINDS, (
+            lambda t: t == "end-of-text", lambda t: t == "newline", lambda t: t == "whitespace",
+            lambda t: t.startswith("punct:"), lambda t: t.startswith("number:"), lambda t: t == "continuation",
+            lambda t: t in labels.FUNCTION_CLASSES, lambda t: t == "class:name",
+            lambda t: t == "class:content-word")):
+        if any(matches(tag) for tag in tags):
             return kind
-    if "word" in tags:
-        return "capitalized word" if "capitalized" in tags else "word"
     return "other"
 
 
