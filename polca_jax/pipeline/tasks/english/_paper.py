@@ -3,7 +3,8 @@ label of every POLCA and exact-loss cluster (Appendix E.2) with its most frequen
 
 Labels are computed here, from the run's ``tokens.npz`` and clusters, with spaCy part-of-speech tags when spaCy and
 ``en_core_web_sm`` are installed and the built-in token tags otherwise; they are also written to
-``report/cluster_labels.json``.
+``report/cluster_labels.json``. Each label is compared with the base rates of its tags among all evaluation tokens,
+and only a label with an informative (enriched) offset counts as simple (``_labels`` module docstring).
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def paper_report_sections(view) -> list[str]:
     (view.directory / "report" / "cluster_labels.json").write_text(
         json.dumps(labelled, indent=2, ensure_ascii=False))
     parts.append(f"Labels: `{labelled['tagger']}` tags covering {labelled['coverage']:.0%} of a cluster at each "
-                 f"offset (target, −1, −2, −3); simple if no offset needs more than {labelled['max_simple_tags']} "
-                 "tags (not counting padding). All labels: `report/cluster_labels.json`.")
+                 "offset (target, −1, −2, −3), each with the share of the cluster that carries them vs the share of "
+                 "all evaluation tokens that does. An offset is informative when the cluster is enriched at least "
+                 f"{labelled['min_enrichment']:g}× (and is not padding); a label is simple if no offset needs more "
+                 f"than {labelled['max_simple_tags']} tags (not counting padding) and at least one offset is "
+                 "informative. A label with few tags but no informative offset says nothing the base rates do not "
+                 "(*uninformative*). All labels: `report/cluster_labels.json`.")
     for variant, title in (("exact_loss", "Exact-loss clusters (the paper's Fig. 9)"),
                            ("polca", "POLCA clusters per kept direction (Figs. 5, 10, 11)")):
         records = labelled["variants"].get(variant, [])
@@ -47,7 +52,7 @@ def paper_report_sections(view) -> list[str]:
             parts.append("*No cluster.*")
             continue
         rows = [[MISSING if r["direction"] is None else str(r["direction"]), str(r["cluster"]), str(r["size"]),
-                 ("**simple**: " if r["label"]["simple"] else "") + r["label"]["text"],
+                 _label_cell(r["label"]),
                  ", ".join(f"{json.dumps(token, ensure_ascii=False)} ×{count}"
                            for token, count in r["top_tokens"][:TABLE_TOKENS])]
                 for r in records]
@@ -71,19 +76,20 @@ def cluster_labels(view) -> dict | None:
     coverage, max_simple = options.get("label_coverage", 0.7), options.get("max_simple_tags", 2)
     tagger = labels.default_tagger()
     tags = labels.tag_tokens(texts, targets, tagger=tagger)
+    population = labels.base_rates(tags)  # every evaluation token: what each cluster's label is compared with
     variants = {}
     for variant in ("polca", "exact_loss"):
         variants[variant] = [
             {"direction": clustering.direction, "cluster": cluster, "size": int(members.size),
              "label": labels.label_cluster([tags[i] for i in members], coverage=coverage,
-                                           max_simple_tags=max_simple).to_dict(),
+                                           max_simple_tags=max_simple, base_rates=population).to_dict(),
              "top_tokens": labels.top_tokens(texts[targets[members, 0], targets[members, 1]].tolist(), k=TOP_TOKENS)}
             for clustering in view.clusterings.get(variant, [])
             for cluster in range(clustering.num_clusters)
             for members in [clustering.members(cluster)]
         ]
     return {"tagger": "spacy" if labels.spacy_pipeline() is not None else "builtin", "coverage": coverage,
-            "max_simple_tags": max_simple, "variants": variants}
+            "max_simple_tags": max_simple, "min_enrichment": labels.MIN_ENRICHMENT, "variants": variants}
 
 
 def _summary_table(view, labelled: dict | None) -> str:
@@ -107,9 +113,13 @@ def _summary_table(view, labelled: dict | None) -> str:
              f"{paper['mean_tokens_dropped']} of {paper['num_samples']}"],
         ]
     kept_count = len((filters or {}).get("kept_directions", []))
-    simple = ("labels missing" if labelled is None else
-              f"{len({r['direction'] for r in labelled['variants']['polca'] if r['label']['simple']})} of "
-              f"{kept_count}")
+    if labelled is None:
+        simple = "labels missing"
+    else:  # the paper's rule counts tags only; an uninformative label (every token would get it) is not counted here
+        polca = labelled["variants"]["polca"]
+        informative, few_tags = ({r["direction"] for r in polca if r["label"][key]} for key in ("simple", "few_tags"))
+        simple = (f"{len(informative)} of {kept_count} (by the tag count alone, uninformative labels included: "
+                  f"{len(few_tags)})")
     rows.append(["kept directions with a simply-labelled cluster", simple,
                  f"{paper['directions_with_simple_label']} of {paper['kept_directions']}"])
     threshold = view.setting("threshold_step")
@@ -120,3 +130,12 @@ def _summary_table(view, labelled: dict | None) -> str:
         rows.append([f"{name}: fraction of clusters with a breakthrough after τ = {threshold}",
                      MISSING if info is None else number(info["hidden_breakthrough_fraction"]), "not reported"])
     return markdown_table(["Quantity", "This run", "Paper"], rows)
+
+
+def _label_cell(label: dict) -> str:
+    """A label for the report's table: marked simple, or uninformative when it has few tags but says nothing."""
+    if label["simple"]:
+        return "**simple**: " + label["text"]
+    if label.get("few_tags") and label.get("informative") is not None:
+        return "*uninformative*: " + label["text"]
+    return label["text"]
