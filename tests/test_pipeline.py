@@ -187,6 +187,20 @@ def test_a_resume_on_other_data_is_refused(user_task, tmp_path):
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
+@pytest.mark.slow
+def test_a_second_process_loads_every_kernel_from_the_compile_cache(user_task, tmp_path):
+    def run_in_a_process(out):
+        command = [sys.executable, "-m", "polca_jax.pipeline._cli", "run", user_task, "--out", str(out), "--quiet",
+                   "--compile-cache", str(tmp_path / "cache")]
+        subprocess.run(command, check=True, capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        return [json.loads((out / "stages" / f"{stage}.json").read_text()) for stage in ("train", "basis", "decompose")]
+
+    first, second = run_in_a_process(tmp_path / "first"), run_in_a_process(tmp_path / "second")
+    assert sum(record["compile_cache_misses"] for record in first) > 0
+    assert sum(record["compile_cache_misses"] for record in second) == 0
+    assert sum(record["compile_cache_hits"] for record in second) == sum(record["compiles"] for record in second) > 0
+
+
 def test_the_core_imports_and_runs_without_the_pipeline_extra():
     """polca_jax and polca_jax.analysis need neither flax, optax nor matplotlib; polca_jax.pipeline says what to
     install."""

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
 from polca_jax.pipeline._run import run
 from polca_jax.pipeline._stages import STAGES
@@ -39,6 +40,11 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
                          "polca_jax.CheckpointRecorder)")
     command.add_argument("--force", action="store_true", help="redo the stage(s), and remove what later ones made")
     command.add_argument("--quiet", action="store_true", help="no progress bars")
+    cache = command.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR",
+                       help="JAX's persistent compilation cache (default $POLCA_COMPILE_CACHE or "
+                       "~/.cache/polca_jax/jax): a second run with the same shapes loads its kernels")
+    cache.add_argument("--no-compile-cache", action="store_true", help="compile every kernel afresh")
     command.add_argument("--stage", dest="stages", action="append", choices=STAGES,
                          help="run only this stage (repeatable; earlier ones must have finished)")
 
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         task = args.task if args.command == "run" else args.command
         stages = (args.stages or []) + ([args.stage] if getattr(args, "stage", None) else []) or None
+        if not args.no_compile_cache:
+            enable_compile_cache(args.compile_cache)
         settings = list(args.settings)
         if getattr(args, "data", None) is not None:
             settings.append(f"data={_data_reference(args.data)}")

@@ -154,18 +154,25 @@ def duration(seconds: float) -> str:
 
 
 def stages_table(stages: dict[str, dict], order: tuple[str, ...]) -> str:
-    """Wall time of each stage in ``order`` (then any other recorded stage) and their total."""
+    """Wall time of each stage in ``order`` (then any other recorded stage), the part of it spent compiling (with the
+    persistent cache's hits and misses), and their totals."""
     names = list(order) + [name for name in stages if name not in order]
-    rows, total = [], 0.0
+    rows, total, compiling = [], 0.0, 0.0
     for name in names:
-        seconds = stages.get(name, {}).get("wall_seconds")
+        record = stages.get(name, {})
+        seconds = record.get("wall_seconds")
         if seconds is None:
-            rows.append([name, "not recorded"])
-        else:
-            total += seconds
-            rows.append([name, duration(seconds)])
-    rows.append(["**total recorded**", duration(total)])
-    return markdown_table(["Stage", "Wall time"], rows)
+            rows.append([name, "not recorded", ""])
+            continue
+        total += seconds
+        compile_text = ""
+        if "compile_seconds" in record:
+            compiling += record["compile_seconds"]
+            compile_text = (f"{duration(record['compile_seconds'])} ({record['compiles']} kernels; cache "
+                            f"{record['compile_cache_hits']} hits, {record['compile_cache_misses']} misses)")
+        rows.append([name, duration(seconds), compile_text])
+    rows.append(["**total recorded**", duration(total), duration(compiling)])
+    return markdown_table(["Stage", "Wall time", "of which compiling"], rows)
 
 
 def figure_markdown(link: str, title: str, caption: str) -> str:

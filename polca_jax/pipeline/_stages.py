@@ -35,6 +35,7 @@ from polca_jax import _tree as tree
 from polca_jax import analysis
 from polca_jax._checks import check_same_structure
 from polca_jax._files import save_npy_atomic
+from polca_jax.pipeline._compile import measure_compilation
 from polca_jax.pipeline._rundir import RunDirectory
 from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
 from polca_jax.pipeline._training import adamw_paper, train
@@ -334,9 +335,11 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
             run.reset(list(STAGES[STAGES.index(stage):]), STAGE_OUTPUTS)
         log(f"[{stage}] running")
         start = time.perf_counter()
-        if stage not in HOST_STAGES and task is None:
-            task = build_task(run, definition)
-        info = bodies[stage](run, task, progress)
+        with measure_compilation() as compiling:
+            if stage not in HOST_STAGES and task is None:
+                task = build_task(run, definition)
+            info = bodies[stage](run, task, progress)
         info["wall_seconds"] = time.perf_counter() - start
+        info.update(compiling.as_record())
         run.mark_done(stage, info)
         log(f"[{stage}] done in {info['wall_seconds']:.1f} s")
