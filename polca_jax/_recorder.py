@@ -66,9 +66,13 @@ class CheckpointRecorder:
         saved = set(self._manager.all_steps())
         return [s for s in self.steps if s not in saved]
 
+    def wait(self) -> None:
+        """Block until every save so far is on disk (saves run in the background)."""
+        self._manager.wait_until_finished()
+
     def close(self) -> None:
         """Wait for the saves to finish and release orbax's threads."""
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> "CheckpointRecorder":

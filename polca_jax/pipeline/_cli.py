@@ -4,6 +4,7 @@
     polca arithmetic [STAGE] --out DIR ...        (= polca run arithmetic)
     polca english [STAGE] [--data DATA] --out DIR ...
     polca report DIR
+    polca plan TASK [--preset NAME] [--set KEY=VALUE ...]
     polca --version
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import jax
 
 from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
@@ -67,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                                  help="corpus: gensim's Lee corpus, a Hugging Face dataset, or a .txt/.jsonl file or "
                                  "directory (the task option data)")
         _add_run_options(command)
+    plan = commands.add_parser("plan", help="estimate a run's time per stage and memory, from a short warm-up",
+                               description="Build the task, time a sample of every stage's work on its shapes, and "
+                               "print the estimated time per stage, compile time and memory. Writes nothing.")
+    plan.add_argument("task", help="arithmetic, english, path/to/file.py:factory or module:factory")
+    plan.add_argument("--preset", help="preset (default: the task's)")
+    plan.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--checkpoints", metavar="DIR", help="the run would read these checkpoints (no training)")
     report = commands.add_parser("report", help="write the report of a run directory again",
                                  description="Re-render report/report.md of a run from what its directory holds.")
     report.add_argument("run_dir")
@@ -80,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (Path(args.run_dir) / "config.json").is_file():
                 raise ValueError(f"{Path(args.run_dir).absolute()} is not a run directory (no config.json)")
             print(f"report: {write_report(args.run_dir)}")
+            return 0
+        if args.command == "plan":
+            print(_plan(args))
             return 0
         task = args.task if args.command == "run" else args.command
         stages = (args.stages or []) + ([args.stage] if getattr(args, "stage", None) else []) or None
@@ -96,6 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     if report.exists():
         print(f"report: {report}")
     return 0
+
+
+def _plan(args) -> str:
+    from polca_jax.pipeline._config import make_config, parse_overrides
+    from polca_jax.pipeline._plan import plan_run
+    from polca_jax.pipeline._stages import check_fits
+    from polca_jax.pipeline._task import canonical_reference, load_task_definition
+
+    definition = load_task_definition(args.task)
+    overrides = parse_overrides(definition, args.settings)
+    if args.checkpoints is not None:
+        overrides["checkpoints"] = str(Path(args.checkpoints).absolute())
+    config = make_config(definition, canonical_reference(args.task), args.preset, overrides)
+    task = definition.build(config.task_options, seed=config.seed, workdir=None)
+    check_fits(config, task)
+    devices = jax.devices()
+    header = f"plan for {config.task}, preset {config.preset}, on {len(devices)} {devices[0].platform} device(s):"
+    return header + "\n" + plan_run(config, task).table()
 
 
 def _data_reference(data: str) -> str:

@@ -19,6 +19,7 @@ from polca_jax.analysis import NORMALIZATIONS
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
+ABLATION_BASES = ("shuffled_hessian", "random", "parameter_axes")
 NOT_SETTABLE = ("task", "preset", "task_options")
 
 
@@ -44,6 +45,7 @@ class RunConfig:
     warmup_steps: int = 100
     # checkpoints: POLCA at 0, polca_every, ..., num_steps; Algorithm 1 at basis_every, 2·basis_every, ..., basis_until
     polca_every: int = 10
+    polca_until: int | None = None  # last POLCA checkpoint (default num_steps)
     basis_every: int = 100
     basis_until: int | None = None
     k_per_checkpoint: int = 1
@@ -51,6 +53,7 @@ class RunConfig:
     # decomposition
     second_order: str = "paper"
     projection_method: str = "auto"
+    chunk_size: int | None = None  # sequences per chunk of the per-sample kernels (None: the kernels' default)
     # clustering: HDBSCAN per direction; min_cluster_size scaled by N / reference_num_samples, min_samples = n / divisor
     min_cluster_size: int = 150
     min_samples_divisor: float = 15.0
@@ -62,6 +65,7 @@ class RunConfig:
     # baselines (change in exact loss, Fisher, first-order POLCA) and ablations (LCA, random and shuffled bases)
     baselines: bool = True
     ablations: bool = True
+    ablation_bases: str = "shuffled_hessian,random,parameter_axes"  # the ablations' bases, comma-separated
     # nulls: label permutations per homogeneity test, shuffles per breakthrough test, the level both are judged at
     null_permutations: int = 1000
     breakthrough_shuffles: int = 200
@@ -77,7 +81,8 @@ class RunConfig:
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
-        for name in ("basis_until", "window_steps", "threshold_step", "reference_num_samples"):
+        for name in ("basis_until", "polca_until", "window_steps", "threshold_step", "reference_num_samples",
+                     "chunk_size"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1, optional=True)
         for name in ("learning_rate", "min_samples_divisor"):
@@ -104,6 +109,14 @@ class RunConfig:
             raise ValueError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
         if self.num_steps % self.polca_every:
             raise ValueError(f"num_steps ({self.num_steps}) must be a multiple of polca_every ({self.polca_every})")
+        if self.polca_until is not None and (self.polca_until > self.num_steps or self.polca_until % self.polca_every
+                                             or self.polca_until < 2 * self.polca_every):
+            raise ValueError(f"polca_until must be a multiple of polca_every ({self.polca_every}) in "
+                             f"[{2 * self.polca_every}, num_steps={self.num_steps}], got {self.polca_until}")
+        unknown = sorted(set(self.ablation_base_names) - set(ABLATION_BASES))
+        if unknown or not isinstance(self.ablation_bases, str):
+            raise ValueError(f"ablation_bases must name bases among {', '.join(ABLATION_BASES)} (comma-separated), "
+                             f"got {self.ablation_bases!r}")
         if self.basis_until is not None and self.basis_until > self.num_steps:
             raise ValueError(f"basis_until must lie in [1, num_steps={self.num_steps}], got {self.basis_until}")
         if not self.basis_steps:
@@ -116,8 +129,16 @@ class RunConfig:
 
     @property
     def polca_steps(self) -> list[int]:
-        """Steps of the POLCA checkpoints: 0, polca_every, ..., num_steps."""
-        return list(range(0, self.num_steps + 1, self.polca_every))
+        """Steps of the POLCA checkpoints: 0, polca_every, ..., polca_until (default num_steps)."""
+        until = self.num_steps if self.polca_until is None else self.polca_until
+        return list(range(0, until + 1, self.polca_every))
+
+    @property
+    def ablation_base_names(self) -> tuple[str, ...]:
+        """The bases of the ablations (none without ``ablations``)."""
+        if not self.ablations or not isinstance(self.ablation_bases, str):
+            return ()
+        return tuple(name.strip() for name in self.ablation_bases.split(",") if name.strip())
 
     @property
     def basis_steps(self) -> list[int]:
@@ -127,8 +148,8 @@ class RunConfig:
 
     @property
     def checkpoint_steps(self) -> list[int]:
-        """Every step a run needs a checkpoint at: the POLCA and the basis steps."""
-        return sorted(set(self.polca_steps) | set(self.basis_steps))
+        """Every step a run needs a checkpoint at: the POLCA and the basis steps, and the last step."""
+        return sorted(set(self.polca_steps) | set(self.basis_steps) | {self.num_steps})
 
     @property
     def window(self) -> int:

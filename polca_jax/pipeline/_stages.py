@@ -52,7 +52,6 @@ STAGE_OUTPUTS = {
     "report": ("report",),
 }
 MAIN_BASIS = "hessian"
-ABLATION_BASES = ("shuffled_hessian", "random", "parameter_axes")
 NEAREST_SAMPLES = 10  # samples nearest each cluster's medoid, kept for reports
 
 
@@ -87,12 +86,12 @@ TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_l
 def variants_of(config) -> tuple[Variant, ...]:
     """The strategies a config runs."""
     enabled = {"main": True, "baseline": config.baselines, "ablation": config.ablations}
-    return tuple(v for v in VARIANTS if enabled[v.group])
+    return tuple(v for v in VARIANTS if enabled[v.group] and v.basis in bases_of(config))
 
 
 def bases_of(config) -> tuple[str, ...]:
-    """The bases a config builds and decomposes along."""
-    return (MAIN_BASIS, *ABLATION_BASES) if config.ablations else (MAIN_BASIS,)
+    """The bases a config builds and decomposes along: the Hessian basis and the ablations' ones."""
+    return (MAIN_BASIS, *config.ablation_base_names)
 
 
 # --- train ----------------------------------------------------------------------------------------------------------
@@ -148,8 +147,24 @@ def build_task(run: RunDirectory, definition: TaskDefinition | None = None) -> T
     against the data fingerprint the run started with (the first build records it)."""
     definition = definition or load_task_definition(run.config.task)
     task = definition.build(run.config.task_options, seed=run.config.seed, workdir=run.path)
+    check_fits(run.config, task)
     run.bind_task(task)
     return task
+
+
+def check_fits(config, task: Task) -> None:
+    """Raise ``ValueError`` when the config asks for more basis directions than the task's model has parameters."""
+    num_params = tree.num_params(task.init_params)
+    size = len(config.basis_steps) * config.k_per_checkpoint
+    if size > num_params:
+        raise ValueError(f"the basis would have {size} directions (basis checkpoints × k_per_checkpoint) but the "
+                         f"task's model has {num_params} parameters: raise basis_every or lower k_per_checkpoint")
+    if "parameter_axes" in bases_of(config) and config.lca_axes > num_params:
+        raise ValueError(f"lca_axes={config.lca_axes} exceeds the task's {num_params} parameters: "
+                         f"--set lca_axes={num_params} or fewer")
+    if config.lanczos_iters + size > num_params:
+        raise ValueError(f"lanczos_iters={config.lanczos_iters} plus the {size} basis directions exceed the task's "
+                         f"{num_params} parameters: lower lanczos_iters")
 
 
 def checkpoint_store(run: RunDirectory, task: Task, steps: list[int]) -> pj.OrbaxCheckpoints:
@@ -205,7 +220,7 @@ def decompose_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
             result = pj.polca(
                 task.per_sample_loss, store, task.eval_batch, basis, second_order=second_order,
                 eigenvalues="stored" if has_eigenvalues else "current", mask=task.eval_mask,
-                method=config.projection_method, progress=progress,
+                method=config.projection_method, chunk_size=config.chunk_size, progress=progress,
             )
             result.save(run / "polca" / name)
     return {"decompositions": list(names), "method": _projection_method(run, task)}
@@ -223,8 +238,8 @@ def _projection_method(run: RunDirectory, task: Task) -> str:
 
 
 def causal_bases(config) -> tuple[str, ...]:
-    """The bases the causal check runs on: the Hessian basis, and the random one as its null."""
-    return ("hessian", "random") if config.ablations else ("hessian",)
+    """The bases the causal check runs on: the Hessian basis, and the random one (when built) as its null."""
+    return tuple(name for name in (MAIN_BASIS, "random") if name in bases_of(config))
 
 
 def causal_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
