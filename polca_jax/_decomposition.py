@@ -46,12 +46,7 @@ from polca_jax._checks import (
 from polca_jax._files import load_npy, read_json, save_npy_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
 from polca_jax._lanczos import check_orthonormal
-from polca_jax._projections import (
-    PerSampleLossFn,
-    per_sample_losses,
-    per_sample_projections,
-    per_sample_projections_and_curvature,
-)
+from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses
 from polca_jax._sharding import replicate
 
 PyTree = Any
@@ -189,7 +184,7 @@ def polca(
     mask: np.ndarray | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
-    chunks_per_call: int = 8,
+    chunks_per_call: int = 1,
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
@@ -254,14 +249,16 @@ def polca(
         check_same_structure(first, params, f"polca: {what}")
         check_finite_params(params, f"polca: {what}")
         params = replicate(params, mesh)
-        loss = np.asarray(per_sample_losses(per_sample_loss_fn, params, batch, mask=mask, mesh=mesh))
+        # One pass gives the losses with the projections (and curvatures): no separate loss pass.
+        g, c, loss = projections_curvature_and_losses(
+            "polca", per_sample_loss_fn, params, batch, basis, method=method, curvature=needs_curvature,
+            **kernel_options,
+        )
+        loss = np.asarray(loss)
         check_finite(loss, f"polca: the per-sample loss at {what}", "check per_sample_loss_fn on these samples")
         losses.append(loss)
         if needs_curvature:
-            g, c = per_sample_projections_and_curvature(per_sample_loss_fn, params, batch, basis, **kernel_options)
             curvatures.append(_finite_terms(c, "curvatures bᵀH(x)b", what))
-        else:
-            g = per_sample_projections(per_sample_loss_fn, params, batch, basis, method=method, **kernel_options)
         projections.append(_finite_terms(g, "projected gradients ⟨b, ∇L(x)⟩", what))
         flat = tree.ravel(params)
         if previous_flat is not None:

@@ -61,7 +61,7 @@ def per_sample_projections(
     mask: np.ndarray | None = None,
     method: Method = "auto",
     chunk_size: int | None = None,
-    chunks_per_call: int = 8,
+    chunks_per_call: int = 1,
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
@@ -85,19 +85,10 @@ def per_sample_projections(
     of another float dtype than the parameters is cast to theirs. The result itself is not checked for NaN (see
     :func:`polca_jax.polca`, which does).
     """
-    what = "per_sample_projections"
-    n_seq = _check_inputs(what, params, batch)
-    directions, num_directions = _directions(basis, params, what)
-    samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
-    if method == "auto":
-        method = choose_method(samples, num_directions)
-    if method not in ("reverse", "forward"):
-        raise ValueError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
-    chunk_size = _default_chunk(method, samples) if chunk_size is None else chunk_size
-    (projections,) = _run_chunked(
-        method, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
-    )
-    return _select_samples(projections, mask)
+    return projections_curvature_and_losses(
+        "per_sample_projections", per_sample_loss_fn, params, batch, basis, method=method, mask=mask,
+        chunk_size=chunk_size, chunks_per_call=chunks_per_call, basis_chunk_size=basis_chunk_size, mesh=mesh,
+    )[0]
 
 
 def per_sample_curvature(per_sample_loss_fn: PerSampleLossFn, params, batch, basis, **kwargs) -> jax.Array:
@@ -105,7 +96,9 @@ def per_sample_curvature(per_sample_loss_fn: PerSampleLossFn, params, batch, bas
 
     Takes the arguments of :func:`per_sample_projections` except ``method``.
     """
-    return _projections_and_curvature("per_sample_curvature", per_sample_loss_fn, params, batch, basis, **kwargs)[1]
+    return projections_curvature_and_losses(
+        "per_sample_curvature", per_sample_loss_fn, params, batch, basis, curvature=True, **kwargs
+    )[1]
 
 
 def per_sample_projections_and_curvature(
@@ -116,7 +109,7 @@ def per_sample_projections_and_curvature(
     *,
     mask: np.ndarray | None = None,
     chunk_size: int | None = None,
-    chunks_per_call: int = 8,
+    chunks_per_call: int = 1,
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -124,24 +117,50 @@ def per_sample_projections_and_curvature(
 
     Arguments and checks as in :func:`per_sample_projections`.
     """
-    return _projections_and_curvature(
-        "per_sample_projections_and_curvature", per_sample_loss_fn, params, batch, basis, mask=mask,
-        chunk_size=chunk_size, chunks_per_call=chunks_per_call, basis_chunk_size=basis_chunk_size, mesh=mesh,
-    )
+    return projections_curvature_and_losses(
+        "per_sample_projections_and_curvature", per_sample_loss_fn, params, batch, basis, curvature=True,
+        mask=mask, chunk_size=chunk_size, chunks_per_call=chunks_per_call, basis_chunk_size=basis_chunk_size,
+        mesh=mesh,
+    )[:2]
 
 
-def _projections_and_curvature(
-    what, per_sample_loss_fn, params, batch, basis, *, mask=None, chunk_size=None, chunks_per_call=8,
-    basis_chunk_size=8, mesh=None,
-) -> tuple[jax.Array, jax.Array]:
+def projections_curvature_and_losses(
+    what: str,
+    per_sample_loss_fn: PerSampleLossFn,
+    params: PyTree,
+    batch: PyTree,
+    basis: Basis | jax.Array | PyTree,
+    *,
+    method: Method = "auto",
+    curvature: bool = False,
+    mask: np.ndarray | None = None,
+    chunk_size: int | None = None,
+    chunks_per_call: int = 1,
+    basis_chunk_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """One pass over the samples: ``(projections [N, K], curvature [N, K] or None, losses [N])``.
+
+    With ``curvature=True`` the projections and curvatures come from one nested ``jvp`` per direction (``method`` is
+    then ignored). The losses come from the same pass (the primal of the ``jvp``, the value of ``value_and_grad``),
+    so no separate loss pass is needed; ``what`` names the caller in error messages.
+    """
     n_seq = _check_inputs(what, params, batch)
-    directions, _ = _directions(basis, params, what)
-    _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
-    chunk_size = _default_chunk("forward", 1) if chunk_size is None else chunk_size
-    projections, curvature = _run_chunked(
-        "curvature", per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
+    directions, num_directions = _directions(basis, params, what)
+    samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
+    if method == "auto":
+        method = choose_method(samples, num_directions)
+    if method not in ("reverse", "forward"):
+        raise ValueError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
+    method = "curvature" if curvature else method
+    if chunk_size is None:
+        chunk_size = _default_chunk("forward" if method == "curvature" else method, samples)
+    outputs = _run_chunked(
+        method, per_sample_loss_fn, params, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
     )
-    return _select_samples(projections, mask), _select_samples(curvature, mask)
+    projections, losses = _select_samples(outputs[0], mask), _select_samples(outputs[-1], mask)[:, 0]
+    curvatures = _select_samples(outputs[1], mask) if curvature else None
+    return projections, curvatures, losses
 
 
 def per_sample_losses(
@@ -157,18 +176,19 @@ def per_sample_losses(
     what = "per_sample_losses"
     n_seq = _check_inputs(what, params, batch)
     _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
-    (losses,) = _run_chunked("loss", per_sample_loss_fn, params, batch, None, chunk_size, 4, 1, mesh)
+    (losses,) = _run_chunked("loss", per_sample_loss_fn, params, batch, None, chunk_size, 1, 1, mesh)
     return _select_samples(losses, mask)[:, 0]
 
 
-# --- chunk kernels: (group_size, loss_fn, params, directions [K, ...] leaves, chunk) -> tuple of [c, s, K] ---------
+# --- chunk kernels: (groups, loss_fn, params, directions [K, ...] leaves, chunk) -> tuple of [c, s, K] -------------
+# Every kernel ends its tuple with the chunk's losses [c, s, 1]: the projection pass computes them anyway.
 
 
-def _loss_chunk(group_size, loss_fn, params, directions, chunk):
+def _loss_chunk(groups, loss_fn, params, directions, chunk):
     return (_as_matrix(loss_fn(params, chunk))[..., None],)
 
 
-def _reverse_chunk(group_size, loss_fn, params, directions, chunk):
+def _reverse_chunk(groups, loss_fn, params, directions, chunk):
     """Per-sample gradients as ``vmap(grad)`` over (sequence, sample) pairs: each sequence repeated once per sample.
 
     On XLA CPU this is 23–35% faster than ``vmap(jacrev)`` over sequences (benchmarks/README.md), though it repeats the
@@ -182,48 +202,65 @@ def _reverse_chunk(group_size, loss_fn, params, directions, chunk):
         return loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], example)).reshape(-1)[j]
 
     examples = jax.tree_util.tree_map(lambda x: jnp.repeat(x, s, axis=0), chunk)
-    grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0))(params, examples, jnp.tile(jnp.arange(s), c))
+    losses, grads = jax.vmap(jax.value_and_grad(sample_loss), in_axes=(None, 0, 0))(
+        params, examples, jnp.tile(jnp.arange(s), c)
+    )
     total = sum(
         jnp.dot(g.reshape(c * s, -1), b.reshape(b.shape[0], -1).T, precision=HIGHEST)
         for g, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(directions))
     )
-    return (total.reshape(c, s, -1),)
+    return total.reshape(c, s, -1), losses.reshape(c, s, 1)
 
 
-def _grouped_directional(group_size, directions, along):
-    """Apply ``along(direction) -> [m, c, s]`` to every direction, at most ``group_size`` at a time: ``[m, c, s, K]``.
+def direction_groups(num_directions: int, max_group: int) -> tuple[tuple[int, int], ...]:
+    """K directions split into the fewest groups of at most ``max_group``, of equal size up to one: no padding.
 
-    The K directions are split into equal groups (K = 12, group_size 8 → two groups of 6), so little is padded.
+    Returns ``((size, count), ...)`` in order: K = 15, max 8 → ``((8, 1), (7, 1))``; K = 12 → ``((6, 2),)``.
     """
-    k = jax.tree_util.tree_leaves(directions)[0].shape[0]
-    groups = -(-k // group_size)
-    group_size = -(-k // groups)
-
-    def group(leaf):
-        padded = jnp.pad(leaf, [(0, groups * group_size - k)] + [(0, 0)] * (leaf.ndim - 1))
-        return padded.reshape(groups, group_size, *leaf.shape[1:])
-
-    out = lax.map(jax.vmap(along), jax.tree_util.tree_map(group, directions))  # [groups, group, m, c, s]
-    out = out.reshape(groups * group_size, *out.shape[2:])[:k]
-    return jnp.moveaxis(out, 0, -1)
+    if max_group < 1:
+        raise ValueError(f"basis_chunk_size must be >= 1, got {max_group}")
+    count = -(-num_directions // max_group)
+    small, larger = divmod(num_directions, count)
+    return tuple((size, n) for size, n in ((small + 1, larger), (small, count - larger)) if n)
 
 
-def _forward_chunk(group_size, loss_fn, params, directions, chunk):
-    def along(direction):
-        return jax.jvp(lambda p: _as_matrix(loss_fn(p, chunk)), (params,), (direction,))[1][None]
+def _grouped_directional(groups, directions, along):
+    """Apply ``along(direction) -> [m, c, s]`` to every direction, one group of directions at a time: ``[m, c, s, K]``.
 
-    return (_grouped_directional(group_size, directions, along)[0],)
+    ``groups`` is :func:`direction_groups`' split of K. Each group's directions are sliced from the basis leaves
+    inside the loop (never a padded or regrouped copy of the whole basis); the groups of one size run in a
+    ``lax.map``, so the memory is one group's.
+    """
+    parts, start = [], 0
+    for size, count in groups:
+
+        def group(i, start=start, size=size):
+            rows = jax.tree_util.tree_map(lambda leaf: lax.dynamic_slice_in_dim(leaf, start + i * size, size), directions)
+            return jax.vmap(along)(rows)  # [size, m, c, s]
+
+        out = group(0) if count == 1 else lax.map(group, jnp.arange(count))
+        parts.append(out.reshape(count * size, *out.shape[-3:]))
+        start += size * count
+    return jnp.moveaxis(jnp.concatenate(parts) if len(parts) > 1 else parts[0], 0, -1)
 
 
-def _curvature_chunk(group_size, loss_fn, params, directions, chunk):
+def _forward_chunk(groups, loss_fn, params, directions, chunk):
+    """``jax.linearize`` once (the primal pass gives the losses), then the tangent map per group of directions."""
+    losses, tangent = jax.linearize(lambda p: _as_matrix(loss_fn(p, chunk)), params)
+    out = _grouped_directional(groups, directions, lambda direction: tangent(direction)[None])
+    return out[0], losses[..., None]
+
+
+def _curvature_chunk(groups, loss_fn, params, directions, chunk):
     def along(direction):
         def directional(p):
-            return jax.jvp(lambda q: _as_matrix(loss_fn(q, chunk)), (p,), (direction,))[1]
+            return jax.jvp(lambda q: _as_matrix(loss_fn(q, chunk)), (p,), (direction,))
 
-        return jnp.stack(jax.jvp(directional, (params,), (direction,)))
+        (losses, first), (_, second) = jax.jvp(directional, (params,), (direction,))
+        return jnp.stack([first, second, jnp.broadcast_to(losses, first.shape)])
 
-    out = _grouped_directional(group_size, directions, along)
-    return out[0], out[1]
+    out = _grouped_directional(groups, directions, along)
+    return out[0], out[1], out[2][..., :1]
 
 
 def _as_matrix(losses: jax.Array) -> jax.Array:
@@ -242,54 +279,68 @@ _CHUNK_KERNELS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _block_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, group_size: int, mesh):
-    """Compiled: ``num_chunks`` chunks of ``chunk_size`` sequences (per device), unrolled."""
+def _stage_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, groups: tuple, unroll: int, mesh):
+    """Compiled: all ``num_chunks`` chunks of ``chunk_size`` sequences (per device) in one ``lax.scan``.
+
+    The scan keeps one chunk's temporaries alive at a time (``unroll`` chunks per loop step), so the memory does not
+    grow with the number of samples; the outputs are the only buffers that do.
+    """
     chunk_kernel = _CHUNK_KERNELS[kind]
 
-    def block(params, directions, sequences):
-        outputs = [
-            chunk_kernel(group_size, loss_fn, params, directions, _slice(sequences, i * chunk_size, chunk_size))
-            for i in range(num_chunks)
-        ]
-        return tuple(jnp.concatenate(parts) for parts in zip(*outputs))
+    def run(params, directions, sequences):
+        if num_chunks == 1:
+            return chunk_kernel(groups, loss_fn, params, directions, sequences)
+        chunks = jax.tree_util.tree_map(lambda x: x.reshape(num_chunks, chunk_size, *x.shape[1:]), sequences)
+
+        def step(carry, chunk):
+            return carry, chunk_kernel(groups, loss_fn, params, directions, chunk)
+
+        _, outputs = lax.scan(step, None, chunks, unroll=min(unroll, num_chunks))
+        return tuple(out.reshape(num_chunks * chunk_size, *out.shape[2:]) for out in outputs)
 
     if mesh is not None:
-        per_device = block
+        per_device = run
 
-        def block(params, directions, sequences):
+        def run(params, directions, sequences):
             # Mark the replicated inputs as varying per device: otherwise the transpose of their implicit broadcast
             # sums every per-sample gradient over the "data" axis.
             params, directions = lax.pcast((params, directions), DATA_AXIS, to="varying")
             return per_device(params, directions, sequences)
 
-        block = jax.shard_map(
-            block,
+        run = jax.shard_map(
+            run,
             mesh=mesh,
             in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)),
             out_specs=PartitionSpec(DATA_AXIS),
         )
-    return jax.jit(block)
+    return jax.jit(run)
 
 
-def _slice(sequences: PyTree, start: int, size: int) -> PyTree:
-    return jax.tree_util.tree_map(lambda x: lax.dynamic_slice_in_dim(x, start, size), sequences)
+def chunk_plan(num_sequences: int, max_chunk: int, shards: int = 1) -> tuple[int, int]:
+    """``(chunk_size, num_chunks)`` per device: the fewest chunks of at most ``max_chunk`` sequences, of equal size,
+    so that ``shards · num_chunks · chunk_size`` exceeds ``num_sequences`` by less than one sequence per chunk and
+    shard (300 sequences, at most 32 per chunk → 10 chunks of 30, no padding)."""
+    per_shard = -(-num_sequences // shards)
+    num_chunks = -(-per_shard // max_chunk)
+    return -(-per_shard // num_chunks), num_chunks
 
 
 def _run_chunked(kind, loss_fn, params, batch, directions, chunk_size, chunks_per_call, group_size, mesh):
-    """Run the ``kind`` chunk kernel over all sequences in compiled blocks; its outputs as arrays ``[n_seq, s, K]``."""
+    """Run the ``kind`` chunk kernel over all sequences in one compiled call; its outputs as arrays ``[n_seq, s, K]``
+    (the last one the losses ``[n_seq, s, 1]``)."""
     if chunk_size < 1 or chunks_per_call < 1:
         raise ValueError(f"chunk_size and chunks_per_call must be >= 1, got {chunk_size}, {chunks_per_call}")
     n_seq = batch_size(batch)
-    unit = chunk_size * num_data_shards(mesh)
-    padded = math.ceil(n_seq / unit) * unit
-    order = np.minimum(np.arange(padded), n_seq - 1)  # pad by repeating the last sequence; dropped below
-    outputs = []
-    for start in range(0, padded, unit * chunks_per_call):
-        stop = min(start + unit * chunks_per_call, padded)
-        block = shard_batch(jax.tree_util.tree_map(lambda x: x[order[start:stop]], batch), mesh)
-        kernel = _block_kernel(kind, loss_fn, chunk_size, (stop - start) // unit, group_size, mesh)
-        outputs.append(kernel(params, directions, block))
-    return tuple(jnp.concatenate(parts)[:n_seq] for parts in zip(*outputs))
+    shards = num_data_shards(mesh)
+    size, num_chunks = chunk_plan(n_seq, chunk_size, shards)
+    padded = size * num_chunks * shards
+    if padded != n_seq:  # pad by repeating the last sequence; dropped below
+        order = np.minimum(np.arange(padded), n_seq - 1)
+        batch = jax.tree_util.tree_map(lambda x: x[order], batch)
+    groups = () if directions is None else direction_groups(jax.tree_util.tree_leaves(directions)[0].shape[0], group_size)
+    kernel = _stage_kernel(kind, loss_fn, size, num_chunks, groups, chunks_per_call, mesh)
+    outputs = kernel(params, directions, shard_batch(batch, mesh))
+    return tuple(out[:n_seq] if padded != n_seq else out for out in outputs)
 
 
 def _check_inputs(what: str, params: PyTree, batch: PyTree) -> int:
