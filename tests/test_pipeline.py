@@ -67,6 +67,15 @@ def test_report_is_rerendered_and_force_redoes_a_stage_fully(example_run, capsys
     assert main(["run", EXAMPLE, "--out", str(example_run), "--stage", "cluster", "--force", "--quiet"]) == 0
     assert pj.analysis.load_clusterings(example_run / "clusters" / "polca.npz")  # rebuilt
     assert not (example_run / "metrics.json").exists() and not (example_run / "stages" / "score.json").exists()
+    # a torn basis.json: reading it names the file, and --force rebuilds the basis instead of keeping the directory
+    basis_file = example_run / "basis" / "hessian" / "basis.json"
+    good = pj.Basis.load(basis_file.parent).vectors
+    basis_file.write_text('{"format": ')
+    with pytest.raises(ValueError, match="basis.json"):
+        pj.Basis.load(basis_file.parent)
+    assert main(["run", EXAMPLE, "--out", str(example_run), "--stage", "basis", "--force", "--quiet"]) == 0
+    np.testing.assert_array_equal(pj.Basis.load(basis_file.parent).vectors, good)  # the same basis, rebuilt
+    assert not (example_run / "polca").exists() and not (example_run / "stages" / "decompose.json").exists()
 
 
 def test_the_recorder_saves_what_polca_reads(tmp_path):
