@@ -29,6 +29,7 @@ from polca_jax.pipeline.tasks.planted import make_spec
 from polca_jax.pipeline.tasks.planted._model import parameter_roles
 from polca_jax.pipeline.tasks.planted._scores import late_breakthrough, matched_loss_gap, strategy_summary
 
+BASES = ("hessian", "random", "first_layer", "first_layer_random")  # the last two from restricted_basis.py
 ALTERNATIVES = [("paper", "hdbscan"), ("unit", "hdbscan"), ("shape", "hdbscan"), ("profile", "hdbscan"),
                 ("profile", "kmeans"), ("profile", "gmm"), ("profile", "agglomerative"), ("joint", "hdbscan"),
                 ("joint", "kmeans"), ("joint", "gmm")]
@@ -70,7 +71,7 @@ def basis_mass(run_dir: Path, config: dict) -> dict:
                      options["shared_readout"], options["loss"], options["noise"])
     roles = parameter_roles(spec)
     out = {}
-    for name in ("hessian", "random"):
+    for name in BASES:
         if not (run_dir / "basis" / name / "basis.json").exists():
             continue
         vectors = np.asarray(pj.Basis.load(run_dir / "basis" / name).vectors, dtype=float)
@@ -105,7 +106,7 @@ def evaluate(run_dir: Path, second_order: str = "run", permutations: int = 200, 
     target = groups == np.unique(groups)[0]
     report["probe_auc"] = {"exact_loss": probe_auc(exact.T, target, seed)}
     report["bases"] = {}
-    for basis in ("hessian", "random"):
+    for basis in BASES:
         if not (run_dir / "polca" / basis / "manifest.json").exists():
             continue
         result = main if basis == "hessian" else pj.POLCAResult.load(run_dir / "polca" / basis)

@@ -154,7 +154,7 @@ def init_params(spec: PlantedSpec, key: jax.Array, *, mirror: bool = False) -> d
             w_in[spec.private_rows(g)] = w_in[spec.private_rows(0)]
         w_out[:] = w_out[:, :1]
     return {"w_in": jnp.asarray(w_in, jnp.float32), "w_out": jnp.asarray(w_out, jnp.float32),
-            "b_out": jnp.zeros(heads)}
+            "b_out": jnp.zeros(heads, jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)

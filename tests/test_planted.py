@@ -1,0 +1,238 @@
+"""The planted-mechanism benchmark (polca_jax/pipeline/tasks/planted) and the unsupervised-step alternatives with
+their ground-truth scores (polca_jax/analysis/_unsupervised.py): the construction's guarantees (private mechanisms,
+exact-loss curves equal sample by sample when mirrored, the late group absent from early batches), the features'
+invariances, the clusterers and scores on constructed data, clear errors, and the tiny preset end to end."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+from sklearn.metrics import adjusted_rand_score
+
+from polca_jax import analysis
+from polca_jax.analysis import _unsupervised as unsup
+from polca_jax.pipeline import load_task_definition, run
+from polca_jax.pipeline.tasks.planted import make_spec
+from polca_jax.pipeline.tasks.planted._model import parameter_roles
+from polca_jax.pipeline.tasks.planted._scores import matched_loss_gap, strategy_summary
+
+TASK = f"{Path(__file__).parents[1] / 'polca_jax' / 'pipeline' / 'tasks' / 'planted' / '__init__.py'}:make_task"
+SMALL = dict(num_eval_samples=40, num_hessian_samples=20, batch_size=16, width=4, private_dims=3)
+
+
+@pytest.fixture(scope="module")
+def definition():
+    return load_task_definition(TASK)
+
+
+def build(definition, **options):
+    return definition.build({**SMALL, **options}, seed=0, workdir=None)
+
+
+def flat_grad(task, params, batch):
+    """[n, P] per-sample gradients, flattened in ravel_pytree order."""
+    flat, unravel = ravel_pytree(params)
+    one = lambda f, b: task.per_sample_loss(unravel(f), jax.tree_util.tree_map(lambda x: x[None], b))[0]
+    return np.asarray(jax.vmap(jax.grad(one), in_axes=(None, 0))(flat, batch))
+
+
+# --- the task ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_readout", [False, True])
+def test_a_group_s_loss_depends_only_on_its_own_mechanism(definition, shared_readout):
+    task = build(definition, shared_readout=shared_readout, shared_dims=2)
+    spec = make_spec(shared_readout=shared_readout, shared_dims=2, width=4, private_dims=3)
+    roles = parameter_roles(spec)
+    assert np.array_equal(sum(m.astype(int) for m in roles.values()), np.ones(ravel_pytree(task.init_params)[0].size))
+    grads = flat_grad(task, task.init_params, task.eval_batch)
+    groups = np.asarray(task.eval_batch["group"])
+    for g in (0, 1):
+        other = roles[f"group {1 - g}"]
+        assert np.all(grads[groups == g][:, other] == 0), "a sample moved another group's private parameters"
+        assert np.any(grads[groups == g][:, roles[f"group {g}"]] != 0)
+        assert np.any(grads[groups == g][:, roles["shared input"]] != 0)  # the overlap is used by both groups
+    if shared_readout:
+        assert np.any(grads[:, roles["readout"]] != 0)
+
+
+def train_losses(task, steps: int = 15) -> np.ndarray:
+    """[steps + 1, N] evaluation losses along a few Adam steps on the task's own batches."""
+    optimizer = optax.adam(1e-2)
+    params, state = task.init_params, optimizer.init(task.init_params)
+    grad = jax.jit(jax.grad(task.loss))
+    losses = [task.per_sample_loss(params, task.eval_batch)]
+    for step in range(steps):
+        updates, state = optimizer.update(grad(params, task.train_batches(step)), state)
+        params = optax.apply_updates(params, updates)
+        losses.append(task.per_sample_loss(params, task.eval_batch))
+    return np.asarray(losses)
+
+
+def test_mirrored_groups_have_equal_exact_losses_sample_by_sample(definition):
+    task = build(definition, mirror="full")
+    losses = train_losses(task)
+    groups = np.asarray(task.eval_batch["group"])
+    a, b = losses[:, groups == 0], losses[:, groups == 1]  # the i-th sample of each group is a mirror image
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert losses[-1].mean() < losses[0].mean()  # it learns
+    assert matched_loss_gap(losses, groups)["relative"] < 1e-4
+    independent = train_losses(build(definition, mirror="none"))
+    assert matched_loss_gap(independent, groups)["relative"] > 1e-3  # the check can fail
+
+
+def test_the_late_group_enters_training_at_its_step(definition):
+    task = build(definition, group_weights="1,1,1", late_step=10)
+    assert set(np.asarray(task.train_batches(9)["group"]).tolist()) == {0, 1}
+    assert set(np.asarray(task.train_batches(10)["group"]).tolist()) == {0, 1, 2}
+    assert set(np.asarray(task.eval_batch["group"]).tolist()) == {0, 1, 2}
+    np.testing.assert_array_equal(task.train_batches(3)["x"], task.train_batches(3)["x"])  # a pure function
+    assert task.labels["group"].values.tolist().count("C") == SMALL["num_eval_samples"] // 3
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(group_weights="1"), "group_weights"),
+    (dict(group_weights="1,x"), "group_weights"),
+    (dict(group_weights="1,-1"), "group_weights"),
+    (dict(mirror="half"), "mirror"),
+    (dict(late_step=-1), "late_step"),
+    (dict(loss="hinge"), "loss"),
+    (dict(width=0), "width"),
+    (dict(noise=-0.1), "noise"),
+    (dict(num_eval_samples=1), "num_eval_samples"),
+])
+def test_bad_task_options_raise_clear_errors(definition, options, message):
+    with pytest.raises(ValueError, match=message):
+        build(definition, **options)
+
+
+# --- features, clusterers and scores ---------------------------------------------------------------------------
+
+
+def planted_trajectories(rng, n_per_group: int = 60, t: int = 12, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """[T, N, K] projected losses where group 0 learns only along directions 0-1 and group 1 along 2-3, each sample
+    with its own amplitude (a continuum, as in the benchmark) and a little noise; and the groups [N]."""
+    n = 2 * n_per_group
+    groups = np.repeat([0, 1], n_per_group)
+    shape = -np.linspace(0, 1, t) ** 2  # [T]
+    weights = np.zeros((n, k))
+    weights[groups == 0, :2] = [1.0, 0.5]
+    weights[groups == 1, 2:] = [0.7, 1.0]
+    amplitude = rng.uniform(0.1, 2.0, n)
+    projected = shape[:, None, None] * (amplitude[:, None] * weights)[None] + 1e-3 * rng.normal(size=(t, n, k))
+    return projected - projected[:1], groups
+
+
+def test_shape_features_ignore_scale_and_sign():
+    curves = np.random.default_rng(0).normal(size=(5, 7))
+    features = unsup.shape_features(curves)
+    np.testing.assert_allclose(unsup.shape_features(-3.0 * curves), features)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0)
+    assert np.all(features[:, -1] <= 0)
+
+
+def test_allocation_profiles_ignore_scale_but_keep_signs():
+    projected, _ = planted_trajectories(np.random.default_rng(0))
+    profiles = unsup.allocation_profiles(projected)
+    np.testing.assert_allclose(unsup.allocation_profiles(5.0 * projected), profiles, atol=1e-12)
+    np.testing.assert_allclose(unsup.allocation_profiles(-projected), -profiles, atol=1e-12)
+    assert profiles.shape == (120, 4)
+
+
+@pytest.mark.parametrize("clusterer", unsup.CLUSTERERS)
+def test_profiles_recover_groups_that_learn_along_different_directions(clusterer):
+    projected, groups = planted_trajectories(np.random.default_rng(1))
+    [clustering] = unsup.strategy_clusterings(projected, "profile", clusterer=clusterer, min_cluster_size=10)
+    assert unsup.adjusted_rand(clustering, groups) == pytest.approx(1.0)
+    assert all(r.recovered for r in unsup.group_recovery([clustering], groups))
+    assert unsup.ari_pvalue(clustering, groups, num_permutations=200) == pytest.approx(1 / 201)
+
+
+def test_per_direction_clustering_of_a_continuum_finds_no_group():
+    """The paper's step on the same data: within a direction, its own group's amplitudes form a continuum and the
+    other group sits at zero, so no cluster recovers a group with recall >= 0.5 at homogeneity >= 0.9 here."""
+    projected, groups = planted_trajectories(np.random.default_rng(1))
+    clusterings = unsup.strategy_clusterings(projected, "paper", min_cluster_size=10)
+    assert len(clusterings) == 4 and all(isinstance(c, analysis.Clustering) for c in clusterings)
+    summary = strategy_summary(clusterings, groups)
+    assert summary["clusterings_with_ari"] == 0 or summary["best_ari"] < 0.8
+
+
+def test_count_based_clusterers_mark_small_clusters_as_noise():
+    rng = np.random.default_rng(2)
+    features = np.concatenate([rng.normal(0, 0.1, (40, 2)), rng.normal(5, 0.1, (40, 2)), rng.normal(-5, 0.1, (3, 2))])
+    clustering = unsup.cluster_features(features, method="kmeans", min_cluster_size=10, max_clusters=4)
+    assert clustering.num_clusters == 2 and np.all(clustering.labels[-3:] == -1)
+    placed = unsup.cluster_features(features[:80], method="gmm", min_cluster_size=5, sample_indices=np.arange(80) + 3,
+                                    num_samples=90)
+    assert placed.num_samples == 90 and np.all(placed.labels[:3] == -1) and placed.num_clusters == 2
+
+
+def test_adjusted_rand_is_scikit_learn_s_over_clustered_samples_and_nan_without_evidence():
+    truth = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    labels = np.array([0, 0, 1, 1, -1, 1, -1, 0])
+    clustering = analysis.Clustering(labels, None, np.arange(8), 2, 2, "euclidean", None)
+    kept = labels >= 0
+    assert unsup.adjusted_rand(clustering, truth) == pytest.approx(adjusted_rand_score(truth[kept], labels[kept]))
+    one_class = analysis.Clustering(np.where(truth == 0, 0, -1), 3, np.arange(8), 2, 2, "euclidean", None)
+    assert np.isnan(unsup.adjusted_rand(one_class, truth))
+    random_labels = np.random.default_rng(3).integers(0, 2, 200)
+    chance = analysis.Clustering(random_labels, None, np.arange(200), 2, 2, "euclidean", None)
+    assert unsup.ari_pvalue(chance, np.random.default_rng(4).integers(0, 2, 200), num_permutations=200) > 0.05
+
+
+def test_group_recovery_counts_recall_over_every_member_of_the_group():
+    truth = np.array(["A"] * 10 + ["B"] * 10)
+    labels = np.full(20, -1)
+    labels[:4] = 0  # 4 of 10 A: homogeneous, recall 0.4
+    labels[10:16] = 1  # 6 of 10 B
+    clustering = analysis.Clustering(labels, 0, np.arange(20), 2, 2, "euclidean", None)
+    a, b = unsup.group_recovery([clustering], truth)
+    assert (a.label, a.homogeneity, a.recall, a.recall_clustered, a.recovered) == ("A", 1.0, 0.4, 1.0, False)
+    assert (b.recall, b.recovered, b.best) == (0.6, True, (0, 1))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: unsup.strategy_clusterings(p, "kmeans", min_cluster_size=5), "strategy"),
+    (lambda p: unsup.strategy_clusterings(p, "profile", clusterer="dbscan", min_cluster_size=5), "clusterer"),
+    (lambda p: unsup.strategy_clusterings(p, "paper", clusterer="kmeans", min_cluster_size=5), "paper"),
+    (lambda p: unsup.strategy_clusterings(p, "profile", directions=[7], min_cluster_size=5), "directions"),
+    (lambda p: unsup.strategy_clusterings(p, "profile", max_clusters=1, min_cluster_size=5), "max_clusters"),
+    (lambda p: unsup.allocation_profiles(p[0]), "3 axes"),
+    (lambda p: unsup.cluster_features(p[-1], min_cluster_size=5, sample_indices=[0]), "sample_indices"),
+    (lambda p: unsup.group_recovery([], np.zeros(3), min_recall=0), "min_recall"),
+])
+def test_bad_options_raise_clear_errors(call, message):
+    projected, _ = planted_trajectories(np.random.default_rng(0), n_per_group=10)
+    with pytest.raises(ValueError, match=message):
+        call(projected)
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_tiny_preset_runs_end_to_end_with_its_ground_truth(tmp_path):
+    report = run(TASK, tmp_path / "run", preset="tiny", progress=False, log=lambda _: None)
+    text = report.read_text()
+    assert "## Planted ground truth" in text and "Random orthonormal basis" in text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "group" in metrics["variants"]["polca"]["label_sets"]
+    import polca_jax as pj
+    result = pj.POLCAResult.load(tmp_path / "run" / "polca" / "hessian")
+    groups = np.load(tmp_path / "run" / "labels.npz")["label:group"]
+    assert matched_loss_gap(result.loss, groups)["relative"] < 1e-4  # mirrored: the exact loss cannot tell them
+    exact = analysis.load_clusterings(tmp_path / "run" / "clusters" / "exact_loss.npz")
+    assert not strategy_summary(exact, groups)["best_ari"] > 0.2
+    # with one head per group and no shared input, every basis vector lies on the groups' private parameters
+    basis = np.asarray(pj.Basis.load(tmp_path / "run" / "basis" / "hessian").vectors, dtype=float)
+    roles = parameter_roles(make_spec(width=8))
+    share = np.stack([(basis[:, roles[f"group {g}"]] ** 2).sum(axis=1) for g in (0, 1)])
+    np.testing.assert_allclose(share.sum(axis=0), 1.0, atol=1e-4)
+    [profile] = unsup.strategy_clusterings(result.projected_loss, "profile", min_cluster_size=12)
+    assert profile.num_samples == groups.size
