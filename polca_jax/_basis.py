@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +32,6 @@ FORMAT_VERSION = 1
 MANIFEST = "basis.json"
 
 
-@dataclasses.dataclass(eq=False)
 class Basis:
     """K orthonormal directions in the flat parameter space (``ravel_pytree`` order).
 
@@ -46,60 +44,124 @@ class Basis:
 
     Construction checks shapes and that the vectors are finite (not that they are orthonormal: see
     :func:`polca_jax.check_orthonormal` and :func:`basis_from_matrix`).
+
+    One copy on the device: the basis holds either its ``[K, P]`` matrix or, once :meth:`as_tree` has been called
+    (the kernels do), the same numbers as a params-shaped pytree of ``[K, ...]`` leaves — never both. ``vectors``
+    then rebuilds the matrix on demand (a temporary copy that the caller owns); :meth:`coordinates`,
+    :meth:`check_orthonormal` and :meth:`save` work from the pytree without it.
     """
 
-    vectors: jax.Array
-    eigenvalues: np.ndarray
-    steps: np.ndarray
-    method: str
-    residuals: np.ndarray
-    _trees: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        self.vectors = jnp.asarray(self.vectors)
-        if self.vectors.ndim != 2:
-            raise ValueError(f"basis vectors must be [K, P], got shape {self.vectors.shape}")
-        check_finite_tree(self.vectors, "a Basis' vector matrix", "build the basis from finite vectors")
-        k = self.vectors.shape[0]
-        for name in ("eigenvalues", "steps", "residuals"):
-            value = np.asarray(getattr(self, name))
+    def __init__(self, vectors, eigenvalues, steps, method: str, residuals):
+        vectors = jnp.asarray(vectors)
+        if vectors.ndim != 2:
+            raise ValueError(f"basis vectors must be [K, P], got shape {vectors.shape}")
+        check_finite_tree(vectors, "a Basis' vector matrix", "build the basis from finite vectors")
+        self._flat: jax.Array | None = vectors
+        self._tree: PyTree | None = None  # [K, *leaf.shape] leaves in the vectors' dtype, for ``_tree_signature``
+        self._tree_signature: tuple | None = None
+        self._shape, self._dtype = tuple(vectors.shape), vectors.dtype
+        self.method = method
+        k = vectors.shape[0]
+        for name, value in (("eigenvalues", eigenvalues), ("steps", steps), ("residuals", residuals)):
+            value = np.asarray(value)
             if value.shape != (k,):
                 raise ValueError(f"basis {name} must have shape [{k}], got {value.shape}")
             setattr(self, name, value)
 
+    def __repr__(self) -> str:
+        return (f"Basis(size={self.size}, dim={self.dim}, dtype={self.dtype}, method={self.method!r}, "
+                f"eigenvalues={self.eigenvalues!r}, steps={self.steps!r}, residuals={self.residuals!r})")
+
+    @property
+    def vectors(self) -> jax.Array:
+        """``[K, P]`` orthonormal rows; rebuilt from the pytree (a new array) when the basis holds that instead."""
+        if self._flat is not None:
+            return self._flat
+        return _join_rows(self._tree)
+
     @property
     def size(self) -> int:
         """K, the number of directions."""
-        return self.vectors.shape[0]
+        return self._shape[0]
 
     @property
     def dim(self) -> int:
         """P, the number of parameters."""
-        return self.vectors.shape[1]
+        return self._shape[1]
+
+    @property
+    def dtype(self):
+        """The vectors' dtype."""
+        return self._dtype
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of device memory the basis' vectors occupy: ``K · P · itemsize`` (one copy)."""
+        held = self._flat if self._flat is not None else self._tree
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(held))
 
     def as_tree(self, like: PyTree) -> PyTree:
-        """The rows as a params-shaped pytree with leaves ``[K, *leaf.shape]`` in ``like``'s dtypes (made once per
-        structure and dtypes)."""
+        """The rows as a params-shaped pytree with leaves ``[K, *leaf.shape]`` in ``like``'s dtypes.
+
+        The first call for a structure replaces the basis' ``[K, P]`` matrix by this pytree (in the basis' own dtype),
+        so the device holds one copy; a ``like`` of another dtype gets a cast copy, made per call.
+        """
         check_width(self, like)
         signature = tree.structure_signature(like)
-        if is_traced(self.vectors):
-            return split_rows(self.vectors, signature)
-        if signature not in self._trees:
-            with jax.ensure_compile_time_eval():  # concrete even when ``like`` is traced: safe to cache
-                self._trees[signature] = split_rows(self.vectors, signature)
-        return self._trees[signature]
+        if self._flat is not None and is_traced(self._flat):
+            return split_rows(self._flat, signature)
+        native = _with_dtype(signature, self._dtype)
+        if self._tree_signature != native:
+            with jax.ensure_compile_time_eval():  # concrete even when ``like`` is traced: safe to keep
+                rows = self.vectors
+                self._flat = None
+                self._tree = None  # release the old pytree before the new one is made
+                self._tree = split_rows(rows, native)
+                del rows
+            self._tree_signature = native
+        if native == signature:
+            return self._tree
+        return jax.tree_util.tree_map(lambda b, p: b.astype(p.dtype), self._tree, tree.from_signature(signature))
 
     def coordinates(self, vector: jax.Array | PyTree) -> jax.Array:
         """⟨b, v⟩ for every direction b: ``[K]``, for a flat ``[P]`` vector or a params pytree."""
-        flat = vector if isinstance(vector, jax.Array | np.ndarray) and np.ndim(vector) == 1 else tree.ravel(vector)
-        return jnp.dot(self.vectors, flat.astype(self.vectors.dtype), precision=jax.lax.Precision.HIGHEST)
+        flat_given = isinstance(vector, jax.Array | np.ndarray) and np.ndim(vector) == 1
+        if self._flat is not None:
+            flat = vector if flat_given else tree.ravel(vector)
+            return jnp.dot(self._flat, flat.astype(self._dtype), precision=jax.lax.Precision.HIGHEST)
+        like = tree.from_signature(self._tree_signature)
+        if flat_given:
+            pieces = tree.unravel(jnp.asarray(vector), like)
+        elif jax.tree_util.tree_structure(vector) == jax.tree_util.tree_structure(like):
+            pieces = vector
+        else:
+            pieces = tree.unravel(tree.ravel(vector), like)
+        return _tree_coordinates(self._tree, pieces)
+
+    def check_orthonormal(self, atol: float | None = None) -> None:
+        """Raise ``ValueError`` unless the rows are orthonormal (``max |B Bᵀ − I| <= atol``), as
+        :func:`polca_jax.check_orthonormal` does, without rebuilding the ``[K, P]`` matrix."""
+        if self._flat is not None:
+            check_orthonormal(self._flat, atol=atol)
+            return
+        if atol is None:
+            atol = 1e-8 if self._dtype == jnp.float64 else 1e-4
+        gram = np.asarray(_tree_gram(self._tree), np.float64)
+        error = float(np.max(np.abs(gram - np.eye(len(gram))))) if len(gram) else 0.0
+        if error > atol:
+            raise ValueError(
+                f"basis rows are not orthonormal: max |B Bᵀ − I| = {error:.3g} > {atol:g}; "
+                "orthonormalise it (e.g. basis_from_matrix(..., orthonormalize=True))"
+            )
 
     def select(self, index) -> "Basis":
         """A basis of the chosen rows (an index array, a boolean mask or a slice)."""
         index = np.arange(self.size)[index]
-        return Basis(
-            self.vectors[index], self.eigenvalues[index], self.steps[index], self.method, self.residuals[index]
-        )
+        if self._flat is not None:
+            rows = self._flat[index]
+        else:  # only the chosen rows, not the whole matrix
+            rows = _join_rows(jax.tree_util.tree_map(lambda leaf: leaf[index], self._tree))
+        return Basis(rows, self.eigenvalues[index], self.steps[index], self.method, self.residuals[index])
 
     def save(self, directory: str | Path) -> None:
         """Write ``vectors.npy``, ``info.npz`` (eigenvalues, steps, residuals), then ``basis.json`` to ``directory``.
@@ -110,7 +172,7 @@ class Basis:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)
-        save_npy_atomic(directory / "vectors.npy", self.vectors)
+        save_npy_atomic(directory / "vectors.npy", self._host_vectors())
         info = {"eigenvalues": self.eigenvalues, "steps": self.steps, "residuals": self.residuals}
         save_npz_atomic(directory / "info.npz", **info)
         manifest = {"format": FORMAT_VERSION, "method": self.method, "size": self.size, "dim": self.dim}
@@ -128,6 +190,49 @@ class Basis:
         if vectors.shape != (info.pop("size"), info.pop("dim")):
             raise ValueError(f"corrupt basis in {directory}: {path} has shape {vectors.shape}, unlike {MANIFEST}")
         return cls(vectors, **info)
+
+    def _host_vectors(self) -> np.ndarray:
+        """The ``[K, P]`` matrix in host memory, assembled leaf by leaf (no second device copy)."""
+        if self._flat is not None:
+            return np.asarray(self._flat)
+        rows = np.empty(self._shape, self._dtype)
+        start = 0
+        for leaf in jax.tree_util.tree_leaves(self._tree):
+            width = leaf.size // self.size
+            rows[:, start : start + width] = np.asarray(leaf).reshape(self.size, width)
+            start += width
+        return rows
+
+
+def _with_dtype(signature: tuple, dtype) -> tuple:
+    """A :func:`polca_jax._tree.structure_signature` with every leaf's dtype replaced by ``dtype``."""
+    treedef, leaves = signature
+    return treedef, tuple((shape, jnp.dtype(dtype)) for shape, _ in leaves)
+
+
+@jax.jit
+def _join_rows(rows_tree: PyTree) -> jax.Array:
+    """A pytree of ``[K, ...]`` leaves as one ``[K, P]`` matrix (``ravel_pytree`` order)."""
+    leaves = jax.tree_util.tree_leaves(rows_tree)
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+
+
+@jax.jit
+def _tree_coordinates(rows_tree: PyTree, vector_tree: PyTree) -> jax.Array:
+    """Σ over leaves of ``[K, ...] · [...]``: the ``[K]`` coordinates of a params-shaped vector."""
+    return sum(
+        jnp.dot(b.reshape(b.shape[0], -1), v.reshape(-1).astype(b.dtype), precision=jax.lax.Precision.HIGHEST)
+        for b, v in zip(jax.tree_util.tree_leaves(rows_tree), jax.tree_util.tree_leaves(vector_tree))
+    )
+
+
+@jax.jit
+def _tree_gram(rows_tree: PyTree) -> jax.Array:
+    """``B Bᵀ`` ``[K, K]`` summed over the leaves of a pytree of ``[K, ...]`` rows."""
+    return sum(
+        jnp.dot(b.reshape(b.shape[0], -1), b.reshape(b.shape[0], -1).T, precision=jax.lax.Precision.HIGHEST)
+        for b in jax.tree_util.tree_leaves(rows_tree)
+    )
 
 
 def load_basis_info(directory: str | Path) -> dict:

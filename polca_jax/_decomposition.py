@@ -45,7 +45,6 @@ from polca_jax._checks import (
 )
 from polca_jax._files import load_npy, read_json, save_npy_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
-from polca_jax._lanczos import check_orthonormal
 from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses
 from polca_jax._sharding import replicate
 
@@ -226,7 +225,7 @@ def polca(
         raise ValueError(f"POLCA needs at least two checkpoints, got {len(checkpoints)}")
     if not isinstance(basis, Basis):
         raise ValueError("basis must be a polca_jax.Basis (make one with basis_from_matrix)")
-    check_orthonormal(basis.vectors)
+    basis.check_orthonormal()
     needs_curvature = second_order == "exact" or (second_order == "paper" and eigenvalues == "current")
     if second_order == "paper" and eigenvalues == "stored" and not np.all(np.isfinite(basis.eigenvalues)):
         raise ValueError(
