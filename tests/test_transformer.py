@@ -102,3 +102,39 @@ def test_token_cross_entropy():
     np.testing.assert_allclose(losses, -np.log([[0.5, 0.8]]), rtol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         token_cross_entropy(logits, jnp.array([0, 2]))
+
+
+TWO_LAYERS = dataclasses.replace(TINY, num_layers=2)
+
+
+@pytest.mark.parametrize("positions", [(7, 8, 9, 10), slice(7, 11), (2, 5, 9), (0,), (3, 4), range(11)])
+def test_logits_at_positions_equal_the_full_logits_there(positions):
+    graphdef, params = init_params(TWO_LAYERS, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (5, 11), 0, 12)
+    full = jit_apply(graphdef, params, tokens)
+    index = positions if isinstance(positions, slice) else list(positions)
+    part = jax.jit(lambda p, t: apply(graphdef, p, t, positions))(params, tokens)
+    assert part.shape == full[:, index].shape
+    np.testing.assert_allclose(part, full[:, index], rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_through_positions_equal_those_of_the_full_logits():
+    graphdef, params = init_params(TWO_LAYERS, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (3, 11), 0, 12)
+
+    def loss(p, positions):
+        logits = apply(graphdef, p, tokens, positions)
+        return jnp.sum(jnp.sin(logits if positions is not None else logits[:, 7:11]))
+
+    fast, full = (jax.jit(jax.grad(loss), static_argnums=1)(params, positions) for positions in ((7, 8, 9, 10), None))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fast, full)
+
+
+@pytest.mark.parametrize("positions, message", [
+    ((3, 11), r"lie in \[0, 11\)"), ((5, 2), "increasing"), ((), "no position"), (slice(20, 30), "no position"),
+    ("ab", "sequence of ints"),
+])
+def test_bad_positions(positions, message):
+    graphdef, params = init_params(TINY, seed=0)
+    with pytest.raises(ValueError, match=message):
+        apply(graphdef, params, jnp.zeros((1, 11), jnp.int32), positions)

@@ -14,6 +14,7 @@ orbax restore without a template gives back the same tree), and ``apply(graphdef
 
 import dataclasses
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -91,17 +92,23 @@ class _Attention(nnx.Module):
         self.value = dense(config.d_model, config.d_model)
         self.output = dense(config.d_model, config.d_model)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, L, d_model] -> [B, L, d_model]."""
+    def __call__(self, x: jax.Array, queries: "Positions | None" = None) -> jax.Array:
+        """x: [B, L, d_model] -> [B, L, d_model]; with ``queries`` (positions), only those rows: [B, Q, d_model].
+
+        Keys and values are always computed at all L positions; the queries, the attention pattern and the output
+        projection only at ``queries``, each attending causally to the positions up to its own.
+        """
         batch, length, d_model = x.shape
-        heads_shape = (batch, length, self.num_heads, d_model // self.num_heads)
-        q = self.query(x).reshape(heads_shape)
-        k = self.key(x).reshape(heads_shape)
-        v = self.value(x).reshape(heads_shape)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(heads_shape[-1], x.dtype))
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        head = d_model // self.num_heads
+        query_positions = jnp.arange(length) if queries is None else jnp.asarray(queries.indices)
+        x_query = x if queries is None else queries.take(x)
+        q = self.query(x_query).reshape(batch, x_query.shape[1], self.num_heads, head)
+        k = self.key(x).reshape(batch, length, self.num_heads, head)
+        v = self.value(x).reshape(batch, length, self.num_heads, head)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(head, x.dtype))
+        causal = jnp.arange(length)[None, :] <= query_positions[:, None]
         weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-        mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x_query.shape)
         return self.output(mixed)
 
 
@@ -127,9 +134,10 @@ class _Block(nnx.Module):
         self.mlp_norm = _layer_norm(config, rngs)
         self.mlp = _MLP(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, L, d_model] -> [B, L, d_model]."""
-        x = x + self.attention(self.attention_norm(x))
+    def __call__(self, x: jax.Array, queries: "Positions | None" = None) -> jax.Array:
+        """x: [B, L, d_model] -> [B, L, d_model]; with ``queries`` (positions), only those rows: [B, Q, d_model]."""
+        residual = x if queries is None else queries.take(x)
+        x = residual + self.attention(self.attention_norm(x), queries)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -152,8 +160,14 @@ class Transformer(nnx.Module):
         self.final_norm = _layer_norm(config, rngs)
         self.unembedding = _dense_factory(config, rngs)(config.d_model, config.output_vocab_size)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions=None) -> jax.Array:
         """tokens: int[B, L] with L <= context_length -> logits [B, L, output_vocab_size].
+
+        ``positions`` (optional, static: a sequence of ints or a slice) asks for the logits at those positions only:
+        ``[B, len(positions), output_vocab_size]``, equal (up to float rounding) to ``logits[:, positions]``, at less
+        cost: positions after the last one asked for are not computed at all (attention is causal), and the last
+        block runs its queries, attention output, MLP, final LayerNorm and unembedding only at ``positions`` (its
+        keys and values still at every position). Use it when a loss reads only some positions.
 
         Token ids must lie in [0, vocab_size); out-of-range ids are not checked (they cannot be inside jit).
         """
@@ -167,10 +181,54 @@ class Transformer(nnx.Module):
             raise ValueError(
                 f"sequence length {length} exceeds the model's context_length {self.config.context_length}"
             )
+        queries = None if positions is None else Positions.of(positions, length)
+        if queries is not None:
+            tokens = tokens[:, : queries.stop]  # causal: nothing after the last position asked for matters
+            length = queries.stop
         x = self.token_embedding(tokens) + self.position_embedding[:length]
+        last = self.config.num_layers - 1
         for i in range(self.config.num_layers):
-            x = self.blocks[str(i)](x)
+            x = self.blocks[str(i)](x, queries if i == last else None)
         return self.unembedding(self.final_norm(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Positions:
+    """Static positions of a sequence (sorted, distinct), read as a slice when they are contiguous."""
+
+    indices: tuple[int, ...]
+
+    @classmethod
+    def of(cls, positions, length: int) -> "Positions":
+        """Check ``positions`` (a sequence of ints or a slice) against a sequence of ``length`` tokens."""
+        if isinstance(positions, slice):
+            indices = tuple(range(length))[positions]
+        else:
+            try:
+                indices = tuple(operator.index(p) for p in positions)
+            except TypeError as error:
+                raise ValueError(
+                    f"positions must be a slice or a sequence of ints (static, not traced), got {positions!r}"
+                ) from error
+        if not indices:
+            raise ValueError("positions selects no position")
+        if any(not 0 <= p < length for p in indices):
+            raise ValueError(f"positions must lie in [0, {length}) for {length} input tokens, got {list(indices)}")
+        if list(indices) != sorted(set(indices)):
+            raise ValueError(f"positions must be increasing and distinct, got {list(indices)}")
+        return cls(indices)
+
+    @property
+    def stop(self) -> int:
+        """One past the last position."""
+        return self.indices[-1] + 1
+
+    def take(self, x: jax.Array) -> jax.Array:
+        """The rows at these positions of ``x [B, L, ...]``: ``[B, Q, ...]`` (a slice when contiguous)."""
+        first = self.indices[0]
+        if self.indices == tuple(range(first, self.stop)):
+            return x[:, first : self.stop]
+        return x[:, jnp.asarray(self.indices)]
 
 
 def _weight_init(config: TransformerConfig):
@@ -215,9 +273,14 @@ def init_params(config: TransformerConfig, seed: int) -> tuple[nnx.GraphDef, dic
     return graphdef, nnx.to_pure_dict(state)
 
 
-def apply(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array) -> jax.Array:
-    """Pure forward pass: tokens int[B, L] -> logits [B, L, output_vocab_size]. Jittable, differentiable in params."""
-    return nnx.merge(graphdef, params)(tokens)
+def apply(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions=None) -> jax.Array:
+    """Pure forward pass: tokens int[B, L] -> logits [B, L, output_vocab_size]. Jittable, differentiable in params.
+
+    ``positions`` (static ints or a slice) returns only those positions' logits ``[B, Q, output_vocab_size]`` and
+    skips the work no other position needs (see :meth:`Transformer.__call__`): a loss that reads a few positions
+    should pass them.
+    """
+    return nnx.merge(graphdef, params)(tokens, positions)
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
