@@ -18,8 +18,8 @@ is bounded by ``chunk_size × samples per sequence × P`` (reverse) or ``chunk_s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from typing import Any, Callable, Literal
 
 import jax
@@ -325,22 +325,93 @@ def chunk_plan(num_sequences: int, max_chunk: int, shards: int = 1) -> tuple[int
     return -(-per_shard // num_chunks), num_chunks
 
 
-def _run_chunked(kind, loss_fn, params, batch, directions, chunk_size, chunks_per_call, group_size, mesh):
-    """Run the ``kind`` chunk kernel over all sequences in one compiled call; its outputs as arrays ``[n_seq, s, K]``
-    (the last one the losses ``[n_seq, s, 1]``)."""
+def _planned(kind, loss_fn, batch, directions, chunk_size, chunks_per_call, group_size, mesh):
+    """The compiled-kernel function for ``kind`` and the batch padded to its whole chunks: ``(kernel, batch, n_seq,
+    chunk, num_chunks)``."""
     if chunk_size < 1 or chunks_per_call < 1:
         raise ValueError(f"chunk_size and chunks_per_call must be >= 1, got {chunk_size}, {chunks_per_call}")
     n_seq = batch_size(batch)
     shards = num_data_shards(mesh)
     size, num_chunks = chunk_plan(n_seq, chunk_size, shards)
     padded = size * num_chunks * shards
-    if padded != n_seq:  # pad by repeating the last sequence; dropped below
+    if padded != n_seq:  # pad by repeating the last sequence; dropped from the outputs
         order = np.minimum(np.arange(padded), n_seq - 1)
         batch = jax.tree_util.tree_map(lambda x: x[order], batch)
-    groups = () if directions is None else direction_groups(jax.tree_util.tree_leaves(directions)[0].shape[0], group_size)
+    k = None if directions is None else jax.tree_util.tree_leaves(directions)[0].shape[0]
+    groups = () if k is None else direction_groups(k, group_size)
     kernel = _stage_kernel(kind, loss_fn, size, num_chunks, groups, chunks_per_call, mesh)
-    outputs = kernel(params, directions, shard_batch(batch, mesh))
-    return tuple(out[:n_seq] if padded != n_seq else out for out in outputs)
+    return kernel, shard_batch(batch, mesh), n_seq, size, num_chunks
+
+
+def _run_chunked(kind, loss_fn, params, batch, directions, chunk_size, chunks_per_call, group_size, mesh):
+    """Run the ``kind`` chunk kernel over all sequences in one compiled call; its outputs as arrays ``[n_seq, s, K]``
+    (the last one the losses ``[n_seq, s, 1]``)."""
+    kernel, batch, n_seq, _, _ = _planned(
+        kind, loss_fn, batch, directions, chunk_size, chunks_per_call, group_size, mesh
+    )
+    outputs = kernel(params, directions, batch)
+    return tuple(out[:n_seq] if out.shape[0] != n_seq else out for out in outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+    """What XLA reports for the compiled kernel of one projection pass (see :func:`projection_kernel_cost`).
+
+    Attributes:
+      kind: ``"reverse"``, ``"forward"`` or ``"curvature"``.
+      chunk_size, num_chunks: sequences per chunk (per device) and chunks per pass.
+      temp_bytes: XLA's temporary buffers of the whole pass (``memory_analysis().temp_size_in_bytes``).
+      output_bytes, argument_bytes: the pass' outputs and arguments (parameters, basis, batch).
+      flops: floating-point operations of the whole pass (XLA's cost analysis of one chunk × ``num_chunks``; the
+        loop's own analysis counts its body once).
+    """
+
+    kind: str
+    chunk_size: int
+    num_chunks: int
+    temp_bytes: int
+    output_bytes: int
+    argument_bytes: int
+    flops: float
+
+
+def projection_kernel_cost(
+    per_sample_loss_fn: PerSampleLossFn,
+    params: PyTree,
+    batch: PyTree,
+    basis: Basis | jax.Array | PyTree,
+    *,
+    method: Method = "auto",
+    curvature: bool = False,
+    chunk_size: int | None = None,
+    chunks_per_call: int = 1,
+    basis_chunk_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> KernelCost:
+    """Compile (without running) the kernel that :func:`per_sample_projections` (or, with ``curvature=True``,
+    :func:`per_sample_projections_and_curvature`) would run on these inputs, and report its memory and FLOPs."""
+    what = "projection_kernel_cost"
+    n_seq = _check_inputs(what, params, batch)
+    directions, num_directions = _directions(basis, params, what)
+    samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
+    method = choose_method(samples, num_directions) if method == "auto" else method
+    kind = "curvature" if curvature else method
+    if chunk_size is None:
+        chunk_size = _default_chunk("forward" if curvature else method, samples)
+    kernel, padded, _, size, num_chunks = _planned(
+        kind, per_sample_loss_fn, batch, directions, chunk_size, chunks_per_call, basis_chunk_size, mesh
+    )
+    compiled = kernel.lower(params, directions, padded).compile()
+    memory = compiled.memory_analysis()
+    one_chunk = jax.tree_util.tree_map(lambda x: x[: size * num_data_shards(mesh)], padded)
+    groups = direction_groups(num_directions, basis_chunk_size)
+    single = _stage_kernel(kind, per_sample_loss_fn, size, 1, groups, 1, mesh).lower(params, directions, one_chunk)
+    analysis = single.compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return KernelCost(
+        kind, size, num_chunks, int(memory.temp_size_in_bytes), int(memory.output_size_in_bytes),
+        int(memory.argument_size_in_bytes), float(analysis.get("flops", 0.0)) * num_chunks,
+    )
 
 
 def _check_inputs(what: str, params: PyTree, batch: PyTree) -> int:
