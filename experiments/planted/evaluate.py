@@ -50,7 +50,7 @@ def score(clusterings, groups, permutations: int, seed: int) -> dict:
                                   if best is not None else None)
     pvalues = []
     for clustering in clusterings:
-        if clustering.num_clusters and clustering.num_clusters * 1 and np.count_nonzero(clustering.labels >= 0):
+        if clustering.num_clusters:
             test = analysis.homogeneity_pvalues(clustering, groups, num_permutations=permutations, seed=seed)
             pvalues.extend(test.pvalues.tolist())
     adjusted = analysis.adjust_pvalues(np.asarray(pvalues), "holm") if pvalues else np.zeros(0)
@@ -136,8 +136,9 @@ def evaluate(run_dir: Path, second_order: str = "run", permutations: int = 200, 
 
 
 def late_cluster_step(clusterings, projected, steps, groups, late_group, run) -> dict | None:
-    """The Eq. 9 breakthrough of the cluster best matching the late group (max F1), on the strategy's direction
-    (per-direction strategies) or, for joint ones, the members' exact... summed projected loss over directions."""
+    """The mean Eq. 9 breakthrough of the cluster best matching the late group (max F1): on its direction's
+    projected loss (per-direction strategies) or, for the joint ones, on the members' projected loss summed over
+    all directions (the part of their loss change the basis accounts for)."""
     recovery = {str(r.label): r for r in unsup.group_recovery(clusterings, groups)} if clusterings else {}
     record = recovery.get(late_group)
     if record is None or record.best is None:

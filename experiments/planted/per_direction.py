@@ -64,8 +64,8 @@ def main(argv=None):
         print(f"direction {k}: mass " + ", ".join(f"{n} {m:.4f}" for n, m in mass.items()))
         for name in names:
             of = groups == name
-            print(f"  group {name}: median |final| {np.median(np.abs(final[of])):.4g}, rising {np.mean(final[of] > 0):.2f}, "
-                  f"kept by the filter {np.count_nonzero(relying[of, k])}")
+            print(f"  group {name}: median |final| {np.median(np.abs(final[of])):.4g}, "
+                  f"rising {np.mean(final[of] > 0):.2f}, kept by the filter {np.count_nonzero(relying[of, k])}")
         kept = np.flatnonzero(relying[:, k])
         size, min_samples = analysis.hdbscan_params(kept.size, min_cluster_size=run.config.min_cluster_size,
                                                     min_samples_divisor=run.config.min_samples_divisor)

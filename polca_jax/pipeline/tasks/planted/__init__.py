@@ -59,7 +59,8 @@ def parse_group_weights(text: str) -> tuple[float, ...]:
     try:
         weights = tuple(float(part) for part in str(text).split(","))
     except ValueError:
-        raise ValueError(f"group_weights must be comma-separated positive numbers such as '1,1', got {text!r}") from None
+        raise ValueError(f"group_weights must be comma-separated positive numbers such as '1,1', "
+                         f"got {text!r}") from None
     if not 2 <= len(weights) <= len(GROUP_NAMES) or not all(np.isfinite(w) and w > 0 for w in weights):
         raise ValueError(f"group_weights must give 2 to {len(GROUP_NAMES)} positive weights, got {text!r}")
     return weights

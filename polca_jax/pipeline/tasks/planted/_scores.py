@@ -87,7 +87,8 @@ def planted_report_sections(run) -> list[str]:
                  for r in summary["groups"].values()]
         table.append(f"| {run.variants.get(name, {}).get('label', name)} | {summary['clusters']} | {ari} | "
                      + " | ".join(cells) + " |")
-    parts += ["\n".join(table), "ARI: scikit-learn's adjusted Rand index over the samples a clustering put in a cluster (kept by its "
+    parts += ["\n".join(table),
+              "ARI: scikit-learn's adjusted Rand index over the samples a clustering put in a cluster (kept by its "
               "filter, not noise), best over the strategy's clusterings; recall over all members of the group; "
               "recovered: some cluster has homogeneity >= 0.9 at recall >= 0.5."]
     if late_group is not None:
