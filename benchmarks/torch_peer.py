@@ -74,34 +74,44 @@ def _layer_norm(params, prefix, x):
     return F.layer_norm(x, x.shape[-1:], params[prefix + "scale"], params[prefix + "bias"], LAYER_NORM_EPSILON)
 
 
-def _attention(params, prefix, x, num_heads):
+def _attention(params, prefix, x, num_heads, queries=None):
+    """Causal attention; with ``queries`` (a slice of positions) only those rows: keys and values everywhere."""
     batch, length, d_model = x.shape
-    heads = (batch, length, num_heads, d_model // num_heads)
-    q = _dense(params, prefix + "query.", x).reshape(heads)
-    k = _dense(params, prefix + "key.", x).reshape(heads)
-    v = _dense(params, prefix + "value.", x).reshape(heads)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(heads[-1])
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    head = d_model // num_heads
+    x_query = x if queries is None else x[:, queries]
+    q = _dense(params, prefix + "query.", x_query).reshape(batch, x_query.shape[1], num_heads, head)
+    k = _dense(params, prefix + "key.", x).reshape(batch, length, num_heads, head)
+    v = _dense(params, prefix + "value.", x).reshape(batch, length, num_heads, head)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head)
+    query_positions = torch.arange(length)[queries if queries is not None else slice(None)]
+    causal = torch.arange(length)[None, :] <= query_positions[:, None]
     weights = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
-    mixed = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape)
+    mixed = torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x_query.shape)
     return _dense(params, prefix + "output.", mixed)
 
 
-def logits(params: dict[str, torch.Tensor], tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """tokens int64[B, L] -> logits [B, L, output_size]."""
+def logits(params: dict[str, torch.Tensor], tokens: torch.Tensor, num_heads: int, queries=None) -> torch.Tensor:
+    """tokens int64[B, L] -> logits [B, L, output_size]; with ``queries`` (a slice), only those positions' logits,
+    the last block's queries, attention output and MLP computed there alone (as ``polca_jax``'s ``positions=``)."""
     num_layers = len({name.split(".")[1] for name in params if name.startswith("blocks.")})
     x = params["token_embedding.embedding"][tokens] + params["position_embedding"][: tokens.shape[1]]
     for i in range(num_layers):
         block = f"blocks.{i}."
-        x = x + _attention(params, block + "attention.", _layer_norm(params, block + "attention_norm.", x), num_heads)
+        last = queries if i == num_layers - 1 else None
+        residual = x if last is None else x[:, last]
+        x = residual + _attention(
+            params, block + "attention.", _layer_norm(params, block + "attention_norm.", x), num_heads, last
+        )
         hidden = F.gelu(_dense(params, block + "mlp.hidden.", _layer_norm(params, block + "mlp_norm.", x)))
         x = x + _dense(params, block + "mlp.output.", hidden)
     return _dense(params, "unembedding.", _layer_norm(params, "final_norm.", x))
 
 
 def answer_losses(params: dict[str, torch.Tensor], tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Cross-entropy of the 4 answer digits, read from ``tokens[:, :-1]``: int64[B, 12] -> [B, 4]."""
-    answer_logits = logits(params, tokens[:, :-1], num_heads)[:, ANSWER_LOGITS]
+    """Cross-entropy of the 4 answer digits, read from ``tokens[:, :-1]``: int64[B, 12] -> [B, 4].
+
+    Like the JAX task's loss, the last block runs only at the answer positions."""
+    answer_logits = logits(params, tokens[:, :-1], num_heads, ANSWER_LOGITS)
     targets = tokens[:, ANSWER_TOKENS]
     return F.cross_entropy(answer_logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
@@ -174,3 +184,20 @@ def loop_projections(params, tokens, basis, num_heads, token_level: bool) -> tor
             torch.cat([leaf.grad.flatten() for leaf in leaves], out=gradients[row])
             row += 1
     return gradients @ basis.T
+
+
+def token_projections_and_losses(params, tokens, contract: Callable, num_heads, chunk_size: int):
+    """Token-level ``torch.func`` projections ``[N, K]`` and losses ``[N]`` from one pass: ``vmap`` over sequences of
+    ``jacrev`` (with the losses as its auxiliary output), per-leaf contraction with the basis."""
+
+    def sequence_losses(p, sequence):
+        losses = answer_losses(p, sequence[None], num_heads)[0]
+        return losses, losses.detach()
+
+    per_sequence = vmap(jacrev(sequence_losses, has_aux=True), in_dims=(None, 0))
+    projections, losses = [], []
+    for start in range(0, tokens.shape[0], chunk_size):
+        grads, values = per_sequence(params, tokens[start : start + chunk_size])  # leaves [c, 4, *shape]; [c, 4]
+        projections.append(contract({name: g.flatten(0, 1) for name, g in grads.items()}))
+        losses.append(values.flatten())
+    return torch.cat(projections), torch.cat(losses)

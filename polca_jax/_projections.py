@@ -9,11 +9,19 @@ projections, chosen by cost (see :func:`choose_method` and DESIGN.md's cost mode
 * ``"forward"``: one ``jvp`` per basis direction over a chunk of sequences (vmapped over groups of directions);
   about ``2K`` forward passes per *sequence*, whatever its number of samples.
 
-Chunks of sequences are unrolled inside one compiled call (``chunks_per_call`` of them), so the small output GEMM of
-one chunk overlaps the next chunk's work; compiled kernels are cached on (loss function, shapes, chunking, mesh), so
-a second call with new parameters of the same shapes does not recompile. An ``[N, P]`` array is never built: memory
-is bounded by ``chunk_size × samples per sequence × P`` (reverse) or ``chunk_size × basis_chunk_size`` activations
-(forward).
+All chunks of sequences run in one compiled call, a ``lax.scan`` over the chunks, so XLA keeps one chunk's temporaries
+alive at a time: the memory is bounded by one chunk (plus the ``[N, K]`` outputs) whatever N — about
+``chunk_size × samples per sequence`` per-sample gradients contracted leaf by leaf (reverse), or one group of
+``basis_chunk_size`` tangents of a chunk's activations (forward) — and never an ``[N, P]`` array. Chunks and direction
+groups are balanced so that they divide the work (300 sequences, at most 32 per chunk → 10 chunks of 30; K = 15,
+groups of at most 8 → 8 + 7): nothing is padded but less than one sequence per chunk. The pass also returns each
+sample's loss (the primal of the ``jvp``, the value of ``value_and_grad``), which :func:`polca_jax.polca` uses instead
+of a separate loss pass. Compiled kernels are cached on (loss function, shapes, chunking, mesh), so a second call with
+new parameters of the same shapes does not recompile; :func:`projection_kernel_cost` reports a pass' temporaries and
+FLOPs from XLA without running it.
+
+The kernels cannot know which positions a loss reads: a model whose loss reads a few positions of a sequence should
+compute only what those positions need (see ``positions=`` of ``polca_jax.pipeline.models.apply``).
 """
 
 from __future__ import annotations
@@ -75,9 +83,11 @@ def per_sample_projections(
       mask: optional bool ``[n_seq, n_tok]``; N is its count of True, rows in row-major (sequence, token) order.
         Without it N = ``n_seq · n_tok``.
       method: ``"reverse"``, ``"forward"`` or ``"auto"`` (:func:`choose_method`).
-      chunk_size: sequences per chunk (default: 64 samples' worth for reverse, 32 sequences for forward).
-      chunks_per_call: chunks unrolled in one compiled call.
-      basis_chunk_size: directions per vmapped group in forward mode.
+      chunk_size: at most this many sequences per chunk (default: 64 samples' worth for reverse, 32 sequences for
+        forward); the chunks are made equal, so fewer may be used (300 sequences, 32 → 10 chunks of 30).
+      chunks_per_call: chunks per step of the compiled loop (its ``unroll``); memory grows with it.
+      basis_chunk_size: at most this many directions per vmapped group in forward mode (groups of equal size up to
+        one: K = 15 → 8 + 7).
       mesh: optional mesh; sequences are sharded over its ``"data"`` axis, parameters and basis replicated.
 
     Raises ``ValueError`` for an empty batch, parameters that are not all of one floating dtype, NaN parameters or
@@ -387,9 +397,11 @@ def projection_kernel_cost(
     chunks_per_call: int = 1,
     basis_chunk_size: int = 8,
     mesh: jax.sharding.Mesh | None = None,
+    with_flops: bool = True,
 ) -> KernelCost:
     """Compile (without running) the kernel that :func:`per_sample_projections` (or, with ``curvature=True``,
-    :func:`per_sample_projections_and_curvature`) would run on these inputs, and report its memory and FLOPs."""
+    :func:`per_sample_projections_and_curvature`) would run on these inputs, and report its memory and FLOPs
+    (``with_flops=False``: NaN, and one compilation instead of two)."""
     what = "projection_kernel_cost"
     n_seq = _check_inputs(what, params, batch)
     directions, num_directions = _directions(basis, params, what)
@@ -403,14 +415,17 @@ def projection_kernel_cost(
     )
     compiled = kernel.lower(params, directions, padded).compile()
     memory = compiled.memory_analysis()
-    one_chunk = jax.tree_util.tree_map(lambda x: x[: size * num_data_shards(mesh)], padded)
-    groups = direction_groups(num_directions, basis_chunk_size)
-    single = _stage_kernel(kind, per_sample_loss_fn, size, 1, groups, 1, mesh).lower(params, directions, one_chunk)
-    analysis = single.compile().cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    flops = float("nan")
+    if with_flops:
+        one_chunk = jax.tree_util.tree_map(lambda x: x[: size * num_data_shards(mesh)], padded)
+        groups = direction_groups(num_directions, basis_chunk_size)
+        single = _stage_kernel(kind, per_sample_loss_fn, size, 1, groups, 1, mesh).lower(params, directions, one_chunk)
+        analysis = single.compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        flops = float(analysis.get("flops", 0.0)) * num_chunks
     return KernelCost(
         kind, size, num_chunks, int(memory.temp_size_in_bytes), int(memory.output_size_in_bytes),
-        int(memory.argument_size_in_bytes), float(analysis.get("flops", 0.0)) * num_chunks,
+        int(memory.argument_size_in_bytes), flops,
     )
 
 
