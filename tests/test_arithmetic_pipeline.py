@@ -50,7 +50,7 @@ def test_resume_skips_finished_stages(interrupted_then_resumed, check_resumed):
 def test_the_tiny_preset_gives_the_metrics_of_the_experiment_specific_pipeline(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
-    assert set(variants) == set(PINNED_TINY)
+    assert set(PINNED_TINY) <= set(variants)  # and the allocation-profile strategies, which came later
     for variant, (clusters, homogeneity, hidden) in PINNED_TINY.items():
         ours = variants[variant]
         assert ours["num_clusters"] == clusters, variant

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 from sklearn.metrics import adjusted_rand_score
 
 from polca_jax import analysis
-from polca_jax.analysis import _unsupervised as unsup
+from polca_jax import analysis as unsup
 from polca_jax.pipeline import load_task_definition, run
 from polca_jax.pipeline.tasks.planted import make_spec
 from polca_jax.pipeline.tasks.planted._model import parameter_roles

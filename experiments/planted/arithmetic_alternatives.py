@@ -17,7 +17,7 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.analysis import _unsupervised as unsup
+from polca_jax import analysis as unsup
 from polca_jax.pipeline import RunDirectory, load_labels
 
 STRATEGIES = [("paper", "hdbscan"), ("unit", "hdbscan"), ("shape", "hdbscan"), ("profile", "hdbscan"),

@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.analysis import _unsupervised as unsup
+from polca_jax import analysis as unsup
 from polca_jax.pipeline import RunDirectory, load_labels
 from polca_jax.pipeline.tasks.planted import make_spec
 from polca_jax.pipeline.tasks.planted._model import parameter_roles

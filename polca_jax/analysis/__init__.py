@@ -1,6 +1,8 @@
 """Host-side analysis of POLCA results (numpy + scikit-learn; no JAX): the paper's filters, HDBSCAN clustering,
 breakthroughs (Eqs. 9-10), cluster scores against categorical label sets, and what a cluster must beat to count:
-permutation and shuffled-increment nulls, and the causal check's per-cluster effects."""
+permutation and shuffled-increment nulls, and the causal check's per-cluster effects; alternatives to the paper's
+unsupervised step (allocation profiles, joint trajectories, shape features) and ground-truth scores (ARI, group
+recovery) for planted benchmarks."""
 
 from polca_jax.analysis._breakthroughs import (
     ClusterBreakthrough,
@@ -33,9 +35,33 @@ from polca_jax.analysis._nulls import (
     breakthrough_null,
     homogeneity_pvalues,
 )
+from polca_jax.analysis._unsupervised import (
+    CLUSTERERS,
+    STRATEGIES,
+    GroupRecovery,
+    adjusted_rand,
+    allocation_profiles,
+    ari_pvalue,
+    cluster_features,
+    group_recovery,
+    joint_features,
+    shape_features,
+    strategy_clusterings,
+)
 from polca_jax.analysis._scores import ClusterScore, cluster_label_scores, max_homogeneity, top_clusters
 
 __all__ = [
+    "CLUSTERERS",
+    "STRATEGIES",
+    "GroupRecovery",
+    "adjusted_rand",
+    "allocation_profiles",
+    "ari_pvalue",
+    "cluster_features",
+    "group_recovery",
+    "joint_features",
+    "shape_features",
+    "strategy_clusterings",
     "ADJUST_METHODS",
     "AblationEffect",
     "BreakthroughNull",

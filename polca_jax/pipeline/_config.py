@@ -15,7 +15,7 @@ import typing
 from typing import Any, Mapping
 
 from polca_jax._decomposition import SECOND_ORDER_CHOICES
-from polca_jax.analysis import NORMALIZATIONS
+from polca_jax.analysis import CLUSTERERS, NORMALIZATIONS
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
@@ -59,6 +59,7 @@ class RunConfig:
     min_samples_divisor: float = 15.0
     reference_num_samples: int | None = 5000
     normalize: str | None = None
+    profile_clusterer: str = "gmm"  # the allocation-profile strategy's clusterer: hdbscan, kmeans, gmm, agglomerative
     # breakthroughs (Eqs. 9-10)
     window_steps: int | None = None
     threshold_step: int | None = None
@@ -105,6 +106,8 @@ class RunConfig:
             raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
         if self.projection_method not in PROJECTION_METHODS:
             raise ValueError(f"projection_method must be one of {PROJECTION_METHODS}, got {self.projection_method!r}")
+        if self.profile_clusterer not in CLUSTERERS:
+            raise ValueError(f"profile_clusterer must be one of {CLUSTERERS}, got {self.profile_clusterer!r}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
         if self.num_steps % self.polca_every:

@@ -155,7 +155,7 @@ def _against_chance_line(view: RunView) -> str:
     """How many clusters of POLCA, of the random basis and of the exact loss beat their permutation null."""
     level = view.metrics["settings"].get("significance", 0.05)
     parts = []
-    for variant in ("polca", "random_basis", "exact_loss"):
+    for variant in ("polca", "random_basis", "polca_profile", "random_profile", "exact_loss"):
         info = view.variants.get(variant)
         if info is None:
             continue
@@ -298,7 +298,8 @@ def _pvalue_text(score: dict) -> str:
     return MISSING if adjusted is None else f"{adjusted:.3g}{' ✓' if score.get('beats_null') else ''}"
 
 
-NULL_ROWS = ("polca", "first_order_polca", "random_basis", "shuffled_hessian", "exact_loss")
+NULL_ROWS = ("polca", "first_order_polca", "random_basis", "shuffled_hessian", "polca_profile", "random_profile",
+             "exact_loss")
 
 
 def _nulls_section(view: RunView) -> list[str]:

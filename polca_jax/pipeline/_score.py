@@ -31,7 +31,7 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax._files import write_json_atomic
 from polca_jax.pipeline._rundir import RunDirectory, load_labels
-from polca_jax.pipeline._stages import NEAREST_SAMPLES, variant_trajectories, variants_of
+from polca_jax.pipeline._stages import NEAREST_SAMPLES, PER_SAMPLE_SIGNALS, variant_trajectories, variants_of
 from polca_jax.pipeline._task import LabelSet
 
 TOP_CLUSTERS = 3
@@ -107,7 +107,7 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
                    causal: np.ndarray | None) -> dict:
     """One strategy's entry of ``metrics.json``; ``causal``: the per-sample loss increase ``[K, N]`` of removing
     each direction of the strategy's basis, or None."""
-    per_direction = trajectories.ndim == 3
+    per_direction = variant.trajectory not in PER_SAMPLE_SIGNALS  # the qualifying rules apply to decompositions
     breakthroughs = breakthrough_records(clusterings, trajectories, steps, window)
     for record in breakthroughs:
         record["hidden"] = record["mean_step"] > threshold

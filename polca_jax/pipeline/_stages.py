@@ -79,8 +79,11 @@ VARIANTS = (
     Variant("polca", "POLCA", MAIN_BASIS, "projected_loss", "main"),
     Variant("random_basis", "Random orthonormal basis", "random", "projected_loss", "ablation"),
     Variant("shuffled_hessian", "Random shuffled Hessian", "shuffled_hessian", "projected_loss", "ablation"),
+    Variant("polca_profile", "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline"),
+    Variant("random_profile", "Random basis, allocation profiles", "random", "profile", "ablation"),
 )
-TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss")
+TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile")
+PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per sample, scored without qualifying rules
 
 
 def variants_of(config) -> tuple[Variant, ...]:
@@ -266,9 +269,11 @@ def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray,
     """The trajectories a strategy clusters, ``[T, N, K]`` or ``[T, N]``, and their steps ``[T]``.
 
     kind: ``loss`` (exact loss), ``loss_change`` (its change per interval), ``fisher`` (⟨b, ∇L(x)⟩²),
-    ``first_order`` (cumulative first-order POLCA) or ``projected_loss`` (POLCA, Eq. 8).
+    ``first_order`` (cumulative first-order POLCA), ``projected_loss`` (POLCA, Eq. 8) or ``profile`` (clustered on
+    the allocation profiles of the projected loss, see :func:`cluster_profiles`; its clusters' breakthroughs and
+    medoids are read on the exact loss).
     """
-    if kind == "loss":
+    if kind in ("loss", "profile"):
         return np.asarray(result.loss), result.steps
     if kind == "loss_change":
         return result.loss_change, result.steps[1:]
@@ -299,15 +304,32 @@ def cluster_variant(trajectories: np.ndarray, kind: str, options: dict) -> list[
     return analysis.cluster_directions(trajectories, **options)
 
 
+def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Clustering]:
+    """One clustering of every sample's *allocation profile*: its final projected loss along each direction,
+    divided by its norm over the directions (how its loss change was shared among the directions, whatever its
+    size), with ``config.profile_clusterer`` (``analysis.strategy_clusterings``). An alternative to the paper's
+    per-direction step: on the planted benchmark it recovers mechanisms the paper's step misses
+    (experiments/planted/results.md)."""
+    size, _ = analysis.hdbscan_params(
+        projected_loss.shape[1], min_cluster_size=config.min_cluster_size,
+        min_samples_divisor=config.min_samples_divisor, reference_num_samples=config.reference_num_samples)
+    return analysis.strategy_clusterings(projected_loss, "profile", clusterer=config.profile_clusterer,
+                                         min_cluster_size=size, min_samples_divisor=config.min_samples_divisor,
+                                         seed=config.seed)
+
+
 def cluster_stage(run: RunDirectory, progress: bool) -> dict:
-    """HDBSCAN of every strategy to ``clusters/<variant>.npz``."""
+    """HDBSCAN (or the profile clusterer) of every strategy to ``clusters/<variant>.npz``."""
     options = cluster_options(run.config)
     (run / "clusters").mkdir(exist_ok=True)
     counts = {}
     for variant in variants_of(run.config):
         result = pj.POLCAResult.load(run / "polca" / variant.basis)
-        trajectories, _ = variant_trajectories(result, variant.trajectory)
-        clusterings = cluster_variant(trajectories, variant.trajectory, options)
+        if variant.trajectory == "profile":
+            clusterings = cluster_profiles(result.projected_loss, run.config)
+        else:
+            trajectories, _ = variant_trajectories(result, variant.trajectory)
+            clusterings = cluster_variant(trajectories, variant.trajectory, options)
         analysis.save_clusterings(run / "clusters" / f"{variant.name}.npz", clusterings)
         counts[variant.name] = sum(c.num_clusters for c in clusterings)
     return {"clusters": counts}

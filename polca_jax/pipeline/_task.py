@@ -30,6 +30,7 @@ RESERVED_OPTIONS = ("seed", "workdir")
 BUILTIN_TASKS = {
     "arithmetic": "polca_jax.pipeline.tasks.arithmetic:make_task",
     "english": "polca_jax.pipeline.tasks.english:make_task",
+    "planted": "polca_jax.pipeline.tasks.planted:make_task",
 }
 
 

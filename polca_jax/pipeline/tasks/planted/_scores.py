@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from polca_jax import analysis
-from polca_jax.analysis._unsupervised import adjusted_rand, group_recovery
+from polca_jax.analysis import adjusted_rand, group_recovery
 
-REPORTED_VARIANTS = ("polca", "exact_loss", "random_basis", "first_order_polca")
+REPORTED_VARIANTS = ("polca", "exact_loss", "random_basis", "first_order_polca", "polca_profile", "random_profile")
 
 
 def matched_loss_gap(loss, groups, *, exclude=()) -> dict:
@@ -82,7 +82,8 @@ def planted_report_sections(run) -> list[str]:
             continue
         summary = strategy_summary(clusterings, groups)
         ari = ("n/a" if not np.isfinite(summary["best_ari"]) else
-               f"{summary['best_ari']:.2f} ({summary['best_ari_direction']}, {summary['best_ari_coverage']:.0%})")
+               f"{summary['best_ari']:.2f} ({_direction_text(summary['best_ari_direction'])}, "
+               f"{summary['best_ari_coverage']:.0%})")
         cells = [f"{r['homogeneity']:.2f} / {r['recall']:.2f} ({'yes' if r['recovered'] else 'no'})"
                  for r in summary["groups"].values()]
         table.append(f"| {run.variants.get(name, {}).get('label', name)} | {summary['clusters']} | {ari} | "
@@ -104,3 +105,7 @@ def planted_report_sections(run) -> list[str]:
             parts.append(f"POLCA's cluster best matching group {late_group} (direction {best[0]}, cluster {best[1]}) "
                          f"has its breakthrough at step {found['breakthrough_step']:.0f}.")
     return parts
+
+
+def _direction_text(direction) -> str:
+    return "all directions" if direction is None else f"direction {direction}"
