@@ -1,0 +1,49 @@
+"""One line per strategy and run: kept directions, clusters, the best qualifying carry cluster with its Holm-corrected
+permutation p-value, how many clusters beat the null in any label set, hidden breakthroughs beyond their null, and
+the causal check.
+
+    python experiments/arithmetic/seed_summary.py RUN_DIR [RUN_DIR ...]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+STRATEGIES = ("exact_loss", "polca", "first_order_polca", "polca_profile", "random_basis", "random_profile",
+              "shuffled_hessian", "lca")
+
+
+def describe(info: dict) -> str:
+    carry = info["label_sets"].get("carry", {})
+    top = carry.get("top_clusters") or []
+    best = "none qualifies" if not top else (
+        f"{top[0]['homogeneity']:.3f} (p {top[0]['pvalue_adjusted']:.3g}, {top[0]['size']} tokens, base rate "
+        f"{top[0]['base_rate']:.3f})" if top[0].get("pvalue_adjusted") is not None else
+        f"{top[0]['homogeneity']:.3f} (not testable)")
+    beating = sum(any(s.get("beats_null") for s in c["labels"].values()) for c in info["clusters"])
+    carry_beating = carry.get("clusters_beating_null", 0)
+    hidden = [b for b in info["breakthroughs"] if b["hidden"]]
+    hidden_beating = sum(bool(b.get("null", {}).get("beats_null")) for b in hidden)
+    causal = info.get("causal") or {}
+    causal_text = (f"; causal: {causal['hurt_more_than_others']} of {causal['clusters']} hurt more"
+                   if causal.get("clusters") else "")
+    return (f"{info['num_clusters']} clusters; best carry {best}; beating the null: {carry_beating} for carry, "
+            f"{beating} for some label set; hidden {len(hidden)} ({hidden_beating} beyond their null){causal_text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+")
+    for run in parser.parse_args().runs:
+        config = json.loads((run / "config.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        kept = metrics["filters"].get("hessian", {}).get("kept_directions", [])
+        print(f"{run.name} (seed {config['seed']}): {len(kept)} of "
+              f"{metrics['filters'].get('hessian', {}).get('num_directions')} Hessian directions kept")
+        for name in STRATEGIES:
+            if name in metrics["variants"]:
+                print(f"  {metrics['variants'][name]['label']}: {describe(metrics['variants'][name])}")
+
+
+if __name__ == "__main__":
+    main()
