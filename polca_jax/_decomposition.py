@@ -22,8 +22,10 @@ step s_t = ⟨b, θ_{t+1} − θ_t⟩:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import operator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -242,8 +244,8 @@ def polca(
     check_width(basis, first)
     losses, projections, curvatures, step_projection, outside = [], [], [], [], []
     previous_flat = None
-    for t in progress_bar(range(len(steps)), progress, desc="POLCA checkpoints"):
-        params = first if t == 0 else checkpoints[t]
+    reads = _read_ahead(checkpoints, first, len(steps))  # checkpoint t+1 is restored while t is decomposed
+    for t, params in zip(progress_bar(range(len(steps)), progress, desc="POLCA checkpoints"), reads):
         what = f"checkpoint at step {steps[t]}"
         check_same_structure(first, params, f"polca: {what}")
         check_finite_params(params, f"polca: {what}")
@@ -285,6 +287,18 @@ def polca(
     return POLCAResult(
         steps, np.stack(losses), projections, step_projection, second, np.asarray(outside), config
     )
+
+
+def _read_ahead(checkpoints: Sequence[PyTree], first: PyTree, count: int):
+    """``checkpoints[0..count-1]`` in order (``first`` is item 0, already read), each next one read in a background
+    thread while the caller works on the current one: restoring from a store overlaps the projection pass. One read
+    at a time, in order, so a store need not be thread-safe; an error of a read is raised when its item is reached."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="polca-read-ahead") as pool:
+        upcoming = None
+        for t in range(count):
+            current = first if t == 0 else upcoming.result()
+            upcoming = pool.submit(operator.getitem, checkpoints, t + 1) if t + 1 < count else None
+            yield current
 
 
 def _finite_terms(values: jax.Array, name: str, what: str) -> np.ndarray:

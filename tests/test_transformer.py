@@ -44,18 +44,28 @@ def test_causal():
     assert not np.allclose(logits[:, 7:], changed_logits[:, 7:])
 
 
-def test_float64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        config = dataclasses.replace(TINY, param_dtype="float64")
-        graphdef, params = init_params(config, seed=0)
-        assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float64")}
-        assert apply(graphdef, params, jnp.zeros((1, 5), jnp.int32)).dtype == jnp.float64
-    finally:
-        jax.config.update("jax_enable_x64", False)
+@pytest.fixture
+def x64():
+    """Set ``jax_enable_x64`` for one test and restore the session's setting (conftest turns it on) afterwards."""
+    previous = jax.config.jax_enable_x64
+
+    def set_x64(value: bool):
+        jax.config.update("jax_enable_x64", value)
+
+    yield set_x64
+    jax.config.update("jax_enable_x64", previous)
 
 
-def test_float64_without_x64_is_an_error():
+def test_float64(x64):
+    x64(True)
+    config = dataclasses.replace(TINY, param_dtype="float64")
+    graphdef, params = init_params(config, seed=0)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float64")}
+    assert apply(graphdef, params, jnp.zeros((1, 5), jnp.int32)).dtype == jnp.float64
+
+
+def test_float64_without_x64_is_an_error(x64):
+    x64(False)
     with pytest.raises(ValueError, match="jax_enable_x64"):
         init_params(dataclasses.replace(TINY, param_dtype="float64"), seed=0)
 
