@@ -1,4 +1,4 @@
-"""One line per strategy and run: kept directions, clusters, the best qualifying carry cluster with its Holm-corrected
+"""One line per strategy and run (after each basis' directions kept by the oscillation filter): clusters, the best qualifying carry cluster with its Holm-corrected
 permutation p-value, how many clusters beat the null in any label set, hidden breakthroughs beyond their null, and
 the causal check.
 
@@ -37,9 +37,9 @@ def main() -> None:
     for run in parser.parse_args().runs:
         config = json.loads((run / "config.json").read_text())
         metrics = json.loads((run / "metrics.json").read_text())
-        kept = metrics["filters"].get("hessian", {}).get("kept_directions", [])
-        print(f"{run.name} (seed {config['seed']}): {len(kept)} of "
-              f"{metrics['filters'].get('hessian', {}).get('num_directions')} Hessian directions kept")
+        kept = ", ".join(f"{basis} {len(f['kept_directions'])} of {f['num_directions']}"
+                         for basis, f in metrics["filters"].items())
+        print(f"{run.name} (seed {config['seed']}): directions kept by the oscillation filter: {kept}")
         for name in STRATEGIES:
             if name in metrics["variants"]:
                 print(f"  {metrics['variants'][name]['label']}: {describe(metrics['variants'][name])}")
