@@ -25,7 +25,7 @@ from polca_jax._files import load_npy, read_json, save_npy_atomic, save_npz_atom
 from polca_jax._progress import progress_bar
 from polca_jax._hvp import FlatHessianMatvec
 from polca_jax._lanczos import check_orthonormal, top_eigenpairs
-from polca_jax._sharding import replicate, shard_batch
+from polca_jax._sharding import shard_batch, shard_params
 
 PyTree = Any
 FORMAT_VERSION = 1
@@ -387,7 +387,7 @@ def hessian_basis(
             num_iters,
             jax.random.fold_in(key, t),
             orthogonal_to=found,
-            matvec_args=(replicate(params, mesh), batch),
+            matvec_args=(shard_params(params, mesh), batch),
             num_deflated=t * k_per_checkpoint,
         )
         bad = count_nonfinite(pairs)

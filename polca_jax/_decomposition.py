@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax import _tree as tree
 from polca_jax._basis import Basis, check_width
 from polca_jax._checkpoints import OrbaxCheckpoints
 from polca_jax._checks import (
@@ -48,7 +47,7 @@ from polca_jax._checks import (
 from polca_jax._files import load_npy, read_json, save_npy_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
 from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses
-from polca_jax._sharding import replicate
+from polca_jax._sharding import shard_params
 
 PyTree = Any
 SecondOrder = Literal["none", "paper", "trapezoid", "exact"]
@@ -243,13 +242,13 @@ def polca(
     check_params(first, f"polca: checkpoint at step {steps[0]}")
     check_width(basis, first)
     losses, projections, curvatures, step_projection, outside = [], [], [], [], []
-    previous_flat = None
+    previous = None
     reads = _read_ahead(checkpoints, first, len(steps))  # checkpoint t+1 is restored while t is decomposed
     for t, params in zip(progress_bar(range(len(steps)), progress, desc="POLCA checkpoints"), reads):
         what = f"checkpoint at step {steps[t]}"
         check_same_structure(first, params, f"polca: {what}")
         check_finite_params(params, f"polca: {what}")
-        params = replicate(params, mesh)
+        params = shard_params(params, mesh)
         # One pass gives the losses with the projections (and curvatures): no separate loss pass.
         g, c, loss = projections_curvature_and_losses(
             "polca", per_sample_loss_fn, params, batch, basis, method=method, curvature=needs_curvature,
@@ -261,14 +260,11 @@ def polca(
         if needs_curvature:
             curvatures.append(_finite_terms(c, "curvatures bᵀH(x)b", what))
         projections.append(_finite_terms(g, "projected gradients ⟨b, ∇L(x)⟩", what))
-        flat = tree.ravel(params)
-        if previous_flat is not None:
-            delta = flat - previous_flat
-            coordinates = basis.coordinates(delta)
-            step_projection.append(np.asarray(coordinates))
-            total = float(jnp.vdot(delta, delta))
-            outside.append(0.0 if total == 0 else max(0.0, 1.0 - float(jnp.vdot(coordinates, coordinates)) / total))
-        previous_flat = flat
+        if previous is not None:
+            coordinates, total = _step_coordinates(basis, params, previous)
+            step_projection.append(coordinates)
+            outside.append(0.0 if total == 0 else max(0.0, 1.0 - float(coordinates @ coordinates) / total))
+        previous = params
 
     projections = np.stack(projections)
     step_projection = np.stack(step_projection)
@@ -299,6 +295,19 @@ def _read_ahead(checkpoints: Sequence[PyTree], first: PyTree, count: int):
             current = first if t == 0 else upcoming.result()
             upcoming = pool.submit(operator.getitem, checkpoints, t + 1) if t + 1 < count else None
             yield current
+
+
+def _step_coordinates(basis: Basis, params: PyTree, previous: PyTree) -> tuple[np.ndarray, float]:
+    """⟨b, θ_{t+1} − θ_t⟩ for every direction ``[K]`` and ‖θ_{t+1} − θ_t‖², leaf by leaf (the step is never
+    flattened, so it stays split over the mesh like the parameters)."""
+    delta = jax.tree_util.tree_map(jnp.subtract, params, previous)
+    coordinates = np.asarray(basis.coordinates(delta))
+    return coordinates, float(_squared_norm(delta))
+
+
+@jax.jit
+def _squared_norm(vector: PyTree) -> jax.Array:
+    return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree_util.tree_leaves(vector))
 
 
 def _finite_terms(values: jax.Array, name: str, what: str) -> np.ndarray:

@@ -1,7 +1,16 @@
-"""Placing work on a device mesh: samples sharded over a ``"data"`` axis, parameters and bases replicated."""
+"""Placing work on a device mesh: samples over a ``"data"`` axis, parameters and bases over a ``"model"`` axis.
+
+A mesh has the axis ``"data"`` and optionally ``"model"`` (:func:`data_mesh` makes a 1-D one, :func:`device_mesh` a
+2-D one). Samples are split over ``"data"``. Parameters are split FSDP-style over ``"model"`` by one rule for any
+pytree (:func:`param_spec`): each leaf along its largest dimension that the model axis divides, replicated when none
+does. A basis held as a params-shaped pytree of ``[K, *leaf.shape]`` leaves (and Lanczos' Krylov vectors) is split
+like the parameters, its leading ``K`` axis whole, so its memory per device falls as ``1 / model-axis size``.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import jax
@@ -10,6 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 PyTree = Any
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
+REPLICATED_WARNING_FRACTION = 0.1  # warn when more of the parameters than this stay whole on every device
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -18,13 +29,111 @@ def data_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def device_mesh(model: int = 1, data: int | None = None, devices: list | None = None) -> Mesh:
+    """A 2-D ``("data", "model")`` mesh: ``model`` devices share each parameter, ``data`` groups split the samples.
+
+    ``data`` defaults to all the remaining devices (``len(devices) // model``); ``devices`` defaults to
+    ``jax.devices()`` (every process' devices in a multi-process run). Raises ``ValueError`` when
+    ``data × model`` is not the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if model < 1 or len(devices) % model:
+        raise ValueError(f"a model axis of {model} does not divide the {len(devices)} devices")
+    data = len(devices) // model if data is None else data
+    if data * model != len(devices):
+        raise ValueError(f"a {data} x {model} (data x model) mesh needs {data * model} devices, got {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
+
+
+def check_mesh(mesh: Mesh | None, what: str) -> None:
+    """Raise ``ValueError`` unless ``mesh`` is None or has the axis ``"data"`` and no axes but ``"data"``/``"model"``."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"{what}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    names = tuple(mesh.axis_names)
+    if DATA_AXIS not in names or set(names) - {DATA_AXIS, MODEL_AXIS}:
+        raise ValueError(
+            f"{what}: the mesh has axes {names}; polca_jax needs an axis {DATA_AXIS!r} (samples) and optionally "
+            f"{MODEL_AXIS!r} (parameters) and no others: make it with pj.data_mesh() or pj.device_mesh(model=...)"
+        )
+
+
 def num_data_shards(mesh: Mesh | None) -> int:
     """How many ways samples are split (1 without a mesh)."""
     return 1 if mesh is None else mesh.shape[DATA_AXIS]
 
 
+def num_model_shards(mesh: Mesh | None) -> int:
+    """How many ways each parameter is split (1 without a mesh or without a ``"model"`` axis)."""
+    return 1 if mesh is None else dict(mesh.shape).get(MODEL_AXIS, 1)
+
+
+def param_spec(shape: tuple[int, ...], model_shards: int) -> PartitionSpec:
+    """The rule: split the largest dimension of ``shape`` that ``model_shards`` divides (the first of equals) over
+    ``"model"``; replicate when none does (or ``model_shards`` is 1)."""
+    if model_shards > 1:
+        divisible = [axis for axis, size in enumerate(shape) if size % model_shards == 0]
+        if divisible:
+            axis = max(divisible, key=lambda a: (shape[a], -a))
+            return PartitionSpec(*([None] * axis), MODEL_AXIS)
+    return PartitionSpec()
+
+
+def param_shardings(params: PyTree, mesh: Mesh, *, leading_axes: int = 0) -> PyTree:
+    """A ``NamedSharding`` per leaf of ``params`` by :func:`param_spec`; ``leading_axes`` unsplit axes come first
+    (1 for a basis' ``[K, *leaf.shape]`` rows, whose shapes are then those of the parameters after ``K``)."""
+
+    def sharding(leaf):
+        spec = param_spec(tuple(np.shape(leaf))[leading_axes:], num_model_shards(mesh))
+        return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), *spec))
+
+    return jax.tree_util.tree_map(sharding, params)
+
+
+def replicated_fraction(params: PyTree, mesh: Mesh | None) -> tuple[float, list[str]]:
+    """The fraction of parameters that the rule leaves whole on every device, and those leaves' paths."""
+    model_shards = num_model_shards(mesh)
+    if model_shards == 1:
+        return 0.0, []
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    whole = [(path, leaf) for path, leaf in leaves if param_spec(np.shape(leaf), model_shards) == PartitionSpec()]
+    total = sum(math.prod(np.shape(leaf)) for _, leaf in leaves)
+    share = sum(math.prod(np.shape(leaf)) for _, leaf in whole) / max(total, 1)
+    return share, [jax.tree_util.keystr(path) for path, _ in whole]
+
+
+def warn_if_replicated(params: PyTree, mesh: Mesh | None, what: str) -> None:
+    """Warn when the model axis splits less than 90% of the parameters (e.g. it divides no leaf)."""
+    share, paths = replicated_fraction(params, mesh)
+    if share > REPLICATED_WARNING_FRACTION:
+        shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        warnings.warn(
+            f"{what}: the model axis of {num_model_shards(mesh)} devices divides no dimension of {shown}, so "
+            f"{share:.0%} of the parameters are replicated on every device; choose a model axis that divides the "
+            "large dimensions (e.g. a power of two)",
+            stacklevel=3,
+        )
+
+
+def shard_params(params: PyTree, mesh: Mesh | None) -> PyTree:
+    """Place ``params`` by :func:`param_shardings` (whole on every device without a ``"model"`` axis); unchanged
+    without a mesh."""
+    if mesh is None:
+        return params
+    return jax.device_put(params, param_shardings(params, mesh))
+
+
+def shard_rows(rows: PyTree, mesh: Mesh | None) -> PyTree:
+    """Place a basis' params-shaped ``[K, *leaf.shape]`` rows like the parameters, ``K`` whole; unchanged without a
+    mesh."""
+    if mesh is None:
+        return rows
+    return jax.device_put(rows, param_shardings(rows, mesh, leading_axes=1))
+
+
 def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
-    """Place ``batch`` with its leading axis split over ``"data"`` (unchanged without a mesh)."""
+    """Place ``batch`` with its leading axis split over ``"data"`` (whole over ``"model"``; unchanged without a mesh)."""
     if mesh is None:
         return batch
     shards = num_data_shards(mesh)
@@ -34,8 +143,11 @@ def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
     return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 
-def replicate(params: PyTree, mesh: Mesh | None) -> PyTree:
-    """Place ``params`` whole on every device of ``mesh`` (unchanged without a mesh)."""
-    if mesh is None:
-        return params
-    return jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+def per_device_bytes(arrays: PyTree) -> int:
+    """Bytes the leaves of ``arrays`` occupy on one device (the first device's shards: all are equal under the
+    rule)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(arrays):
+        shards = getattr(leaf, "addressable_shards", None)
+        total += shards[0].data.nbytes if shards else np.asarray(leaf).nbytes
+    return total
