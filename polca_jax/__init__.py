@@ -24,7 +24,7 @@ from polca_jax._projections import (
     per_sample_projections,
     per_sample_projections_and_curvature,
 )
-from polca_jax._sharding import data_mesh
+from polca_jax._sharding import data_mesh, device_mesh, per_device_bytes, shard_params
 
 __version__ = "0.1.0"
 
@@ -39,10 +39,12 @@ __all__ = [
     "check_orthonormal",
     "choose_method",
     "data_mesh",
+    "device_mesh",
     "direction_ablation_losses",
     "hessian_basis",
     "hvp",
     "parameter_axis_basis",
+    "per_device_bytes",
     "per_sample_curvature",
     "per_sample_losses",
     "per_sample_projections",
@@ -50,6 +52,7 @@ __all__ = [
     "polca",
     "random_basis",
     "remove_direction",
+    "shard_params",
     "shuffled_hessian_basis",
     "top_eigenpairs",
 ]

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from polca_jax import _tree as tree
 from polca_jax._checks import (
@@ -23,9 +24,9 @@ from polca_jax._checks import (
 )
 from polca_jax._files import load_npy, read_json, save_npy_atomic, save_npz_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
-from polca_jax._hvp import FlatHessianMatvec
-from polca_jax._lanczos import check_orthonormal, top_eigenpairs
-from polca_jax._sharding import shard_batch, shard_params
+from polca_jax._hvp import HessianMatvec
+from polca_jax._lanczos import check_orthonormal, tree_eigenpairs
+from polca_jax._sharding import check_mesh, shard_batch, shard_params, shard_rows
 
 PyTree = Any
 FORMAT_VERSION = 1
@@ -68,6 +69,22 @@ class Basis:
                 raise ValueError(f"basis {name} must have shape [{k}], got {value.shape}")
             setattr(self, name, value)
 
+    @classmethod
+    def from_rows(cls, rows: PyTree, eigenvalues, steps, method: str, residuals) -> "Basis":
+        """A basis held as a params-shaped pytree of ``[K, *leaf.shape]`` rows (of one dtype), as :meth:`as_tree`
+        gives it; the rows stay where they are (e.g. split over a mesh), no ``[K, P]`` matrix is made."""
+        leaves = jax.tree_util.tree_leaves(rows)
+        if not leaves or len({leaf.shape[0] for leaf in leaves}) != 1 or len({leaf.dtype for leaf in leaves}) != 1:
+            raise ValueError("basis rows must be a pytree of [K, ...] leaves with one K and one dtype")
+        check_finite_tree(rows, "a Basis' rows", "build the basis from finite vectors")
+        k = leaves[0].shape[0]
+        basis = cls(jnp.zeros((k, 0), leaves[0].dtype), eigenvalues, steps, method, residuals)
+        basis._flat, basis._tree = None, rows
+        basis._tree_signature = tree.structure_signature(
+            jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), rows))
+        basis._shape = (k, sum(leaf.size // k for leaf in leaves))
+        return basis
+
     def __repr__(self) -> str:
         return (f"Basis(size={self.size}, dim={self.dim}, dtype={self.dtype}, method={self.method!r}, "
                 f"eigenvalues={self.eigenvalues!r}, steps={self.steps!r}, residuals={self.residuals!r})")
@@ -100,11 +117,12 @@ class Basis:
         held = self._flat if self._flat is not None else self._tree
         return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(held))
 
-    def as_tree(self, like: PyTree) -> PyTree:
+    def as_tree(self, like: PyTree, mesh: Mesh | None = None) -> PyTree:
         """The rows as a params-shaped pytree with leaves ``[K, *leaf.shape]`` in ``like``'s dtypes.
 
         The first call for a structure replaces the basis' ``[K, P]`` matrix by this pytree (in the basis' own dtype),
-        so the device holds one copy; a ``like`` of another dtype gets a cast copy, made per call.
+        so the device holds one copy; a ``like`` of another dtype gets a cast copy, made per call. With a ``mesh``
+        the rows are split over its ``"model"`` axis like the parameters (the held copy is moved, not copied).
         """
         check_width(self, like)
         signature = tree.structure_signature(like)
@@ -119,6 +137,8 @@ class Basis:
                 self._tree = split_rows(rows, native)
                 del rows
             self._tree_signature = native
+        if mesh is not None:
+            self._tree = shard_rows(self._tree, mesh)
         if native == signature:
             return self._tree
         return jax.tree_util.tree_map(lambda b, p: b.astype(p.dtype), self._tree, tree.from_signature(signature))
@@ -362,6 +382,7 @@ def hessian_basis(
     """
     what = f"{method}_basis"
     batch_size(batch, what)
+    check_mesh(mesh, what)
     steps = checkpoint_steps(checkpoints, steps, what, increasing=False)
     if len(steps) == 0:
         raise ValueError(f"{what} needs at least one checkpoint")
@@ -371,24 +392,25 @@ def hessian_basis(
     total = len(steps) * k_per_checkpoint
     if total > dim:
         raise ValueError(f"{total} basis vectors requested but the model has only {dim} parameters")
-    dtype = tree.ravel(first).dtype
-    found = jnp.zeros((total, dim), dtype)  # preallocated: zero rows do not deflate, so Lanczos compiles once
+    if not k_per_checkpoint <= num_iters <= dim - total + k_per_checkpoint:
+        raise ValueError(
+            f"{what}: need k_per_checkpoint <= num_iters <= {dim - total + k_per_checkpoint} (the parameters left "
+            f"after deflating the other vectors), got k_per_checkpoint={k_per_checkpoint}, num_iters={num_iters}"
+        )
+    like = tree.structure_signature(first)
+    # Preallocated rows [total, *leaf.shape], split like the parameters: zero rows deflate nothing, so Lanczos
+    # compiles once; the Krylov vectors are params-shaped too, so no [., P] array is ever whole on one device.
+    found = shard_rows(jax.tree_util.tree_map(lambda leaf: jnp.zeros((total, *np.shape(leaf)), leaf.dtype), first), mesh)
     values, residuals = np.zeros(total), np.zeros(total)
     batch = shard_batch(batch, mesh)
-    matvec = FlatHessianMatvec(loss_fn)
+    matvec = HessianMatvec(loss_fn)
     for t in progress_bar(range(len(steps)), progress, desc=f"{method} basis"):
         params = first if t == 0 else checkpoints[t]
         check_same_structure(first, params, f"{what}: checkpoint at step {steps[t]}")
         check_finite_params(params, f"{what}: checkpoint at step {steps[t]}")
-        pairs = top_eigenpairs(
-            matvec,
-            dim,
-            k_per_checkpoint,
-            num_iters,
-            jax.random.fold_in(key, t),
-            orthogonal_to=found,
-            matvec_args=(shard_params(params, mesh), batch),
-            num_deflated=t * k_per_checkpoint,
+        pairs = tree_eigenpairs(
+            matvec, like, k_per_checkpoint, num_iters, jax.random.fold_in(key, t), orthogonal_to=found,
+            matvec_args=(shard_params(params, mesh), batch), mesh=mesh,
         )
         bad = count_nonfinite(pairs)
         if bad:
@@ -398,9 +420,15 @@ def hessian_basis(
                 "(e.g. log or sqrt of 0, an overflow)"
             )
         rows = slice(t * k_per_checkpoint, (t + 1) * k_per_checkpoint)
-        found = found.at[rows].set(pairs.vectors)
+        found = _set_rows(found, pairs.vectors, rows.start)
         values[rows], residuals[rows] = np.asarray(pairs.values), np.asarray(pairs.residuals)
-    return Basis(found, values, np.repeat(np.asarray(steps), k_per_checkpoint), method, residuals)
+    return Basis.from_rows(found, values, np.repeat(np.asarray(steps), k_per_checkpoint), method, residuals)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_rows(rows: PyTree, new: PyTree, start: int) -> PyTree:
+    """``rows`` with ``new``'s rows written from row ``start`` (in place: ``rows`` is donated)."""
+    return jax.tree_util.tree_map(lambda r, n: jax.lax.dynamic_update_slice_in_dim(r, n, start, 0), rows, new)
 
 
 def shuffled_hessian_basis(

@@ -40,3 +40,14 @@ class FlatHessianMatvec:
 
     def __call__(self, v: jax.Array, params: PyTree, batch: PyTree) -> jax.Array:
         return tree.ravel(hvp(self.loss_fn, params, tree.unravel(v, params), batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianMatvec:
+    """``v -> H v`` on params-shaped vectors for ``loss_fn`` at ``(params, batch)``: the pytree form of
+    :class:`FlatHessianMatvec`, whose vectors stay split over a mesh like the parameters."""
+
+    loss_fn: LossFn
+
+    def __call__(self, v: PyTree, params: PyTree, batch: PyTree) -> PyTree:
+        return hvp(self.loss_fn, params, v, batch)

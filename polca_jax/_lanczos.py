@@ -15,10 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
 from polca_jax import _tree as tree
 from polca_jax._checks import check_finite_tree
+from polca_jax._sharding import param_shardings
 
+PyTree = Any
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -73,7 +76,8 @@ def top_eigenpairs(
     dtype = jnp.dtype(dtype or _infer_dtype(orthogonal_to, matvec_args))
     _check_matvec_shape(matvec, dim, dtype, tuple(matvec_args))
     deflate = None if orthogonal_to is None else jnp.asarray(orthogonal_to, dtype)
-    return _lanczos(matvec, dim, k, num_iters, dtype, key, deflate, tuple(matvec_args))
+    like = tree.structure_signature(jax.ShapeDtypeStruct((dim,), dtype))
+    return _lanczos(matvec, like, k, num_iters, None, key, deflate, tuple(matvec_args))
 
 
 def _check_matvec_shape(matvec, dim: int, dtype, matvec_args: tuple) -> None:
@@ -109,14 +113,64 @@ def _infer_dtype(orthogonal_to, matvec_args) -> Any:
     return jnp.result_type(float)
 
 
-def _project_out(rows: jax.Array, w: jax.Array) -> jax.Array:
-    """w − rowsᵀ (rows w): remove the span of orthonormal ``rows [r, P]`` from ``w [P]``."""
-    return w - jnp.dot(jnp.dot(rows, w, precision=HIGHEST), rows, precision=HIGHEST)
+def _row_dots(rows: PyTree, w: PyTree) -> jax.Array:
+    """``[r]`` inner products of the rows of ``rows`` (leaves ``[r, ...]``) with ``w`` (leaves ``[...]``)."""
+    return sum(
+        jnp.dot(r.reshape(r.shape[0], -1), x.reshape(-1), precision=HIGHEST)
+        for r, x in zip(jax.tree_util.tree_leaves(rows), jax.tree_util.tree_leaves(w))
+    )
+
+
+def _project_out(rows: PyTree, w: PyTree) -> PyTree:
+    """w − rowsᵀ (rows w): remove the span of orthonormal ``rows`` (leaves ``[r, ...]``) from ``w``."""
+    coefficients = _row_dots(rows, w)
+    return jax.tree_util.tree_map(
+        lambda r, x: x - jnp.dot(coefficients, r.reshape(r.shape[0], -1), precision=HIGHEST).reshape(x.shape), rows, w
+    )
+
+
+def _dot(a: PyTree, b: PyTree) -> jax.Array:
+    return sum(jnp.dot(x.reshape(-1), y.reshape(-1), precision=HIGHEST)
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _norm(w: PyTree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree_util.tree_leaves(w)))  # = jnp.linalg.norm for one leaf
+
+
+def tree_eigenpairs(
+    matvec: Callable[..., PyTree],
+    like: tuple,
+    k: int,
+    num_iters: int,
+    key: jax.Array,
+    *,
+    orthogonal_to: PyTree | None = None,
+    matvec_args: tuple = (),
+    num_deflated: int | None = None,
+    mesh: Mesh | None = None,
+) -> Eigenpairs:
+    """Lanczos on vectors that are pytrees: :func:`top_eigenpairs` for ``matvec(v, *matvec_args)`` mapping a pytree of
+    the :func:`polca_jax._tree.structure_signature` ``like`` to one of the same structure.
+
+    The Krylov vectors, the deflated rows ``orthogonal_to`` (leaves ``[r, ...]``) and the returned ``vectors``
+    (leaves ``[k, ...]``) are pytrees of leaves with a leading row axis; with a ``mesh`` they are split over its
+    ``"model"`` axis like the parameters (:func:`polca_jax._sharding.param_spec`), the row axis whole. The
+    start vector is a flat ``[P]`` Gaussian split into leaves: the same numbers as the flat form's. No input checks:
+    callers check (see :func:`top_eigenpairs`).
+    """
+    return _lanczos(matvec, like, k, num_iters, mesh, key, orthogonal_to, tuple(matvec_args))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _lanczos(matvec, dim, k, num_iters, dtype, key, deflate, matvec_args) -> Eigenpairs:
+def _lanczos(matvec, like, k, num_iters, mesh, key, deflate, matvec_args) -> Eigenpairs:
+    template = tree.from_signature(like)
+    dtype = jax.tree_util.tree_leaves(template)[0].dtype
+    dim = tree.num_params(template)
     eps = jnp.finfo(dtype).eps
+
+    def place(rows):
+        return rows if mesh is None else lax.with_sharding_constraint(rows, param_shardings(rows, mesh, leading_axes=1))
 
     def orthogonalise(w, krylov):
         for _ in range(2):  # classical Gram–Schmidt, twice
@@ -127,28 +181,34 @@ def _lanczos(matvec, dim, k, num_iters, dtype, key, deflate, matvec_args) -> Eig
 
     def operator(v):
         if deflate is None:
-            return matvec(v, *matvec_args).astype(dtype)
+            return _cast(matvec(v, *matvec_args), dtype)
         v = _project_out(deflate, v)
-        return _project_out(deflate, matvec(v, *matvec_args).astype(dtype))
+        return _project_out(deflate, _cast(matvec(v, *matvec_args), dtype))
 
     def random_unit(j, krylov):
-        w = orthogonalise(jax.random.normal(jax.random.fold_in(key, j), (dim,), dtype), krylov)
-        return w / jnp.linalg.norm(w)
+        flat = jax.random.normal(jax.random.fold_in(key, j), (dim,), dtype)
+        w = orthogonalise(tree.unravel(flat, template), krylov)
+        norm = _norm(w)
+        return jax.tree_util.tree_map(lambda x: x / norm, w)
 
     def step(j, state):
         krylov, alphas, betas, q, scale = state
-        krylov = krylov.at[j].set(q)
+        krylov = jax.tree_util.tree_map(lambda rows, x: rows.at[j].set(x), krylov, q)
         w = operator(q)
-        alpha = jnp.dot(q, w, precision=HIGHEST)
+        alpha = _dot(q, w)
         w = orthogonalise(w, krylov)
-        beta = jnp.linalg.norm(w)
+        beta = _norm(w)
         scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
         invariant = beta <= jnp.sqrt(eps) * scale  # Krylov space exhausted: restart, uncoupled
-        q = lax.cond(invariant, lambda: random_unit(j + 1, krylov), lambda: w / jnp.where(invariant, 1, beta))
+        q = lax.cond(
+            invariant,
+            lambda: random_unit(j + 1, krylov),
+            lambda: jax.tree_util.tree_map(lambda x: x / jnp.where(invariant, 1, beta), w),
+        )
         beta = jnp.where(invariant, 0, beta)
         return krylov, alphas.at[j].set(alpha), betas.at[j].set(beta), q, scale
 
-    krylov = jnp.zeros((num_iters, dim), dtype)
+    krylov = place(jax.tree_util.tree_map(lambda x: jnp.zeros((num_iters, *x.shape), dtype), template))
     start = random_unit(0, krylov)
     init = (krylov, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype), start, jnp.zeros((), dtype))
     krylov, alphas, betas, _, _ = lax.fori_loop(0, num_iters, step, init)
@@ -156,9 +216,16 @@ def _lanczos(matvec, dim, k, num_iters, dtype, key, deflate, matvec_args) -> Eig
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     theta, y = jnp.linalg.eigh(tridiagonal)
     top = jnp.argsort(-theta)[:k]
-    vectors = jnp.dot(y[:, top].T, krylov, precision=HIGHEST)
+    vectors = place(jax.tree_util.tree_map(
+        lambda rows: jnp.dot(y[:, top].T, rows.reshape(num_iters, -1), precision=HIGHEST).reshape(k, *rows.shape[1:]),
+        krylov,
+    ))
     residuals = jnp.abs(betas[-1] * y[-1, top])
     return Eigenpairs(theta[top], vectors, residuals)
+
+
+def _cast(vector: PyTree, dtype) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), vector)
 
 
 def check_orthonormal(rows: jax.Array | np.ndarray, *, atol: float | None = None, name: str = "basis") -> None:

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec
 from polca_jax import _tree as tree
 from polca_jax._basis import Basis, split_rows
 from polca_jax._checks import batch_size, check_finite_params, check_finite_tree, check_params
-from polca_jax._sharding import DATA_AXIS, num_data_shards, shard_batch
+from polca_jax._sharding import DATA_AXIS, check_mesh, num_data_shards, shard_batch, shard_params, shard_rows
 
 PyTree = Any
 PerSampleLossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -88,7 +88,8 @@ def per_sample_projections(
       chunks_per_call: chunks per step of the compiled loop (its ``unroll``); memory grows with it.
       basis_chunk_size: at most this many directions per vmapped group in forward mode (groups of equal size up to
         one: K = 15 → 8 + 7).
-      mesh: optional mesh; sequences are sharded over its ``"data"`` axis, parameters and basis replicated.
+      mesh: optional mesh (:func:`polca_jax.device_mesh`); sequences are split over its ``"data"`` axis, the
+        basis over its ``"model"`` axis like the parameters (place them with :func:`polca_jax.shard_params`).
 
     Raises ``ValueError`` for an empty batch, parameters that are not all of one floating dtype, NaN parameters or
     basis entries (checked when concrete; skipped under a caller's ``jit``), and a basis of the wrong shape. A basis
@@ -155,8 +156,9 @@ def projections_curvature_and_losses(
     then ignored). The losses come from the same pass (the primal of the ``jvp``, the value of ``value_and_grad``),
     so no separate loss pass is needed; ``what`` names the caller in error messages.
     """
-    n_seq = _check_inputs(what, params, batch)
-    directions, num_directions = _directions(basis, params, what)
+    n_seq = _check_inputs(what, params, batch, mesh)
+    params = shard_params(params, mesh)
+    directions, num_directions = _directions(basis, params, what, mesh)
     samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
     if method == "auto":
         method = choose_method(samples, num_directions)
@@ -184,8 +186,9 @@ def per_sample_losses(
 ) -> jax.Array:
     """L(x; params) for every sample: ``[N]``, in the sample order of :func:`per_sample_projections`."""
     what = "per_sample_losses"
-    n_seq = _check_inputs(what, params, batch)
+    n_seq = _check_inputs(what, params, batch, mesh)
     _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
+    params = shard_params(params, mesh)
     (losses,) = _run_chunked("loss", per_sample_loss_fn, params, batch, None, chunk_size, 1, 1, mesh)
     return _select_samples(losses, mask)[:, 0]
 
@@ -312,8 +315,9 @@ def _stage_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, groups: 
         per_device = run
 
         def run(params, directions, sequences):
-            # Mark the replicated inputs as varying per device: otherwise the transpose of their implicit broadcast
-            # sums every per-sample gradient over the "data" axis.
+            # Mark the inputs that are whole over "data" as varying per device: otherwise the transpose of their
+            # implicit broadcast sums every per-sample gradient over the "data" axis. Only "data" is manual: XLA
+            # partitions the work over "model" from the parameters' and basis' shardings.
             params, directions = lax.pcast((params, directions), DATA_AXIS, to="varying")
             return per_device(params, directions, sequences)
 
@@ -322,6 +326,7 @@ def _stage_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, groups: 
             mesh=mesh,
             in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)),
             out_specs=PartitionSpec(DATA_AXIS),
+            axis_names={DATA_AXIS},
         )
     return jax.jit(run)
 
@@ -403,8 +408,8 @@ def projection_kernel_cost(
     :func:`per_sample_projections_and_curvature`) would run on these inputs, and report its memory and FLOPs
     (``with_flops=False``: NaN, and one compilation instead of two)."""
     what = "projection_kernel_cost"
-    n_seq = _check_inputs(what, params, batch)
-    directions, num_directions = _directions(basis, params, what)
+    n_seq = _check_inputs(what, params, batch, mesh)
+    directions, num_directions = _directions(basis, params, what, mesh)
     samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
     method = choose_method(samples, num_directions) if method == "auto" else method
     kind = "curvature" if curvature else method
@@ -429,28 +434,30 @@ def projection_kernel_cost(
     )
 
 
-def _check_inputs(what: str, params: PyTree, batch: PyTree) -> int:
+def _check_inputs(what: str, params: PyTree, batch: PyTree, mesh) -> int:
     """The checks every public kernel runs once, on the host: a non-empty batch (its size n_seq is returned),
-    parameters of one floating dtype, finite parameter values (when not traced)."""
+    parameters of one floating dtype, finite parameter values (when not traced), a mesh with the expected axes."""
     n_seq = batch_size(batch, what)
+    check_mesh(mesh, what)
     check_params(params, what)
     check_finite_params(params, what)
     return n_seq
 
 
-def _directions(basis, params, what: str) -> tuple[PyTree, int]:
-    """The basis as a params-shaped pytree of ``[K, ...]`` leaves in the parameters' dtype, and K.
+def _directions(basis, params, what: str, mesh) -> tuple[PyTree, int]:
+    """The basis as a params-shaped pytree of ``[K, ...]`` leaves in the parameters' dtype (split like the
+    parameters over ``mesh``'s ``"model"`` axis), and K.
 
     A :class:`Basis` was checked finite when made; a matrix or pytree is checked here (when not traced).
     """
     if isinstance(basis, Basis):
-        return basis.as_tree(params), basis.size
+        return basis.as_tree(params, mesh), basis.size
     fix = "every basis entry must be finite"
     if isinstance(basis, jax.Array | np.ndarray):
         if basis.ndim != 2 or basis.shape[1] != tree.num_params(params):
             raise ValueError(f"{what}: basis matrix must be [K, {tree.num_params(params)}], got shape {basis.shape}")
         check_finite_tree(basis, f"{what}: the basis matrix", fix)
-        return split_rows(jnp.asarray(basis), tree.structure_signature(params)), basis.shape[0]
+        return shard_rows(split_rows(jnp.asarray(basis), tree.structure_signature(params)), mesh), basis.shape[0]
     leaves, treedef = jax.tree_util.tree_flatten(basis)
     if treedef != jax.tree_util.tree_structure(params):
         raise ValueError(f"{what}: a basis pytree must have the structure of params, with [K, ...] leaves")
@@ -459,7 +466,8 @@ def _directions(basis, params, what: str) -> tuple[PyTree, int]:
     if len(k) != 1 or None in k or not shapes_ok:
         raise ValueError(f"{what}: every basis leaf must be [K, *param.shape] with the same K")
     check_finite_tree(basis, f"{what}: the basis pytree", fix)
-    return jax.tree_util.tree_map(lambda b, p: jnp.asarray(b, jnp.result_type(p)), basis, params), k.pop()
+    rows = jax.tree_util.tree_map(lambda b, p: jnp.asarray(b, jnp.result_type(p)), basis, params)
+    return shard_rows(rows, mesh), k.pop()
 
 
 def _samples_per_sequence(loss_fn, params, batch, n_seq: int, what: str) -> int:

@@ -121,6 +121,7 @@ def shard_params(params: PyTree, mesh: Mesh | None) -> PyTree:
     without a mesh."""
     if mesh is None:
         return params
+    warn_if_replicated(params, mesh, "shard_params")
     return jax.device_put(params, param_shardings(params, mesh))
 
 

@@ -1,0 +1,153 @@
+"""Parameter sharding over a ("data", "model") mesh: the rule, and every kernel on 8 simulated devices against one."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+import polca_jax as pj
+from polca_jax._sharding import param_spec, replicated_fraction
+
+
+@pytest.mark.parametrize(
+    "shape, shards, expected",
+    [
+        ((16, 3), 4, PartitionSpec("model")),
+        ((3, 16), 4, PartitionSpec(None, "model")),
+        ((8, 16), 4, PartitionSpec(None, "model")),  # the largest divisible dimension
+        ((16, 16), 4, PartitionSpec("model")),  # the first of equals
+        ((12, 6), 4, PartitionSpec("model")),
+        ((3, 5), 4, PartitionSpec()),  # none divisible: replicated
+        ((), 4, PartitionSpec()),
+        ((16, 3), 1, PartitionSpec()),
+    ],
+)
+def test_the_rule_splits_the_largest_dimension_the_model_axis_divides(shape, shards, expected):
+    assert param_spec(shape, shards) == expected
+
+
+def test_replicated_fraction_names_the_leaves_no_dimension_of_which_is_divisible():
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    assert replicated_fraction({"w": np.zeros((4, 4))}, mesh) == (0.0, [])
+
+    class FourWay:  # the fraction depends on the mesh only through the model axis' size
+        shape = {"data": 1, "model": 4}
+
+    share, paths = replicated_fraction({"w": np.zeros((8, 4)), "b": np.zeros((3,))}, FourWay)
+    assert share == pytest.approx(3 / 35) and paths == ["['b']"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Mesh(np.asarray(jax.devices()[:1]), ("batch",)), "needs an axis 'data'"),
+        (lambda: Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "tensor")), "and no others"),
+        (lambda: "data", "must be a jax.sharding.Mesh"),
+    ],
+)
+def test_a_mesh_without_the_expected_axes_is_refused_by_every_kernel(mlp, make, message):
+    basis = pj.random_basis(mlp.params, 2, jax.random.key(0))
+    calls = [
+        lambda mesh: pj.per_sample_projections(mlp.token_losses, mlp.params, mlp.batch, basis, mesh=mesh),
+        lambda mesh: pj.hessian_basis(mlp.mean_loss, [mlp.params], mlp.batch, key=jax.random.key(0), mesh=mesh,
+                                      progress=False),
+        lambda mesh: pj.polca(mlp.token_losses, [mlp.params, mlp.params], mlp.batch, basis, second_order="none",
+                              mesh=mesh, progress=False),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call(make())
+
+
+def test_device_mesh_checks_the_device_count():
+    with pytest.raises(ValueError, match="does not divide"):
+        pj.device_mesh(model=len(jax.devices()) + 1)
+    with pytest.raises(ValueError, match="needs"):
+        pj.device_mesh(model=1, data=len(jax.devices()) + 1)
+
+
+EIGHT_DEVICES_SCRIPT = """
+import warnings
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+assert jax.device_count() == 8, jax.devices()
+import polca_jax as pj
+
+def token_losses(params, batch):  # [n, 2]: a 3 -> 16 -> 2 tanh MLP, two token samples per row
+    hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+    return (hidden @ params["w2"] + params["b2"] - batch["y"]) ** 2
+
+def mean_loss(params, batch):
+    return token_losses(params, batch).mean()
+
+keys = jax.random.split(jax.random.key(0), 5)
+params = {"w1": jax.random.normal(keys[0], (3, 16)), "b1": 0.1 * jax.random.normal(keys[1], (16,)),
+          "w2": jax.random.normal(keys[2], (16, 2)) / 4, "b2": jnp.zeros(2)}
+data = jax.random.normal(keys[3], (13, 5))
+batch = {"x": data[:, :3], "y": data[:, 3:]}
+grad = jax.jit(jax.grad(mean_loss))
+checkpoints = [params]
+for _ in range(3):
+    checkpoints.append(jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, checkpoints[-1], grad(checkpoints[-1], batch)))
+mask = np.ones((13, 2), bool); mask[2, 1] = mask[7, 0] = False
+hessian_batch = jax.tree_util.tree_map(lambda x: x[:12], batch)  # the aggregate loss' batch: divisible by "data"
+
+def run(mesh):
+    basis = pj.hessian_basis(mean_loss, checkpoints[:3], hessian_batch, k_per_checkpoint=2, num_iters=12,
+                             key=jax.random.key(1), mesh=mesh, progress=False)
+    out = {"basis": np.asarray(basis.vectors), "eigenvalues": basis.eigenvalues, "basis_bytes": basis.device_bytes}
+    if mesh is not None:
+        out["basis_bytes"] = pj.per_device_bytes(basis.as_tree(params))
+        out["params_bytes"] = pj.per_device_bytes(pj.shard_params(params, mesh))
+    for second_order in ("exact", "paper"):
+        result = pj.polca(token_losses, checkpoints, batch, basis, second_order=second_order, mask=mask,
+                          chunk_size=2, mesh=mesh, progress=False)
+        out[second_order] = result.projected_loss
+        out["loss"] = result.loss
+    for method in ("reverse", "forward"):
+        out[method] = pj.per_sample_projections(token_losses, checkpoints[2], batch, basis, method=method,
+                                                chunk_size=2, mesh=mesh)
+    out["curvature"] = pj.per_sample_curvature(token_losses, checkpoints[2], batch, basis, chunk_size=3, mesh=mesh)
+    return out
+
+one = run(None)
+for data_shards, model_shards in ((1, 8), (2, 4)):
+    mesh = pj.device_mesh(model=model_shards)
+    assert dict(mesh.shape) == {"data": data_shards, "model": model_shards}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every leaf but b2 (2 of 99 parameters) is split: no warning
+        many = run(mesh)
+    for name in ("basis", "exact", "paper", "reverse", "forward", "curvature", "loss"):
+        np.testing.assert_allclose(many[name], one[name], rtol=1e-9, atol=1e-11, err_msg=name)
+    np.testing.assert_allclose(many["eigenvalues"], one["eigenvalues"], rtol=1e-9)
+    split, whole = 96 * 6 * 8, 2 * 6 * 8  # [K=6, ...] rows in float64: w1, b1, w2 split, b2 whole
+    assert many["basis_bytes"] == split // model_shards + whole, (many["basis_bytes"], model_shards)
+    assert many["params_bytes"] == 96 * 8 // model_shards + 2 * 8, many["params_bytes"]
+    print("MESH-OK", data_shards, model_shards, many["basis_bytes"], one["basis_bytes"])
+
+narrow = {"w": jnp.ones((3, 5))}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    placed = pj.shard_params(narrow, pj.device_mesh(model=8))
+assert any("divides no dimension of ['w']" in str(w.message) for w in caught), [str(w.message) for w in caught]
+assert placed["w"].sharding.is_fully_replicated
+print("WARN-OK")
+"""
+
+
+@pytest.mark.slow
+def test_every_kernel_gives_the_one_device_result_on_a_model_sharded_and_a_data_by_model_mesh():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(EIGHT_DEVICES_SCRIPT)], cwd=Path(__file__).parent, env=env,
+        capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "MESH-OK 1 8" in completed.stdout and "MESH-OK 2 4" in completed.stdout
+    assert "WARN-OK" in completed.stdout
