@@ -7,6 +7,7 @@ params-shaped pytree whose leaves have a leading ``K`` axis (``[K, *leaf.shape]`
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -63,3 +64,15 @@ def from_signature(signature: tuple) -> PyTree:
 def abstract(params: PyTree) -> PyTree:
     """``jax.ShapeDtypeStruct`` pytree mirroring ``params``."""
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), params)
+
+
+def digest(tree: PyTree) -> str:
+    """SHA-256 of a pytree: its structure and every leaf's dtype, shape and bytes (leaves copied to the host)."""
+    hashed = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    hashed.update(str(treedef).encode())
+    for leaf in leaves:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        hashed.update(f"{array.dtype}{array.shape}".encode())
+        hashed.update(array.tobytes())
+    return hashed.hexdigest()

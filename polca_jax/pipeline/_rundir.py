@@ -14,20 +14,16 @@ Guarantees:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-import jax
 import numpy as np
 
+from polca_jax import _tree as tree
 from polca_jax._files import read_json, save_npz_atomic, write_json_atomic
 from polca_jax.pipeline._config import RunConfig, config_differences
 from polca_jax.pipeline._task import LabelSet, Qualifier, Task
-
-PyTree = Any
 
 
 class RunDirectory:
@@ -147,18 +143,7 @@ def task_fingerprint(task: Task) -> dict[str, str]:
         "labels": {name: label_set.values for name, label_set in task.labels.items()},
         "sample_texts": None if task.sample_texts is None else np.asarray(task.sample_texts, dtype=str),
     }
-    return {name: _digest(value) for name, value in parts.items()}
-
-
-def _digest(tree: PyTree) -> str:
-    digest = hashlib.sha256()
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    digest.update(str(treedef).encode())
-    for leaf in leaves:
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    return {name: tree.digest(value) for name, value in parts.items()}
 
 
 def _check_usable(path: Path) -> None:
