@@ -1,6 +1,10 @@
-"""POLCA against Taylor expansions, on orbax checkpoints on disk, across devices, and with bad input."""
+"""POLCA against Taylor expansions, on orbax checkpoints on disk, streamed to files and resumed, across devices, and
+with bad input."""
 
+import errno
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -151,6 +155,195 @@ def test_missing_and_corrupt_checkpoints_are_reported(checkpoint_dir, tmp_path, 
         store[0]  # intact
         with pytest.raises(ValueError, match="step 10 .* cannot be read"):
             store[1]
+
+
+# --- streamed to files, resumed -------------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """A list of checkpoints that records which it is asked for and raises ``RuntimeError`` when item ``fail_at``
+    is read (an interrupted run)."""
+
+    def __init__(self, items, fail_at=None):
+        self.items, self.fail_at, self.reads = items, fail_at, []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, t):
+        self.reads.append(t)
+        if t == self.fail_at:
+            raise RuntimeError(f"interrupted at checkpoint {t}")
+        return self.items[t]
+
+
+def with_eigenvalues(basis, eigenvalues):
+    return pj.Basis(basis.vectors, np.asarray(eigenvalues, float), basis.steps, basis.method, basis.residuals)
+
+
+def assert_same_result(result, expected):
+    for name in ("steps", "loss", "projections", "step_projection", "second_order", "outside_fraction"):
+        np.testing.assert_array_equal(getattr(result, name), getattr(expected, name), err_msg=name)
+        assert getattr(result, name).dtype == getattr(expected, name).dtype, name
+    assert result.config == expected.config
+
+
+def files_of(directory):
+    """Every file's bytes and modification time: what "nothing was changed" compares."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("second_order, eigenvalues", [
+    ("none", "stored"), ("trapezoid", "stored"), ("exact", "stored"), ("paper", "stored"), ("paper", "current")])
+def test_a_streamed_result_equals_the_in_memory_one(tmp_path, mlp, second_order, eigenvalues):
+    checkpoints = sgd_checkpoints(mlp, 4)
+    basis = with_eigenvalues(pj.random_basis(mlp.params, 3, jax.random.key(5)), [2.0, 0.5, -0.3])
+    options = dict(second_order=second_order, eigenvalues=eigenvalues, steps=[0, 3, 6, 9], progress=False)
+    in_memory = pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, **options)
+    streamed = pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, out=tmp_path / "polca", **options)
+    assert_same_result(streamed, in_memory)
+    assert isinstance(streamed.projections, np.memmap)
+    assert sorted(path.name for path in (tmp_path / "polca").iterdir()) == [
+        "loss.npy", "manifest.json", "outside_fraction.npy", "projections.npy", "second_order.npy",
+        "step_projection.npy", "steps.npy"]  # no progress record or curvature left
+    # a complete result of the same computation is loaded, not recomputed (the last checkpoint is read for the basis'
+    # fingerprint), and a per-interval second order is what the whole arrays give
+    counting = Checkpoints(checkpoints)
+    again = pj.polca(mlp.token_losses, counting, mlp.batch, basis, out=tmp_path / "polca", **options)
+    assert_same_result(again, in_memory)
+    assert counting.reads == [3]
+    if second_order != "exact" and eigenvalues == "stored":
+        np.testing.assert_array_equal(in_memory.projected_loss_with(second_order, basis.eigenvalues),
+                                      in_memory.projected_loss)
+
+
+KILLED_SCRIPT = """
+import os, signal, sys
+import numpy as np
+import jax.numpy as jnp
+from conftest import mlp_token_losses  # float64
+import polca_jax as pj
+
+class KilledAt:
+    def __init__(self, items, kill_at):
+        self.items, self.kill_at = items, kill_at
+    def __len__(self):
+        return len(self.items)
+    def __getitem__(self, t):
+        if t == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.items[t]
+
+directory = sys.argv[1]
+with np.load(f"{directory}/inputs.npz") as inputs:
+    arrays = {key: inputs[key] for key in inputs.files}
+checkpoints = [{name: jnp.asarray(arrays[f"{t}/{name}"]) for name in ("w1", "b1", "w2")} for t in range(6)]
+batch = {"x": arrays["x"], "y": arrays["y"]}
+basis = pj.Basis.load(f"{directory}/basis")
+pj.polca(mlp_token_losses, KilledAt(checkpoints, 3), batch, basis, second_order="paper", eigenvalues="current",
+         mask=arrays["mask"], progress=False, out=f"{directory}/polca")
+print("NOT KILLED")
+"""
+
+
+def test_a_killed_decomposition_resumes_at_its_first_unfinished_checkpoint_with_the_same_result(tmp_path, mlp):
+    checkpoints = sgd_checkpoints(mlp, 6)
+    basis = pj.random_basis(mlp.params, 3, jax.random.key(6))
+    mask = np.ones((11, 2), bool)
+    mask[4, 1] = False
+    arrays = {f"{t}/{name}": np.asarray(leaf) for t, params in enumerate(checkpoints) for name, leaf in params.items()}
+    np.savez(tmp_path / "inputs.npz", x=mlp.batch["x"], y=mlp.batch["y"], mask=mask, **arrays)
+    basis.save(tmp_path / "basis")
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_SCRIPT), str(tmp_path)],
+                            cwd=Path(__file__).parent, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    out = tmp_path / "polca"
+    assert not (out / "manifest.json").exists()
+    # checkpoint 3 is read ahead while checkpoint 2 is decomposed: 2 (or, had 2 finished first, 3) are complete
+    complete = json.loads((out / "progress.json").read_text())["complete"]
+    assert complete in (2, 3)
+
+    options = dict(second_order="paper", eigenvalues="current", mask=mask, progress=False)
+    counting = Checkpoints(checkpoints)
+    resumed = pj.polca(mlp.token_losses, counting, mlp.batch, pj.Basis.load(tmp_path / "basis"), out=out, **options)
+    assert counting.reads == list(range(complete - 1, 6))  # the last finished checkpoint, then the unfinished ones
+    assert_same_result(resumed, pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, **options))
+
+
+def interrupted(directory, mlp, checkpoints, basis, fail_at=3, **options):
+    """``directory`` holding the partial result of a run interrupted when checkpoint ``fail_at`` is read."""
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pj.polca(mlp.token_losses, Checkpoints(checkpoints, fail_at), mlp.batch, basis, progress=False,
+                 out=directory, **options)
+    assert json.loads((directory / "progress.json").read_text())["complete"] == fail_at
+    return directory
+
+
+def test_a_partial_result_of_another_computation_is_refused_and_left_unchanged(tmp_path, mlp):
+    checkpoints = sgd_checkpoints(mlp, 5)
+    basis = pj.random_basis(mlp.params, 3, jax.random.key(7))
+    out = interrupted(tmp_path / "polca", mlp, checkpoints, basis, second_order="exact")
+    before = files_of(out)
+    other_basis = pj.random_basis(mlp.params, 3, jax.random.key(8))
+    refusals = [
+        (dict(basis=other_basis), r"partial POLCA result of another computation: the basis differs \(its vectors\)"),
+        (dict(steps=[0, 1, 2, 3, 5]), "the steps differ"),
+        (dict(second_order="trapezoid"), r"second_order differs \('exact' on disk, 'trapezoid' now\)"),
+        (dict(batch=dict(mlp.batch, y=mlp.batch["y"] + 1)), "the batch differs"),
+    ]
+    for change, message in refusals:
+        arguments = dict(basis=basis, batch=mlp.batch, second_order="exact") | change
+        with pytest.raises(ValueError, match=message) as error:
+            pj.polca(mlp.token_losses, checkpoints, progress=False, out=out, **arguments)
+        assert f"remove {out} to start over" in str(error.value) and "--force" in str(error.value)
+        assert files_of(out) == before
+    resumed = pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact", progress=False, out=out)
+    assert_same_result(resumed, pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact",
+                                         progress=False))
+    with pytest.raises(ValueError, match="complete POLCA result of another computation: the steps differ"):
+        pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact", steps=[0, 1, 2, 3, 5],
+                 progress=False, out=out)
+    resumed.save(out)  # a save has no fingerprint: polca cannot tell what computed it
+    with pytest.raises(ValueError, match="saved without the fingerprint"):
+        pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact", progress=False, out=out)
+
+
+def test_a_corrupt_progress_record_gets_a_clear_error(tmp_path, mlp):
+    checkpoints = sgd_checkpoints(mlp, 4)
+    basis = pj.random_basis(mlp.params, 2, jax.random.key(9))
+    out = interrupted(tmp_path / "polca", mlp, checkpoints, basis, fail_at=2, second_order="none")
+    record = json.loads((out / "progress.json").read_text())
+
+    def run():
+        return pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="none", progress=False, out=out)
+
+    for text, message in [
+        ('{"complete": ', r"progress.json cannot be read as JSON"),
+        (json.dumps({"complete": 2}), "progress.json is corrupt: it holds no fingerprint"),
+        (json.dumps(dict(record, complete="2")), "'complete' must be a positive number of checkpoints, got '2'"),
+        (json.dumps(dict(record, complete=7)), "counts 7 complete checkpoints of 4"),
+    ]:
+        (out / "progress.json").write_text(text)
+        with pytest.raises(ValueError, match=message) as error:
+            run()
+        assert f"remove {out} to start over" in str(error.value)
+    (out / "progress.json").write_text(json.dumps(record))
+    (out / "projections.npy").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="projections.npy cannot be opened"):
+        run()
+
+
+def test_a_full_disk_is_refused_when_the_files_are_made(tmp_path, mlp, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    basis = pj.random_basis(mlp.params, 2, jax.random.key(4))
+    with pytest.raises(ValueError, match=r"no room on the disk for .*loss.npy \(\d+ bytes\)"):
+        pj.polca(mlp.token_losses, sgd_checkpoints(mlp, 2), mlp.batch, basis, second_order="none", progress=False,
+                 out=tmp_path / "polca")
+    assert not (tmp_path / "polca" / "progress.json").exists()
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

@@ -196,6 +196,42 @@ def test_a_resume_on_other_data_is_refused(user_task, tmp_path):
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
+def test_a_killed_decompose_stage_resumes_at_its_last_finished_checkpoint(user_task, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(user_task, out, stages=["train", "basis"], progress=False, log=quiet)
+    reads, interrupt_at = [], [3]
+    restore = pj.OrbaxCheckpoints.__getitem__
+
+    def recorded(store, t):
+        reads.append(t)
+        if t in interrupt_at:
+            raise RuntimeError("killed")
+        return restore(store, t)
+
+    def decompose(force=False):
+        reads.clear()
+        run(user_task, out, stages=["decompose"], force=force, progress=False, log=quiet)
+        return list(reads)
+
+    monkeypatch.setattr(pj.OrbaxCheckpoints, "__getitem__", recorded)
+    result = out / "polca" / "hessian"
+    with pytest.raises(RuntimeError, match="killed"):
+        decompose()
+    assert json.loads((result / "progress.json").read_text())["complete"] == 3
+    assert not (result / "manifest.json").exists() and not (out / "stages" / "decompose.json").exists()
+    interrupt_at.clear()
+    assert decompose() == [2, 3, 4]  # the last finished of the 5 POLCA checkpoints, then the unfinished ones
+    resumed = {name: np.array(getattr(pj.POLCAResult.load(result), name)) for name in ("loss", "projected_loss")}
+    interrupt_at.append(3)
+    with pytest.raises(RuntimeError, match="killed"):
+        decompose(force=True)
+    interrupt_at.clear()
+    assert decompose(force=True) == [0, 1, 2, 3, 4]  # --force removed the partial result: from the start
+    assert not (result / "progress.json").exists()
+    for name, array in resumed.items():
+        np.testing.assert_array_equal(getattr(pj.POLCAResult.load(result), name), array)
+
+
 @pytest.mark.slow
 def test_a_second_process_loads_every_kernel_from_the_compile_cache(user_task, tmp_path):
     def run_in_a_process(out):

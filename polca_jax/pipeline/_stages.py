@@ -9,7 +9,7 @@ Run directory layout::
                            reads an existing checkpoint directory, ``config.checkpoints``)
     metrics.jsonl          training log: loss, evaluation loss and the task's training metrics
     basis/<name>/          Basis: hessian (Algorithm 1) [, shuffled_hessian, random, parameter_axes]
-    polca/<name>/          POLCAResult per basis
+    polca/<name>/          POLCAResult per basis (memory-mapped .npy files; progress.json while partial)
     causal/<name>.npy      the causal check: per-sample loss increase [K, N] when a direction is removed
     clusters/<variant>.npz HDBSCAN clusterings of each strategy
     metrics.json           filters, cluster scores against every label set, breakthroughs (Eqs. 9-10)
@@ -208,9 +208,10 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
 
 
 def decompose_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
-    """POLCA of every evaluation sample at every POLCA checkpoint along each basis, to ``polca/<name>/``; a result
-    already on disk is kept. LCA's ``parameter_axes`` is first order (Eq. 1); a basis without eigenvalues uses the
-    current curvature for the paper's second order."""
+    """POLCA of every evaluation sample at every POLCA checkpoint along each basis, streamed to ``polca/<name>/``; a
+    result already on disk is kept, and one a killed run left partial resumes at its first unfinished checkpoint.
+    LCA's ``parameter_axes`` is first order (Eq. 1); a basis without eigenvalues uses the current curvature for the
+    paper's second order."""
     config = run.config
     names = bases_of(config)
     with checkpoint_store(run, task, config.polca_steps) as store:
@@ -220,12 +221,12 @@ def decompose_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
             basis = pj.Basis.load(run / "basis" / name)
             second_order = "none" if name == "parameter_axes" else config.second_order
             has_eigenvalues = bool(np.all(np.isfinite(basis.eigenvalues)))
-            result = pj.polca(
+            pj.polca(
                 task.per_sample_loss, store, task.eval_batch, basis, second_order=second_order,
                 eigenvalues="stored" if has_eigenvalues else "current", mask=task.eval_mask,
                 method=config.projection_method, chunk_size=config.chunk_size, progress=progress,
+                out=run / "polca" / name,
             )
-            result.save(run / "polca" / name)
     return {"decompositions": list(names), "method": _projection_method(run, task)}
 
 
