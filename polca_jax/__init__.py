@@ -14,6 +14,7 @@ from polca_jax._basis import (
 )
 from polca_jax._checkpoints import OrbaxCheckpoints
 from polca_jax._decomposition import POLCAResult, polca
+from polca_jax._distributed import initialize_distributed, is_writer, to_host
 from polca_jax._hvp import FlatHessianMatvec, hvp
 from polca_jax._lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
 from polca_jax._recorder import CheckpointRecorder
@@ -43,6 +44,8 @@ __all__ = [
     "direction_ablation_losses",
     "hessian_basis",
     "hvp",
+    "initialize_distributed",
+    "is_writer",
     "parameter_axis_basis",
     "per_device_bytes",
     "per_sample_curvature",
@@ -54,5 +57,6 @@ __all__ = [
     "remove_direction",
     "shard_params",
     "shuffled_hessian_basis",
+    "to_host",
     "top_eigenpairs",
 ]

@@ -22,6 +22,7 @@ from polca_jax._checks import (
     count_nonfinite,
     is_traced,
 )
+from polca_jax._distributed import is_writer, sync, to_host
 from polca_jax._files import load_npy, read_json, save_npy_atomic, save_npz_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
 from polca_jax._hvp import HessianMatvec
@@ -187,16 +188,20 @@ class Basis:
         """Write ``vectors.npy``, ``info.npz`` (eigenvalues, steps, residuals), then ``basis.json`` to ``directory``.
 
         Every file is written atomically and ``basis.json`` last, after removing an old one: a directory with a
-        ``basis.json`` holds a complete save, and saving over an earlier save replaces it cleanly.
+        ``basis.json`` holds a complete save, and saving over an earlier save replaces it cleanly. In a multi-process
+        run every process calls it and process 0 writes.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / MANIFEST).unlink(missing_ok=True)
-        save_npy_atomic(directory / "vectors.npy", self._host_vectors())
-        info = {"eigenvalues": self.eigenvalues, "steps": self.steps, "residuals": self.residuals}
-        save_npz_atomic(directory / "info.npz", **info)
-        manifest = {"format": FORMAT_VERSION, "method": self.method, "size": self.size, "dim": self.dim}
-        write_json_atomic(directory / MANIFEST, manifest)
+        vectors = self._host_vectors()  # every process takes part (the rows may be split across them)
+        if is_writer():
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / MANIFEST).unlink(missing_ok=True)
+            save_npy_atomic(directory / "vectors.npy", vectors)
+            info = {"eigenvalues": self.eigenvalues, "steps": self.steps, "residuals": self.residuals}
+            save_npz_atomic(directory / "info.npz", **info)
+            manifest = {"format": FORMAT_VERSION, "method": self.method, "size": self.size, "dim": self.dim}
+            write_json_atomic(directory / MANIFEST, manifest)
+        sync("polca_jax basis saved")
 
     @classmethod
     def load(cls, directory: str | Path) -> "Basis":
@@ -214,12 +219,12 @@ class Basis:
     def _host_vectors(self) -> np.ndarray:
         """The ``[K, P]`` matrix in host memory, assembled leaf by leaf (no second device copy)."""
         if self._flat is not None:
-            return np.asarray(self._flat)
+            return to_host(self._flat)
         rows = np.empty(self._shape, self._dtype)
         start = 0
         for leaf in jax.tree_util.tree_leaves(self._tree):
             width = leaf.size // self.size
-            rows[:, start : start + width] = np.asarray(leaf).reshape(self.size, width)
+            rows[:, start : start + width] = to_host(leaf).reshape(self.size, width)
             start += width
         return rows
 

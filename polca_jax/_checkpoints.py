@@ -9,10 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
 from polca_jax import _tree as tree
 from polca_jax._checks import check_increasing
+from polca_jax._sharding import param_shardings
 
 PyTree = Any
 PARAMS_ITEM = "params"
@@ -27,12 +30,22 @@ class OrbaxCheckpoints(Sequence):
       directory: the ``CheckpointManager`` directory.
       steps: the steps to use, strictly increasing (default: every step on disk).
       template: optional params pytree (or ``ShapeDtypeStruct``s) to restore into, fixing shapes and dtypes.
+      mesh: optional mesh (needs ``template``): each checkpoint is restored split over it like
+        :func:`polca_jax.shard_params` places parameters, each process reading only its own shards.
 
     Raises ``ValueError`` for a missing directory, one with no orbax checkpoints, steps that do not strictly increase
     or are not on disk; indexing past the end raises ``IndexError`` (so iteration stops there).
     """
 
-    def __init__(self, directory: str | Path, steps: Sequence[int] | None = None, template: PyTree | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        steps: Sequence[int] | None = None,
+        template: PyTree | None = None,
+        mesh: Mesh | None = None,
+    ):
+        if mesh is not None and template is None:
+            raise ValueError("OrbaxCheckpoints: restoring onto a mesh needs a template (the parameters' shapes)")
         self.directory = Path(directory).absolute()
         if not self.directory.is_dir():
             raise ValueError(f"checkpoint directory {self.directory} does not exist")
@@ -42,7 +55,7 @@ class OrbaxCheckpoints(Sequence):
         except ValueError:
             self._manager.close()
             raise
-        self._target = None if template is None else tree.abstract(template)
+        self._target = None if template is None else _restore_target(template, mesh)
 
     def _checked_steps(self, steps: Sequence[int] | None) -> list[int]:
         available = sorted(self._manager.all_steps())
@@ -88,3 +101,14 @@ class OrbaxCheckpoints(Sequence):
         except (OSError, ValueError, KeyError) as error:
             raise ValueError(f"checkpoint step {step} in {self.directory} cannot be read: {error}") from error
         return restored[PARAMS_ITEM]
+
+
+def _restore_target(template: PyTree, mesh: Mesh | None) -> PyTree:
+    """``ShapeDtypeStruct``s of ``template``, carrying the rule's shardings on ``mesh`` when one is given."""
+    target = tree.abstract(template)
+    if mesh is None:
+        return target
+    return jax.tree_util.tree_map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        target, param_shardings(target, mesh),
+    )

@@ -54,6 +54,7 @@ from polca_jax._checks import (
     check_same_structure,
     checkpoint_steps,
 )
+from polca_jax._distributed import is_writer, sync, to_host
 from polca_jax._files import load_npy, read_json, save_npy_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
 from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses
@@ -274,6 +275,7 @@ def polca(
     }
     if out is not None:
         rows.bind(_fingerprint(per_sample_loss_fn, first, batch, basis, config, steps, mask, mesh))
+        sync("polca_jax polca bound")  # every process has read the directory before process 0 writes to it
         if rows.finished:
             return POLCAResult.load(out)
 
@@ -297,7 +299,7 @@ def polca(
             "polca", per_sample_loss_fn, params, batch, basis, method=method, curvature=needs_curvature,
             **kernel_options,
         )
-        loss = np.asarray(loss)
+        loss = to_host(loss)
         check_finite(loss, f"polca: the per-sample loss at {what}", "check per_sample_loss_fn on these samples")
         row = {"loss": loss}
         if needs_curvature:
@@ -322,6 +324,7 @@ class _ResultRows:
 
     Row t of ``loss``, ``projections`` and (row t % 2) of ``curvature`` is checkpoint t's; row t-1 of the interval
     arrays is written with checkpoint t. A file is created with its first row and opened again by a resumed run.
+    In a multi-process run process 0 writes the directory and every process reads it (a file system they share).
     """
 
     def __init__(self, directory: str | Path | None, num_checkpoints: int):
@@ -387,7 +390,11 @@ class _ResultRows:
         return np.array(self._array(name)[t % 2 if name == _CURVATURE else t])
 
     def write(self, t: int, row: dict[str, np.ndarray]) -> None:
-        """Store checkpoint t's rows (and those of interval t-1), then count checkpoint t as complete."""
+        """Store checkpoint t's rows (and those of interval t-1), then count checkpoint t as complete; in a
+        multi-process run only process 0 stores rows in a directory."""
+        if self.directory is not None and not is_writer():
+            self.complete = t + 1
+            return
         for name, value in row.items():
             index = t % 2 if name == _CURVATURE else t - 1 if name in _INTERVAL_ARRAYS else t
             self._array(name, value)[index] = value
@@ -404,12 +411,14 @@ class _ResultRows:
         computed = [name for name in _ARRAYS if name != "steps"]
         if self.directory is None:
             return POLCAResult(steps=steps, config=config, **{name: self.arrays[name] for name in computed})
-        shapes = {name: self._array(name).shape for name in computed}
-        self.arrays.clear()  # closes the memory maps
-        save_npy_atomic(self.directory / "steps.npy", steps)
-        _write_manifest(self.directory, config, {"steps": steps.shape, **shapes}, self.fingerprint)
-        (self.directory / PROGRESS).unlink(missing_ok=True)
-        (self.directory / f"{_CURVATURE}.npy").unlink(missing_ok=True)
+        if is_writer():
+            shapes = {name: self._array(name).shape for name in computed}
+            self.arrays.clear()  # closes the memory maps
+            save_npy_atomic(self.directory / "steps.npy", steps)
+            _write_manifest(self.directory, config, {"steps": steps.shape, **shapes}, self.fingerprint)
+            (self.directory / PROGRESS).unlink(missing_ok=True)
+            (self.directory / f"{_CURVATURE}.npy").unlink(missing_ok=True)
+        sync("polca_jax polca written")  # the other processes read process 0's files (a shared file system)
         return POLCAResult.load(self.directory)
 
     def _array(self, name: str, first_row: np.ndarray | None = None) -> np.ndarray:
@@ -488,7 +497,7 @@ def _vectors_digest(basis: Basis, like: PyTree, mesh) -> str:
     for leaf in jax.tree_util.tree_leaves(basis.as_tree(like, mesh)):
         block = max(1, _DIGEST_BLOCK_BYTES * len(leaf) // max(leaf.nbytes, 1))
         for start in range(0, len(leaf), block):
-            digest.update(np.ascontiguousarray(leaf[start : start + block]).tobytes())
+            digest.update(np.ascontiguousarray(to_host(leaf[start : start + block])).tobytes())
     return digest.hexdigest()
 
 
@@ -529,7 +538,12 @@ def _read_ahead(checkpoints: Sequence[PyTree], start: int, first: PyTree, count:
     """``checkpoints[start..count-1]`` in order (``first`` is item ``start``, already read), each next one read in a
     background thread while the caller works on the current one: restoring from a store overlaps the projection
     pass. One read at a time, in order, so a store need not be thread-safe; an error of a read is raised when its
-    item is reached."""
+    item is reached. In a multi-process run the reads stay in the caller's thread: a restore onto a mesh that spans
+    the processes holds collectives, which must come in the same order in every process."""
+    if jax.process_count() > 1:
+        yield first
+        yield from (checkpoints[t] for t in range(start + 1, count))
+        return
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="polca-read-ahead") as pool:
         upcoming = None
         for t in range(start, count):
@@ -542,7 +556,7 @@ def _step_coordinates(basis: Basis, params: PyTree, previous: PyTree) -> tuple[n
     """⟨b, θ_{t+1} − θ_t⟩ for every direction ``[K]`` and ‖θ_{t+1} − θ_t‖², leaf by leaf (the step is never
     flattened, so it stays split over the mesh like the parameters)."""
     delta = jax.tree_util.tree_map(jnp.subtract, params, previous)
-    coordinates = np.asarray(basis.coordinates(delta))
+    coordinates = to_host(basis.coordinates(delta))
     return coordinates, float(_squared_norm(delta))
 
 
@@ -553,7 +567,7 @@ def _squared_norm(vector: PyTree) -> jax.Array:
 
 def _finite_terms(values: jax.Array, name: str, what: str) -> np.ndarray:
     """``values`` on the host, or ``ValueError`` if some are NaN or inf (the loss is finite, its derivatives not)."""
-    values = np.asarray(values)
+    values = to_host(values)
     check_finite(
         values,
         f"polca: the per-sample {name} at {what}",

@@ -79,24 +79,10 @@ jax.config.update("jax_enable_x64", True)
 assert jax.device_count() == 8, jax.devices()
 import polca_jax as pj
 
-def token_losses(params, batch):  # [n, 2]: a 3 -> 16 -> 2 tanh MLP, two token samples per row
-    hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
-    return (hidden @ params["w2"] + params["b2"] - batch["y"]) ** 2
+from wide_mlp import mean_loss, problem, token_losses
 
-def mean_loss(params, batch):
-    return token_losses(params, batch).mean()
-
-keys = jax.random.split(jax.random.key(0), 5)
-params = {"w1": jax.random.normal(keys[0], (3, 16)), "b1": 0.1 * jax.random.normal(keys[1], (16,)),
-          "w2": jax.random.normal(keys[2], (16, 2)) / 4, "b2": jnp.zeros(2)}
-data = jax.random.normal(keys[3], (13, 5))
-batch = {"x": data[:, :3], "y": data[:, 3:]}
-grad = jax.jit(jax.grad(mean_loss))
-checkpoints = [params]
-for _ in range(3):
-    checkpoints.append(jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, checkpoints[-1], grad(checkpoints[-1], batch)))
-mask = np.ones((13, 2), bool); mask[2, 1] = mask[7, 0] = False
-hessian_batch = jax.tree_util.tree_map(lambda x: x[:12], batch)  # the aggregate loss' batch: divisible by "data"
+checkpoints, batch, hessian_batch, mask = problem()
+params = checkpoints[0]
 
 def run(mesh):
     basis = pj.hessian_basis(mean_loss, checkpoints[:3], hessian_batch, k_per_checkpoint=2, num_iters=12,

@@ -1,0 +1,109 @@
+"""Runs over several processes (hosts) on JAX's own multi-process runtime.
+
+Every process calls :func:`initialize_distributed` first, then runs the same program: ``jax.devices()`` then lists
+every process' devices, a mesh over them (:func:`polca_jax.device_mesh`) spans the hosts, and the kernels run on it
+unchanged. Data every process holds in full (a batch, parameters) is placed with ``jax.device_put`` onto the global
+mesh; results come back to every host with :func:`to_host`; files are written by one process
+(:func:`is_writer`). On CPU the collectives run over gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+ADDRESS_VARIABLE = "JAX_COORDINATOR_ADDRESS"
+COUNT_VARIABLE = "JAX_NUM_PROCESSES"
+ID_VARIABLE = "JAX_PROCESS_ID"
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 300,
+) -> None:
+    """Join a run of ``num_processes`` processes (``jax.distributed.initialize``); call it before any other JAX call.
+
+    Each argument left out is read from the environment (``JAX_COORDINATOR_ADDRESS`` as ``host:port``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); process 0 runs the coordinator at that address. A process that cannot
+    reach the coordinator within ``timeout_s`` raises ``ConnectionError`` (JAX itself would abort the process);
+    the coordinator waits up to ``timeout_s`` for the others. Raises ``ValueError`` for missing or inconsistent
+    settings.
+    """
+    address = coordinator_address or os.environ.get(ADDRESS_VARIABLE)
+    count = _setting(num_processes, COUNT_VARIABLE)
+    index = _setting(process_id, ID_VARIABLE)
+    missing = [name for name, value in (("coordinator address", address), ("process count", count),
+                                        ("process id", index)) if value is None]
+    if missing:
+        raise ValueError(
+            f"a multi-process run needs the {', '.join(missing)}: pass them, or set {ADDRESS_VARIABLE} (host:port), "
+            f"{COUNT_VARIABLE} and {ID_VARIABLE} in every process' environment"
+        )
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process id {index} is not one of the {count} processes (0 to {count - 1})")
+    host, port = _host_and_port(address)
+    if index != 0:
+        _wait_for_coordinator(host, port, timeout_s)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives (GPUs use NCCL)
+    jax.distributed.initialize(address, num_processes=count, process_id=index, initialization_timeout=timeout_s)
+
+
+def _setting(value: int | None, variable: str) -> int | None:
+    if value is not None:
+        return int(value)
+    text = os.environ.get(variable)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{variable}={text!r} is not an integer") from None
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator address {address!r} must be host:port")
+    return host, int(port)
+
+
+def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+    """Return once ``host:port`` accepts a TCP connection; ``ConnectionError`` after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"no coordinator at {host}:{port} after {timeout_s:g} s ({error}); start process 0 there first, "
+                    "or check the address and that the port is reachable"
+                ) from None
+            time.sleep(0.2)
+
+
+def is_writer() -> bool:
+    """Whether this process writes shared files (process 0; always True in a single-process run)."""
+    return jax.process_index() == 0
+
+
+def to_host(values: jax.Array | np.ndarray) -> np.ndarray:
+    """``values`` as a numpy array on this host, gathered from every process when it is split across them."""
+    if isinstance(values, jax.Array) and not values.is_fully_addressable and not values.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(values, tiled=True))
+    return np.asarray(values)
+
+
+def sync(name: str) -> None:
+    """Wait until every process reaches this point (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

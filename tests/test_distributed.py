@@ -1,0 +1,121 @@
+"""Multi-process runs on JAX's runtime: two processes on localhost (2 CPU devices each, gloo collectives) give the
+single-process result; bad settings and an absent coordinator are clear errors, not a hang or an abort."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import polca_jax as pj
+from wide_mlp import mean_loss, problem, token_losses
+
+BASIS_OPTIONS = dict(k_per_checkpoint=2, num_iters=12, key=jax.random.key(1), progress=False)
+
+PROCESS_SCRIPT = """
+import sys
+from pathlib import Path
+import jax
+import polca_jax as pj
+pj.initialize_distributed(timeout_s=120)  # the address, count and id come from the environment
+jax.config.update("jax_enable_x64", True)
+from test_distributed import BASIS_OPTIONS
+from wide_mlp import mean_loss, problem, token_losses
+
+assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+checkpoints, batch, hessian_batch, mask = problem()
+out = Path(sys.argv[1])
+mesh = pj.device_mesh(model=2)  # 2 x 2: samples split across the processes, parameters within each
+with pj.OrbaxCheckpoints(out / "checkpoints", template=checkpoints[0], mesh=mesh) as store:
+    assert not store[0]["w1"].is_fully_addressable  # each process restored its own shards
+    basis = pj.hessian_basis(mean_loss, [store[0], store[1]], hessian_batch, mesh=mesh, **BASIS_OPTIONS)
+    basis.save(out / "basis")
+    projections = pj.to_host(pj.per_sample_projections(token_losses, store[2], batch, basis, mask=mask, mesh=mesh))
+    if pj.is_writer():
+        import numpy as np
+        np.save(out / "projections.npy", projections)
+    result = pj.polca(token_losses, store, batch, basis, second_order="exact", mask=mask, chunk_size=2, mesh=mesh,
+                      out=out / "polca", progress=False)
+    assert result.projections.shape == (4, 24, 4)  # every process gets the whole result
+print("PROCESS-OK", jax.process_index())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _single_process_reference(checkpoints, batch, hessian_batch, mask):
+    basis = pj.hessian_basis(mean_loss, checkpoints[:2], hessian_batch, **BASIS_OPTIONS)
+    projections = pj.per_sample_projections(token_losses, checkpoints[2], batch, basis, mask=mask)
+    result = pj.polca(token_losses, checkpoints, batch, basis, second_order="exact", mask=mask, chunk_size=2,
+                      progress=False)
+    return np.asarray(basis.vectors), basis.eigenvalues, np.asarray(projections), result
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_result(tmp_path):
+    checkpoints, batch, hessian_batch, mask = problem()
+    with pj.CheckpointRecorder(tmp_path / "checkpoints", steps=range(len(checkpoints))) as recorder:
+        for step, params in enumerate(checkpoints):
+            recorder.save(step, params)
+    vectors, eigenvalues, projections, result = _single_process_reference(checkpoints, batch, hessian_batch, mask)
+
+    port = _free_port()
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(PROCESS_SCRIPT), str(tmp_path)], cwd=Path(__file__).parent,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    outputs = [process.communicate(timeout=600) for process in processes]
+    logs = "\n".join(f"process {i} (exit {p.returncode}):\n{err[-3000:]}" for i, (p, (_, err)) in
+                     enumerate(zip(processes, outputs)))
+    for index, (process, (stdout, _)) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 0 and f"PROCESS-OK {index}" in stdout, logs
+
+    saved = pj.Basis.load(tmp_path / "basis")
+    np.testing.assert_allclose(np.asarray(saved.vectors), vectors, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(saved.eigenvalues, eigenvalues, rtol=1e-9)
+    np.testing.assert_allclose(np.load(tmp_path / "projections.npy"), projections, rtol=1e-9, atol=1e-11)
+    streamed = pj.POLCAResult.load(tmp_path / "polca")  # written once, by process 0
+    for name in ("loss", "projections", "step_projection", "second_order", "outside_fraction"):
+        np.testing.assert_allclose(getattr(streamed, name), getattr(result, name), rtol=1e-9, atol=1e-11,
+                                   err_msg=name)
+
+
+def test_an_absent_coordinator_is_a_clear_error_within_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"no coordinator at 127\.0\.0\.1:\d+ after 1\.5 s"):
+        pj.initialize_distributed(f"127.0.0.1:{_free_port()}", 2, 1, timeout_s=1.5)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize(
+    "arguments, environment, message",
+    [
+        ((None, None, None), {}, "needs the coordinator address, process count, process id"),
+        (("127.0.0.1:1234", 2, None), {}, "needs the process id"),
+        (("127.0.0.1:1234", 2, 2), {}, "process id 2 is not one of the 2 processes"),
+        (("127.0.0.1", 2, 1), {}, "must be host:port"),
+        ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two",
+                              "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two' is not an integer"),
+    ],
+)
+def test_bad_multi_process_settings_are_refused_before_anything_starts(monkeypatch, arguments, environment, message):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        pj.initialize_distributed(*arguments, timeout_s=1)
