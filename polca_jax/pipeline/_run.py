@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
+
 from polca_jax.pipeline._config import apply_overrides, make_config, parse_overrides
 from polca_jax.pipeline._rundir import RunDirectory
 from polca_jax.pipeline._stages import run_stages
@@ -40,18 +42,24 @@ def open_run(task: str, out: str | Path, *, preset: str | None = None,
 
 def run(task: str, out: str | Path, *, preset: str | None = None,
         settings: Mapping[str, Any] | list[str] | None = None, checkpoints: str | Path | None = None,
-        stages=None, force: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+        stages=None, force: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+        mesh=None) -> Path:
     """Run (or resume) POLCA on ``task`` in the run directory ``out``; returns the report's path.
 
     task: a built-in task (``"arithmetic"``, ``"english"``), ``"path/to/file.py:factory"`` or
     ``"module:factory"``. stages: the stages to run (default all; earlier ones must have finished). force: redo them
     (and remove what later stages made). A new run directory that fails before it trains or finishes a stage
-    (e.g. its task cannot be built) is removed again, so a corrected command can use it.
+    (e.g. its task cannot be built) is removed again, so a corrected command can use it. mesh: the basis and
+    decompose stages run on it (:func:`polca_jax.device_mesh`); in a multi-process run, on a mesh across the
+    processes, in a run directory that one process started (see :func:`polca_jax.pipeline.run_stages`).
     See :func:`open_run` for ``preset``, ``settings`` and ``checkpoints``.
     """
+    if jax.process_count() > 1 and not (Path(out) / "config.json").is_file():
+        raise ValueError(f"a multi-process run continues a run directory: start {Path(out).absolute()} in one "
+                         "process first (polca run TASK --out DIR --stage train)")
     run_dir, definition = open_run(task, out, preset=preset, settings=settings, checkpoints=checkpoints)
     try:
-        run_stages(run_dir, definition, stages, force=force, progress=progress, log=log)
+        run_stages(run_dir, definition, stages, force=force, progress=progress, log=log, mesh=mesh)
     except BaseException:
         run_dir.discard()
         raise

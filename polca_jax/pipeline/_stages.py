@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -34,6 +35,7 @@ import polca_jax as pj
 from polca_jax import _tree as tree
 from polca_jax import analysis
 from polca_jax._checks import check_same_structure
+from polca_jax._distributed import is_writer, sync as pj_sync
 from polca_jax._files import save_npy_atomic
 from polca_jax.pipeline._compile import measure_compilation
 from polca_jax.pipeline._rundir import RunDirectory
@@ -42,6 +44,7 @@ from polca_jax.pipeline._training import adamw_paper, train
 
 STAGES = ("train", "basis", "decompose", "causal", "cluster", "score", "report")
 HOST_STAGES = ("cluster", "score", "report")
+MESH_STAGES = ("basis", "decompose")  # the stages that run on a mesh, and across processes in a multi-process run
 STAGE_OUTPUTS = {
     "train": ("checkpoints", "metrics.jsonl"),
     "basis": ("basis",),
@@ -170,15 +173,16 @@ def check_fits(config, task: Task) -> None:
                          f"{num_params} parameters: lower lanczos_iters")
 
 
-def checkpoint_store(run: RunDirectory, task: Task, steps: list[int]) -> pj.OrbaxCheckpoints:
-    """The run's checkpoints at ``steps``, restored into the task's parameter shapes and dtypes."""
-    return pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params)
+def checkpoint_store(run: RunDirectory, task: Task, steps: list[int], mesh=None) -> pj.OrbaxCheckpoints:
+    """The run's checkpoints at ``steps``, restored into the task's parameter shapes and dtypes (split over
+    ``mesh`` like the kernels place parameters)."""
+    return pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params, mesh=mesh)
 
 
 # --- basis and decompose --------------------------------------------------------------------------------------------
 
 
-def basis_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
+def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dict:
     """Each basis to ``basis/<name>/``; one already on disk (an interrupted stage) is kept. ``hessian`` is
     Algorithm 1 on the Hessian sample at every basis step; ``shuffled_hessian`` the same with the checkpoints in
     random order; ``random`` as many random orthonormal vectors; ``parameter_axes`` the ``lca_axes``
@@ -186,14 +190,15 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
     config = run.config
     names = bases_of(config)
     key = jax.random.key(config.seed)
-    options = dict(k_per_checkpoint=config.k_per_checkpoint, num_iters=config.lanczos_iters, progress=progress)
+    options = dict(k_per_checkpoint=config.k_per_checkpoint, num_iters=config.lanczos_iters, progress=progress,
+                   mesh=mesh)
     size = len(config.basis_steps) * config.k_per_checkpoint
 
     def final_params():
-        with checkpoint_store(run, task, [config.num_steps]) as final:
+        with checkpoint_store(run, task, [config.num_steps], mesh) as final:
             return final[0]
 
-    with checkpoint_store(run, task, config.basis_steps) as store:
+    with checkpoint_store(run, task, config.basis_steps, mesh) as store:
         makers = {
             "hessian": lambda: pj.hessian_basis(task.loss, store, task.hessian_batch, key=key, **options),
             "shuffled_hessian": lambda: pj.shuffled_hessian_basis(
@@ -201,23 +206,20 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
             "random": lambda: pj.random_basis(task.init_params, size, jax.random.fold_in(key, 2)),
             "parameter_axes": lambda: pj.parameter_axis_basis(final_params(), config.lca_axes, step=config.num_steps),
         }
-        for name in names:
-            if not (run / "basis" / name / "basis.json").exists():
-                makers[name]().save(run / "basis" / name)
+        for name in _unfinished(names, lambda name: run / "basis" / name / "basis.json"):
+            makers[name]().save(run / "basis" / name)
     return {"bases": list(names)}
 
 
-def decompose_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
+def decompose_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dict:
     """POLCA of every evaluation sample at every POLCA checkpoint along each basis, streamed to ``polca/<name>/``; a
     result already on disk is kept, and one a killed run left partial resumes at its first unfinished checkpoint.
     LCA's ``parameter_axes`` is first order (Eq. 1); a basis without eigenvalues uses the current curvature for the
     paper's second order."""
     config = run.config
     names = bases_of(config)
-    with checkpoint_store(run, task, config.polca_steps) as store:
-        for name in names:
-            if (run / "polca" / name / "manifest.json").exists():
-                continue
+    with checkpoint_store(run, task, config.polca_steps, mesh) as store:
+        for name in _unfinished(names, lambda name: run / "polca" / name / "manifest.json"):
             basis = pj.Basis.load(run / "basis" / name)
             second_order = "none" if name == "parameter_axes" else config.second_order
             has_eigenvalues = bool(np.all(np.isfinite(basis.eigenvalues)))
@@ -228,6 +230,13 @@ def decompose_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
                 out=run / "polca" / name,
             )
     return {"decompositions": list(names), "method": _projection_method(run, task)}
+
+
+def _unfinished(names: tuple[str, ...], marker: Callable[[str], Path]) -> list[str]:
+    """The names whose ``marker`` file does not exist yet, as every process sees them before any writes."""
+    unfinished = [name for name in names if not marker(name).exists()]
+    pj_sync("polca_jax stage outputs listed")
+    return unfinished
 
 
 def _projection_method(run: RunDirectory, task: Task) -> str:
@@ -340,8 +349,13 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
 
 
 def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, force: bool = False,
-               progress: bool = True, log: Callable[[str], None] = print) -> None:
-    """Run ``stages`` (default: all, in order) on ``run``, skipping finished ones unless ``force``.
+               progress: bool = True, log: Callable[[str], None] = print, mesh=None) -> None:
+    """Run ``stages`` (default: all, in order) on ``run``, skipping finished ones unless ``force``; the basis and
+    decompose stages on ``mesh`` (default: one device).
+
+    In a multi-process run (:func:`polca_jax.initialize_distributed`) every process calls this with the same
+    arguments; only the basis and decompose stages run (the default), on a mesh across the processes, and process 0
+    writes the run directory (a file system they share) and speaks.
 
     Every stage before a requested one must have finished. An interrupted stage resumes, keeping the parts it
     finished (a basis, a decomposition, training up to its last checkpoint); redoing a stage (``force``) first
@@ -352,15 +366,25 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
     from polca_jax.pipeline._report import report_stage
 
     bodies = {
-        "train": train_stage, "basis": basis_stage, "decompose": decompose_stage, "causal": causal_stage,
+        "train": train_stage, "causal": causal_stage,
+        "basis": lambda run, task, progress: basis_stage(run, task, progress, mesh),
+        "decompose": lambda run, task, progress: decompose_stage(run, task, progress, mesh),
         "cluster": lambda run, task, progress: cluster_stage(run, progress),
         "score": lambda run, task, progress: score_stage(run),
         "report": lambda run, task, progress: report_stage(run, definition),
     }
-    stages = list(STAGES) if stages is None else list(stages)
+    distributed = jax.process_count() > 1
+    stages = list(MESH_STAGES if distributed else STAGES) if stages is None else list(stages)
     for stage in stages:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    if distributed and set(stages) - set(MESH_STAGES):
+        raise ValueError(
+            f"a multi-process run runs the stages {' and '.join(MESH_STAGES)} across the processes; run "
+            f"{', '.join(s for s in STAGES if s in stages and s not in MESH_STAGES)} in one process (nothing was "
+            "changed)")
+    if not is_writer():  # process 0 speaks for a multi-process run
+        log, progress = (lambda message: None), False
     task = None
     for stage in sorted(stages, key=STAGES.index):
         for previous in STAGES[: STAGES.index(stage)]:
@@ -369,8 +393,9 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
         if run.done(stage) and not force:
             log(f"[{stage}] already finished in {run.path}, skipped")
             continue
-        if force:  # redo fully; without force, an interrupted stage keeps the parts it finished
+        if force and is_writer():  # redo fully; without force, an interrupted stage keeps the parts it finished
             run.reset(list(STAGES[STAGES.index(stage):]), STAGE_OUTPUTS)
+        pj_sync(f"polca_jax {stage} started")  # no process reads the run before process 0 has reset it
         log(f"[{stage}] running")
         start = time.perf_counter()
         with measure_compilation() as compiling:
@@ -379,5 +404,7 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
             info = bodies[stage](run, task, progress)
         info["wall_seconds"] = time.perf_counter() - start
         info.update(compiling.as_record())
-        run.mark_done(stage, info)
+        if is_writer():
+            run.mark_done(stage, info)
+        pj_sync(f"polca_jax {stage} done")
         log(f"[{stage}] done in {info['wall_seconds']:.1f} s")
