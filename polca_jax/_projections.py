@@ -39,7 +39,9 @@ from jax.sharding import PartitionSpec
 from polca_jax import _tree as tree
 from polca_jax._basis import Basis, split_rows
 from polca_jax._checks import batch_size, check_finite_params, check_finite_tree, check_params
-from polca_jax._sharding import DATA_AXIS, check_mesh, num_data_shards, shard_batch, shard_params, shard_rows
+from polca_jax._sharding import (
+    DATA_AXIS, MODEL_AXIS, check_mesh, num_data_shards, param_spec, shard_batch, shard_params, shard_rows,
+)
 
 PyTree = Any
 PerSampleLossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -218,11 +220,41 @@ def _reverse_chunk(groups, loss_fn, params, directions, chunk):
     losses, grads = jax.vmap(jax.value_and_grad(sample_loss), in_axes=(None, 0, 0))(
         params, examples, jnp.tile(jnp.arange(s), c)
     )
-    total = sum(
-        jnp.dot(g.reshape(c * s, -1), b.reshape(b.shape[0], -1).T, precision=HIGHEST)
-        for g, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(directions))
-    )
+    model_shards = _auto_model_shards()
+    if model_shards == 1:  # one device, or a mesh without a split "model" axis: the flattened product
+        total = sum(
+            jnp.dot(g.reshape(c * s, -1), b.reshape(b.shape[0], -1).T, precision=HIGHEST)
+            for g, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(directions))
+        )
+    else:
+        total = sum(
+            _local_contraction(g, b, model_shards)
+            for g, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(directions))
+        )
     return total.reshape(c, s, -1), losses.reshape(c, s, 1)
+
+
+def _auto_model_shards() -> int:
+    """The size of the mesh axis "model" when tracing inside the kernel's ``shard_map`` (manual over "data" only,
+    "model" left to XLA); 1 outside it (without a mesh, whatever mesh the caller set) or without a "model" axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.manual_axes or MODEL_AXIS not in mesh.auto_axes:
+        return 1
+    return dict(mesh.shape)[MODEL_AXIS]
+
+
+def _local_contraction(g: jax.Array, b: jax.Array, model_shards: int) -> jax.Array:
+    """``[n, K]`` products of per-sample gradients ``g`` ``[n, *leaf]`` with basis rows ``b`` ``[K, *leaf]`` on a
+    split "model" axis: both pinned to the parameters' split (:func:`param_spec` of the leaf, the leading axis whole)
+    and contracted over the leaf's own axes without flattening them, so that XLA contracts each shard locally and sums
+    the ``[K, n]`` partial products over "model" (the flattened product all-gathers the gradients and the rows). The
+    rows are the dot's left operand: as the right one, XLA CPU copies them into a ``K``-minor layout first (a copy of
+    the basis shard among the temporaries)."""
+    spec = PartitionSpec(None, *param_spec(b.shape[1:], model_shards))
+    g = lax.with_sharding_constraint(g, spec)
+    b = lax.with_sharding_constraint(b, spec)
+    axes = tuple(range(1, b.ndim))
+    return lax.dot_general(b, g, ((axes, axes), ((), ())), precision=HIGHEST).T
 
 
 def direction_groups(num_directions: int, max_group: int) -> tuple[tuple[int, int], ...]:
