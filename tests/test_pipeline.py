@@ -273,20 +273,6 @@ def test_the_core_imports_and_runs_without_the_pipeline_extra():
     assert "pip install 'polca_jax[pipeline]'" in output
 
 
-def test_plan_estimates_every_stage_and_writes_nothing(user_task, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    before = sorted(path.name for path in tmp_path.iterdir())
-    assert main(["plan", user_task, "--set", "ablations=true"]) == 2  # the default lca_axes=50 > 6 parameters
-    assert "lca_axes=50 exceeds the task's 6 parameters" in capsys.readouterr().err
-    assert main(["plan", user_task, "--set", "ablations=true", "--set", "lca_axes=4"]) == 0
-    output = capsys.readouterr().out
-    for stage in ("train", "basis", "decompose", "causal", "cluster", "compiling", "total"):
-        assert any(line.startswith(stage) for line in output.splitlines()), stage
-    assert "20 steps × " in output  # the user task's tiny preset trains 20 steps
-    assert "4 bases × 5 checkpoints" in output and "memory: parameters and optimizer" in output
-    assert sorted(path.name for path in tmp_path.iterdir()) == before
-
-
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

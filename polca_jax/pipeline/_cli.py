@@ -70,13 +70,22 @@ def _parser() -> argparse.ArgumentParser:
                                  help="corpus: gensim's Lee corpus, a Hugging Face dataset, or a .txt/.jsonl file or "
                                  "directory (the task option data)")
         _add_run_options(command)
-    plan = commands.add_parser("plan", help="estimate a run's time per stage and memory, from a short warm-up",
-                               description="Build the task, time a sample of every stage's work on its shapes, and "
-                               "print the estimated time per stage, compile time and memory. Writes nothing.")
+    plan = commands.add_parser(
+        "plan", help="estimate a run's FLOPs, time and memory per device on a mesh, before it runs",
+        description="Build the task, compile every stage's kernels for one device's work (and on cpu time them), and "
+        "print the FLOPs and time per stage, the memory per device, host memory and disk, with a WILL NOT FIT line "
+        "when the memory per device exceeds the device's (the exit code stays 0). Writes nothing.")
     plan.add_argument("task", help="arithmetic, english, path/to/file.py:factory or module:factory")
     plan.add_argument("--preset", help="preset (default: the task's)")
     plan.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--checkpoints", metavar="DIR", help="the run would read these checkpoints (no training)")
+    plan.add_argument("--mesh", metavar="DATAxMODEL",
+                      help="devices splitting the samples (data) and the parameters (model), e.g. 8x1 or 2x4 "
+                      "(default: --devices x 1)")
+    plan.add_argument("--devices", type=int, metavar="N", help="number of devices (default 1; must match --mesh)")
+    plan.add_argument("--device", choices=("cpu", "h100", "h200"), default="cpu",
+                      help="cpu: time the kernels on this machine (and its memory); h100/h200: time from XLA's FLOPs "
+                      "at an assumed efficiency (an estimate), their 80/141 GB")
     report = commands.add_parser("report", help="write the report of a run directory again",
                                  description="Re-render report/report.md of a run from what its directory holds.")
     report.add_argument("run_dir")
@@ -113,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(args) -> str:
     from polca_jax.pipeline._config import make_config, parse_overrides
-    from polca_jax.pipeline._plan import plan_run
+    from polca_jax.pipeline._plan import device_named, parse_mesh, plan_run
     from polca_jax.pipeline._stages import check_fits
     from polca_jax.pipeline._task import canonical_reference, load_task_definition
 
+    mesh = parse_mesh(args.mesh, args.devices)
     definition = load_task_definition(args.task)
     overrides = parse_overrides(definition, args.settings)
     if args.checkpoints is not None:
@@ -124,9 +134,10 @@ def _plan(args) -> str:
     config = make_config(definition, canonical_reference(args.task), args.preset, overrides)
     task = definition.build(config.task_options, seed=config.seed, workdir=None)
     check_fits(config, task)
-    devices = jax.devices()
-    header = f"plan for {config.task}, preset {config.preset}, on {len(devices)} {devices[0].platform} device(s):"
-    return header + "\n" + plan_run(config, task).table()
+    device = device_named(args.device)
+    header = (f"plan for {config.task}, preset {config.preset}, on {mesh[0] * mesh[1]} device(s) like "
+              f"{device.name} (compiled on {jax.devices()[0].platform}):")
+    return header + "\n" + plan_run(config, task, mesh=mesh, device=device).table()
 
 
 def _data_reference(data: str) -> str:

@@ -1,143 +1,474 @@
-"""``polca plan``: what a run will cost before it runs — time per stage from a short timed warm-up of the real
-kernels on the task's real shapes, and the memory its arrays need.
+"""``polca plan``: what a run will cost before it runs, on a ``data × model`` mesh of devices: the FLOPs and time of
+every stage, the memory per device, the host memory and the disk.
 
-Each device stage is timed on a sample of its work and scaled by how much of that work the run does:
+**FLOPs.** Each device kernel is compiled (not run) on this machine for the work of one device and XLA reports its
+FLOPs (``cost_analysis``) and temporaries (``memory_analysis``): the training step (AdamW, the whole training batch),
+one Hessian-vector product (HVP) on one data shard of the Hessian batch (``⌈n / data⌉`` sequences), one projection
+pass on one data shard of the evaluation batch, with curvatures where the run needs them
+(:func:`polca_jax.projection_kernel_cost`; the losses come from the same pass), and one per-sample loss pass on the
+whole evaluation batch. XLA's FLOP counts depend on the computation, not on the device, so FLOP-based figures are
+compiled on a CPU and need no GPU.
 
-- train: ``num_steps`` × one training step;
-- basis: per Hessian basis, basis checkpoints × ``lanczos_iters`` × one Hessian-vector product;
-- decompose: per basis, POLCA checkpoints × one pass of per-sample projections (and losses) over the evaluation
-  samples, with as many directions as the basis has (timed with a random basis of that size);
-- causal: per basis, its directions × one per-sample loss pass;
-- cluster: per clustering, one HDBSCAN on random trajectories of the expected shape.
+**Time.** On ``cpu`` (a device like this machine's default JAX device) a sample of each stage's work is run and
+timed as the stage runs it, host work included: training steps on the next training batches, one Lanczos run (as
+:func:`polca_jax.hessian_basis` compiles it), :func:`polca_jax.polca` over ``2 + repeats`` in-memory checkpoints,
+a one-direction causal check. On ``h100``/``h200`` nothing is run: a kernel takes ``FLOPs / (peak ×
+GPU_EFFICIENCY)``, an estimate, not a measurement. Either is scaled by the run's work:
 
-plus one orbax save (train) or restore (basis, decompose) per checkpoint, timed on the task's parameters. Compilation
-is timed apart (it is paid once per process, and not at all with a warm compile cache). The estimate leaves out the
-host work of the score and report stages (seconds) and Python overheads between calls.
+- train: ``num_steps`` steps, an evaluation loss pass every ``metrics_every`` steps, one save per checkpoint;
+- basis: per Hessian basis, basis checkpoints × (one restore + one Lanczos run of ``lanczos_iters`` HVPs on the batch
+  shard);
+- decompose: per basis, POLCA checkpoints × the longer of one checkpoint's work and one restore (the next checkpoint
+  is restored while the current one is decomposed);
+- causal: per causal basis, (directions + 1) loss passes on the evaluation batch;
+- cluster: per clustering, one HDBSCAN of random trajectories of the run's shape, on this machine's CPU.
+
+The pipeline runs the basis and decompose stages on the mesh (``MESH_STAGES``), so their work divides over the data
+shards; the other stages run on one device. The model axis splits memory, not time, and the mesh's communication is
+not modelled. Checkpoint saves and restores are timed with orbax on this machine's disk, compilation on this machine
+(once per process, 0 with a warm compile cache). The score and report stages (host work, seconds at these sizes,
+growing with the null permutations) are left out.
+
+**Memory per device** (in the parameters' dtype), the peak over the device stages: parameters, Adam's moments, bases
+and Krylov vectors split over the model axis by :func:`polca_jax._sharding.param_spec` (a split leaf's bytes /
+model, a replicated leaf whole); batches split by the data axis; XLA's temporaries of the kernel compiled for one
+device (the projection pass' per-device chunk has the same size whatever the number of data shards, so its
+temporaries do not shrink with them; with a model axis XLA also splits them, so the figure is an upper bound: see the
+sharding section of benchmarks/README.md; training's are those of the whole batch). The POLCA arrays ``[T, N, K]`` (float32) are streamed to
+memory-mapped files: they take disk, and on the host one checkpoint's ``[N, K]`` rows at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
+import os
+import re
 import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 import polca_jax as pj
 from polca_jax import _tree as tree
+from polca_jax._hvp import HessianMatvec
+from polca_jax._lanczos import _lanczos
+from polca_jax._projections import projection_kernel_cost
+from polca_jax._sharding import param_spec
 from polca_jax.analysis import cluster_trajectories
-from polca_jax.pipeline._stages import bases_of, variants_of
+from polca_jax.pipeline._stages import MESH_STAGES, bases_of, causal_bases, variants_of
 from polca_jax.pipeline._task import Task
+from polca_jax.pipeline._training import _checkpoint_manager, _save, _train_step, adamw_paper
 
-BYTES = 4  # float32
+BYTES = 4  # the POLCA arrays' float32
+GPU_EFFICIENCY = 0.41  # the fraction of peak assumed on a GPU: this project's decompose stage on a CPU reached 41%
+# of the jax.jit(dot) matmul peak (benchmarks/README.md); an assumption for GPUs, not a measurement.
+HOST_ROWS = 5  # [N, K] arrays one checkpoint holds on the host: g, the previous g, the second-order term and its two
+# temporaries (plus the curvature and the previous one where the run computes curvatures)
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """A device to plan for: its memory (bytes) and, for a GPU, its peak FLOP/s (None: time is measured here)."""
+
+    name: str
+    memory_bytes: int
+    peak_flops: float | None = None
+
+    def seconds(self, kernel: "Kernel") -> float:
+        """Seconds of one unit of ``kernel``: measured, or its FLOPs at ``GPU_EFFICIENCY`` of the peak."""
+        return kernel.seconds if self.peak_flops is None else kernel.flops / (self.peak_flops * GPU_EFFICIENCY)
+
+
+# NVIDIA's data sheets: H100 SXM 80 GB HBM3, H200 SXM 141 GB HBM3e, both 67 TFLOP/s FP32 without tensor cores (the
+# same chip; TF32 tensor cores would be faster where XLA uses them, but the projections ask for full precision).
+GPUS = {
+    "h100": Device("H100 SXM (80 GB, 67 TFLOP/s FP32)", 80 * 10**9, 67e12),
+    "h200": Device("H200 SXM (141 GB, 67 TFLOP/s FP32)", 141 * 10**9, 67e12),
+}
+
+
+def device_named(name: str) -> Device:
+    """``"cpu"`` (this machine's default JAX device: its measured speed; its memory, or the RAM for a CPU), or a GPU
+    of :data:`GPUS`."""
+    if name in GPUS:
+        return GPUS[name]
+    if name != "cpu":
+        raise ValueError(f"unknown device {name!r}: choose cpu or one of {', '.join(GPUS)}")
+    local = jax.devices()[0]
+    limit = (local.memory_stats() or {}).get("bytes_limit")
+    if limit:
+        return Device(f"this machine's {local.device_kind}", int(limit))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Device(f"this machine's CPU ({os.cpu_count()} cores, {_size(ram)} RAM)", ram)
+
+
+def parse_mesh(text: str, devices: int | None = None) -> tuple[int, int]:
+    """``"2x4"`` -> ``(data, model) = (2, 4)``; without a mesh, ``devices`` data shards (default 1). Raises
+    ``ValueError`` for anything but two positive integers, or a mesh of another size than ``devices``."""
+    if devices is not None and devices < 1:
+        raise ValueError(f"--devices must be a positive integer, got {devices}")
+    if text is None:
+        return (devices or 1, 1)
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
+    if match is None or 0 in (int(match[1]), int(match[2])):
+        raise ValueError(f"--mesh {text!r}: expected DATAxMODEL, two positive integers such as 1x1, 8x1 or 2x4")
+    data, model = int(match[1]), int(match[2])
+    if devices is not None and devices != data * model:
+        raise ValueError(f"--mesh {text} has {data * model} devices but --devices is {devices}")
+    return data, model
+
+
+def split_bytes(params, model: int) -> tuple[int, float]:
+    """Bytes of one device's share of ``params`` split over a model axis of ``model`` devices by the rule
+    (:func:`polca_jax._sharding.param_spec`: a split leaf's bytes / model, a replicated leaf's whole), and the
+    fraction of the parameters left whole on every device."""
+    share, whole, total = 0, 0, 0
+    for leaf in jax.tree_util.tree_leaves(params):
+        nbytes, split = _nbytes(leaf), param_spec(np.shape(leaf), model) != PartitionSpec()
+        share += nbytes // model if split else nbytes
+        whole += 0 if split or model == 1 else nbytes
+        total += nbytes
+    return share, whole / max(total, 1)
+
+
+def check_model_axis(params, model: int) -> None:
+    """Raise ``ValueError`` when a model axis of ``model`` devices > 1 splits no parameter (every dimension is
+    smaller than it, or none is divisible by it)."""
+    if model > 1 and split_bytes(params, model)[1] == 1.0:
+        largest = max(max(np.shape(leaf), default=1) for leaf in jax.tree_util.tree_leaves(params))
+        raise ValueError(f"--mesh: a model axis of {model} devices divides no dimension of the task's parameters "
+                         f"(the largest is {largest}), so it would split nothing: choose a model axis that divides the "
+                         "large dimensions (e.g. a power of two)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One unit of a stage's work on one device (a training step, a Lanczos run, a POLCA checkpoint, a loss pass):
+    its kernel's FLOPs and XLA temporaries (bytes), its measured seconds (NaN when only compiled) and the seconds
+    compiling it took on this machine."""
+
+    flops: float
+    temp_bytes: int
+    seconds: float = math.nan
+    compile_seconds: float = 0.0
+
+
+def fits(peak_bytes: int, device: Device) -> bool:
+    """Whether ``peak_bytes`` per device fit in the device's memory."""
+    return peak_bytes <= device.memory_bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Estimated seconds per stage (``stages``), one-off compile seconds, and bytes of the largest arrays."""
+    """A run's estimate: seconds and FLOPs per device per stage, compile seconds, memory per device per stage
+    (``memory[stage][item]``, bytes), host memory and disk (bytes), for ``mesh`` ``(data, model)`` of ``device``."""
 
     stages: dict[str, float]
     compile_seconds: float
-    memory: dict[str, int]
+    memory: dict[str, dict[str, int]]
     work: dict[str, str]
+    flops: dict[str, float]
+    host: dict[str, int]
+    disk: dict[str, int]
+    device: Device
+    mesh: tuple[int, int]
+    replicated: float
 
     @property
     def total_seconds(self) -> float:
         return sum(self.stages.values()) + self.compile_seconds
 
+    @property
+    def peak_bytes(self) -> int:
+        """Memory per device of the stage that needs most."""
+        return max(sum(items.values()) for items in self.memory.values())
+
     def table(self) -> str:
-        """The plan as text: a line per stage, the compile time, the total, and the memory."""
-        lines = [f"{'stage':<10} {'estimate':>10}   work"]
-        lines += [f"{name:<10} {_duration(seconds):>10}   {self.work.get(name, '')}"
-                  for name, seconds in self.stages.items()]
-        lines.append(f"{'compiling':<10} {_duration(self.compile_seconds):>10}   once per process (0 with a warm cache)")
-        lines.append(f"{'total':<10} {_duration(self.total_seconds):>10}")
-        lines.append("memory: " + ", ".join(f"{name} {_size(size)}" for name, size in self.memory.items()))
+        """The plan as text: FLOPs, time and work per stage, how the times were made, memory per device per stage,
+        host memory and disk, and a WILL NOT FIT line when the peak exceeds the device's memory."""
+        data, model = self.mesh
+        lines = [f"{'stage':<10} {'FLOPs/device':>13} {'time':>9}   work"]
+        for name, seconds in self.stages.items():
+            flops = self.flops.get(name)
+            lines.append(f"{name:<10} {'host' if flops is None else _flops(flops):>13} {_duration(seconds):>9}   "
+                         f"{self.work.get(name, '')}")
+        lines.append(f"{'compiling':<10} {'':>13} {_duration(self.compile_seconds):>9}   once per process, 0 with a "
+                     "warm cache (measured on this machine)")
+        lines.append(f"{'total':<10} {'':>13} {_duration(self.total_seconds):>9}")
+        if self.device.peak_flops is None:
+            lines.append("time: measured on this machine, a sample of each stage's work on one device's share of the "
+                         "samples")
+        else:
+            lines.append(f"time: ESTIMATED, not measured: kernel FLOPs / ({self.device.peak_flops / 1e12:.0f} TFLOP/s "
+                         f"peak × {GPU_EFFICIENCY:.0%} assumed efficiency), no host overhead per call; checkpoint I/O "
+                         "and clustering timed on this machine")
+        lines.append(f"mesh: {data} x {model} (data x model): {' and '.join(MESH_STAGES)} split over {data} data "
+                     "shard(s), the other stages on one device; communication not modelled")
+        lines.append(f"memory per device (parameters split {model} way(s), {_percent(self.replicated)} of them "
+                     "replicated):")
+        for stage, items in self.memory.items():
+            lines.append(f"  {stage:<10} {_size(sum(items.values())):>8}   "
+                         + ", ".join(f"{what} {_size(size)}" for what, size in items.items()))
+        verdict = "fits" if fits(self.peak_bytes, self.device) else "DOES NOT FIT"
+        lines.append(f"  {'peak':<10} {_size(self.peak_bytes):>8}   of {_size(self.device.memory_bytes)} "
+                     f"({self.device.name}): {verdict}")
+        lines.append("host: " + ", ".join(f"{what} {_size(size)}" for what, size in self.host.items()))
+        lines.append("disk: " + ", ".join(f"{what} {_size(size)}" for what, size in self.disk.items()))
+        if not fits(self.peak_bytes, self.device):
+            stage = max(self.memory, key=lambda name: sum(self.memory[name].values()))
+            lines.append(f"*** WILL NOT FIT: the {stage} stage needs {_size(self.peak_bytes)} per device > "
+                         f"{_size(self.device.memory_bytes)} of {self.device.name}: split its batch over more data "
+                         "shards, its parameters and bases over more model shards, or lower chunk_size ***")
         return "\n".join(lines)
 
 
-def plan_run(config, task: Task, *, repeats: int = 2) -> Plan:
-    """Time a sample of every device stage of ``config`` on ``task`` (``repeats`` timed calls after a warm-up call
-    that compiles) and scale it to the whole run."""
+def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Device | None = None,
+             repeats: int = 2) -> Plan:
+    """Plan ``config`` on ``task`` for a ``mesh`` of ``(data, model)`` devices like ``device`` (default: this
+    machine's, on which a sample of each stage's work is then run and timed, ``repeats`` calls after one that
+    compiles). Raises ``ValueError`` for a model axis that splits no parameter."""
+    device = device_named("cpu") if device is None else device
+    data, model = mesh
+    run = device.peak_flops is None
     params = task.init_params
-    num_params = tree.num_params(params)
-    bases = bases_of(config)
+    check_model_axis(params, model)
+    param_bytes, replicated = split_bytes(params, model)
+    num_samples, steps = task.num_samples, len(config.polca_steps)
     basis_size = len(config.basis_steps) * config.k_per_checkpoint
+    bases = bases_of(config)
     sizes = {name: config.lca_axes if name == "parameter_axes" else basis_size for name in bases}
-    compile_seconds, stages, work = 0.0, {}, {}
+    curvature = {name: _needs_curvature(config, name) for name in bases}
+    eval_shard, eval_mask = _shard(task.eval_batch, data), _shard(task.eval_mask, data)
+    hessian_shard = _shard(task.hessian_batch, data)
+    optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2, config.warmup_steps)
+    opt_state = optimizer.init(params)
+    save_seconds, restore_seconds = _checkpoint_io(params, opt_state)
+    stages, flops, work, memory, kernels = {}, {}, {}, {}, []
 
-    save_seconds, restore_seconds = _checkpoint_io(params)
+    loss = _loss_kernel(task, task.eval_batch, task.eval_mask, run, repeats)  # training and causal: one device
+    kernels.append(loss)
     if config.checkpoints is None and task.train_batches is not None:
-        grad = jax.jit(jax.value_and_grad(task.loss))
-        seconds, compiling = _timed(lambda: grad(params, task.train_batches(0)), repeats)
-        saves = len(config.checkpoint_steps)
-        stages["train"] = config.num_steps * seconds + saves * 3 * save_seconds  # params and Adam's two moments
-        compile_seconds += compiling
-        work["train"] = f"{config.num_steps} steps × {_duration(seconds)}, {saves} checkpoints saved"
+        step = _train_kernel(task, optimizer, opt_state, run, repeats)
+        kernels.append(step)
+        saves, evaluations = len(config.checkpoint_steps), config.num_steps // config.metrics_every
+        stages["train"] = (config.num_steps * device.seconds(step) + evaluations * device.seconds(loss)
+                           + saves * save_seconds)
+        flops["train"] = config.num_steps * step.flops + evaluations * loss.flops
+        work["train"] = (f"{config.num_steps} steps × {_duration(device.seconds(step))}, {evaluations} evaluations, "
+                         f"{saves} checkpoints saved × {_duration(save_seconds)}")
+        memory["train"] = {"parameters and Adam moments (before and after a step)": 2 * 3 * param_bytes,
+                           "step temporaries (the whole batch)": step.temp_bytes,
+                           "batch": _nbytes(task.train_batches(0))}
 
-    matvec = pj.FlatHessianMatvec(task.loss)
-    vector = jax.numpy.ones(num_params, tree.ravel(params).dtype) / math.sqrt(num_params)
-    hvp = jax.jit(matvec)
-    seconds, compiling = _timed(lambda: hvp(vector, params, task.hessian_batch), repeats)
     hessian_bases = [name for name in bases if name in ("hessian", "shuffled_hessian")]
-    count = len(hessian_bases) * len(config.basis_steps) * config.lanczos_iters
-    restores = len(hessian_bases) * len(config.basis_steps)
-    stages["basis"], compile_seconds = count * seconds + restores * restore_seconds, compile_seconds + compiling
-    work["basis"] = f"{count} Hessian-vector products × {_duration(seconds)}, {restores} restores"
+    lanczos = _lanczos_kernel(config, task, hessian_shard, basis_size, run, repeats)
+    kernels.append(lanczos)
+    calls = len(hessian_bases) * len(config.basis_steps)
+    stages["basis"] = calls * (device.seconds(lanczos) + restore_seconds)
+    flops["basis"] = calls * lanczos.flops
+    work["basis"] = (f"{calls} restores and Lanczos runs × {_duration(device.seconds(lanczos))} "
+                     f"({config.lanczos_iters} HVPs on {_batch_size(hessian_shard)} sequences each)")
+    memory["basis"] = {"parameters": param_bytes, f"{config.lanczos_iters} Krylov vectors":
+                       config.lanczos_iters * param_bytes, f"{basis_size} basis rows": basis_size * param_bytes,
+                       "HVP temporaries": lanczos.temp_bytes, "batch shard": _nbytes(hessian_shard)}
 
-    decompose, causal = 0.0, 0.0
-    loss_seconds, compiling = _timed(lambda: pj.per_sample_losses(task.per_sample_loss, params, task.eval_batch,
-                                                                  mask=task.eval_mask), repeats)
-    compile_seconds += compiling
-    for size in sorted(set(sizes.values())):
-        basis = pj.random_basis(params, size, jax.random.key(0))
-        seconds, compiling = _timed(lambda: pj.per_sample_projections(
-            task.per_sample_loss, params, task.eval_batch, basis, mask=task.eval_mask,
-            method=config.projection_method, chunk_size=config.chunk_size), repeats)
-        compile_seconds += compiling
-        for name in bases:
-            if sizes[name] == size:
-                decompose += len(config.polca_steps) * (seconds + loss_seconds + restore_seconds)
-    for name in bases:
-        if name in ("hessian", "random"):
-            causal += sizes[name] * loss_seconds
-    stages["decompose"] = decompose
-    work["decompose"] = f"{len(bases)} bases × {len(config.polca_steps)} checkpoints"
-    stages["causal"] = causal
-    work["causal"] = f"{sum(sizes[n] for n in bases if n in ('hessian', 'random'))} directions × " \
-                     f"{_duration(loss_seconds)}"
+    passes = {}
+    for key in sorted(set(zip(sizes.values(), curvature.values()))):
+        passes[key] = _polca_kernel(config, task, eval_shard, eval_mask, *key, run=run, repeats=repeats)
+        kernels.append(passes[key][0])
+    stages["decompose"] = sum(steps * max(device.seconds(passes[sizes[n], curvature[n]][0]), restore_seconds)
+                              for n in bases)
+    flops["decompose"] = sum(steps * passes[sizes[n], curvature[n]][0].flops for n in bases)
+    work["decompose"] = (f"{_count(len(bases), 'basis', 'bases')} × {steps} checkpoints of "
+                         + ", ".join(f"{_duration(device.seconds(unit))} (K={k}{', curvatures' if c else ''}, "
+                                     f"{_count(cost.num_chunks, 'chunk')} of {cost.chunk_size})"
+                                     for (k, c), (unit, cost) in passes.items()))
+    largest = max(passes, key=lambda key: passes[key][0].temp_bytes)
+    kernel, cost = passes[largest]
+    memory["decompose"] = {
+        "3 checkpoints (previous, current, read ahead)": 3 * param_bytes,
+        f"{max(sizes.values())} basis rows": max(sizes.values()) * param_bytes,
+        f"pass temporaries (one chunk of {cost.chunk_size} sequences: not split by data shards)": kernel.temp_bytes,
+        "outputs": cost.output_bytes, "batch shard": _nbytes(eval_shard)}
 
-    num_samples = task.num_samples
+    causal = _causal_kernel(task, loss, run, repeats)
+    kernels.append(causal)
+    directions = sum(sizes[name] + 1 for name in causal_bases(config))
+    stages["causal"] = directions * device.seconds(causal)
+    flops["causal"] = directions * causal.flops
+    work["causal"] = f"{directions} loss passes × {_duration(device.seconds(causal))}"
+
     clusterings = sum(1 if v.trajectory in ("loss", "loss_change") else sizes[v.basis] for v in variants_of(config))
-    trajectories = np.random.default_rng(0).standard_normal((max(2, num_samples // 2), len(config.polca_steps)))
+    stages["cluster"] = clusterings * _hdbscan_seconds(config, num_samples, steps)
+    work["cluster"] = f"{clusterings} HDBSCAN clusterings of about {max(2, num_samples // 2)} samples (host)"
+
+    rows = max(HOST_ROWS + 2 * curvature[name] for name in bases)
+    host = {"one checkpoint's POLCA rows": rows * num_samples * max(sizes.values()) * BYTES,
+            "causal check": (max(sizes.values()) + 1) * num_samples * BYTES}
+    polca_arrays = sum(((2 * steps - 1) * sizes[name] + steps) * num_samples * BYTES for name in bases)
+    disk = {f"POLCA arrays of {_count(len(bases), 'basis', 'bases')} (memory-mapped)": polca_arrays,
+            "checkpoints (parameters and Adam moments)": 0 if config.checkpoints else
+            len(config.checkpoint_steps) * 3 * _nbytes(params)}
+    return Plan(stages, sum(k.compile_seconds for k in kernels), memory, work, flops, host, disk, device, mesh,
+                replicated)
+
+
+def _needs_curvature(config, basis: str) -> bool:
+    """Whether polca computes curvatures along ``basis`` (as :func:`polca_jax.polca` decides): exact second order,
+    or the paper's with a basis that has no eigenvalues (the random one)."""
+    if basis == "parameter_axes":  # first order
+        return False
+    return config.second_order == "exact" or (config.second_order == "paper" and basis == "random")
+
+
+def _polca_kernel(config, task: Task, batch, mask, size: int, curvature: bool, *, run: bool, repeats: int):
+    """One checkpoint of :func:`polca_jax.polca` along ``size`` directions on ``batch``: ``(Kernel, KernelCost)``,
+    the FLOPs and memory of its projection pass from XLA; when ``run``, its seconds per checkpoint from a run of
+    polca on ``2 + repeats`` in-memory checkpoints streamed to a temporary directory (after a run of 2 that
+    compiles), so the host work of a checkpoint (its checks, the second-order term, writing its rows) counts too,
+    and a share of the run's own set-up."""
+    params = task.init_params
+    options = dict(method=config.projection_method, chunk_size=config.chunk_size)
+    seconds = compiling = math.nan
+    if run:  # first, so that polca's first run pays the compilation (the cost below then reuses it)
+        seconds, compiling = _polca_seconds(config, task, batch, mask, size, curvature, options, repeats)
+    rows = jax.tree_util.tree_map(lambda p: jnp.zeros((size, *np.shape(p)), p.dtype), params)
+    start = time.perf_counter()
+    cost = projection_kernel_cost(task.per_sample_loss, params, batch, rows, curvature=curvature, **options)
+    if not run:  # it compiled the pass and a one-chunk pass: about twice the pass' compile time
+        compiling = (time.perf_counter() - start) / 2
+    return Kernel(cost.flops, cost.temp_bytes, seconds, compiling), cost
+
+
+def _polca_seconds(config, task: Task, batch, mask, size: int, curvature: bool, options: dict,
+                   repeats: int) -> tuple[float, float]:
+    """(seconds per checkpoint, seconds compiling) of polca along a random basis of ``size`` directions (with unit
+    eigenvalues unless the run computes curvatures along it), as :func:`_polca_kernel` describes."""
+    params = task.init_params
+    basis = pj.random_basis(params, size, jax.random.key(0))
+    second_order, eigenvalues = config.second_order, "stored"
+    if curvature and second_order == "paper":  # a basis without eigenvalues: the paper's term needs curvatures
+        eigenvalues = "current"
+    else:
+        basis = pj.Basis(basis.vectors, np.ones(size), np.zeros(size, int), "hessian", np.zeros(size))
+    with tempfile.TemporaryDirectory() as directory:
+        def polca(count: int, name: str) -> float:
+            began = time.perf_counter()
+            pj.polca(task.per_sample_loss, [params] * count, batch, basis, second_order=second_order,
+                     eigenvalues=eigenvalues, mask=mask, progress=False, out=Path(directory) / name, **options)
+            return time.perf_counter() - began
+
+        first, timed = polca(2, "first"), polca(2 + repeats, "timed")
+    seconds = timed / (2 + repeats)
+    return seconds, max(0.0, first - 2 * seconds)
+
+
+def _train_kernel(task: Task, optimizer, opt_state, run: bool, repeats: int) -> Kernel:
+    """One training step (AdamW) as the train stage compiles it; timed with the next training batches."""
+    params, batches, count = task.init_params, task.train_batches, itertools.count()
+    arguments = (params, opt_state, batches(0), 0, jnp.asarray(-1))
+    compiled, flops, temp, compiling = _compile(jax.jit(functools.partial(_train_step, task.loss, optimizer)),
+                                                *arguments)
+    if not run:
+        return Kernel(flops, temp, math.nan, compiling)
+    seconds, _ = _timed(lambda: compiled(params, opt_state, batches(next(count)), 0, jnp.asarray(-1)), repeats)
+    return Kernel(flops, temp, seconds, compiling)
+
+
+def _lanczos_kernel(config, task: Task, batch, basis_size: int, run: bool, repeats: int) -> Kernel:
+    """One basis checkpoint of Algorithm 1: Lanczos with ``lanczos_iters`` HVPs on ``batch``, deflating
+    ``basis_size`` rows, as :func:`polca_jax.hessian_basis` compiles it. Its FLOPs and temporaries are those of its
+    HVPs (XLA counts a loop's body once; the Gram-Schmidt steps add a few multiples of P per iteration)."""
+    params, matvec = task.init_params, HessianMatvec(task.loss)
+    vector = jax.tree_util.tree_map(jnp.ones_like, params)
+    _, flops, temp, _ = _compile(jax.jit(matvec), vector, params, batch)
+    zeros = jnp.zeros if run else jax.ShapeDtypeStruct  # only shapes to compile without running
+    found = jax.tree_util.tree_map(lambda p: zeros((basis_size, *np.shape(p)), p.dtype), params)
+    arguments = (jax.random.key(0), found, (params, batch))
+    compiled, _, _, compiling = _compile(_lanczos, matvec, tree.structure_signature(params), config.k_per_checkpoint,
+                                         config.lanczos_iters, None, *arguments)
+    seconds = _timed(lambda: compiled(*arguments), 1)[0] if run else math.nan  # one call is lanczos_iters HVPs
+    return Kernel(config.lanczos_iters * flops, temp, seconds, compiling)
+
+
+def _loss_kernel(task: Task, batch, mask, run: bool, repeats: int) -> Kernel:
+    """One per-sample loss pass on ``batch`` as :func:`polca_jax.per_sample_losses` runs it (the training's
+    evaluations)."""
+    _, flops, temp, compiling = _compile(jax.jit(task.per_sample_loss), task.init_params, batch)
+    if not run:
+        return Kernel(flops, temp, math.nan, compiling)
+    seconds, compiling = _timed(lambda: pj.per_sample_losses(task.per_sample_loss, task.init_params, batch,
+                                                             mask=mask), repeats)
+    return Kernel(flops, temp, seconds, compiling)
+
+
+def _causal_kernel(task: Task, loss: Kernel, run: bool, repeats: int) -> Kernel:
+    """One direction of the causal check (a loss pass of ablated parameters): when ``run``, half of
+    :func:`polca_jax.direction_ablation_losses` on one direction (its reference pass and that direction's)."""
+    if not run:
+        return dataclasses.replace(loss, compile_seconds=0.0)
+    params = task.init_params
+    basis = pj.random_basis(params, 1, jax.random.key(0))
+    seconds, compiling = _timed(lambda: pj.direction_ablation_losses(task.per_sample_loss, params, params, basis,
+                                                                      task.eval_batch, mask=task.eval_mask), repeats)
+    return dataclasses.replace(loss, seconds=seconds / 2, compile_seconds=compiling)
+
+
+def _compile(jitted, *arguments) -> tuple[Callable, float, int, float]:
+    """``jitted`` compiled for ``arguments`` (not run): the compiled function, XLA's FLOPs and temporary bytes, and
+    the seconds compiling took."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*arguments).compile()
+    compiling = time.perf_counter() - start
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return compiled, float(analysis.get("flops", 0.0)), int(compiled.memory_analysis().temp_size_in_bytes), compiling
+
+
+def _hdbscan_seconds(config, num_samples: int, steps: int) -> float:
+    """Seconds of one HDBSCAN clustering of random trajectories like the run's, on this machine."""
+    trajectories = np.random.default_rng(0).standard_normal((max(2, num_samples // 2), steps))
     start = time.perf_counter()
     cluster_trajectories(trajectories, min_cluster_size=max(2, min(config.min_cluster_size, len(trajectories) // 4)),
                          min_samples=max(1, len(trajectories) // int(config.min_samples_divisor)))
-    stages["cluster"] = clusterings * (time.perf_counter() - start)
-    work["cluster"] = f"{clusterings} HDBSCAN clusterings of about {len(trajectories)} samples"
-
-    steps = len(config.polca_steps)
-    memory = {
-        "parameters and optimizer": 3 * num_params * BYTES,
-        "one basis": basis_size * num_params * BYTES,
-        "Lanczos vectors": config.lanczos_iters * num_params * BYTES,
-        "POLCA arrays per basis (host)": 3 * steps * num_samples * basis_size * BYTES,
-        "checkpoints (disk)": len(config.checkpoint_steps) * 3 * num_params * BYTES,
-    }
-    return Plan(stages, compile_seconds, memory, work)
+    return time.perf_counter() - start
 
 
-def _checkpoint_io(params) -> tuple[float, float]:
-    """Seconds to save and to restore ``params`` with orbax, as the pipeline does (a temporary directory)."""
+def _shard(batch, data: int):
+    """One data shard of a batch (or mask): its first ``⌈n / data⌉`` sequences (None stays None)."""
+    if batch is None or data == 1:
+        return batch
+    size = -(-_batch_size(batch) // data)
+    return jax.tree_util.tree_map(lambda x: x[:size], batch)
+
+
+def _batch_size(batch) -> int:
+    return int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
+
+
+def _nbytes(arrays) -> int:
+    """Bytes of the arrays of a pytree (no copy)."""
+    return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(arrays))
+
+
+def _checkpoint_io(params, opt_state) -> tuple[float, float]:
+    """Seconds to save a training checkpoint (``params`` and ``opt_state``) and to restore its parameters, with orbax
+    as the pipeline does (a temporary directory)."""
     with tempfile.TemporaryDirectory() as directory:
-        with pj.CheckpointRecorder(directory, steps=[0, 1]) as recorder:
-            recorder.save(0, params)  # the first save pays orbax's start-up
-            recorder.wait()
+        with _checkpoint_manager(directory, create=True) as manager:
+            _save(manager, 0, params, opt_state)  # the first save pays orbax's start-up
+            manager.wait_until_finished()
             start = time.perf_counter()
-            recorder.save(1, params)
-            recorder.wait()
+            _save(manager, 1, params, opt_state)
+            manager.wait_until_finished()
             save = time.perf_counter() - start
         with pj.OrbaxCheckpoints(directory, template=params) as store:
             jax.block_until_ready(store[0])
@@ -160,6 +491,8 @@ def _timed(call, repeats: int) -> tuple[float, float]:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f} µs"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
@@ -167,8 +500,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _flops(flops: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.0f} FLOP"
+
+
+def _count(number: int, one: str, many: str | None = None) -> str:
+    return f"{number} {one if number == 1 else many or one + 's'}"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
 def _size(size: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if size >= scale:
-            return f"{size / scale:.1f} {unit}"
+            return f"{size / scale:.3g} {unit}"
     return f"{size} B"
