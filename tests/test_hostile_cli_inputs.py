@@ -103,6 +103,14 @@ CASES = [
     (["english", "--preset", "tiny", "--set", "model_context_length=8"], r"exceeds the model's context length"),
     (["english", "--preset", "tiny", "--set", "validation_fraction=1.0"], r"validation_fraction must lie strictly"),
     (["english", "--preset", "tiny", "--data", "missing.txt"], r"missing\.txt"),
+    # meshes and processes (nothing here joins a multi-process run: each is refused before)
+    (["run", USER, "--mesh", "3x3"], r"--mesh 3x3 needs 9 devices, but 1 are visible"),
+    (["run", USER, "--mesh", "2by2"], r"--mesh '2by2': expected DATAxMODEL"),
+    (["run", USER, "--mesh", "0x1"], r"--mesh '0x1': expected DATAxMODEL, two positive integers"),
+    (["run", USER, "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     r"process id 2 is not one of the 2 processes"),
+    (["run", USER, "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], r"must be host:port"),
+    (["run", USER, "--num-processes", "2", "--process-id", "0"], r"needs the coordinator address"),
     # stages and directories
     (["run", USER, "--stage", "cluster"], r"stage 'train' has not finished"),
     (["arithmetic", "--preset", "tiny", "--stage", "score"], r"stage 'train' has not finished"),

@@ -11,11 +11,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import jax
 
+import polca_jax as pj
+from polca_jax._distributed import ADDRESS_VARIABLE
 from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
 from polca_jax.pipeline._run import run
@@ -50,6 +53,15 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
     cache.add_argument("--no-compile-cache", action="store_true", help="compile every kernel afresh")
     command.add_argument("--stage", dest="stages", action="append", choices=STAGES,
                          help="run only this stage (repeatable; earlier ones must have finished)")
+    command.add_argument("--mesh", metavar="DATAxMODEL",
+                         help="run the basis and decompose stages on DATA x MODEL devices: samples split over DATA, "
+                         "parameters over MODEL (e.g. 8x1, 2x4; the results equal one device's)")
+    scale = command.add_argument_group(
+        "multi-process run", "every process runs the same command (the basis and decompose stages of a run one "
+        "process started); each option defaults to its JAX_* environment variable")
+    scale.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (JAX_COORDINATOR_ADDRESS)")
+    scale.add_argument("--num-processes", type=int, metavar="N", help="number of processes (JAX_NUM_PROCESSES)")
+    scale.add_argument("--process-id", type=int, metavar="I", help="this process' index, 0..N-1 (JAX_PROCESS_ID)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,19 +117,44 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         task = args.task if args.command == "run" else args.command
         stages = (args.stages or []) + ([args.stage] if getattr(args, "stage", None) else []) or None
+        mesh = _run_mesh(args)
         if not args.no_compile_cache:
             enable_compile_cache(args.compile_cache)
         settings = list(args.settings)
         if getattr(args, "data", None) is not None:
             settings.append(f"data={_data_reference(args.data)}")
         report = run(task, args.out, preset=args.preset, settings=settings, checkpoints=args.checkpoints,
-                     stages=stages, force=args.force, progress=not args.quiet)
+                     stages=stages, force=args.force, progress=not args.quiet, mesh=mesh)
     except ValueError as error:
         print(f"polca: error: {error}", file=sys.stderr)
         return 2
-    if report.exists():
+    if report.exists() and pj.is_writer():
         print(f"report: {report}")
     return 0
+
+
+def _run_mesh(args):
+    """Join a multi-process run when one is asked for (flags or JAX_* variables), then the ``--mesh`` over every
+    process' devices (None: one device)."""
+    from polca_jax.pipeline._plan import parse_mesh
+
+    shape = None if args.mesh is None else parse_mesh(args.mesh)
+    given = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in given) or os.environ.get(ADDRESS_VARIABLE):
+        try:
+            pj.initialize_distributed(*given)
+        except ConnectionError as error:
+            raise ValueError(str(error)) from None
+    if shape is None:
+        if jax.process_count() > 1:
+            raise ValueError("a multi-process run needs --mesh DATAxMODEL over every process' devices")
+        return None
+    data, model = shape
+    if data * model != jax.device_count():
+        raise ValueError(f"--mesh {args.mesh} needs {data * model} devices, but {jax.device_count()} are visible "
+                         f"({jax.process_count()} process(es)); on CPU, XLA_FLAGS="
+                         "--xla_force_host_platform_device_count=N simulates N devices")
+    return pj.device_mesh(model=model, data=data)
 
 
 def _plan(args) -> str:
