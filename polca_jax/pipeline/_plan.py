@@ -250,7 +250,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     hessian_shard = _shard(task.hessian_batch, data)
     optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2, config.warmup_steps)
     opt_state = optimizer.init(params)
-    save_seconds, restore_seconds = _checkpoint_io(params, opt_state)
+    save_blocking, save_seconds, restore_seconds = _checkpoint_io(params, opt_state)
     stages, flops, work, memory, kernels = {}, {}, {}, {}, []
 
     loss = _loss_kernel(task, task.eval_batch, task.eval_mask, run, repeats)  # training and causal: one device
@@ -259,11 +259,13 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
         step = _train_kernel(task, optimizer, opt_state, run, repeats)
         kernels.append(step)
         saves, evaluations = len(config.checkpoint_steps), config.num_steps // config.metrics_every
-        stages["train"] = (config.num_steps * device.seconds(step) + evaluations * device.seconds(loss)
-                           + saves * save_seconds)
+        # orbax saves asynchronously: the loop waits for a save's start, the writes overlap the next steps
+        loop = config.num_steps * device.seconds(step) + evaluations * device.seconds(loss) + saves * save_blocking
+        stages["train"] = max(loop, saves * save_seconds)
         flops["train"] = config.num_steps * step.flops + evaluations * loss.flops
         work["train"] = (f"{config.num_steps} steps × {_duration(device.seconds(step))}, {evaluations} evaluations, "
-                         f"{saves} checkpoints saved × {_duration(save_seconds)}")
+                         f"{saves} checkpoints saved × {_duration(save_seconds)} "
+                         f"({_duration(save_blocking)} of it before the next step)")
         memory["train"] = {"parameters and Adam moments (before and after a step)": 2 * 3 * param_bytes,
                            "step temporaries (the whole batch)": step.temp_bytes,
                            "batch": _nbytes(task.train_batches(0))}
@@ -308,7 +310,8 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
 
     clusterings = sum(1 if v.trajectory in ("loss", "loss_change") else sizes[v.basis] for v in variants_of(config))
     stages["cluster"] = clusterings * _hdbscan_seconds(config, num_samples, steps)
-    work["cluster"] = f"{clusterings} HDBSCAN clusterings of about {max(2, num_samples // 2)} samples (host)"
+    work["cluster"] = (f"at most {clusterings} HDBSCAN clusterings of about {max(2, num_samples // 2)} samples "
+                       "(host; a direction the oscillation filter drops is not clustered)")
 
     rows = max(HOST_ROWS + 2 * curvature[name] for name in bases)
     host = {"one checkpoint's POLCA rows": rows * num_samples * max(sizes.values()) * BYTES,
@@ -459,15 +462,16 @@ def _nbytes(arrays) -> int:
     return sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(arrays))
 
 
-def _checkpoint_io(params, opt_state) -> tuple[float, float]:
-    """Seconds to save a training checkpoint (``params`` and ``opt_state``) and to restore its parameters, with orbax
-    as the pipeline does (a temporary directory)."""
+def _checkpoint_io(params, opt_state) -> tuple[float, float, float]:
+    """Seconds to save a training checkpoint (``params`` and ``opt_state``) until the training loop may go on, until
+    it is written, and to restore its parameters, with orbax as the pipeline does (a temporary directory)."""
     with tempfile.TemporaryDirectory() as directory:
         with _checkpoint_manager(directory, create=True) as manager:
             _save(manager, 0, params, opt_state)  # the first save pays orbax's start-up
             manager.wait_until_finished()
             start = time.perf_counter()
             _save(manager, 1, params, opt_state)
+            blocking = time.perf_counter() - start
             manager.wait_until_finished()
             save = time.perf_counter() - start
         with pj.OrbaxCheckpoints(directory, template=params) as store:
@@ -475,7 +479,7 @@ def _checkpoint_io(params, opt_state) -> tuple[float, float]:
             start = time.perf_counter()
             jax.block_until_ready(store[1])
             restore = time.perf_counter() - start
-    return save, restore
+    return blocking, save, restore
 
 
 def _timed(call, repeats: int) -> tuple[float, float]:
