@@ -136,10 +136,12 @@ def test_within_digit_separability_sees_a_carry_signal_the_answer_digit_masks():
 @pytest.mark.slow
 def test_sweep_script_runs_on_a_finished_run(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
-    output = subprocess.run([sys.executable, str(SWEEP_SCRIPT), str(run_dir), "--min-cluster-sizes", "8"],
-                            capture_output=True, text=True, check=True).stdout
+    output = subprocess.run([sys.executable, str(SWEEP_SCRIPT), str(run_dir), "--min-cluster-sizes", "8",
+                             "--random-directions", "3"], capture_output=True, text=True, check=True).stdout
     for line in ("linear probe on exact-loss trajectories", "within one answer digit, second order none",
-                 "second order trapezoid, normalize=unit, min_cluster_size=8"):
+                 "second order trapezoid, normalize=unit, min_cluster_size=8",
+                 "carry separability, 3 random directions, first order",
+                 "second order none along 3 random directions, normalize=None, min_cluster_size=8"):
         assert line in output
 
 

@@ -19,7 +19,8 @@ over the digits), and the per-digit means of the best 10s direction: whether the
     python experiments/arithmetic/sweep_clustering.py RUN_DIR --random-directions 20
 
 also decomposes the run's checkpoints along that many random orthonormal directions (first order; this recomputes
-projections, a few minutes on a CPU) and prints their carry separability, to tell a weak basis from a weak signal.
+projections, a few minutes on a CPU), prints their carry separability, to tell a weak basis from a weak signal, and
+clusters them as the Hessian basis' first-order trajectories are clustered (the random-basis null of the sweep).
 """
 
 import argparse
@@ -168,8 +169,9 @@ def main() -> None:
     for rule, projected in trajectories.items():
         print_separability(f"second order {rule}", projected, labels, digit)
     if args.random_directions:
-        print_separability(f"{args.random_directions} random directions, first order",
-                           random_basis_trajectories(args.run_dir, args.random_directions), labels, digit)
+        random = random_basis_trajectories(args.run_dir, args.random_directions)
+        print_separability(f"{args.random_directions} random directions, first order", random, labels, digit)
+        trajectories[f"none along {args.random_directions} random directions"] = random
     for (rule, projected), normalize, size in itertools.product(
         trajectories.items(), [None, "unit", "standardize"], args.min_cluster_sizes
     ):
