@@ -35,6 +35,9 @@ CASES = {  # name -> (task, preset, settings)
 def check(name: str, runs: Path) -> list[str]:
     """Plan and run one case; the markdown rows of its comparison."""
     task_name, preset, settings = CASES[name]
+    out = runs / name
+    if out.exists():  # polca run would resume it, and the comparison would read an earlier run's stage times
+        raise SystemExit(f"{out} exists: give plan_check.py an empty RUNS_DIR")
     definition = load_task_definition(task_name)
     config = make_config(definition, task_name, preset, parse_overrides(definition, settings))
     task = definition.build(config.task_options, seed=config.seed, workdir=None)
@@ -42,7 +45,6 @@ def check(name: str, runs: Path) -> list[str]:
     plan = plan_run(config, task)
     plan_seconds = time.perf_counter() - started
 
-    out = runs / name
     command = ["polca", "run", task_name, "--preset", preset, "--out", str(out), "--quiet", "--no-compile-cache"]
     command += [part for setting in settings for part in ("--set", setting)]
     started = time.perf_counter()
