@@ -26,16 +26,21 @@ from polca_jax._projections import (
     per_sample_projections_and_curvature,
 )
 from polca_jax._sharding import data_mesh, device_mesh, per_device_bytes, shard_params
+from polca_jax.errors import CorruptRunDirectory, PolcaError, ResumeMismatch, TaskError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Basis",
     "CheckpointRecorder",
+    "CorruptRunDirectory",
     "Eigenpairs",
     "FlatHessianMatvec",
     "OrbaxCheckpoints",
     "POLCAResult",
+    "PolcaError",
+    "ResumeMismatch",
+    "TaskError",
     "basis_from_matrix",
     "check_orthonormal",
     "choose_method",
