@@ -55,6 +55,8 @@ from polca_jax._checks import (
     checkpoint_steps,
 )
 from polca_jax._distributed import is_writer, sync, to_host
+from polca_jax.errors import ResumeMismatch
+from polca_jax._fingerprints import loss_digest, params_digest
 from polca_jax._files import load_npy, read_json, save_npy_atomic, write_json_atomic
 from polca_jax._progress import progress_bar
 from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses
@@ -275,6 +277,7 @@ def polca(
     }
     if out is not None:
         rows.bind(_fingerprint(per_sample_loss_fn, first, batch, basis, config, steps, mask, mesh))
+        rows.check_checkpoint(first_index, steps[first_index], params_digest(first))
         sync("polca_jax polca bound")  # every process has read the directory before process 0 writes to it
         if rows.finished:
             return POLCAResult.load(out)
@@ -312,7 +315,7 @@ def polca(
                 0.0 if total == 0 else max(0.0, 1.0 - float(coordinates @ coordinates) / total))
             row["second_order"] = _second_order_term(
                 second_order, previous_g, row["projections"], coordinates, previous_c, basis.eigenvalues)
-        rows.write(t, row)
+        rows.write(t, row, params_digest(params))
         previous, previous_g, previous_c = params, row["projections"], row.get(_CURVATURE)
     return rows.finish(steps, config)
 
@@ -334,6 +337,7 @@ class _ResultRows:
         self.complete = 0  # checkpoints whose rows are written
         self.finished = False  # the directory holds a complete result (a manifest)
         self.fingerprint: dict | None = None
+        self.checkpoint_digests: list[str | None] = []  # the digest of each complete checkpoint's parameters
         self._saved: dict | None = None  # the directory's record (manifest or progress)
         if self.directory is None:
             return
@@ -352,6 +356,9 @@ class _ResultRows:
             if not isinstance(self.complete, int) or isinstance(self.complete, bool) or self.complete < 1:
                 raise ValueError(f"{progress} is corrupt: 'complete' must be a positive number of checkpoints, got "
                                  f"{self.complete!r}; {self._start_over}")
+        if self._saved is not None:
+            digests = self._saved.get("checkpoints", [])
+            self.checkpoint_digests = list(digests) if isinstance(digests, list) else []
         if self._saved is not None and not isinstance(self._saved.get("fingerprint"), dict):
             raise ValueError(f"{manifest if self.finished else progress} is corrupt: it holds no fingerprint object; "
                              f"{self._start_over}")
@@ -379,17 +386,27 @@ class _ResultRows:
         differences = [_describe_difference(key, saved.get(key), fingerprint.get(key))
                        for key in sorted(set(saved) | set(fingerprint)) if saved.get(key) != fingerprint.get(key)]
         if differences:
-            raise ValueError(f"{self.directory} holds a {what} POLCA result of another computation: "
+            raise ResumeMismatch(f"{self.directory} holds a {what} POLCA result of another computation: "
                              f"{'; '.join(differences)}; {self._start_over}")
         if self.complete > self.num_checkpoints:
             raise ValueError(f"{self.directory / PROGRESS} is corrupt: it counts {self.complete} complete checkpoints "
                              f"of {self.num_checkpoints}; {self._start_over}")
 
+    def check_checkpoint(self, t: int, step: int, digest: str | None) -> None:
+        """Raise ``ResumeMismatch`` when checkpoint t, read again by a resumed (or loaded) result, is not the one its
+        rows were computed from (the checkpoints were re-recorded or replaced)."""
+        saved = self.checkpoint_digests[t] if t < len(self.checkpoint_digests) else None
+        if self._saved is not None and saved is not None and digest is not None and saved != digest:
+            raise ResumeMismatch(
+                f"the checkpoint at step {step} differs from the one the {'complete' if self.finished else 'partial'} "
+                f"POLCA result in {self.directory} was computed from (the checkpoints were re-recorded or replaced): "
+                f"its rows would mix two trainings; {self._start_over}")
+
     def read(self, name: str, t: int) -> np.ndarray:
         """Checkpoint t's row of ``projections`` or ``curvature``, written before (a copy)."""
         return np.array(self._array(name)[t % 2 if name == _CURVATURE else t])
 
-    def write(self, t: int, row: dict[str, np.ndarray]) -> None:
+    def write(self, t: int, row: dict[str, np.ndarray], digest: str | None = None) -> None:
         """Store checkpoint t's rows (and those of interval t-1), then count checkpoint t as complete; in a
         multi-process run only process 0 stores rows in a directory."""
         if self.directory is not None and not is_writer():
@@ -398,11 +415,13 @@ class _ResultRows:
         for name, value in row.items():
             index = t % 2 if name == _CURVATURE else t - 1 if name in _INTERVAL_ARRAYS else t
             self._array(name, value)[index] = value
+        self.checkpoint_digests[t:] = [digest]
         self.complete = t + 1
         if self.directory is not None:
             for array in self.arrays.values():
                 array.flush()
             record = {"format": FORMAT_VERSION, "complete": self.complete, "fingerprint": self.fingerprint}
+            record["checkpoints"] = self.checkpoint_digests
             write_json_atomic(self.directory / PROGRESS, record)
 
     def finish(self, steps: np.ndarray, config: dict) -> POLCAResult:
@@ -415,7 +434,8 @@ class _ResultRows:
             shapes = {name: self._array(name).shape for name in computed}
             self.arrays.clear()  # closes the memory maps
             save_npy_atomic(self.directory / "steps.npy", steps)
-            _write_manifest(self.directory, config, {"steps": steps.shape, **shapes}, self.fingerprint)
+            _write_manifest(self.directory, config, {"steps": steps.shape, **shapes}, self.fingerprint,
+                            checkpoint_digests=self.checkpoint_digests)
             (self.directory / PROGRESS).unlink(missing_ok=True)
             (self.directory / f"{_CURVATURE}.npy").unlink(missing_ok=True)
         sync("polca_jax polca written")  # the other processes read process 0's files (a shared file system)
@@ -487,6 +507,7 @@ def _fingerprint(per_sample_loss_fn, params, batch, basis: Basis, config: dict, 
         "num_samples": num_samples,
         "batch": tree.digest(batch),
         "mask": None if mask is None else tree.digest(np.asarray(mask, bool)),
+        "per_sample_loss": loss_digest(per_sample_loss_fn, params, batch),
     }
 
 
@@ -510,10 +531,13 @@ def _describe_difference(key: str, saved: Any, now: Any) -> str:
         return "the steps differ"
     if key in ("basis", "batch", "mask"):
         return f"the {key} differs"
+    if key == "per_sample_loss":
+        return "the per-sample loss function differs (its code or the arrays it captures)"
     return f"{key} differs ({saved!r} on disk, {now!r} now)"
 
 
-def _write_manifest(directory: Path, config: dict, shapes: dict, fingerprint: dict | None = None) -> None:
+def _write_manifest(directory: Path, config: dict, shapes: dict, fingerprint: dict | None = None, *,
+                    checkpoint_digests: list | None = None) -> None:
     """``manifest.json`` of a complete result: config, array shapes, package versions (and, from :func:`polca`, the
     computation's fingerprint)."""
     manifest = {
@@ -524,6 +548,8 @@ def _write_manifest(directory: Path, config: dict, shapes: dict, fingerprint: di
     }
     if fingerprint is not None:
         manifest["fingerprint"] = fingerprint
+    if checkpoint_digests is not None:
+        manifest["checkpoints"] = checkpoint_digests  # each checkpoint's parameters' digest
     write_json_atomic(directory / MANIFEST, manifest)
 
 
