@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from polca_jax import _tree as tree
 from polca_jax._checks import check_increasing
 from polca_jax._sharding import param_shardings
+from polca_jax.errors import CorruptRunDirectory
 
 PyTree = Any
 PARAMS_ITEM = "params"
@@ -34,7 +35,9 @@ class OrbaxCheckpoints(Sequence):
         :func:`polca_jax.shard_params` places parameters, each process reading only its own shards.
 
     Raises ``ValueError`` for a missing directory, one with no orbax checkpoints, steps that do not strictly increase
-    or are not on disk; indexing past the end raises ``IndexError`` (so iteration stops there).
+    or are not on disk (:class:`polca_jax.CorruptRunDirectory` for a step whose save was interrupted, naming its
+    leftover temporary directory, which is otherwise ignored); indexing past the end raises ``IndexError`` (so
+    iteration stops there).
     """
 
     def __init__(
@@ -69,6 +72,14 @@ class OrbaxCheckpoints(Sequence):
         steps = [int(s) for s in steps]
         check_increasing(steps, f"OrbaxCheckpoints({self.directory})")
         missing = sorted(set(steps) - set(available))
+        unfinished = sorted(path for path in self.directory.glob("*.orbax-checkpoint-tmp*")
+                            if path.name.split(".")[0].isdigit() and int(path.name.split(".")[0]) in missing)
+        if unfinished:
+            raise CorruptRunDirectory(
+                f"{unfinished[0]} is a checkpoint whose save never finished (its writer stopped during the save), so "
+                f"step {unfinished[0].name.split('.')[0]} is not in {self.directory} (complete steps: {available}); "
+                "save that step again (rerun the training, e.g. polca run with --force on the train stage) or "
+                "choose steps that are on disk")
         if missing:
             raise ValueError(f"steps {missing} have no checkpoint in {self.directory} (available: {available})")
         return steps

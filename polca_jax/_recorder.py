@@ -6,6 +6,8 @@ an orbax ``CheckpointManager`` directory with one step per saved checkpoint, hol
 
 from __future__ import annotations
 
+import atexit
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from polca_jax._checkpoints import PARAMS_ITEM
 from polca_jax._checks import check_finite_params
+from polca_jax.errors import PolcaError
 
 PyTree = Any
 
@@ -44,42 +47,95 @@ class CheckpointRecorder:
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(PARAMS_ITEM,))
         self._wanted = set(self.steps)
+        self._last: int | None = max(self._manager.all_steps(), default=None)  # the highest step saved or issued
+        _OPEN[id(self)] = self._manager  # finished at interpreter exit if never closed
 
     def save(self, step: int, params: PyTree) -> bool:
         """Save ``params`` as step ``step`` if it is one of ``steps``; returns whether it saved.
 
-        A step already in the directory, or parameters holding NaN or inf, raise ``ValueError`` (nothing is saved).
+        True means the save was issued and reaches disk (by :meth:`wait`, :meth:`close`, or at the latest when the
+        interpreter exits). Steps must be saved in increasing order: a step at or below one already saved (in this
+        directory, by this recorder or before), or parameters holding NaN or inf, raise
+        :class:`polca_jax.PolcaError` (a ``ValueError``), and nothing is saved.
         """
         step = _step(step)
         if step not in self._wanted:
             return False
-        if step in self._manager.all_steps():
-            raise ValueError(f"step {step} is already saved in {self.directory}; record a new run into a new "
-                             "directory")
+        if self._manager is None:
+            raise PolcaError(f"the CheckpointRecorder of {self.directory} is closed; open a new one to save step "
+                             f"{step}")
+        if self._last is not None and step <= self._last:
+            raise PolcaError(
+                f"step {step} cannot be saved in {self.directory}: step {self._last} is already saved there, and "
+                "checkpoints must be saved in increasing step order; nothing was saved (save the steps in order, or "
+                "record a new run into a new directory)")
         check_finite_params(params, f"the parameters at step {step}")
-        self._manager.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params)}))
+        issued = self._manager.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params)}))
+        if not issued:  # orbax declined the step: say so rather than report a save that never happens
+            raise PolcaError(f"orbax did not save step {step} in {self.directory} (its saved steps: "
+                             f"{sorted(self._manager.all_steps())}); nothing was saved")
+        self._last = step
         return True
 
     @property
     def missing(self) -> list[int]:
-        """The steps not saved (yet)."""
-        saved = set(self._manager.all_steps())
+        """The steps not saved (yet): neither on disk nor being saved."""
+        saved = set(_saved_steps(self.directory) if self._manager is None else self._manager.all_steps())
         return [s for s in self.steps if s not in saved]
 
     def wait(self) -> None:
         """Block until every save so far is on disk (saves run in the background)."""
-        self._manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Wait for the saves to finish and release orbax's threads."""
-        self.wait()
-        self._manager.close()
+        """Wait for the saves to finish and release orbax's threads (a second call does nothing).
+
+        A recorder never closed is closed when the interpreter exits, before the threads orbax saves with stop, so
+        its last saves still reach disk.
+        """
+        manager, self._manager = self._manager, None
+        _OPEN.pop(id(self), None)
+        if manager is not None:
+            _finish(manager)
 
     def __enter__(self) -> "CheckpointRecorder":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_OPEN: dict[int, ocp.CheckpointManager] = {}  # the managers of recorders not closed yet
+
+
+def _finish(manager: ocp.CheckpointManager) -> None:
+    try:
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+
+
+def _finish_open_recorders() -> None:
+    """Close every recorder still open: their saves finish before the interpreter stops the threads they use."""
+    while _OPEN:
+        _finish(_OPEN.popitem()[1])
+
+
+def _saved_steps(directory: Path) -> list[int]:
+    """The steps whose directories are complete on disk (a save's temporary directory is not one)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(path.name) for path in directory.iterdir() if path.is_dir() and path.name.isdigit())
+
+
+# threading's exit hooks run before the interpreter joins threads and stops thread pools (which would make orbax's
+# background save fail with "cannot schedule new futures after interpreter shutdown" and lose the step); they run
+# in reverse order of registration, so this one runs before concurrent.futures' own (registered at its import).
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_finish_open_recorders)
+else:  # pragma: no cover - every supported Python has it
+    atexit.register(_finish_open_recorders)
 
 
 def _step(step) -> int:
