@@ -18,7 +18,7 @@ import numpy as np
 from polca_jax.pipeline import LabelSet, Task, task_factory
 
 
-@task_factory(presets={"tiny": dict(num_steps=20, polca_every=5, basis_every=10)}, default_preset="tiny")
+@task_factory(presets={"tiny": dict(num_steps=20, polca_every=5, window_steps=5, basis_every=10)}, default_preset="tiny")
 def make_task(bug: str = "none") -> Task:
     x = np.linspace(-1, 1, 24, dtype=np.float32)[:, None].repeat(2, 1)
     labels = {"sign": LabelSet(x[:, 0] > 0)}

@@ -114,8 +114,8 @@ import jax.numpy as jnp
 import numpy as np
 from polca_jax.pipeline import LabelSet, Task, task_factory
 
-PRESETS = {"tiny": dict(num_steps=20, polca_every=5, basis_every=10, lanczos_iters=4, min_cluster_size=4,
-                        reference_num_samples=None, ablations=False, baselines=False, metrics_every=5)}
+PRESETS = {"tiny": dict(num_steps=20, polca_every=5, window_steps=5, basis_every=10, lanczos_iters=4,
+                        min_cluster_size=4, reference_num_samples=None, ablations=False, baselines=False, metrics_every=5)}
 
 
 @task_factory(presets=PRESETS, default_preset="tiny")

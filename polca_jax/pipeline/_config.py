@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from polca_jax._decomposition import SECOND_ORDER_CHOICES
 from polca_jax.analysis import CLUSTERERS, NORMALIZATIONS
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
@@ -129,6 +130,7 @@ class RunConfig:
         if self.window_steps is not None and 2 * self.window_steps >= self.num_steps:
             raise ValueError(f"window_steps (Δ = {self.window_steps}) must be less than half of num_steps "
                              f"({self.num_steps}): Eq. 9 needs t - Δ and t + Δ inside training")
+        check_breakthrough_window(self)
 
     @property
     def polca_steps(self) -> list[int]:
@@ -179,6 +181,26 @@ class RunConfig:
             raise ValueError(f"{source} is not a polca run config (unknown keys {unknown}, missing {missing}); it "
                              "may come from an older version of polca_jax: start a new run directory")
         return cls(**saved)
+
+
+def check_breakthrough_window(config: RunConfig) -> None:
+    """Raise ``PolcaError`` unless Eq. 9 can be evaluated on the config's POLCA checkpoints: some checkpoint t has
+    t − Δ and t + Δ inside them (Δ = ``config.window``, by default 5 × polca_every), and τ (``threshold_step``, when
+    set) lies inside them. Checked when the config is made and again by the score stage."""
+    steps = config.polca_steps
+    first, last = steps[0], steps[-1]
+    widest = max(min(t - first, last - t) for t in steps)  # the largest Δ some checkpoint fits
+    if config.window > widest:
+        origin = ("window_steps" if config.window_steps is not None
+                  else f"the default, 5 × polca_every={config.polca_every}")
+        raise PolcaError(
+            f"the breakthrough window Δ = {config.window} steps ({origin}) is too wide for the {len(steps)} POLCA "
+            f"checkpoints at steps {first}..{last}: Eq. 9 needs a checkpoint t with t − Δ and t + Δ among them, so "
+            f"Δ can be at most {widest}; " + (f"--set window_steps={widest}, or " if widest >= 1 else "")
+            + "more POLCA checkpoints (a smaller polca_every, a larger num_steps or polca_until)")
+    if config.threshold_step is not None and not first <= config.threshold_step <= last:
+        raise PolcaError(f"threshold_step (τ = {config.threshold_step}) must lie within the POLCA steps "
+                         f"{first}..{last}: Eq. 10 compares breakthrough steps with it")
 
 
 PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_SETTABLE)

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from polca_jax import _tree as tree
+from polca_jax._distributed import is_writer
 from polca_jax._files import read_json, save_npz_atomic, write_json_atomic
+from polca_jax._fingerprints import loss_digest
+from polca_jax.errors import ResumeMismatch
 from polca_jax.pipeline._config import RunConfig, config_differences
 from polca_jax.pipeline._task import LabelSet, Qualifier, Task
 
@@ -59,6 +63,7 @@ class RunDirectory:
                                  "choose another --out") from error
             self.created = True
         self.config: RunConfig = config
+        self._fingerprints_lock = threading.Lock()  # a stage's checkpoint reads may come from a read-ahead thread
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -86,7 +91,14 @@ class RunDirectory:
                              f"(polca run {self.config.task} --out {self.path} --stage {stage})")
 
     def reset(self, stages: list[str], outputs: dict[str, tuple[str, ...]]) -> None:
-        """Remove the markers of ``stages`` and the outputs ``outputs[stage]`` (paths relative to the run)."""
+        """Remove the markers of ``stages`` and the outputs ``outputs[stage]`` (paths relative to the run), and the
+        fingerprints those stages recorded (the checkpoints' with ``train``)."""
+        fingerprints = self._fingerprints()
+        if fingerprints != _NO_FINGERPRINTS:
+            kept = {"checkpoints": {} if "train" in stages else fingerprints["checkpoints"],
+                    "losses": {kind: record for kind, record in fingerprints["losses"].items()
+                               if record["stage"] not in stages}}
+            write_json_atomic(self.path / FINGERPRINTS, kept)
         for stage in stages:
             (self.path / "stages" / f"{stage}.json").unlink(missing_ok=True)
             for name in outputs.get(stage, ()):
@@ -100,6 +112,63 @@ class RunDirectory:
         """Delete a directory this object created, after the run failed before it trained or finished a stage."""
         if self.created and not (self.path / "checkpoints").exists() and not any((self.path / "stages").glob("*")):
             shutil.rmtree(self.path, ignore_errors=True)
+
+    # --- fingerprints of the checkpoints and the loss functions ------------------------------------------------------
+
+    def _fingerprints(self) -> dict:
+        """``fingerprints.json``: ``{"checkpoints": {step: digest}, "losses": {kind: {"digest", "stage"}}}``."""
+        path = self.path / FINGERPRINTS
+        if not path.exists():
+            return _NO_FINGERPRINTS
+        saved = read_json(path)
+        if not isinstance(saved.get("checkpoints"), dict) or not isinstance(saved.get("losses"), dict):
+            raise ValueError(f"{path} is corrupt (no checkpoints or losses object); remove it to record the "
+                             "fingerprints again from the data on disk")
+        return saved
+
+    def _start_afresh(self, stage: str) -> str:
+        return (f"redo it with polca run {self.config.task} --out {self.path} --stage {stage} --force, or start a "
+                "new --out directory (nothing was changed)")
+
+    def check_checkpoint(self, step: int, digest: str | None) -> None:
+        """Compare the digest of the parameters read (or written) at ``step`` with the one recorded when a stage
+        first read or wrote them; record it if none was. Raise ``ResumeMismatch`` when they differ: the checkpoints
+        were re-recorded or replaced, and a later stage would mix them with results of the old ones."""
+        if digest is None:  # parameters split across processes: not digested
+            return
+        with self._fingerprints_lock:
+            fingerprints = self._fingerprints()
+            saved = fingerprints["checkpoints"].get(str(int(step)))
+            if saved is None:
+                if is_writer():
+                    fingerprints = {**fingerprints, "checkpoints": {**fingerprints["checkpoints"],
+                                                                    str(int(step)): digest}}
+                    write_json_atomic(self.path / FINGERPRINTS, fingerprints)
+                return
+        if saved != digest:
+            raise ResumeMismatch(
+                f"the checkpoint at step {step} in {self.checkpoint_dir} differs from the one this run "
+                f"{'read' if self.config.checkpoints else 'trained'} before (digests in {self.path / FINGERPRINTS}): "
+                "the checkpoints were re-recorded or replaced since the run began, and its later stages would mix "
+                f"results of both; to decompose the checkpoints there now, {self._start_afresh('train')}")
+
+    def check_losses(self, digests: dict[str, str]) -> None:
+        """Raise ``ResumeMismatch`` when a loss function (``loss``, ``per_sample_loss``) differs from the one an
+        earlier stage of this run used (an edited task file)."""
+        for kind, record in sorted(self._fingerprints()["losses"].items()):
+            if kind in digests and record["digest"] != digests[kind]:
+                raise ResumeMismatch(
+                    f"the task's {kind} differs from the one the {record['stage']} stage of this run used "
+                    f"(its code or the arrays it captures changed; digests in {self.path / FINGERPRINTS}): the "
+                    f"task file was edited since, and the results would mix both; {self._start_afresh(record['stage'])}")
+
+    def record_losses(self, digests: dict[str, str], stage: str) -> None:
+        """Record the digests of the loss functions ``stage`` uses (those no earlier stage recorded)."""
+        fingerprints = self._fingerprints()
+        new = {kind: {"digest": digest, "stage": stage} for kind, digest in digests.items()
+               if kind not in fingerprints["losses"]}
+        if new and is_writer():
+            write_json_atomic(self.path / FINGERPRINTS, {**fingerprints, "losses": {**fingerprints["losses"], **new}})
 
     # --- the task's data -------------------------------------------------------------------------------------------
 
@@ -129,6 +198,17 @@ class RunDirectory:
             "label_sets": {name: label_set.metadata() for name, label_set in task.labels.items()},
             "has_texts": task.sample_texts is not None,
         })
+
+
+FINGERPRINTS = "fingerprints.json"
+_NO_FINGERPRINTS = {"checkpoints": {}, "losses": {}}
+
+
+def loss_digests(task: Task) -> dict[str, str]:
+    """The digests of the task's loss functions: ``loss`` on the Hessian batch, ``per_sample_loss`` on the
+    evaluation batch (:func:`polca_jax._fingerprints.loss_digest`: traced on shapes, nothing computed)."""
+    return {"loss": loss_digest(task.loss, task.init_params, task.hessian_batch),
+            "per_sample_loss": loss_digest(task.per_sample_loss, task.init_params, task.eval_batch)}
 
 
 def task_fingerprint(task: Task) -> dict[str, str]:

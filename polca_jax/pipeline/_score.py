@@ -30,6 +30,7 @@ import numpy as np
 import polca_jax as pj
 from polca_jax import analysis
 from polca_jax._files import write_json_atomic
+from polca_jax.pipeline._config import check_breakthrough_window
 from polca_jax.pipeline._rundir import RunDirectory, load_labels
 from polca_jax.pipeline._stages import NEAREST_SAMPLES, PER_SAMPLE_SIGNALS, variant_trajectories, variants_of
 from polca_jax.pipeline._task import LabelSet
@@ -41,6 +42,7 @@ THRESHOLD_FRACTION = 0.9  # automatic τ: where the mean exact loss has made thi
 def score_stage(run: RunDirectory) -> dict:
     """Write ``metrics.json`` (see the module docstring); returns a summary for the stage record."""
     config = run.config
+    check_breakthrough_window(config)  # the rule the config was made with (a run directory may be older)
     label_sets, texts = load_labels(run.path)
     results = {}
 

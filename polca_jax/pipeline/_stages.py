@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ from polca_jax._checks import check_same_structure
 from polca_jax._distributed import is_writer, sync as pj_sync
 from polca_jax._files import save_npy_atomic
 from polca_jax.pipeline._compile import measure_compilation
-from polca_jax.pipeline._rundir import RunDirectory
+from polca_jax._fingerprints import params_digest
+from polca_jax.pipeline._rundir import RunDirectory, loss_digests
 from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
 from polca_jax.pipeline._training import adamw_paper, train
 
@@ -54,6 +55,8 @@ STAGE_OUTPUTS = {
     "score": ("metrics.json",),
     "report": ("report",),
 }
+STAGE_LOSSES = {"train": ("loss",), "basis": ("loss",), "decompose": ("per_sample_loss",),
+                "causal": ("per_sample_loss",)}  # the task's loss functions each stage's results depend on
 MAIN_BASIS = "hessian"
 NEAREST_SAMPLES = 10  # samples nearest each cluster's medoid, kept for reports
 
@@ -121,7 +124,8 @@ def train_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
     optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2, config.warmup_steps)
     train(task.loss, task.init_params, optimizer, task.train_batches, config.num_steps, run.checkpoint_dir,
           config.checkpoint_steps, metrics_fn=metrics, metrics_every=config.metrics_every,
-          metrics_path=run / "metrics.jsonl", progress=progress)
+          metrics_path=run / "metrics.jsonl", progress=progress,
+          checkpoint_fn=lambda step, params: run.check_checkpoint(step, params_digest(params)))
     return {"parameters": tree.num_params(task.init_params), "trained": True}
 
 
@@ -134,7 +138,8 @@ def _mean_eval_loss(task: Task) -> Callable:
 
 
 def _check_existing_checkpoints(run: RunDirectory, task: Task) -> None:
-    """Raise unless the run's checkpoint directory holds params like the task's at every step the run needs."""
+    """Raise unless the run's checkpoint directory holds params like the task's at every step the run needs; record
+    the digest of every one (read once here), which later stages and resumes compare with what they read."""
     steps = run.config.checkpoint_steps
     with pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params) as store:
         try:
@@ -146,6 +151,17 @@ def _check_existing_checkpoints(run: RunDirectory, task: Task) -> None:
         check_same_structure(task.init_params, first, f"the checkpoint at step {steps[0]} in {run.checkpoint_dir}")
     except ValueError as error:
         raise ValueError(f"{error}; the checkpoints were saved from another model than the task's") from error
+    with checkpoint_store(run, task, steps) as store:
+        for params in store:  # each read compares or records its digest
+            del params
+
+
+def _record_losses(run: RunDirectory, stage: str) -> None:
+    """Record the digests of the task's loss functions ``stage``'s results depend on (``STAGE_LOSSES``), when it
+    first writes them: before training, before the first basis is saved, at the end of the other stages (a
+    partial decomposition holds its own fingerprint, with its loss)."""
+    uses = () if stage == "train" and run.config.checkpoints else STAGE_LOSSES.get(stage, ())
+    run.record_losses({kind: run.task_loss_digests[kind] for kind in uses}, stage)
 
 
 def build_task(run: RunDirectory, definition: TaskDefinition | None = None) -> Task:
@@ -155,6 +171,8 @@ def build_task(run: RunDirectory, definition: TaskDefinition | None = None) -> T
     task = definition.build(run.config.task_options, seed=run.config.seed, workdir=run.path)
     check_fits(run.config, task)
     run.bind_task(task)
+    run.task_loss_digests = loss_digests(task)
+    run.check_losses(run.task_loss_digests)
     return task
 
 
@@ -173,10 +191,34 @@ def check_fits(config, task: Task) -> None:
                          f"{num_params} parameters: lower lanczos_iters")
 
 
-def checkpoint_store(run: RunDirectory, task: Task, steps: list[int], mesh=None) -> pj.OrbaxCheckpoints:
+def checkpoint_store(run: RunDirectory, task: Task, steps: list[int], mesh=None) -> "CheckedCheckpoints":
     """The run's checkpoints at ``steps``, restored into the task's parameter shapes and dtypes (split over
-    ``mesh`` like the kernels place parameters)."""
-    return pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params, mesh=mesh)
+    ``mesh`` like the kernels place parameters), each checked against the digest recorded when the run first read
+    or wrote it."""
+    return CheckedCheckpoints(run, pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params,
+                                                       mesh=mesh))
+
+
+class CheckedCheckpoints(Sequence):
+    """An :class:`~polca_jax.OrbaxCheckpoints` whose every read is checked against (or recorded as) the run's
+    digest of that step's parameters (:meth:`RunDirectory.check_checkpoint`)."""
+
+    def __init__(self, run: RunDirectory, store: pj.OrbaxCheckpoints):
+        self.run, self.store, self.steps = run, store, store.steps
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int):
+        params = self.store[index]
+        self.run.check_checkpoint(self.steps[index], params_digest(params))
+        return params
+
+    def __enter__(self) -> "CheckedCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
 
 
 # --- basis and decompose --------------------------------------------------------------------------------------------
@@ -207,7 +249,9 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
             "parameter_axes": lambda: pj.parameter_axis_basis(final_params(), config.lca_axes, step=config.num_steps),
         }
         for name in _unfinished(names, lambda name: run / "basis" / name / "basis.json"):
-            makers[name]().save(run / "basis" / name)
+            basis = makers[name]()
+            _record_losses(run, "basis")  # the bases saved depend on the loss
+            basis.save(run / "basis" / name)
     return {"bases": list(names)}
 
 
@@ -401,7 +445,11 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
         with measure_compilation() as compiling:
             if stage not in HOST_STAGES and task is None:
                 task = build_task(run, definition)
+            if stage == "train" and task is not None:  # training writes from its first step on
+                _record_losses(run, stage)
             info = bodies[stage](run, task, progress)
+            if task is not None:
+                _record_losses(run, stage)
         info["wall_seconds"] = time.perf_counter() - start
         info.update(compiling.as_record())
         if is_writer():

@@ -61,6 +61,7 @@ def train(
     metrics_every: int = 100,
     metrics_path: str | Path | None = None,
     progress: bool = True,
+    checkpoint_fn: Callable[[int, Any], None] | None = None,
 ) -> Any:
     """Train ``params`` for ``num_steps`` updates of ``optimizer`` on ``loss_fn(params, batches(step))``.
 
@@ -87,6 +88,8 @@ def train(
       metrics_every: interval of metric records and progress-bar updates.
       metrics_path: JSON-lines file for the metric records.
       progress: show a tqdm progress bar.
+      checkpoint_fn: ``checkpoint_fn(step, params)`` after each checkpoint is saved, and with the restored
+        parameters when training resumes (the pipeline records and checks their digests).
 
     Returns:
       The parameters after ``num_steps`` updates.
@@ -107,6 +110,8 @@ def train(
             start = 0
             if 0 in save_steps:
                 _save(manager, 0, params, opt_state)
+                if checkpoint_fn is not None:
+                    checkpoint_fn(0, params)
         elif start > num_steps:
             raise ValueError(
                 f"{checkpoint_dir} already holds step {start}, beyond num_steps={num_steps}; use restore_params "
@@ -114,6 +119,8 @@ def train(
             )
         else:
             params, opt_state = _restore_training_state(manager, start, params, opt_state)
+            if checkpoint_fn is not None:
+                checkpoint_fn(start, params)
 
         metrics_file = _open_metrics_log(metrics_path, start) if metrics_path is not None else None
         try:
@@ -133,6 +140,8 @@ def train(
                 if step + 1 in save_steps:
                     _check_finite_loss(first_bad)  # never save parameters that a non-finite loss produced
                     _save(manager, step + 1, params, opt_state)
+                    if checkpoint_fn is not None:
+                        checkpoint_fn(step + 1, params)
             _check_finite_loss(first_bad)
         finally:
             if metrics_file is not None:

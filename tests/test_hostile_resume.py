@@ -1,0 +1,203 @@
+"""Hostile resumes and command lines: each case must be refused with its error class and a message naming the
+problem, and leave every file on disk as it was (compared by digest before and after).
+
+Inputs mixed on resume (checkpoints re-recorded, an edited loss) in a pipeline run directory and in
+``polca(out=...)``; a second run on a run directory in use; settings, meshes and processes refused before any work
+by ``polca run`` and ``polca plan`` alike; ``polca report`` running no code a run directory names.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import polca_jax as pj
+from conftest import sgd_checkpoints
+from polca_jax.errors import PolcaError, ResumeMismatch
+from polca_jax.pipeline import run
+from polca_jax.pipeline._cli import main
+from test_decomposition import Checkpoints, interrupted
+
+USER_TASK = '''
+import jax.numpy as jnp
+import numpy as np
+from polca_jax.pipeline import LabelSet, Task, task_factory
+
+PRESETS = {"tiny": dict(num_steps=20, polca_every=5, window_steps=5, basis_every=10, lanczos_iters=4,
+                        min_cluster_size=4, reference_num_samples=None, ablations=False, baselines=False,
+                        metrics_every=5)}
+
+
+@task_factory(presets=PRESETS, default_preset="tiny")
+def make_task(width: int = 3, labels: str = "sign") -> Task:
+    x = np.linspace(-1, 1, 24, dtype=np.float32)[:, None].repeat(2, 1)
+    values = {"sign": x[:, 0] > 0, "object": np.array([None, "a"] * 12, dtype=object),
+              "mixed": [None, "a"] * 12}[labels]
+    return Task(init_params={"w": jnp.full((2, width), 0.3)},
+                per_sample_loss=lambda p, b: ((b["x"] @ p["w"]) ** 2).sum(1),
+                eval_batch={"x": x}, hessian_batch={"x": x}, train_batches=lambda step: {"x": x},
+                labels={"sign": LabelSet(values)})
+'''
+EDITED_LOSS = ("((b[\"x\"] @ p[\"w\"]) ** 2).sum(1)", "jnp.abs(b[\"x\"] @ p[\"w\"]).sum(1)")
+
+
+def quiet(_):
+    pass
+
+
+def digests(directory: Path) -> dict[str, str]:
+    """Every file below ``directory`` (relative path -> SHA-256 of its bytes): what "nothing changed" compares."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def record_checkpoints(directory: Path, scale: float = 1.0) -> None:
+    """Checkpoints of the user task's model at its tiny preset's steps 0, 5, ..., 20."""
+    with pj.CheckpointRecorder(directory, steps=range(0, 21, 5)) as recorder:
+        for step in range(0, 21, 5):
+            recorder.save(step, {"w": jnp.full((2, 3), 0.3 * scale - 0.01 * step, jnp.float32)})
+
+
+@pytest.fixture(scope="module")
+def finished_basis(tmp_path_factory):
+    """Two run directories of the user task with the train and basis stages finished: one trained, one reading
+    recorded checkpoints (``--checkpoints``)."""
+    root = tmp_path_factory.mktemp("hostile_resume")
+    (root / "user_task.py").write_text(USER_TASK)
+    task = f"{root / 'user_task.py'}:make_task"
+    run(task, root / "trained", stages=["train", "basis"], progress=False, log=quiet)
+    record_checkpoints(root / "recorded")
+    run(task, root / "read", checkpoints=root / "recorded", stages=["train", "basis"], progress=False, log=quiet)
+    return root
+
+
+def rerecord(root: Path) -> None:
+    shutil.rmtree(root / "recorded")
+    record_checkpoints(root / "recorded", scale=2.0)
+
+
+def replace_trained(root: Path) -> None:
+    shutil.rmtree(root / "trained" / "checkpoints")
+    record_checkpoints(root / "trained" / "checkpoints")
+
+
+def edit_loss(root: Path) -> None:
+    text = (root / "user_task.py").read_text()
+    (root / "user_task.py").write_text(text.replace(*EDITED_LOSS))
+
+
+# (name, run directory, what changes before the resume, stages resumed, message)
+PIPELINE_CASES = [
+    ("checkpoints re-recorded between stages", "read", rerecord, ["decompose"],
+     r"the checkpoint at step 0 in .*recorded differs from the one this run read before .*--force.*new --out"),
+    ("the run's own checkpoints replaced", "trained", replace_trained, ["decompose"],
+     r"the checkpoint at step 0 in .*trained/checkpoints differs from the one this run trained before"),
+    ("loss edited after train and basis", "trained", edit_loss, ["decompose"],
+     r"the task's loss differs from the one the train stage of this run used .*--stage train --force"),
+    ("loss edited, read checkpoints", "read", edit_loss, ["decompose"],
+     r"the task's loss differs from the one the basis stage of this run used .*--stage basis --force"),
+]
+
+
+@pytest.mark.parametrize("name, which, change, stages, message", PIPELINE_CASES, ids=[c[0] for c in PIPELINE_CASES])
+def test_a_resume_on_other_inputs_is_refused_and_changes_nothing(finished_basis, tmp_path, name, which, change,
+                                                                  stages, message):
+    root = tmp_path / "copy"
+    shutil.copytree(finished_basis, root)
+    out = root / which
+    config = json.loads((out / "config.json").read_text())  # the copy runs its own task file and checkpoints
+    config["task"] = f"{root / 'user_task.py'}:make_task"
+    config["checkpoints"] = config["checkpoints"] and str(root / "recorded")
+    (out / "config.json").write_text(json.dumps(config))
+    change(root)
+    before = digests(root)
+    with pytest.raises(ResumeMismatch, match=message):
+        run(f"{root / 'user_task.py'}:make_task", out, stages=stages, progress=False, log=quiet)
+    assert digests(root) == before
+
+
+# --- polca(out=...) resumed on other inputs ----------------------------------------------------------------------
+
+
+def other_checkpoints(checkpoints):
+    return [jax.tree_util.tree_map(lambda leaf: leaf * 1.5, params) for params in checkpoints]
+
+
+def other_loss(mlp):
+    return lambda params, batch: mlp.token_losses(params, batch) * 2.0  # the same shapes, another function
+
+
+# (name, complete result?, what the resume is given instead, message)
+POLCA_CASES = [
+    ("partial result, other checkpoints", False, dict(checkpoints=other_checkpoints),
+     r"the checkpoint at step 2 differs from the one the partial POLCA result in .* was computed from"),
+    ("complete result, other checkpoints", True, dict(checkpoints=other_checkpoints),
+     r"the checkpoint at step 4 differs from the one the complete POLCA result"),
+    ("partial result, other per-sample loss", False, dict(loss=other_loss),
+     r"partial POLCA result of another computation: the per-sample loss function differs"),
+    ("complete result, other per-sample loss", True, dict(loss=other_loss),
+     r"complete POLCA result of another computation: the per-sample loss function differs"),
+]
+
+
+@pytest.mark.parametrize("name, complete, change, message", POLCA_CASES, ids=[c[0] for c in POLCA_CASES])
+def test_polca_out_resumed_on_other_inputs_is_refused_and_changes_nothing(tmp_path, mlp, name, complete, change,
+                                                                          message):
+    checkpoints = sgd_checkpoints(mlp, 5)
+    basis = pj.random_basis(mlp.params, 3, jax.random.key(7))
+    out = tmp_path / "polca"
+    if complete:
+        pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="none", progress=False, out=out)
+    else:
+        interrupted(out, mlp, checkpoints, basis, second_order="none")  # 3 of 5 checkpoints complete
+    before = digests(out)
+    loss = change["loss"](mlp) if "loss" in change else mlp.token_losses
+    given = change["checkpoints"](checkpoints) if "checkpoints" in change else checkpoints
+    with pytest.raises(ResumeMismatch, match=message) as error:
+        pj.polca(loss, Checkpoints(given), mlp.batch, basis, second_order="none", progress=False, out=out)
+    assert f"remove {out} to start over" in str(error.value)
+    assert digests(out) == before
+    record = json.loads((out / ("manifest.json" if complete else "progress.json")).read_text())
+    assert len(record["checkpoints"]) == (5 if complete else 3)  # each complete checkpoint's digest
+
+
+LOSS_DIGEST_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, sys.argv[1])
+from conftest import mlp_token_losses
+from polca_jax._fingerprints import loss_digest
+
+@jax.custom_vjp
+def doubled(x):
+    return 2 * x
+doubled.defvjp(lambda x: (doubled(x), None), lambda _, g: (2 * g,))
+table = jnp.arange(3.0)  # a captured constant
+
+def loss(params, batch):
+    return jax.nn.relu(mlp_token_losses(params, batch)) + doubled(batch["x"]).sum() + table[1]
+
+params = {"w1": jnp.zeros((3, 4)), "b1": jnp.zeros(4), "w2": jnp.zeros((4, 2))}
+batch = {"x": jnp.zeros((5, 3)), "y": jnp.zeros((5, 2))}
+print(loss_digest(loss, params, batch))
+"""
+
+
+@pytest.mark.slow
+def test_the_loss_digest_is_the_same_in_two_processes():
+    digests_seen = {
+        subprocess.run([sys.executable, "-c", textwrap.dedent(LOSS_DIGEST_SCRIPT), str(Path(__file__).parent)],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED=str(seed)), capture_output=True,
+                       text=True, check=True, timeout=300).stdout.strip()
+        for seed in (1, 2)}
+    assert len(digests_seen) == 1 and len(next(iter(digests_seen))) == 64
