@@ -201,3 +201,48 @@ def test_the_loss_digest_is_the_same_in_two_processes():
                        text=True, check=True, timeout=300).stdout.strip()
         for seed in (1, 2)}
     assert len(digests_seen) == 1 and len(next(iter(digests_seen))) == 64
+
+
+# --- a run directory in use ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def user_task(tmp_path):
+    (tmp_path / "user_task.py").write_text(USER_TASK)
+    return f"{tmp_path / 'user_task.py'}:make_task"
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_holder(user_task, tmp_path, capsys):
+    from polca_jax.pipeline import open_run
+
+    out = tmp_path / "run"
+    holder, _ = open_run(user_task, out)
+    holder.lock()  # another run holds the directory (a separate open file: flock refuses it like another process)
+    try:
+        before = digests(out)
+        with pytest.raises(PolcaError, match=rf"{out} is in use by another polca run \(pid {os.getpid()} on "
+                                             rf"{socket.gethostname()}, started 20.*\); wait for it"):
+            run(user_task, out, stages=["train"], progress=False, log=quiet)
+        assert main(["run", user_task, "--out", str(out), "--quiet"]) == 2
+        assert "is in use by another polca run" in capsys.readouterr().err
+        assert digests(out) == before and not (out / "stages").exists()
+    finally:
+        holder.unlock()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(user_task, tmp_path):
+    from polca_jax.pipeline import open_run
+
+    out = tmp_path / "run"
+    run_dir, _ = open_run(user_task, out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                              "started": "2020-01-01T00:00:00+00:00"}))
+    run_dir.lock()
+    try:
+        assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+    finally:
+        run_dir.unlock()
+    again, _ = open_run(user_task, out)  # released: the next run takes it
+    again.lock()
+    again.unlock()

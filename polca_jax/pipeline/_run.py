@@ -59,8 +59,15 @@ def run(task: str, out: str | Path, *, preset: str | None = None,
                          "process first (polca run TASK --out DIR --stage train)")
     run_dir, definition = open_run(task, out, preset=preset, settings=settings, checkpoints=checkpoints)
     try:
+        run_dir.lock()  # a second run on the directory is refused while this one runs
+    except BaseException:
+        run_dir.discard()
+        raise
+    try:
         run_stages(run_dir, definition, stages, force=force, progress=progress, log=log, mesh=mesh)
     except BaseException:
         run_dir.discard()
         raise
+    finally:
+        run_dir.unlock()
     return run_dir / "report" / "report.md"

@@ -14,8 +14,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
 import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from polca_jax import _tree as tree
 from polca_jax._distributed import is_writer
 from polca_jax._files import read_json, save_npz_atomic, write_json_atomic
 from polca_jax._fingerprints import loss_digest
-from polca_jax.errors import ResumeMismatch
+from polca_jax.errors import PolcaError, ResumeMismatch
 from polca_jax.pipeline._config import RunConfig, config_differences
 from polca_jax.pipeline._task import LabelSet, Qualifier, Task
 
@@ -107,6 +111,40 @@ class RunDirectory:
                     shutil.rmtree(target)
                 else:
                     target.unlink(missing_ok=True)
+
+    def lock(self) -> None:
+        """Hold the run directory until :meth:`unlock` or the process' end: an exclusive ``flock`` on ``LOCK`` in it,
+        which the operating system releases when the process dies, so a lock is never stale; the file names the
+        holder (pid, host, start time) for the refusal. Raise ``PolcaError`` when another process holds it. In a
+        multi-process run only process 0 (the writer) takes it."""
+        if not is_writer() or getattr(self, "_lock", None) is not None:
+            return
+        handle = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            try:
+                holder = "pid {pid} on {host}, started {started}".format(**json.loads(holder))
+            except (ValueError, KeyError, TypeError):
+                holder = "holder unknown"
+            raise PolcaError(f"{self.path} is in use by another polca run ({holder}); wait for it to finish, or "
+                             "choose another --out (nothing was changed)") from None
+        handle.seek(0)
+        handle.truncate()  # a holder that died left its record: this process takes over
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}))
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        """Release the lock :meth:`lock` took; the file stays, emptied (a process that dies leaves its record)."""
+        handle, self._lock = getattr(self, "_lock", None), None
+        if handle is not None:
+            handle.truncate(0)
+            handle.close()  # closing the file releases the flock
 
     def discard(self) -> None:
         """Delete a directory this object created, after the run failed before it trained or finished a stage."""
@@ -201,6 +239,7 @@ class RunDirectory:
 
 
 FINGERPRINTS = "fingerprints.json"
+LOCK = "run.lock"  # held by the process running stages in the directory
 _NO_FINGERPRINTS = {"checkpoints": {}, "losses": {}}
 
 
