@@ -246,3 +246,23 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(user_task, tmp_path):
     again, _ = open_run(user_task, out)  # released: the next run takes it
     again.lock()
     again.unlock()
+
+
+# --- polca report runs no code a run directory names ---------------------------------------------------------------
+
+
+def test_report_runs_no_task_code_the_run_directory_names_unless_the_task_is_named(user_task, tmp_path, capsys):
+    from polca_jax.pipeline import open_run
+
+    out = tmp_path / "run"
+    open_run(user_task, out)
+    marker = tmp_path / "task_code_ran"
+    task_file = Path(user_task.rpartition(":")[0])
+    task_file.write_text(f"open({str(marker)!r}, 'w').close()\n" + task_file.read_text())  # hostile task code
+    assert main(["report", str(out)]) == 0
+    assert not marker.exists()
+    report = (out / "report" / "report.md").read_text()
+    assert "`polca report` runs no task code" in report and f"--task {user_task}" in report
+    assert main(["report", str(out), "--task", user_task]) == 0  # named on the command line: it runs
+    assert marker.exists()
+    assert "runs no task code" not in (out / "report" / "report.md").read_text()

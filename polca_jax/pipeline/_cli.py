@@ -3,7 +3,7 @@
     polca run TASK --out DIR [--preset NAME] [--set KEY=VALUE ...] [--checkpoints DIR] [--stage STAGE ...]
     polca arithmetic [STAGE] --out DIR ...        (= polca run arithmetic)
     polca english [STAGE] [--data DATA] --out DIR ...
-    polca report DIR
+    polca report DIR [--task path/file.py:factory]
     polca plan TASK [--preset NAME] [--set KEY=VALUE ...]
     polca --version
 """
@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write the report of a run directory again",
                                  description="Re-render report/report.md of a run from what its directory holds.")
     report.add_argument("run_dir")
+    report.add_argument("--task", metavar="path/file.py:factory",
+                        help="the run's task, for its own report sections: a task file is code, and polca report runs "
+                        "none that the run directory names (built-in tasks excepted)")
     return parser
 
 
@@ -110,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             if not (Path(args.run_dir) / "config.json").is_file():
                 raise ValueError(f"{Path(args.run_dir).absolute()} is not a run directory (no config.json)")
-            print(f"report: {write_report(args.run_dir)}")
+            definition = None
+            if args.task is not None:
+                from polca_jax.pipeline._task import load_task_definition
+                definition = load_task_definition(args.task)
+            print(f"report: {write_report(args.run_dir, definition)}")
             return 0
         if args.command == "plan":
             print(_plan(args))

@@ -19,7 +19,7 @@ import numpy as np
 from polca_jax.pipeline import _reporting as reporting
 from polca_jax.pipeline._reporting import MISSING, RunView, load_run_view
 from polca_jax.pipeline._stages import STAGES, VARIANTS
-from polca_jax.pipeline._task import TaskDefinition, load_task_definition
+from polca_jax.pipeline._task import BUILTIN_TASKS, TaskDefinition, load_task_definition
 
 MAX_DIRECTION_FIGURES = 6
 MAX_CLASSES_PLOTTED = 9
@@ -38,9 +38,12 @@ def write_report(run_dir: str | Path, definition: TaskDefinition | None = None, 
                  started: float | None = None) -> Path:
     """Write ``run_dir/report/report.md`` and its figures; returns the report's path.
 
-    definition: the run's task definition, for its own report sections (default: loaded from the run's config; a
-    task that cannot be loaded any more only loses those sections). started: ``time.perf_counter()`` when the
-    report stage began, to list its own time so far among the stage times.
+    definition: the run's task definition, for its own report sections. Default: a built-in task (planted,
+    arithmetic, english) named by the run's config is loaded; no other task code the directory names is run (a
+    task file is code, like any Python module), so its sections are left out with a note saying how to name the
+    task (``polca report DIR --task path/file.py:factory``); a task that cannot be loaded only loses those
+    sections. started: ``time.perf_counter()`` when the report stage began, to list its own time so far among
+    the stage times.
     """
     view = load_run_view(Path(run_dir).absolute())
     definition, definition_note = _definition(view, definition)
@@ -89,6 +92,10 @@ def write_report(run_dir: str | Path, definition: TaskDefinition | None = None, 
 def _definition(view: RunView, definition: TaskDefinition | None) -> tuple[TaskDefinition | None, str | None]:
     if definition is not None or "task" not in view.config:
         return definition, None
+    if view.config["task"] not in BUILTIN_TASKS:
+        return None, (f"*The task's own report sections are left out: `polca report` runs no task code that a run "
+                      f"directory names. To include them, name the task: `polca report {view.directory} --task "
+                      f"{view.config['task']}`.*")
     try:
         return load_task_definition(view.config["task"]), None
     except ValueError as error:
