@@ -55,9 +55,17 @@ from polca_jax._checks import (
     checkpoint_steps,
 )
 from polca_jax._distributed import is_writer, sync, to_host
-from polca_jax.errors import ResumeMismatch
+from polca_jax.errors import CorruptRunDirectory, ResumeMismatch
 from polca_jax._fingerprints import loss_digest, params_digest
-from polca_jax._files import load_npy, read_json, save_npy_atomic, write_json_atomic
+from polca_jax._files import (
+    bytes_digest,
+    check_npy_size,
+    file_digest,
+    load_npy,
+    read_json,
+    save_npy_atomic,
+    write_json_atomic,
+)
 from polca_jax._progress import progress_bar
 from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses
 from polca_jax._sharding import check_mesh, shard_params
@@ -163,25 +171,41 @@ class POLCAResult:
         (directory / MANIFEST).unlink(missing_ok=True)
         for name in _ARRAYS:
             save_npy_atomic(directory / f"{name}.npy", getattr(self, name))
-        _write_manifest(directory, self.config, {name: np.shape(getattr(self, name)) for name in _ARRAYS})
+        _write_manifest(directory, self.config, {name: np.shape(getattr(self, name)) for name in _ARRAYS},
+                        checksums=_file_checksums(directory))
 
     @classmethod
-    def load(cls, directory: str | Path, *, mmap: bool = True) -> "POLCAResult":
-        """Read a result written by :meth:`save` (memory-mapped by default); raise ``ValueError`` naming the file
-        that is missing, unreadable or of the wrong shape."""
+    def load(cls, directory: str | Path, *, mmap: bool = True, verify: bool = True) -> "POLCAResult":
+        """Read a result written by :meth:`save` or :func:`polca` (memory-mapped by default); raise ``ValueError``
+        naming the file that is missing, unreadable or of the wrong shape, and :class:`polca_jax.CorruptRunDirectory`
+        for a file whose size does not match its header (checked before it is mapped) or, with ``verify`` (the
+        default), whose bytes do not match the checksum the manifest recorded when it was written (a result saved by
+        a polca_jax without checksums is not verified). ``verify=False`` skips reading every byte, for a huge result
+        known to be intact."""
         directory = Path(directory)
         try:
             manifest = read_json(directory / MANIFEST, required=("config", "shapes"))
             arrays = {name: load_npy(directory / f"{name}.npy", mmap_mode="r" if mmap else None) for name in _ARRAYS}
+        except CorruptRunDirectory:
+            raise
         except ValueError as error:
             raise ValueError(f"cannot read a POLCA result from {directory}: {error}") from error
         shapes = manifest["shapes"] if isinstance(manifest["shapes"], dict) else {}
         for name in _ARRAYS:
             if list(arrays[name].shape) != shapes.get(name):
-                raise ValueError(
+                raise CorruptRunDirectory(
                     f"corrupt POLCA result in {directory}: {directory / name}.npy has shape {arrays[name].shape}, "
                     f"but {MANIFEST} says {shapes.get(name)}"
                 )
+        checksums = manifest.get("checksums")
+        if verify and isinstance(checksums, dict):
+            for name in _ARRAYS:
+                path = directory / f"{name}.npy"
+                if checksums.get(name) != file_digest(path):
+                    raise CorruptRunDirectory(
+                        f"{path} does not match the checksum {MANIFEST} recorded when the result was written (a "
+                        f"byte of it changed since); the POLCA result in {directory} cannot be trusted: delete the "
+                        "directory and compute it again (in a pipeline run: rerun the decompose stage with --force)")
         return cls(config=manifest["config"], **arrays)
 
 
@@ -225,6 +249,9 @@ def polca(
         the last finished one is read again, for the step), with the same result bit for bit; a complete result in
         ``out`` is loaded, not recomputed. Either must come from the same computation (chunk sizes and the mesh may
         change), else ``ValueError`` names what differs and nothing is changed; remove ``out`` to start over.
+        ``progress.json`` also holds a checksum of each complete checkpoint's rows and the manifest one of each
+        finished file: a file truncated, changed or over-counted since is refused before any work
+        (:class:`polca_jax.CorruptRunDirectory`), never padded or read as zeros.
 
     Raises ``ValueError`` (before any work where it can) for unknown options, an empty batch, fewer than two
     checkpoints, steps that do not strictly increase, checkpoints that are not a sequence or differ in structure,
@@ -338,6 +365,7 @@ class _ResultRows:
         self.finished = False  # the directory holds a complete result (a manifest)
         self.fingerprint: dict | None = None
         self.checkpoint_digests: list[str | None] = []  # the digest of each complete checkpoint's parameters
+        self.row_digests: list[str] = []  # the checksum of each complete checkpoint's rows, as written
         self._saved: dict | None = None  # the directory's record (manifest or progress)
         if self.directory is None:
             return
@@ -359,6 +387,8 @@ class _ResultRows:
         if self._saved is not None:
             digests = self._saved.get("checkpoints", [])
             self.checkpoint_digests = list(digests) if isinstance(digests, list) else []
+            rows = self._saved.get("rows", []) if not self.finished else []
+            self.row_digests = list(rows) if isinstance(rows, list) else []
         if self._saved is not None and not isinstance(self._saved.get("fingerprint"), dict):
             raise ValueError(f"{manifest if self.finished else progress} is corrupt: it holds no fingerprint object; "
                              f"{self._start_over}")
@@ -391,6 +421,32 @@ class _ResultRows:
         if self.complete > self.num_checkpoints:
             raise ValueError(f"{self.directory / PROGRESS} is corrupt: it counts {self.complete} complete checkpoints "
                              f"of {self.num_checkpoints}; {self._start_over}")
+        if not self.finished:
+            self._verify_rows()
+
+    def _verify_rows(self) -> None:
+        """Raise :class:`CorruptRunDirectory` unless every row the progress record counts as complete is on disk as
+        it was written (the checksum recorded when its checkpoint was flushed); the curvature rows are not checked."""
+        progress = self.directory / PROGRESS
+        if len(self.row_digests) < self.complete:
+            raise CorruptRunDirectory(
+                f"{progress} is corrupt: it counts {self.complete} complete checkpoints but holds the checksums of "
+                f"the rows of {len(self.row_digests)} (written by an earlier polca_jax, or edited); resuming could "
+                f"leave rows that were never computed; {self._start_over}")
+        for t in range(self.complete):
+            if self._row_digest(t) != self.row_digests[t]:
+                names = ", ".join(f"{name}.npy" for name in self._row_names(t))
+                raise CorruptRunDirectory(
+                    f"the rows of checkpoint {t} in {self.directory} ({names}) do not match the checksum {progress} "
+                    f"recorded when they were written: the files changed since; {self._start_over}")
+
+    def _row_names(self, t: int) -> list[str]:
+        return ["loss", "projections"] + (list(_INTERVAL_ARRAYS) if t > 0 else [])
+
+    def _row_digest(self, t: int) -> str:
+        """The checksum of checkpoint t's rows as stored (loss, projections and, from t = 1, interval t-1's)."""
+        return bytes_digest(*(self._array(name)[t - 1 if name in _INTERVAL_ARRAYS else t]
+                              for name in self._row_names(t)))
 
     def check_checkpoint(self, t: int, step: int, digest: str | None) -> None:
         """Raise ``ResumeMismatch`` when checkpoint t, read again by a resumed (or loaded) result, is not the one its
@@ -420,8 +476,10 @@ class _ResultRows:
         if self.directory is not None:
             for array in self.arrays.values():
                 array.flush()
+            self.row_digests[t:] = [self._row_digest(t)]
             record = {"format": FORMAT_VERSION, "complete": self.complete, "fingerprint": self.fingerprint}
             record["checkpoints"] = self.checkpoint_digests
+            record["rows"] = self.row_digests  # the checksum of each complete checkpoint's rows, verified on resume
             write_json_atomic(self.directory / PROGRESS, record)
 
     def finish(self, steps: np.ndarray, config: dict) -> POLCAResult:
@@ -435,11 +493,11 @@ class _ResultRows:
             self.arrays.clear()  # closes the memory maps
             save_npy_atomic(self.directory / "steps.npy", steps)
             _write_manifest(self.directory, config, {"steps": steps.shape, **shapes}, self.fingerprint,
-                            checkpoint_digests=self.checkpoint_digests)
+                            checkpoint_digests=self.checkpoint_digests, checksums=_file_checksums(self.directory))
             (self.directory / PROGRESS).unlink(missing_ok=True)
             (self.directory / f"{_CURVATURE}.npy").unlink(missing_ok=True)
         sync("polca_jax polca written")  # the other processes read process 0's files (a shared file system)
-        return POLCAResult.load(self.directory)
+        return POLCAResult.load(self.directory, verify=False)  # its checksums were just taken from these files
 
     def _array(self, name: str, first_row: np.ndarray | None = None) -> np.ndarray:
         """The array ``name``: opened from its file when a finished checkpoint wrote to it, else made for rows like
@@ -477,7 +535,10 @@ class _ResultRows:
     def _open(self, name: str, rows: int) -> np.ndarray:
         path = self.directory / f"{name}.npy"
         try:
+            check_npy_size(path)  # a writable memory map would pad a truncated file with zeros
             array = np.lib.format.open_memmap(path, mode="r+")
+        except CorruptRunDirectory as error:
+            raise CorruptRunDirectory(f"cannot resume the POLCA result in {self.directory}: {error}") from error
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot resume the POLCA result in {self.directory}: {path} cannot be opened "
                              f"({error}); {self._start_over}") from error
@@ -537,9 +598,9 @@ def _describe_difference(key: str, saved: Any, now: Any) -> str:
 
 
 def _write_manifest(directory: Path, config: dict, shapes: dict, fingerprint: dict | None = None, *,
-                    checkpoint_digests: list | None = None) -> None:
-    """``manifest.json`` of a complete result: config, array shapes, package versions (and, from :func:`polca`, the
-    computation's fingerprint)."""
+                    checkpoint_digests: list | None = None, checksums: dict | None = None) -> None:
+    """``manifest.json`` of a complete result: config, array shapes, package versions, the checksum of each array's
+    file (verified by :meth:`POLCAResult.load`) (and, from :func:`polca`, the computation's fingerprint)."""
     manifest = {
         "format": FORMAT_VERSION,
         "config": config,
@@ -550,7 +611,14 @@ def _write_manifest(directory: Path, config: dict, shapes: dict, fingerprint: di
         manifest["fingerprint"] = fingerprint
     if checkpoint_digests is not None:
         manifest["checkpoints"] = checkpoint_digests  # each checkpoint's parameters' digest
+    if checksums is not None:
+        manifest["checksums"] = checksums
     write_json_atomic(directory / MANIFEST, manifest)
+
+
+def _file_checksums(directory: Path) -> dict:
+    """The checksum of each array's ``.npy`` file in ``directory`` (:func:`polca_jax._files.file_digest`)."""
+    return {name: file_digest(directory / f"{name}.npy") for name in _ARRAYS}
 
 
 def _prepared(params: PyTree, first: PyTree, what: str, mesh) -> PyTree:

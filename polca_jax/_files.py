@@ -6,13 +6,19 @@ A killed process therefore leaves either the old file or the new one under the f
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import uuid
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
 import numpy as np
+
+from polca_jax.errors import CorruptRunDirectory
+
+_HASH_BLOCK_BYTES = 1 << 24  # files are hashed 16 MiB at a time
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -66,11 +72,67 @@ def read_json(path: str | Path, required: Iterable[str] = ()) -> Any:
 
 
 def load_npy(path: str | Path, *, mmap_mode: str | None = None) -> np.ndarray:
-    """``np.load`` of a ``.npy`` file; raise ``ValueError`` naming the file if it is missing or not a ``.npy`` array."""
+    """``np.load`` of a ``.npy`` file; raise ``ValueError`` naming the file if it is missing or not a ``.npy`` array,
+    and :class:`CorruptRunDirectory` if its size is not the one its header's shape and dtype make
+    (:func:`check_npy_size`, before anything maps it)."""
     path = Path(path)
     try:
+        check_npy_size(path)
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except FileNotFoundError as error:
         raise ValueError(f"{path} is missing") from error
+    except CorruptRunDirectory:
+        raise
     except (OSError, ValueError, EOFError) as error:
         raise ValueError(f"{path} is not a readable .npy array ({error})") from error
+
+
+def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """The shape, dtype and data offset (header length in bytes) of the ``.npy`` file ``path``; ``ValueError`` if its
+    header cannot be read."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+        else:
+            shape, fortran_order, dtype = np.lib.format._read_array_header(file, version)
+        return tuple(shape), dtype, file.tell()
+
+
+def check_npy_size(path: str | Path) -> None:
+    """Raise :class:`CorruptRunDirectory` unless the ``.npy`` file ``path`` is exactly as long as its header says (a
+    truncated file would otherwise be padded with zeros by a writable memory map, or be read short). A header that
+    cannot be read is a ``ValueError`` from :func:`npy_header`."""
+    path = Path(path)
+    shape, dtype, offset = npy_header(path)
+    if dtype.hasobject:
+        return  # object arrays are pickles, of no fixed size (polca_jax never writes them)
+    expected = offset + math.prod(shape) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise CorruptRunDirectory(
+            f"{path} is {'truncated' if actual < expected else 'longer than its header says'}: its header describes "
+            f"a {dtype} array of shape {shape}, {expected} bytes with the header, but the file has {actual} bytes "
+            "(an interrupted copy or a full disk?); nothing was read from it. Delete the directory that holds it and "
+            "compute it again (in a pipeline run: rerun the stage with --force)")
+
+
+def file_digest(path: str | Path) -> str:
+    """``"blake2b:<hex>"``, the BLAKE2b digest of the bytes of ``path`` (read a block at a time)."""
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as file:
+        while block := file.read(_HASH_BLOCK_BYTES):
+            digest.update(block)
+    return f"blake2b:{digest.hexdigest()}"
+
+
+def bytes_digest(*arrays: Any) -> str:
+    """``"blake2b:<hex>"`` of the bytes of ``arrays`` (C order), each with its dtype and shape."""
+    digest = hashlib.blake2b(digest_size=32)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return f"blake2b:{digest.hexdigest()}"
