@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from polca_jax.errors import PolcaError
 
 ADDRESS_VARIABLE = "JAX_COORDINATOR_ADDRESS"
 COUNT_VARIABLE = "JAX_NUM_PROCESSES"
@@ -40,6 +41,13 @@ def initialize_distributed(
     address = coordinator_address or os.environ.get(ADDRESS_VARIABLE)
     count = _setting(num_processes, COUNT_VARIABLE)
     index = _setting(process_id, ID_VARIABLE)
+    if count is not None and count < 1:
+        raise PolcaError(f"the number of processes must be at least 1, got {count} (--num-processes or "
+                         f"{COUNT_VARIABLE})")
+    if index is not None and index < 0:
+        raise PolcaError(f"the process id must be 0 or more, got {index} (--process-id or {ID_VARIABLE})")
+    if address is not None:
+        _host_and_port(address)  # its syntax, before anything else is asked for
     missing = [name for name, value in (("coordinator address", address), ("process count", count),
                                         ("process id", index)) if value is None]
     if missing:
@@ -70,8 +78,10 @@ def _setting(value: int | None, variable: str) -> int | None:
 
 def _host_and_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"coordinator address {address!r} must be host:port")
+    if not host or not port.isdigit() or any(character.isspace() for character in address):
+        raise PolcaError(f"coordinator address {address!r} must be host:port (e.g. 10.0.0.1:8476)")
+    if not 1 <= int(port) <= 65535:
+        raise PolcaError(f"coordinator address {address!r}: port {int(port)} is not in 1..65535")
     return host, int(port)
 
 

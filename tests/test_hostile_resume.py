@@ -9,6 +9,7 @@ by ``polca run`` and ``polca plan`` alike; ``polca report`` running no code a ru
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -266,3 +267,77 @@ def test_report_runs_no_task_code_the_run_directory_names_unless_the_task_is_nam
     assert main(["report", str(out), "--task", user_task]) == 0  # named on the command line: it runs
     assert marker.exists()
     assert "runs no task code" not in (out / "report" / "report.md").read_text()
+
+
+# --- refused before any work, by polca run and polca plan alike ----------------------------------------------------
+
+BOTH = ("run", "plan")
+# (commands, arguments after the task, error class, message)
+COMMAND_CASES = [
+    (BOTH, ["--set", "window_steps=none"], PolcaError,
+     r"the breakthrough window Δ = 25 steps \(the default, 5 × polca_every=5\) is too wide for the 5 POLCA "
+     r"checkpoints at steps 0\.\.20: .* Δ can be at most 10; --set window_steps=10"),
+    (BOTH, ["--set", "window_steps=none", "--set", "polca_every=10"], PolcaError,
+     r"Δ = 50 steps .* too wide for the 3 POLCA checkpoints"),
+    (BOTH, ["--set", "polca_until=10", "--set", "window_steps=8"], PolcaError,
+     r"Δ = 8 steps \(window_steps\) is too wide .* at most 5"),
+    (BOTH, ["--set", "threshold_step=30"], PolcaError, r"threshold_step \(τ = 30\) must lie within the POLCA steps 0\.\.20"),
+    (BOTH, ["--checkpoints", "/nonexistent/checkpoints"], ValueError,
+     r"checkpoint directory /nonexistent/checkpoints does not exist"),
+    (("plan",), ["--mesh", "1000000x1"], PolcaError,
+     r"a data axis of 1000000 devices exceeds the task's 24 evaluation or Hessian sequences"),
+    (("run",), ["--mesh", "1000000x1"], ValueError, r"--mesh 1000000x1 needs 1000000 devices, but 1 are visible"),
+    (("run",), ["--num-processes", "0"], PolcaError, r"the number of processes must be at least 1, got 0 "
+                                                     r"\(--num-processes"),
+    (("run",), ["--num-processes", "2", "--process-id", "-1", "--coordinator", "localhost:1234"], PolcaError,
+     r"the process id must be 0 or more, got -1"),
+    (("run",), ["--coordinator", "localhost:70000", "--num-processes", "2", "--process-id", "0"], PolcaError,
+     r"coordinator address 'localhost:70000': port 70000 is not in 1\.\.65535"),
+    (("run",), ["--coordinator", "localhost:0", "--num-processes", "2", "--process-id", "0"], PolcaError,
+     r"port 0 is not in 1\.\.65535"),
+    (("run",), ["--coordinator", ":1234", "--num-processes", "2", "--process-id", "1"], PolcaError,
+     r"coordinator address ':1234' must be host:port"),
+    (("run",), ["--coordinator", "local host:1234", "--num-processes", "2", "--process-id", "1"], PolcaError,
+     r"must be host:port"),
+    (BOTH, ["--set", "labels=object"], PolcaError,
+     r"label set 'sign' holds values of dtype object \(of types NoneType, str\): labels must be all ints"),
+    (BOTH, ["--set", "labels=mixed"], PolcaError, r"label set 'sign' holds values of dtype object"),
+    (BOTH, ["{directory_task}"], PolcaError, r"task file .*x\.py is a directory, not a Python file"),
+]
+COMMANDS = [(command, arguments, error, message) for commands, arguments, error, message in COMMAND_CASES
+            for command in commands]
+
+
+@pytest.mark.parametrize("command, arguments, error, message", COMMANDS,
+                         ids=[f"{c} {' '.join(a)}" for c, a, _, _ in COMMANDS])
+def test_a_mistake_is_refused_before_any_work_by_run_and_plan(user_task, tmp_path, capsys, monkeypatch, command,
+                                                               arguments, error, message):
+    from polca_jax.pipeline import _cli
+
+    (tmp_path / "x.py").mkdir()
+    caught = []
+
+    def recording(function):
+        def wrapper(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except BaseException as raised:
+                caught.append(raised)
+                raise
+        return wrapper
+
+    for name in ("run", "_plan", "_run_mesh"):
+        monkeypatch.setattr(_cli, name, recording(getattr(_cli, name)))
+    monkeypatch.chdir(tmp_path)
+    task = user_task
+    if arguments[0] == "{directory_task}":
+        task, arguments = f"{tmp_path / 'x.py'}:make_task", arguments[1:]
+    out = tmp_path / "run"
+    line = [command, task, *arguments] + (["--out", str(out), "--quiet"] if command == "run" else [])
+    before = digests(tmp_path)
+    assert main(line) == 2
+    printed = capsys.readouterr().err
+    assert re.search(message, printed), printed
+    assert "Traceback" not in printed
+    assert caught and isinstance(caught[-1], error) and re.search(message, str(caught[-1]))
+    assert digests(tmp_path) == before and not out.exists()

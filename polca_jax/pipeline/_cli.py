@@ -176,6 +176,9 @@ def _plan(args) -> str:
     if args.checkpoints is not None:
         overrides["checkpoints"] = str(Path(args.checkpoints).absolute())
     config = make_config(definition, canonical_reference(args.task), args.preset, overrides)
+    if config.checkpoints is not None:  # refused as polca run's train stage refuses them
+        with pj.OrbaxCheckpoints(config.checkpoints, config.checkpoint_steps):
+            pass
     task = definition.build(config.task_options, seed=config.seed, workdir=None)
     check_fits(config, task)
     device = device_named(args.device)

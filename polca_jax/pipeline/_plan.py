@@ -63,7 +63,7 @@ from polca_jax._lanczos import _lanczos
 from polca_jax._projections import projection_kernel_cost
 from polca_jax._sharding import param_spec
 from polca_jax.analysis import cluster_trajectories
-from polca_jax.pipeline._stages import MESH_STAGES, bases_of, causal_bases, variants_of
+from polca_jax.pipeline._stages import MESH_STAGES, bases_of, causal_bases, check_data_axis, variants_of
 from polca_jax.pipeline._task import Task
 from polca_jax.pipeline._training import _checkpoint_manager, _save, _train_step, adamw_paper
 
@@ -240,6 +240,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     run = device.peak_flops is None
     params = task.init_params
     check_model_axis(params, model)
+    check_data_axis(task, data)
     param_bytes, replicated = split_bytes(params, model)
     num_samples, steps = task.num_samples, len(config.polca_steps)
     basis_size = len(config.basis_steps) * config.k_per_checkpoint

@@ -34,14 +34,16 @@ import numpy as np
 import polca_jax as pj
 from polca_jax import _tree as tree
 from polca_jax import analysis
-from polca_jax._checks import check_same_structure
+from polca_jax._checks import batch_size, check_same_structure
 from polca_jax._distributed import is_writer, sync as pj_sync
 from polca_jax._files import save_npy_atomic
 from polca_jax.pipeline._compile import measure_compilation
 from polca_jax._fingerprints import params_digest
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._rundir import RunDirectory, loss_digests
 from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
 from polca_jax.pipeline._training import adamw_paper, train
+from polca_jax.pipeline._usercode import user_code_errors
 
 STAGES = ("train", "basis", "decompose", "causal", "cluster", "score", "report")
 HOST_STAGES = ("cluster", "score", "report")
@@ -189,6 +191,15 @@ def check_fits(config, task: Task) -> None:
     if config.lanczos_iters + size > num_params:
         raise ValueError(f"lanczos_iters={config.lanczos_iters} plus the {size} basis directions exceed the task's "
                          f"{num_params} parameters: lower lanczos_iters")
+
+
+def check_data_axis(task: Task, data: int) -> None:
+    """Raise ``PolcaError`` when a data axis of ``data`` devices exceeds the sequences of the evaluation or the
+    Hessian batch, which it splits: some devices would hold no sample (``polca run`` and ``polca plan``)."""
+    sequences = min(batch_size(task.eval_batch), batch_size(task.hessian_batch))
+    if data > sequences:
+        raise PolcaError(f"--mesh: a data axis of {data} devices exceeds the task's {sequences} evaluation or Hessian "
+                         f"sequences, which it splits: choose at most {sequences} data devices")
 
 
 def checkpoint_store(run: RunDirectory, task: Task, steps: list[int], mesh=None) -> "CheckedCheckpoints":
@@ -442,9 +453,11 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
         pj_sync(f"polca_jax {stage} started")  # no process reads the run before process 0 has reset it
         log(f"[{stage}] running")
         start = time.perf_counter()
-        with measure_compilation() as compiling:
+        with measure_compilation() as compiling, user_code_errors(f"the {stage} stage"):
             if stage not in HOST_STAGES and task is None:
                 task = build_task(run, definition)
+                if mesh is not None:
+                    check_data_axis(task, mesh.shape["data"])
             if stage == "train" and task is not None:  # training writes from its first step on
                 _record_losses(run, stage)
             info = bodies[stage](run, task, progress)

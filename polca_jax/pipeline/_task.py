@@ -24,6 +24,8 @@ import jax
 import numpy as np
 
 from polca_jax._checks import batch_size
+from polca_jax._projections import check_loss_dtype
+from polca_jax.errors import PolcaError
 
 PyTree = Any
 RESERVED_OPTIONS = ("seed", "workdir")
@@ -161,9 +163,15 @@ class Task:
         for name in ("eval_batch", "hessian_batch"):
             _check_batch(getattr(self, name), f"Task.{name}")
         try:
-            shape = jax.eval_shape(self.per_sample_loss, self.init_params, self.eval_batch).shape
+            out = jax.eval_shape(self.per_sample_loss, self.init_params, self.eval_batch)
         except Exception as error:  # a user's function may fail in any way: say where
-            raise ValueError(f"Task.per_sample_loss fails on (init_params, eval_batch): {error}") from error
+            from polca_jax.pipeline._usercode import as_task_error
+
+            wrapped = as_task_error(error, "Task.per_sample_loss on (init_params, eval_batch)")
+            raise wrapped or ValueError(f"Task.per_sample_loss fails on (init_params, eval_batch): {error}") \
+                from error
+        check_loss_dtype(out.dtype, "Task.per_sample_loss")
+        shape = out.shape
         n_seq = _check_batch(self.eval_batch, "Task.eval_batch")
         if len(shape) not in (1, 2) or shape[0] != n_seq:
             raise ValueError(f"Task.per_sample_loss must return [n_seq] or [n_seq, n_tok] with n_seq={n_seq}, "
@@ -177,6 +185,11 @@ class Task:
         if num_samples < 2:
             raise ValueError(f"the task has {num_samples} evaluation sample(s); POLCA clusters need at least 2")
         for name, label_set in self.labels.items():
+            if label_set.values.dtype.kind not in "biufUS":  # object arrays: None or mixed types
+                kinds = sorted({type(value).__name__ for value in label_set.values.tolist()})
+                raise PolcaError(f"label set {name!r} holds values of dtype {label_set.values.dtype} (of types "
+                                 f"{', '.join(kinds[:5])}): labels must be all ints, all bools or all strings, one "
+                                 "per sample; give missing labels a class of their own (e.g. 'none')")
             if label_set.values.shape != (num_samples,):
                 raise ValueError(f"label set {name!r} has {label_set.values.shape[0]} values but the task has "
                                  f"{num_samples} evaluation samples (one label per sample, in the order of the "
@@ -304,6 +317,9 @@ def load_task_definition(reference: str) -> TaskDefinition:
 
 
 def _import_file(path: Path):
+    if path.is_dir():
+        raise PolcaError(f"task file {path} is a directory, not a Python file; name the .py file that defines the "
+                         "task factory (path/to/file.py:factory)")
     if not path.is_file():
         raise ValueError(f"task file {path} does not exist")
     name = f"polca_user_task_{abs(hash(str(path)))}"
