@@ -10,6 +10,11 @@ Guarantees:
   training batch, labels) taken when the task was first built; a later build that differs is refused, so a run
   never mixes two datasets (e.g. a relative data path resumed from another directory).
 - Redoing a stage (``force``) first removes its outputs and those of every later stage, and their markers.
+- ``fingerprints.json`` holds the digest of each checkpoint's parameters (recorded as training writes them or a
+  stage first reads them) and of the task's loss functions (recorded by the stages whose results use them); a
+  read or a task build that differs is refused with ``ResumeMismatch`` before anything is written.
+- ``run.lock`` is ``flock``'ed by the process running stages (:meth:`RunDirectory.lock`): a second run is refused,
+  naming the holder; the operating system releases the lock when the holder dies, so it is never stale.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Run directory layout::
     config.json            the run's RunConfig (a run directory holds one config)
     task.json              the task's data fingerprint, sample count and label-set metadata
     labels.npz             the evaluation samples' label sets (``label:<name>``) and texts (``texts``)
+    fingerprints.json      each checkpoint's parameter digest, and the loss functions' digests with the stage that
+                           first used them: a later read or build that differs is refused (ResumeMismatch)
+    run.lock               flock'ed by the process running stages (a second run is refused)
     checkpoints/           orbax: params (+ optimizer state) at every POLCA and basis step (absent when the run
                            reads an existing checkpoint directory, ``config.checkpoints``)
     metrics.jsonl          training log: loss, evaluation loss and the task's training metrics
