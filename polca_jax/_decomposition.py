@@ -55,7 +55,7 @@ from polca_jax._checks import (
     checkpoint_steps,
 )
 from polca_jax._distributed import is_writer, sync, to_host
-from polca_jax.errors import CorruptRunDirectory, ResumeMismatch
+from polca_jax.errors import CorruptRunDirectory, PolcaError, ResumeMismatch
 from polca_jax._fingerprints import loss_digest, params_digest
 from polca_jax._files import (
     bytes_digest,
@@ -369,6 +369,9 @@ class _ResultRows:
         self._saved: dict | None = None  # the directory's record (manifest or progress)
         if self.directory is None:
             return
+        if self.directory.exists() and not self.directory.is_dir():
+            raise PolcaError(f"out={self.directory} is a file, not a directory: give polca a directory to write the "
+                             "result to (a new one, or the one of a run to resume); nothing was changed")
         manifest, progress = self.directory / MANIFEST, self.directory / PROGRESS
         if manifest.exists():
             self._saved = self._read_record(manifest, "config")

@@ -42,6 +42,7 @@ from polca_jax._checks import batch_size, check_finite_params, check_finite_tree
 from polca_jax._sharding import (
     DATA_AXIS, MODEL_AXIS, check_mesh, num_data_shards, param_spec, shard_batch, shard_params, shard_rows,
 )
+from polca_jax.errors import PolcaError
 
 PyTree = Any
 PerSampleLossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -504,13 +505,23 @@ def _directions(basis, params, what: str, mesh) -> tuple[PyTree, int]:
 
 def _samples_per_sequence(loss_fn, params, batch, n_seq: int, what: str) -> int:
     """Samples per sequence s of ``loss_fn``'s ``[n_seq]`` (s = 1) or ``[n_seq, s]`` output; raise for other shapes."""
-    shape = jax.eval_shape(loss_fn, params, batch).shape
+    out = jax.eval_shape(loss_fn, params, batch)
+    check_loss_dtype(out.dtype, f"{what}: per_sample_loss_fn")
+    shape = out.shape
     if len(shape) not in (1, 2) or shape[0] != n_seq:
         raise ValueError(
             f"{what}: per_sample_loss_fn must return [n_seq] or [n_seq, n_tok] losses with n_seq={n_seq}, got shape "
             f"{shape}; return one loss per sample (or per token), not their mean"
         )
     return 1 if len(shape) == 1 else shape[1]
+
+
+def check_loss_dtype(dtype, what: str) -> None:
+    """Raise :class:`polca_jax.PolcaError` unless a loss of ``dtype`` can be differentiated: real floating point."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "not floating point"
+        raise PolcaError(f"{what} returns losses of dtype {dtype} ({kind}); POLCA differentiates the loss, so it must "
+                         "return real floating-point values (e.g. float32): cast it, or return the real loss")
 
 
 def _default_chunk(method: str, samples_per_sequence: int) -> int:

@@ -23,6 +23,7 @@ from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
 from polca_jax.pipeline._run import run
 from polca_jax.pipeline._stages import STAGES
+from polca_jax.pipeline._usercode import user_code_errors
 
 SHORTHANDS = {
     "arithmetic": "the paper's 3-digit addition task (= polca run arithmetic)",
@@ -67,6 +68,8 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polca", description="POLCA: find hidden breakthroughs in training.")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true",
+                        help="let any error end with its Python traceback (for a bug report)")
     commands = parser.add_subparsers(dest="command", required=True)
     run_command = commands.add_parser(
         "run", help="run POLCA on a task: train, basis, decompose, cluster, score, report",
@@ -108,7 +111,40 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``polca`` command; returns its exit status: 0 done, 2 an error in what it was given or in the machine's
+    resources (printed as one paragraph ``polca: error: ...``), 1 a bug in polca_jax. ``--debug`` raises instead."""
     args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        status, message = _explained(error)
+        print(message, file=sys.stderr)
+        return status
+
+
+def _explained(error: Exception) -> tuple[int, str]:
+    """The exit status and one-paragraph message for an exception that ended the command."""
+    if isinstance(error, ValueError):  # PolcaError and the other refusals of an input
+        return 2, f"polca: error: {_one_paragraph(error)}"
+    if isinstance(error, OSError):
+        name = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return 2, (f"polca: error: the system refused a file operation{name}: {error.strerror or error}; check the "
+                   "disk's free space and the permissions of the run directory (polca run resumes where it stopped)")
+    if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
+        return 2, ("polca: error: out of memory (" + (_one_paragraph(error)[:300] or type(error).__name__) + "); "
+                   "lower the chunk sizes or the model or batch size (polca plan estimates the memory a run needs), "
+                   "or use a larger device")
+    return 1, (f"polca: internal error: {type(error).__name__}: {_one_paragraph(error)[:500]}; this is a bug in "
+               "polca_jax; rerun with --debug for the traceback and report it")
+
+
+def _one_paragraph(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _main(args) -> int:
     try:
         if args.command == "report":
             if not (Path(args.run_dir) / "config.json").is_file():
@@ -133,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run(task, args.out, preset=args.preset, settings=settings, checkpoints=args.checkpoints,
                      stages=stages, force=args.force, progress=not args.quiet, mesh=mesh)
     except ValueError as error:
-        print(f"polca: error: {error}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(_explained(error)[1], file=sys.stderr)
         return 2
     if report.exists() and pj.is_writer():
         print(f"report: {report}")
@@ -179,7 +217,8 @@ def _plan(args) -> str:
     if config.checkpoints is not None:  # refused as polca run's train stage refuses them
         with pj.OrbaxCheckpoints(config.checkpoints, config.checkpoint_steps):
             pass
-    task = definition.build(config.task_options, seed=config.seed, workdir=None)
+    with user_code_errors("polca plan"):
+        task = definition.build(config.task_options, seed=config.seed, workdir=None)
     check_fits(config, task)
     device = device_named(args.device)
     header = (f"plan for {config.task}, preset {config.preset}, on {mesh[0] * mesh[1]} device(s) like "
