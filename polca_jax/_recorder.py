@@ -7,6 +7,8 @@ an orbax ``CheckpointManager`` directory with one step per saved checkpoint, hol
 from __future__ import annotations
 
 import atexit
+import itertools
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -48,7 +50,8 @@ class CheckpointRecorder:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(PARAMS_ITEM,))
         self._wanted = set(self.steps)
         self._last: int | None = max(self._manager.all_steps(), default=None)  # the highest step saved or issued
-        _OPEN[id(self)] = self._manager  # finished at interpreter exit if never closed
+        self._key = next(_KEYS)
+        _OPEN[self._key] = (self.directory, self._manager)  # finished at interpreter exit if never closed
 
     def save(self, step: int, params: PyTree) -> bool:
         """Save ``params`` as step ``step`` if it is one of ``steps``; returns whether it saved.
@@ -95,7 +98,7 @@ class CheckpointRecorder:
         its last saves still reach disk.
         """
         manager, self._manager = self._manager, None
-        _OPEN.pop(id(self), None)
+        _OPEN.pop(self._key, None)
         if manager is not None:
             _finish(manager)
 
@@ -106,7 +109,8 @@ class CheckpointRecorder:
         self.close()
 
 
-_OPEN: dict[int, ocp.CheckpointManager] = {}  # the managers of recorders not closed yet
+_OPEN: dict[int, tuple[Path, ocp.CheckpointManager]] = {}  # the recorders not closed yet: directory, manager
+_KEYS = itertools.count()
 
 
 def _finish(manager: ocp.CheckpointManager) -> None:
@@ -119,7 +123,14 @@ def _finish(manager: ocp.CheckpointManager) -> None:
 def _finish_open_recorders() -> None:
     """Close every recorder still open: their saves finish before the interpreter stops the threads they use."""
     while _OPEN:
-        _finish(_OPEN.popitem()[1])
+        directory, manager = _OPEN.popitem()[1]
+        try:
+            _finish(manager)
+        except Exception as error:  # at exit there is no caller left to raise to: say what was lost, in one line
+            saved = _saved_steps(directory)
+            print(f"polca_jax: error: a CheckpointRecorder left open could not finish its saves in {directory} "
+                  f"({type(error).__name__}: {' '.join(str(error).split())}); the steps on disk are {saved}",
+                  file=sys.stderr)
 
 
 def _saved_steps(directory: Path) -> list[int]:

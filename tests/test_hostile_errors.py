@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
+from unittest import mock
 from pathlib import Path
 
 import jax
@@ -348,6 +348,14 @@ def test_train_batches_failing_midway_is_named_with_its_step(task_file, tmp_path
                      rf"{line_of('BATCHES_LINE')} \(in train_batches\): IndexError: no batch for step 3", error), error
 
 
+def test_polca_plan_names_the_factorys_line_too(task_file, capsys):
+    assert main(["plan", f"{task_file}:make_task", "--set", "bug=factory"]) == 2
+    error = capsys.readouterr().err
+    assert re.fullmatch(rf"polca: error: polca plan failed in the task's code at {re.escape(str(task_file))}:"
+                        rf"{line_of('FACTORY_LINE')} \(in make_task\): RuntimeError: the data file is gone;[^\n]*\n",
+                        error), error
+
+
 def test_debug_raises_the_error_with_its_cause(task_file, tmp_path):
     with pytest.raises(TaskError, match="the data file is gone") as error:
         main(["--debug", "run", f"{task_file}:make_task", "--set", "bug=factory", "--out", str(tmp_path / "run"),
@@ -378,10 +386,9 @@ MACHINE_CASES = [
 @pytest.mark.parametrize("make, status, message", [case[1:] for case in MACHINE_CASES],
                          ids=[case[0] for case in MACHINE_CASES])
 def test_the_machines_limits_are_one_paragraph_and_exit_2(make, status, message, monkeypatch, tmp_path, capsys):
-    def failing_run(*args, **kwargs):
-        raise make()
-
-    monkeypatch.setattr(_cli, "run", failing_run)  # where the run meets the disk or the device
+    # where the run meets the disk or the device (a Mock: raised from the standard library, not from a test's frame,
+    # which the command would take for the task's code)
+    monkeypatch.setattr(_cli, "run", mock.Mock(side_effect=make()))
     assert main(["arithmetic", "--out", str(tmp_path / "run"), "--quiet", "--no-compile-cache"]) == status
     error = capsys.readouterr().err
     assert re.fullmatch(message + r"[^\n]*\n", error), error

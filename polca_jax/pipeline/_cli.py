@@ -23,7 +23,7 @@ from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
 from polca_jax.pipeline._run import run
 from polca_jax.pipeline._stages import STAGES
-from polca_jax.pipeline._usercode import user_code_errors
+from polca_jax.pipeline._usercode import as_task_error, user_code_errors
 
 SHORTHANDS = {
     "arithmetic": "the paper's 3-digit addition task (= polca run arithmetic)",
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        status, message = _explained(error)
+        status, message = _explained(as_task_error(error, f"polca {args.command}") or error)  # the task's code?
         print(message, file=sys.stderr)
         return status
 
