@@ -341,3 +341,30 @@ def test_a_mistake_is_refused_before_any_work_by_run_and_plan(user_task, tmp_pat
     assert "Traceback" not in printed
     assert caught and isinstance(caught[-1], error) and re.search(message, str(caught[-1]))
     assert digests(tmp_path) == before and not out.exists()
+
+
+@pytest.mark.slow
+def test_the_refusals_way_out_redoes_the_stage_with_the_new_inputs(finished_basis, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(finished_basis, root)
+    task = f"{root / 'user_task.py'}:make_task"
+    for which in ("trained", "read"):
+        config = json.loads((root / which / "config.json").read_text())
+        config["task"], config["checkpoints"] = task, config["checkpoints"] and str(root / "recorded")
+        (root / which / "config.json").write_text(json.dumps(config))
+    rerecord(root)
+    edit_loss(root)
+    for which, stage in (("trained", "train"), ("read", "basis")):
+        out = root / which
+        old = json.loads((out / "fingerprints.json").read_text())
+        with pytest.raises(ResumeMismatch, match=f"the task's loss differs .* --stage {stage} --force"):
+            run(task, out, stages=["decompose"], progress=False, log=quiet)
+        if which == "read":  # redoing the basis stage then meets the re-recorded checkpoints
+            with pytest.raises(ResumeMismatch, match="the checkpoint at step 10 .* --stage train --force"):
+                run(task, out, stages=["basis", "decompose"], force=True, progress=False, log=quiet)
+        run(task, out, stages=["train", "basis", "decompose"], force=True, progress=False, log=quiet)
+        new = json.loads((out / "fingerprints.json").read_text())
+        assert new["losses"]["per_sample_loss"]["stage"] == "decompose"
+        assert new["losses"]["loss"]["digest"] != old["losses"]["loss"]["digest"]
+        if which == "read":  # the re-recorded checkpoints' digests replace the old ones
+            assert new["checkpoints"]["0"] != old["checkpoints"]["0"]
