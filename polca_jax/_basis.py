@@ -23,11 +23,19 @@ from polca_jax._checks import (
     is_traced,
 )
 from polca_jax._distributed import is_writer, sync, to_host
-from polca_jax._files import load_npy, read_json, save_npy_atomic, save_npz_atomic, write_json_atomic
+from polca_jax._files import (
+    file_digest,
+    load_npy,
+    read_json,
+    save_npy_atomic,
+    save_npz_atomic,
+    write_json_atomic,
+)
 from polca_jax._progress import progress_bar
 from polca_jax._hvp import HessianMatvec
 from polca_jax._lanczos import check_orthonormal, tree_eigenpairs
 from polca_jax._sharding import check_mesh, shard_batch, shard_params, shard_rows
+from polca_jax.errors import CorruptRunDirectory, ResumeMismatch
 
 PyTree = Any
 FORMAT_VERSION = 1
@@ -367,6 +375,7 @@ def hessian_basis(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     method: str = "hessian",
+    partial_dir: str | Path | None = None,
 ) -> Basis:
     """Algorithm 1: at each checkpoint, the top-k eigenvectors of ``Π⊥ H Π⊥`` on the complement of those found so far.
 
@@ -379,6 +388,10 @@ def hessian_basis(
       key: PRNG key; checkpoint t uses ``fold_in(key, t)``.
       steps: training step of each checkpoint (default: ``checkpoints.steps`` or 0..T-1).
       mesh: optional mesh; the batch is sharded over its ``"data"`` axis.
+      partial_dir: optional directory that keeps each checkpoint's vectors as soon as they are found; a call with
+        the same arguments resumes after the last kept checkpoint, with the same result as an uninterrupted call. A
+        directory kept by a call with other arguments, batch or checkpoints raises :class:`polca_jax.ResumeMismatch`;
+        the caller removes it once the basis is saved.
 
     Returns a :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
 
@@ -409,7 +422,16 @@ def hessian_basis(
     values, residuals = np.zeros(total), np.zeros(total)
     batch = shard_batch(batch, mesh)
     matvec = HessianMatvec(loss_fn)
-    for t in progress_bar(range(len(steps)), progress, desc=f"{method} basis"):
+    kept = None
+    if partial_dir is not None:
+        fingerprint = {"method": method, "steps": [int(s) for s in steps], "k_per_checkpoint": k_per_checkpoint,
+                       "num_iters": num_iters, "key": np.asarray(jax.random.key_data(key)).tolist(),
+                       "params": str(like), "batch": tree.digest(batch)}
+        kept = PartialBasis(partial_dir, fingerprint)
+        found = kept.restore(found, values, residuals, like, checkpoints, mesh)
+    start = 0 if kept is None else kept.num_done
+    for t in progress_bar(range(start, len(steps)), progress, desc=f"{method} basis", initial=start,
+                          total=len(steps)):
         params = first if t == 0 else checkpoints[t]
         check_same_structure(first, params, f"{what}: checkpoint at step {steps[t]}")
         check_finite_params(params, f"{what}: checkpoint at step {steps[t]}")
@@ -427,6 +449,8 @@ def hessian_basis(
         rows = slice(t * k_per_checkpoint, (t + 1) * k_per_checkpoint)
         found = _set_rows(found, pairs.vectors, rows.start)
         values[rows], residuals[rows] = np.asarray(pairs.values), np.asarray(pairs.residuals)
+        if kept is not None:
+            kept.keep(t, pairs.vectors, values[rows], residuals[rows], params)
     return Basis.from_rows(found, values, np.repeat(np.asarray(steps), k_per_checkpoint), method, residuals)
 
 
@@ -434,6 +458,78 @@ def hessian_basis(
 def _set_rows(rows: PyTree, new: PyTree, start: int) -> PyTree:
     """``rows`` with ``new``'s rows written from row ``start`` (in place: ``rows`` is donated)."""
     return jax.tree_util.tree_map(lambda r, n: jax.lax.dynamic_update_slice_in_dim(r, n, start, 0), rows, new)
+
+
+class PartialBasis:
+    """The vectors :func:`hessian_basis` has found so far, one file per checkpoint, in a directory.
+
+    Layout: ``fingerprint.json`` (the call's arguments), then per finished checkpoint ``t`` the rows
+    ``rows_{t}.npy [k, P]`` and, written last, ``done_{t}.json`` (eigenvalues, residuals, the rows' digest and the
+    checkpoint parameters' digest). Only a checkpoint with its ``done`` record counts as kept.
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: dict):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.num_done = 0
+        path = self.directory / "fingerprint.json"
+        if path.exists():
+            stored = read_json(path)
+            if stored != fingerprint:
+                changed = sorted(key for key in {**stored, **fingerprint} if stored.get(key) != fingerprint.get(key))
+                raise ResumeMismatch(
+                    f"{self.directory} keeps a partial basis of another computation (differs in: "
+                    f"{', '.join(changed)}); remove the directory to start the basis afresh"
+                )
+        elif is_writer():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, fingerprint)
+        sync("polca_jax partial basis opened")
+
+    def _done(self, t: int) -> Path:
+        return self.directory / f"done_{t:04d}.json"
+
+    def _rows(self, t: int) -> Path:
+        return self.directory / f"rows_{t:04d}.npy"
+
+    def restore(self, found: PyTree, values: np.ndarray, residuals: np.ndarray, like: tuple, checkpoints,
+                mesh: Mesh | None) -> PyTree:
+        """``found`` with the kept rows written in (``values``, ``residuals`` filled in place); sets ``num_done``.
+
+        A kept checkpoint whose parameters or rows file changed since raises :class:`polca_jax.ResumeMismatch` or
+        :class:`polca_jax.CorruptRunDirectory`."""
+        t = 0
+        while t < len(checkpoints) and self._done(t).exists():
+            record = read_json(self._done(t), required=("values", "residuals", "rows_digest", "params_digest"))
+            if tree.digest(checkpoints[t]) != record["params_digest"]:
+                raise ResumeMismatch(
+                    f"the checkpoint at position {t} is not the one {self.directory} found its vectors at (its "
+                    "parameters changed); remove the directory to start the basis afresh"
+                )
+            if file_digest(self._rows(t)) != record["rows_digest"]:
+                raise CorruptRunDirectory(f"{self._rows(t)} does not match its checksum in {self._done(t)}; remove "
+                                          f"{self.directory} to start the basis afresh")
+            rows = load_npy(self._rows(t))
+            k = rows.shape[0]
+            new = shard_rows(tree.unravel_rows(jnp.asarray(rows), tree.from_signature(like)), mesh)
+            found = _set_rows(found, new, t * k)
+            values[t * k:(t + 1) * k], residuals[t * k:(t + 1) * k] = record["values"], record["residuals"]
+            t += 1
+        self.num_done = t
+        return found
+
+    def keep(self, t: int, vectors: PyTree, values: np.ndarray, residuals: np.ndarray, params: PyTree) -> None:
+        """Write checkpoint ``t``'s rows (a params-shaped ``[k, ...]`` pytree) and then its record."""
+        leaves = [to_host(leaf) for leaf in jax.tree_util.tree_leaves(vectors)]
+        digest = tree.digest(params)
+        if is_writer():
+            rows = np.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+            save_npy_atomic(self._rows(t), rows)
+            write_json_atomic(self._done(t), {"values": [float(v) for v in values],
+                                              "residuals": [float(r) for r in residuals],
+                                              "rows_digest": file_digest(self._rows(t)), "params_digest": digest})
+        sync("polca_jax partial basis kept")
+        self.num_done = t + 1
 
 
 def shuffled_hessian_basis(

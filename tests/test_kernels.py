@@ -1,6 +1,8 @@
 """Kernels against slow, obvious float64 references: dense Hessians, numpy.linalg.eigh, loops over jax.grad."""
 
 import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,43 @@ def test_hessian_basis_is_algorithm_1(mlp):
     np.testing.assert_allclose(basis.vectors @ basis.vectors.T, np.eye(6), atol=1e-12)
     np.testing.assert_array_equal(basis.steps, [0, 0, 10, 10, 20, 20])
     assert basis.method == "hessian"
+
+
+def test_hessian_basis_resumes_from_its_partial_directory_bit_for_bit(tmp_path, mlp):
+    checkpoints = sgd_checkpoints(mlp, 3)
+    options = dict(k_per_checkpoint=2, num_iters=20, key=jax.random.key(0), steps=[0, 10, 20], progress=False)
+    kept = tmp_path / "partial"
+    whole = pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=kept, **options)
+    # What a run killed during its second checkpoint leaves: the first checkpoint's record, a stray rows file.
+    (kept / "done_0002.json").unlink()
+    (kept / "rows_0002.npy").unlink()
+    (kept / "done_0001.json").unlink()
+    (kept / "rows_0001.npy").write_bytes(b"a rows file whose record was never written")
+    resumed = pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=kept, **options)
+    np.testing.assert_array_equal(np.asarray(resumed.vectors), np.asarray(whole.vectors))
+    np.testing.assert_array_equal(resumed.eigenvalues, whole.eigenvalues)
+    np.testing.assert_array_equal(resumed.residuals, whole.residuals)
+    assert sorted(p.name for p in kept.glob("done_*.json")) == ["done_0000.json", "done_0001.json", "done_0002.json"]
+    uninterrupted = pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, **options)
+    np.testing.assert_array_equal(np.asarray(uninterrupted.vectors), np.asarray(whole.vectors))
+
+
+def test_hessian_basis_refuses_a_partial_directory_of_other_inputs(tmp_path, mlp):
+    checkpoints = sgd_checkpoints(mlp, 2)
+    options = dict(num_iters=12, key=jax.random.key(0), steps=[0, 10], progress=False)
+    kept = tmp_path / "partial"
+    pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=kept, **options)
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    with pytest.raises(pj.ResumeMismatch, match=r"another computation \(differs in: num_iters\)"):
+        pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=kept, **dict(options, num_iters=13))
+    changed = [checkpoints[0], jax.tree_util.tree_map(lambda x: x + 1e-9, checkpoints[1])]
+    with pytest.raises(pj.ResumeMismatch, match=r"position 1 .*\(its parameters changed\)"):
+        pj.hessian_basis(mlp.mean_loss, changed, mlp.batch, partial_dir=kept, **options)
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+    rows = np.load(kept / "rows_0000.npy")
+    np.save(kept / "rows_0000.npy", rows + 1e-3)
+    with pytest.raises(pj.CorruptRunDirectory, match="rows_0000.npy does not match its checksum"):
+        pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=kept, **options)
 
 
 def test_shuffled_hessian_basis_is_algorithm_1_over_permuted_checkpoints(mlp):

@@ -12,6 +12,7 @@ Run directory layout::
                            reads an existing checkpoint directory, ``config.checkpoints``)
     metrics.jsonl          training log: loss, evaluation loss and the task's training metrics
     basis/<name>/          Basis: hessian (Algorithm 1) [, shuffled_hessian, random, parameter_axes]
+    basis/<name>.partial/  Algorithm 1's vectors so far, while its stage is unfinished (pj.hessian_basis partial_dir)
     polca/<name>/          POLCAResult per basis (memory-mapped .npy files; progress.json while partial)
     causal/<name>.npy      the causal check: per-sample loss increase [K, N] when a direction is removed
     clusters/<variant>.npz HDBSCAN clusterings of each strategy
@@ -26,6 +27,7 @@ only the run directory.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -250,15 +252,20 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
                    mesh=mesh)
     size = len(config.basis_steps) * config.k_per_checkpoint
 
+    def partial(name: str) -> Path:  # Algorithm 1's vectors so far: a killed stage resumes at its next checkpoint
+        return run / "basis" / f"{name}.partial"
+
     def final_params():
         with checkpoint_store(run, task, [config.num_steps], mesh) as final:
             return final[0]
 
     with checkpoint_store(run, task, config.basis_steps, mesh) as store:
         makers = {
-            "hessian": lambda: pj.hessian_basis(task.loss, store, task.hessian_batch, key=key, **options),
+            "hessian": lambda: pj.hessian_basis(task.loss, store, task.hessian_batch, key=key,
+                                                partial_dir=partial("hessian"), **options),
             "shuffled_hessian": lambda: pj.shuffled_hessian_basis(
-                task.loss, store, task.hessian_batch, key=jax.random.fold_in(key, 1), **options),
+                task.loss, store, task.hessian_batch, key=jax.random.fold_in(key, 1),
+                partial_dir=partial("shuffled_hessian"), **options),
             "random": lambda: pj.random_basis(task.init_params, size, jax.random.fold_in(key, 2)),
             "parameter_axes": lambda: pj.parameter_axis_basis(final_params(), config.lca_axes, step=config.num_steps),
         }
@@ -266,6 +273,8 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
             basis = makers[name]()
             _record_losses(run, "basis")  # the bases saved depend on the loss
             basis.save(run / "basis" / name)
+            if is_writer():
+                shutil.rmtree(partial(name), ignore_errors=True)
     return {"bases": list(names)}
 
 
