@@ -205,7 +205,7 @@ def test_a_killed_decompose_stage_resumes_at_its_last_finished_checkpoint(user_t
     def recorded(store, t):
         reads.append(t)
         if t in interrupt_at:
-            raise RuntimeError("killed")
+            raise KeyboardInterrupt("killed")  # a kill (an exception from this test would be the task's code)
         return restore(store, t)
 
     def decompose(force=False):
@@ -215,7 +215,7 @@ def test_a_killed_decompose_stage_resumes_at_its_last_finished_checkpoint(user_t
 
     monkeypatch.setattr(pj.OrbaxCheckpoints, "__getitem__", recorded)
     result = out / "polca" / "hessian"
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         decompose()
     assert json.loads((result / "progress.json").read_text())["complete"] == 3
     assert not (result / "manifest.json").exists() and not (out / "stages" / "decompose.json").exists()
@@ -223,7 +223,7 @@ def test_a_killed_decompose_stage_resumes_at_its_last_finished_checkpoint(user_t
     assert decompose() == [2, 3, 4]  # the last finished of the 5 POLCA checkpoints, then the unfinished ones
     resumed = {name: np.array(getattr(pj.POLCAResult.load(result), name)) for name in ("loss", "projected_loss")}
     interrupt_at.append(3)
-    with pytest.raises(RuntimeError, match="killed"):
+    with pytest.raises(KeyboardInterrupt, match="killed"):
         decompose(force=True)
     interrupt_at.clear()
     assert decompose(force=True) == [0, 1, 2, 3, 4]  # --force removed the partial result: from the start
