@@ -94,6 +94,43 @@ def test_null_permutes_only_the_clustered_samples_noise_included():
     assert noisy.pvalues[0] == pytest.approx(1 / 100)
 
 
+def confounded_labels(rng):
+    """800 samples in 4 places; the label lives only in places 1 and 2 (half of their samples)."""
+    place = np.repeat(np.arange(4), 200)
+    label = np.isin(place, (1, 2)) & (rng.random(place.size) < 0.5)
+    return place, label
+
+
+def test_a_cluster_of_strata_beats_the_plain_null_but_not_the_stratified_one():
+    place, label = confounded_labels(np.random.default_rng(0))
+    by_place = np.where(np.isin(place, (1, 2)), 0, 1)  # separates the places, knows nothing of the label
+    plain = homogeneity_pvalues(clustering(by_place), label, positive=True, num_permutations=199)
+    stratified = homogeneity_pvalues(clustering(by_place), label, positive=True, num_permutations=199, strata=place)
+    assert plain.observed[0] == pytest.approx(label[place == 1].tolist().count(True) / 400
+                                              + label[place == 2].tolist().count(True) / 400)
+    assert plain.pvalues[0] == pytest.approx(1 / 200)
+    assert stratified.pvalues[0] == 1.0  # within each place the label's count in the cluster cannot change
+    np.testing.assert_allclose(stratified.null_mean[0], stratified.observed[0])
+
+
+def test_a_cluster_of_the_label_within_its_strata_beats_the_stratified_null():
+    place, label = confounded_labels(np.random.default_rng(1))
+    found = np.where(label, 0, np.where(np.isin(place, (1, 2)) & (np.arange(place.size) % 3 == 0), 0, 1))
+    test = homogeneity_pvalues(clustering(found), label, positive=True, num_permutations=199, strata=place)
+    assert test.observed[0] > 0.7 and test.pvalues[0] == pytest.approx(1 / 200)
+
+
+def test_one_stratum_is_the_plain_null_and_strata_are_checked():
+    rng = np.random.default_rng(2)
+    labels, classes = rng.integers(-1, 3, 300), rng.integers(0, 2, 300)
+    plain = homogeneity_pvalues(clustering(labels), classes, positive=1, num_permutations=99, seed=5)
+    one = homogeneity_pvalues(clustering(labels), classes, positive=1, num_permutations=99, seed=5,
+                              strata=np.full(300, "all"))
+    np.testing.assert_array_equal(plain.pvalues, one.pvalues)
+    with pytest.raises(ValueError, match=r"strata must have shape \(300,\)"):
+        homogeneity_pvalues(clustering(labels), classes, strata=np.zeros(299))
+
+
 def test_clustering_without_clusters_gives_empty_arrays():
     test = homogeneity_pvalues(clustering(np.full(10, -1)), np.arange(10) % 2, num_permutations=9)
     assert test.num_clusters == 0

@@ -2,7 +2,8 @@
 
 - :func:`homogeneity_pvalues` answers "is this cluster more homogeneous in a label than chance, given its size?".
   The labels are permuted among the samples that went into the clustering (its ``sample_indices``: those kept by the
-  filter, HDBSCAN noise included) while the cluster assignment, hence every cluster size, stays fixed.
+  filter, HDBSCAN noise included) while the cluster assignment, hence every cluster size, stays fixed; given a
+  confounder (``strata``), only within each stratum.
 - :func:`adjust_pvalues` corrects a family of such p-values (all clusters of a report): Holm for the family-wise
   error rate, Benjamini–Hochberg for the false discovery rate.
 - :func:`breakthrough_null` answers "would the same increments, shuffled in time, look as hidden?" for one
@@ -91,19 +92,20 @@ def _statistic_counts(counts: np.ndarray, positive_code: int | None) -> np.ndarr
     return counts[..., positive_code]
 
 
-def _checked_labels(labels, num_samples: int) -> np.ndarray:
+def _checked_labels(labels, num_samples: int, name: str = "labels") -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != num_samples:
         raise ValueError(
-            f"labels must have shape ({num_samples},), one per sample of the clustering, got {labels.shape}"
+            f"{name} must have shape ({num_samples},), one per sample of the clustering, got {labels.shape}"
         )
     if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
-        raise ValueError("labels contain NaN or infinite values; give every sample a class")
+        raise ValueError(f"{name} contain NaN or infinite values; give every sample a class")
     return labels
 
 
 def homogeneity_pvalues(
-    clustering: Clustering, labels, *, positive=None, num_permutations: int = 1000, seed: int | None = 0
+    clustering: Clustering, labels, *, positive=None, num_permutations: int = 1000, seed: int | None = 0,
+    strata=None,
 ) -> PermutationTest:
     """Is each cluster of ``clustering`` more homogeneous in ``labels`` than chance, given its size?
 
@@ -112,6 +114,9 @@ def homogeneity_pvalues(
       majority class, and the null then takes the maximum over classes too, as the observed statistic does;
       scoring the null at the observed majority class would make the test anti-conservative.
     num_permutations: B, label permutations; seed: for ``numpy.random.default_rng``.
+    strata: optional categorical [N], a confounder of ``labels`` (e.g. the answer place of a carry label): the
+      labels are then permuted only among samples of the same stratum, so a cluster that merely gathers the strata
+      where the label is common does not beat the null; only homogeneity beyond what its strata explain does.
 
     Null: the labels are permuted among the clustered samples (``clustering.sample_indices``, HDBSCAN noise
     included) with the cluster assignment fixed. Samples outside ``sample_indices`` (filtered out) never enter:
@@ -146,8 +151,13 @@ def homogeneity_pvalues(
     else:
         scored_classes = np.full(num_clusters, positive, dtype=np.asarray(positive).dtype)
 
+    groups = [np.arange(kept.size)]
+    if strata is not None:
+        strata = _checked_labels(strata, clustering.num_samples, "strata")
+        _, stratum_of = np.unique(strata[kept], return_inverse=True)
+        groups = [np.flatnonzero(stratum_of.reshape(-1) == s) for s in range(stratum_of.max(initial=-1) + 1)]
     null = _null_statistic_counts(codes, in_cluster, cluster_of, num_clusters, classes.size, positive_code,
-                                  num_permutations, np.random.default_rng(seed))
+                                  num_permutations, np.random.default_rng(seed), groups)
     null_fractions = null / sizes
     return PermutationTest(
         observed=observed / sizes,
@@ -160,9 +170,10 @@ def homogeneity_pvalues(
 
 
 def _null_statistic_counts(codes, in_cluster, cluster_of, num_clusters, num_classes, positive_code, num_permutations,
-                           rng) -> np.ndarray:
+                           rng, groups) -> np.ndarray:
     """int[B, C]: the statistic's count in each cluster under B permutations of codes int[n] among the n clustered
-    samples (in_cluster bool[n] marks those in some cluster, cluster_of int[n] their cluster)."""
+    samples (in_cluster bool[n] marks those in some cluster, cluster_of int[n] their cluster), each permutation
+    moving codes only within each of ``groups`` (index arrays that partition the n samples)."""
     n = codes.size
     per_permutation = max(n, num_clusters * num_classes)
     chunk = max(1, min(num_permutations, _CHUNK_ELEMENTS // per_permutation))
@@ -171,7 +182,9 @@ def _null_statistic_counts(codes, in_cluster, cluster_of, num_clusters, num_clas
     parts = []
     for start in range(0, num_permutations, chunk):
         rows = min(chunk, num_permutations - start)
-        shuffled = rng.permuted(np.broadcast_to(codes, (rows, n)), axis=1)
+        shuffled = np.empty((rows, n), codes.dtype)
+        for group in groups:
+            shuffled[:, group] = rng.permuted(np.broadcast_to(codes[group], (rows, group.size)), axis=1)
         counts = _cluster_class_counts(member_clusters, shuffled[:, members], num_clusters, num_classes)
         parts.append(_statistic_counts(counts, positive_code))
     return np.concatenate(parts)
