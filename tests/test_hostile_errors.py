@@ -356,10 +356,12 @@ def test_polca_plan_names_the_factorys_line_too(task_file, capsys):
                         error), error
 
 
-def test_debug_raises_the_error_with_its_cause(task_file, tmp_path):
+@pytest.mark.parametrize("where", ["before the command", "after it"])
+def test_debug_raises_the_error_with_its_cause(where, task_file, tmp_path):
+    arguments = ["run", f"{task_file}:make_task", "--set", "bug=factory", "--out", str(tmp_path / "run"), "--quiet",
+                 "--no-compile-cache"]
     with pytest.raises(TaskError, match="the data file is gone") as error:
-        main(["--debug", "run", f"{task_file}:make_task", "--set", "bug=factory", "--out", str(tmp_path / "run"),
-              "--quiet", "--no-compile-cache"])
+        main(["--debug", *arguments] if where == "before the command" else [*arguments, "--debug"])
     assert isinstance(error.value.__cause__, RuntimeError)
 
 

@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--task", metavar="path/file.py:factory",
                         help="the run's task, for its own report sections: a task file is code, and polca report runs "
                         "none that the run directory names (built-in tasks excepted)")
+    for command in commands.choices.values():  # polca --debug run ... or polca run ... --debug
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="let any error end with its Python traceback (for a bug report)")
     return parser
 
 
