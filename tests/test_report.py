@@ -1,14 +1,19 @@
 """The host stages (cluster, score, report) on synthetic run directories with planted answers, written through the
 real classes: scores against label sets, breakthroughs, empty results explained, the paper tables of a paper task."""
 
+import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 
 from synthetic_runs import THRESHOLD, synthetic_labels, synthetic_run
 
-from polca_jax.pipeline import RunConfig, RunDirectory, load_task_definition, run_stages
+from polca_jax import analysis
+from polca_jax.errors import PolcaError
+from polca_jax.pipeline import LabelSet, RunConfig, RunDirectory, load_labels, load_task_definition, run_stages
+from polca_jax.pipeline._score import permutation_tests
 from polca_jax.pipeline._report import write_report
 
 PAPER_HEADINGS = ("### Table 1", "### Table 8", "### Table 9", "### Table 10", "### Table 11")
@@ -92,6 +97,42 @@ def test_every_linked_figure_is_a_png_and_every_kept_direction_is_drawn(finished
     for figure in figures:
         assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
     assert set((path.parent / "figures").glob("*.png")) == set(figures)
+
+
+def test_a_label_confounded_with_the_strata_a_clustering_separates_does_not_beat_the_stratified_null():
+    place = np.repeat(np.arange(4), 200)  # carry lives only in places 1 and 2, half of their samples
+    carry = np.isin(place, (1, 2)) & (np.random.default_rng(0).random(place.size) < 0.5)
+    by_place = analysis.Clustering(np.where(np.isin(place, (1, 2)), 0, 1), None, np.arange(place.size), 2, 2,
+                                   "euclidean", None)
+    config = RunConfig(task="arithmetic", preset=None, task_options={}, null_permutations=199)
+    places = LabelSet(place)
+    plain = permutation_tests([by_place], LabelSet(carry, positive=True), config, {"place": places})
+    stratified = permutation_tests([by_place], LabelSet(carry, positive=True, stratify_by="place"), config,
+                                   {"place": places})
+    assert plain[None, 0]["beats_null"] and plain[None, 0]["pvalue"] == pytest.approx(1 / 200)
+    assert not stratified[None, 0]["beats_null"] and stratified[None, 0]["pvalue"] == 1.0
+
+
+def test_a_stratified_label_set_is_scored_and_reported_as_such(tmp_path):
+    run = synthetic_run(tmp_path / "run", baselines=False, carry_stratified_by="place")
+    run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
+               log=lambda _: None)
+    assert load_labels(run)[0]["carry"].stratify_by == "place"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["variants"]["polca"]["label_sets"]["carry"]["stratified_by"] == "place"
+    text = (run / "report" / "report.md").read_text()
+    assert "The permutation null shuffles `carry` within each class of `place`" in text
+
+
+def test_the_arithmetic_task_stratifies_carry_by_place():
+    definition = load_task_definition("arithmetic")
+    options = {k: v for k, v in definition.presets["tiny"].items() if k in ("num_layers", "d_model", "num_heads",
+               "d_mlp", "num_train_problems", "num_eval_problems", "num_hessian_problems", "batch_size")}
+    task = definition(**options)
+    assert task.labels["carry"].stratify_by == "place"
+    with pytest.raises(PolcaError, match="stratified by 'nowhere', which is not another label set"):
+        dataclasses.replace(task, labels={**task.labels, "carry": dataclasses.replace(
+            task.labels["carry"], stratify_by="nowhere")}).check()
 
 
 def test_no_direction_kept_is_explained_with_what_to_try(tmp_path):

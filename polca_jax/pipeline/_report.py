@@ -322,6 +322,11 @@ def _nulls_section(view: RunView) -> list[str]:
              "clustering saw (cluster sizes fixed, Holm-corrected); POLCA's numbers against the same pipeline along "
              "random orthonormal directions through the same checkpoints (`Random orthonormal basis`, run with "
              "`ablations`); a hidden breakthrough against its increments shuffled in time."]
+    stratified = [f"`{name}` within each class of `{ls.stratify_by}`" for name, ls in view.label_sets.items()
+                  if ls.stratify_by is not None]
+    if stratified:
+        parts.append("The permutation null shuffles " + ", ".join(stratified) + " (a confounder named by the task): a "
+                     "cluster that only separates those classes does not beat it.")
     if "random_basis" not in view.variants:
         parts.append("*The random-basis null is not run: `--set ablations=true` adds it.*")
     for name, label_set in view.label_sets.items():

@@ -301,5 +301,5 @@ def load_labels(run_dir: Path) -> tuple[dict[str, LabelSet], np.ndarray | None]:
             arrays[f"label:{name}"], positive=metadata["positive"],
             qualifier=None if qualifier is None else Qualifier(qualifier["label_set"], tuple(qualifier["classes"]),
                                                                qualifier["min_fraction"]),
-            class_names=metadata["class_names"])
+            class_names=metadata["class_names"], stratify_by=metadata.get("stratify_by"))
     return label_sets, arrays.get("texts")

@@ -117,13 +117,15 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
             record["null"] = _breakthrough_null(clusterings, trajectories, steps, record, window, threshold, config)
     hidden = [record["hidden"] for record in breakthroughs]
     scores = {name: label_scores(clusterings, label_set, label_sets) for name, label_set in label_sets.items()}
-    tests = {name: permutation_tests(clusterings, label_set, config) for name, label_set in label_sets.items()}
+    tests = {name: permutation_tests(clusterings, label_set, config, label_sets) for name, label_set in
+             label_sets.items()}
     summary = {}
     for name, records in scores.items():
         top = analysis.top_clusters(records, TOP_CLUSTERS, qualifying_only=per_direction)
         best = analysis.max_homogeneity(records, qualifying_only=per_direction)
         summary[name] = {
             "class": label_sets[name].positive,
+            "stratified_by": label_sets[name].stratify_by,
             "max_homogeneity": None if np.isnan(best) else best,
             "top_clusters": [{**_score_json(record), **tests[name][record.direction, record.cluster]}
                              for record in top],
@@ -169,16 +171,19 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
     }
 
 
-def permutation_tests(clusterings, label_set: LabelSet, config) -> dict[tuple, dict]:
-    """(direction, cluster) -> its homogeneity p-value (label permutations, cluster sizes fixed), the Holm-adjusted
-    p-value across all the strategy's clusters, and whether the adjusted p-value is below ``config.significance``.
-    A cluster holding every sample its clustering saw has nothing to be compared with: ``"testable": False``."""
+def permutation_tests(clusterings, label_set: LabelSet, config, label_sets: dict[str, LabelSet]) -> dict[tuple, dict]:
+    """(direction, cluster) -> its homogeneity p-value (label permutations, cluster sizes fixed; within the classes of
+    ``label_set.stratify_by`` when it names one), the Holm-adjusted p-value across all the strategy's clusters, and
+    whether the adjusted p-value is below ``config.significance``. A cluster holding every sample its clustering saw
+    has nothing to be compared with: ``"testable": False``."""
+    strata = None if label_set.stratify_by is None else label_sets[label_set.stratify_by].values
     keys, pvalues, testable = [], [], []
     for clustering in clusterings:
         if clustering.num_clusters == 0:
             continue
         test = analysis.homogeneity_pvalues(clustering, label_set.values, positive=label_set.positive,
-                                            num_permutations=config.null_permutations, seed=config.seed)
+                                            num_permutations=config.null_permutations, seed=config.seed,
+                                            strata=strata)
         kept = clustering.sample_indices.size
         for cluster in range(clustering.num_clusters):
             keys.append((clustering.direction, cluster))

@@ -65,12 +65,16 @@ class LabelSet:
         majority class.
       qualifier: an optional :class:`Qualifier` restricting which clusters count.
       class_names: optional class -> display name for reports (e.g. place 0 -> "1000s").
+      stratify_by: optional name of another label set that confounds this one (e.g. ``"place"`` for carry, which
+        lives only in some places): the permutation null then shuffles this label only within each of its classes,
+        so clusters that merely separate those classes do not beat the null.
     """
 
     values: np.ndarray
     positive: Any = None
     qualifier: Qualifier | None = None
     class_names: Mapping[Any, str] | None = None
+    stratify_by: str | None = None
 
     def __post_init__(self):
         values = np.asarray(self.values)
@@ -90,6 +94,7 @@ class LabelSet:
             "qualifier": None if self.qualifier is None else self.qualifier.to_dict(),
             "class_names": None if self.class_names is None else {
                 str(_plain(k)): v for k, v in self.class_names.items()},
+            "stratify_by": self.stratify_by,
         }
 
 
@@ -205,6 +210,10 @@ class Task:
             if qualifier is not None and qualifier.label_set not in self.labels:
                 raise ValueError(f"label set {name!r} qualifies clusters by label set {qualifier.label_set!r}, which "
                                  f"the task does not have (it has {sorted(self.labels)})")
+            if label_set.stratify_by is not None and (label_set.stratify_by == name
+                                                      or label_set.stratify_by not in self.labels):
+                raise PolcaError(f"label set {name!r} is stratified by {label_set.stratify_by!r}, which is not another "
+                                 f"label set of the task (it has {sorted(self.labels)})")
         if self.sample_texts is not None and len(self.sample_texts) != num_samples:
             raise ValueError(f"Task.sample_texts has {len(self.sample_texts)} entries for {num_samples} samples")
 

@@ -2,7 +2,8 @@
 
 Samples are the 4 answer tokens of each evaluation problem (1000s, 100s, 10s, 1s), labelled by whether a carry comes
 into them (``carry``, scored for carry tokens with the paper's rule that a cluster counts only when more than 85% of
-its carry tokens are in the 10s or 100s place), their place (``place``), both (``skill``) and the answer digit
+its carry tokens are in the 10s or 100s place, and tested against carry shuffled within each place, since the carry
+rate differs by place), their place (``place``), both (``skill``) and the answer digit
 (``digit``).
 """
 
@@ -93,7 +94,7 @@ def make_task(num_layers: int = 3, d_model: int = 512, num_heads: int = 4, d_mlp
         train_batches=training_batches(train_problems, batch_size),
         labels={
             "carry": LabelSet(carry, positive=True, qualifier=Qualifier("place", (1, 2), 0.85),
-                              class_names={True: "carry", False: "no carry"}),
+                              class_names={True: "carry", False: "no carry"}, stratify_by="place"),
             "place": LabelSet(place, class_names=dict(enumerate(ANSWER_PLACES))),
             "skill": LabelSet(np.array([f"{ANSWER_PLACES[p]} {'carry' if c else 'no carry'}"
                                         for p, c in zip(place, carry)])),
