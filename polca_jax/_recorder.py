@@ -7,6 +7,7 @@ an orbax ``CheckpointManager`` directory with one step per saved checkpoint, hol
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 (its exit hook must be registered before ours)
 import itertools
 import sys
 import threading

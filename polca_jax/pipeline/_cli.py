@@ -174,7 +174,7 @@ def _main(args) -> int:
     except ValueError as error:
         if args.debug:
             raise
-        print(_explained(error)[1], file=sys.stderr)
+        print(_explained(as_task_error(error, f"polca {args.command}") or error)[1], file=sys.stderr)
         return 2
     if report.exists() and pj.is_writer():
         print(f"report: {report}")
