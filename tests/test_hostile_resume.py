@@ -188,19 +188,21 @@ table = jnp.arange(3.0)  # a captured constant
 def loss(params, batch):
     return jax.nn.relu(mlp_token_losses(params, batch)) + doubled(batch["x"]).sum() + table[1]
 
-params = {"w1": jnp.zeros((3, 4)), "b1": jnp.zeros(4), "w2": jnp.zeros((4, 2))}
-batch = {"x": jnp.zeros((5, 3)), "y": jnp.zeros((5, 2))}
+f32 = jnp.float32  # the same arguments with or without jax_enable_x64
+params = {"w1": jnp.zeros((3, 4), f32), "b1": jnp.zeros(4, f32), "w2": jnp.zeros((4, 2), f32)}
+batch = {"x": jnp.zeros((5, 3), f32), "y": jnp.zeros((5, 2), f32)}
 print(loss_digest(loss, params, batch))
 """
 
 
 @pytest.mark.slow
 def test_the_loss_digest_is_the_same_in_two_processes():
+    """Two processes (other hash seeds, one with jax_enable_x64 as the tests set it) trace the same digest."""
     digests_seen = {
         subprocess.run([sys.executable, "-c", textwrap.dedent(LOSS_DIGEST_SCRIPT), str(Path(__file__).parent)],
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED=str(seed)), capture_output=True,
-                       text=True, check=True, timeout=300).stdout.strip()
-        for seed in (1, 2)}
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONHASHSEED=str(seed), JAX_ENABLE_X64=x64),
+                       capture_output=True, text=True, check=True, timeout=300).stdout.strip()
+        for seed, x64 in ((1, "0"), (2, "1"))}
     assert len(digests_seen) == 1 and len(next(iter(digests_seen))) == 64
 
 
