@@ -93,6 +93,38 @@ def test_a_recorder_never_closed_still_writes_its_last_step(tmp_path):
         np.testing.assert_array_equal(store[2]["w"], np.full(4096, 2.0))
 
 
+KILLED_DURING_A_SAVE = """
+import os, signal, sys, time
+import jax.numpy as jnp
+import polca_jax as pj
+
+recorder = pj.CheckpointRecorder(sys.argv[1], steps=[0, 1, 2])
+for step in (0, 1):
+    recorder.save(step, {"w": jnp.full(8, float(step))})
+recorder.wait()
+recorder.save(2, {"w": jnp.ones(1 << 24)})  # 128 MiB: still being written when the process is killed
+time.sleep(float(sys.argv[2]))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_a_kill_during_a_save_leaves_a_store_read_or_refused_by_name(tmp_path, delay):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_DURING_A_SAVE)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(delay)], capture_output=True,
+                          timeout=300)
+    assert done.returncode == -9, done.stderr
+    with pj.OrbaxCheckpoints(tmp_path / "ckpt") as store:  # every complete step is read
+        assert store.steps[:2] == [0, 1]
+        np.testing.assert_array_equal(store[1]["w"], np.ones(8))
+        complete = store.steps
+    if complete == [0, 1]:  # step 2 never finished: asking for it is refused, by name
+        with pytest.raises(ValueError, match=r"(save never finished .* step 2 is not in)|(steps \[2\] have no "
+                                             r"checkpoint)"):
+            pj.OrbaxCheckpoints(tmp_path / "ckpt", steps=[0, 1, 2])
+
+
 def test_a_save_interrupted_midway_is_named_not_read(tmp_path):
     with pj.CheckpointRecorder(tmp_path / "ckpt", steps=[0, 1]) as recorder:
         for step in (0, 1):
