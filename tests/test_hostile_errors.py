@@ -12,8 +12,8 @@ import os
 import re
 import subprocess
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
