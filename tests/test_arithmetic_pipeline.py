@@ -15,6 +15,7 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config
 from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.tasks.arithmetic import PAPER_CPU_CUTS
 
 PINNED_TINY = {  # variant: (clusters, max carry homogeneity, hidden-breakthrough fraction)
     "exact_loss": (2, 40 / 117, 0.0),
@@ -107,6 +108,36 @@ def test_metrics_are_those_of_the_saved_clusters(interrupted_then_resumed):
             members = clustering.members(record["cluster"])
             assert record["size"] == members.size
             assert record["homogeneity"] == pytest.approx(carry[members].mean())
+
+
+PAPER_CPU_CUTS_TINY = {"polca_every": 10, "polca_until": 40, "ablation_bases": "parameter_axes,random"}
+"""The ``paper-cpu`` preset's cuts (``PAPER_CPU_CUTS``) at the tiny preset's sizes: 60 steps, POLCA through step 40."""
+
+
+def test_the_paper_cpu_preset_is_the_paper_with_only_its_cuts():
+    presets = load_task_definition("arithmetic").presets
+    assert presets["paper-cpu"] == {**presets["paper"], **PAPER_CPU_CUTS}
+    assert set(PAPER_CPU_CUTS_TINY) == set(PAPER_CPU_CUTS)  # the tiny counterpart below cuts the same settings
+    config = make_config(load_task_definition("arithmetic"), "arithmetic", "paper-cpu")
+    assert (len(config.polca_steps), config.polca_steps[-1], len(config.basis_steps), config.window,
+            config.threshold_step) == (101, 4000, 50, 100, 1000)
+
+
+@pytest.mark.slow
+def test_the_paper_cpu_cuts_run_end_to_end_on_the_tiny_preset(tmp_path):
+    run_dir = tmp_path / "run"
+    settings = [f"--set={key}={value}" for key, value in PAPER_CPU_CUTS_TINY.items()]
+    assert main(["arithmetic", "--preset", "tiny", *settings, "--out", str(run_dir), "--quiet"]) == 0
+    config = make_config(load_task_definition("arithmetic"), "arithmetic", "tiny", PAPER_CPU_CUTS_TINY)
+    assert sorted(path.name for path in (run_dir / "basis").iterdir()) == ["hessian", "parameter_axes", "random"]
+    for name in ("hessian", "parameter_axes", "random"):
+        assert pj.POLCAResult.load(run_dir / "polca" / name).steps.tolist() == list(range(0, 41, 10))
+    assert pj.OrbaxCheckpoints(run_dir / "checkpoints").steps == config.checkpoint_steps  # the final step 60 too
+    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    assert {"exact_loss", "lca", "first_order_polca", "polca", "random_basis"} <= set(variants)
+    assert "shuffled_hessian" not in variants
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "### Table 1 — cluster quality" in report
 
 
 SWEEP_SCRIPT = Path(__file__).parents[1] / "experiments" / "arithmetic" / "sweep_clustering.py"

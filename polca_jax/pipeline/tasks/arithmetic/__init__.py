@@ -36,12 +36,22 @@ PAPER_SETTINGS = dict(polca_every=20, basis_every=200, window_steps=100, thresho
                       min_cluster_size=150, reference_num_samples=5000, ablations=True)
 """The paper's pipeline settings for arithmetic (Tables 2-3, Appendix D), under every preset's own."""
 
+PAPER = dict(num_layers=3, d_model=512, num_heads=4, d_mlp=2048, num_train_problems=640_000, num_eval_problems=1250,
+             num_hessian_problems=1250, learning_rate=1e-5, num_steps=10_000)
+"""The paper's model, data and training (Tables 2-3, Appendix D): 9,475,594 parameters, 10k steps, 5000 tokens."""
+
+PAPER_CPU_CUTS = dict(polca_every=40, polca_until=4000, ablation_bases="parameter_axes,random")
+"""What the ``paper-cpu`` preset cuts from ``paper`` to fit a 2-core CPU in a few resumed sessions: POLCA checkpoints
+every 40 steps through step 4000 (101; the paper: every 20 through 10,000, where its plots stop at 4000 and its
+learning happens before), and of the ablations the shuffled-Hessian basis (50 more Lanczos runs); LCA and the random
+basis stay. Model, optimiser, schedule, 10,000 training steps, evaluation set (5000 tokens), Hessian sample (1250
+problems), basis (50 vectors, one every 200 steps), HDBSCAN settings, Δ and τ are the paper's."""
+
 PRESETS = {name: {**PAPER_SETTINGS, **preset} for name, preset in {
     # The paper (Tables 2-3, Appendix D): 9,475,594 parameters, 10k steps, 50 basis vectors, 5000 tokens.
-    "paper": dict(
-        num_layers=3, d_model=512, num_heads=4, d_mlp=2048, num_train_problems=640_000, num_eval_problems=1250,
-        num_hessian_problems=1250, learning_rate=1e-5, num_steps=10_000,
-    ),
+    "paper": PAPER,
+    # The paper with only PAPER_CPU_CUTS: the long CPU run of experiments/arithmetic/results.md.
+    "paper-cpu": {**PAPER, **PAPER_CPU_CUTS},
     # Sized for a 2-core CPU in about five minutes.
     "cpu": dict(
         num_layers=2, d_model=128, num_heads=4, d_mlp=512, num_train_problems=96_000, num_eval_problems=300,
@@ -121,6 +131,8 @@ __all__ = [
     "ANSWER_PLACES",
     "EQUALS_TOKEN",
     "OUTPUT_SIZE",
+    "PAPER",
+    "PAPER_CPU_CUTS",
     "PAPER_SETTINGS",
     "PLUS_TOKEN",
     "PRESETS",
