@@ -120,7 +120,7 @@ def test_the_paper_cpu_preset_is_the_paper_with_only_its_cuts():
     assert set(PAPER_CPU_CUTS_TINY) == set(PAPER_CPU_CUTS)  # the tiny counterpart below cuts the same settings
     config = make_config(load_task_definition("arithmetic"), "arithmetic", "paper-cpu")
     assert (len(config.polca_steps), config.polca_steps[-1], len(config.basis_steps), config.window,
-            config.threshold_step) == (101, 4000, 50, 100, 1000)
+            config.threshold_step) == (51, 4000, 50, 100, 1000)
 
 
 @pytest.mark.slow
