@@ -172,7 +172,8 @@ def test_settings_apply_to_the_stored_config_and_a_real_difference_changes_nothi
         open_run(user_task, out, preset="tiny")  # a preset is a whole config: width goes back to its default
     with pytest.raises(ValueError, match="holds a run of task"):
         open_run("arithmetic", out)
-    assert (out / "config.json").read_bytes() == stored and sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json").read_bytes() == stored
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "run.lock"]
 
 
 def test_a_torn_config_names_the_file(user_task, tmp_path):

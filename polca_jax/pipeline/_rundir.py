@@ -67,6 +67,7 @@ class RunDirectory:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(config_file, config.to_dict())
+                (self.path / LOCK).touch()  # made with the directory: a refused run later changes no file
             except OSError as error:
                 raise ValueError(f"cannot create the run directory {self.path}: {error.strerror or error}; "
                                  "choose another --out") from error
