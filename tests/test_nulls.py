@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from polca_jax.analysis._clustering import Clustering
-from polca_jax.analysis import adjust_pvalues, breakthrough_null, homogeneity_pvalues
+from polca_jax.analysis import (ablation_effects, ablation_pvalues, adjust_pvalues, breakthrough_null,
+                                homogeneity_pvalues)
 
 
 def clustering(labels, sample_indices=None):
@@ -262,3 +263,38 @@ def test_breakthrough_null_rejects_bad_inputs():
         breakthrough_null(curves[:, 0], steps, 100, 500)
     with pytest.raises(ValueError, match="at least 3 checkpoints"):
         breakthrough_null(curves[:2], steps[:2], 100, 500)
+
+
+# --- ablation_pvalues (the causal check beyond its noise) ------------------------------------------------------------
+
+
+def test_a_planted_causal_effect_beats_the_null_and_a_difference_of_1e_7_in_noise_does_not():
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 30 + [1] * 30 + [-1] * 140)
+    noise = 0.01 * rng.standard_normal(labels.size)
+    planted = noise + np.where(labels == 0, 0.05, 0.0)  # cluster 0 hurt by 5 noise widths
+    test = ablation_pvalues(planted, clustering(labels), num_permutations=199, seed=0)
+    effects = ablation_effects(planted, clustering(labels))
+    np.testing.assert_allclose(test.difference, [e.difference for e in effects])
+    assert test.pvalues[0] == pytest.approx(1 / 200) and test.pvalues[1] > 0.05
+    tiny = noise + np.where(labels == 0, noise[labels != 0].mean() - noise[labels == 0].mean() + 1e-7, 0.0)
+    test = ablation_pvalues(tiny, clustering(labels), num_permutations=199, seed=0)
+    assert 0 < test.difference[0] < 1e-6 and test.pvalues[0] > 0.3  # positive, but inside its noise
+    assert test.null_std[0] > 100 * test.difference[0]
+
+
+def test_ablation_pvalues_permute_only_the_clustered_samples_and_are_seeded():
+    labels = np.array([0] * 10 + [1] * 10 + [-1] * 20)
+    increase = np.where(np.arange(40) < 10, 1.0, 0.0)
+    increase[20:] = 5.0  # filtered out: never in the comparison
+    kept = clustering(labels, np.arange(20))
+    test = ablation_pvalues(increase, kept, num_permutations=99, seed=1)
+    assert test.difference[0] == pytest.approx(1.0) and test.pvalues[0] == pytest.approx(1 / 100)
+    again = ablation_pvalues(increase, kept, num_permutations=99, seed=1)
+    np.testing.assert_array_equal(test.pvalues, again.pvalues)
+    empty = ablation_pvalues(increase, clustering(np.full(40, -1)), num_permutations=9)
+    assert empty.pvalues.shape == (0,)
+    with pytest.raises(ValueError, match="shape"):
+        ablation_pvalues(increase[:5], kept)
+    with pytest.raises(ValueError, match="num_permutations"):
+        ablation_pvalues(increase, kept, num_permutations=0)

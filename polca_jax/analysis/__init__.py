@@ -12,7 +12,7 @@ from polca_jax.analysis._breakthroughs import (
     hidden_breakthrough,
     hidden_breakthrough_fraction,
 )
-from polca_jax.analysis._causal import AblationEffect, ablation_effects
+from polca_jax.analysis._causal import AblationEffect, AblationTest, ablation_effects, ablation_pvalues
 from polca_jax.analysis._clustering import (
     DEFAULT_MIN_SAMPLES_DIVISOR,
     NORMALIZATIONS,
@@ -64,9 +64,11 @@ __all__ = [
     "strategy_clusterings",
     "ADJUST_METHODS",
     "AblationEffect",
+    "AblationTest",
     "BreakthroughNull",
     "PermutationTest",
     "ablation_effects",
+    "ablation_pvalues",
     "adjust_pvalues",
     "breakthrough_null",
     "homogeneity_pvalues",
