@@ -46,28 +46,31 @@ def synthetic_result(place, carry, rng, rising=False):
     )
 
 
-def labelled_task(place, carry, carry_stratified_by=None) -> Task:
-    """A task carrying only what the host stages read: its labels and texts (its model is never run here)."""
+def labelled_task(place, carry, carry_stratified_by=None, coin=False) -> Task:
+    """A task carrying only what the host stages read: its labels and texts (its model is never run here).
+    ``coin``: a third label set, ``coin``, of fair coin flips unrelated to anything the result plants."""
+    extra = {"coin": LabelSet(np.random.default_rng(7).random(place.size) < 0.5, positive=True)} if coin else {}
     return Task(
         init_params={"w": np.zeros(5, np.float32)},
         per_sample_loss=lambda params, batch: batch["x"] * params["w"].sum(),
         eval_batch={"x": np.zeros(place.size, np.float32)}, hessian_batch={"x": np.zeros(4, np.float32)},
         labels={"carry": LabelSet(carry, positive=True, qualifier=Qualifier("place", (1, 2), 0.85),
                                   stratify_by=carry_stratified_by),
-                "place": LabelSet(place, class_names={0: "1000s", 1: "100s", 2: "10s", 3: "1s"})},
+                "place": LabelSet(place, class_names={0: "1000s", 1: "100s", 2: "10s", 3: "1s"}), **extra},
         sample_texts=[f"problem {i // 4}, place {p}" for i, p in enumerate(place)],
         description="synthetic answer tokens",
     )
 
 
-def synthetic_run(path, *, rising=False, carry_stratified_by=None, **settings) -> RunDirectory:
-    """A run directory whose stages up to the causal check are done, holding a synthetic POLCA result."""
+def synthetic_run(path, *, rising=False, carry_stratified_by=None, coin=False, **settings) -> RunDirectory:
+    """A run directory whose stages up to the causal check are done, holding a synthetic POLCA result (``coin``:
+    with the noise label set of :func:`labelled_task`)."""
     place, carry = synthetic_labels()
     settings = dict(num_steps=50, polca_every=10, basis_every=10, window_steps=10, threshold_step=THRESHOLD,
                     second_order="none", min_cluster_size=5, reference_num_samples=None, ablations=False) | settings
     config = RunConfig(task="arithmetic", preset=None, task_options={}, **settings)
     run = RunDirectory(path, config)
-    run.bind_task(labelled_task(place, carry, carry_stratified_by))
+    run.bind_task(labelled_task(place, carry, carry_stratified_by, coin))
     synthetic_result(place, carry, np.random.default_rng(0), rising=rising).save(run / "polca" / "hessian")
     basis = pj.basis_from_matrix(np.eye(5)[:NUM_DIRECTIONS], eigenvalues=np.array([3.0, 2.0, 1.0]),
                                  steps=np.array([10, 20, 30]), method="hessian")

@@ -21,7 +21,7 @@ PAPER_HEADINGS = ("### Table 1", "### Table 8", "### Table 9", "### Table 10", "
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    run = synthetic_run(tmp_path_factory.mktemp("report") / "run")
+    run = synthetic_run(tmp_path_factory.mktemp("report") / "run", coin=True)
     run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
                log=lambda _: None)
     text = (run / "report" / "report.md").read_text()
@@ -61,14 +61,50 @@ def test_the_planted_clusters_beat_their_nulls_and_the_causal_check_finds_their_
     assert carry["testable"] and carry["pvalue"] < 0.01 and carry["beats_null"]
     assert carry["pvalue_adjusted"] >= carry["pvalue"]
     assert carry_cluster["causal"]["rank"] == 1 and carry_cluster["causal"]["difference"] > 0.9
+    assert carry_cluster["causal"]["hurt_more"] and carry_cluster["causal"]["pvalue_adjusted"] < 0.05
     # hidden, but 6 checkpoints leave Eq. 9 four candidate steps: shuffled increments land as late too often
     null = carry_cluster["breakthrough_null"]
     assert carry_cluster["hidden"] and 0.2 < null["null_hidden_rate"] < 0.8 and not null["beats_null"]
     others = [c for c in polca["clusters"] if c["direction"] == 0 and c is not carry_cluster]
-    assert all(c["causal"]["difference"] < 0 for c in others)
+    assert all(c["causal"]["difference"] < 0 and not c["causal"]["hurt_more"] for c in others)
     assert polca["causal"]["hurt_more_than_others"] >= 2  # the carry cluster and direction 1's 1000s cluster
     assert "## Against the nulls" in text and "## Causal check" in text and "✓" in text
     assert "*The random-basis null is not run: `--set ablations=true` adds it.*" in text
+
+
+def test_each_label_set_gets_a_verdict_the_planted_carry_found_the_coin_flips_not(finished):
+    _, text, metrics = finished
+    verdicts = metrics["verdicts"]
+    carry = verdicts["carry"]
+    assert carry["found"] and carry["best"]["strategy"] in ("polca", "first_order_polca", "polca_profile")
+    assert carry["best"]["homogeneity"] == 1.0 and carry["best"]["recall"] == 1.0 and carry["best"]["beats_null"]
+    assert verdicts["place"]["found"]  # direction 1 isolates the 1000s tokens
+    coin = verdicts["coin"]
+    assert not coin["found"] and coin["best"] is not None and not coin["best"]["beats_null"]
+    findings = text.split("## What this run found")[1].split("## Strategies")[0]
+    line = next(line for line in findings.splitlines() if "**carry: found** —" in line)
+    assert re.search(r"direction \d, cluster \d, homogeneity 1\.000 \(recall 1\.000\), Holm p = [0-9.e-]+", line)
+    coin_line = next(line for line in findings.splitlines() if "**coin: not found**" in line)
+    assert re.search(r"\(best .+ [01]\.\d{3}, p = [0-9.e-]+\)", coin_line)
+    assert "**What \"found\" requires:**" in findings and "Holm-corrected p < 0.05" in findings
+    assert "within each class" not in carry["condition"] and "'place' in [1, 2]" in carry["condition"]
+    assert "(`carry` scored for class 'True'; qualifying: more than 85%" in findings
+
+
+def test_a_causal_difference_of_1e_7_inside_noise_is_no_effect(tmp_path):
+    run = synthetic_run(tmp_path / "run", baselines=False)
+    place, carry = synthetic_labels()
+    noise = 0.01 * np.random.default_rng(5).standard_normal((3, place.size))
+    np.save(run / "causal" / "hessian.npy", noise + 1e-7 * np.stack([carry, place == 0, carry]))
+    run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
+               log=lambda _: None)
+    polca = json.loads((run / "metrics.json").read_text())["variants"]["polca"]
+    checked = [c["causal"] for c in polca["clusters"]]
+    assert checked and polca["causal"]["positive_difference"] >= 1  # some differences are positive ...
+    assert polca["causal"]["hurt_more_than_others"] == 0 and not any(c["hurt_more"] for c in checked)  # ... no effect
+    text = (run / "report" / "report.md").read_text()
+    assert "**Rule:** a cluster is hurt more than the rest when" in text and "Holm-corrected across" in text
+    assert "POLCA: 0 of 4 clusters hurt more than the rest beyond noise" in text
 
 
 def test_the_report_describes_the_run_and_the_paper_tables(finished):

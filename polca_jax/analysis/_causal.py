@@ -100,7 +100,8 @@ class AblationTest:
 
     difference: float[C], each cluster's member mean minus the mean of the other kept samples (as
       :class:`AblationEffect`).
-    pvalues: float[C], one-sided permutation p-values, (1 + #{null ≥ observed}) / (1 + B).
+    pvalues: float[C], one-sided permutation p-values, (1 + #{null ≥ observed}) / (1 + B); 1 for a cluster holding
+      every clustered sample (nothing to compare it with; its difference is NaN).
     null_mean, null_std: float[C], the difference's mean and spread under the null.
     num_permutations: B.
     """
@@ -165,5 +166,6 @@ def ablation_pvalues(loss_increase, clustering: Clustering, *, num_permutations:
     null = np.concatenate(null)
     tolerance = 1e-12 * max(1.0, float(np.abs(values).max()))  # sums in another order: equal up to rounding
     exceed = np.count_nonzero(null >= observed - tolerance, axis=0)
-    return AblationTest(difference=observed, pvalues=(1 + exceed) / (1 + int(num_permutations)),
+    pvalues = np.where(np.isfinite(observed), (1 + exceed) / (1 + int(num_permutations)), 1.0)
+    return AblationTest(difference=observed, pvalues=pvalues,
                         null_mean=null.mean(axis=0), null_std=null.std(axis=0), num_permutations=int(num_permutations))

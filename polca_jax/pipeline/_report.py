@@ -110,7 +110,7 @@ def _findings(view: RunView) -> list[str]:
     if view.metrics is None:
         done = [stage for stage in STAGES if stage in view.stages]
         return [f"*No numbers yet: the score stage has not run (finished stages: {', '.join(done) or 'none'}).*"]
-    bullets = []
+    bullets = _verdict_lines(view)
     polca = view.variants.get("polca")
     filters = view.metrics.get("filters", {}).get("hessian")
     config = view.config
@@ -156,6 +156,32 @@ def _findings(view: RunView) -> list[str]:
                        "the same increments shuffled in time would make them (p < "
                        f"{view.metrics['settings'].get('significance', 0.05)}).")
     return ["\n".join(f"- {bullet}" for bullet in bullets)]
+
+
+def _verdict_lines(view: RunView) -> list[str]:
+    """One line per label set, found or not found (``metrics.json`` ``verdicts``), and what "found" requires."""
+    verdicts = view.metrics.get("verdicts") or {}
+    lines, rules = [], []
+    for name, verdict in verdicts.items():
+        best = verdict.get("best")
+        if verdict["found"]:
+            where = "" if best["direction"] is None else f"direction {best['direction']}, "
+            line = (f"**{name}: found** — {best['label']}, {where}cluster {best['cluster']}, homogeneity "
+                    f"{best['homogeneity']:.3f} (recall {best['recall']:.3f}), Holm p = {best['pvalue_adjusted']:.3g}")
+        elif best is None:
+            line = f"**{name}: not found** (no qualifying cluster scored for its class)"
+        else:
+            p = best["pvalue_adjusted"]
+            line = (f"**{name}: not found** (best {best['label']} {best['homogeneity']:.3f}, "
+                    f"p = {MISSING if p is None else f'{p:.3g}'})")
+        if verdict.get("random_basis_found"):
+            line += "; the random basis has such a cluster too, so the finding may not need the Hessian basis"
+        lines.append(line + ".")
+        rules.append(f"`{name}` {verdict.get('condition', '')}")
+    if rules:
+        rule = next(iter(verdicts.values()))["rule"]
+        lines.append(f"**What \"found\" requires:** {rule}. " + "; ".join(f"({r})" for r in rules) + ".")
+    return lines
 
 
 def _against_chance_line(view: RunView) -> str:
@@ -374,29 +400,43 @@ def _causal_section(view: RunView) -> list[str]:
              "removed from the final parameters (θ_T − ⟨θ_T − θ_0, b⟩ b), against the other samples its clustering "
              "saw. A cluster that is a mechanism living in its direction should be hurt more than the rest, and most "
              "among its direction's clusters (rank 1)."]
+    rule = polca["causal"].get("rule")
+    if rule:
+        parts.append(f"**Rule:** {rule} (✓); a positive difference inside the spread of the same difference over "
+                     "random clusters of the cluster's size (its null's standard deviation, shown) is no effect.")
     if not records:
         return parts + ["*No POLCA cluster to check.*"]
     names = list(view.label_sets)[:CLUSTER_TABLE_LABEL_SETS]
-    header = ["Direction", "Cluster", "Size", "Loss increase: members", "others", "difference", "Rank",
-              *[f"`{name}`" for name in names]]
+    header = ["Direction", "Cluster", "Size", "Loss increase: members", "others", "difference", "null sd",
+              "p (Holm)", "Rank", *[f"`{name}`" for name in names]]
     rows = []
     for r in records:
         causal = r["causal"]
         rows.append([str(r["direction"]), str(r["cluster"]), str(r["size"]), f"{causal['member_mean']:+.4g}",
                      MISSING if causal["others_mean"] is None else f"{causal['others_mean']:+.4g}",
-                     MISSING if causal["difference"] is None else f"{causal['difference']:+.4g}", str(causal["rank"]),
+                     MISSING if causal["difference"] is None else f"{causal['difference']:+.4g}",
+                     MISSING if causal.get("null_std") is None else f"{causal['null_std']:.2g}",
+                     _causal_pvalue_text(causal), str(causal["rank"]),
                      *[_class_share(view, name, r["labels"].get(name)) for name in names]])
     parts.append(reporting.markdown_table(header, rows))
     lines = []
     for variant in ("polca", "random_basis"):
         summary = (view.variants.get(variant) or {}).get("causal")
         if summary and summary["clusters"]:
+            positive = summary.get("positive_difference")
             lines.append(f"{view.variants[variant]['label']}: {summary['hurt_more_than_others']} of "
-                         f"{summary['clusters']} clusters hurt more than the rest, median difference "
-                         f"{summary['median_difference']:+.4g}")
+                         f"{summary['clusters']} clusters hurt more than the rest beyond noise"
+                         + ("" if positive is None else f" ({positive} with a positive difference)")
+                         + f", median difference {summary['median_difference']:+.4g}")
     if lines:
         parts.append("; ".join(lines) + ".")
     return parts
+
+
+def _causal_pvalue_text(causal: dict) -> str:
+    """``0.001 ✓`` (hurt more beyond noise), ``0.41``, or — (a score stage before the rule)."""
+    adjusted = causal.get("pvalue_adjusted")
+    return MISSING if adjusted is None else f"{adjusted:.3g}{' ✓' if causal.get('hurt_more') else ''}"
 
 
 def _class_share(view: RunView, name: str, score: dict | None) -> str:

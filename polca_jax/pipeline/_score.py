@@ -15,6 +15,7 @@ its clustering saw.
     num_samples N
     filters     per basis with projected-loss trajectories: directions kept by the oscillation filter, dropped ones,
                 and per direction the samples relying on it
+    verdicts    per label set: found or not (``label_verdict``), the rule, and its best cluster
     variants    per strategy: label, basis, trajectory, clusterings, clusters, hidden-breakthrough fraction,
                 breakthroughs, and per label set its class, maximum homogeneity, top clusters (Tables 1, 8, 10),
                 the spread of its directions' best homogeneity and how many clusters beat the permutation null;
@@ -65,6 +66,8 @@ def score_stage(run: RunDirectory) -> dict:
         causal = np.load(causal_file) if causal_file.is_file() and trajectories.ndim == 3 else None
         variants[variant.name] = variant_scores(variant, clusterings, trajectories, steps, label_sets, texts,
                                                 window, threshold, config, causal)
+    verdicts = {name: label_verdict(name, label_set, variants, config)
+                for name, label_set in label_sets.items()}
     metrics = {
         "settings": {"window_steps": window, "threshold_step": threshold, "threshold_source": source,
                      "null_permutations": config.null_permutations,
@@ -72,9 +75,72 @@ def score_stage(run: RunDirectory) -> dict:
         "num_samples": int(main.loss.shape[1]),
         "filters": filters,
         "variants": variants,
+        "verdicts": verdicts,
     }
     write_json_atomic(run / "metrics.json", metrics)
     return {"variants": list(variants), "threshold_step": threshold}
+
+
+FINDING_VARIANTS = ("polca", "first_order_polca", "polca_profile")  # the decompositions along the Hessian basis
+
+
+VERDICT_RULE = ("a cluster of a decomposition along the Hessian basis (POLCA, first-order POLCA or POLCA allocation "
+                "profiles), scored for the label set's class and qualifying, whose homogeneity beats the label "
+                "permutation null (cluster sizes fixed, {permutations} permutations) with a Holm-corrected p < "
+                "{significance} across its strategy's clusters")
+
+
+def verdict_condition(label_set: LabelSet) -> str:
+    """The label set's own part of what "found" requires: its class, qualifier and null."""
+    target = ("its majority class" if label_set.positive is None else
+              f"class {label_set.name_of(label_set.positive)!r}")
+    qualifier = label_set.qualifier
+    qualifying = ("at least one member of that class" if qualifier is None else
+                  f"more than {qualifier.min_fraction:.0%} of its members of that class with "
+                  f"{qualifier.label_set!r} in {list(qualifier.classes)}")
+    null = ("labels permuted among the samples its clustering saw" if label_set.stratify_by is None else
+            f"labels permuted within each class of {label_set.stratify_by!r}")
+    return f"scored for {target}; qualifying: {qualifying}; null: {null}"
+
+
+def label_verdict(name: str, label_set: LabelSet, variants: dict, config) -> dict:
+    """Was label set ``name`` found? ``found`` when some cluster meets ``VERDICT_RULE`` (with the label set's own
+    :func:`verdict_condition`) in a strategy of
+    ``FINDING_VARIANTS``; then the best such cluster (highest homogeneity, then lowest adjusted p-value, then
+    highest recall), else the best cluster that is scored for the label set's class and qualifies, found or not
+    (None without one). ``random_basis_found``: whether the random-basis strategy (when run) has a cluster meeting
+    the same rule, a warning that the finding may not need the Hessian basis."""
+
+    def candidates(variant_names):
+        for variant in variant_names:
+            info = variants.get(variant)
+            for record in (info or {}).get("clusters", ()):
+                score = record["labels"][name]
+                scored = label_set.positive is None or score["class"] == label_set.positive
+                if scored and score["qualifies"]:
+                    yield variant, record, score
+
+    def rank(candidate):
+        _, _, score = candidate
+        p = score["pvalue_adjusted"]
+        return (-score["homogeneity"], 1.0 if p is None else p, -score["recall"])
+
+    found = sorted((c for c in candidates(FINDING_VARIANTS) if c[2]["beats_null"]), key=rank)
+    best = found[0] if found else min(candidates(FINDING_VARIANTS), key=rank, default=None)
+    verdict = {"found": bool(found), "condition": verdict_condition(label_set),
+               "rule": VERDICT_RULE.format(permutations=config.null_permutations, significance=config.significance),
+               "strategies": [v for v in FINDING_VARIANTS if v in variants],
+               "random_basis_found": (None if "random_basis" not in variants else
+                                      any(c[2]["beats_null"] for c in candidates(("random_basis",)))),
+               "best": None}
+    if best is not None:
+        variant, record, score = best
+        verdict["best"] = {"strategy": variant, "label": variants[variant]["label"],
+                           "direction": record["direction"], "cluster": record["cluster"], "size": record["size"],
+                           "class": score["class"], "homogeneity": score["homogeneity"], "recall": score["recall"],
+                           "base_rate": score["base_rate"], "pvalue_adjusted": score["pvalue_adjusted"],
+                           "beats_null": score["beats_null"]}
+    return verdict
 
 
 def threshold_step(configured: int | None, result: pj.POLCAResult) -> tuple[int, str]:
@@ -133,6 +199,7 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
             "clusters_beating_null": sum(test["beats_null"] for test in tests[name].values()),
         }
     by_cluster = {(b["direction"], b["cluster"]): b for b in breakthroughs}
+    causal_tests = {} if causal is None else causal_pvalues(clusterings, causal, config)
     cluster_records = []
     for clustering in clusterings:
         effects = ({} if causal is None else
@@ -151,7 +218,8 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
             if cluster in effects:
                 effect = effects[cluster]
                 record["causal"] = {"member_mean": effect.member_mean, "others_mean": _finite(effect.others_mean),
-                                    "difference": _finite(effect.difference), "rank": effect.rank}
+                                    "difference": _finite(effect.difference), "rank": effect.rank,
+                                    **causal_tests[key]}
             if texts is not None:
                 record["nearest_samples"] = nearest_to_medoid(trajectories, clustering, members).tolist()
             cluster_records.append(record)
@@ -166,7 +234,7 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
         "hidden_beating_null_fraction": float(np.mean(hidden_beating)) if hidden_beating else None,
         "breakthroughs": breakthroughs,
         "label_sets": summary,
-        "causal": _causal_summary(cluster_records) if causal is not None else None,
+        "causal": _causal_summary(cluster_records, config) if causal is not None else None,
         "clusters": cluster_records,
     }
 
@@ -220,13 +288,43 @@ def _per_direction_best(records: list[analysis.ClusterScore]) -> dict:
     return {"directions": int(values.size), "median": float(median), "q25": float(q25), "q75": float(q75)}
 
 
-def _causal_summary(cluster_records: list[dict]) -> dict:
+CAUSAL_RULE = ("a cluster is hurt more than the rest when its mean loss increase exceeds that of the other samples "
+               "its clustering saw by more than chance: a one-sided permutation test of the difference (cluster "
+               "membership shuffled among those samples, sizes fixed, {permutations} permutations, seed {seed}), "
+               "Holm-corrected across the strategy's clusters, p < {significance}")
+
+
+def causal_pvalues(clusterings, causal: np.ndarray, config) -> dict[tuple, dict]:
+    """(direction, cluster) -> the causal check's permutation p-value (``analysis.ablation_pvalues`` on the row of
+    ``causal [K, N]`` of the cluster's direction), its Holm adjustment across all the strategy's clusters, the null's
+    spread, and ``hurt_more``: the adjusted p-value is below ``config.significance`` (``CAUSAL_RULE``)."""
+    keys, pvalues, spreads = [], [], []
+    for clustering in clusterings:
+        if clustering.num_clusters == 0:
+            continue
+        test = analysis.ablation_pvalues(causal[clustering.direction], clustering,
+                                         num_permutations=config.null_permutations, seed=config.seed)
+        for cluster in range(clustering.num_clusters):
+            keys.append((clustering.direction, cluster))
+            pvalues.append(float(test.pvalues[cluster]))
+            spreads.append(_finite(test.null_std[cluster]))
+    adjusted = analysis.adjust_pvalues(np.asarray(pvalues), "holm") if pvalues else np.zeros(0)
+    return {key: {"pvalue": p, "pvalue_adjusted": float(a), "null_std": spread,
+                  "hurt_more": bool(a < config.significance)}
+            for key, p, a, spread in zip(keys, pvalues, adjusted, spreads)}
+
+
+def _causal_summary(cluster_records: list[dict], config) -> dict:
     """How the strategy's clusters fare in the causal check: the median difference between a cluster's mean loss
-    increase and the other samples', and how many clusters are hurt more than the rest of their clustering."""
-    differences = [r["causal"]["difference"] for r in cluster_records
-                   if r.get("causal") and r["causal"]["difference"] is not None]
-    return {"clusters": len(differences), "hurt_more_than_others": int(np.sum(np.asarray(differences) > 0)),
-            "median_difference": float(np.median(differences)) if differences else None}
+    increase and the other samples', how many clusters have a positive difference, and how many are hurt more than
+    the rest beyond noise (``CAUSAL_RULE``)."""
+    checked = [r["causal"] for r in cluster_records if r.get("causal") and r["causal"]["difference"] is not None]
+    differences = np.asarray([c["difference"] for c in checked])
+    return {"clusters": len(checked), "hurt_more_than_others": int(sum(c["hurt_more"] for c in checked)),
+            "positive_difference": int(np.sum(differences > 0)),
+            "median_difference": float(np.median(differences)) if checked else None,
+            "rule": CAUSAL_RULE.format(permutations=config.null_permutations, seed=config.seed,
+                                       significance=config.significance)}
 
 
 def _finite(value: float) -> float | None:
