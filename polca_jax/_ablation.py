@@ -3,7 +3,7 @@
 A direction b of the basis carries the component ⟨θ_T − θ_0, b⟩ b of the training displacement. Taking it out of the
 final parameters, θ_T − ⟨θ_T − θ_0, b⟩ b, undoes what training did along b and nothing else (for an orthonormal
 basis the other directions' components are untouched). If a cluster found along b is a real mechanism that lives in
-b, its members' losses should rise more than the other samples' (DESIGN.md, "Trust").
+b, its members' losses should rise more than the other samples' (docs/pipeline.md, the causal stage).
 
 - :func:`remove_direction`: the ablated parameters for one flat direction.
 - :func:`direction_ablation_losses`: per-sample loss increase ``[D, N]`` for chosen basis directions (JAX; one

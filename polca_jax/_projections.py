@@ -2,7 +2,7 @@
 
 A *sample* is a sequence (``per_sample_loss_fn`` returns ``[n_seq]``) or one token of a sequence (it returns
 ``[n_seq, n_tok]``; an optional ``mask [n_seq, n_tok]`` keeps the tokens that count). Two strategies compute the
-projections, chosen by cost (see :func:`choose_method` and DESIGN.md's cost model):
+projections, chosen by cost (see :func:`choose_method` and benchmarks/README.md):
 
 * ``"reverse"``: per-sample gradients on chunks of sequences (``vmap`` of ``grad``), each parameter leaf
   contracted with its slice of the params-shaped basis; about one backward pass per sample, plus ``2·P·K`` flops.

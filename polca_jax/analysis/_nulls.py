@@ -1,4 +1,4 @@
-"""Null models for clusters: is a cluster a finding, or what chance gives? (DESIGN.md, "Trust")
+"""Null models for clusters: is a cluster a finding, or what chance gives? (docs/pipeline.md, the score stage)
 
 - :func:`homogeneity_pvalues` answers "is this cluster more homogeneous in a label than chance, given its size?".
   The labels are permuted among the samples that went into the clustering (its ``sample_indices``: those kept by the

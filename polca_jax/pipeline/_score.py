@@ -2,7 +2,7 @@
 nulls it must beat, and the causal check, for every strategy, to ``metrics.json``. Host code: it reads only the run
 directory.
 
-Nulls (DESIGN.md, "Trust"): a cluster's homogeneity in a label set is tested against the same labels permuted among
+Nulls (docs/pipeline.md): a cluster's homogeneity in a label set is tested against the same labels permuted among
 the samples its clustering saw, cluster sizes fixed (Holm-corrected across the strategy's clusters); a hidden
 breakthrough against the cluster's increments shuffled in time; and every strategy along the Hessian basis stands
 beside the same pipeline along random orthonormal directions (with ``ablations``). The causal check: each cluster's
