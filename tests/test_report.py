@@ -4,15 +4,21 @@ real classes: scores against label sets, breakthroughs, empty results explained,
 import dataclasses
 import json
 import re
+import time
 
 import numpy as np
 import pytest
 
 from synthetic_runs import THRESHOLD, synthetic_labels, synthetic_run
 
+import polca_jax as pj
 from polca_jax import analysis
+from polca_jax._files import write_json_atomic
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline import LabelSet, RunConfig, RunDirectory, load_labels, load_task_definition, run_stages
+from polca_jax.pipeline import run as polca_run
+from polca_jax.pipeline._config import apply_overrides
+from polca_jax.pipeline._host_settings import host_result
 from polca_jax.pipeline._score import permutation_tests
 from polca_jax.pipeline._report import write_report
 
@@ -196,3 +202,73 @@ def test_a_run_that_has_not_scored_yet_still_gives_a_report(tmp_path):
     assert "No numbers yet: the score stage has not run (finished stages: none)" in text
     assert "metrics.json is missing" in text and "polca/hessian/ is missing" in text
     assert linked_figures(tmp_path / "run" / "report" / "report.md", text) == []
+
+
+# --- re-clustering and re-scoring an existing run without recomputing ------------------------------------------------
+
+
+@pytest.fixture
+def finished_arithmetic(tmp_path):
+    """A synthetic run with the arithmetic task's options written out, as ``polca run arithmetic`` reopens it."""
+    run = synthetic_run(tmp_path / "run", baselines=False)
+    write_json_atomic(run / "config.json",
+                      apply_overrides(load_task_definition("arithmetic"), run.config, {}).to_dict())
+    polca_run("arithmetic", run.path, stages=["cluster", "score", "report"], progress=False, log=lambda _: None)
+    return run.path
+
+
+def test_reclustering_with_another_min_cluster_size_redoes_only_the_host_stages(finished_arithmetic):
+    out = finished_arithmetic
+    earlier = {stage: (out / "stages" / f"{stage}.json").read_bytes() for stage in ("train", "basis", "decompose",
+                                                                                    "causal")}
+    clusters_before = analysis.load_clusterings(out / "clusters" / "polca.npz")
+    assert "min_cluster_size=5," in (out / "report" / "report.md").read_text()
+    messages = []
+    started = time.perf_counter()
+    polca_run("arithmetic", out, stages=["cluster"], settings=["min_cluster_size=12"], progress=False,
+              log=messages.append)
+    assert time.perf_counter() - started < 60
+    ran = [m.split("]")[0].strip("[") for m in messages if m.endswith("running")]
+    assert ran == ["cluster", "score", "report"] and "min_cluster_size 5 -> 12" in messages[0]
+    assert {stage: (out / "stages" / f"{stage}.json").read_bytes() for stage in earlier} == earlier
+    assert json.loads((out / "config.json").read_text())["min_cluster_size"] == 12
+    assert json.loads((out / "stages" / "cluster.json").read_text())["settings"]["min_cluster_size"] == 12
+    clusters_after = analysis.load_clusterings(out / "clusters" / "polca.npz")
+    assert sum(c.num_clusters for c in clusters_before) == 4 and sum(c.num_clusters for c in clusters_after) == 0
+    text = (out / "report" / "report.md").read_text()
+    line = next(line for line in text.splitlines() if "**Settings of these results:**" in line)
+    assert "min_cluster_size=12," in line and "min_cluster_size 5 → 12" in line
+    assert not json.loads((out / "metrics.json").read_text())["verdicts"]["carry"]["found"]
+
+
+def test_a_change_of_a_setting_the_earlier_stages_used_is_refused_naming_it(finished_arithmetic):
+    out = finished_arithmetic
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match=r"learning_rate: 0.001 on disk vs 0.01; min_cluster_size: 5 on disk vs 3\); "
+                                         r"learning_rate would change what the train"):
+        polca_run("arithmetic", out, stages=["cluster"], settings=["learning_rate=0.01", "min_cluster_size=3"],
+                  progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="min_cluster_size can change on the existing run .* only when host stages "
+                                         "alone run .*add --stage cluster"):
+        polca_run("arithmetic", out, settings=["min_cluster_size=3"], progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="second_order=exact needs the per-sample curvature"):
+        polca_run("arithmetic", out, stages=["cluster"], settings=["second_order=exact"], progress=False,
+                  log=lambda _: None)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_another_second_order_is_redone_from_the_stored_arrays(finished_arithmetic):
+    out = finished_arithmetic
+    polca_run("arithmetic", out, stages=["score"], settings=["second_order=trapezoid"], progress=False,
+              log=lambda _: None)  # a clustering setting: cluster is redone too
+    record = json.loads((out / "stages" / "cluster.json").read_text())
+    assert record["settings"]["second_order"] == "trapezoid" and record["second_order_redone"] == {
+        "hessian": "none -> trapezoid"}
+    stored = pj.POLCAResult.load(out / "polca" / "hessian")
+    redone = host_result(out, "hessian", "trapezoid")
+    np.testing.assert_allclose(redone.projected_loss, stored.projected_loss_with("trapezoid"), atol=1e-12)
+    assert redone.config["recomputed_from"] == "none"
+    assert host_result(out, "hessian", "none").config == stored.config
+    text = (out / "report" / "report.md").read_text()
+    assert "redone from the stored arrays with another second order than the decomposition's (hessian: none -> " \
+           "trapezoid)" in text

@@ -10,6 +10,7 @@ Directions are 0-based basis indices (the paper's "basis vector #1" is direction
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def _findings(view: RunView) -> list[str]:
     if view.metrics is None:
         done = [stage for stage in STAGES if stage in view.stages]
         return [f"*No numbers yet: the score stage has not run (finished stages: {', '.join(done) or 'none'}).*"]
-    bullets = _verdict_lines(view)
+    bullets = _verdict_lines(view) + _settings_lines(view)
     polca = view.variants.get("polca")
     filters = view.metrics.get("filters", {}).get("hessian")
     config = view.config
@@ -184,6 +185,38 @@ def _verdict_lines(view: RunView) -> list[str]:
     return lines
 
 
+def _settings_lines(view: RunView) -> list[str]:
+    """The settings the clusters and scores came from (the cluster and score stages' records), any second order
+    redone from the stored arrays, and the host-stage settings changed on this run directory since it began."""
+    parts = []
+    for stage, what in (("cluster", "clusters"), ("score", "scores")):
+        settings = view.stages.get(stage, {}).get("settings")
+        if settings:
+            parts.append(f"{what} from the {stage} stage with "
+                         + ", ".join(f"{key}={value}" for key, value in settings.items()))
+    if not parts:
+        return []
+    line = "**Settings of these results:** " + "; ".join(parts) + "."
+    redone = view.stages.get("cluster", {}).get("second_order_redone")
+    if redone:
+        line += (" The projected loss was redone from the stored arrays with another second order than the "
+                 "decomposition's (" + ", ".join(f"{basis}: {change}" for basis, change in redone.items()) + ").")
+    history = view.directory / "settings_history.jsonl"
+    if history.is_file():
+        changes = []
+        for row in history.read_text().splitlines():
+            try:
+                entry = json.loads(row)
+                changes.append(f"{entry['time']}: " + ", ".join(f"{key} {old} → {new}" for key, (old, new)
+                                                                in entry["changes"].items()))
+            except (ValueError, KeyError, TypeError):
+                continue
+        if changes:
+            line += " Changed on this run directory after its decomposition (cluster, score and report redone): " \
+                    + "; ".join(changes) + "."
+    return [line]
+
+
 def _against_chance_line(view: RunView) -> str:
     """How many clusters of POLCA, of the random basis and of the exact loss beat their permutation null."""
     level = view.metrics["settings"].get("significance", 0.05)
@@ -221,8 +254,8 @@ def _second_order_advice(second_order) -> str:
     if second_order == "paper":
         return ("With `second_order=paper` the stored eigenvalue's term is positive in every interval and can "
                 "outweigh the first-order one when steps are large (a high learning rate); try "
-                "`--set second_order=trapezoid` (it follows the actual curvature) or `--set second_order=none`, "
-                "on a new --out directory.")
+                "`--set second_order=trapezoid` (it follows the actual curvature) or `--set second_order=none` with "
+                "`--stage cluster` on this run directory (redone from the stored arrays, in seconds).")
     return ("The basis directions mostly carry oscillation, not the loss's long-term fall: try more basis "
             "directions (a smaller `--set basis_every=...`), basis checkpoints while the loss still falls "
             "(`--set basis_until=...`), or another second order (`--set second_order=...`), on a new --out "
@@ -242,7 +275,7 @@ def _no_cluster_advice(view: RunView, variant: str) -> str:
             f"{view.config.get('min_samples_divisor')}). Try a smaller `--set min_cluster_size=...`"
             + (" or `--set reference_num_samples=none`" if reference is not None else "")
             + ", a larger `--set min_samples_divisor=...`, or `--set normalize=unit` (cluster the trajectories' "
-            "shape), on a new --out directory.")
+            "shape), with `--stage cluster` on this run directory (it redoes only cluster, score and report).")
 
 
 def _best_clusters_line(view: RunView, name: str, label_set) -> str:

@@ -19,6 +19,8 @@ from polca_jax._basis import load_basis_info
 from polca_jax._decomposition import POLCAResult
 from polca_jax._files import read_json
 from polca_jax.analysis import Clustering, load_clusterings, quartile_curves
+from polca_jax.errors import PolcaError
+from polca_jax.pipeline._host_settings import host_result
 from polca_jax.pipeline._rundir import load_labels
 from polca_jax.pipeline._task import LabelSet
 
@@ -74,6 +76,7 @@ def load_run_view(run_dir: Path) -> RunView:
     """Everything a report reads from ``run_dir``; missing parts are None or empty."""
     has_labels = (run_dir / "task.json").is_file() and (run_dir / "labels.npz").is_file()
     label_sets, texts = load_labels(run_dir) if has_labels else ({}, None)
+    stages = {path.stem: read_json(path) for path in sorted((run_dir / "stages").glob("*.json"))}
     return RunView(
         directory=run_dir,
         config=read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {},
@@ -82,12 +85,22 @@ def load_run_view(run_dir: Path) -> RunView:
         metrics=read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None,
         label_sets=label_sets,
         texts=texts,
-        result=POLCAResult.load(run_dir / "polca" / "hessian")
+        result=_clustered_result(run_dir, stages)
         if (run_dir / "polca" / "hessian" / "manifest.json").is_file() else None,
         basis_steps=read_basis_steps(run_dir / "basis" / "hessian"),
         clusterings={path.stem: load_clusterings(path) for path in sorted((run_dir / "clusters").glob("*.npz"))},
-        stages={path.stem: read_json(path) for path in sorted((run_dir / "stages").glob("*.json"))},
+        stages=stages,
     )
+
+
+def _clustered_result(run_dir: Path, stages: dict[str, dict]) -> POLCAResult:
+    """The POLCA result along the Hessian basis with the second order its clusters came from (the cluster stage's
+    record; the decomposition's own when none is recorded or it cannot be redone)."""
+    second_order = stages.get("cluster", {}).get("settings", {}).get("second_order")
+    try:
+        return host_result(run_dir, "hessian", second_order)
+    except PolcaError:
+        return POLCAResult.load(run_dir / "polca" / "hessian")
 
 
 def read_log(path: Path) -> list[dict]:

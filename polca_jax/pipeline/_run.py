@@ -3,26 +3,34 @@ directory before anything is written."""
 
 from __future__ import annotations
 
+import datetime
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 
-from polca_jax.pipeline._config import apply_overrides, make_config, parse_overrides
+from polca_jax._files import read_json, write_json_atomic
+from polca_jax.pipeline._config import apply_overrides, config_differences, make_config, parse_overrides
+from polca_jax.pipeline._host_settings import HOST_SETTINGS, host_setting_changes, second_order_unavailable
 from polca_jax.pipeline._rundir import RunDirectory
-from polca_jax.pipeline._stages import run_stages
+from polca_jax.pipeline._stages import HOST_STAGES, STAGES, bases_of, run_stages
 from polca_jax.pipeline._task import TaskDefinition, canonical_reference, load_task_definition
 
 
 def open_run(task: str, out: str | Path, *, preset: str | None = None,
              settings: Mapping[str, Any] | list[str] | None = None,
-             checkpoints: str | Path | None = None) -> tuple[RunDirectory, TaskDefinition]:
+             checkpoints: str | Path | None = None, stages=None) -> tuple[RunDirectory, TaskDefinition]:
     """The run directory ``out`` for ``task``, created or reopened, and the task's definition.
 
     settings: ``key -> value`` (or ``["key=value", ...]`` as ``--set`` gives them). A new run takes the preset
     (default: the task's) with the settings on top. An existing run keeps its config: settings apply to it, and
-    any difference (or another ``preset``) is refused, naming each difference, before anything is written.
-    checkpoints: an existing orbax checkpoint directory to read instead of training.
+    any difference (or another ``preset``) is refused, naming each difference, before anything is written, except
+    a change of the host-stage settings (``HOST_SETTINGS``: clustering and scoring, and ``second_order`` where the
+    stored arrays can redo it) when ``stages`` are host stages only (cluster, score, report) and every earlier stage
+    has finished: the run directory then carries the new config in ``config`` and the changes
+    (``key -> (on disk, new)``) in ``host_changes``, and :func:`run` records them and redoes the host stages from
+    the first one they change. checkpoints: an existing orbax checkpoint directory to read instead of training.
     """
     definition = load_task_definition(task)
     reference = canonical_reference(task)
@@ -36,6 +44,19 @@ def open_run(task: str, out: str | Path, *, preset: str | None = None,
                              "another --out directory (nothing was changed)")
         wanted = (make_config(definition, reference, preset, overrides) if preset is not None
                   else apply_overrides(definition, saved, overrides))
+        changes, others = host_setting_changes(saved, wanted)
+        if others:
+            raise ValueError(
+                f"{Path(out).absolute()} holds a run with another config "
+                f"({'; '.join(config_differences(saved, wanted))}); {', '.join(others)} would change what the "
+                "train, basis, decompose or causal stages computed: choose a new --out directory, or leave out --preset/--set to resume it as it is "
+                f"(only the host-stage settings {', '.join(HOST_SETTINGS)} can change on an existing run, with "
+                "--stage cluster, score or report; nothing was changed)")
+        if changes and wanted.preset == saved.preset:
+            run_dir = RunDirectory(out)
+            _check_host_changes(run_dir, wanted, changes, stages)
+            run_dir.config, run_dir.host_changes = wanted, changes
+            return run_dir, definition
         return RunDirectory(out, wanted), definition
     return RunDirectory(out, make_config(definition, reference, preset, overrides)), definition
 
@@ -57,13 +78,17 @@ def run(task: str, out: str | Path, *, preset: str | None = None,
     if jax.process_count() > 1 and not (Path(out) / "config.json").is_file():
         raise ValueError(f"a multi-process run continues a run directory: start {Path(out).absolute()} in one "
                          "process first (polca run TASK --out DIR --stage train)")
-    run_dir, definition = open_run(task, out, preset=preset, settings=settings, checkpoints=checkpoints)
+    run_dir, definition = open_run(task, out, preset=preset, settings=settings, checkpoints=checkpoints,
+                                   stages=stages)
     try:
         run_dir.lock()  # a second run on the directory is refused while this one runs
     except BaseException:
         run_dir.discard()
         raise
     try:
+        changes = getattr(run_dir, "host_changes", None)
+        if changes:
+            stages, force = _apply_host_changes(run_dir, changes, stages, log), True
         run_stages(run_dir, definition, stages, force=force, progress=progress, log=log, mesh=mesh)
     except BaseException:
         run_dir.discard()
@@ -71,3 +96,47 @@ def run(task: str, out: str | Path, *, preset: str | None = None,
     finally:
         run_dir.unlock()
     return run_dir / "report" / "report.md"
+
+
+SETTINGS_HISTORY = "settings_history.jsonl"  # one line per change of host-stage settings on a run directory
+
+
+def _check_host_changes(run_dir: RunDirectory, wanted, changes: dict[str, tuple], stages) -> None:
+    """Raise ``ValueError`` (nothing written) unless the host-stage settings ``changes`` can apply to ``run_dir``:
+    only host stages are asked for, the stages before them have finished, and a new ``second_order`` can be redone
+    from every stored decomposition."""
+    keys = ", ".join(changes)
+    if stages is None or not set(stages) <= set(HOST_STAGES):
+        asked = "every stage" if stages is None else ", ".join(stages)
+        raise ValueError(f"{keys} can change on the existing run {run_dir.path} only when host stages alone run (not "
+                         f"{asked}): add --stage cluster, which redoes cluster, score and report from the stored "
+                         "decomposition (nothing was changed)")
+    for stage in STAGES[: STAGES.index(HOST_STAGES[0])]:
+        run_dir.require(stage)
+    if "second_order" in changes:
+        for basis in bases_of(wanted):
+            manifest = run_dir / "polca" / basis / "manifest.json"
+            stored = read_json(manifest).get("config", {}).get("second_order") if manifest.is_file() else None
+            reason = second_order_unavailable(run_dir.path, basis, stored, wanted.second_order)
+            if reason is not None:
+                raise ValueError(f"second_order cannot change to {wanted.second_order} on {run_dir.path} without "
+                                 f"recomputing: {reason}. Redo the decomposition (--stage decompose --force) or "
+                                 "choose a new --out directory (nothing was changed)")
+
+
+def _apply_host_changes(run_dir: RunDirectory, changes: dict[str, tuple], stages, log) -> list[str]:
+    """Record the new config (``config.json``) and the change (``settings_history.jsonl``) of a run directory whose
+    host-stage settings changed; the host stages to redo: from the first of the asked ones or of those the changes
+    touch, through the report."""
+    first = min([HOST_STAGES.index(HOST_SETTINGS[key]) for key in changes]
+                + [HOST_STAGES.index(stage) for stage in stages])
+    redo = list(HOST_STAGES[first:])
+    write_json_atomic(run_dir / "config.json", run_dir.config.to_dict())
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with open(run_dir / SETTINGS_HISTORY, "a") as history:
+        history.write(json.dumps({"time": started, "changes": {key: list(pair) for key, pair in changes.items()},
+                                  "stages": redo}) + "\n")
+    log("settings changed on an existing run: " + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new)
+                                                             in changes.items())
+        + f"; redoing {', '.join(redo)} from the stored decomposition")
+    return redo

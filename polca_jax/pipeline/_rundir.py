@@ -204,7 +204,8 @@ class RunDirectory:
                 raise ResumeMismatch(
                     f"the task's {kind} differs from the one the {record['stage']} stage of this run used "
                     f"(its code or the arrays it captures changed; digests in {self.path / FINGERPRINTS}): the "
-                    f"task file was edited since, and the results would mix both; {self._start_afresh(record['stage'])}")
+                    "task file was edited since, and the results would mix both; "
+                    f"{self._start_afresh(record['stage'])}")
 
     def record_losses(self, digests: dict[str, str], stage: str) -> None:
         """Record the digests of the loss functions ``stage`` uses (those no earlier stage recorded)."""

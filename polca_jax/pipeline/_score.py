@@ -32,6 +32,7 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax._files import write_json_atomic
 from polca_jax.pipeline._config import check_breakthrough_window
+from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax.pipeline._rundir import RunDirectory, load_labels
 from polca_jax.pipeline._stages import NEAREST_SAMPLES, PER_SAMPLE_SIGNALS, variant_trajectories, variants_of
 from polca_jax.pipeline._task import LabelSet
@@ -46,10 +47,12 @@ def score_stage(run: RunDirectory) -> dict:
     check_breakthrough_window(config)  # the rule the config was made with (a run directory may be older)
     label_sets, texts = load_labels(run.path)
     results = {}
+    # the trajectories the clusters came from: the second order the cluster stage ran with
+    cluster_settings = run.stage_record("cluster").get("settings", {}) if run.done("cluster") else {}
 
     def result_of(basis: str) -> pj.POLCAResult:
         if basis not in results:
-            results[basis] = pj.POLCAResult.load(run / "polca" / basis)
+            results[basis] = host_result(run.path, basis, cluster_settings.get("second_order", config.second_order))
         return results[basis]
 
     main = result_of("hessian")
@@ -78,7 +81,7 @@ def score_stage(run: RunDirectory) -> dict:
         "verdicts": verdicts,
     }
     write_json_atomic(run / "metrics.json", metrics)
-    return {"variants": list(variants), "threshold_step": threshold}
+    return {"variants": list(variants), "threshold_step": threshold, "settings": stage_settings(config, "score")}
 
 
 FINDING_VARIANTS = ("polca", "first_order_polca", "polca_profile")  # the decompositions along the Hessian basis

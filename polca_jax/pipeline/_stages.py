@@ -43,6 +43,7 @@ from polca_jax._checks import batch_size, check_same_structure
 from polca_jax._distributed import is_writer, sync as pj_sync
 from polca_jax._files import save_npy_atomic
 from polca_jax.pipeline._compile import measure_compilation
+from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax._fingerprints import params_digest
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._rundir import RunDirectory, loss_digests
@@ -396,12 +397,16 @@ def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Cluste
 
 
 def cluster_stage(run: RunDirectory, progress: bool) -> dict:
-    """HDBSCAN (or the profile clusterer) of every strategy to ``clusters/<variant>.npz``."""
+    """HDBSCAN (or the profile clusterer) of every strategy to ``clusters/<variant>.npz``; the projected loss
+    under the config's ``second_order``, redone from the stored arrays when the decomposition used another rule
+    (``host_result``). Its record holds the settings it ran with and any second order it redid."""
     options = cluster_options(run.config)
     (run / "clusters").mkdir(exist_ok=True)
-    counts = {}
+    counts, results = {}, {}
     for variant in variants_of(run.config):
-        result = pj.POLCAResult.load(run / "polca" / variant.basis)
+        if variant.basis not in results:
+            results[variant.basis] = host_result(run.path, variant.basis, run.config.second_order)
+        result = results[variant.basis]
         if variant.trajectory == "profile":
             clusterings = cluster_profiles(result.projected_loss, run.config)
         else:
@@ -409,7 +414,10 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
             clusterings = cluster_variant(trajectories, variant.trajectory, options)
         analysis.save_clusterings(run / "clusters" / f"{variant.name}.npz", clusterings)
         counts[variant.name] = sum(c.num_clusters for c in clusterings)
-    return {"clusters": counts}
+    redone = {basis: f"{result.config['recomputed_from']} -> {result.config['second_order']}"
+              for basis, result in results.items() if "recomputed_from" in result.config}
+    return {"clusters": counts, "settings": stage_settings(run.config, "cluster"),
+            **({"second_order_redone": redone} if redone else {})}
 
 
 # --- orchestration --------------------------------------------------------------------------------------------------
