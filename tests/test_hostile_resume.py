@@ -97,22 +97,25 @@ def edit_loss(root: Path) -> None:
     (root / "user_task.py").write_text(text.replace(*EDITED_LOSS))
 
 
-# (name, run directory, what changes before the resume, stages resumed, message)
+# (name, run directory, what changes before the resume, stages resumed, force, message)
 PIPELINE_CASES = [
-    ("checkpoints re-recorded between stages", "read", rerecord, ["decompose"],
+    ("checkpoints re-recorded between stages", "read", rerecord, ["decompose"], False,
      r"the checkpoint at step 0 in .*recorded differs from the one this run read before .*--force.*new --out"),
-    ("the run's own checkpoints replaced", "trained", replace_trained, ["decompose"],
+    ("the run's own checkpoints replaced", "trained", replace_trained, ["decompose"], False,
      r"the checkpoint at step 0 in .*trained/checkpoints differs from the one this run trained before"),
-    ("loss edited after train and basis", "trained", edit_loss, ["decompose"],
+    ("loss edited after train and basis", "trained", edit_loss, ["decompose"], False,
      r"the task's loss differs from the one the train stage of this run used .*--stage train --force"),
-    ("loss edited, read checkpoints", "read", edit_loss, ["decompose"],
+    ("loss edited, read checkpoints", "read", edit_loss, ["decompose"], False,
      r"the task's loss differs from the one the basis stage of this run used .*--stage basis --force"),
+    ("loss edited, a later stage forced", "trained", edit_loss, ["basis", "decompose"], True,
+     r"the task's loss differs from the one the train stage of this run used"),
 ]
 
 
-@pytest.mark.parametrize("name, which, change, stages, message", PIPELINE_CASES, ids=[c[0] for c in PIPELINE_CASES])
+@pytest.mark.parametrize("name, which, change, stages, force, message", PIPELINE_CASES,
+                         ids=[c[0] for c in PIPELINE_CASES])
 def test_a_resume_on_other_inputs_is_refused_and_changes_nothing(finished_basis, tmp_path, name, which, change,
-                                                                  stages, message):
+                                                                  stages, force, message):
     root = tmp_path / "copy"
     shutil.copytree(finished_basis, root)
     out = root / which
@@ -123,7 +126,7 @@ def test_a_resume_on_other_inputs_is_refused_and_changes_nothing(finished_basis,
     change(root)
     before = digests(root)
     with pytest.raises(ResumeMismatch, match=message):
-        run(f"{root / 'user_task.py'}:make_task", out, stages=stages, progress=False, log=quiet)
+        run(f"{root / 'user_task.py'}:make_task", out, stages=stages, force=force, progress=False, log=quiet)
     assert digests(root) == before
 
 

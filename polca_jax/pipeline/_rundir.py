@@ -196,11 +196,11 @@ class RunDirectory:
                 "the checkpoints were re-recorded or replaced since the run began, and its later stages would mix "
                 f"results of both; to decompose the checkpoints there now, {self._start_afresh('train')}")
 
-    def check_losses(self, digests: dict[str, str]) -> None:
+    def check_losses(self, digests: dict[str, str], redone: tuple[str, ...] = ()) -> None:
         """Raise ``ResumeMismatch`` when a loss function (``loss``, ``per_sample_loss``) differs from the one an
-        earlier stage of this run used (an edited task file)."""
+        earlier stage of this run used (an edited task file); the stages ``redone`` (forced) are not asked."""
         for kind, record in sorted(self._fingerprints()["losses"].items()):
-            if kind in digests and record["digest"] != digests[kind]:
+            if kind in digests and record["digest"] != digests[kind] and record["stage"] not in redone:
                 raise ResumeMismatch(
                     f"the task's {kind} differs from the one the {record['stage']} stage of this run used "
                     f"(its code or the arrays it captures changed; digests in {self.path / FINGERPRINTS}): the "

@@ -172,7 +172,7 @@ def _record_losses(run: RunDirectory, stage: str) -> None:
     run.record_losses({kind: run.task_loss_digests[kind] for kind in uses}, stage)
 
 
-def build_task(run: RunDirectory, definition: TaskDefinition | None = None) -> Task:
+def build_task(run: RunDirectory, definition: TaskDefinition | None = None, redone: tuple[str, ...] = ()) -> Task:
     """The run's task, built from its config (and definition, default: loaded from ``config.task``) and checked
     against the data fingerprint the run started with (the first build records it)."""
     definition = definition or load_task_definition(run.config.task)
@@ -180,7 +180,7 @@ def build_task(run: RunDirectory, definition: TaskDefinition | None = None) -> T
     check_fits(run.config, task)
     run.bind_task(task)
     run.task_loss_digests = loss_digests(task)
-    run.check_losses(run.task_loss_digests)
+    run.check_losses(run.task_loss_digests, redone)
     return task
 
 
@@ -468,8 +468,14 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
         if run.done(stage) and not force:
             log(f"[{stage}] already finished in {run.path}, skipped")
             continue
-        if force and is_writer():  # redo fully; without force, an interrupted stage keeps the parts it finished
-            run.reset(list(STAGES[STAGES.index(stage):]), STAGE_OUTPUTS)
+        if force:  # redo fully; without force, an interrupted stage keeps the parts it finished
+            if stage not in HOST_STAGES and task is None:  # a task refused (e.g. a loss an earlier stage used
+                with user_code_errors(f"the {stage} stage"):  # was edited) is refused before anything is removed
+                    task = build_task(run, definition, redone=STAGES[STAGES.index(stage):])
+                if mesh is not None:
+                    check_data_axis(task, mesh.shape["data"])
+            if is_writer():
+                run.reset(list(STAGES[STAGES.index(stage):]), STAGE_OUTPUTS)
         pj_sync(f"polca_jax {stage} started")  # no process reads the run before process 0 has reset it
         log(f"[{stage}] running")
         start = time.perf_counter()
