@@ -7,7 +7,8 @@ the samples its clustering saw, cluster sizes fixed (Holm-corrected across the s
 breakthrough against the cluster's increments shuffled in time; and every strategy along the Hessian basis stands
 beside the same pipeline along random orthonormal directions (with ``ablations``). The causal check: each cluster's
 mean loss increase when its direction's share of the training displacement is removed, against the other samples
-its clustering saw.
+its clustering saw; a cluster counts as hurt more only beyond noise (``CAUSAL_RULE``: a permutation test of the
+difference, Holm-corrected). A label set is found when ``VERDICT_RULE`` holds for one of its clusters.
 
 ``metrics.json``::
 
