@@ -1,10 +1,16 @@
-"""Shared fixtures: tiny float64 models (an MLP and a transformer) whose kernels compile once per session."""
+"""Shared fixtures: tiny float64 models (an MLP and a transformer) whose kernels compile once per session.
+
+Nothing here imports the pipeline extra (flax, optax, matplotlib) at import time, so the tests marked ``core`` run
+with the core install alone (``pytest -m core``); the transformer is built on first use, and its fixture skips
+when the extra is missing."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import functools
 
 import jax
 
@@ -14,7 +20,26 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from polca_jax.pipeline.models import TransformerConfig, apply, init_params, token_cross_entropy  # noqa: E402
+from polca_jax._command import missing_pipeline_modules  # noqa: E402
+
+
+_MISSING_EXTRA = missing_pipeline_modules()
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With the core install alone (no pipeline extra), a test module with no test marked ``core`` is not collected:
+    it imports the pipeline, which cannot be imported."""
+    if _MISSING_EXTRA and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        if "pytest.mark.core" not in collection_path.read_text():
+            return True
+    return None
+
+
+def pytest_report_header(config):
+    if _MISSING_EXTRA:
+        return (f"pipeline extra not installed ({', '.join(_MISSING_EXTRA)} missing): only the test modules with tests "
+                "marked core are collected")
+    return None
 
 
 def mlp_token_losses(params, batch):
@@ -57,16 +82,23 @@ def mlp():
     return Problem("mlp", params, batch, mlp_token_losses, mlp_sequence_losses, mlp_mean_loss)
 
 
-TINY_TRANSFORMER = TransformerConfig(
-    vocab_size=5, context_length=6, num_layers=1, d_model=8, num_heads=2, d_mlp=16, param_dtype="float64"
-)
-_GRAPHDEF, _PARAMS = init_params(TINY_TRANSFORMER, seed=0)
+@functools.cache
+def tiny_transformer():
+    """The tiny transformer's config, graph definition and initial parameters (flax nnx: the pipeline extra)."""
+    from polca_jax.pipeline.models import TransformerConfig, init_params
+
+    config = TransformerConfig(
+        vocab_size=5, context_length=6, num_layers=1, d_model=8, num_heads=2, d_mlp=16, param_dtype="float64"
+    )
+    return (config, *init_params(config, seed=0))
 
 
 def transformer_token_losses(params, batch):
     """[n, 5] next-token cross-entropy at every position of 6-token sequences."""
+    from polca_jax.pipeline.models import apply, token_cross_entropy
+
     tokens = batch["tokens"]
-    return token_cross_entropy(apply(_GRAPHDEF, params, tokens[:, :-1]), tokens[:, 1:])
+    return token_cross_entropy(apply(tiny_transformer()[1], params, tokens[:, :-1]), tokens[:, 1:])
 
 
 def transformer_sequence_losses(params, batch):
@@ -79,10 +111,15 @@ def transformer_mean_loss(params, batch):
 
 @pytest.fixture(scope="session")
 def transformer():
-    tokens = jax.random.randint(jax.random.key(1), (7, 6), 0, TINY_TRANSFORMER.vocab_size)
+    missing = missing_pipeline_modules()
+    if missing:
+        pytest.skip(f"the tiny transformer needs the pipeline extra ({', '.join(missing)} missing): "
+                    "pip install 'polca_jax[pipeline]'")
+    config, _, params = tiny_transformer()
+    tokens = jax.random.randint(jax.random.key(1), (7, 6), 0, config.vocab_size)
     return Problem(
         "transformer",
-        _PARAMS,
+        params,
         {"tokens": tokens},
         transformer_token_losses,
         transformer_sequence_losses,

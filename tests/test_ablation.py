@@ -15,6 +15,8 @@ from polca_jax.analysis import ablation_effects  # noqa: E402
 from polca_jax import basis_from_matrix, random_basis  # noqa: E402
 from polca_jax.analysis._clustering import Clustering  # noqa: E402
 
+pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+
 
 def flat(params):
     return np.asarray(ravel_pytree(params)[0])

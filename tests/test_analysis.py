@@ -24,6 +24,8 @@ from polca_jax.analysis import (
     top_clusters,
 )
 
+pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+
 STEPS = np.array([0, 30, 120, 250, 410, 600, 640, 777, 900, 950, 1130, 1300, 1500, 1720, 2000])
 
 

@@ -20,6 +20,8 @@ from conftest import sgd_checkpoints
 import polca_jax as pj
 from polca_jax import _tree as tree
 
+pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+
 
 def complete_basis(params, seed=0):
     """A random orthonormal basis of the whole parameter space (K = P)."""

@@ -61,6 +61,7 @@ def _single_process_reference(checkpoints, batch, hessian_batch, mask):
     return np.asarray(basis.vectors), basis.eigenvalues, np.asarray(projections), result
 
 
+@pytest.mark.core
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_result(tmp_path):
     checkpoints, batch, hessian_batch, mask = problem()
@@ -94,6 +95,7 @@ def test_two_processes_give_the_single_process_result(tmp_path):
                                    err_msg=name)
 
 
+@pytest.mark.core
 def test_an_absent_coordinator_is_a_clear_error_within_the_timeout():
     start = time.monotonic()
     with pytest.raises(ConnectionError, match=r"no coordinator at 127\.0\.0\.1:\d+ after 1\.5 s"):
@@ -101,6 +103,7 @@ def test_an_absent_coordinator_is_a_clear_error_within_the_timeout():
     assert time.monotonic() - start < 10
 
 
+@pytest.mark.core
 @pytest.mark.parametrize(
     "arguments, environment, message",
     [

@@ -18,6 +18,8 @@ from conftest import mlp_mean_loss, mlp_token_losses, sgd_checkpoints
 import polca_jax as pj
 from polca_jax import _files, _tree as tree
 
+pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+
 
 def sqrt_at_zero_losses(params, batch):
     """Finite per-sample losses with a NaN gradient: sqrt(0 · b1[0]) adds 0 but has an infinite derivative."""

@@ -9,6 +9,8 @@ import pytest
 import polca_jax as pj
 from polca_jax._projections import projection_kernel_cost
 
+pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+
 CHUNK = 2
 
 

@@ -10,6 +10,8 @@ from polca_jax.analysis._clustering import Clustering
 from polca_jax.analysis import (ablation_effects, ablation_pvalues, adjust_pvalues, breakthrough_null,
                                 homogeneity_pvalues)
 
+pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+
 
 def clustering(labels, sample_indices=None):
     labels = np.asarray(labels)

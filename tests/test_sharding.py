@@ -14,6 +14,8 @@ from jax.sharding import Mesh, PartitionSpec
 import polca_jax as pj
 from polca_jax._sharding import param_spec, replicated_fraction
 
+pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+
 
 @pytest.mark.parametrize(
     "shape, shards, expected",
