@@ -23,6 +23,7 @@ from polca_jax._checks import (
     is_traced,
 )
 from polca_jax._distributed import is_writer, sync, to_host
+from polca_jax._fingerprints import loss_digest, params_digest
 from polca_jax._files import (
     file_digest,
     load_npy,
@@ -390,7 +391,7 @@ def hessian_basis(
       mesh: optional mesh; the batch is sharded over its ``"data"`` axis.
       partial_dir: optional directory that keeps each checkpoint's vectors as soon as they are found; a call with
         the same arguments resumes after the last kept checkpoint, with the same result as an uninterrupted call. A
-        directory kept by a call with other arguments, batch or checkpoints raises :class:`polca_jax.ResumeMismatch`;
+        directory kept by a call with other arguments, loss, batch or checkpoints raises :class:`polca_jax.ResumeMismatch`;
         the caller removes it once the basis is saved.
 
     Returns a :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
@@ -420,13 +421,14 @@ def hessian_basis(
     # compiles once; the Krylov vectors are params-shaped too, so no [., P] array is ever whole on one device.
     found = shard_rows(jax.tree_util.tree_map(lambda leaf: jnp.zeros((total, *np.shape(leaf)), leaf.dtype), first), mesh)
     values, residuals = np.zeros(total), np.zeros(total)
-    batch = shard_batch(batch, mesh)
+    host_batch, batch = batch, shard_batch(batch, mesh)
     matvec = HessianMatvec(loss_fn)
     kept = None
     if partial_dir is not None:
         fingerprint = {"method": method, "steps": [int(s) for s in steps], "k_per_checkpoint": k_per_checkpoint,
                        "num_iters": num_iters, "key": np.asarray(jax.random.key_data(key)).tolist(),
-                       "params": str(like), "batch": tree.digest(batch)}
+                       "params": str(like), "batch": tree.digest(host_batch),
+                       "loss": loss_digest(loss_fn, first, host_batch)}
         kept = PartialBasis(partial_dir, fingerprint)
         found = kept.restore(found, values, residuals, like, checkpoints, mesh)
     start = 0 if kept is None else kept.num_done
@@ -501,7 +503,8 @@ class PartialBasis:
         t = 0
         while t < len(checkpoints) and self._done(t).exists():
             record = read_json(self._done(t), required=("values", "residuals", "rows_digest", "params_digest"))
-            if tree.digest(checkpoints[t]) != record["params_digest"]:
+            digest = params_digest(checkpoints[t])  # None where the parameters are split across processes
+            if digest is not None and record["params_digest"] is not None and digest != record["params_digest"]:
                 raise ResumeMismatch(
                     f"the checkpoint at position {t} is not the one {self.directory} found its vectors at (its "
                     "parameters changed); remove the directory to start the basis afresh"
@@ -521,7 +524,7 @@ class PartialBasis:
     def keep(self, t: int, vectors: PyTree, values: np.ndarray, residuals: np.ndarray, params: PyTree) -> None:
         """Write checkpoint ``t``'s rows (a params-shaped ``[k, ...]`` pytree) and then its record."""
         leaves = [to_host(leaf) for leaf in jax.tree_util.tree_leaves(vectors)]
-        digest = tree.digest(params)
+        digest = params_digest(params)
         if is_writer():
             rows = np.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
             save_npy_atomic(self._rows(t), rows)

@@ -127,7 +127,8 @@ def _finish_open_recorders() -> None:
         directory, manager = _OPEN.popitem()[1]
         try:
             _finish(manager)
-        except Exception as error:  # at exit there is no caller left to raise to: say what was lost, in one line
+        except (OSError, RuntimeError, ValueError) as error:  # at exit no caller is left to raise to: say what
+            # was lost, in one line (any other exception is a bug and keeps its traceback)
             saved = _saved_steps(directory)
             print(f"polca_jax: error: a CheckpointRecorder left open could not finish its saves in {directory} "
                   f"({type(error).__name__}: {' '.join(str(error).split())}); the steps on disk are {saved}",

@@ -163,6 +163,8 @@ def test_hessian_basis_refuses_a_partial_directory_of_other_inputs(tmp_path, mlp
     before = {p.name: p.read_bytes() for p in kept.iterdir()}
     with pytest.raises(pj.ResumeMismatch, match=r"another computation \(differs in: num_iters\)"):
         pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=kept, **dict(options, num_iters=13))
+    with pytest.raises(pj.ResumeMismatch, match=r"differs in: loss\)"):
+        pj.hessian_basis(lambda p, b: 2 * mlp.mean_loss(p, b), checkpoints, mlp.batch, partial_dir=kept, **options)
     changed = [checkpoints[0], jax.tree_util.tree_map(lambda x: x + 1e-9, checkpoints[1])]
     with pytest.raises(pj.ResumeMismatch, match=r"position 1 .*\(its parameters changed\)"):
         pj.hessian_basis(mlp.mean_loss, changed, mlp.batch, partial_dir=kept, **options)
