@@ -13,11 +13,13 @@ from polca_jax._basis import (
     shuffled_hessian_basis,
 )
 from polca_jax._checkpoints import OrbaxCheckpoints
-from polca_jax._decomposition import POLCAResult, polca
+from polca_jax._decomposition import polca
 from polca_jax._distributed import initialize_distributed, is_writer, to_host
 from polca_jax._hvp import FlatHessianMatvec, hvp
 from polca_jax._lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
 from polca_jax._recorder import CheckpointRecorder
+from polca_jax._result import POLCAResult
+from polca_jax._second_order import SecondOrder
 from polca_jax._projections import (
     choose_method,
     per_sample_curvature,
@@ -40,6 +42,7 @@ __all__ = [
     "POLCAResult",
     "PolcaError",
     "ResumeMismatch",
+    "SecondOrder",
     "TaskError",
     "basis_from_matrix",
     "check_orthonormal",

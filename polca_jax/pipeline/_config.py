@@ -14,13 +14,15 @@ import math
 import typing
 from typing import Any, Mapping
 
-from polca_jax._decomposition import SECOND_ORDER_CHOICES
+from polca_jax._second_order import SECOND_ORDER_CHOICES, SecondOrder
 from polca_jax.analysis import CLUSTERERS, NORMALIZATIONS
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
 ABLATION_BASES = ("shuffled_hessian", "random", "parameter_axes")
+BASES_WITH_EIGENVALUES = ("hessian", "shuffled_hessian")  # Algorithm 1 stores the eigenvalue each vector came with
+FIRST_ORDER_BASES = ("parameter_axes",)  # LCA (Eq. 1) is first order
 NOT_SETTABLE = ("task", "preset", "task_options")
 
 
@@ -155,6 +157,14 @@ class RunConfig:
     def checkpoint_steps(self) -> list[int]:
         """Every step a run needs a checkpoint at: the POLCA and the basis steps, and the last step."""
         return sorted(set(self.polca_steps) | set(self.basis_steps) | {self.num_steps})
+
+    def second_order_for(self, basis: str) -> SecondOrder:
+        """The rule the decompose stage uses along ``basis``: none for LCA's parameter axes; ``second_order`` for
+        the others, the paper's with the eigenvalues stored with Algorithm 1's vectors, or with the current curvature
+        along a basis that has none (the random one)."""
+        if basis in FIRST_ORDER_BASES:
+            return SecondOrder("none")
+        return SecondOrder(self.second_order, "stored" if basis in BASES_WITH_EIGENVALUES else "current")
 
     @property
     def window(self) -> int:

@@ -246,7 +246,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     basis_size = len(config.basis_steps) * config.k_per_checkpoint
     bases = bases_of(config)
     sizes = {name: config.lca_axes if name == "parameter_axes" else basis_size for name in bases}
-    curvature = {name: _needs_curvature(config, name) for name in bases}
+    curvature = {name: config.second_order_for(name).needs_curvature for name in bases}
     eval_shard, eval_mask = _shard(task.eval_batch, data), _shard(task.eval_mask, data)
     hessian_shard = _shard(task.hessian_batch, data)
     optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2, config.warmup_steps)
@@ -323,14 +323,6 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
             len(config.checkpoint_steps) * 3 * _nbytes(params)}
     return Plan(stages, sum(k.compile_seconds for k in kernels), memory, work, flops, host, disk, device, mesh,
                 replicated)
-
-
-def _needs_curvature(config, basis: str) -> bool:
-    """Whether polca computes curvatures along ``basis`` (as :func:`polca_jax.polca` decides): exact second order,
-    or the paper's with a basis that has no eigenvalues (the random one)."""
-    if basis == "parameter_axes":  # first order
-        return False
-    return config.second_order == "exact" or (config.second_order == "paper" and basis == "random")
 
 
 def _polca_kernel(config, task: Task, batch, mask, size: int, curvature: bool, *, run: bool, repeats: int):

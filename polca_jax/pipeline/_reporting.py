@@ -15,8 +15,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from polca_jax import POLCAResult
 from polca_jax._basis import load_basis_info
-from polca_jax._decomposition import POLCAResult
 from polca_jax._files import read_json
 from polca_jax.analysis import Clustering, load_clusterings, quartile_curves
 from polca_jax.errors import PolcaError

@@ -289,11 +289,9 @@ def decompose_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) ->
     with checkpoint_store(run, task, config.polca_steps, mesh) as store:
         for name in _unfinished(names, lambda name: run / "polca" / name / "manifest.json"):
             basis = pj.Basis.load(run / "basis" / name)
-            second_order = "none" if name == "parameter_axes" else config.second_order
-            has_eigenvalues = bool(np.all(np.isfinite(basis.eigenvalues)))
             pj.polca(
-                task.per_sample_loss, store, task.eval_batch, basis, second_order=second_order,
-                eigenvalues="stored" if has_eigenvalues else "current", mask=task.eval_mask,
+                task.per_sample_loss, store, task.eval_batch, basis, second_order=config.second_order_for(name),
+                mask=task.eval_mask,
                 method=config.projection_method, chunk_size=config.chunk_size, progress=progress,
                 out=run / "polca" / name,
             )
