@@ -1,6 +1,6 @@
 """polca_jax: POLCA (Projection Oriented Loss Change Allocation) in JAX.
 
-Kernels are pure functions of a params pytree and a batch pytree; see the README for the data flow.
+Kernels are pure functions of a params pytree and a batch pytree; see docs/kernels.md for the data flow.
 """
 
 from polca_jax._ablation import direction_ablation_losses, remove_direction
