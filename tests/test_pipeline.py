@@ -29,7 +29,7 @@ def quiet(_):
 
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
-    """The worked example, as docs/your-own-task.md runs it: ``polca run examples/two_skills.py:make_task --preset tiny``."""
+    """The worked example of docs/your-own-task.md: ``polca run examples/two_skills.py:make_task --preset tiny``."""
     out = tmp_path_factory.mktemp("example") / "run"
     assert main(["run", EXAMPLE, "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
     return out
