@@ -4,6 +4,9 @@ exact-loss curves equal sample by sample when mirrored, the late group absent fr
 invariances, the clusterers and scores on constructed data, clear errors, and the tiny preset end to end."""
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +24,7 @@ from polca_jax.pipeline.tasks.planted._model import parameter_roles
 from polca_jax.pipeline.tasks.planted._scores import matched_loss_gap, strategy_summary
 
 TASK = f"{Path(__file__).parents[1] / 'polca_jax' / 'pipeline' / 'tasks' / 'planted' / '__init__.py'}:make_task"
+TRIVIAL_CONTROLS = Path(__file__).parents[1] / "experiments" / "planted" / "trivial_controls.py"
 SMALL = dict(num_eval_samples=40, num_hessian_samples=20, batch_size=16, width=4, private_dims=3)
 
 
@@ -235,3 +239,10 @@ def test_the_tiny_preset_runs_end_to_end_with_its_ground_truth(tmp_path):
     np.testing.assert_allclose(share.sum(axis=0), 1.0, atol=1e-4)
     [profile] = unsup.strategy_clusterings(result.projected_loss, "profile", min_cluster_size=12)
     assert profile.num_samples == groups.size
+    # the trivial label-free control: with a private input block per group, where a sample's gradient lies in the
+    # first layer gives the groups away without POLCA
+    controls = subprocess.run([sys.executable, str(TRIVIAL_CONTROLS), str(tmp_path / "run")], capture_output=True,
+                              text=True, check=True).stdout
+    aris = [float(ari) for ari in re.findall(r"k-means: ARI (\S+)", controls)]
+    assert len(aris) == 2 and min(aris) == 1.0, controls
+    assert "logistic probe on the exact-loss trajectories: ROC AUC" in controls

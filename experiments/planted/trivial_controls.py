@@ -1,0 +1,69 @@
+"""Label-free controls that need no POLCA, on a finished planted-benchmark run: can they find the groups too?
+
+    python experiments/planted/trivial_controls.py RUN_DIR [--steps 10 600]
+
+For each chosen checkpoint (default: the second POLCA checkpoint and the last one), k-means with as many clusters
+as there are groups on where each sample's gradient lies: its gradient norm per row of the first layer ``w_in``,
+as shares of the sample's total ([N, D] features that sum to 1 per sample; raw norms would cluster by magnitude),
+and the adjusted Rand index of that clustering against the planted groups. Beside it, a
+supervised upper bound that no strategy may use: the cross-validated ROC AUC of a logistic probe for group A
+against the rest on the exact-loss trajectories [N, T]. A planted case shows POLCA at work only where these
+controls fail; a case they solve is easy, whatever POLCA does on it.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import adjusted_rand_score
+from sklearn.model_selection import cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import polca_jax as pj
+from polca_jax.pipeline import load_labels, load_task_definition
+
+
+def gradient_norm_shares(task, params) -> np.ndarray:
+    """[N, D]: the norm of each sample's loss gradient restricted to each row of ``w_in``, as a share of their sum."""
+    def sample_gradient(sample):
+        single = jax.tree_util.tree_map(lambda leaf: leaf[None], sample)
+        return jax.grad(lambda p: task.per_sample_loss(p, single)[0])(params)["w_in"]
+
+    gradients = jax.jit(jax.vmap(sample_gradient))(task.eval_batch)  # [N, D, H]
+    norms = np.asarray(jnp.linalg.norm(gradients, axis=-1), np.float64)
+    return norms / np.maximum(norms.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--steps", type=int, nargs="*", help="checkpoint steps (default: the second and the last)")
+    args = parser.parse_args()
+    config = json.loads((args.run_dir / "config.json").read_text())
+    label_sets = load_labels(args.run_dir)[0]
+    if "group" not in label_sets:
+        raise SystemExit(f"{args.run_dir} has no label set 'group': it is not a run of the planted benchmark")
+    groups = label_sets["group"].values
+    task = load_task_definition(config["task"])(**config["task_options"], seed=config["seed"])  # runs the task code
+    result = pj.POLCAResult.load(args.run_dir / "polca" / "hessian")
+    steps = args.steps or [int(result.steps[1]), int(result.steps[-1])]
+    store = pj.OrbaxCheckpoints(args.run_dir / "checkpoints", steps)
+    num_groups = np.unique(groups).size
+    print(f"{args.run_dir}: {groups.size} samples, {num_groups} groups")
+    for index, step in enumerate(steps):
+        found = KMeans(num_groups, n_init=10, random_state=0).fit_predict(gradient_norm_shares(task, store[index]))
+        print(f"gradient norm shares per w_in row, step {step}, k-means: ARI {adjusted_rand_score(groups, found):.2f}")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    target = groups == np.unique(groups)[0]
+    auc = cross_val_score(probe, np.asarray(result.loss).T, target, cv=5, scoring="roc_auc").mean()
+    print(f"supervised upper bound, logistic probe on the exact-loss trajectories: ROC AUC {auc:.2f}")
+
+
+if __name__ == "__main__":
+    main()
