@@ -7,9 +7,11 @@ from polca_jax._ablation import direction_ablation_losses, remove_direction
 from polca_jax._basis import (
     Basis,
     basis_from_matrix,
+    gradient_covariance_basis,
     hessian_basis,
     parameter_axis_basis,
     random_basis,
+    rms_gradient_scale,
     shuffled_hessian_basis,
 )
 from polca_jax._checkpoints import OrbaxCheckpoints
@@ -50,6 +52,7 @@ __all__ = [
     "data_mesh",
     "device_mesh",
     "direction_ablation_losses",
+    "gradient_covariance_basis",
     "hessian_basis",
     "hvp",
     "initialize_distributed",
@@ -62,6 +65,7 @@ __all__ = [
     "per_sample_projections_and_curvature",
     "polca",
     "random_basis",
+    "rms_gradient_scale",
     "remove_direction",
     "shard_params",
     "shuffled_hessian_basis",

@@ -33,10 +33,10 @@ from polca_jax._files import (
     write_json_atomic,
 )
 from polca_jax._progress import progress_bar
-from polca_jax._hvp import HessianMatvec
+from polca_jax._hvp import GradientCovarianceMatvec, HessianMatvec
 from polca_jax._lanczos import check_orthonormal, tree_eigenpairs
 from polca_jax._sharding import check_mesh, shard_batch, shard_params, shard_rows
-from polca_jax.errors import CorruptRunDirectory, ResumeMismatch
+from polca_jax.errors import CorruptRunDirectory, PolcaError, ResumeMismatch
 
 PyTree = Any
 FORMAT_VERSION = 1
@@ -399,6 +399,104 @@ def hessian_basis(
     Raises ``ValueError`` for an empty batch, parameters that are not floating point (or mix dtypes), checkpoints that
     are not a sequence or differ in structure, NaN parameters, and a loss whose Hessian-vector product is not finite.
     """
+    return _evolving_basis(HessianMatvec(loss_fn), lambda params: (), "the loss or its Hessian-vector product",
+                           {"loss": lambda first, batch: loss_digest(loss_fn, first, batch)}, checkpoints, batch,
+                           k_per_checkpoint=k_per_checkpoint, num_iters=num_iters, key=key, steps=steps, mesh=mesh,
+                           progress=progress, method=method, partial_dir=partial_dir)
+
+
+def gradient_covariance_basis(
+    per_sample_loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    checkpoints: Sequence[PyTree],
+    batch: PyTree,
+    *,
+    scale: str | Callable[[PyTree], PyTree] | None = "rms",
+    k_per_checkpoint: int = 1,
+    num_iters: int = 20,
+    key: jax.Array,
+    steps: Sequence[int] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    partial_dir: str | Path | None = None,
+) -> Basis:
+    """Algorithm 1 with the (preconditioned) covariance of per-sample gradients in place of the Hessian: at each
+    checkpoint, the top-k eigenvectors of ``Π⊥ S C S Π⊥``, with C = (1/N) Σ_x (g(x) − ḡ)(g(x) − ḡ)ᵀ the covariance
+    of the N per-sample gradients g(x) = ∇L(x; θ_t) and S = diag(s) a per-parameter scale, on the complement of the
+    vectors found so far. A direction is then one along which samples' (scaled) gradients differ most, rather than
+    one of high aggregate curvature, which a readout shared by all samples dominates.
+
+    Args:
+      per_sample_loss_fn: ``(params, batch) -> [n]`` (or ``[n_seq, n_tok]``, every entry a sample) per-sample losses.
+      checkpoints, batch, k_per_checkpoint, num_iters, key, steps, mesh, progress, partial_dir: as in
+        :func:`hessian_basis` (``batch``: the samples whose gradients are used).
+      scale: ``"rms"`` (default): s = 1 / RMS over the samples of each parameter's per-sample gradient at that
+        checkpoint (a diagonal preconditioner, like Adam's 1/√v; parameters whose gradient is 0 for every sample
+        get s = 0); None: s = 1 (the plain covariance); or a function ``params -> pytree like params`` giving s at a
+        checkpoint (e.g. 1 / (√v + ε) from the optimiser state saved with it).
+
+    Returns a :class:`Basis` (``method`` ``"gradient_covariance"``, or ``"scaled_gradient_covariance"`` with a
+    scale) of ``T·k`` orthonormal vectors with the covariance's eigenvalues, Ritz residuals and steps.
+
+    Each product with S C S costs one forward-mode and one reverse-mode pass over the batch (about a Hessian-vector
+    product); ``scale="rms"`` adds one pass of per-sample gradients per checkpoint.
+
+    Example::
+
+        >>> basis = pj.gradient_covariance_basis(per_sample_loss, checkpoints, batch, key=jax.random.key(0))
+    """
+    if scale is None:
+        scale_at, method = None, "gradient_covariance"
+    elif scale == "rms":
+        scale_at, method = functools.partial(rms_gradient_scale, per_sample_loss_fn, batch=batch), \
+            "scaled_gradient_covariance"
+    elif callable(scale):
+        scale_at, method = scale, "scaled_gradient_covariance"
+    else:
+        raise PolcaError(f"scale must be 'rms', None or a function params -> pytree like params, got {scale!r}")
+
+    def operator_args(params: PyTree) -> tuple:
+        if scale_at is None:
+            return (jax.tree_util.tree_map(jnp.ones_like, params),)
+        s = scale_at(params)
+        check_same_structure(params, s, f"{method}_basis: the scale")
+        return (shard_params(s, mesh),)
+
+    digests = {"per_sample_loss": lambda first, batch: loss_digest(per_sample_loss_fn, first, batch),
+               "scale": lambda first, batch: "rms" if scale == "rms" else
+               "none" if scale is None else loss_digest(lambda p, b: scale(p), first, batch)}
+    return _evolving_basis(GradientCovarianceMatvec(per_sample_loss_fn), operator_args,
+                           "the per-sample losses or their gradient covariance product", digests, checkpoints, batch,
+                           k_per_checkpoint=k_per_checkpoint, num_iters=num_iters, key=key, steps=steps, mesh=mesh,
+                           progress=progress, method=method, partial_dir=partial_dir)
+
+
+def rms_gradient_scale(per_sample_loss_fn, params: PyTree, batch: PyTree) -> PyTree:
+    """``1 / sqrt(mean over samples of g(x)²)`` per parameter, pytree like ``params`` (0 where every per-sample
+    gradient is 0): the diagonal preconditioner :func:`gradient_covariance_basis` uses by default."""
+    return _rms_gradient_scale(per_sample_loss_fn, params, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _rms_gradient_scale(per_sample_loss_fn, params, batch):
+    def squares(sample):
+        single = jax.tree_util.tree_map(lambda leaf: leaf[None], sample)
+        gradient = jax.grad(lambda p: jnp.sum(per_sample_loss_fn(p, single)))(params)
+        return jax.tree_util.tree_map(jnp.square, gradient)
+
+    # squared gradients of one sequence at a time, 16 sequences vectorised (a sequence's token samples are summed:
+    # for token-level samples this is the RMS of per-sequence gradients)
+    total = jax.tree_util.tree_map(lambda leaf: leaf.sum(axis=0), jax.lax.map(squares, batch, batch_size=16))
+    count = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    return jax.tree_util.tree_map(
+        lambda t: jnp.where(t > 0, 1.0 / jnp.sqrt(jnp.where(t > 0, t, 1.0) / count), 0.0).astype(t.dtype), total)
+
+
+def _evolving_basis(matvec, operator_args: Callable[[PyTree], tuple], operator_name: str, digests: dict,
+                    checkpoints: Sequence[PyTree], batch: PyTree, *, k_per_checkpoint: int, num_iters: int,
+                    key: jax.Array, steps, mesh, progress: bool, method: str, partial_dir) -> Basis:
+    """Algorithm 1 for any symmetric operator ``matvec(v, params, batch, *operator_args(params))`` of the
+    parameters: the top-k eigenvectors at each checkpoint, deflated against those found before; ``digests``
+    (name -> ``(first_params, batch) -> str``) join the partial directory's fingerprint."""
     what = f"{method}_basis"
     batch_size(batch, what)
     check_mesh(mesh, what)
@@ -422,13 +520,12 @@ def hessian_basis(
     found = shard_rows(jax.tree_util.tree_map(lambda leaf: jnp.zeros((total, *np.shape(leaf)), leaf.dtype), first), mesh)
     values, residuals = np.zeros(total), np.zeros(total)
     host_batch, batch = batch, shard_batch(batch, mesh)
-    matvec = HessianMatvec(loss_fn)
     kept = None
     if partial_dir is not None:
         fingerprint = {"method": method, "steps": [int(s) for s in steps], "k_per_checkpoint": k_per_checkpoint,
                        "num_iters": num_iters, "key": np.asarray(jax.random.key_data(key)).tolist(),
                        "params": str(like), "batch": tree.digest(host_batch),
-                       "loss": loss_digest(loss_fn, first, host_batch)}
+                       **{name: digest(first, host_batch) for name, digest in digests.items()}}
         kept = PartialBasis(partial_dir, fingerprint)
         found = kept.restore(found, values, residuals, like, checkpoints, mesh)
     start = 0 if kept is None else kept.num_done
@@ -437,15 +534,16 @@ def hessian_basis(
         params = first if t == 0 else checkpoints[t]
         check_same_structure(first, params, f"{what}: checkpoint at step {steps[t]}")
         check_finite_params(params, f"{what}: checkpoint at step {steps[t]}")
+        placed = shard_params(params, mesh)
         pairs = tree_eigenpairs(
             matvec, like, k_per_checkpoint, num_iters, jax.random.fold_in(key, t), orthogonal_to=found,
-            matvec_args=(shard_params(params, mesh), batch), mesh=mesh,
+            matvec_args=(placed, batch, *operator_args(placed)), mesh=mesh,
         )
         bad = count_nonfinite(pairs)
         if bad:
             raise ValueError(
-                f"{what}: the loss or its Hessian-vector product is not finite at the checkpoint at step {steps[t]} "
-                f"({bad} NaN or inf entries in the eigenpairs); check loss_fn on this batch at that checkpoint "
+                f"{what}: {operator_name} is not finite at the checkpoint at step {steps[t]} "
+                f"({bad} NaN or inf entries in the eigenpairs); check the loss on this batch at that checkpoint "
                 "(e.g. log or sqrt of 0, an overflow)"
             )
         rows = slice(t * k_per_checkpoint, (t + 1) * k_per_checkpoint)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from polca_jax import _tree as tree
 from polca_jax._checks import batch_size, check_params
@@ -40,6 +41,27 @@ class FlatHessianMatvec:
 
     def __call__(self, v: jax.Array, params: PyTree, batch: PyTree) -> jax.Array:
         return tree.ravel(hvp(self.loss_fn, params, tree.unravel(v, params), batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientCovarianceMatvec:
+    """``v -> S C S v`` on params-shaped vectors: C = (1/N) Σ_x (g(x) − ḡ)(g(x) − ḡ)ᵀ the covariance of the per-sample
+    gradients of ``per_sample_loss_fn`` at ``(params, batch)`` (every entry of its output a sample) and S = diag(s)
+    for a params-shaped scale ``s``: one forward-mode pass gives the N directional derivatives ⟨g(x), S v⟩, one
+    reverse-mode pass contracts them back; no per-sample gradient is formed."""
+
+    per_sample_loss_fn: Callable[[PyTree, PyTree], jax.Array]
+
+    def __call__(self, v: PyTree, params: PyTree, batch: PyTree, scale: PyTree) -> PyTree:
+        def losses(p):
+            return self.per_sample_loss_fn(p, batch).reshape(-1)
+
+        scaled = jax.tree_util.tree_map(jnp.multiply, scale, v)
+        _, directional = jax.jvp(losses, (params,), (scaled,))  # [N] ⟨g(x), S v⟩
+        centered = (directional - directional.mean()) / directional.size
+        _, pullback = jax.vjp(losses, params)
+        (back,) = pullback(centered.astype(directional.dtype))
+        return jax.tree_util.tree_map(jnp.multiply, scale, back)
 
 
 @dataclasses.dataclass(frozen=True)

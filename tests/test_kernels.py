@@ -175,6 +175,49 @@ def test_hessian_basis_refuses_a_partial_directory_of_other_inputs(tmp_path, mlp
         pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=kept, **options)
 
 
+def dense_gradient_covariance_algorithm_1(problem, checkpoints, k, scaled):
+    """Algorithm 1 on the covariance of per-sample gradients (one jax.grad per sample), each parameter divided by
+    its RMS per-sample gradient when ``scaled``: ``[T·k, P]`` vectors and their eigenvalues."""
+    found, values = np.zeros((0, tree.num_params(problem.params))), []
+    grad = jax.grad(lambda p, i: problem.sequence_losses(p, problem.batch)[i])
+    for params in checkpoints:
+        gradients = np.stack([np.asarray(tree.ravel(grad(params, i))) for i in range(len(problem.batch["x"]))])
+        if scaled:
+            gradients = gradients / np.sqrt(np.mean(gradients**2, axis=0))
+        covariance = np.cov(gradients.T, bias=True)
+        rest = complement(found)
+        eigenvalues, eigenvectors = np.linalg.eigh(rest @ covariance @ rest.T)
+        found = np.concatenate([found, (eigenvectors[:, ::-1][:, :k].T) @ rest])
+        values.extend(eigenvalues[::-1][:k])
+    return found, np.asarray(values)
+
+
+@pytest.mark.parametrize("scale", [None, "rms"])
+def test_gradient_covariance_basis_is_algorithm_1_on_the_per_sample_gradient_covariance(mlp, scale):
+    checkpoints = sgd_checkpoints(mlp, 3)
+    basis = pj.gradient_covariance_basis(
+        mlp.sequence_losses, checkpoints, mlp.batch, scale=scale, k_per_checkpoint=2, num_iters=20,
+        key=jax.random.key(0), steps=[0, 10, 20], progress=False,
+    )
+    vectors, values = dense_gradient_covariance_algorithm_1(mlp, checkpoints, 2, scaled=scale == "rms")
+    np.testing.assert_allclose(basis.eigenvalues, values, rtol=1e-8)
+    assert_same_vectors(np.asarray(basis.vectors), vectors, atol=1e-6)
+    np.testing.assert_allclose(basis.vectors @ basis.vectors.T, np.eye(6), atol=1e-12)
+    assert basis.method == ("gradient_covariance" if scale is None else "scaled_gradient_covariance")
+
+
+def test_gradient_covariance_basis_takes_a_scale_function_and_refuses_a_bad_one(mlp):
+    checkpoints = sgd_checkpoints(mlp, 2)
+    options = dict(num_iters=12, key=jax.random.key(1), steps=[0, 10], progress=False)
+    by_rms = pj.gradient_covariance_basis(mlp.sequence_losses, checkpoints, mlp.batch, **options)
+    given = pj.gradient_covariance_basis(
+        mlp.sequence_losses, checkpoints, mlp.batch,
+        scale=lambda params: pj.rms_gradient_scale(mlp.sequence_losses, params, mlp.batch), **options)
+    np.testing.assert_allclose(np.asarray(given.vectors), np.asarray(by_rms.vectors), atol=1e-12)
+    with pytest.raises(pj.PolcaError, match="scale must be 'rms', None or a function"):
+        pj.gradient_covariance_basis(mlp.sequence_losses, checkpoints, mlp.batch, scale="adam", **options)
+
+
 def test_shuffled_hessian_basis_is_algorithm_1_over_permuted_checkpoints(mlp):
     checkpoints = sgd_checkpoints(mlp, 4)
     basis = pj.shuffled_hessian_basis(
