@@ -246,3 +246,8 @@ def test_the_tiny_preset_runs_end_to_end_with_its_ground_truth(tmp_path):
     aris = [float(ari) for ari in re.findall(r"k-means: ARI (\S+)", controls)]
     assert len(aris) == 2 and min(aris) == 1.0, controls
     assert "logistic probe on the exact-loss trajectories: ROC AUC" in controls
+    table = subprocess.run([sys.executable, str(TRIVIAL_CONTROLS.with_name("covariance_basis.py")),
+                            str(tmp_path / "run")], capture_output=True, text=True, check=True).stdout
+    rows = re.findall(r"^\| (Hessian \(the run's\)|scaled gradient covariance|gradient covariance, unscaled|random) \| "
+                      r"(-?\d\.\d\d) \| (-?\d\.\d\d|nan) \|$", table, flags=re.M)
+    assert len(rows) == 4, table
