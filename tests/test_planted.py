@@ -220,6 +220,23 @@ def test_bad_options_raise_clear_errors(call, message):
 
 
 @pytest.mark.slow
+def test_the_scaled_gradient_covariance_basis_runs_as_an_ablation_basis(tmp_path):
+    settings = ["ablation_bases=random,scaled_gradient_covariance", "baselines=false"]
+    report = run(TASK, tmp_path / "run", preset="tiny", settings=settings, progress=False, log=lambda _: None)
+    import polca_jax as pj
+    basis = pj.Basis.load(tmp_path / "run" / "basis" / "scaled_gradient_covariance")
+    hessian = pj.Basis.load(tmp_path / "run" / "basis" / "hessian")
+    assert basis.method == "scaled_gradient_covariance" and basis.size == hessian.size
+    assert not (tmp_path / "run" / "basis" / "scaled_gradient_covariance.partial").exists()
+    result = pj.POLCAResult.load(tmp_path / "run" / "polca" / "scaled_gradient_covariance")
+    assert result.config["eigenvalues"] == "current"  # its eigenvalues are no Hessian's: the paper's term measures
+    variants = json.loads((tmp_path / "run" / "metrics.json").read_text())["variants"]
+    assert {"covariance_basis", "covariance_profile"} <= set(variants)
+    nulls = report.read_text().split("## Against the nulls")[1]
+    assert "Scaled gradient covariance basis" in nulls and "Scaled gradient covariance, allocation profiles" in nulls
+
+
+@pytest.mark.slow
 def test_the_tiny_preset_runs_end_to_end_with_its_ground_truth(tmp_path):
     report = run(TASK, tmp_path / "run", preset="tiny", progress=False, log=lambda _: None)
     text = report.read_text()

@@ -20,8 +20,9 @@ from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
-ABLATION_BASES = ("shuffled_hessian", "random", "parameter_axes")
-BASES_WITH_EIGENVALUES = ("hessian", "shuffled_hessian")  # Algorithm 1 stores the eigenvalue each vector came with
+ABLATION_BASES = ("shuffled_hessian", "random", "parameter_axes", "scaled_gradient_covariance")
+BASES_WITH_EIGENVALUES = ("hessian", "shuffled_hessian")  # Algorithm 1 stores the Hessian eigenvalue of each vector
+LANCZOS_BASES = ("hessian", "shuffled_hessian", "scaled_gradient_covariance")  # one Lanczos run per basis step
 FIRST_ORDER_BASES = ("parameter_axes",)  # LCA (Eq. 1) is first order
 NOT_SETTABLE = ("task", "preset", "task_options")
 

@@ -21,13 +21,13 @@ import numpy as np
 import polca_jax as pj
 from polca_jax._basis import load_basis_info
 from polca_jax.errors import PolcaError
+from polca_jax.pipeline._config import BASES_WITH_EIGENVALUES, FIRST_ORDER_BASES
 
 CLUSTER_SETTINGS = ("second_order", "normalize", "profile_clusterer", "min_cluster_size", "min_samples_divisor",
                     "reference_num_samples")
 SCORE_SETTINGS = ("null_permutations", "significance", "breakthrough_shuffles", "window_steps", "threshold_step")
 HOST_SETTINGS = {**{key: "cluster" for key in CLUSTER_SETTINGS}, **{key: "score" for key in SCORE_SETTINGS}}
 FROM_STORED_ARRAYS = ("none", "trapezoid", "paper")  # second-order rules projected_loss_with can redo
-FIRST_ORDER_BASES = ("parameter_axes",)  # LCA is decomposed first order whatever second_order says
 
 
 def stage_settings(config, stage: str) -> dict:
@@ -53,9 +53,10 @@ def second_order_unavailable(run_dir: Path, basis: str, stored: str | None, want
     if wanted not in FROM_STORED_ARRAYS:
         return (f"second_order={wanted} needs the per-sample curvature at every checkpoint, which polca/{basis}/ "
                 f"(decomposed with second_order={stored}) does not store")
-    if wanted == "paper" and not np.all(np.isfinite(load_basis_info(run_dir / "basis" / basis)["eigenvalues"])):
-        return (f"second_order=paper along the {basis} basis needs its eigenvalues, which it has none of (its "
-                "decomposition used the current curvature, which is not stored)")
+    if wanted == "paper" and (basis not in BASES_WITH_EIGENVALUES or not np.all(
+            np.isfinite(load_basis_info(run_dir / "basis" / basis)["eigenvalues"]))):
+        return (f"second_order=paper along the {basis} basis needs its Hessian eigenvalues, which it has none of "
+                "(its decomposition used the current curvature, which is not stored)")
     return None
 
 

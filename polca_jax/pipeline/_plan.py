@@ -63,6 +63,7 @@ from polca_jax._lanczos import _lanczos
 from polca_jax._projections import projection_kernel_cost
 from polca_jax._sharding import param_spec
 from polca_jax.analysis import cluster_trajectories
+from polca_jax.pipeline._config import LANCZOS_BASES
 from polca_jax.pipeline._stages import MESH_STAGES, bases_of, causal_bases, check_data_axis, variants_of
 from polca_jax.pipeline._task import Task
 from polca_jax.pipeline._training import _checkpoint_manager, _save, _train_step, adamw_paper
@@ -271,7 +272,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
                            "step temporaries (the whole batch)": step.temp_bytes,
                            "batch": _nbytes(task.train_batches(0))}
 
-    hessian_bases = [name for name in bases if name in ("hessian", "shuffled_hessian")]
+    hessian_bases = [name for name in bases if name in LANCZOS_BASES]  # a covariance product costs about an HVP
     lanczos = _lanczos_kernel(config, task, hessian_shard, basis_size, run, repeats)
     kernels.append(lanczos)
     calls = len(hessian_bases) * len(config.basis_steps)

@@ -364,8 +364,8 @@ def _pvalue_text(score: dict) -> str:
     return MISSING if adjusted is None else f"{adjusted:.3g}{' ✓' if score.get('beats_null') else ''}"
 
 
-NULL_ROWS = ("polca", "first_order_polca", "random_basis", "shuffled_hessian", "polca_profile", "random_profile",
-             "exact_loss")
+NULL_ROWS = ("polca", "first_order_polca", "random_basis", "shuffled_hessian", "covariance_basis", "polca_profile",
+             "random_profile", "covariance_profile", "exact_loss")
 
 
 def _nulls_section(view: RunView) -> list[str]:

@@ -95,6 +95,10 @@ VARIANTS = (
     Variant("shuffled_hessian", "Random shuffled Hessian", "shuffled_hessian", "projected_loss", "ablation"),
     Variant("polca_profile", "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline"),
     Variant("random_profile", "Random basis, allocation profiles", "random", "profile", "ablation"),
+    Variant("covariance_basis", "Scaled gradient covariance basis", "scaled_gradient_covariance", "projected_loss",
+            "ablation"),
+    Variant("covariance_profile", "Scaled gradient covariance, allocation profiles", "scaled_gradient_covariance",
+            "profile", "ablation"),
 )
 TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile")
 PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per sample, scored without qualifying rules
@@ -245,7 +249,8 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
     """Each basis to ``basis/<name>/``; one already on disk (an interrupted stage) is kept. ``hessian`` is
     Algorithm 1 on the Hessian sample at every basis step; ``shuffled_hessian`` the same with the checkpoints in
     random order; ``random`` as many random orthonormal vectors; ``parameter_axes`` the ``lca_axes``
-    largest-magnitude parameters at the end of training (LCA)."""
+    largest-magnitude parameters at the end of training (LCA); ``scaled_gradient_covariance`` Algorithm 1 on the
+    covariance of the Hessian sample's per-sample gradients, each parameter scaled by 1/RMS of its gradient."""
     config = run.config
     names = bases_of(config)
     key = jax.random.key(config.seed)
@@ -269,6 +274,9 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
                 partial_dir=partial("shuffled_hessian"), **options),
             "random": lambda: pj.random_basis(task.init_params, size, jax.random.fold_in(key, 2)),
             "parameter_axes": lambda: pj.parameter_axis_basis(final_params(), config.lca_axes, step=config.num_steps),
+            "scaled_gradient_covariance": lambda: pj.gradient_covariance_basis(
+                task.per_sample_loss, store, task.hessian_batch, key=jax.random.fold_in(key, 3),
+                partial_dir=partial("scaled_gradient_covariance"), **options),
         }
         for name in _unfinished(names, lambda name: run / "basis" / name / "basis.json"):
             basis = makers[name]()
