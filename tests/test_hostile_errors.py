@@ -319,6 +319,8 @@ def make_task(bug: str = "none") -> Task:
         raise RuntimeError("the data file is gone")  # FACTORY_LINE
     x = np.linspace(-1, 1, 24, dtype=np.float32)[:, None].repeat(3, 1)
     params = {"w": jnp.full((3, 4), 0.3), "v": jnp.full((4,), 0.1)}
+    if bug == "empty_leaf":
+        params["unused"] = jnp.zeros((0, 4))
 
     def per_sample_loss(p, b):
         losses = jnp.tanh(b["x"] @ p["w"]) @ p["v"] - b["x"][:, 0]  # LOSS_LINE
@@ -353,6 +355,8 @@ CLI_CASES = [
     ("factory raises", "factory", rf"the train stage failed in the task's code at {{file}}:{line_of('FACTORY_LINE')} "
      r"\(in make_task\): RuntimeError: the data file is gone; fix it there"),
     ("loss returns int", "int_loss", r"Task\.per_sample_loss returns losses of dtype int32 \(not floating point\)"),
+    ("a zero-size parameter", "empty_leaf", r"Task\.init_params\['unused'\] has shape \(0, 4\), no entries: "
+     r"checkpoints cannot hold an empty array"),
     ("a training batch misses a key", "train_key", rf"the train stage failed in the task's code at "
      rf"{{file}}:{line_of('LOSS_LINE')} \(in per_sample_loss\): KeyError: 'x'"),
     ("batch misses a key", "missing_key", rf"the train stage: Task\.per_sample_loss on \(init_params, eval_batch\) "

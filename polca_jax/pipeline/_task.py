@@ -165,6 +165,9 @@ class Task:
             if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
                 raise ValueError(f"Task.init_params{jax.tree_util.keystr(path)} has dtype {dtype}; "
                                  "POLCA differentiates every parameter, so they must be floating point")
+            if np.size(leaf) == 0:
+                raise PolcaError(f"Task.init_params{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, no "
+                                 "entries: checkpoints cannot hold an empty array; leave it out of the parameters")
         for name in ("eval_batch", "hessian_batch"):
             _check_batch(getattr(self, name), f"Task.{name}")
         try:
