@@ -15,6 +15,7 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config
 from polca_jax.pipeline._cli import main
+from polca_jax.pipeline._stages import variants_of
 from polca_jax.pipeline.tasks.arithmetic import PAPER_CPU_CUTS
 
 PINNED_TINY = {  # variant: (clusters, max carry homogeneity, hidden-breakthrough fraction)
@@ -82,8 +83,10 @@ def test_every_artifact_is_written(interrupted_then_resumed):
         result = pj.POLCAResult.load(run_dir / "polca" / name)
         assert result.loss.shape == (len(config.polca_steps), num_tokens)
         assert np.all(np.isfinite(result.projected_loss))
-    for variant in VARIANTS:
-        assert (run_dir / "clusters" / f"{variant.name}.npz").exists()
+    for variant in VARIANTS:  # every strategy of the config's bases, and none of the others
+        configured = variant in variants_of(config)
+        assert (run_dir / "clusters" / f"{variant.name}.npz").exists() == configured, variant.name
+    assert {v.basis for v in variants_of(config)} == {"hessian", "shuffled_hessian", "random", "parameter_axes"}
     report = (run_dir / "report" / "report.md").read_text()
     assert "### Table 1 — cluster quality" in report and "## What this run found" in report
 
