@@ -316,9 +316,9 @@ def _strategies_table(view: RunView) -> str:
         rows.append([info["label"], info["basis"], info["trajectory"], str(info["num_directions"]),
                      str(info["num_clusters"]), reporting.number(info["hidden_breakthrough_fraction"]),
                      *[reporting.number(info["label_sets"].get(name, {}).get("max_homogeneity")) for name in names]])
-    note = (f"`{NOT_RUN}`: the strategy is off in this config (`baselines`, `ablations`); `{MISSING}`: no value "
-            "(no cluster, or none qualifies). Homogeneity is the share of a cluster's samples in the label set's "
-            "scored class; per-direction strategies count only qualifying clusters.")
+    note = (f"`{NOT_RUN}`: the strategy is off in this config (`baselines`, `ablations`, `ablation_bases`); "
+            f"`{MISSING}`: no value (no cluster, or none qualifies). Homogeneity is the share of a cluster's samples "
+            "in the label set's scored class; per-direction strategies count only qualifying clusters.")
     return reporting.markdown_table(header, rows) + "\n\n" + note
 
 
