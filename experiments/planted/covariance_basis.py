@@ -17,7 +17,6 @@ the same checkpoint. The labels are used only to score.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
@@ -27,9 +26,8 @@ from sklearn.mixture import GaussianMixture
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline import load_labels, load_task_definition
 
-from trivial_controls import gradient_norm_shares
+from trivial_controls import gradient_norm_shares, load_planted_run
 
 
 def best_ari(clusterings, groups) -> float:
@@ -43,13 +41,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--checkpoint-index", type=int, default=1)
     args = parser.parse_args()
-    config = json.loads((args.run_dir / "config.json").read_text())
-    label_sets = load_labels(args.run_dir)[0]
-    if "group" not in label_sets:
-        raise SystemExit(f"{args.run_dir} has no label set 'group': it is not a run of the planted benchmark")
-    groups = label_sets["group"].values
+    config, task, groups = load_planted_run(args.run_dir)
     num_groups = np.unique(groups).size
-    task = load_task_definition(config["task"])(**config["task_options"], seed=config["seed"])  # runs the task code
     hessian = pj.Basis.load(args.run_dir / "basis" / "hessian")
     basis_steps = sorted({int(s) for s in hessian.steps})
     polca_steps = [int(s) for s in pj.POLCAResult.load(args.run_dir / "polca" / "hessian").steps]

@@ -40,17 +40,22 @@ def gradient_norm_shares(task, params) -> np.ndarray:
     return norms / np.maximum(norms.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
 
 
+def load_planted_run(run_dir: Path) -> tuple[dict, object, np.ndarray]:
+    """A finished planted run's config, its task (built by running the task's code) and its group labels [N]."""
+    config = json.loads((run_dir / "config.json").read_text())
+    label_sets = load_labels(run_dir)[0]
+    if "group" not in label_sets:
+        raise SystemExit(f"{run_dir} has no label set 'group': it is not a run of the planted benchmark")
+    task = load_task_definition(config["task"])(**config["task_options"], seed=config["seed"])
+    return config, task, label_sets["group"].values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--steps", type=int, nargs="*", help="checkpoint steps (default: the second and the last)")
     args = parser.parse_args()
-    config = json.loads((args.run_dir / "config.json").read_text())
-    label_sets = load_labels(args.run_dir)[0]
-    if "group" not in label_sets:
-        raise SystemExit(f"{args.run_dir} has no label set 'group': it is not a run of the planted benchmark")
-    groups = label_sets["group"].values
-    task = load_task_definition(config["task"])(**config["task_options"], seed=config["seed"])  # runs the task code
+    _, task, groups = load_planted_run(args.run_dir)
     result = pj.POLCAResult.load(args.run_dir / "polca" / "hessian")
     steps = args.steps or [int(result.steps[1]), int(result.steps[-1])]
     store = pj.OrbaxCheckpoints(args.run_dir / "checkpoints", steps)
