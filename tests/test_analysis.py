@@ -328,3 +328,17 @@ def test_clusterings_save_load_round_trip(tmp_path):
             b.direction, b.min_cluster_size, b.min_samples, b.metric, b.normalize)
     with pytest.raises(ValueError, match="cannot read"):
         load_clusterings(tmp_path / "missing.npz")
+
+
+def test_the_gradient_sketch_is_each_sample_s_projected_gradient_at_one_checkpoint_as_a_direction():
+    from polca_jax.analysis import gradient_sketch
+
+    projections = np.random.default_rng(0).normal(size=(4, 6, 3))
+    projections[1, 2] = 0.0  # a sample with no gradient keeps a zero row
+    sketch = gradient_sketch(projections)
+    expected = projections[1] / np.linalg.norm(projections[1], axis=1, keepdims=True).clip(min=1e-300)
+    np.testing.assert_allclose(sketch[[0, 1, 3, 4, 5]], expected[[0, 1, 3, 4, 5]])
+    assert np.all(sketch[2] == 0.0)
+    np.testing.assert_allclose(gradient_sketch(3.0 * projections, checkpoint=3), gradient_sketch(projections, 3))
+    with pytest.raises(ValueError, match="checkpoint must index one of the 4 checkpoints"):
+        gradient_sketch(projections, checkpoint=4)

@@ -15,7 +15,7 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config
 from polca_jax.pipeline._cli import main
-from polca_jax.pipeline._stages import variants_of
+from polca_jax.pipeline._registry import variants_of
 from polca_jax.pipeline.tasks.arithmetic import PAPER_CPU_CUTS
 
 PINNED_TINY = {  # variant: (clusters, max carry homogeneity, hidden-breakthrough fraction)

@@ -74,7 +74,7 @@ CASES = [
     (["run", USER, "--set", "num_steps"], r"bad --set 'num_steps'"),
     (["run", USER, "--set", "num_steps=ten"], r"--set num_steps=ten: expected int"),
     (["run", USER, "--set", "ablations=maybe"], r"--set ablations=maybe: expected bool"),
-    (["run", USER, "--set", "ablation_bases=random,lca"], r"ablation_bases must name bases among"),
+    (["run", USER, "--set", "ablation_bases=random,lca"], r"ablation_bases must name registered bases among"),
     (["run", USER, "--set", "polca_until=7"], r"polca_until must be a multiple of polca_every \(5\)"),
     (["run", USER, "--set", "chunk_size=0"], r"chunk_size must be None or an integer >= 1"),
     (["run", USER, "--set", "significance=1.5"], r"significance must lie strictly between 0 and 1"),

@@ -59,7 +59,8 @@ def test_plan_estimates_every_stage_and_writes_nothing(user_task, tmp_path, caps
     for stage in ("train", "basis", "decompose", "causal", "cluster", "compiling", "total"):
         assert any(line.startswith(stage) for line in output.splitlines()), stage
     assert "20 steps × " in output  # the user task's tiny preset trains 20 steps
-    assert "4 bases × 5 checkpoints" in output and "memory per device" in output and "peak" in output
+    assert "4 bases (hessian, shuffled_hessian, random, parameter_axes) × 5 checkpoints" in output
+    assert "memory per device" in output and "peak" in output
     assert "time: measured on this machine" in output and "WILL NOT FIT" not in output
     assert sorted(path.name for path in tmp_path.iterdir()) == before
 

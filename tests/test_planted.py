@@ -256,6 +256,8 @@ def test_the_tiny_preset_runs_end_to_end_with_its_ground_truth(tmp_path):
     np.testing.assert_allclose(share.sum(axis=0), 1.0, atol=1e-4)
     [profile] = unsup.strategy_clusterings(result.projected_loss, "profile", min_cluster_size=12)
     assert profile.num_samples == groups.size
+    verdict = metrics["verdicts"]["group"]  # the pipeline's own label-free control ran, and the verdict weighs it
+    assert "gradient_sketch" in metrics["variants"] and (verdict["beyond_controls"] is None) == (not verdict["found"])
     # the trivial label-free control: with a private input block per group, where a sample's gradient lies in the
     # first layer gives the groups away without POLCA
     controls = subprocess.run([sys.executable, str(TRIVIAL_CONTROLS), str(tmp_path / "run")], capture_output=True,

@@ -272,3 +272,25 @@ def test_another_second_order_is_redone_from_the_stored_arrays(finished_arithmet
     text = (out / "report" / "report.md").read_text()
     assert "redone from the stored arrays with another second order than the decomposition's (hessian: none -> " \
            "trapezoid)" in text
+
+
+def test_a_finding_that_a_label_free_control_matches_is_marked_so():
+    from polca_jax.pipeline._score import label_verdict
+
+    def strategy(label, homogeneity, beats_null=True):
+        score = {"class": 1, "qualifies": True, "beats_null": beats_null, "homogeneity": homogeneity,
+                 "pvalue_adjusted": 0.001 if beats_null else 0.5, "recall": 0.8, "base_rate": 0.5}
+        return {"label": label, "clusters": [{"direction": 0, "cluster": 0, "size": 40, "labels": {"group": score}}]}
+
+    config = RunConfig(task="t", preset=None, task_options={})
+    label_set = LabelSet(np.array([0, 1] * 40), positive=1)
+    for control, beyond in ((0.95, True), (0.97, False), (0.99, False)):
+        variants = {"polca": strategy("POLCA", 0.97), "gradient_sketch": strategy("Control", control, False)}
+        verdict = label_verdict("group", label_set, variants, config)
+        assert verdict["found"] and verdict["beyond_controls"] is beyond, control
+        assert verdict["control"]["homogeneity"] == control and verdict["control"]["strategy"] == "gradient_sketch"
+    without_control = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97)}, config)
+    assert without_control["beyond_controls"] is None and without_control["control"] is None
+    not_found = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97, False),
+                                                   "gradient_sketch": strategy("Control", 0.5)}, config)
+    assert not not_found["found"] and not_found["beyond_controls"] is None

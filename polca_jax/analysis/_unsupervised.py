@@ -80,6 +80,18 @@ def allocation_profiles(projected_loss, *, directions=None) -> np.ndarray:
     return _unit_rows(final)
 
 
+def gradient_sketch(projections, checkpoint: int = 1) -> np.ndarray:
+    """A label-free control that needs no POLCA: projections float[T, N, K] of per-sample gradients on K random
+    orthonormal directions -> float[N, K], each sample's projected gradient at one ``checkpoint`` (default the
+    first after step 0), divided by its norm: a random sketch of where its gradient points (Johnson–Lindenstrauss),
+    whatever its size. Samples whose gradients live on different parameters separate here without any training
+    dynamics; a POLCA finding should do better than clusters of these rows."""
+    projections = checked_array(projections, "projections", 3)
+    if not 0 <= checkpoint < projections.shape[0]:
+        raise ValueError(f"checkpoint must index one of the {projections.shape[0]} checkpoints, got {checkpoint}")
+    return _unit_rows(projections[checkpoint])
+
+
 def joint_features(projected_loss, *, directions=None, max_components: int = 10, seed: int = 0) -> np.ndarray:
     """Whole trajectories over all directions at once: projected_loss float[T, N, K] -> float[N, C], each sample's
     [T·K'] trajectories divided by its norm, then the first C = min(max_components, N, T·K') principal components."""

@@ -3,7 +3,7 @@
 Needs the ``pipeline`` extra (``pip install "polca_jax[pipeline]"``: flax, optax, matplotlib). A user supplies a
 :class:`Task` (parameters, a per-sample loss, evaluation and Hessian samples, training batches or existing
 checkpoints, optional label sets) from a factory (:func:`task_factory`); :func:`run` trains, builds the basis,
-decomposes, clusters, scores and reports::
+decomposes, clusters, scores and reports; :func:`register_basis` adds a basis of one's own::
 
     train → basis → decompose → cluster → score → report
 
@@ -22,14 +22,17 @@ from polca_jax.pipeline._report import write_report  # noqa: E402
 from polca_jax.pipeline._reporting import RunView, load_run_view  # noqa: E402
 from polca_jax.pipeline._run import open_run, run  # noqa: E402
 from polca_jax.pipeline._rundir import RunDirectory, load_labels  # noqa: E402
-from polca_jax.pipeline._stages import (  # noqa: E402
+from polca_jax.pipeline._registry import (  # noqa: E402
+    BASES,
     STAGES,
     VARIANTS,
-    build_task,
-    checkpoint_store,
-    run_stages,
+    BasisInputs,
+    BasisKind,
+    Variant,
+    register_basis,
     variant_trajectories,
 )
+from polca_jax.pipeline._stages import build_task, checkpoint_store, run_stages  # noqa: E402
 from polca_jax.pipeline._task import (  # noqa: E402
     BUILTIN_TASKS,
     LabelSet,
@@ -42,9 +45,12 @@ from polca_jax.pipeline._task import (  # noqa: E402
 from polca_jax.pipeline._training import adamw_paper, train  # noqa: E402
 
 __all__ = [
+    "BASES",
     "BUILTIN_TASKS",
     "STAGES",
     "VARIANTS",
+    "BasisInputs",
+    "BasisKind",
     "LabelSet",
     "Qualifier",
     "RunConfig",
@@ -52,6 +58,7 @@ __all__ = [
     "RunView",
     "Task",
     "TaskDefinition",
+    "Variant",
     "adamw_paper",
     "build_task",
     "checkpoint_store",
@@ -60,6 +67,7 @@ __all__ = [
     "load_task_definition",
     "make_config",
     "open_run",
+    "register_basis",
     "run",
     "run_stages",
     "task_factory",

@@ -22,7 +22,7 @@ from polca_jax._distributed import ADDRESS_VARIABLE
 from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
 from polca_jax.pipeline._run import run
-from polca_jax.pipeline._stages import STAGES
+from polca_jax.pipeline._registry import STAGES
 from polca_jax.pipeline._usercode import as_task_error, user_code_errors
 
 SHORTHANDS = {

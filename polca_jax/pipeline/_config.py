@@ -15,15 +15,12 @@ import typing
 from typing import Any, Mapping
 
 from polca_jax._second_order import SECOND_ORDER_CHOICES, SecondOrder
+from polca_jax.pipeline._registry import ablation_basis_names, basis_kind
 from polca_jax.analysis import CLUSTERERS, NORMALIZATIONS
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
-ABLATION_BASES = ("shuffled_hessian", "random", "parameter_axes", "scaled_gradient_covariance")
-BASES_WITH_EIGENVALUES = ("hessian", "shuffled_hessian")  # Algorithm 1 stores the Hessian eigenvalue of each vector
-LANCZOS_BASES = ("hessian", "shuffled_hessian", "scaled_gradient_covariance")  # one Lanczos run per basis step
-FIRST_ORDER_BASES = ("parameter_axes",)  # LCA (Eq. 1) is first order
 NOT_SETTABLE = ("task", "preset", "task_options")
 
 
@@ -120,10 +117,12 @@ class RunConfig:
                                              or self.polca_until < 2 * self.polca_every):
             raise ValueError(f"polca_until must be a multiple of polca_every ({self.polca_every}) in "
                              f"[{2 * self.polca_every}, num_steps={self.num_steps}], got {self.polca_until}")
-        unknown = sorted(set(self.ablation_base_names) - set(ABLATION_BASES))
+        unknown = sorted(set(self.ablation_base_names) - set(ablation_basis_names()))
         if unknown or not isinstance(self.ablation_bases, str):
-            raise ValueError(f"ablation_bases must name bases among {', '.join(ABLATION_BASES)} (comma-separated), "
-                             f"got {self.ablation_bases!r}")
+            raise PolcaError(f"ablation_bases must name registered bases among {', '.join(ablation_basis_names())} "
+                             f"(comma-separated), got {self.ablation_bases!r}; a basis of your own is registered "
+                             "by the file that defines it (polca_jax.pipeline.register_basis): name that file's "
+                             "task (path/to/file.py:factory) so that it is imported first")
         if self.basis_until is not None and self.basis_until > self.num_steps:
             raise ValueError(f"basis_until must lie in [1, num_steps={self.num_steps}], got {self.basis_until}")
         if not self.basis_steps:
@@ -160,12 +159,10 @@ class RunConfig:
         return sorted(set(self.polca_steps) | set(self.basis_steps) | {self.num_steps})
 
     def second_order_for(self, basis: str) -> SecondOrder:
-        """The rule the decompose stage uses along ``basis``: none for LCA's parameter axes; ``second_order`` for
-        the others, the paper's with the eigenvalues stored with Algorithm 1's vectors, or with the current curvature
-        along a basis that has none (the random one)."""
-        if basis in FIRST_ORDER_BASES:
-            return SecondOrder("none")
-        return SecondOrder(self.second_order, "stored" if basis in BASES_WITH_EIGENVALUES else "current")
+        """The rule the decompose stage uses along ``basis`` (its :class:`BasisKind`'s curvature): none for LCA's
+        parameter axes; ``second_order`` for the others, the paper's with the eigenvalues stored with Algorithm 1's
+        vectors, or with the current curvature along a basis that has none (the random one)."""
+        return basis_kind(basis).second_order(self.second_order)
 
     @property
     def window(self) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import polca_jax as pj
 from polca_jax._basis import load_basis_info
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline._config import BASES_WITH_EIGENVALUES, FIRST_ORDER_BASES
+from polca_jax.pipeline._registry import basis_kind
 
 CLUSTER_SETTINGS = ("second_order", "normalize", "profile_clusterer", "min_cluster_size", "min_samples_divisor",
                     "reference_num_samples")
@@ -48,12 +48,12 @@ def host_setting_changes(saved, wanted) -> tuple[dict[str, tuple], list[str]]:
 def second_order_unavailable(run_dir: Path, basis: str, stored: str | None, wanted: str) -> str | None:
     """Why the projected loss along ``basis`` (decomposed with ``stored``) cannot be redone with ``wanted`` from the
     stored arrays, or None when it can (or needs no redoing)."""
-    if basis in FIRST_ORDER_BASES or stored is None or stored == wanted:
+    if basis_kind(basis).curvature == "none" or stored is None or stored == wanted:
         return None
     if wanted not in FROM_STORED_ARRAYS:
         return (f"second_order={wanted} needs the per-sample curvature at every checkpoint, which polca/{basis}/ "
                 f"(decomposed with second_order={stored}) does not store")
-    if wanted == "paper" and (basis not in BASES_WITH_EIGENVALUES or not np.all(
+    if wanted == "paper" and (basis_kind(basis).curvature != "stored" or not np.all(
             np.isfinite(load_basis_info(run_dir / "basis" / basis)["eigenvalues"]))):
         return (f"second_order=paper along the {basis} basis needs its Hessian eigenvalues, which it has none of "
                 "(its decomposition used the current curvature, which is not stored)")
@@ -66,7 +66,7 @@ def host_result(run_dir: Path, basis: str, second_order: str | None) -> pj.POLCA
     ``recomputed_from`` then names the decomposition's rule). Raise ``PolcaError`` when that is impossible."""
     result = pj.POLCAResult.load(run_dir / "polca" / basis)
     stored = result.config.get("second_order")
-    if second_order is None or basis in FIRST_ORDER_BASES or stored is None or stored == second_order:
+    if second_order is None or basis_kind(basis).curvature == "none" or stored is None or stored == second_order:
         return result
     reason = second_order_unavailable(run_dir, basis, stored, second_order)
     if reason is not None:

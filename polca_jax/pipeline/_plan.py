@@ -16,8 +16,8 @@ a one-direction causal check. On ``h100``/``h200`` nothing is run: a kernel take
 GPU_EFFICIENCY)``, an estimate, not a measurement. Either is scaled by the run's work:
 
 - train: ``num_steps`` steps, an evaluation loss pass every ``metrics_every`` steps, one save per checkpoint;
-- basis: per Hessian basis, basis checkpoints × (one restore + one Lanczos run of ``lanczos_iters`` HVPs on the batch
-  shard);
+- basis: per basis built by Lanczos runs (``BasisKind.lanczos``: Algorithm 1 and its variants), basis checkpoints ×
+  (one restore + one Lanczos run of ``lanczos_iters`` HVPs on the batch shard); other bases are not timed;
 - decompose: per basis, POLCA checkpoints × the longer of one checkpoint's work and one restore (the next checkpoint
   is restored while the current one is decomposed);
 - causal: per causal basis, (directions + 1) loss passes on the evaluation batch;
@@ -63,8 +63,8 @@ from polca_jax._lanczos import _lanczos
 from polca_jax._projections import projection_kernel_cost
 from polca_jax._sharding import param_spec
 from polca_jax.analysis import cluster_trajectories
-from polca_jax.pipeline._config import LANCZOS_BASES
-from polca_jax.pipeline._stages import MESH_STAGES, bases_of, causal_bases, check_data_axis, variants_of
+from polca_jax.pipeline._registry import MESH_STAGES, bases_of, basis_kind, variants_of
+from polca_jax.pipeline._stages import causal_bases, check_data_axis
 from polca_jax.pipeline._task import Task
 from polca_jax.pipeline._training import _checkpoint_manager, _save, _train_step, adamw_paper
 
@@ -246,7 +246,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     num_samples, steps = task.num_samples, len(config.polca_steps)
     basis_size = len(config.basis_steps) * config.k_per_checkpoint
     bases = bases_of(config)
-    sizes = {name: config.lca_axes if name == "parameter_axes" else basis_size for name in bases}
+    sizes = {name: basis_kind(name).size_for(config) for name in bases}
     curvature = {name: config.second_order_for(name).needs_curvature for name in bases}
     eval_shard, eval_mask = _shard(task.eval_batch, data), _shard(task.eval_mask, data)
     hessian_shard = _shard(task.hessian_batch, data)
@@ -272,14 +272,16 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
                            "step temporaries (the whole batch)": step.temp_bytes,
                            "batch": _nbytes(task.train_batches(0))}
 
-    hessian_bases = [name for name in bases if name in LANCZOS_BASES]  # a covariance product costs about an HVP
+    hessian_bases = [name for name in bases if basis_kind(name).lanczos]
     lanczos = _lanczos_kernel(config, task, hessian_shard, basis_size, run, repeats)
     kernels.append(lanczos)
     calls = len(hessian_bases) * len(config.basis_steps)
     stages["basis"] = calls * (device.seconds(lanczos) + restore_seconds)
     flops["basis"] = calls * lanczos.flops
+    others = [name for name in bases if name not in hessian_bases]
     work["basis"] = (f"{calls} restores and Lanczos runs × {_duration(device.seconds(lanczos))} "
-                     f"({config.lanczos_iters} HVPs on {_batch_size(hessian_shard)} sequences each)")
+                     f"({config.lanczos_iters} HVPs on {_batch_size(hessian_shard)} sequences each; "
+                     f"{', '.join(hessian_bases)})" + (f"; {', '.join(others)}: not timed" if others else ""))
     memory["basis"] = {"parameters": param_bytes, f"{config.lanczos_iters} Krylov vectors":
                        config.lanczos_iters * param_bytes, f"{basis_size} basis rows": basis_size * param_bytes,
                        "HVP temporaries": lanczos.temp_bytes, "batch shard": _nbytes(hessian_shard)}
@@ -291,7 +293,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     stages["decompose"] = sum(steps * max(device.seconds(passes[sizes[n], curvature[n]][0]), restore_seconds)
                               for n in bases)
     flops["decompose"] = sum(steps * passes[sizes[n], curvature[n]][0].flops for n in bases)
-    work["decompose"] = (f"{_count(len(bases), 'basis', 'bases')} × {steps} checkpoints of "
+    work["decompose"] = (f"{_count(len(bases), 'basis', 'bases')} ({', '.join(bases)}) × {steps} checkpoints of "
                          + ", ".join(f"{_duration(device.seconds(unit))} (K={k}{', curvatures' if c else ''}, "
                                      f"{_count(cost.num_chunks, 'chunk')} of {cost.chunk_size})"
                                      for (k, c), (unit, cost) in passes.items()))

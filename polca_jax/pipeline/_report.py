@@ -19,7 +19,7 @@ import numpy as np
 
 from polca_jax.pipeline import _reporting as reporting
 from polca_jax.pipeline._reporting import MISSING, RunView, load_run_view
-from polca_jax.pipeline._stages import STAGES, VARIANTS
+from polca_jax.pipeline._registry import STAGES, VARIANTS
 from polca_jax.pipeline._task import BUILTIN_TASKS, TaskDefinition, load_task_definition
 
 MAX_DIRECTION_FIGURES = 6
@@ -177,11 +177,24 @@ def _verdict_lines(view: RunView) -> list[str]:
                     f"p = {MISSING if p is None else f'{p:.3g}'})")
         if verdict.get("random_basis_found"):
             line += "; the random basis has such a cluster too, so the finding may not need the Hessian basis"
+        control = verdict.get("control")
+        if verdict.get("beyond_controls") is False:
+            line += (f"; **a label-free control does as well** ({control['label']}, homogeneity "
+                     f"{control['homogeneity']:.3f}), so this finding does not show POLCA at work")
+        elif verdict.get("beyond_controls"):
+            line += ("; beyond the label-free controls (best "
+                     + ("none qualifying" if control is None else
+                        f"{control['label']} {control['homogeneity']:.3f}") + ")")
         lines.append(line + ".")
         rules.append(f"`{name}` {verdict.get('condition', '')}")
     if rules:
         rule = next(iter(verdicts.values()))["rule"]
         lines.append(f"**What \"found\" requires:** {rule}. " + "; ".join(f"({r})" for r in rules) + ".")
+    if any(verdict.get("beyond_controls") is not None for verdict in verdicts.values()):
+        lines.append("**Against the label-free controls:** a finding shows POLCA at work only when its homogeneity "
+                     "exceeds that of the best cluster (scored and qualifying the same way) of a control that needs "
+                     "no training dynamics: each sample's per-sample gradient at the first checkpoint after step 0, "
+                     "projected on the random basis and divided by its norm, clustered like the allocation profiles.")
     return lines
 
 
@@ -364,16 +377,13 @@ def _pvalue_text(score: dict) -> str:
     return MISSING if adjusted is None else f"{adjusted:.3g}{' ✓' if score.get('beats_null') else ''}"
 
 
-NULL_ROWS = ("polca", "first_order_polca", "random_basis", "shuffled_hessian", "covariance_basis", "polca_profile",
-             "random_profile", "covariance_profile", "exact_loss")
-
-
 def _nulls_section(view: RunView) -> list[str]:
     """Per label set: POLCA beside the random-basis null (same checkpoints, filters and clustering) and the exact
     loss, with the clusters that beat the permutation null and the hidden breakthroughs that beat theirs."""
     if view.metrics is None or not view.label_sets:
         return []
-    rows_of = [v for v in NULL_ROWS if v in view.variants]
+    rows_of = sorted((v.name for v in VARIANTS if v.in_nulls and v.name in view.variants),
+                     key=lambda name: name == "exact_loss")  # the strategies, then the exact loss
     header = ["Strategy", "Best homogeneity", "Directions' best: median (25–75%)", "Clusters beating the null",
               "Hidden breakthroughs beating theirs"]
     parts = ["## Against the nulls",

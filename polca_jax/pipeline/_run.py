@@ -14,7 +14,8 @@ from polca_jax._files import read_json, write_json_atomic
 from polca_jax.pipeline._config import apply_overrides, config_differences, make_config, parse_overrides
 from polca_jax.pipeline._host_settings import HOST_SETTINGS, host_setting_changes, second_order_unavailable
 from polca_jax.pipeline._rundir import RunDirectory
-from polca_jax.pipeline._stages import HOST_STAGES, STAGES, bases_of, run_stages
+from polca_jax.pipeline._registry import HOST_STAGES, STAGES, bases_of
+from polca_jax.pipeline._stages import run_stages
 from polca_jax.pipeline._task import TaskDefinition, canonical_reference, load_task_definition
 
 

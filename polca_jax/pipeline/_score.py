@@ -16,7 +16,8 @@ difference, Holm-corrected). A label set is found when ``VERDICT_RULE`` holds fo
     num_samples N
     filters     per basis with projected-loss trajectories: directions kept by the oscillation filter, dropped ones,
                 and per direction the samples relying on it
-    verdicts    per label set: found or not (``label_verdict``), the rule, and its best cluster
+    verdicts    per label set: found or not (``label_verdict``), the rule, its best cluster, and the best cluster of
+                the label-free controls with whether the finding beats it
     variants    per strategy: label, basis, trajectory, clusterings, clusters, hidden-breakthrough fraction,
                 breakthroughs, and per label set its class, maximum homogeneity, top clusters (Tables 1, 8, 10),
                 the spread of its directions' best homogeneity and how many clusters beat the permutation null;
@@ -35,7 +36,8 @@ from polca_jax._files import write_json_atomic
 from polca_jax.pipeline._config import check_breakthrough_window
 from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax.pipeline._rundir import RunDirectory, load_labels
-from polca_jax.pipeline._stages import NEAREST_SAMPLES, PER_SAMPLE_SIGNALS, variant_trajectories, variants_of
+from polca_jax.pipeline._registry import (NEAREST_SAMPLES, PER_SAMPLE_SIGNALS, VARIANTS, variant_trajectories,
+                                          variants_of)
 from polca_jax.pipeline._task import LabelSet
 
 TOP_CLUSTERS = 3
@@ -113,7 +115,10 @@ def label_verdict(name: str, label_set: LabelSet, variants: dict, config) -> dic
     ``FINDING_VARIANTS``; then the best such cluster (highest homogeneity, then lowest adjusted p-value, then
     highest recall), else the best cluster that is scored for the label set's class and qualifies, found or not
     (None without one). ``random_basis_found``: whether the random-basis strategy (when run) has a cluster meeting
-    the same rule, a warning that the finding may not need the Hessian basis."""
+    the same rule, a warning that the finding may not need the Hessian basis. ``control``: the best such cluster
+    of the label-free controls (group ``control``, when run); ``beyond_controls``: whether the finding's homogeneity
+    exceeds it (None when nothing was found or no control ran): a finding a control matches does not show POLCA at
+    work."""
 
     def candidates(variant_names):
         for variant in variant_names:
@@ -131,20 +136,29 @@ def label_verdict(name: str, label_set: LabelSet, variants: dict, config) -> dic
 
     found = sorted((c for c in candidates(FINDING_VARIANTS) if c[2]["beats_null"]), key=rank)
     best = found[0] if found else min(candidates(FINDING_VARIANTS), key=rank, default=None)
+    controls = [v.name for v in VARIANTS if v.group == "control" and v.name in variants]
+    control = min(candidates(controls), key=rank, default=None)
     verdict = {"found": bool(found), "condition": verdict_condition(label_set),
                "rule": VERDICT_RULE.format(permutations=config.null_permutations, significance=config.significance),
                "strategies": [v for v in FINDING_VARIANTS if v in variants],
                "random_basis_found": (None if "random_basis" not in variants else
                                       any(c[2]["beats_null"] for c in candidates(("random_basis",)))),
+               "control": None if control is None else _brief(control, variants),
+               "beyond_controls": (None if not found or not controls else
+                                   control is None or found[0][2]["homogeneity"] > control[2]["homogeneity"]),
                "best": None}
     if best is not None:
-        variant, record, score = best
-        verdict["best"] = {"strategy": variant, "label": variants[variant]["label"],
-                           "direction": record["direction"], "cluster": record["cluster"], "size": record["size"],
-                           "class": score["class"], "homogeneity": score["homogeneity"], "recall": score["recall"],
-                           "base_rate": score["base_rate"], "pvalue_adjusted": score["pvalue_adjusted"],
-                           "beats_null": score["beats_null"]}
+        verdict["best"] = _brief(best, variants)
     return verdict
+
+
+def _brief(candidate: tuple, variants: dict) -> dict:
+    """A verdict's record of one ``(strategy, cluster record, score)``."""
+    variant, record, score = candidate
+    return {"strategy": variant, "label": variants[variant]["label"], "direction": record["direction"],
+            "cluster": record["cluster"], "size": record["size"], "class": score["class"],
+            "homogeneity": score["homogeneity"], "recall": score["recall"], "base_rate": score["base_rate"],
+            "pvalue_adjusted": score["pvalue_adjusted"], "beats_null": score["beats_null"]}
 
 
 def threshold_step(configured: int | None, result: pj.POLCAResult) -> tuple[int, str]:

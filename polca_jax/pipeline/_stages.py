@@ -11,7 +11,7 @@ Run directory layout::
     checkpoints/           orbax: params (+ optimizer state) at every POLCA and basis step (absent when the run
                            reads an existing checkpoint directory, ``config.checkpoints``)
     metrics.jsonl          training log: loss, evaluation loss and the task's training metrics
-    basis/<name>/          Basis: hessian (Algorithm 1) [, shuffled_hessian, random, parameter_axes]
+    basis/<name>/          Basis: hessian (Algorithm 1) and the ablations' (any basis of _registry.BASES)
     basis/<name>.partial/  Algorithm 1's vectors so far, while its stage is unfinished (pj.hessian_basis partial_dir)
     polca/<name>/          POLCAResult per basis (memory-mapped .npy files; progress.json while partial)
     causal/<name>.npy      the causal check: per-sample loss increase [K, N] when a direction is removed
@@ -26,7 +26,6 @@ only the run directory.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -42,78 +41,19 @@ from polca_jax import analysis
 from polca_jax._checks import batch_size, check_same_structure
 from polca_jax._distributed import is_writer, sync as pj_sync
 from polca_jax._files import save_npy_atomic
-from polca_jax.pipeline._compile import measure_compilation
-from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax._fingerprints import params_digest
 from polca_jax.errors import PolcaError
+from polca_jax.pipeline._compile import measure_compilation
+from polca_jax.pipeline._host_settings import host_result, stage_settings
+from polca_jax.pipeline._registry import (HOST_STAGES, MAIN_BASIS, MESH_STAGES, RANDOM_BASIS, STAGE_LOSSES,
+                                          STAGE_OUTPUTS, STAGES, BasisInputs, bases_of, basis_kind,
+                                          variant_trajectories, variants_of)
+from polca_jax.pipeline._report import report_stage
 from polca_jax.pipeline._rundir import RunDirectory, loss_digests
+from polca_jax.pipeline._score import score_stage
 from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
 from polca_jax.pipeline._training import adamw_paper, train
 from polca_jax.pipeline._usercode import user_code_errors
-
-STAGES = ("train", "basis", "decompose", "causal", "cluster", "score", "report")
-HOST_STAGES = ("cluster", "score", "report")
-MESH_STAGES = ("basis", "decompose")  # the stages that run on a mesh, and across processes in a multi-process run
-STAGE_OUTPUTS = {
-    "train": ("checkpoints", "metrics.jsonl"),
-    "basis": ("basis",),
-    "decompose": ("polca",),
-    "causal": ("causal",),
-    "cluster": ("clusters",),
-    "score": ("metrics.json",),
-    "report": ("report",),
-}
-STAGE_LOSSES = {"train": ("loss",), "basis": ("loss",), "decompose": ("per_sample_loss",),
-                "causal": ("per_sample_loss",)}  # the task's loss functions each stage's results depend on
-MAIN_BASIS = "hessian"
-NEAREST_SAMPLES = 10  # samples nearest each cluster's medoid, kept for reports
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One clustering strategy: what it decomposes along and which trajectory it clusters.
-
-    group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``) or
-    ``"ablation"`` (another basis, config ``ablations``).
-    """
-
-    name: str
-    label: str
-    basis: str
-    trajectory: str
-    group: str
-
-
-VARIANTS = (
-    Variant("exact_loss", "Exact loss", MAIN_BASIS, "loss", "main"),
-    Variant("loss_change", "Change in exact loss", MAIN_BASIS, "loss_change", "baseline"),
-    Variant("fisher", "Fisher information", MAIN_BASIS, "fisher", "baseline"),
-    Variant("lca", "LCA (parameter axes)", "parameter_axes", "first_order", "ablation"),
-    Variant("first_order_polca", "First-order POLCA", MAIN_BASIS, "first_order", "baseline"),
-    Variant("polca", "POLCA", MAIN_BASIS, "projected_loss", "main"),
-    Variant("random_basis", "Random orthonormal basis", "random", "projected_loss", "ablation"),
-    Variant("shuffled_hessian", "Random shuffled Hessian", "shuffled_hessian", "projected_loss", "ablation"),
-    Variant("polca_profile", "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline"),
-    Variant("random_profile", "Random basis, allocation profiles", "random", "profile", "ablation"),
-    Variant("covariance_basis", "Scaled gradient covariance basis", "scaled_gradient_covariance", "projected_loss",
-            "ablation"),
-    Variant("covariance_profile", "Scaled gradient covariance, allocation profiles", "scaled_gradient_covariance",
-            "profile", "ablation"),
-)
-TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile")
-PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per sample, scored without qualifying rules
-
-
-def variants_of(config) -> tuple[Variant, ...]:
-    """The strategies a config runs."""
-    enabled = {"main": True, "baseline": config.baselines, "ablation": config.ablations}
-    return tuple(v for v in VARIANTS if enabled[v.group] and v.basis in bases_of(config))
-
-
-def bases_of(config) -> tuple[str, ...]:
-    """The bases a config builds and decomposes along: the Hessian basis and the ablations' ones."""
-    return (MAIN_BASIS, *config.ablation_base_names)
-
 
 # --- train ----------------------------------------------------------------------------------------------------------
 
@@ -198,6 +138,10 @@ def check_fits(config, task: Task) -> None:
     if "parameter_axes" in bases_of(config) and config.lca_axes > num_params:
         raise ValueError(f"lca_axes={config.lca_axes} exceeds the task's {num_params} parameters: "
                          f"--set lca_axes={num_params} or fewer")
+    for name in bases_of(config):
+        if basis_kind(name).size_for(config) > num_params:
+            raise PolcaError(f"the basis {name!r} would have {basis_kind(name).size_for(config)} directions but the "
+                             f"task's model has {num_params} parameters")
     if config.lanczos_iters + size > num_params:
         raise ValueError(f"lanczos_iters={config.lanczos_iters} plus the {size} basis directions exceed the task's "
                          f"{num_params} parameters: lower lanczos_iters")
@@ -246,45 +190,39 @@ class CheckedCheckpoints(Sequence):
 
 
 def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dict:
-    """Each basis to ``basis/<name>/``; one already on disk (an interrupted stage) is kept. ``hessian`` is
-    Algorithm 1 on the Hessian sample at every basis step; ``shuffled_hessian`` the same with the checkpoints in
-    random order; ``random`` as many random orthonormal vectors; ``parameter_axes`` the ``lca_axes``
-    largest-magnitude parameters at the end of training (LCA); ``scaled_gradient_covariance`` Algorithm 1 on the
-    covariance of the Hessian sample's per-sample gradients, each parameter scaled by 1/RMS of its gradient."""
+    """Each basis of the config (``bases_of``; the registry's :class:`BasisKind` builds it) to ``basis/<name>/``;
+    one already on disk (an interrupted stage) is kept, and one whose builder keeps its work so far in
+    ``basis/<name>.partial/`` (Algorithm 1 and its variants, per checkpoint) resumes there."""
     config = run.config
-    names = bases_of(config)
     key = jax.random.key(config.seed)
-    options = dict(k_per_checkpoint=config.k_per_checkpoint, num_iters=config.lanczos_iters, progress=progress,
-                   mesh=mesh)
-    size = len(config.basis_steps) * config.k_per_checkpoint
-
-    def partial(name: str) -> Path:  # Algorithm 1's vectors so far: a killed stage resumes at its next checkpoint
-        return run / "basis" / f"{name}.partial"
 
     def final_params():
         with checkpoint_store(run, task, [config.num_steps], mesh) as final:
             return final[0]
 
     with checkpoint_store(run, task, config.basis_steps, mesh) as store:
-        makers = {
-            "hessian": lambda: pj.hessian_basis(task.loss, store, task.hessian_batch, key=key,
-                                                partial_dir=partial("hessian"), **options),
-            "shuffled_hessian": lambda: pj.shuffled_hessian_basis(
-                task.loss, store, task.hessian_batch, key=jax.random.fold_in(key, 1),
-                partial_dir=partial("shuffled_hessian"), **options),
-            "random": lambda: pj.random_basis(task.init_params, size, jax.random.fold_in(key, 2)),
-            "parameter_axes": lambda: pj.parameter_axis_basis(final_params(), config.lca_axes, step=config.num_steps),
-            "scaled_gradient_covariance": lambda: pj.gradient_covariance_basis(
-                task.per_sample_loss, store, task.hessian_batch, key=jax.random.fold_in(key, 3),
-                partial_dir=partial("scaled_gradient_covariance"), **options),
-        }
-        for name in _unfinished(names, lambda name: run / "basis" / name / "basis.json"):
-            basis = makers[name]()
+        for name in _unfinished(bases_of(config), lambda name: run / "basis" / name / "basis.json"):
+            partial = run / "basis" / f"{name}.partial"
+            basis = basis_kind(name).build(BasisInputs(config, task, store, key, partial, mesh, progress,
+                                                       final_params))
+            _check_built_basis(name, basis, task, basis_kind(name).size_for(config))
             _record_losses(run, "basis")  # the bases saved depend on the loss
             basis.save(run / "basis" / name)
             if is_writer():
-                shutil.rmtree(partial(name), ignore_errors=True)
-    return {"bases": list(names)}
+                shutil.rmtree(partial, ignore_errors=True)
+    return {"bases": list(bases_of(config))}
+
+
+def _check_built_basis(name: str, basis, task: Task, size: int) -> None:
+    """Raise ``PolcaError`` when a builder returned something other than an orthonormal basis of ``size``
+    directions in the task's parameter space (a registered basis of one's own may)."""
+    if not isinstance(basis, pj.Basis):
+        raise PolcaError(f"the builder of the basis {name!r} returned a {type(basis).__name__}, not a "
+                         "polca_jax.Basis (polca_jax.basis_from_matrix makes one from [K, P] rows)")
+    if basis.dim != tree.num_params(task.init_params) or basis.size != size:
+        raise PolcaError(f"the builder of the basis {name!r} returned {basis.size} directions of width {basis.dim}; "
+                         f"the config expects {size} of the model's width {tree.num_params(task.init_params)} "
+                         "(BasisKind.size gives the count)")
 
 
 def decompose_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dict:
@@ -326,7 +264,7 @@ def _projection_method(run: RunDirectory, task: Task) -> str:
 
 def causal_bases(config) -> tuple[str, ...]:
     """The bases the causal check runs on: the Hessian basis, and the random one (when built) as its null."""
-    return tuple(name for name in (MAIN_BASIS, "random") if name in bases_of(config))
+    return tuple(name for name in (MAIN_BASIS, RANDOM_BASIS) if name in bases_of(config))
 
 
 def causal_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
@@ -347,27 +285,6 @@ def causal_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
 
 
 # --- cluster --------------------------------------------------------------------------------------------------------
-
-
-def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """The trajectories a strategy clusters, ``[T, N, K]`` or ``[T, N]``, and their steps ``[T]``.
-
-    kind: ``loss`` (exact loss), ``loss_change`` (its change per interval), ``fisher`` (⟨b, ∇L(x)⟩²),
-    ``first_order`` (cumulative first-order POLCA), ``projected_loss`` (POLCA, Eq. 8) or ``profile`` (clustered on
-    the allocation profiles of the projected loss, see :func:`cluster_profiles`; its clusters' breakthroughs and
-    medoids are read on the exact loss).
-    """
-    if kind in ("loss", "profile"):
-        return np.asarray(result.loss), result.steps
-    if kind == "loss_change":
-        return result.loss_change, result.steps[1:]
-    if kind == "fisher":
-        return np.asarray(result.projections) ** 2, result.steps
-    if kind == "first_order":
-        return result.projected_loss_with("none"), result.steps
-    if kind == "projected_loss":
-        return result.projected_loss, result.steps
-    raise ValueError(f"unknown trajectory kind {kind!r}; choose from {TRAJECTORY_KINDS}")
 
 
 def cluster_options(config) -> dict:
@@ -394,12 +311,26 @@ def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Cluste
     size), with ``config.profile_clusterer`` (``analysis.strategy_clusterings``). An alternative to the paper's
     per-direction step: on the planted benchmark it recovers mechanisms the paper's step misses
     (experiments/planted/results.md)."""
-    size, _ = analysis.hdbscan_params(
-        projected_loss.shape[1], min_cluster_size=config.min_cluster_size,
-        min_samples_divisor=config.min_samples_divisor, reference_num_samples=config.reference_num_samples)
     return analysis.strategy_clusterings(projected_loss, "profile", clusterer=config.profile_clusterer,
-                                         min_cluster_size=size, min_samples_divisor=config.min_samples_divisor,
-                                         seed=config.seed)
+                                         min_cluster_size=_scaled_min_cluster_size(projected_loss.shape[1], config),
+                                         min_samples_divisor=config.min_samples_divisor, seed=config.seed)
+
+
+def cluster_gradient_sketch(projections: np.ndarray, config) -> list[analysis.Clustering]:
+    """The label-free control: one clustering, with ``config.profile_clusterer`` as the profiles, of every sample's
+    projected gradient ``[T, N, K]`` at the first checkpoint after step 0, on K random directions, divided by its
+    norm (:func:`polca_jax.analysis.gradient_sketch`). It needs no training dynamics: a finding that does no better
+    than its clusters does not show POLCA at work."""
+    return [analysis.cluster_features(analysis.gradient_sketch(projections), method=config.profile_clusterer,
+                                      min_cluster_size=_scaled_min_cluster_size(projections.shape[1], config),
+                                      min_samples_divisor=config.min_samples_divisor, seed=config.seed)]
+
+
+def _scaled_min_cluster_size(num_samples: int, config) -> int:
+    """The config's ``min_cluster_size`` scaled to ``num_samples`` as the paper's HDBSCAN step scales it."""
+    return analysis.hdbscan_params(num_samples, min_cluster_size=config.min_cluster_size,
+                                   min_samples_divisor=config.min_samples_divisor,
+                                   reference_num_samples=config.reference_num_samples)[0]
 
 
 def cluster_stage(run: RunDirectory, progress: bool) -> dict:
@@ -415,6 +346,8 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
         result = results[variant.basis]
         if variant.trajectory == "profile":
             clusterings = cluster_profiles(result.projected_loss, run.config)
+        elif variant.trajectory == "gradient_sketch":
+            clusterings = cluster_gradient_sketch(np.asarray(result.projections), run.config)
         else:
             trajectories, _ = variant_trajectories(result, variant.trajectory)
             clusterings = cluster_variant(trajectories, variant.trajectory, options)
@@ -443,9 +376,6 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
     removes its outputs and those of every later stage. The task is built once, by the first stage that needs it,
     and its data must match the fingerprint the run was started with. Each stage's info and wall time go to ``stages/<stage>.json``.
     """
-    from polca_jax.pipeline._score import score_stage
-    from polca_jax.pipeline._report import report_stage
-
     bodies = {
         "train": train_stage, "causal": causal_stage,
         "basis": lambda run, task, progress: basis_stage(run, task, progress, mesh),

@@ -28,6 +28,7 @@ from polca_jax.pipeline.tasks.english import _labels as labels
 from polca_jax.pipeline.tasks.english import _text as text
 from polca_jax.pipeline.tasks.english import _tokenizer as tokenizer
 from polca_jax.pipeline.tasks.english._paper import PAPER_EVAL_TOKENS, paper_report_sections
+from polca_jax.pipeline.tasks.english._text import target_positions
 
 PAPER_SETTINGS = dict(polca_every=200, basis_every=750, window_steps=600, threshold_step=2000, min_cluster_size=300,
                       reference_num_samples=PAPER_EVAL_TOKENS, baselines=False, ablations=False)
@@ -174,13 +175,6 @@ def training_batches(contexts: np.ndarray, batch_size: int, seed: int) -> Callab
         return {"tokens": contexts[rows]}
 
     return batch
-
-
-def target_positions(num_contexts: int, context_length: int) -> np.ndarray:
-    """int[N, 2]: (context, column of the target token in the ``[n, L + 1]`` token arrays) of each sample, for
-    contexts from which the model reads ``context_length = L`` tokens."""
-    samples = np.arange(num_contexts * context_length)
-    return np.stack([samples // context_length, samples % context_length + 1], axis=1)
 
 
 def token_kind(context_texts, position: int) -> str:

@@ -14,6 +14,8 @@ import json
 import numpy as np
 
 from polca_jax.pipeline._reporting import MISSING, markdown_table, number
+from polca_jax.pipeline.tasks.english import _labels as labels
+from polca_jax.pipeline.tasks.english._text import target_positions
 
 PAPER_EVAL_TOKENS = 12_600  # the paper's evaluation set; min_cluster_size 300 was chosen for it
 PAPER_ENGLISH_RESULTS = {
@@ -64,9 +66,6 @@ def paper_report_sections(view) -> list[str]:
 def cluster_labels(view) -> dict | None:
     """Every POLCA and exact-loss cluster's automatic label and top target tokens; None when the run lacks its
     evaluation tokens or clusters."""
-    from polca_jax.pipeline.tasks.english import _labels as labels
-    from polca_jax.pipeline.tasks.english import target_positions
-
     tokens_file = view.directory / "tokens.npz"
     if not tokens_file.is_file() or not {"polca", "exact_loss"} & set(view.clusterings):
         return None

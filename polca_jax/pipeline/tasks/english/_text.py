@@ -170,3 +170,9 @@ def _nonempty(texts) -> Iterator[str]:
         if text:
             yield text
 
+
+def target_positions(num_contexts: int, context_length: int) -> np.ndarray:
+    """int[N, 2]: (context, column of the target token in the ``[n, L + 1]`` token arrays) of each sample, for
+    contexts from which the model reads ``context_length = L`` tokens."""
+    samples = np.arange(num_contexts * context_length)
+    return np.stack([samples // context_length, samples % context_length + 1], axis=1)

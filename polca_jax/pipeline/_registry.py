@@ -1,0 +1,262 @@
+"""What the pipeline is made of, in one place that the stages, the plan and the report all read: its stages, the
+bases it can decompose along, and the clustering strategies it scores.
+
+A basis is a :class:`BasisKind` (how to build it from the run's checkpoints, where its second-order term comes from,
+what it costs); a strategy is a :class:`Variant` (which basis, which trajectory). :func:`register_basis` adds a
+basis of a user's own with its strategies; a config then names it in ``ablation_bases`` and it is built, decomposed,
+clustered, scored against the nulls, reported and planned like the built-in ones (``examples/training_step_basis.py``
+shows one in a single file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+import polca_jax as pj
+from polca_jax.errors import PolcaError
+
+STAGES = ("train", "basis", "decompose", "causal", "cluster", "score", "report")
+HOST_STAGES = ("cluster", "score", "report")
+MESH_STAGES = ("basis", "decompose")  # the stages that run on a mesh, and across processes in a multi-process run
+STAGE_OUTPUTS = {
+    "train": ("checkpoints", "metrics.jsonl"),
+    "basis": ("basis",),
+    "decompose": ("polca",),
+    "causal": ("causal",),
+    "cluster": ("clusters",),
+    "score": ("metrics.json",),
+    "report": ("report",),
+}
+STAGE_LOSSES = {"train": ("loss",), "basis": ("loss",), "decompose": ("per_sample_loss",),
+                "causal": ("per_sample_loss",)}  # the task's loss functions each stage's results depend on
+MAIN_BASIS = "hessian"
+RANDOM_BASIS = "random"  # the null every strategy along the Hessian basis stands beside, and the causal check's
+NEAREST_SAMPLES = 10  # samples nearest each cluster's medoid, kept for reports
+CURVATURES = ("stored", "current", "none")
+
+
+# --- bases ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BasisInputs:
+    """What a basis builder may use.
+
+    checkpoints: the run's parameters at ``config.basis_steps`` (each read checked against the run's digest);
+    key: the run's key (``jax.random.key(config.seed)``): fold in a constant of the basis' own;
+    partial_dir: a directory where a builder may keep its work so far, so that a killed stage resumes (removed once
+    the basis is saved); final_params: a function that restores the parameters at the last step.
+    """
+
+    config: Any  # RunConfig
+    task: Any  # Task
+    checkpoints: Sequence
+    key: jax.Array
+    partial_dir: Path
+    mesh: Any
+    progress: bool
+    final_params: Callable[[], Any]
+
+    @property
+    def size(self) -> int:
+        """Algorithm 1's basis size: basis checkpoints × ``k_per_checkpoint``."""
+        return len(self.config.basis_steps) * self.config.k_per_checkpoint
+
+    def algorithm1_options(self) -> dict:
+        """The keyword arguments Algorithm 1 and its variants take from the config."""
+        return dict(k_per_checkpoint=self.config.k_per_checkpoint, num_iters=self.config.lanczos_iters,
+                    progress=self.progress, mesh=self.mesh, partial_dir=self.partial_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class BasisKind:
+    """A basis the pipeline can build, decompose along and report.
+
+    build: ``BasisInputs -> Basis``. curvature: where the paper's second-order term along it comes from —
+    ``"stored"`` (its eigenvalues, as Algorithm 1 stores them), ``"current"`` (the per-sample curvature at each
+    checkpoint) or ``"none"`` (first order only, as LCA). lanczos: one Lanczos run of ``lanczos_iters`` products per
+    basis checkpoint (what ``polca plan`` times for it); otherwise building it is taken as free. size: its number of
+    directions for a config (default: basis checkpoints × ``k_per_checkpoint``).
+    """
+
+    name: str
+    label: str
+    build: Callable[[BasisInputs], pj.Basis]
+    curvature: str = "current"
+    lanczos: bool = False
+    size: Callable[[Any], int] | None = None
+
+    def __post_init__(self):
+        if self.curvature not in CURVATURES:
+            raise PolcaError(f"basis {self.name!r}: curvature must be one of {CURVATURES}, got {self.curvature!r}")
+
+    def size_for(self, config) -> int:
+        """Its number of directions under ``config``."""
+        return self.size(config) if self.size is not None else len(config.basis_steps) * config.k_per_checkpoint
+
+    def second_order(self, rule: str) -> pj.SecondOrder:
+        """The decomposition's second-order rule along it, for the config's ``second_order`` ``rule``."""
+        return pj.SecondOrder("none") if self.curvature == "none" else pj.SecondOrder(rule, self.curvature)
+
+
+def _hessian(inputs: BasisInputs) -> pj.Basis:
+    return pj.hessian_basis(inputs.task.loss, inputs.checkpoints, inputs.task.hessian_batch, key=inputs.key,
+                            **inputs.algorithm1_options())
+
+
+def _shuffled_hessian(inputs: BasisInputs) -> pj.Basis:
+    return pj.shuffled_hessian_basis(inputs.task.loss, inputs.checkpoints, inputs.task.hessian_batch,
+                                     key=jax.random.fold_in(inputs.key, 1), **inputs.algorithm1_options())
+
+
+def _random(inputs: BasisInputs) -> pj.Basis:
+    return pj.random_basis(inputs.task.init_params, inputs.size, jax.random.fold_in(inputs.key, 2))
+
+
+def _parameter_axes(inputs: BasisInputs) -> pj.Basis:
+    return pj.parameter_axis_basis(inputs.final_params(), inputs.config.lca_axes, step=inputs.config.num_steps)
+
+
+def _scaled_gradient_covariance(inputs: BasisInputs) -> pj.Basis:
+    return pj.gradient_covariance_basis(inputs.task.per_sample_loss, inputs.checkpoints, inputs.task.hessian_batch,
+                                        key=jax.random.fold_in(inputs.key, 3), **inputs.algorithm1_options())
+
+
+BASES: dict[str, BasisKind] = {kind.name: kind for kind in (
+    BasisKind(MAIN_BASIS, "Hessian (Algorithm 1)", _hessian, curvature="stored", lanczos=True),
+    BasisKind("shuffled_hessian", "Algorithm 1, checkpoints shuffled", _shuffled_hessian, curvature="stored",
+              lanczos=True),
+    BasisKind(RANDOM_BASIS, "Random orthonormal", _random),
+    BasisKind("parameter_axes", "Largest parameters (LCA)", _parameter_axes, curvature="none",
+              size=lambda config: config.lca_axes),
+    BasisKind("scaled_gradient_covariance", "Scaled per-sample gradient covariance", _scaled_gradient_covariance,
+              lanczos=True),  # a covariance product costs about an HVP
+)}
+BUILTIN_BASES = tuple(BASES)
+
+
+def basis_kind(name: str) -> BasisKind:
+    """The registered basis ``name``; ``PolcaError`` naming the registered ones otherwise."""
+    if name not in BASES:
+        raise PolcaError(f"no basis named {name!r} is registered (registered: {', '.join(BASES)}); a basis of your "
+                         "own is registered by the file that defines it (polca_jax.pipeline.register_basis): name "
+                         "that file's task (path/to/file.py:factory) so that it is imported")
+    return BASES[name]
+
+
+def ablation_basis_names() -> tuple[str, ...]:
+    """Every registered basis but the Hessian one: what ``ablation_bases`` may name."""
+    return tuple(name for name in BASES if name != MAIN_BASIS)
+
+
+# --- strategies -----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One clustering strategy: what it decomposes along and which trajectory it clusters.
+
+    group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``), ``"ablation"``
+    (another basis, config ``ablations``) or ``"control"`` (a label-free feature that needs no POLCA, which a finding
+    must beat; config ``ablations``, on the random basis' arrays). trajectory: one of ``TRAJECTORY_KINDS``.
+    in_nulls: a row of the report's table against the nulls.
+    """
+
+    name: str
+    label: str
+    basis: str
+    trajectory: str
+    group: str
+    in_nulls: bool = True
+
+    def __post_init__(self):
+        if self.trajectory not in TRAJECTORY_KINDS:
+            raise PolcaError(f"strategy {self.name!r}: trajectory must be one of {TRAJECTORY_KINDS}, got "
+                             f"{self.trajectory!r}")
+        if self.group not in GROUPS:
+            raise PolcaError(f"strategy {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
+
+
+TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile", "gradient_sketch")
+PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per sample, scored without qualifying rules
+GROUPS = ("main", "baseline", "ablation", "control")
+
+VARIANTS: list[Variant] = [
+    Variant("exact_loss", "Exact loss", MAIN_BASIS, "loss", "main"),
+    Variant("loss_change", "Change in exact loss", MAIN_BASIS, "loss_change", "baseline", in_nulls=False),
+    Variant("fisher", "Fisher information", MAIN_BASIS, "fisher", "baseline", in_nulls=False),
+    Variant("lca", "LCA (parameter axes)", "parameter_axes", "first_order", "ablation", in_nulls=False),
+    Variant("first_order_polca", "First-order POLCA", MAIN_BASIS, "first_order", "baseline"),
+    Variant("polca", "POLCA", MAIN_BASIS, "projected_loss", "main"),
+    Variant("random_basis", "Random orthonormal basis", RANDOM_BASIS, "projected_loss", "ablation"),
+    Variant("shuffled_hessian", "Random shuffled Hessian", "shuffled_hessian", "projected_loss", "ablation"),
+    Variant("polca_profile", "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline"),
+    Variant("random_profile", "Random basis, allocation profiles", RANDOM_BASIS, "profile", "ablation"),
+    Variant("covariance_basis", "Scaled gradient covariance basis", "scaled_gradient_covariance", "projected_loss",
+            "ablation"),
+    Variant("covariance_profile", "Scaled gradient covariance, allocation profiles", "scaled_gradient_covariance",
+            "profile", "ablation"),
+    Variant("gradient_sketch", "Control: gradient sketch at one checkpoint", RANDOM_BASIS, "gradient_sketch",
+            "control"),
+]  # the report's order
+BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
+
+
+def register_basis(kind: BasisKind, *strategies: Variant) -> None:
+    """Add a basis of one's own, and the strategies that cluster along it (each ``Variant(..., basis=kind.name,
+    group="ablation")``), so that a config may name it in ``ablation_bases``.
+
+    Call it at import of the file that defines the task (the CLI imports that file before it reads a config).
+    Registering a name again replaces the earlier registration (a file imported twice); a built-in name, or a
+    strategy along another basis, raises ``PolcaError``.
+    """
+    if kind.name in BUILTIN_BASES:
+        raise PolcaError(f"{kind.name!r} is a built-in basis; choose another name for yours")
+    for strategy in strategies:
+        if strategy.basis != kind.name or strategy.group != "ablation":
+            raise PolcaError(f"strategy {strategy.name!r} must cluster along the basis it is registered with "
+                             f"({kind.name!r}) in the group 'ablation', got basis {strategy.basis!r}, group "
+                             f"{strategy.group!r}")
+        if strategy.name in BUILTIN_VARIANTS:
+            raise PolcaError(f"{strategy.name!r} is a built-in strategy; choose another name for yours")
+    VARIANTS[:] = [v for v in VARIANTS if v.basis != kind.name and v.name not in {s.name for s in strategies}]
+    VARIANTS.extend(strategies)
+    BASES[kind.name] = kind
+
+
+def bases_of(config) -> tuple[str, ...]:
+    """The bases a config builds and decomposes along: the Hessian basis and the ablations' ones."""
+    return (MAIN_BASIS, *config.ablation_base_names)
+
+
+def variants_of(config) -> tuple[Variant, ...]:
+    """The strategies a config runs."""
+    enabled = {"main": True, "baseline": config.baselines, "ablation": config.ablations, "control": config.ablations}
+    return tuple(v for v in VARIANTS if enabled[v.group] and v.basis in bases_of(config))
+
+
+def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The trajectories a strategy clusters, ``[T, N, K]`` or ``[T, N]``, and their steps ``[T]``.
+
+    kind: ``loss`` (exact loss), ``loss_change`` (its change per interval), ``fisher`` (⟨b, ∇L(x)⟩²),
+    ``first_order`` (cumulative first-order POLCA), ``projected_loss`` (POLCA, Eq. 8), ``profile`` (clustered on
+    the allocation profiles of the projected loss) or ``gradient_sketch`` (clustered on the projected gradients at
+    one checkpoint, :func:`polca_jax.analysis.gradient_sketch`); the clusters of the last two have their
+    breakthroughs and medoids read on the exact loss.
+    """
+    if kind in ("loss", "profile", "gradient_sketch"):
+        return np.asarray(result.loss), result.steps
+    if kind == "loss_change":
+        return result.loss_change, result.steps[1:]
+    if kind == "fisher":
+        return np.asarray(result.projections) ** 2, result.steps
+    if kind == "first_order":
+        return result.projected_loss_with("none"), result.steps
+    if kind == "projected_loss":
+        return result.projected_loss, result.steps
+    raise ValueError(f"unknown trajectory kind {kind!r}; choose from {TRAJECTORY_KINDS}")
