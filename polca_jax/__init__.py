@@ -24,7 +24,9 @@ from polca_jax._result import POLCAResult
 from polca_jax._second_order import SecondOrder
 from polca_jax._projections import (
     choose_method,
+    gradient_blocks,
     per_sample_curvature,
+    per_sample_gradient_norms,
     per_sample_losses,
     per_sample_projections,
     per_sample_projections_and_curvature,
@@ -52,6 +54,7 @@ __all__ = [
     "data_mesh",
     "device_mesh",
     "direction_ablation_losses",
+    "gradient_blocks",
     "gradient_covariance_basis",
     "hessian_basis",
     "hvp",
@@ -60,6 +63,7 @@ __all__ = [
     "parameter_axis_basis",
     "per_device_bytes",
     "per_sample_curvature",
+    "per_sample_gradient_norms",
     "per_sample_losses",
     "per_sample_projections",
     "per_sample_projections_and_curvature",

@@ -196,6 +196,40 @@ def per_sample_losses(
     return _select_samples(losses, mask)[:, 0]
 
 
+def gradient_blocks(params: PyTree) -> list[str]:
+    """The blocks of :func:`per_sample_gradient_norms`, in its column order: every row (first axis) of each leaf of
+    two or more dimensions, and each other leaf whole, as ``"<leaf path>[<row>]"`` or ``"<leaf path>"``."""
+    names = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        names += [f"{name}[{row}]" for row in range(leaf.shape[0])] if np.ndim(leaf) >= 2 else [name]
+    return names
+
+
+def per_sample_gradient_norms(
+    per_sample_loss_fn: PerSampleLossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    mask: np.ndarray | None = None,
+    chunk_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> jax.Array:
+    """‖∇L(x)‖ restricted to each parameter block, for every sample: ``[N, B]`` (blocks: :func:`gradient_blocks`).
+
+    Where a sample's gradient lies among the parameters, with no basis and no training dynamics: a label-free
+    control that a POLCA finding should beat (samples that use different parameters separate here already). Samples
+    and chunking as :func:`per_sample_projections` in reverse mode; never an ``[N, P]`` array.
+    """
+    what = "per_sample_gradient_norms"
+    n_seq = _check_inputs(what, params, batch, mesh)
+    samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
+    params = shard_params(params, mesh)
+    chunk_size = _default_chunk("reverse", samples) if chunk_size is None else chunk_size
+    norms, _ = _run_chunked("block_norms", per_sample_loss_fn, params, batch, None, chunk_size, 1, 1, mesh)
+    return _select_samples(norms, mask)
+
+
 # --- chunk kernels: (groups, loss_fn, params, directions [K, ...] leaves, chunk) -> tuple of [c, s, K] -------------
 # Every kernel ends its tuple with the chunk's losses [c, s, 1]: the projection pass computes them anyway.
 
@@ -204,8 +238,9 @@ def _loss_chunk(groups, loss_fn, params, directions, chunk):
     return (_as_matrix(loss_fn(params, chunk))[..., None],)
 
 
-def _reverse_chunk(groups, loss_fn, params, directions, chunk):
-    """Per-sample gradients as ``vmap(grad)`` over (sequence, sample) pairs: each sequence repeated once per sample.
+def _per_sample_gradients(loss_fn, params, chunk) -> tuple[jax.Array, PyTree, int, int]:
+    """``(losses [c·s], gradients (params-shaped, [c·s, ...] leaves), c, s)`` of a chunk of c sequences of s samples,
+    as ``vmap(grad)`` over (sequence, sample) pairs: each sequence repeated once per sample.
 
     On XLA CPU this is 23–35% faster than ``vmap(jacrev)`` over sequences (benchmarks/README.md), though it repeats the
     forward pass per sample; for many samples per sequence ``"auto"`` picks forward mode instead.
@@ -221,6 +256,20 @@ def _reverse_chunk(groups, loss_fn, params, directions, chunk):
     losses, grads = jax.vmap(jax.value_and_grad(sample_loss), in_axes=(None, 0, 0))(
         params, examples, jnp.tile(jnp.arange(s), c)
     )
+    return losses, grads, c, s
+
+
+def _block_norm_chunk(groups, loss_fn, params, directions, chunk):
+    """Each sample's gradient norm over every block of :func:`gradient_blocks`: ``[c, s, B]``."""
+    losses, grads, c, s = _per_sample_gradients(loss_fn, params, chunk)
+    norms = [jnp.sqrt(jnp.sum(g.reshape(c * s, g.shape[1] if g.ndim > 2 else 1, -1) ** 2, axis=-1))
+             for g in jax.tree_util.tree_leaves(grads)]
+    return jnp.concatenate(norms, axis=1).reshape(c, s, -1), losses.reshape(c, s, 1)
+
+
+def _reverse_chunk(groups, loss_fn, params, directions, chunk):
+    """Per-sample gradients (:func:`_per_sample_gradients`), each leaf contracted with its slice of the basis."""
+    losses, grads, c, s = _per_sample_gradients(loss_fn, params, chunk)
     model_shards = _auto_model_shards()
     if model_shards == 1:  # one device, or a mesh without a split "model" axis: the flattened product
         total = sum(
@@ -318,6 +367,7 @@ def _as_matrix(losses: jax.Array) -> jax.Array:
 
 _CHUNK_KERNELS = {
     "loss": _loss_chunk,
+    "block_norms": _block_norm_chunk,
     "reverse": _reverse_chunk,
     "forward": _forward_chunk,
     "curvature": _curvature_chunk,

@@ -330,15 +330,17 @@ def test_clusterings_save_load_round_trip(tmp_path):
         load_clusterings(tmp_path / "missing.npz")
 
 
-def test_the_gradient_sketch_is_each_sample_s_projected_gradient_at_one_checkpoint_as_a_direction():
-    from polca_jax.analysis import gradient_sketch
+def test_gradient_norm_features_are_shares_of_each_sample_s_gradient_reduced_by_pca():
+    from polca_jax.analysis import gradient_norm_features
 
-    projections = np.random.default_rng(0).normal(size=(4, 6, 3))
-    projections[1, 2] = 0.0  # a sample with no gradient keeps a zero row
-    sketch = gradient_sketch(projections)
-    expected = projections[1] / np.linalg.norm(projections[1], axis=1, keepdims=True).clip(min=1e-300)
-    np.testing.assert_allclose(sketch[[0, 1, 3, 4, 5]], expected[[0, 1, 3, 4, 5]])
-    assert np.all(sketch[2] == 0.0)
-    np.testing.assert_allclose(gradient_sketch(3.0 * projections, checkpoint=3), gradient_sketch(projections, 3))
-    with pytest.raises(ValueError, match="checkpoint must index one of the 4 checkpoints"):
-        gradient_sketch(projections, checkpoint=4)
+    rng = np.random.default_rng(0)
+    norms = np.abs(rng.normal(size=(30, 6)))
+    norms[3] = 0.0  # a sample with no gradient keeps a zero share
+    features = gradient_norm_features(norms, max_components=4)
+    assert features.shape == (30, 4)
+    np.testing.assert_allclose(gradient_norm_features(7.0 * norms, max_components=4), features, atol=1e-12)
+    shares = norms / np.where(norms.sum(1, keepdims=True) > 0, norms.sum(1, keepdims=True), 1.0)
+    full = gradient_norm_features(norms, max_components=6)  # all components: the centred shares, rotated
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), np.linalg.norm(shares - shares.mean(0), axis=1))
+    with pytest.raises(ValueError, match="norms must be >= 0"):
+        gradient_norm_features(-norms)

@@ -315,6 +315,21 @@ def test_per_sample_projections_with_a_mask_keep_the_masked_tokens(transformer):
     np.testing.assert_allclose(losses, transformer.token_losses(transformer.params, transformer.batch)[mask])
 
 
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_per_sample_gradient_norms_match_a_loop_of_grad_block_by_block(problem, level):
+    losses_fn = problem.sequence_losses if level == "sequence" else problem.token_losses
+    expected = []
+    for i in range(jax.tree_util.tree_leaves(problem.batch)[0].shape[0]):
+        for j in range(losses_fn(problem.params, problem.single(i)).size):
+            gradient = jax.grad(lambda p: losses_fn(p, problem.single(i)).reshape(-1)[j])(problem.params)
+            expected.append(np.concatenate([
+                np.linalg.norm(np.asarray(leaf).reshape(leaf.shape[0], -1), axis=1) if np.ndim(leaf) >= 2 else
+                [np.linalg.norm(np.asarray(leaf))] for leaf in jax.tree_util.tree_leaves(gradient)]))
+    got = pj.per_sample_gradient_norms(losses_fn, problem.params, problem.batch, chunk_size=2)
+    assert got.shape == (len(expected), len(pj.gradient_blocks(problem.params)))
+    np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-9, atol=1e-12)
+
+
 def test_auto_picks_forward_for_many_tokens_and_reverse_for_many_directions():
     assert pj.choose_method(samples_per_sequence=128, num_directions=32) == "forward"
     assert pj.choose_method(samples_per_sequence=1, num_directions=32) == "reverse"

@@ -221,13 +221,14 @@ def test_a_killed_decompose_stage_resumes_at_its_last_finished_checkpoint(user_t
     assert json.loads((result / "progress.json").read_text())["complete"] == 3
     assert not (result / "manifest.json").exists() and not (out / "stages" / "decompose.json").exists()
     interrupt_at.clear()
-    assert decompose() == [2, 3, 4]  # the last finished of the 5 POLCA checkpoints, then the unfinished ones
+    # the last finished of the 5 POLCA checkpoints, then the unfinished ones; then the control's one checkpoint
+    assert decompose() == [2, 3, 4, 0]
     resumed = {name: np.array(getattr(pj.POLCAResult.load(result), name)) for name in ("loss", "projected_loss")}
     interrupt_at.append(3)
     with pytest.raises(KeyboardInterrupt, match="killed"):
         decompose(force=True)
     interrupt_at.clear()
-    assert decompose(force=True) == [0, 1, 2, 3, 4]  # --force removed the partial result: from the start
+    assert decompose(force=True) == [0, 1, 2, 3, 4, 0]  # --force removed the partial result: from the start
     assert not (result / "progress.json").exists()
     for name, array in resumed.items():
         np.testing.assert_array_equal(getattr(pj.POLCAResult.load(result), name), array)

@@ -285,12 +285,12 @@ def test_a_finding_that_a_label_free_control_matches_is_marked_so():
     config = RunConfig(task="t", preset=None, task_options={})
     label_set = LabelSet(np.array([0, 1] * 40), positive=1)
     for control, beyond in ((0.95, True), (0.97, False), (0.99, False)):
-        variants = {"polca": strategy("POLCA", 0.97), "gradient_sketch": strategy("Control", control, False)}
+        variants = {"polca": strategy("POLCA", 0.97), "gradient_norms": strategy("Control", control, False)}
         verdict = label_verdict("group", label_set, variants, config)
         assert verdict["found"] and verdict["beyond_controls"] is beyond, control
-        assert verdict["control"]["homogeneity"] == control and verdict["control"]["strategy"] == "gradient_sketch"
+        assert verdict["control"]["homogeneity"] == control and verdict["control"]["strategy"] == "gradient_norms"
     without_control = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97)}, config)
     assert without_control["beyond_controls"] is None and without_control["control"] is None
     not_found = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97, False),
-                                                   "gradient_sketch": strategy("Control", 0.5)}, config)
+                                                   "gradient_norms": strategy("Control", 0.5)}, config)
     assert not not_found["found"] and not_found["beyond_controls"] is None

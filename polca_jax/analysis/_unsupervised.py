@@ -80,16 +80,19 @@ def allocation_profiles(projected_loss, *, directions=None) -> np.ndarray:
     return _unit_rows(final)
 
 
-def gradient_sketch(projections, checkpoint: int = 1) -> np.ndarray:
-    """A label-free control that needs no POLCA: projections float[T, N, K] of per-sample gradients on K random
-    orthonormal directions -> float[N, K], each sample's projected gradient at one ``checkpoint`` (default the
-    first after step 0), divided by its norm: a random sketch of where its gradient points (Johnson–Lindenstrauss),
-    whatever its size. Samples whose gradients live on different parameters separate here without any training
-    dynamics; a POLCA finding should do better than clusters of these rows."""
-    projections = checked_array(projections, "projections", 3)
-    if not 0 <= checkpoint < projections.shape[0]:
-        raise ValueError(f"checkpoint must index one of the {projections.shape[0]} checkpoints, got {checkpoint}")
-    return _unit_rows(projections[checkpoint])
+def gradient_norm_features(norms, *, max_components: int = 10, seed: int = 0) -> np.ndarray:
+    """A label-free control that needs no POLCA: norms float[N, B] of each sample's gradient over B parameter blocks
+    (:func:`polca_jax.per_sample_gradient_norms`) -> float[N, C]: each row as shares of its sum (where the sample's
+    gradient lies, whatever its size), reduced to its first C = min(max_components, N, B) principal components.
+    Samples that use different parameters separate here without any training dynamics; a POLCA finding should do
+    better than clusters of these rows."""
+    norms = checked_array(norms, "norms", 2)
+    if np.any(norms < 0):
+        raise ValueError("norms must be >= 0 (gradient norms per block)")
+    totals = norms.sum(axis=1, keepdims=True)
+    shares = norms / np.where(totals > 0, totals, 1.0)
+    components = max(1, min(max_components, *shares.shape))
+    return PCA(n_components=components, random_state=seed).fit_transform(shares)
 
 
 def joint_features(projected_loss, *, directions=None, max_components: int = 10, seed: int = 0) -> np.ndarray:

@@ -26,7 +26,7 @@ MESH_STAGES = ("basis", "decompose")  # the stages that run on a mesh, and acros
 STAGE_OUTPUTS = {
     "train": ("checkpoints", "metrics.jsonl"),
     "basis": ("basis",),
-    "decompose": ("polca",),
+    "decompose": ("polca", "controls"),
     "causal": ("causal",),
     "cluster": ("clusters",),
     "score": ("metrics.json",),
@@ -163,8 +163,8 @@ class Variant:
 
     group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``), ``"ablation"``
     (another basis, config ``ablations``) or ``"control"`` (a label-free feature that needs no POLCA, which a finding
-    must beat; config ``ablations``, on the random basis' arrays). trajectory: one of ``TRAJECTORY_KINDS``.
-    in_nulls: a row of the report's table against the nulls.
+    must beat; always run). trajectory: one of ``TRAJECTORY_KINDS``. in_nulls: a row of the report's table against
+    the nulls.
     """
 
     name: str
@@ -182,7 +182,7 @@ class Variant:
             raise PolcaError(f"strategy {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
 
 
-TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile", "gradient_sketch")
+TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile", "gradient_norms")
 PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per sample, scored without qualifying rules
 GROUPS = ("main", "baseline", "ablation", "control")
 
@@ -201,8 +201,7 @@ VARIANTS: list[Variant] = [
             "ablation"),
     Variant("covariance_profile", "Scaled gradient covariance, allocation profiles", "scaled_gradient_covariance",
             "profile", "ablation"),
-    Variant("gradient_sketch", "Control: gradient sketch at one checkpoint", RANDOM_BASIS, "gradient_sketch",
-            "control"),
+    Variant("gradient_norms", "Control: gradient norm per parameter block", MAIN_BASIS, "gradient_norms", "control"),
 ]  # the report's order
 BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
 
@@ -236,7 +235,7 @@ def bases_of(config) -> tuple[str, ...]:
 
 def variants_of(config) -> tuple[Variant, ...]:
     """The strategies a config runs."""
-    enabled = {"main": True, "baseline": config.baselines, "ablation": config.ablations, "control": config.ablations}
+    enabled = {"main": True, "baseline": config.baselines, "ablation": config.ablations, "control": True}
     return tuple(v for v in VARIANTS if enabled[v.group] and v.basis in bases_of(config))
 
 
@@ -245,11 +244,11 @@ def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray,
 
     kind: ``loss`` (exact loss), ``loss_change`` (its change per interval), ``fisher`` (⟨b, ∇L(x)⟩²),
     ``first_order`` (cumulative first-order POLCA), ``projected_loss`` (POLCA, Eq. 8), ``profile`` (clustered on
-    the allocation profiles of the projected loss) or ``gradient_sketch`` (clustered on the projected gradients at
-    one checkpoint, :func:`polca_jax.analysis.gradient_sketch`); the clusters of the last two have their
-    breakthroughs and medoids read on the exact loss.
+    the allocation profiles of the projected loss) or ``gradient_norms`` (clustered on each sample's gradient norm
+    per parameter block at one checkpoint, the decompose stage's ``controls/``); the clusters of the last two have
+    their breakthroughs and medoids read on the exact loss.
     """
-    if kind in ("loss", "profile", "gradient_sketch"):
+    if kind in ("loss", "profile", "gradient_norms"):
         return np.asarray(result.loss), result.steps
     if kind == "loss_change":
         return result.loss_change, result.steps[1:]

@@ -185,6 +185,9 @@ def _verdict_lines(view: RunView) -> list[str]:
             line += ("; beyond the label-free controls (best "
                      + ("none qualifying" if control is None else
                         f"{control['label']} {control['homogeneity']:.3f}") + ")")
+        elif not verdict["found"] and control is not None and control["beats_null"]:
+            line += (f"; a label-free control finds it ({control['label']}, homogeneity "
+                     f"{control['homogeneity']:.3f}, Holm p = {control['pvalue_adjusted']:.3g})")
         lines.append(line + ".")
         rules.append(f"`{name}` {verdict.get('condition', '')}")
     if rules:
@@ -193,8 +196,9 @@ def _verdict_lines(view: RunView) -> list[str]:
     if any(verdict.get("beyond_controls") is not None for verdict in verdicts.values()):
         lines.append("**Against the label-free controls:** a finding shows POLCA at work only when its homogeneity "
                      "exceeds that of the best cluster (scored and qualifying the same way) of a control that needs "
-                     "no training dynamics: each sample's per-sample gradient at the first checkpoint after step 0, "
-                     "projected on the random basis and divided by its norm, clustered like the allocation profiles.")
+                     "no basis and no training dynamics: where each sample's gradient lies among the parameters (its "
+                     "norm per parameter block, as shares, at the first POLCA checkpoint after step 0), clustered "
+                     "like the allocation profiles.")
     return lines
 
 

@@ -51,7 +51,8 @@ def score_stage(run: RunDirectory) -> dict:
     label_sets, texts = load_labels(run.path)
     results = {}
     # the trajectories the clusters came from: the second order the cluster stage ran with
-    cluster_settings = run.stage_record("cluster").get("settings", {}) if run.done("cluster") else {}
+    cluster_record = run.stage_record("cluster") if run.done("cluster") else {}
+    cluster_settings = cluster_record.get("settings", {})
 
     def result_of(basis: str) -> pj.POLCAResult:
         if basis not in results:
@@ -62,7 +63,7 @@ def score_stage(run: RunDirectory) -> dict:
     threshold, source = threshold_step(config.threshold_step, main)
     window = config.window
     variants, filters = {}, {}
-    for variant in variants_of(config):
+    for variant in (v for v in variants_of(config) if v.name not in cluster_record.get("skipped", {})):
         result = result_of(variant.basis)
         trajectories, steps = variant_trajectories(result, variant.trajectory)
         clusterings = analysis.load_clusterings(run / "clusters" / f"{variant.name}.npz")

@@ -14,6 +14,8 @@ Run directory layout::
     basis/<name>/          Basis: hessian (Algorithm 1) and the ablations' (any basis of _registry.BASES)
     basis/<name>.partial/  Algorithm 1's vectors so far, while its stage is unfinished (pj.hessian_basis partial_dir)
     polca/<name>/          POLCAResult per basis (memory-mapped .npy files; progress.json while partial)
+    controls/              the label-free control's features: gradient_norms.npy, each sample's gradient norm per
+                           parameter block [N, B] at the first POLCA checkpoint after step 0
     causal/<name>.npy      the causal check: per-sample loss increase [K, N] when a direction is removed
     clusters/<variant>.npz HDBSCAN clusterings of each strategy
     metrics.json           filters, cluster scores against every label set, breakthroughs (Eqs. 9-10)
@@ -39,7 +41,7 @@ import polca_jax as pj
 from polca_jax import _tree as tree
 from polca_jax import analysis
 from polca_jax._checks import batch_size, check_same_structure
-from polca_jax._distributed import is_writer, sync as pj_sync
+from polca_jax._distributed import is_writer, sync as pj_sync, to_host
 from polca_jax._files import save_npy_atomic
 from polca_jax._fingerprints import params_digest
 from polca_jax.errors import PolcaError
@@ -54,6 +56,9 @@ from polca_jax.pipeline._score import score_stage
 from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
 from polca_jax.pipeline._training import adamw_paper, train
 from polca_jax.pipeline._usercode import user_code_errors
+
+CONTROL_NORMS = "controls/gradient_norms.npy"  # the label-free control's features, written by the decompose stage
+
 
 # --- train ----------------------------------------------------------------------------------------------------------
 
@@ -241,7 +246,24 @@ def decompose_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) ->
                 method=config.projection_method, chunk_size=config.chunk_size, progress=progress,
                 out=run / "polca" / name,
             )
-    return {"decompositions": list(names), "method": _projection_method(run, task)}
+    if not (run / CONTROL_NORMS).is_file():
+        _control_norms(run, task, mesh)
+    return {"decompositions": list(names), "method": _projection_method(run, task),
+            "control_step": config.polca_steps[1]}
+
+
+
+def _control_norms(run: RunDirectory, task: Task, mesh) -> None:
+    """The label-free control's features to ``controls/gradient_norms.npy``: every evaluation sample's gradient norm
+    per parameter block ``[N, B]`` (:func:`polca_jax.per_sample_gradient_norms`) at the first POLCA checkpoint after
+    step 0, where the groups of samples a task has begin to be learned."""
+    with checkpoint_store(run, task, [run.config.polca_steps[1]], mesh) as store:
+        norms = pj.per_sample_gradient_norms(task.per_sample_loss, store[0], task.eval_batch, mask=task.eval_mask,
+                                             mesh=mesh)
+    norms = to_host(norms)
+    if is_writer():
+        (run / "controls").mkdir(exist_ok=True)
+        save_npy_atomic(run / CONTROL_NORMS, norms)
 
 
 def _unfinished(names: tuple[str, ...], marker: Callable[[str], Path]) -> list[str]:
@@ -316,13 +338,14 @@ def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Cluste
                                          min_samples_divisor=config.min_samples_divisor, seed=config.seed)
 
 
-def cluster_gradient_sketch(projections: np.ndarray, config) -> list[analysis.Clustering]:
+def cluster_gradient_norms(norms: np.ndarray, config) -> list[analysis.Clustering]:
     """The label-free control: one clustering, with ``config.profile_clusterer`` as the profiles, of every sample's
-    projected gradient ``[T, N, K]`` at the first checkpoint after step 0, on K random directions, divided by its
-    norm (:func:`polca_jax.analysis.gradient_sketch`). It needs no training dynamics: a finding that does no better
-    than its clusters does not show POLCA at work."""
-    return [analysis.cluster_features(analysis.gradient_sketch(projections), method=config.profile_clusterer,
-                                      min_cluster_size=_scaled_min_cluster_size(projections.shape[1], config),
+    gradient norm per parameter block ``[N, B]`` at one checkpoint, as shares of its sum reduced by PCA
+    (:func:`polca_jax.analysis.gradient_norm_features`). It needs no basis and no training dynamics: a finding that
+    does no better than its clusters does not show POLCA at work."""
+    features = analysis.gradient_norm_features(norms, seed=config.seed)
+    return [analysis.cluster_features(features, method=config.profile_clusterer,
+                                      min_cluster_size=_scaled_min_cluster_size(norms.shape[0], config),
                                       min_samples_divisor=config.min_samples_divisor, seed=config.seed)]
 
 
@@ -339,15 +362,18 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
     (``host_result``). Its record holds the settings it ran with and any second order it redid."""
     options = cluster_options(run.config)
     (run / "clusters").mkdir(exist_ok=True)
-    counts, results = {}, {}
+    counts, results, skipped = {}, {}, {}
     for variant in variants_of(run.config):
+        if variant.trajectory == "gradient_norms" and not (run / CONTROL_NORMS).is_file():
+            skipped[variant.name] = f"no {CONTROL_NORMS} (decomposed before the control existed)"
+            continue
         if variant.basis not in results:
             results[variant.basis] = host_result(run.path, variant.basis, run.config.second_order)
         result = results[variant.basis]
         if variant.trajectory == "profile":
             clusterings = cluster_profiles(result.projected_loss, run.config)
-        elif variant.trajectory == "gradient_sketch":
-            clusterings = cluster_gradient_sketch(np.asarray(result.projections), run.config)
+        elif variant.trajectory == "gradient_norms":
+            clusterings = cluster_gradient_norms(np.load(run / CONTROL_NORMS), run.config)
         else:
             trajectories, _ = variant_trajectories(result, variant.trajectory)
             clusterings = cluster_variant(trajectories, variant.trajectory, options)
@@ -356,7 +382,7 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
     redone = {basis: f"{result.config['recomputed_from']} -> {result.config['second_order']}"
               for basis, result in results.items() if "recomputed_from" in result.config}
     return {"clusters": counts, "settings": stage_settings(run.config, "cluster"),
-            **({"second_order_redone": redone} if redone else {})}
+            **({"second_order_redone": redone} if redone else {}), **({"skipped": skipped} if skipped else {})}
 
 
 # --- orchestration --------------------------------------------------------------------------------------------------
