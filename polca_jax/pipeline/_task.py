@@ -33,6 +33,7 @@ BUILTIN_TASKS = {
     "arithmetic": "polca_jax.pipeline.tasks.arithmetic:make_task",
     "english": "polca_jax.pipeline.tasks.english:make_task",
     "planted": "polca_jax.pipeline.tasks.planted:make_task",
+    "planted-entangled": "polca_jax.pipeline.tasks.planted:make_entangled_task",
 }
 
 

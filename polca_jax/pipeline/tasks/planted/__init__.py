@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
+from polca_jax.pipeline.tasks.planted._entangled import make_entangled_task  # noqa: F401  (planted-entangled)
 from polca_jax.pipeline.tasks.planted._model import (
     PerSampleLoss,
     PlantedSpec,

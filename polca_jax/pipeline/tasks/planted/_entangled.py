@@ -1,0 +1,147 @@
+"""Entangled planted groups: every sample draws its input from one distribution, its group is a nonlinear function of
+that input, and each group's target is computed by a mechanism of its own.
+
+    polca run planted-entangled --preset cpu --out runs/entangled
+
+Every input has three parts: a *gate* that decides the group, and two Gaussian blocks ``x_A`` and ``x_B``
+(``block_dims`` each), both filled for every sample. Group A's target is a teacher on ``x_A``, group B's a teacher on
+``x_B`` scaled by ``amplitude_b``:
+
+    y = t_A(x_A)                     for group A (gate closed)
+    y = amplitude_b · t_B(x_B)       for group B (gate open)
+
+so a sample's loss can only fall through its own group's teacher (and the gate). The gate (``rule``):
+
+- ``"parity"``: ``gate_bits`` inputs of ±1; the gate is open when the product of the first two is +1 (XOR of their
+  signs: no linear function of the input, and no norm of it, tells the groups apart);
+- ``"carry"``: two digits a, b in 0..9, one-hot (20 inputs); the gate is open when a + b ≥ 10 (a carry: 45% of
+  the digit pairs, a nonlinear function of which inputs are hot).
+
+Since every sample fills every input, each first-layer row gets a gradient from both groups at the start: where a
+sample's gradient lies among the parameters does not give its group away there (the pipeline's label-free control,
+and the trivial controls of ``experiments/planted``). ``amplitude_b < 1`` makes group B's teacher weaker, so the
+student learns it after group A's. The student is the benchmark's tanh MLP with one shared head (nothing tells it
+the group but the gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from polca_jax.pipeline._task import LabelSet, Task, task_factory
+from polca_jax.pipeline.tasks.planted._model import PerSampleLoss, teacher_output
+from polca_jax.pipeline.tasks.planted._scores import planted_report_sections
+
+RULES = ("parity", "carry")
+_COMMON = dict(learning_rate=1e-2, warmup_steps=10, weight_decay=0.0, reference_num_samples=None,
+               second_order="paper", null_permutations=500, breakthrough_shuffles=100)
+PRESETS = {
+    "tiny": dict(_COMMON, num_eval_samples=160, width=16, num_steps=200, polca_every=5, basis_every=40,
+                 lanczos_iters=10, min_cluster_size=12, lca_axes=8, metrics_every=50, null_permutations=200,
+                 breakthrough_shuffles=50),
+    "cpu": dict(_COMMON, num_eval_samples=400, width=32, num_steps=1200, polca_every=20, basis_every=120,
+                lanczos_iters=20, min_cluster_size=30, lca_axes=10, metrics_every=50),
+}
+PRESETS["cpu-carry"] = dict(PRESETS["cpu"], rule="carry")
+
+
+@dataclasses.dataclass(frozen=True)
+class EntangledSpec:
+    """The shape of one entangled benchmark (see the module docstring)."""
+
+    rule: str
+    gate_bits: int
+    block_dims: int
+    amplitude_b: float
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if isinstance(self.gate_bits, bool) or not isinstance(self.gate_bits, int) or self.gate_bits < 2:
+            raise ValueError(f"gate_bits must be an integer >= 2, got {self.gate_bits!r}")
+        if isinstance(self.block_dims, bool) or not isinstance(self.block_dims, int) or self.block_dims < 1:
+            raise ValueError(f"block_dims must be an integer >= 1, got {self.block_dims!r}")
+        if not (np.isfinite(self.amplitude_b) and self.amplitude_b > 0):
+            raise ValueError(f"amplitude_b must be a finite number > 0, got {self.amplitude_b!r}")
+
+    @property
+    def gate_dims(self) -> int:
+        return self.gate_bits if self.rule == "parity" else 20
+
+    @property
+    def input_dim(self) -> int:
+        """D = gate inputs + x_A + x_B."""
+        return self.gate_dims + 2 * self.block_dims
+
+
+def draw_gates(spec: EntangledSpec, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``(gate inputs [n, gate_dims], group int[n])``: 1 (group B) where the gate is open."""
+    if spec.rule == "parity":
+        bits = rng.choice([-1.0, 1.0], size=(n, spec.gate_bits))
+        return bits, (bits[:, 0] * bits[:, 1] > 0).astype(np.int32)
+    a, b = rng.integers(0, 10, size=n), rng.integers(0, 10, size=n)
+    one_hot = np.zeros((n, 20))
+    one_hot[np.arange(n), a] = 1.0
+    one_hot[np.arange(n), 10 + b] = 1.0
+    return one_hot, (a + b >= 10).astype(np.int32)
+
+
+def make_teachers(spec: EntangledSpec, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Two independent teachers ``t(z) = Σ_j a_j tanh(2 u_j · z)`` on ``block_dims`` inputs (unit-norm u_j)."""
+    teachers = []
+    for _ in range(2):
+        u = rng.normal(size=(spec.block_dims, 2))
+        teachers.append({"u": u / np.linalg.norm(u, axis=0, keepdims=True), "a": np.array([1.0, 0.5])})
+    return teachers[0], teachers[1]
+
+
+def make_samples(spec: EntangledSpec, teachers: tuple[dict, dict], n: int, rng: np.random.Generator) -> dict:
+    """``{"x": [n, D], "y": [n], "group": int[n]}`` (float32 inputs and targets)."""
+    gates, groups = draw_gates(spec, n, rng)
+    x_a, x_b = rng.normal(size=(n, spec.block_dims)), rng.normal(size=(n, spec.block_dims))
+    y = np.where(groups == 1, spec.amplitude_b * teacher_output(teachers[1], x_b), teacher_output(teachers[0], x_a))
+    x = np.concatenate([gates, x_a, x_b], axis=1)
+    return {"x": x.astype(np.float32), "y": y.astype(np.float32), "group": groups}
+
+
+def init_params(spec: EntangledSpec, width: int, key: jax.Array) -> dict:
+    """``w_in [D, H]`` ~ N(0, 1/D), ``w_out [H, 1]`` ~ N(0, 1/H), ``b_out [1]`` = 0: one shared head."""
+    k_in, k_out = jax.random.split(key)
+    return {"w_in": jax.random.normal(k_in, (spec.input_dim, width)) / np.sqrt(spec.input_dim),
+            "w_out": jax.random.normal(k_out, (width, 1)) / np.sqrt(width), "b_out": jnp.zeros(1)}
+
+
+@task_factory(presets=PRESETS, default_preset="cpu", report_sections=planted_report_sections)
+def make_entangled_task(rule: str = "parity", gate_bits: int = 4, block_dims: int = 6, amplitude_b: float = 0.5,
+                        width: int = 32, num_eval_samples: int = 400, num_hessian_samples: int = 256,
+                        batch_size: int = 64, seed: int = 0) -> Task:
+    """The entangled planted task (see the module docstring)."""
+    spec = EntangledSpec(rule, gate_bits, block_dims, float(amplitude_b))
+    for name, value in (("width", width), ("num_eval_samples", num_eval_samples),
+                        ("num_hessian_samples", num_hessian_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+    rng = np.random.default_rng([seed, 11])
+    teachers = make_teachers(spec, rng)
+    evaluation = make_samples(spec, teachers, num_eval_samples, rng)
+    hessian = make_samples(spec, teachers, num_hessian_samples, rng)
+    names = np.array(["AB"[g] for g in evaluation["group"]])
+    if np.unique(names).size < 2:
+        raise ValueError(f"the {num_eval_samples} evaluation samples hold one group only: draw more")
+    return Task(
+        init_params=init_params(spec, width, jax.random.key(seed)),
+        per_sample_loss=PerSampleLoss(shared_readout=True, loss="mse"),
+        eval_batch=evaluation,
+        hessian_batch=hessian,
+        train_batches=lambda step: make_samples(spec, teachers, batch_size, np.random.default_rng([seed, 1, step])),
+        labels={"group": LabelSet(names)},
+        sample_texts=[f"group {name}, gate {gate.tolist()}, y = {y:+.2f}" for name, gate, y in
+                      zip(names, evaluation["x"][:, : spec.gate_dims].astype(int), evaluation["y"])],
+        description=(f"Entangled planted groups: gate rule {rule} ({spec.gate_dims} inputs), two teacher blocks of "
+                     f"{block_dims}, group B's teacher scaled by {amplitude_b}, tanh MLP of width {width} with one "
+                     "shared head."),
+    )
