@@ -3,6 +3,7 @@ their ground-truth scores (polca_jax/analysis/_unsupervised.py): the constructio
 exact-loss curves equal sample by sample when mirrored, the late group absent from early batches), the features'
 invariances, the clusterers and scores on constructed data, clear errors, and the tiny preset end to end."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -206,6 +207,23 @@ def test_profiles_recover_groups_that_learn_along_different_directions(clusterer
     assert unsup.adjusted_rand(clustering, groups) == pytest.approx(1.0)
     assert all(r.recovered for r in unsup.group_recovery([clustering], groups))
     assert unsup.ari_pvalue(clustering, groups, num_permutations=200) == pytest.approx(1 / 201)
+
+
+def test_gradient_trajectories_read_the_late_window_where_the_groups_part():
+    from polca_jax.pipeline import RunConfig
+    from polca_jax.pipeline._stages import cluster_gradient_trajectories
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0, 1], 60)
+    projections = rng.normal(size=(40, 120, 4))  # [T, N, K]: large noise alike for both groups ...
+    projections[:-8] *= 10.0
+    projections[-8:, :, 0] += np.where(groups == 1, 2.0, -2.0)  # ... until the last fifth of the checkpoints
+    config = RunConfig(task="t", preset=None, task_options={}, min_cluster_size=20, reference_num_samples=None)
+    [late] = cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_window=0.2))
+    [whole] = cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_window=1.0))
+    assert adjusted_rand_score(groups, late.labels) > 0.9 and not analysis.adjusted_rand(whole, groups) > 0.5
+    with pytest.raises(ValueError, match=r"gradient_window must be a fraction in \(0, 1\]"):
+        dataclasses.replace(config, gradient_window=0)
 
 
 def test_per_direction_clustering_of_a_continuum_finds_no_group():

@@ -55,7 +55,7 @@ def test_registering_refuses_what_would_clash_with_the_built_in_ones(registry):
     with pytest.raises(ValueError, match="curvature must be one of"):
         a_kind(curvature="eigen")
     with pytest.raises(ValueError, match="trajectory must be one of"):
-        Variant("v", "V", "mine", "gradients", "ablation")
+        Variant("v", "V", "mine", "curvatures", "ablation")
     assert "mine" not in BASES
 
 

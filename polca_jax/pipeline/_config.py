@@ -61,6 +61,7 @@ class RunConfig:
     reference_num_samples: int | None = 5000
     normalize: str | None = None
     profile_clusterer: str = "gmm"  # the allocation-profile strategy's clusterer: hdbscan, kmeans, gmm, agglomerative
+    gradient_window: float = 0.25  # the projected-gradient strategies read the last fraction of the POLCA checkpoints
     # breakthroughs (Eqs. 9-10)
     window_steps: int | None = None
     threshold_step: int | None = None
@@ -107,6 +108,9 @@ class RunConfig:
             raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
         if self.projection_method not in PROJECTION_METHODS:
             raise ValueError(f"projection_method must be one of {PROJECTION_METHODS}, got {self.projection_method!r}")
+        if isinstance(self.gradient_window, bool) or not isinstance(self.gradient_window, int | float) or not (
+                0 < self.gradient_window <= 1):
+            raise ValueError(f"gradient_window must be a fraction in (0, 1], got {self.gradient_window!r}")
         if self.profile_clusterer not in CLUSTERERS:
             raise ValueError(f"profile_clusterer must be one of {CLUSTERERS}, got {self.profile_clusterer!r}")
         if self.normalize not in NORMALIZATIONS:

@@ -63,7 +63,8 @@ from polca_jax._lanczos import _lanczos
 from polca_jax._projections import projection_kernel_cost
 from polca_jax._sharding import param_spec
 from polca_jax.analysis import cluster_trajectories
-from polca_jax.pipeline._registry import MESH_STAGES, bases_of, basis_kind, variants_of
+from polca_jax.pipeline._registry import (JOINT_KINDS, MESH_STAGES, PER_SAMPLE_SIGNALS, bases_of, basis_kind,
+                                          variants_of)
 from polca_jax.pipeline._stages import causal_bases, check_data_axis
 from polca_jax.pipeline._task import Task
 from polca_jax.pipeline._training import _checkpoint_manager, _save, _train_step, adamw_paper
@@ -312,7 +313,8 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     flops["causal"] = directions * causal.flops
     work["causal"] = f"{directions} loss passes × {_duration(device.seconds(causal))}"
 
-    clusterings = sum(1 if v.trajectory in ("loss", "loss_change") else sizes[v.basis] for v in variants_of(config))
+    clusterings = sum(1 if v.trajectory in PER_SAMPLE_SIGNALS + JOINT_KINDS else sizes[v.basis]
+                      for v in variants_of(config))
     stages["cluster"] = clusterings * _hdbscan_seconds(config, num_samples, steps)
     work["cluster"] = (f"at most {clusterings} HDBSCAN clusterings of about {max(2, num_samples // 2)} samples "
                        "(host; a direction the oscillation filter drops is not clustered)")

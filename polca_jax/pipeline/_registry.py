@@ -182,8 +182,10 @@ class Variant:
             raise PolcaError(f"strategy {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
 
 
-TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile", "gradient_norms")
+TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile", "gradients",
+                    "gradient_norms")
 PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per sample, scored without qualifying rules
+JOINT_KINDS = ("profile", "gradients", "gradient_norms")  # one clustering of every sample's features, not per direction
 GROUPS = ("main", "baseline", "ablation", "control")
 
 VARIANTS: list[Variant] = [
@@ -201,6 +203,11 @@ VARIANTS: list[Variant] = [
             "ablation"),
     Variant("covariance_profile", "Scaled gradient covariance, allocation profiles", "scaled_gradient_covariance",
             "profile", "ablation"),
+    Variant("polca_gradients", "POLCA, projected-gradient trajectories", MAIN_BASIS, "gradients", "baseline"),
+    Variant("random_gradients", "Random basis, projected-gradient trajectories", RANDOM_BASIS, "gradients",
+            "ablation"),
+    Variant("covariance_gradients", "Scaled gradient covariance, projected-gradient trajectories",
+            "scaled_gradient_covariance", "gradients", "ablation"),
     Variant("gradient_norms", "Control: gradient norm per parameter block", MAIN_BASIS, "gradient_norms", "control"),
 ]  # the report's order
 BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
@@ -244,11 +251,12 @@ def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray,
 
     kind: ``loss`` (exact loss), ``loss_change`` (its change per interval), ``fisher`` (⟨b, ∇L(x)⟩²),
     ``first_order`` (cumulative first-order POLCA), ``projected_loss`` (POLCA, Eq. 8), ``profile`` (clustered on
-    the allocation profiles of the projected loss) or ``gradient_norms`` (clustered on each sample's gradient norm
-    per parameter block at one checkpoint, the decompose stage's ``controls/``); the clusters of the last two have
-    their breakthroughs and medoids read on the exact loss.
+    the allocation profiles of the projected loss), ``gradients`` (clustered on each sample's projected gradients
+    over all checkpoints) or ``gradient_norms`` (clustered on each sample's gradient norm per parameter block at one
+    checkpoint, the decompose stage's ``controls/``); the clusters of the last three have their breakthroughs and
+    medoids read on the exact loss.
     """
-    if kind in ("loss", "profile", "gradient_norms"):
+    if kind in ("loss", "profile", "gradients", "gradient_norms"):
         return np.asarray(result.loss), result.steps
     if kind == "loss_change":
         return result.loss_change, result.steps[1:]

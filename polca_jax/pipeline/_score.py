@@ -88,11 +88,11 @@ def score_stage(run: RunDirectory) -> dict:
     return {"variants": list(variants), "threshold_step": threshold, "settings": stage_settings(config, "score")}
 
 
-FINDING_VARIANTS = ("polca", "first_order_polca", "polca_profile")  # the decompositions along the Hessian basis
+FINDING_VARIANTS = ("polca", "first_order_polca", "polca_profile", "polca_gradients")  # along the Hessian basis
 
 
-VERDICT_RULE = ("a cluster of a decomposition along the Hessian basis (POLCA, first-order POLCA or POLCA allocation "
-                "profiles), scored for the label set's class and qualifying, whose homogeneity beats the label "
+VERDICT_RULE = ("a cluster of a decomposition along the Hessian basis (POLCA, first-order POLCA, POLCA allocation "
+                "profiles or projected-gradient trajectories), scored for the label set's class and qualifying, whose homogeneity beats the label "
                 "permutation null (cluster sizes fixed, {permutations} permutations) with a Holm-corrected p < "
                 "{significance} across its strategy's clusters")
 

@@ -338,6 +338,19 @@ def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Cluste
                                          min_samples_divisor=config.min_samples_divisor, seed=config.seed)
 
 
+def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analysis.Clustering]:
+    """One clustering, with ``config.profile_clusterer`` as the profiles, of every sample's projected gradients
+    ``[T, N, K]`` over the last ``config.gradient_window`` of the checkpoints (at least two): its trajectory there
+    divided by its norm, reduced by PCA (:func:`polca_jax.analysis.joint_features`). Where the projected loss
+    multiplies each gradient by the shared step and sums over time, this keeps each sample's own gradients, late in
+    training when the mechanisms have formed (experiments/planted/results.md)."""
+    window = max(2, round(config.gradient_window * projections.shape[0]))
+    features = analysis.joint_features(projections[-window:], seed=config.seed)
+    return [analysis.cluster_features(features, method=config.profile_clusterer,
+                                      min_cluster_size=_scaled_min_cluster_size(projections.shape[1], config),
+                                      min_samples_divisor=config.min_samples_divisor, seed=config.seed)]
+
+
 def cluster_gradient_norms(norms: np.ndarray, config) -> list[analysis.Clustering]:
     """The label-free control: one clustering, with ``config.profile_clusterer`` as the profiles, of every sample's
     gradient norm per parameter block ``[N, B]`` at one checkpoint, as shares of its sum reduced by PCA
@@ -372,6 +385,8 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
         result = results[variant.basis]
         if variant.trajectory == "profile":
             clusterings = cluster_profiles(result.projected_loss, run.config)
+        elif variant.trajectory == "gradients":
+            clusterings = cluster_gradient_trajectories(np.asarray(result.projections), run.config)
         elif variant.trajectory == "gradient_norms":
             clusterings = cluster_gradient_norms(np.load(run / CONTROL_NORMS), run.config)
         else:

@@ -10,7 +10,7 @@ from polca_jax import analysis
 from polca_jax.analysis import adjusted_rand, group_recovery
 
 REPORTED_VARIANTS = ("polca", "exact_loss", "random_basis", "first_order_polca", "polca_profile", "random_profile",
-                     "gradient_norms")
+                     "polca_gradients", "random_gradients", "gradient_norms")
 
 
 def matched_loss_gap(loss, groups, *, exclude=()) -> dict:
