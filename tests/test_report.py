@@ -289,6 +289,14 @@ def test_a_finding_that_a_label_free_control_matches_is_marked_so():
         verdict = label_verdict("group", label_set, variants, config)
         assert verdict["found"] and verdict["beyond_controls"] is beyond, control
         assert verdict["control"]["homogeneity"] == control and verdict["control"]["strategy"] == "gradient_norms"
+        assert verdict["recovers_class"]  # homogeneity 0.97 at recall 0.8
+    partial = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.7)}, config)
+    assert partial["found"] and partial["recovers_class"] is False
+    assert partial["beyond_random_twin"] is None and partial["random_twin"] is None  # the random basis did not run
+    for random, beyond in ((0.9, True), (0.97, False)):  # POLCA's random-basis twin, whether or not it beats its null
+        verdict = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97),
+                                                     "random_basis": strategy("Random", random, False)}, config)
+        assert verdict["beyond_random_twin"] is beyond and verdict["random_twin"]["homogeneity"] == random
     without_control = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97)}, config)
     assert without_control["beyond_controls"] is None and without_control["control"] is None
     not_found = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97, False),

@@ -35,7 +35,8 @@ STRATEGIES = ("polca", "polca_profile", "polca_gradients", "random_gradients", "
 def verdict_text(verdict: dict) -> str:
     if not verdict["found"]:
         return "not found"
-    return "found, a control as good" if verdict.get("beyond_controls") is False else "found"
+    found = "found" if verdict.get("recovers_class") else "found, partly"
+    return f"{found}, a control as good" if verdict.get("beyond_controls") is False else found
 
 
 def row(run_dir: Path) -> list[str]:

@@ -164,7 +164,7 @@ class Variant:
     group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``), ``"ablation"``
     (another basis, config ``ablations``) or ``"control"`` (a label-free feature that needs no POLCA, which a finding
     must beat; always run). trajectory: one of ``TRAJECTORY_KINDS``. in_nulls: a row of the report's table against
-    the nulls.
+    the nulls. random_twin: the same strategy along the random basis, the null a finding of this one must beat.
     """
 
     name: str
@@ -173,6 +173,7 @@ class Variant:
     trajectory: str
     group: str
     in_nulls: bool = True
+    random_twin: str | None = None
 
     def __post_init__(self):
         if self.trajectory not in TRAJECTORY_KINDS:
@@ -194,16 +195,18 @@ VARIANTS: list[Variant] = [
     Variant("fisher", "Fisher information", MAIN_BASIS, "fisher", "baseline", in_nulls=False),
     Variant("lca", "LCA (parameter axes)", "parameter_axes", "first_order", "ablation", in_nulls=False),
     Variant("first_order_polca", "First-order POLCA", MAIN_BASIS, "first_order", "baseline"),
-    Variant("polca", "POLCA", MAIN_BASIS, "projected_loss", "main"),
+    Variant("polca", "POLCA", MAIN_BASIS, "projected_loss", "main", random_twin="random_basis"),
     Variant("random_basis", "Random orthonormal basis", RANDOM_BASIS, "projected_loss", "ablation"),
     Variant("shuffled_hessian", "Random shuffled Hessian", "shuffled_hessian", "projected_loss", "ablation"),
-    Variant("polca_profile", "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline"),
+    Variant("polca_profile", "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline",
+            random_twin="random_profile"),
     Variant("random_profile", "Random basis, allocation profiles", RANDOM_BASIS, "profile", "ablation"),
     Variant("covariance_basis", "Scaled gradient covariance basis", "scaled_gradient_covariance", "projected_loss",
             "ablation"),
     Variant("covariance_profile", "Scaled gradient covariance, allocation profiles", "scaled_gradient_covariance",
             "profile", "ablation"),
-    Variant("polca_gradients", "POLCA, projected-gradient trajectories", MAIN_BASIS, "gradients", "baseline"),
+    Variant("polca_gradients", "POLCA, projected-gradient trajectories", MAIN_BASIS, "gradients", "baseline",
+            random_twin="random_gradients"),
     Variant("random_gradients", "Random basis, projected-gradient trajectories", RANDOM_BASIS, "gradients",
             "ablation"),
     Variant("covariance_gradients", "Scaled gradient covariance, projected-gradient trajectories",

@@ -167,8 +167,13 @@ def _verdict_lines(view: RunView) -> list[str]:
         best = verdict.get("best")
         if verdict["found"]:
             where = "" if best["direction"] is None else f"direction {best['direction']}, "
-            line = (f"**{name}: found** — {best['label']}, {where}cluster {best['cluster']}, homogeneity "
-                    f"{best['homogeneity']:.3f} (recall {best['recall']:.3f}), Holm p = {best['pvalue_adjusted']:.3g}")
+            partly = verdict.get("recovers_class") is False
+            line = (f"**{name}: found{', partly' if partly else ''}** — {best['label']}, {where}cluster "
+                    f"{best['cluster']}, homogeneity {best['homogeneity']:.3f} (recall {best['recall']:.3f}), Holm p = "
+                    f"{best['pvalue_adjusted']:.3g}")
+            if partly:
+                line += (" (a cluster richer in the class than chance, not the class recovered: that needs "
+                         "homogeneity >= 0.9 at recall >= 0.5)")
         elif best is None:
             line = f"**{name}: not found** (no qualifying cluster scored for its class)"
         else:
@@ -177,6 +182,10 @@ def _verdict_lines(view: RunView) -> list[str]:
                     f"p = {MISSING if p is None else f'{p:.3g}'})")
         if verdict.get("random_basis_found"):
             line += "; the random basis has such a cluster too, so the finding may not need the Hessian basis"
+        twin = verdict.get("random_twin")
+        if verdict.get("beyond_random_twin") is False:
+            line += (f"; **the same strategy along the random basis does as well** ({twin['label']}, homogeneity "
+                     f"{twin['homogeneity']:.3f}), so the finding does not need the Hessian basis")
         control = verdict.get("control")
         if verdict.get("beyond_controls") is False:
             line += (f"; **a label-free control does as well** ({control['label']}, homogeneity "

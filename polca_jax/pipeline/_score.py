@@ -88,6 +88,7 @@ def score_stage(run: RunDirectory) -> dict:
     return {"variants": list(variants), "threshold_step": threshold, "settings": stage_settings(config, "score")}
 
 
+RECOVERED = (0.9, 0.5)  # homogeneity and recall of a found cluster that recovers its class, not just beats chance
 FINDING_VARIANTS = ("polca", "first_order_polca", "polca_profile", "polca_gradients")  # along the Hessian basis
 
 
@@ -116,7 +117,11 @@ def label_verdict(name: str, label_set: LabelSet, variants: dict, config) -> dic
     ``FINDING_VARIANTS``; then the best such cluster (highest homogeneity, then lowest adjusted p-value, then
     highest recall), else the best cluster that is scored for the label set's class and qualifies, found or not
     (None without one). ``random_basis_found``: whether the random-basis strategy (when run) has a cluster meeting
-    the same rule, a warning that the finding may not need the Hessian basis. ``control``: the best such cluster
+    the same rule, a warning that the finding may not need the Hessian basis. ``recovers_class``: whether the
+    finding's cluster also has homogeneity and recall of at least ``RECOVERED`` (a class recovered, not only a
+    cluster richer in it than chance; None when nothing was found). ``random_twin``: the best such cluster of the
+    finding's strategy along the random basis (``Variant.random_twin``), and ``beyond_random_twin`` whether the
+    finding's homogeneity exceeds it (None when nothing was found or the twin did not run). ``control``: the best such cluster
     of the label-free controls (group ``control``, when run); ``beyond_controls``: whether the finding's homogeneity
     exceeds it (None when nothing was found or no control ran): a finding a control matches does not show POLCA at
     work."""
@@ -139,11 +144,18 @@ def label_verdict(name: str, label_set: LabelSet, variants: dict, config) -> dic
     best = found[0] if found else min(candidates(FINDING_VARIANTS), key=rank, default=None)
     controls = [v.name for v in VARIANTS if v.group == "control" and v.name in variants]
     control = min(candidates(controls), key=rank, default=None)
+    twin_name = next((v.random_twin for v in VARIANTS if found and v.name == found[0][0]), None)
+    twin = min(candidates((twin_name,)), key=rank, default=None) if twin_name in variants else None
     verdict = {"found": bool(found), "condition": verdict_condition(label_set),
                "rule": VERDICT_RULE.format(permutations=config.null_permutations, significance=config.significance),
                "strategies": [v for v in FINDING_VARIANTS if v in variants],
                "random_basis_found": (None if "random_basis" not in variants else
                                       any(c[2]["beats_null"] for c in candidates(("random_basis",)))),
+               "recovers_class": (None if not found else found[0][2]["homogeneity"] >= RECOVERED[0]
+                                  and found[0][2]["recall"] >= RECOVERED[1]),
+               "random_twin": None if twin is None else _brief(twin, variants),
+               "beyond_random_twin": (None if twin_name not in variants else
+                                      twin is None or found[0][2]["homogeneity"] > twin[2]["homogeneity"]),
                "control": None if control is None else _brief(control, variants),
                "beyond_controls": (None if not found or not controls else
                                    control is None or found[0][2]["homogeneity"] > control[2]["homogeneity"]),
