@@ -3,7 +3,7 @@ the planted groups and how many groups it recovers, beside the label-free contro
 
     python experiments/planted/entangled_table.py RUN_DIR [RUN_DIR ...]
 
-Columns: the run's gate rule and seed; per strategy (the paper's POLCA, POLCA's allocation profiles, its
+Columns: the run's variant (an entangled run's gate rule, or a block run's departures from the defaults) and seed; per strategy (the paper's POLCA, POLCA's allocation profiles, its
 projected-gradient trajectories, the same trajectories along the random basis, and the pipeline's label-free control)
 ``ARI / groups recovered`` (recovered: a cluster with homogeneity >= 0.9 at recall >= 0.5 over all members); the
 trivial control of ``trivial_controls.py`` (k-means on where each sample's gradient lies among the first layer's
@@ -32,6 +32,18 @@ from trivial_controls import gradient_norm_shares, load_planted_run
 STRATEGIES = ("polca", "polca_profile", "polca_gradients", "random_gradients", "gradient_norms")
 
 
+def variant_text(options: dict) -> str:
+    """The benchmark variant a run's task options name: its gate rule, or the block variant's departures."""
+    if "rule" in options:
+        return f"entangled, {options['rule']}"
+    parts = [f"weights {options.get('group_weights', '1,1')}"]
+    parts += ["shared head"] if options.get("shared_readout") else []
+    parts += [f"mirror {options['mirror']}"] if options.get("mirror", "full") != "full" else []
+    parts += [f"{options['shared_dims']} shared dims"] if options.get("shared_dims") else []
+    parts += [f"noise {options['noise']}"] if options.get("noise") else []
+    return ", ".join(parts)
+
+
 def verdict_text(verdict: dict) -> str:
     if not verdict["found"]:
         return "not found"
@@ -41,7 +53,7 @@ def verdict_text(verdict: dict) -> str:
 
 def row(run_dir: Path) -> list[str]:
     config, task, groups = load_planted_run(run_dir)
-    cells = [str(config["task_options"].get("rule", "blocks")), str(config["seed"])]
+    cells = [variant_text(config["task_options"]), str(config["seed"])]
     for name in STRATEGIES:
         path = run_dir / "clusters" / f"{name}.npz"
         if not path.is_file():
@@ -67,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", type=Path, nargs="+")
     args = parser.parse_args()
-    header = ["Rule", "Seed", "POLCA", "Profiles", "Gradient trajectories", "Random-basis gradient trajectories",
+    header = ["Variant", "Seed", "POLCA", "Profiles", "Gradient trajectories", "Random-basis gradient trajectories",
               "Control (pipeline)", "Trivial control (k-means)", "Exact-loss probe AUC", "Verdict"]
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")

@@ -47,6 +47,7 @@ PRESETS = {
                 lanczos_iters=20, min_cluster_size=30, lca_axes=10, metrics_every=50),
 }
 PRESETS["cpu-carry"] = dict(PRESETS["cpu"], rule="carry")
+PRESETS["cpu-null"] = dict(PRESETS["cpu"], same_mechanism=True, amplitude_b=1.0)  # the negative control
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class EntangledSpec:
     gate_bits: int
     block_dims: int
     amplitude_b: float
+    same_mechanism: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -103,7 +105,8 @@ def make_samples(spec: EntangledSpec, teachers: tuple[dict, dict], n: int, rng: 
     """``{"x": [n, D], "y": [n], "group": int[n]}`` (float32 inputs and targets)."""
     gates, groups = draw_gates(spec, n, rng)
     x_a, x_b = rng.normal(size=(n, spec.block_dims)), rng.normal(size=(n, spec.block_dims))
-    y = np.where(groups == 1, spec.amplitude_b * teacher_output(teachers[1], x_b), teacher_output(teachers[0], x_a))
+    own_b = teacher_output(teachers[0], x_a) if spec.same_mechanism else teacher_output(teachers[1], x_b)
+    y = np.where(groups == 1, spec.amplitude_b * own_b, teacher_output(teachers[0], x_a))
     x = np.concatenate([gates, x_a, x_b], axis=1)
     return {"x": x.astype(np.float32), "y": y.astype(np.float32), "group": groups}
 
@@ -117,10 +120,14 @@ def init_params(spec: EntangledSpec, width: int, key: jax.Array) -> dict:
 
 @task_factory(presets=PRESETS, default_preset="cpu", report_sections=planted_report_sections)
 def make_entangled_task(rule: str = "parity", gate_bits: int = 4, block_dims: int = 6, amplitude_b: float = 0.5,
-                        width: int = 32, num_eval_samples: int = 400, num_hessian_samples: int = 256,
-                        batch_size: int = 64, seed: int = 0) -> Task:
-    """The entangled planted task (see the module docstring)."""
-    spec = EntangledSpec(rule, gate_bits, block_dims, float(amplitude_b))
+                        same_mechanism: bool = False, width: int = 32, num_eval_samples: int = 400,
+                        num_hessian_samples: int = 256, batch_size: int = 64, seed: int = 0) -> Task:
+    """The entangled planted task (see the module docstring). same_mechanism: the negative control, in which group
+    B's target is group A's teacher too (on x_A, scaled by ``amplitude_b``): the gate then decides nothing a
+    mechanism could tell apart but the scale, and with ``amplitude_b=1`` nothing at all."""
+    if not isinstance(same_mechanism, bool):
+        raise ValueError(f"same_mechanism must be true or false, got {same_mechanism!r}")
+    spec = EntangledSpec(rule, gate_bits, block_dims, float(amplitude_b), same_mechanism)
     for name, value in (("width", width), ("num_eval_samples", num_eval_samples),
                         ("num_hessian_samples", num_hessian_samples), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
