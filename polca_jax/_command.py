@@ -9,6 +9,9 @@ instead of ending in a ``ModuleNotFoundError``.
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
 
 # what ``polca_jax.pipeline`` imports beyond the core dependencies (the ``pipeline`` extra of pyproject.toml)
@@ -35,9 +38,40 @@ def main(argv: list[str] | None = None) -> int:
               f"{'is' if len(missing) == 1 else 'are'} not installed: pip install \"polca_jax[pipeline]\". "
               "Without it, `polca --version` and the kernels (polca_jax, polca_jax.analysis) work.", file=sys.stderr)
         return 2
+    if _multi_process(argv) and os.environ.get(SUPERVISED) is None:
+        return _supervise(argv)
     from polca_jax.pipeline._cli import main as pipeline_main
 
     return pipeline_main(argv)
+
+
+SUPERVISED = "POLCA_SUPERVISED"  # set in the child process that a multi-process ``polca`` command watches
+
+
+def _multi_process(argv: list[str]) -> bool:
+    """Whether the command joins a multi-process run (its flags, or JAX's variables in the environment)."""
+    flags = ("--coordinator", "--num-processes", "--process-id")
+    return any(arg.split("=")[0] in flags for arg in argv) or "JAX_COORDINATOR_ADDRESS" in os.environ
+
+
+def _supervise(argv: list[str]) -> int:
+    """Run a multi-process command in a child process and report its end: JAX's runtime aborts a process
+    (``SIGABRT``, a C++ stack) when a peer dies or never comes; this turns that into one paragraph and exit 2. The
+    child's output passes through; an interrupt reaches it."""
+    child = subprocess.Popen([sys.executable, "-m", "polca_jax._command", *argv],
+                             env={**os.environ, SUPERVISED: "1"})
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        code = child.wait()
+    if code in (-signal.SIGABRT, 128 + signal.SIGABRT):
+        print("polca: error: this process of a multi-process run was stopped by JAX's runtime (SIGABRT): a peer "
+              "process stopped, was never started, or stayed unreachable for longer than --heartbeat-timeout "
+              "seconds (the native stack above names it). What the finished stages and checkpoints wrote is kept "
+              "in the run directory: start every process again with the same command to resume.", file=sys.stderr)
+        return 2
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

@@ -29,14 +29,16 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
 ) -> None:
     """Join a run of ``num_processes`` processes (``jax.distributed.initialize``); call it before any other JAX call.
 
     Each argument left out is read from the environment (``JAX_COORDINATOR_ADDRESS`` as ``host:port``,
     ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); process 0 runs the coordinator at that address. A process that cannot
     reach the coordinator within ``timeout_s`` raises ``ConnectionError`` (JAX itself would abort the process);
-    the coordinator waits up to ``timeout_s`` for the others. Raises ``ValueError`` for missing or inconsistent
-    settings.
+    the coordinator waits up to ``timeout_s`` for the others. A peer silent for ``heartbeat_timeout_s`` seconds (it
+    died, or its host is unreachable) makes JAX's runtime abort every other process (``SIGABRT``; the ``polca``
+    command reports that as a clear error). Raises ``ValueError`` for missing or inconsistent settings.
     """
     address = coordinator_address or os.environ.get(ADDRESS_VARIABLE)
     count = _setting(num_processes, COUNT_VARIABLE)
@@ -61,7 +63,8 @@ def initialize_distributed(
     if index != 0:
         _wait_for_coordinator(host, port, timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives (GPUs use NCCL)
-    jax.distributed.initialize(address, num_processes=count, process_id=index, initialization_timeout=timeout_s)
+    jax.distributed.initialize(address, num_processes=count, process_id=index, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def _setting(value: int | None, variable: str) -> int | None:

@@ -166,3 +166,43 @@ def test_two_processes_of_the_cli_run_the_basis_and_decompose_stages_as_one_proc
                                        err_msg=f"{name} {array}")
     assert (tmp_path / "two" / "stages" / "decompose.json").exists()
     assert not (tmp_path / "two" / "stages" / "cluster.json").exists()
+
+
+@pytest.mark.slow
+def test_a_peer_that_dies_stops_the_survivor_with_a_clear_error_and_the_run_resumes(tmp_path):
+    """Two processes of `polca run` on a 2 x 2 mesh; one is killed mid-stage. The survivor's JAX runtime aborts it
+    after --heartbeat-timeout seconds; the `polca` command reports that in one paragraph (exit 2), and the same
+    command in two processes then finishes the run."""
+    import signal
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--no-compile-cache",
+             "--out", str(tmp_path / "run")]
+    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+    def start(port: int) -> list[subprocess.Popen]:
+        return [subprocess.Popen(polca + ["--mesh", "2x2", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                          "2", "--process-id", str(index), "--heartbeat-timeout", "10"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)  # its own group: a kill reaches the supervised child
+                for index in range(2)]
+
+    processes = start(_free_port())
+    deadline = time.monotonic() + 300
+    while not any((tmp_path / "run" / "basis").glob("*.partial/*")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # until both have joined and Algorithm 1 has begun
+    os.killpg(processes[1].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = processes[0].communicate(timeout=300)
+    assert processes[0].returncode == 2, err[-3000:]
+    assert time.monotonic() - killed < 120
+    assert "polca: error: this process of a multi-process run was stopped by JAX's runtime" in err
+    assert "start every process again with the same command to resume" in err
+    assert not (tmp_path / "run" / "stages" / "decompose.json").exists()
+
+    processes = start(_free_port())
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err[-2000:] for _, err in outputs]
+    assert (tmp_path / "run" / "stages" / "decompose.json").exists()

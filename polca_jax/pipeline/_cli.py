@@ -63,6 +63,8 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
     scale.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (JAX_COORDINATOR_ADDRESS)")
     scale.add_argument("--num-processes", type=int, metavar="N", help="number of processes (JAX_NUM_PROCESSES)")
     scale.add_argument("--process-id", type=int, metavar="I", help="this process' index, 0..N-1 (JAX_PROCESS_ID)")
+    scale.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                       help="seconds a peer may stay silent before the run stops with an error (default 100)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,7 +192,9 @@ def _run_mesh(args):
     given = (args.coordinator, args.num_processes, args.process_id)
     if any(value is not None for value in given) or os.environ.get(ADDRESS_VARIABLE):
         try:
-            pj.initialize_distributed(*given)
+            if args.heartbeat_timeout < 1:
+                raise ValueError(f"--heartbeat-timeout must be at least 1 second, got {args.heartbeat_timeout}")
+            pj.initialize_distributed(*given, heartbeat_timeout_s=args.heartbeat_timeout)
         except ConnectionError as error:
             raise ValueError(str(error)) from None
     if shape is None:
