@@ -295,7 +295,7 @@ def test_bad_options_raise_clear_errors(call, message):
 
 @pytest.mark.slow
 def test_the_scaled_gradient_covariance_basis_runs_as_an_ablation_basis(tmp_path):
-    settings = ["ablation_bases=random,scaled_gradient_covariance", "baselines=false"]
+    settings = ["ablation_bases=random,scaled_gradient_covariance,gradient_covariance", "baselines=false"]
     report = run(TASK, tmp_path / "run", preset="tiny", settings=settings, progress=False, log=lambda _: None)
     import polca_jax as pj
     basis = pj.Basis.load(tmp_path / "run" / "basis" / "scaled_gradient_covariance")
@@ -304,8 +304,11 @@ def test_the_scaled_gradient_covariance_basis_runs_as_an_ablation_basis(tmp_path
     assert not (tmp_path / "run" / "basis" / "scaled_gradient_covariance.partial").exists()
     result = pj.POLCAResult.load(tmp_path / "run" / "polca" / "scaled_gradient_covariance")
     assert result.config["eigenvalues"] == "current"  # its eigenvalues are no Hessian's: the paper's term measures
+    unscaled = pj.Basis.load(tmp_path / "run" / "basis" / "gradient_covariance")
+    assert unscaled.method == "gradient_covariance" and unscaled.size == hessian.size
     variants = json.loads((tmp_path / "run" / "metrics.json").read_text())["variants"]
-    assert {"covariance_basis", "covariance_profile"} <= set(variants)
+    assert {"covariance_basis", "covariance_profile", "covariance_gradients", "unscaled_covariance_basis",
+            "unscaled_covariance_gradients"} <= set(variants)
     nulls = report.read_text().split("## Against the nulls")[1]
     assert "Scaled gradient covariance basis" in nulls and "Scaled gradient covariance, allocation profiles" in nulls
 

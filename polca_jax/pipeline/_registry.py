@@ -127,6 +127,12 @@ def _scaled_gradient_covariance(inputs: BasisInputs) -> pj.Basis:
                                         key=jax.random.fold_in(inputs.key, 3), **inputs.algorithm1_options())
 
 
+def _gradient_covariance(inputs: BasisInputs) -> pj.Basis:
+    return pj.gradient_covariance_basis(inputs.task.per_sample_loss, inputs.checkpoints, inputs.task.hessian_batch,
+                                        scale=None, key=jax.random.fold_in(inputs.key, 4),
+                                        **inputs.algorithm1_options())
+
+
 BASES: dict[str, BasisKind] = {kind.name: kind for kind in (
     BasisKind(MAIN_BASIS, "Hessian (Algorithm 1)", _hessian, curvature="stored", lanczos=True),
     BasisKind("shuffled_hessian", "Algorithm 1, checkpoints shuffled", _shuffled_hessian, curvature="stored",
@@ -136,6 +142,7 @@ BASES: dict[str, BasisKind] = {kind.name: kind for kind in (
               size=lambda config: config.lca_axes),
     BasisKind("scaled_gradient_covariance", "Scaled per-sample gradient covariance", _scaled_gradient_covariance,
               lanczos=True),  # a covariance product costs about an HVP
+    BasisKind("gradient_covariance", "Per-sample gradient covariance, unscaled", _gradient_covariance, lanczos=True),
 )}
 BUILTIN_BASES = tuple(BASES)
 
@@ -211,6 +218,10 @@ VARIANTS: list[Variant] = [
             "ablation"),
     Variant("covariance_gradients", "Scaled gradient covariance, projected-gradient trajectories",
             "scaled_gradient_covariance", "gradients", "ablation"),
+    Variant("unscaled_covariance_basis", "Unscaled gradient covariance basis", "gradient_covariance",
+            "projected_loss", "ablation"),
+    Variant("unscaled_covariance_gradients", "Unscaled gradient covariance, projected-gradient trajectories",
+            "gradient_covariance", "gradients", "ablation"),
     Variant("gradient_norms", "Control: gradient norm per parameter block", MAIN_BASIS, "gradient_norms", "control"),
 ]  # the report's order
 BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
