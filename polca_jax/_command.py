@@ -67,8 +67,8 @@ def _supervise(argv: list[str]) -> int:
         code = child.wait()
     if code in (-signal.SIGABRT, 128 + signal.SIGABRT):
         print("polca: error: this process of a multi-process run was stopped by JAX's runtime (SIGABRT): a peer "
-              "process stopped, was never started, or stayed unreachable for longer than --heartbeat-timeout "
-              "seconds (the native stack above names it). What the finished stages and checkpoints wrote is kept "
+              "process stopped or stayed unreachable for longer than --heartbeat-timeout seconds, or not every "
+              "process joined within --init-timeout seconds (the native report above names which). What the finished stages and checkpoints wrote is kept "
               "in the run directory: start every process again with the same command to resume.", file=sys.stderr)
         return 2
     return code if code >= 0 else 128 - code

@@ -206,3 +206,18 @@ def test_a_peer_that_dies_stops_the_survivor_with_a_clear_error_and_the_run_resu
     outputs = [process.communicate(timeout=600) for process in processes]
     assert all(process.returncode == 0 for process in processes), [err[-2000:] for _, err in outputs]
     assert (tmp_path / "run" / "stages" / "decompose.json").exists()
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_comes_stops_the_started_process_with_a_clear_error(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--out", str(tmp_path / "run")]
+    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    started = time.monotonic()
+    alone = subprocess.run(polca + ["--mesh", "1x1", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes",
+                                    "2", "--process-id", "0", "--init-timeout", "5"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert alone.returncode == 2 and time.monotonic() - started < 120, alone.stderr[-3000:]
+    assert "not every process joined within --init-timeout seconds" in alone.stderr
+    assert not (tmp_path / "run" / "stages" / "basis.json").exists()

@@ -65,6 +65,9 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
     scale.add_argument("--process-id", type=int, metavar="I", help="this process' index, 0..N-1 (JAX_PROCESS_ID)")
     scale.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
                        help="seconds a peer may stay silent before the run stops with an error (default 100)")
+    scale.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                       help="seconds to wait for every process to join before the run stops with an error "
+                       "(default 300)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -192,9 +195,12 @@ def _run_mesh(args):
     given = (args.coordinator, args.num_processes, args.process_id)
     if any(value is not None for value in given) or os.environ.get(ADDRESS_VARIABLE):
         try:
-            if args.heartbeat_timeout < 1:
-                raise ValueError(f"--heartbeat-timeout must be at least 1 second, got {args.heartbeat_timeout}")
-            pj.initialize_distributed(*given, heartbeat_timeout_s=args.heartbeat_timeout)
+            for flag, value in (("--heartbeat-timeout", args.heartbeat_timeout),
+                                ("--init-timeout", args.init_timeout)):
+                if value < 1:
+                    raise ValueError(f"{flag} must be at least 1 second, got {value}")
+            pj.initialize_distributed(*given, timeout_s=args.init_timeout,
+                                      heartbeat_timeout_s=args.heartbeat_timeout)
         except ConnectionError as error:
             raise ValueError(str(error)) from None
     if shape is None:
