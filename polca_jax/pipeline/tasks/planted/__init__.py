@@ -26,6 +26,8 @@ import numpy as np
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
 from polca_jax.pipeline.tasks.planted._entangled import make_entangled_task  # noqa: F401  (planted-entangled)
 from polca_jax.pipeline.tasks.planted._model import (
+    BENCHMARK_SETTINGS,
+    TINY_SETTINGS,
     PerSampleLoss,
     PlantedSpec,
     group_counts,
@@ -39,15 +41,10 @@ from polca_jax.pipeline.tasks.planted._scores import planted_report_sections
 
 GROUP_NAMES = "ABCDEFGH"
 
-_COMMON = dict(learning_rate=1e-2, warmup_steps=10, weight_decay=0.0, reference_num_samples=None,
-               second_order="paper", null_permutations=500, breakthrough_shuffles=100)
 PRESETS = {
-    # seconds: the CI end-to-end test
-    "tiny": dict(_COMMON, num_eval_samples=160, width=8, num_steps=200, polca_every=5, basis_every=40,
-                 lanczos_iters=10, min_cluster_size=12, lca_axes=8, metrics_every=50, null_permutations=200,
-                 breakthrough_shuffles=50),
+    "tiny": dict(TINY_SETTINGS, width=8),  # seconds: the CI end-to-end test
     # the benchmark at CPU scale (about 2 minutes on a 2-core CPU)
-    "cpu": dict(_COMMON, num_eval_samples=400, width=16, num_steps=600, polca_every=10, basis_every=60,
+    "cpu": dict(BENCHMARK_SETTINGS, num_eval_samples=400, width=16, num_steps=600, polca_every=10, basis_every=60,
                 lanczos_iters=20, min_cluster_size=30, lca_axes=10, metrics_every=50),
 }
 PRESETS["tiny-late"] = dict(PRESETS["tiny"], group_weights="2,2,1", late_step=100, threshold_step=80, window_steps=20)

@@ -33,17 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
-from polca_jax.pipeline.tasks.planted._model import PerSampleLoss, teacher_output
+from polca_jax.pipeline.tasks.planted._model import BENCHMARK_SETTINGS, TINY_SETTINGS, PerSampleLoss, teacher_output
 from polca_jax.pipeline.tasks.planted._scores import planted_report_sections
 
 RULES = ("parity", "carry")
-_COMMON = dict(learning_rate=1e-2, warmup_steps=10, weight_decay=0.0, reference_num_samples=None,
-               second_order="paper", null_permutations=500, breakthrough_shuffles=100)
 PRESETS = {
-    "tiny": dict(_COMMON, num_eval_samples=160, width=16, num_steps=200, polca_every=5, basis_every=40,
-                 lanczos_iters=10, min_cluster_size=12, lca_axes=8, metrics_every=50, null_permutations=200,
-                 breakthrough_shuffles=50),
-    "cpu": dict(_COMMON, num_eval_samples=400, width=32, num_steps=1200, polca_every=20, basis_every=120,
+    "tiny": dict(TINY_SETTINGS, width=16),
+    "cpu": dict(BENCHMARK_SETTINGS, num_eval_samples=400, width=32, num_steps=1200, polca_every=20, basis_every=120,
                 lanczos_iters=20, min_cluster_size=30, lca_axes=10, metrics_every=50),
 }
 PRESETS["cpu-carry"] = dict(PRESETS["cpu"], rule="carry")

@@ -27,6 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 LOSSES = ("mse", "logistic")
+# the pipeline settings of every planted benchmark's presets, and the CI-sized ("tiny") preset's (seconds a run)
+BENCHMARK_SETTINGS = dict(learning_rate=1e-2, warmup_steps=10, weight_decay=0.0, reference_num_samples=None,
+                          second_order="paper", null_permutations=500, breakthrough_shuffles=100)
+TINY_SETTINGS = dict(BENCHMARK_SETTINGS, num_eval_samples=160, num_steps=200, polca_every=5, basis_every=40,
+                     lanczos_iters=10, min_cluster_size=12, lca_axes=8, metrics_every=50, null_permutations=200,
+                     breakthrough_shuffles=50)
 
 
 @dataclasses.dataclass(frozen=True)
