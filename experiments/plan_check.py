@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from polca_jax.pipeline._config import make_config, parse_overrides
-from polca_jax.pipeline._plan import plan_run
-from polca_jax.pipeline._task import load_task_definition
+from polca_jax.pipeline import load_task_definition, make_config, parse_overrides, plan_run
 
 CASES = {  # name -> (task, preset, settings)
     "arithmetic-cpu": ("arithmetic", "cpu", []),

@@ -30,6 +30,7 @@ from polca_jax._projections import (
     per_sample_losses,
     per_sample_projections,
     per_sample_projections_and_curvature,
+    projection_kernel_cost,
 )
 from polca_jax._sharding import data_mesh, device_mesh, per_device_bytes, shard_params
 from polca_jax.errors import CorruptRunDirectory, PolcaError, ResumeMismatch, TaskError
@@ -68,6 +69,7 @@ __all__ = [
     "per_sample_projections",
     "per_sample_projections_and_curvature",
     "polca",
+    "projection_kernel_cost",
     "random_basis",
     "rms_gradient_scale",
     "remove_direction",

@@ -79,3 +79,17 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones():
 def test_polca_jax_has_no_import_circle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_experiments_examples_and_notebooks_use_only_the_public_surface():
+    """What a user's own code would import: no ``polca_jax`` module whose name starts with an underscore."""
+    offenders = []
+    for folder in ("experiments", "examples", "notebooks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{path.relative_to(ROOT)}: {name}" for name in names
+                              if name.split(".")[0] == "polca_jax" and any(part.startswith("_")
+                                                                           for part in name.split(".")[1:])]
+    assert not offenders, "private imports:\n" + "\n".join(offenders)

@@ -31,8 +31,7 @@ import jax  # noqa: E402
 
 from polca_jax import _tree as tree  # noqa: E402
 from polca_jax.pipeline import STAGES, load_task_definition, make_config, open_run, run_stages  # noqa: E402
-from polca_jax.pipeline._config import parse_overrides  # noqa: E402
-from polca_jax.pipeline._plan import plan_run  # noqa: E402
+from polca_jax.pipeline import parse_overrides, plan_run  # noqa: E402
 
 TASK = "arithmetic"
 FULL = {"ablations": True, "baselines": True}

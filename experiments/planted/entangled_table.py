@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline.tasks.planted._scores import strategy_summary
+from polca_jax.pipeline.tasks.planted import strategy_summary
 
 from trivial_controls import gradient_norm_shares, load_planted_run
 

@@ -26,8 +26,7 @@ from polca_jax import analysis
 from polca_jax import analysis as unsup
 from polca_jax.pipeline import RunDirectory, load_labels
 from polca_jax.pipeline.tasks.planted import make_spec
-from polca_jax.pipeline.tasks.planted._model import parameter_roles
-from polca_jax.pipeline.tasks.planted._scores import late_breakthrough, matched_loss_gap, strategy_summary
+from polca_jax.pipeline.tasks.planted import late_breakthrough, matched_loss_gap, parameter_roles, strategy_summary
 
 BASES = ("hessian", "random", "first_layer", "first_layer_random")  # the last two from restricted_basis.py
 ALTERNATIVES = [("paper", "hdbscan"), ("unit", "hdbscan"), ("shape", "hdbscan"), ("profile", "hdbscan"),

@@ -20,7 +20,7 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax.pipeline import RunDirectory, load_labels
 from polca_jax.pipeline.tasks.planted import make_spec
-from polca_jax.pipeline.tasks.planted._model import parameter_roles
+from polca_jax.pipeline.tasks.planted import parameter_roles
 
 
 def print_dense_spectrum(run: RunDirectory, step: int, top: int = 6) -> None:

@@ -17,7 +17,8 @@ except ImportError as error:
     raise ImportError(f"polca_jax.pipeline needs the pipeline extra ({error}): pip install 'polca_jax[pipeline]'. The "
                       "kernels, polca_jax and polca_jax.analysis, work without it.") from error
 
-from polca_jax.pipeline._config import RunConfig, make_config  # noqa: E402
+from polca_jax.pipeline._config import RunConfig, make_config, parse_overrides  # noqa: E402
+from polca_jax.pipeline._plan import plan_run  # noqa: E402
 from polca_jax.pipeline._report import write_report  # noqa: E402
 from polca_jax.pipeline._reporting import RunView, load_run_view  # noqa: E402
 from polca_jax.pipeline._run import open_run, run  # noqa: E402
@@ -67,6 +68,8 @@ __all__ = [
     "load_task_definition",
     "make_config",
     "open_run",
+    "parse_overrides",
+    "plan_run",
     "register_basis",
     "run",
     "run_stages",

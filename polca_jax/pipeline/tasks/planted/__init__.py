@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
-from polca_jax.pipeline.tasks.planted._entangled import make_entangled_task  # noqa: F401  (planted-entangled)
+from polca_jax.pipeline.tasks.planted._entangled import make_entangled_task
 from polca_jax.pipeline.tasks.planted._model import (
     BENCHMARK_SETTINGS,
     TINY_SETTINGS,
@@ -37,7 +37,12 @@ from polca_jax.pipeline.tasks.planted._model import (
     parameter_roles,
     sample_groups,
 )
-from polca_jax.pipeline.tasks.planted._scores import planted_report_sections
+from polca_jax.pipeline.tasks.planted._scores import (
+    late_breakthrough,
+    matched_loss_gap,
+    planted_report_sections,
+    strategy_summary,
+)
 
 GROUP_NAMES = "ABCDEFGH"
 
@@ -133,3 +138,7 @@ def make_task(group_weights: str = "1,1", private_dims: int = 8, shared_dims: in
                      f"{loss} loss, noise {noise}, mirror {mirror}{late}; {int(roles['group 0'].sum())} parameters "
                      "private to group A."),
     )
+
+
+__all__ = ["GROUP_NAMES", "PRESETS", "late_breakthrough", "make_entangled_task", "make_spec", "make_task",
+           "matched_loss_gap", "parameter_roles", "planted_report_sections", "strategy_summary"]
