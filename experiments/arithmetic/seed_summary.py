@@ -1,5 +1,5 @@
-"""One line per strategy and run (after each basis' directions kept by the oscillation filter): clusters, the best qualifying carry cluster with its Holm-corrected
-permutation p-value, how many clusters beat the null in any label set, hidden breakthroughs beyond their null, and
+"""One line per strategy and run (after each basis' directions kept by the oscillation filter): clusters, the best
+qualifying carry cluster with its recall and Holm-corrected permutation p-value, how many clusters beat the null in any label set, hidden breakthroughs beyond their null, and
 the causal check.
 
     python experiments/arithmetic/seed_summary.py RUN_DIR [RUN_DIR ...]
@@ -9,16 +9,15 @@ import argparse
 import json
 from pathlib import Path
 
-STRATEGIES = ("exact_loss", "polca", "first_order_polca", "polca_profile", "random_basis", "random_profile",
-              "shuffled_hessian", "lca")
+from polca_jax.pipeline import VARIANTS
 
 
 def describe(info: dict) -> str:
     carry = info["label_sets"].get("carry", {})
     top = carry.get("top_clusters") or []
     best = "none qualifies" if not top else (
-        f"{top[0]['homogeneity']:.3f} (p {top[0]['pvalue_adjusted']:.3g}, {top[0]['size']} tokens, base rate "
-        f"{top[0]['base_rate']:.3f})" if top[0].get("pvalue_adjusted") is not None else
+        f"{top[0]['homogeneity']:.3f} (recall {top[0]['recall']:.3f}, p {top[0]['pvalue_adjusted']:.3g}, "
+        f"{top[0]['size']} tokens, base rate {top[0]['base_rate']:.3f})" if top[0].get("pvalue_adjusted") is not None else
         f"{top[0]['homogeneity']:.3f} (not testable)")
     beating = sum(any(s.get("beats_null") for s in c["labels"].values()) for c in info["clusters"])
     carry_beating = carry.get("clusters_beating_null", 0)
@@ -40,9 +39,8 @@ def main() -> None:
         kept = ", ".join(f"{basis} {len(f['kept_directions'])} of {f['num_directions']}"
                          for basis, f in metrics["filters"].items())
         print(f"{run.name} (seed {config['seed']}): directions kept by the oscillation filter: {kept}")
-        for name in STRATEGIES:
-            if name in metrics["variants"]:
-                print(f"  {metrics['variants'][name]['label']}: {describe(metrics['variants'][name])}")
+        for name in (variant.name for variant in VARIANTS if variant.name in metrics["variants"]):
+            print(f"  {metrics['variants'][name]['label']}: {describe(metrics['variants'][name])}")
 
 
 if __name__ == "__main__":
