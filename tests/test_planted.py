@@ -70,6 +70,8 @@ def test_entangled_groups_follow_their_gate_and_each_group_s_target_its_own_teac
     target = np.where(expected, 0.5 * teacher_output(teachers[1], x_b), teacher_output(teachers[0], x_a))
     np.testing.assert_allclose(samples["y"], target, rtol=1e-5, atol=1e-6)
     assert 0.35 < expected.mean() < 0.6  # both groups, from one input distribution
+    early = make_samples(spec, teachers, 200, np.random.default_rng(2), group_a_only=True)  # before late_step
+    assert early["x"].shape[0] == 200 and not early["group"].any()
     null = EntangledSpec(rule, gate_bits=4, block_dims=3, amplitude_b=1.0, same_mechanism=True)
     samples = make_samples(null, teachers, 500, np.random.default_rng(1))  # the negative control: one mechanism
     np.testing.assert_allclose(samples["y"], teacher_output(teachers[0], x_a), rtol=1e-5, atol=1e-6)
@@ -91,10 +93,17 @@ def test_entangled_groups_defeat_the_trivial_controls_by_construction(entangled,
     assert not analysis.adjusted_rand(control, groups) > 0.3
 
 
+def test_the_late_entangled_group_enters_training_at_its_step(entangled):
+    task = entangled.build({"late_step": 50, "width": 4, "num_eval_samples": 40}, seed=0, workdir=None)
+    assert not any(task.train_batches(step)["group"].any() for step in (0, 25, 49))
+    assert task.train_batches(50)["group"].any() and task.eval_batch["group"].any()
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(rule="xor"), "rule must be one of"), (dict(gate_bits=1), "gate_bits must be an integer >= 2"),
     (dict(amplitude_b=0.0), "amplitude_b must be a finite number > 0"), (dict(width=1), "width must be an integer"),
     (dict(same_mechanism="yes"), "same_mechanism must be true or false"),
+    (dict(late_step=-1), "late_step must be an integer >= 0"),
 ])
 def test_entangled_bad_options_raise_clear_errors(entangled, options, message):
     with pytest.raises(ValueError, match=message):

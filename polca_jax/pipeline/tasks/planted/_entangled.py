@@ -44,6 +44,7 @@ PRESETS = {
 }
 PRESETS["cpu-carry"] = dict(PRESETS["cpu"], rule="carry")
 PRESETS["cpu-null"] = dict(PRESETS["cpu"], same_mechanism=True, amplitude_b=1.0)  # the negative control
+PRESETS["cpu-late"] = dict(PRESETS["cpu"], late_step=600, threshold_step=500, window_steps=100)  # B learned late
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +98,17 @@ def make_teachers(spec: EntangledSpec, rng: np.random.Generator) -> tuple[dict, 
     return teachers[0], teachers[1]
 
 
-def make_samples(spec: EntangledSpec, teachers: tuple[dict, dict], n: int, rng: np.random.Generator) -> dict:
-    """``{"x": [n, D], "y": [n], "group": int[n]}`` (float32 inputs and targets)."""
+def make_samples(spec: EntangledSpec, teachers: tuple[dict, dict], n: int, rng: np.random.Generator, *,
+                 group_a_only: bool = False) -> dict:
+    """``{"x": [n, D], "y": [n], "group": int[n]}`` (float32 inputs and targets); ``group_a_only``: gates drawn
+    from their distribution given a closed gate (the first n closed ones of repeated draws)."""
     gates, groups = draw_gates(spec, n, rng)
+    while group_a_only and np.count_nonzero(groups == 0) < n:
+        more_gates, more_groups = draw_gates(spec, n, rng)
+        gates, groups = np.concatenate([gates, more_gates]), np.concatenate([groups, more_groups])
+    if group_a_only:
+        keep = np.flatnonzero(groups == 0)[:n]
+        gates, groups = gates[keep], groups[keep]
     x_a, x_b = rng.normal(size=(n, spec.block_dims)), rng.normal(size=(n, spec.block_dims))
     own_b = teacher_output(teachers[0], x_a) if spec.same_mechanism else teacher_output(teachers[1], x_b)
     y = np.where(groups == 1, spec.amplitude_b * own_b, teacher_output(teachers[0], x_a))
@@ -116,13 +125,18 @@ def init_params(spec: EntangledSpec, width: int, key: jax.Array) -> dict:
 
 @task_factory(presets=PRESETS, default_preset="cpu", report_sections=planted_report_sections)
 def make_entangled_task(rule: str = "parity", gate_bits: int = 4, block_dims: int = 6, amplitude_b: float = 0.5,
-                        same_mechanism: bool = False, width: int = 32, num_eval_samples: int = 400,
-                        num_hessian_samples: int = 256, batch_size: int = 64, seed: int = 0) -> Task:
+                        same_mechanism: bool = False, late_step: int = 0, width: int = 32,
+                        num_eval_samples: int = 400, num_hessian_samples: int = 256, batch_size: int = 64,
+                        seed: int = 0) -> Task:
     """The entangled planted task (see the module docstring). same_mechanism: the negative control, in which group
     B's target is group A's teacher too (on x_A, scaled by ``amplitude_b``): the gate then decides nothing a
-    mechanism could tell apart but the scale, and with ``amplitude_b=1`` nothing at all."""
+    mechanism could tell apart but the scale, and with ``amplitude_b=1`` nothing at all. late_step: group B's
+    samples enter the training batches only at this step (0: from the start), so that its mechanism is learned late,
+    after group A's has formed (the evaluation and Hessian samples hold both groups throughout)."""
     if not isinstance(same_mechanism, bool):
         raise ValueError(f"same_mechanism must be true or false, got {same_mechanism!r}")
+    if isinstance(late_step, bool) or not isinstance(late_step, int) or late_step < 0:
+        raise ValueError(f"late_step must be an integer >= 0 (0: no late group), got {late_step!r}")
     spec = EntangledSpec(rule, gate_bits, block_dims, float(amplitude_b), same_mechanism)
     for name, value in (("width", width), ("num_eval_samples", num_eval_samples),
                         ("num_hessian_samples", num_hessian_samples), ("batch_size", batch_size)):
@@ -140,7 +154,8 @@ def make_entangled_task(rule: str = "parity", gate_bits: int = 4, block_dims: in
         per_sample_loss=PerSampleLoss(shared_readout=True, loss="mse"),
         eval_batch=evaluation,
         hessian_batch=hessian,
-        train_batches=lambda step: make_samples(spec, teachers, batch_size, np.random.default_rng([seed, 1, step])),
+        train_batches=lambda step: make_samples(spec, teachers, batch_size, np.random.default_rng([seed, 1, step]),
+                                                group_a_only=step < late_step),
         labels={"group": LabelSet(names)},
         sample_texts=[f"group {name}, gate {gate.tolist()}, y = {y:+.2f}" for name, gate, y in
                       zip(names, evaluation["x"][:, : spec.gate_dims].astype(int), evaluation["y"])],
