@@ -324,9 +324,11 @@ def test_the_scaled_gradient_covariance_basis_runs_as_an_ablation_basis(tmp_path
 
 @pytest.mark.slow
 def test_the_entangled_tiny_preset_runs_end_to_end_with_its_strategies_and_controls(tmp_path):
-    report = run("planted-entangled", tmp_path / "run", preset="tiny", progress=False, log=lambda _: None)
+    report = run("planted-entangled", tmp_path / "run", preset="tiny", settings=["late_step=100"], progress=False,
+                 log=lambda _: None)
     text = report.read_text()
     assert "## Planted ground truth" in text and "POLCA, projected-gradient trajectories" in text
+    assert "Planted late breakthrough: group B enters training at step 100" in text
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"polca_gradients", "random_gradients", "gradient_norms"} <= set(metrics["variants"])
     verdict = metrics["verdicts"]["group"]
