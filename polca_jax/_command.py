@@ -57,9 +57,10 @@ def _multi_process(argv: list[str]) -> bool:
 def _supervise(argv: list[str]) -> int:
     """Run a multi-process command in a child process and report its end: JAX's runtime aborts a process
     (``SIGABRT``, a C++ stack) when a peer dies or never comes; this turns that into one paragraph and exit 2. The
-    child's output passes through; an interrupt reaches it."""
+    child's output passes through; an interrupt or a SIGTERM reaches it."""
     child = subprocess.Popen([sys.executable, "-m", "polca_jax._command", *argv],
                              env={**os.environ, SUPERVISED: "1"})
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))  # a kill reaches it
     try:
         code = child.wait()
     except KeyboardInterrupt:

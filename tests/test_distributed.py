@@ -221,3 +221,20 @@ def test_a_peer_that_never_comes_stops_the_started_process_with_a_clear_error(tm
     assert alone.returncode == 2 and time.monotonic() - started < 120, alone.stderr[-3000:]
     assert "not every process joined within --init-timeout seconds" in alone.stderr
     assert not (tmp_path / "run" / "stages" / "basis.json").exists()
+
+
+@pytest.mark.slow
+def test_a_terminated_multi_process_command_takes_its_supervised_child_with_it(tmp_path):
+    import signal
+
+    out = tmp_path / "terminated-run"  # a unique name to find the child by
+    command = subprocess.Popen([sys.executable, "-m", "polca_jax._command", "run", "planted", "--out", str(out),
+                                "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+                                "--process-id", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(8)  # the child waits for a coordinator that never comes
+    command.send_signal(signal.SIGTERM)
+    command.communicate(timeout=60)
+    assert command.returncode == 128 + signal.SIGTERM
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
