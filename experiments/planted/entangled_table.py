@@ -15,19 +15,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import adjusted_rand_score
-from sklearn.model_selection import cross_val_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
 import polca_jax as pj
 from polca_jax import analysis
 from polca_jax.pipeline.tasks.planted import strategy_summary
 
-from trivial_controls import gradient_norm_shares, load_planted_run
+from trivial_controls import exact_loss_probe_auc, gradient_share_ari, load_planted_run
 
 STRATEGIES = ("polca", "polca_profile", "polca_gradients", "random_gradients", "gradient_norms")
 
@@ -64,12 +56,8 @@ def row(run_dir: Path) -> list[str]:
         cells.append(f"{summary['best_ari']:.2f} / {recovered}")
     result = pj.POLCAResult.load(run_dir / "polca" / "hessian")
     with pj.OrbaxCheckpoints(run_dir / "checkpoints", [int(result.steps[1])]) as store:
-        shares = gradient_norm_shares(task, store[0])
-    found = KMeans(np.unique(groups).size, n_init=10, random_state=0).fit_predict(shares)
-    cells.append(f"{adjusted_rand_score(groups, found):.2f}")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    target = groups == np.unique(groups)[0]
-    cells.append(f"{cross_val_score(probe, np.asarray(result.loss).T, target, cv=5, scoring='roc_auc').mean():.2f}")
+        cells.append(f"{gradient_share_ari(task, store[0], groups):.2f}")
+    cells.append(f"{exact_loss_probe_auc(result.loss, groups):.2f}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cells.append(verdict_text(metrics["verdicts"]["group"]))
     return cells

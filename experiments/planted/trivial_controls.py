@@ -40,6 +40,20 @@ def gradient_norm_shares(task, params) -> np.ndarray:
     return norms / np.maximum(norms.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
 
 
+def gradient_share_ari(task, params, groups: np.ndarray) -> float:
+    """ARI against ``groups`` of k-means (as many clusters as groups) on :func:`gradient_norm_shares`."""
+    found = KMeans(np.unique(groups).size, n_init=10, random_state=0).fit_predict(gradient_norm_shares(task, params))
+    return adjusted_rand_score(groups, found)
+
+
+def exact_loss_probe_auc(loss: np.ndarray, groups: np.ndarray) -> float:
+    """Cross-validated ROC AUC of a logistic probe for the first group against the rest on the exact-loss
+    trajectories ``loss [T, N]``: a supervised upper bound no strategy may use."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    target = groups == np.unique(groups)[0]
+    return cross_val_score(probe, np.asarray(loss).T, target, cv=5, scoring="roc_auc").mean()
+
+
 def load_planted_run(run_dir: Path) -> tuple[dict, object, np.ndarray]:
     """A finished planted run's config, its task (built by running the task's code) and its group labels [N]."""
     config = json.loads((run_dir / "config.json").read_text())
@@ -59,14 +73,11 @@ def main() -> None:
     result = pj.POLCAResult.load(args.run_dir / "polca" / "hessian")
     steps = args.steps or [int(result.steps[1]), int(result.steps[-1])]
     store = pj.OrbaxCheckpoints(args.run_dir / "checkpoints", steps)
-    num_groups = np.unique(groups).size
-    print(f"{args.run_dir}: {groups.size} samples, {num_groups} groups")
+    print(f"{args.run_dir}: {groups.size} samples, {np.unique(groups).size} groups")
     for index, step in enumerate(steps):
-        found = KMeans(num_groups, n_init=10, random_state=0).fit_predict(gradient_norm_shares(task, store[index]))
-        print(f"gradient norm shares per w_in row, step {step}, k-means: ARI {adjusted_rand_score(groups, found):.2f}")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    target = groups == np.unique(groups)[0]
-    auc = cross_val_score(probe, np.asarray(result.loss).T, target, cv=5, scoring="roc_auc").mean()
+        ari = gradient_share_ari(task, store[index], groups)
+        print(f"gradient norm shares per w_in row, step {step}, k-means: ARI {ari:.2f}")
+    auc = exact_loss_probe_auc(result.loss, groups)
     print(f"supervised upper bound, logistic probe on the exact-loss trajectories: ROC AUC {auc:.2f}")
 
 
