@@ -23,7 +23,7 @@ from polca_jax._checks import (
     is_traced,
 )
 from polca_jax._distributed import is_writer, sync, to_host
-from polca_jax._fingerprints import loss_digest, params_digest
+from polca_jax._fingerprints import digests_differ, loss_digest, params_digest
 from polca_jax._files import (
     file_digest,
     load_npy,
@@ -601,8 +601,7 @@ class PartialBasis:
         t = 0
         while t < len(checkpoints) and self._done(t).exists():
             record = read_json(self._done(t), required=("values", "residuals", "rows_digest", "params_digest"))
-            digest = params_digest(checkpoints[t])  # None where the parameters are split across processes
-            if digest is not None and record["params_digest"] is not None and digest != record["params_digest"]:
+            if digests_differ(record["params_digest"], params_digest(checkpoints[t])):
                 raise ResumeMismatch(
                     f"the checkpoint at position {t} is not the one {self.directory} found its vectors at (its "
                     "parameters changed); remove the directory to start the basis afresh"

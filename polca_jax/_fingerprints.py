@@ -2,8 +2,8 @@
 
 A loss' digest is the SHA-256 of its jaxpr traced on abstract arguments (shapes and dtypes only, so nothing is
 computed) with memory addresses removed, and of the constants it closes over: it changes when the loss' code or
-its captured arrays change, and is the same in every process that traces the same code. A checkpoint's digest is
-:func:`polca_jax._tree.digest` of its restored parameters.
+its captured arrays change, and is the same in every process that traces the same code. A checkpoint's digest
+(:func:`params_digest`) is one that the processes of a multi-process run compute together from their shards.
 """
 
 from __future__ import annotations
@@ -46,10 +46,79 @@ def _without_x64():
     return disable_x64()
 
 
-def params_digest(params: Any) -> str | None:
-    """:func:`polca_jax._tree.digest` of a checkpoint's parameters; None when they are split across processes (a
-    multi-process run), where a digest would need every process' shards."""
-    for leaf in jax.tree_util.tree_leaves(params):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return None
-    return tree.digest(params)
+PARAMS_DIGEST = "sum64:"  # the prefix of a parameters digest in the current format
+_ROWS_PER_BLOCK = 1 << 20  # elements summed at a time, bounding the temporaries of a large leaf
+
+
+def params_digest(params: Any) -> str:
+    """Digest of a checkpoint's parameters that every process of a multi-process run computes alike from the shards
+    it holds: SHA-256 of the tree's structure and, per leaf, its dtype, shape and the position-weighted sum of its
+    bits, ``sum_i w(i) * bits(x_i) mod 2**64`` (``w(i)`` an odd hash of the flat index ``i``). Each process sums
+    the shards it holds a first replica of; the processes' partial sums (8 bytes a leaf) add up to the whole's."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    split = [isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in leaves]
+    sums = [_bits_sum(leaf) for leaf in leaves]
+    if any(split):
+        sums = _sum_over_processes(sums)
+    hashed = hashlib.sha256(str(treedef).encode())
+    for leaf, total in zip(leaves, sums):
+        hashed.update(f"{np.dtype(leaf.dtype)}{tuple(np.shape(leaf))}{total:016x}".encode())
+    return PARAMS_DIGEST + hashed.hexdigest()
+
+
+def digests_differ(saved: str | None, current: str) -> bool:
+    """Whether a recorded parameters digest names other parameters than ``current``; a record made in an earlier
+    format (or none) cannot tell, and is not held against them."""
+    return isinstance(saved, str) and saved.startswith(PARAMS_DIGEST) and saved != current
+
+
+def _bits_sum(leaf) -> int:
+    """``sum_i w(i) * bits(x_i) mod 2**64`` over the elements of ``leaf`` that this process holds a first replica of
+    (all of them for an array on this host alone)."""
+    shape = tuple(np.shape(leaf))
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        blocks = [(np.asarray(shard.data), shard.index) for shard in leaf.addressable_shards if shard.replica_id == 0]
+    else:
+        blocks = [(np.asarray(leaf), (slice(None),) * len(shape))]
+    total = 0
+    for block, index in blocks:
+        starts = [0 if part.start is None else part.start for part in index]
+        rows = max(1, _ROWS_PER_BLOCK // max(1, int(np.prod(block.shape[1:], dtype=np.int64))))
+        for first in range(0, max(1, block.shape[0]) if block.ndim else 1, rows):
+            part = block[first:first + rows] if block.ndim else block
+            offset = [starts[0] + first, *starts[1:]] if block.ndim else []
+            total += _weighted_sum(part, offset, shape)
+    return total % (1 << 64)
+
+
+def _weighted_sum(block: np.ndarray, starts: list[int], shape: tuple[int, ...]) -> int:
+    """``sum w(i) * bits(x_i) mod 2**64`` over ``block``, the part of an array of ``shape`` starting at ``starts``."""
+    block = np.ascontiguousarray(block)
+    word = min(block.dtype.itemsize, 8)
+    words = block.dtype.itemsize // word
+    bits = block.reshape(-1).view(np.dtype(f"u{word}")).astype(np.uint64).reshape(block.shape + (words,))
+    strides = np.cumprod((1,) + shape[:0:-1], dtype=np.int64)[::-1]  # row-major element strides of the whole
+    flat = np.zeros((1,) * block.ndim, np.uint64)
+    for axis, (start, size) in enumerate(zip(starts, block.shape)):
+        positions = (np.arange(size, dtype=np.uint64) + np.uint64(start)) * np.uint64(strides[axis])
+        flat = flat + positions.reshape([size if a == axis else 1 for a in range(block.ndim)])
+    index = flat[..., None] * np.uint64(words) + np.arange(words, dtype=np.uint64)
+    return int(np.sum(_odd_hash(index) * bits, dtype=np.uint64))
+
+
+def _odd_hash(index: np.ndarray) -> np.ndarray:
+    """splitmix64 of each index, made odd (so no change of an element's bits leaves its term unchanged)."""
+    z = index + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) | np.uint64(1)
+
+
+def _sum_over_processes(sums: list[int]) -> list[int]:
+    """Each leaf's partial sums added over the processes (mod 2**64), exchanged as 32-bit halves."""
+    from jax.experimental import multihost_utils
+
+    halves = np.array([[total & 0xFFFFFFFF, total >> 32] for total in sums], np.uint32).reshape(-1, 2)
+    gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.uint64).reshape(-1, len(sums), 2)
+    return [int(sum(int(lo) + (int(hi) << 32) for lo, hi in gathered[:, leaf])) % (1 << 64)
+            for leaf in range(len(sums))]

@@ -13,6 +13,7 @@ import numpy as np
 
 from polca_jax._distributed import is_writer, sync
 from polca_jax._files import bytes_digest, check_npy_size, read_json, save_npy_atomic, write_json_atomic
+from polca_jax._fingerprints import digests_differ
 from polca_jax._result import (
     ARRAYS,
     FORMAT_VERSION,
@@ -45,7 +46,7 @@ class ResultRows:
         self.complete = 0  # checkpoints whose rows are written
         self.finished = False  # the directory holds a complete result (a manifest)
         self.fingerprint: dict | None = None
-        self.checkpoint_digests: list[str | None] = []  # the digest of each complete checkpoint's parameters
+        self.checkpoint_digests: list[str] = []  # the digest of each complete checkpoint's parameters
         self.row_digests: list[str] = []  # the checksum of each complete checkpoint's rows, as written
         self._saved: dict | None = None  # the directory's record (manifest or progress)
         if self.directory is None:
@@ -132,11 +133,11 @@ class ResultRows:
         return bytes_digest(*(self._array(name)[t - 1 if name in INTERVAL_ARRAYS else t]
                               for name in self._row_names(t)))
 
-    def check_checkpoint(self, t: int, step: int, digest: str | None) -> None:
+    def check_checkpoint(self, t: int, step: int, digest: str) -> None:
         """Raise ``ResumeMismatch`` when checkpoint t, read again by a resumed (or loaded) result, is not the one its
         rows were computed from (the checkpoints were re-recorded or replaced)."""
         saved = self.checkpoint_digests[t] if t < len(self.checkpoint_digests) else None
-        if self._saved is not None and saved is not None and digest is not None and saved != digest:
+        if self._saved is not None and digests_differ(saved, digest):
             raise ResumeMismatch(
                 f"the checkpoint at step {step} differs from the one the {'complete' if self.finished else 'partial'} "
                 f"POLCA result in {self.directory} was computed from (the checkpoints were re-recorded or replaced): "
@@ -146,7 +147,7 @@ class ResultRows:
         """Checkpoint t's row of ``projections`` or ``curvature``, written before (a copy)."""
         return np.array(self._array(name)[t % 2 if name == CURVATURE else t])
 
-    def write(self, t: int, row: dict[str, np.ndarray], digest: str | None = None) -> None:
+    def write(self, t: int, row: dict[str, np.ndarray], digest: str) -> None:
         """Store checkpoint t's rows (and those of interval t-1), then count checkpoint t as complete; in a
         multi-process run only process 0 stores rows in a directory."""
         if self.directory is not None and not is_writer():

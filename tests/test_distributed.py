@@ -2,6 +2,7 @@
 single-process result; bad settings and an absent coordinator are clear errors, not a hang or an abort."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import polca_jax as pj
+from polca_jax._fingerprints import params_digest
 from wide_mlp import mean_loss, problem, token_losses
 
 BASIS_OPTIONS = dict(k_per_checkpoint=2, num_iters=12, key=jax.random.key(1), progress=False)
@@ -43,6 +45,10 @@ with pj.OrbaxCheckpoints(out / "checkpoints", template=checkpoints[0], mesh=mesh
     result = pj.polca(token_losses, store, batch, basis, second_order="exact", mask=mask, chunk_size=2, mesh=mesh,
                       out=out / "polca", progress=False)
     assert result.projections.shape == (4, 24, 4)  # every process gets the whole result
+    from polca_jax._fingerprints import params_digest
+    with pj.OrbaxCheckpoints(out / "checkpoints", template=checkpoints[0], mesh=pj.device_mesh(model=4)) as split:
+        assert not split[1]["w1"].is_fully_addressable  # half of each leaf on each process
+        print("DIGESTS", params_digest(store[1]), params_digest(split[1]))
 print("PROCESS-OK", jax.process_index())
 """
 
@@ -84,6 +90,8 @@ def test_two_processes_give_the_single_process_result(tmp_path):
                      enumerate(zip(processes, outputs)))
     for index, (process, (stdout, _)) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0 and f"PROCESS-OK {index}" in stdout, logs
+        # each process digests the shards it holds, on either mesh, and all agree with one process' digest
+        assert f"DIGESTS {params_digest(checkpoints[1])} {params_digest(checkpoints[1])}" in stdout, stdout
 
     saved = pj.Basis.load(tmp_path / "basis")
     np.testing.assert_allclose(np.asarray(saved.vectors), vectors, rtol=1e-9, atol=1e-11)
@@ -238,3 +246,37 @@ def test_a_terminated_multi_process_command_takes_its_supervised_child_with_it(t
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes left behind: {left}"
+
+
+@pytest.mark.slow
+def test_a_multi_process_stage_refuses_a_checkpoint_replaced_since_training(tmp_path):
+    """One process trains; its checkpoints are then replaced (every parameter scaled by 1.001). The basis stage in two
+    processes, each digesting only the shards it restores, refuses them in both (exit 2, naming a step) and writes no
+    basis."""
+    import shutil
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path / "run"
+    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--no-compile-cache",
+             "--out", str(out)]
+    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    with pj.OrbaxCheckpoints(out / "checkpoints") as store:
+        saved = [(step, store[index]) for index, step in enumerate(store.steps)]
+    shutil.rmtree(out / "checkpoints")
+    with pj.CheckpointRecorder(out / "checkpoints", steps=[step for step, _ in saved]) as recorder:
+        for step, params in saved:
+            recorder.save(step, jax.tree_util.tree_map(lambda x: x * 1.001, params))
+
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    port = _free_port()
+    processes = [subprocess.Popen(polca + ["--stage", "basis", "--mesh", "1x4", "--coordinator",
+                                           f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for index in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-3000:]
+        assert re.search(r"the checkpoint at step \d+ in .*checkpoints differs from the one this run trained before",
+                         err), err[-3000:]
+    assert not (out / "stages" / "basis.json").exists() and not list((out / "basis").glob("*/*"))

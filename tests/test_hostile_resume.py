@@ -209,6 +209,48 @@ def test_the_loss_digest_is_the_same_in_two_processes():
     assert len(digests_seen) == 1 and len(next(iter(digests_seen))) == 64
 
 
+def test_checkpoint_digests_of_an_earlier_format_are_recorded_again_not_refused(finished_basis, tmp_path):
+    """A run directory whose fingerprints.json holds checkpoint digests of an earlier format (plain SHA-256 of the
+    parameters) resumes: the digests are recorded again in the current format, and are checked from then on."""
+    root = tmp_path / "copy"
+    shutil.copytree(finished_basis, root)
+    out = root / "trained"
+    config = json.loads((out / "config.json").read_text())
+    config["task"] = f"{root / 'user_task.py'}:make_task"
+    (out / "config.json").write_text(json.dumps(config))
+    fingerprints = json.loads((out / "fingerprints.json").read_text())
+    fingerprints["checkpoints"] = {step: "0" * 64 for step in fingerprints["checkpoints"]}
+    (out / "fingerprints.json").write_text(json.dumps(fingerprints))
+    run(config["task"], out, stages=["decompose"], progress=False, log=quiet)
+    recorded = json.loads((out / "fingerprints.json").read_text())["checkpoints"]
+    assert recorded and all(digest.startswith("sum64:") for digest in recorded.values())
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "int8", "bool", "complex128"])
+def test_a_parameters_digest_adds_up_over_any_split_and_changes_with_any_element(dtype):
+    """The digest a multi-process run computes from shards: the partial sums of any blocks of a leaf (as processes
+    hold them) add up to the whole leaf's; changing one element, or moving one, changes the digest."""
+    from polca_jax._fingerprints import _weighted_sum, params_digest
+
+    values = np.random.default_rng(0).normal(size=(6, 10)) * 3
+    values = {"bool": values > 0, "complex128": values + 1j * values[::-1]}.get(dtype, values)
+    whole = np.asarray(jnp.asarray(values, dtype=dtype))
+    total = _weighted_sum(whole, [0, 0], whole.shape) % 2**64
+    for rows, cols in ((2, 10), (3, 5), (1, 1), (6, 4)):
+        blocks = sum(_weighted_sum(whole[r:r + rows, c:c + cols], [r, c], whole.shape)
+                     for r in range(0, 6, rows) for c in range(0, 10, cols))
+        assert blocks % 2**64 == total, (rows, cols)
+    digest = params_digest({"w": whole})
+    changed = whole.copy()
+    changed[4, 7] = ~changed[4, 7] if dtype == "bool" else changed[4, 7] + (1 if dtype == "int8" else 0.5)
+    swapped = whole.copy()
+    swapped[[0, 5]] = swapped[[5, 0]]
+    assert len({digest, params_digest({"w": changed}), params_digest({"w": swapped}), params_digest({"v": whole}),
+                params_digest({"w": whole.reshape(10, 6)})}) == 5
+    assert params_digest({"w": jnp.asarray(whole)}) == digest  # on a device or the host alike
+
+
 # --- a run directory in use ----------------------------------------------------------------------------------------
 
 

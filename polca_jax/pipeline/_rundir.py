@@ -33,7 +33,7 @@ import numpy as np
 from polca_jax import _tree as tree
 from polca_jax._distributed import is_writer
 from polca_jax._files import read_json, save_npz_atomic, write_json_atomic
-from polca_jax._fingerprints import loss_digest
+from polca_jax._fingerprints import PARAMS_DIGEST, digests_differ, loss_digest
 from polca_jax.errors import PolcaError, ResumeMismatch
 from polca_jax.pipeline._config import RunConfig, config_differences
 from polca_jax.pipeline._task import LabelSet, Qualifier, Task
@@ -174,22 +174,21 @@ class RunDirectory:
         return (f"redo it with polca run {self.config.task} --out {self.path} --stage {stage} --force, or start a "
                 "new --out directory (nothing was changed)")
 
-    def check_checkpoint(self, step: int, digest: str | None) -> None:
+    def check_checkpoint(self, step: int, digest: str) -> None:
         """Compare the digest of the parameters read (or written) at ``step`` with the one recorded when a stage
-        first read or wrote them; record it if none was. Raise ``ResumeMismatch`` when they differ: the checkpoints
-        were re-recorded or replaced, and a later stage would mix them with results of the old ones."""
-        if digest is None:  # parameters split across processes: not digested
-            return
+        first read or wrote them; record it if none was (or one in an earlier format). Raise ``ResumeMismatch`` when
+        they differ: the checkpoints were re-recorded or replaced, and a later stage would mix them with results of
+        the old ones."""
         with self._fingerprints_lock:
             fingerprints = self._fingerprints()
             saved = fingerprints["checkpoints"].get(str(int(step)))
-            if saved is None:
+            if not isinstance(saved, str) or not saved.startswith(PARAMS_DIGEST):
                 if is_writer():
                     fingerprints = {**fingerprints, "checkpoints": {**fingerprints["checkpoints"],
                                                                     str(int(step)): digest}}
                     write_json_atomic(self.path / FINGERPRINTS, fingerprints)
                 return
-        if saved != digest:
+        if digests_differ(saved, digest):
             raise ResumeMismatch(
                 f"the checkpoint at step {step} in {self.checkpoint_dir} differs from the one this run "
                 f"{'read' if self.config.checkpoints else 'trained'} before (digests in {self.path / FINGERPRINTS}): "
