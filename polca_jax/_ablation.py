@@ -24,6 +24,7 @@ from polca_jax import _tree as tree
 from polca_jax._basis import Basis, check_width
 from polca_jax._checks import check_finite, check_finite_params, check_same_structure
 from polca_jax._projections import PerSampleLossFn, per_sample_losses
+from polca_jax.errors import PolcaError
 
 PyTree = Any
 UNIT_NORM_TOLERANCE = 1e-3  # loose enough for float32 / bfloat16 bases
@@ -50,7 +51,7 @@ def _check_unit_rows(rows: jax.Array, what: str) -> None:
     norms = np.asarray(jnp.linalg.norm(rows.astype(jnp.float32), axis=-1)).reshape(-1)
     bad = np.flatnonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
     if bad.size:
-        raise ValueError(
+        raise PolcaError(
             f"{what} must have unit norm, got norm {norms[bad[0]]:.6g}; normalise it (or build the basis with "
             "basis_from_matrix(..., orthonormalize=True))"
         )
@@ -67,7 +68,7 @@ def remove_direction(final_params: PyTree, initial_params: PyTree, direction) ->
     direction = jnp.asarray(direction)
     num = tree.num_params(final_params)
     if direction.shape != (num,):
-        raise ValueError(f"direction must be a flat [{num}] vector (one entry per parameter), got {direction.shape}")
+        raise PolcaError(f"direction must be a flat [{num}] vector (one entry per parameter), got {direction.shape}")
     _check_unit_rows(direction, "direction")
     return _without_row(final_params, initial_params, direction[None], jnp.asarray(0, jnp.int32))
 
@@ -77,9 +78,9 @@ def _checked_directions(directions, num_directions: int) -> np.ndarray:
         return np.arange(num_directions)
     directions = np.asarray(directions)
     if directions.ndim != 1 or directions.size == 0 or not np.issubdtype(directions.dtype, np.integer):
-        raise ValueError(f"directions must be a non-empty 1-D array of basis indices, got {directions!r}")
+        raise PolcaError(f"directions must be a non-empty 1-D array of basis indices, got {directions!r}")
     if np.any((directions < 0) | (directions >= num_directions)):
-        raise ValueError(f"directions must lie in [0, {num_directions}) (the basis size), got {directions.tolist()}")
+        raise PolcaError(f"directions must lie in [0, {num_directions}) (the basis size), got {directions.tolist()}")
     return directions
 
 

@@ -65,7 +65,7 @@ class Basis:
     def __init__(self, vectors, eigenvalues, steps, method: str, residuals):
         vectors = jnp.asarray(vectors)
         if vectors.ndim != 2:
-            raise ValueError(f"basis vectors must be [K, P], got shape {vectors.shape}")
+            raise PolcaError(f"basis vectors must be [K, P], got shape {vectors.shape}")
         check_finite_tree(vectors, "a Basis' vector matrix", "build the basis from finite vectors")
         self._flat: jax.Array | None = vectors
         self._tree: PyTree | None = None  # [K, *leaf.shape] leaves in the vectors' dtype, for ``_tree_signature``
@@ -76,7 +76,7 @@ class Basis:
         for name, value in (("eigenvalues", eigenvalues), ("steps", steps), ("residuals", residuals)):
             value = np.asarray(value)
             if value.shape != (k,):
-                raise ValueError(f"basis {name} must have shape [{k}], got {value.shape}")
+                raise PolcaError(f"basis {name} must have shape [{k}], got {value.shape}")
             setattr(self, name, value)
 
     @classmethod
@@ -85,7 +85,7 @@ class Basis:
         gives it; the rows stay where they are (e.g. split over a mesh), no ``[K, P]`` matrix is made."""
         leaves = jax.tree_util.tree_leaves(rows)
         if not leaves or len({leaf.shape[0] for leaf in leaves}) != 1 or len({leaf.dtype for leaf in leaves}) != 1:
-            raise ValueError("basis rows must be a pytree of [K, ...] leaves with one K and one dtype")
+            raise PolcaError("basis rows must be a pytree of [K, ...] leaves with one K and one dtype")
         check_finite_tree(rows, "a Basis' rows", "build the basis from finite vectors")
         k = leaves[0].shape[0]
         basis = cls(jnp.zeros((k, 0), leaves[0].dtype), eigenvalues, steps, method, residuals)
@@ -179,7 +179,7 @@ class Basis:
         gram = np.asarray(_tree_gram(self._tree), np.float64)
         error = float(np.max(np.abs(gram - np.eye(len(gram))))) if len(gram) else 0.0
         if error > atol:
-            raise ValueError(
+            raise PolcaError(
                 f"basis rows are not orthonormal: max |B Bᵀ − I| = {error:.3g} > {atol:g}; "
                 "orthonormalise it (e.g. basis_from_matrix(..., orthonormalize=True))"
             )
@@ -220,9 +220,9 @@ class Basis:
         try:
             vectors = load_npy(path)
         except ValueError as error:
-            raise ValueError(f"cannot read a basis from {directory}: {error}") from error
+            raise PolcaError(f"cannot read a basis from {directory}: {error}") from error
         if vectors.shape != (info.pop("size"), info.pop("dim")):
-            raise ValueError(f"corrupt basis in {directory}: {path} has shape {vectors.shape}, unlike {MANIFEST}")
+            raise PolcaError(f"corrupt basis in {directory}: {path} has shape {vectors.shape}, unlike {MANIFEST}")
         return cls(vectors, **info)
 
     def _host_vectors(self) -> np.ndarray:
@@ -277,12 +277,12 @@ def load_basis_info(directory: str | Path) -> dict:
     try:
         manifest = read_json(directory / MANIFEST, required=("method", "size", "dim"))
     except ValueError as error:
-        raise ValueError(f"cannot read a basis from {directory}: {error}") from error
+        raise PolcaError(f"cannot read a basis from {directory}: {error}") from error
     try:
         with np.load(info_path, allow_pickle=False) as info:
             arrays = {name: info[name] for name in ("eigenvalues", "steps", "residuals")}
     except (OSError, ValueError, KeyError, EOFError) as error:
-        raise ValueError(
+        raise PolcaError(
             f"cannot read a basis from {directory}: {info_path} is missing or corrupt ({error})"
         ) from error
     return {"method": manifest["method"], "size": manifest["size"], "dim": manifest["dim"], **arrays}
@@ -298,7 +298,7 @@ def check_width(basis: Basis, params: PyTree) -> None:
     """Raise ``ValueError`` unless the basis has one column per parameter."""
     num = tree.num_params(params)
     if basis.dim != num:
-        raise ValueError(f"basis has width {basis.dim} but the parameters have {num} entries")
+        raise PolcaError(f"basis has width {basis.dim} but the parameters have {num} entries")
 
 
 def _unknown(k: int) -> np.ndarray:
@@ -320,14 +320,14 @@ def basis_from_matrix(
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[0] > matrix.shape[1]:
-        raise ValueError(f"a basis matrix must be [K, P] with 1 <= K <= P, got shape {matrix.shape}")
+        raise PolcaError(f"a basis matrix must be [K, P] with 1 <= K <= P, got shape {matrix.shape}")
     if not jnp.issubdtype(matrix.dtype, jnp.floating):
-        raise ValueError(f"a basis matrix must be floating point, got dtype {matrix.dtype}")
+        raise PolcaError(f"a basis matrix must be floating point, got dtype {matrix.dtype}")
     check_finite_tree(matrix, "the basis matrix")
     if orthonormalize:
         q, r = jnp.linalg.qr(matrix.T)
         if np.min(np.abs(np.diag(np.asarray(r)))) <= 1e-6 * np.max(np.abs(np.asarray(r))):
-            raise ValueError("basis matrix rows are linearly dependent; cannot orthonormalise")
+            raise PolcaError("basis matrix rows are linearly dependent; cannot orthonormalise")
         matrix = (q * jnp.sign(jnp.diag(r))).T
     else:
         check_orthonormal(matrix)
@@ -346,7 +346,7 @@ def random_basis(params: PyTree, k: int, key: jax.Array) -> Basis:
     check_params(params, "random_basis")
     dim = tree.num_params(params)
     if not 1 <= k <= dim:
-        raise ValueError(f"need 1 <= k <= {dim} random directions, got {k}")
+        raise PolcaError(f"need 1 <= k <= {dim} random directions, got {k}")
     dtype = tree.ravel(params).dtype
     q, _ = jnp.linalg.qr(jax.random.normal(key, (dim, k), dtype))
     return Basis(q.T, _unknown(k), np.full(k, -1), "random", _unknown(k))
@@ -358,7 +358,7 @@ def parameter_axis_basis(params: PyTree, m: int, *, step: int = -1) -> Basis:
     check_finite_params(params, "parameter_axis_basis")
     flat = tree.ravel(params)
     if not 1 <= m <= flat.size:
-        raise ValueError(f"need 1 <= m <= {flat.size} parameter axes, got {m}")
+        raise PolcaError(f"need 1 <= m <= {flat.size} parameter axes, got {m}")
     axes = jnp.argsort(-jnp.abs(flat))[:m]
     vectors = jax.nn.one_hot(axes, flat.size, dtype=flat.dtype)
     return Basis(vectors, _unknown(m), np.full(m, step), "parameter_axes", _unknown(m))
@@ -502,15 +502,15 @@ def _evolving_basis(matvec, operator_args: Callable[[PyTree], tuple], operator_n
     check_mesh(mesh, what)
     steps = checkpoint_steps(checkpoints, steps, what, increasing=False)
     if len(steps) == 0:
-        raise ValueError(f"{what} needs at least one checkpoint")
+        raise PolcaError(f"{what} needs at least one checkpoint")
     first = checkpoints[0]
     check_params(first, f"{what}: checkpoint at step {steps[0]}")
     dim = tree.num_params(first)
     total = len(steps) * k_per_checkpoint
     if total > dim:
-        raise ValueError(f"{total} basis vectors requested but the model has only {dim} parameters")
+        raise PolcaError(f"{total} basis vectors requested but the model has only {dim} parameters")
     if not k_per_checkpoint <= num_iters <= dim - total + k_per_checkpoint:
-        raise ValueError(
+        raise PolcaError(
             f"{what}: need k_per_checkpoint <= num_iters <= {dim - total + k_per_checkpoint} (the parameters left "
             f"after deflating the other vectors), got k_per_checkpoint={k_per_checkpoint}, num_iters={num_iters}"
         )
@@ -541,7 +541,7 @@ def _evolving_basis(matvec, operator_args: Callable[[PyTree], tuple], operator_n
         )
         bad = count_nonfinite(pairs)
         if bad:
-            raise ValueError(
+            raise PolcaError(
                 f"{what}: {operator_name} is not finite at the checkpoint at step {steps[t]} "
                 f"({bad} NaN or inf entries in the eigenpairs); check the loss on this batch at that checkpoint "
                 "(e.g. log or sqrt of 0, an overflow)"

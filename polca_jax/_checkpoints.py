@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from polca_jax import _tree as tree
 from polca_jax._checks import check_increasing
 from polca_jax._sharding import param_shardings
-from polca_jax.errors import CorruptRunDirectory
+from polca_jax.errors import CorruptRunDirectory, PolcaError
 
 PyTree = Any
 PARAMS_ITEM = "params"
@@ -48,10 +48,10 @@ class OrbaxCheckpoints(Sequence):
         mesh: Mesh | None = None,
     ):
         if mesh is not None and template is None:
-            raise ValueError("OrbaxCheckpoints: restoring onto a mesh needs a template (the parameters' shapes)")
+            raise PolcaError("OrbaxCheckpoints: restoring onto a mesh needs a template (the parameters' shapes)")
         self.directory = Path(directory).absolute()
         if not self.directory.is_dir():
-            raise ValueError(f"checkpoint directory {self.directory} does not exist")
+            raise PolcaError(f"checkpoint directory {self.directory} does not exist")
         self._manager = ocp.CheckpointManager(self.directory, item_names=(PARAMS_ITEM,))
         try:
             self.steps = self._checked_steps(steps)
@@ -63,7 +63,7 @@ class OrbaxCheckpoints(Sequence):
     def _checked_steps(self, steps: Sequence[int] | None) -> list[int]:
         available = sorted(self._manager.all_steps())
         if not available:
-            raise ValueError(
+            raise PolcaError(
                 f"no orbax checkpoints in {self.directory}; pass the directory an orbax CheckpointManager saved "
                 "the params in"
             )
@@ -81,7 +81,7 @@ class OrbaxCheckpoints(Sequence):
                 "save that step again (rerun the training, e.g. polca run with --force on the train stage) or "
                 "choose steps that are on disk")
         if missing:
-            raise ValueError(f"steps {missing} have no checkpoint in {self.directory} (available: {available})")
+            raise PolcaError(f"steps {missing} have no checkpoint in {self.directory} (available: {available})")
         return steps
 
     def __len__(self) -> int:
@@ -110,7 +110,7 @@ class OrbaxCheckpoints(Sequence):
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**{PARAMS_ITEM: restore}))
         except (OSError, ValueError, KeyError) as error:
-            raise ValueError(f"checkpoint step {step} in {self.directory} cannot be read: {error}") from error
+            raise PolcaError(f"checkpoint step {step} in {self.directory} cannot be read: {error}") from error
         return restored[PARAMS_ITEM]
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polca_jax import _tree as tree
+from polca_jax.errors import PolcaError
 
 PyTree = Any
 
@@ -24,10 +25,10 @@ def check_same_structure(reference: PyTree, params: PyTree, what: str) -> None:
     """Raise unless ``params`` has the tree structure, leaf shapes and dtypes of ``reference``."""
     expected, got = tree.structure_signature(reference), tree.structure_signature(params)
     if expected[0] != got[0]:
-        raise ValueError(f"{what} has a different parameter tree structure than the first checkpoint")
+        raise PolcaError(f"{what} has a different parameter tree structure than the first checkpoint")
     for (shape_a, dtype_a), (shape_b, dtype_b), path in zip(expected[1], got[1], leaf_paths(reference)):
         if shape_a != shape_b or dtype_a != dtype_b:
-            raise ValueError(
+            raise PolcaError(
                 f"{what}: parameter {path} has shape {shape_b} {dtype_b}, expected {shape_a} {dtype_a} "
                 "(as in the first checkpoint)"
             )
@@ -40,11 +41,11 @@ def check_params(params: PyTree, what: str) -> None:
     """
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
-        raise ValueError(f"{what}: the parameters have no arrays; pass a pytree of floating-point arrays")
+        raise PolcaError(f"{what}: the parameters have no arrays; pass a pytree of floating-point arrays")
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
     for path, dtype in zip(leaf_paths(params), dtypes):
         if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
+            raise PolcaError(
                 f"{what}: parameters must be floating point; leaf {path} has dtype {dtype} "
                 "(cast it, e.g. with .astype(jnp.float32), or keep non-trainable values out of params)"
             )
@@ -53,7 +54,7 @@ def check_params(params: PyTree, what: str) -> None:
         for path, dtype in zip(leaf_paths(params), dtypes):
             found.setdefault(str(dtype), path)
         listing = ", ".join(f"{dtype} (e.g. leaf {path})" for dtype, path in found.items())
-        raise ValueError(
+        raise PolcaError(
             f"{what}: the parameters mix floating-point dtypes: {listing}; cast every leaf to one dtype, e.g. "
             "jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)"
         )
@@ -66,7 +67,7 @@ def check_finite_params(params: PyTree, what: str) -> None:
         return
     for path, count in zip(leaf_paths(params), bad):
         if count:
-            raise ValueError(
+            raise PolcaError(
                 f"{what}: parameter {path} contains NaN or inf ({count} entries); training diverged or the "
                 "checkpoint is corrupt: use an earlier checkpoint"
             )
@@ -76,7 +77,7 @@ def check_finite_tree(values: PyTree, what: str, fix: str = "every entry must be
     """Raise if any array of ``values`` contains NaN or inf, saying how many entries (skipped for traced values)."""
     bad = count_nonfinite(values)
     if bad:
-        raise ValueError(f"{what} contains NaN or inf ({bad} entries); {fix}")
+        raise PolcaError(f"{what} contains NaN or inf ({bad} entries); {fix}")
 
 
 def count_nonfinite(values: PyTree) -> int | None:
@@ -90,7 +91,7 @@ def check_finite(values: jax.Array | np.ndarray, what: str, fix: str = "") -> No
     values = np.asarray(values)
     bad = int(values.size - np.count_nonzero(np.isfinite(values)))
     if bad:
-        raise ValueError(f"{what} contains {bad} NaN or inf value(s) of {values.size}" + (f"; {fix}" if fix else ""))
+        raise PolcaError(f"{what} contains {bad} NaN or inf value(s) of {values.size}" + (f"; {fix}" if fix else ""))
 
 
 def batch_size(batch: PyTree, what: str = "the kernel") -> int:
@@ -100,36 +101,36 @@ def batch_size(batch: PyTree, what: str = "the kernel") -> int:
     """
     leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
-        raise ValueError(f"{what}: the batch has no arrays; pass a pytree of arrays with a leading sample axis")
+        raise PolcaError(f"{what}: the batch has no arrays; pass a pytree of arrays with a leading sample axis")
     paths = leaf_paths(batch)
     for path, leaf in zip(paths, leaves):
         if np.ndim(leaf) == 0:
-            raise ValueError(f"{what}: batch leaf {path} is a scalar; every batch array needs a leading sample axis")
+            raise PolcaError(f"{what}: batch leaf {path} is a scalar; every batch array needs a leading sample axis")
     sizes = {path: np.shape(leaf)[0] for path, leaf in zip(paths, leaves)}
     if len(set(sizes.values())) != 1:
         listing = ", ".join(f"{path}: {size}" for path, size in sizes.items())
-        raise ValueError(f"{what}: every batch array needs the same leading sample axis, got {listing}")
+        raise PolcaError(f"{what}: every batch array needs the same leading sample axis, got {listing}")
     size = next(iter(sizes.values()))
     if size == 0:
-        raise ValueError(f"{what}: the batch is empty (0 samples); pass at least one sample")
+        raise PolcaError(f"{what}: the batch is empty (0 samples); pass at least one sample")
     return size
 
 
 def check_checkpoints(checkpoints: Any, what: str) -> None:
     """Raise unless ``checkpoints`` supports ``len()`` and indexing (a list, tuple, :class:`OrbaxCheckpoints`...)."""
     if isinstance(checkpoints, Mapping):
-        raise ValueError(
+        raise PolcaError(
             f"{what}: checkpoints must be a sequence of params pytrees, got a {type(checkpoints).__name__} "
             "(one params pytree?); pass [params_0, params_1, ...]"
         )
     kind = type(checkpoints)
     if isinstance(checkpoints, str | bytes | os.PathLike):
-        raise ValueError(
+        raise PolcaError(
             f"{what}: checkpoints must be a sequence (list, tuple or OrbaxCheckpoints), got the path {checkpoints!r}; "
             "open a checkpoint directory with OrbaxCheckpoints(path)"
         )
     if not (hasattr(kind, "__len__") and hasattr(kind, "__getitem__")):
-        raise ValueError(
+        raise PolcaError(
             f"{what}: checkpoints must be a sequence (list, tuple or OrbaxCheckpoints), got {kind.__name__}; "
             "wrap it in list(...)"
         )
@@ -147,7 +148,7 @@ def checkpoint_steps(
         steps = getattr(checkpoints, "steps", None)
     steps = list(range(len(checkpoints))) if steps is None else [int(s) for s in steps]
     if len(steps) != len(checkpoints):
-        raise ValueError(f"{what}: got {len(steps)} steps for {len(checkpoints)} checkpoints; pass one per checkpoint")
+        raise PolcaError(f"{what}: got {len(steps)} steps for {len(checkpoints)} checkpoints; pass one per checkpoint")
     if increasing:
         check_increasing(steps, what)
     return steps
@@ -157,7 +158,7 @@ def check_increasing(steps: Sequence[int], what: str) -> None:
     """Raise unless ``steps`` strictly increase, naming the first pair that does not."""
     for i in range(1, len(steps)):
         if steps[i] <= steps[i - 1]:
-            raise ValueError(
+            raise PolcaError(
                 f"{what}: steps must be strictly increasing (training order), but step {steps[i]} at position {i} "
                 f"follows step {steps[i - 1]}; sort them and drop duplicates"
             )

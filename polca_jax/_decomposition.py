@@ -57,6 +57,7 @@ from polca_jax._result import POLCAResult
 from polca_jax._result_store import CURVATURE, ResultRows
 from polca_jax._second_order import SecondOrder
 from polca_jax._sharding import check_mesh, shard_params
+from polca_jax.errors import PolcaError
 
 PyTree = Any
 _DIGEST_BLOCK_BYTES = 1 << 26  # the basis is copied to the host for its digest 64 MiB at a time
@@ -119,7 +120,7 @@ def polca(
     batch_size(batch, "polca")
     check_mesh(mesh, "polca")
     if not isinstance(basis, Basis):
-        raise ValueError("basis must be a polca_jax.Basis (make one with basis_from_matrix)")
+        raise PolcaError("basis must be a polca_jax.Basis (make one with basis_from_matrix)")
     kernel_options = dict(mask=mask, method=method, chunk_size=chunk_size, chunks_per_call=chunks_per_call,
                           basis_chunk_size=basis_chunk_size, mesh=mesh)
     if isinstance(checkpoints, str | Path):
@@ -134,10 +135,10 @@ def _decompose(per_sample_loss_fn, checkpoints, steps, batch, basis: Basis, rule
     arguments of the projection kernels)."""
     steps = np.asarray(checkpoint_steps(checkpoints, steps, "polca", increasing=True))
     if len(checkpoints) < 2:
-        raise ValueError(f"POLCA needs at least two checkpoints, got {len(checkpoints)}")
+        raise PolcaError(f"POLCA needs at least two checkpoints, got {len(checkpoints)}")
     basis.check_orthonormal()
     if rule.kind == "paper" and rule.eigenvalues == "stored" and not np.all(np.isfinite(basis.eigenvalues)):
-        raise ValueError(
+        raise PolcaError(
             f"second_order='paper' needs the basis' eigenvalues, but this {basis.method!r} basis has none; "
             "use eigenvalues='current', second_order='trapezoid' or 'exact'"
         )

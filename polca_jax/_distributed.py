@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
 from polca_jax.errors import PolcaError
 
 ADDRESS_VARIABLE = "JAX_COORDINATOR_ADDRESS"
@@ -53,12 +54,12 @@ def initialize_distributed(
     missing = [name for name, value in (("coordinator address", address), ("process count", count),
                                         ("process id", index)) if value is None]
     if missing:
-        raise ValueError(
+        raise PolcaError(
             f"a multi-process run needs the {', '.join(missing)}: pass them, or set {ADDRESS_VARIABLE} (host:port), "
             f"{COUNT_VARIABLE} and {ID_VARIABLE} in every process' environment"
         )
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"process id {index} is not one of the {count} processes (0 to {count - 1})")
+        raise PolcaError(f"process id {index} is not one of the {count} processes (0 to {count - 1})")
     host, port = _host_and_port(address)
     if index != 0:
         _wait_for_coordinator(host, port, timeout_s)
@@ -76,7 +77,7 @@ def _setting(value: int | None, variable: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{variable}={text!r} is not an integer") from None
+        raise PolcaError(f"{variable}={text!r} is not an integer") from None
 
 
 def _host_and_port(address: str) -> tuple[str, int]:

@@ -16,7 +16,7 @@ from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 
-from polca_jax.errors import CorruptRunDirectory
+from polca_jax.errors import CorruptRunDirectory, PolcaError
 
 _HASH_BLOCK_BYTES = 1 << 24  # files are hashed 16 MiB at a time
 
@@ -60,14 +60,14 @@ def read_json(path: str | Path, required: Iterable[str] = ()) -> Any:
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError as error:
-        raise ValueError(f"{path} is missing") from error
+        raise PolcaError(f"{path} is missing") from error
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read as JSON ({error}); it may be from an interrupted write") from error
+        raise PolcaError(f"{path} cannot be read as JSON ({error}); it may be from an interrupted write") from error
     required = list(required)
     if required:
         missing = [key for key in required if not isinstance(value, dict) or key not in value]
         if missing:
-            raise ValueError(f"{path} lacks the field(s) {missing}")
+            raise PolcaError(f"{path} lacks the field(s) {missing}")
     return value
 
 
@@ -80,11 +80,11 @@ def load_npy(path: str | Path, *, mmap_mode: str | None = None) -> np.ndarray:
         check_npy_size(path)
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except FileNotFoundError as error:
-        raise ValueError(f"{path} is missing") from error
+        raise PolcaError(f"{path} is missing") from error
     except CorruptRunDirectory:
         raise
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable .npy array ({error})") from error
+        raise PolcaError(f"{path} is not a readable .npy array ({error})") from error
 
 
 def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:

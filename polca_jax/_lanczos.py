@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from polca_jax import _tree as tree
 from polca_jax._checks import check_finite_tree
 from polca_jax._sharding import param_shardings
+from polca_jax.errors import PolcaError
 
 PyTree = Any
 HIGHEST = lax.Precision.HIGHEST
@@ -63,14 +64,14 @@ def top_eigenpairs(
         ``matvec_args``, else JAX's default float.
     """
     if orthogonal_to is not None and (orthogonal_to.ndim != 2 or orthogonal_to.shape[1] != dim):
-        raise ValueError(f"orthogonal_to must have shape [r, {dim}], got {orthogonal_to.shape}")
+        raise PolcaError(f"orthogonal_to must have shape [r, {dim}], got {orthogonal_to.shape}")
     rank = 0 if orthogonal_to is None else orthogonal_to.shape[0] if num_deflated is None else num_deflated
     if orthogonal_to is not None:
         check_orthonormal(orthogonal_to[:rank], name="orthogonal_to")
     if not 1 <= k <= num_iters:
-        raise ValueError(f"need 1 <= k <= num_iters, got k={k}, num_iters={num_iters}")
+        raise PolcaError(f"need 1 <= k <= num_iters, got k={k}, num_iters={num_iters}")
     if num_iters > dim - rank:
-        raise ValueError(
+        raise PolcaError(
             f"num_iters={num_iters} exceeds the dimension of the search space ({dim} parameters - {rank} deflated)"
         )
     dtype = jnp.dtype(dtype or _infer_dtype(orthogonal_to, matvec_args))
@@ -86,12 +87,12 @@ def _check_matvec_shape(matvec, dim: int, dtype, matvec_args: tuple) -> None:
     try:
         shape = _matvec_output_shape(matvec, dim, dtype, signature)
     except (TypeError, ValueError) as error:
-        raise ValueError(
+        raise PolcaError(
             f"top_eigenpairs: matvec fails on a [{dim}] vector ({error}); is dim={dim} the operator's dimension "
             "(for FlatHessianMatvec, the number of parameters)?"
         ) from error
     if shape != (dim,):
-        raise ValueError(
+        raise PolcaError(
             f"top_eigenpairs: matvec maps a [{dim}] vector to shape {list(shape)}, expected [{dim}]; dim must be the "
             "operator's dimension (for FlatHessianMatvec, the number of parameters)"
         )
@@ -232,14 +233,14 @@ def check_orthonormal(rows: jax.Array | np.ndarray, *, atol: float | None = None
     """Raise ``ValueError`` unless ``rows [r, P]`` are finite and orthonormal (``max |R Rᵀ − I| <= atol``)."""
     rows = jnp.asarray(rows)
     if rows.ndim != 2:
-        raise ValueError(f"{name} must be a [K, P] matrix, got shape {rows.shape}")
+        raise PolcaError(f"{name} must be a [K, P] matrix, got shape {rows.shape}")
     check_finite_tree(rows, name)
     if atol is None:
         atol = 1e-8 if rows.dtype == jnp.float64 else 1e-4
     gram = np.asarray(jnp.dot(rows, rows.T, precision=HIGHEST), np.float64)  # [r, r], computed on device
     error = float(np.max(np.abs(gram - np.eye(len(gram))))) if len(gram) else 0.0
     if error > atol:
-        raise ValueError(
+        raise PolcaError(
             f"{name} rows are not orthonormal: max |B Bᵀ − I| = {error:.3g} > {atol:g}; "
             "orthonormalise it (e.g. basis_from_matrix(..., orthonormalize=True))"
         )

@@ -166,7 +166,7 @@ def projections_curvature_and_losses(
     if method == "auto":
         method = choose_method(samples, num_directions)
     if method not in ("reverse", "forward"):
-        raise ValueError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
+        raise PolcaError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
     method = "curvature" if curvature else method
     if chunk_size is None:
         chunk_size = _default_chunk("forward" if method == "curvature" else method, samples)
@@ -313,7 +313,7 @@ def direction_groups(num_directions: int, max_group: int) -> tuple[tuple[int, in
     Returns ``((size, count), ...)`` in order: K = 15, max 8 → ``((8, 1), (7, 1))``; K = 12 → ``((6, 2),)``.
     """
     if max_group < 1:
-        raise ValueError(f"basis_chunk_size must be >= 1, got {max_group}")
+        raise PolcaError(f"basis_chunk_size must be >= 1, got {max_group}")
     count = -(-num_directions // max_group)
     small, larger = divmod(num_directions, count)
     return tuple((size, n) for size, n in ((small + 1, larger), (small, count - larger)) if n)
@@ -427,7 +427,7 @@ def _planned(kind, loss_fn, batch, directions, chunk_size, chunks_per_call, grou
     """The compiled-kernel function for ``kind`` and the batch padded to its whole chunks: ``(kernel, batch, n_seq,
     chunk, num_chunks)``."""
     if chunk_size < 1 or chunks_per_call < 1:
-        raise ValueError(f"chunk_size and chunks_per_call must be >= 1, got {chunk_size}, {chunks_per_call}")
+        raise PolcaError(f"chunk_size and chunks_per_call must be >= 1, got {chunk_size}, {chunks_per_call}")
     n_seq = batch_size(batch)
     shards = num_data_shards(mesh)
     size, num_chunks = chunk_plan(n_seq, chunk_size, shards)
@@ -538,16 +538,16 @@ def _directions(basis, params, what: str, mesh) -> tuple[PyTree, int]:
     fix = "every basis entry must be finite"
     if isinstance(basis, jax.Array | np.ndarray):
         if basis.ndim != 2 or basis.shape[1] != tree.num_params(params):
-            raise ValueError(f"{what}: basis matrix must be [K, {tree.num_params(params)}], got shape {basis.shape}")
+            raise PolcaError(f"{what}: basis matrix must be [K, {tree.num_params(params)}], got shape {basis.shape}")
         check_finite_tree(basis, f"{what}: the basis matrix", fix)
         return shard_rows(split_rows(jnp.asarray(basis), tree.structure_signature(params)), mesh), basis.shape[0]
     leaves, treedef = jax.tree_util.tree_flatten(basis)
     if treedef != jax.tree_util.tree_structure(params):
-        raise ValueError(f"{what}: a basis pytree must have the structure of params, with [K, ...] leaves")
+        raise PolcaError(f"{what}: a basis pytree must have the structure of params, with [K, ...] leaves")
     k = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
     shapes_ok = all(np.shape(b)[1:] == np.shape(p) for b, p in zip(leaves, jax.tree_util.tree_leaves(params)))
     if len(k) != 1 or None in k or not shapes_ok:
-        raise ValueError(f"{what}: every basis leaf must be [K, *param.shape] with the same K")
+        raise PolcaError(f"{what}: every basis leaf must be [K, *param.shape] with the same K")
     check_finite_tree(basis, f"{what}: the basis pytree", fix)
     rows = jax.tree_util.tree_map(lambda b, p: jnp.asarray(b, jnp.result_type(p)), basis, params)
     return shard_rows(rows, mesh), k.pop()
@@ -559,7 +559,7 @@ def _samples_per_sequence(loss_fn, params, batch, n_seq: int, what: str) -> int:
     check_loss_dtype(out.dtype, f"{what}: per_sample_loss_fn")
     shape = out.shape
     if len(shape) not in (1, 2) or shape[0] != n_seq:
-        raise ValueError(
+        raise PolcaError(
             f"{what}: per_sample_loss_fn must return [n_seq] or [n_seq, n_tok] losses with n_seq={n_seq}, got shape "
             f"{shape}; return one loss per sample (or per token), not their mean"
         )
@@ -587,7 +587,7 @@ def _select_samples(values: jax.Array, mask: np.ndarray | None) -> jax.Array:
         return flat
     mask = np.asarray(mask, bool)
     if mask.size != flat.shape[0] or mask.shape[0] != values.shape[0]:
-        raise ValueError(f"mask must have shape {values.shape[:2]} (sequences × samples), got {mask.shape}")
+        raise PolcaError(f"mask must have shape {values.shape[:2]} (sequences × samples), got {mask.shape}")
     if not mask.any():
-        raise ValueError("the mask selects no samples; pass a mask with at least one True entry")
+        raise PolcaError("the mask selects no samples; pass a mask with at least one True entry")
     return flat[np.flatnonzero(mask.reshape(-1))]

@@ -43,10 +43,10 @@ class CheckpointRecorder:
     def __init__(self, directory: str | Path, steps: Iterable[int]):
         self.steps = sorted({_step(s) for s in steps})
         if not self.steps:
-            raise ValueError("CheckpointRecorder needs at least one step to save")
+            raise PolcaError("CheckpointRecorder needs at least one step to save")
         self.directory = Path(directory).expanduser().absolute()
         if self.directory.exists() and not self.directory.is_dir():
-            raise ValueError(f"{self.directory} is a file, not a checkpoint directory")
+            raise PolcaError(f"{self.directory} is a file, not a checkpoint directory")
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(PARAMS_ITEM,))
         self._wanted = set(self.steps)
@@ -153,5 +153,5 @@ else:  # pragma: no cover - every supported Python has it
 
 def _step(step) -> int:
     if isinstance(step, bool) or not hasattr(step, "__index__") or step.__index__() < 0:
-        raise ValueError(f"a checkpoint step must be a non-negative integer, got {step!r}")
+        raise PolcaError(f"a checkpoint step must be a non-negative integer, got {step!r}")
     return step.__index__()

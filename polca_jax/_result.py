@@ -16,7 +16,7 @@ import numpy as np
 
 from polca_jax._files import file_digest, load_npy, read_json, save_npy_atomic, write_json_atomic
 from polca_jax._second_order import SecondOrder
-from polca_jax.errors import CorruptRunDirectory
+from polca_jax.errors import CorruptRunDirectory, PolcaError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -58,7 +58,7 @@ class POLCAResult:
         }
         for name, shape in expected.items():
             if np.shape(getattr(self, name)) != shape:
-                raise ValueError(f"POLCAResult.{name} must have shape {shape}, got {np.shape(getattr(self, name))}")
+                raise PolcaError(f"POLCAResult.{name} must have shape {shape}, got {np.shape(getattr(self, name))}")
 
     @property
     def first_order(self) -> np.ndarray:
@@ -84,10 +84,10 @@ class POLCAResult:
         """
         rule = SecondOrder.of(second_order)
         if rule.needs_curvature:
-            raise ValueError(f"second_order must be 'none', 'trapezoid' or 'paper' from stored arrays, got "
+            raise PolcaError(f"second_order must be 'none', 'trapezoid' or 'paper' from stored arrays, got "
                              f"{second_order!r}: it needs the per-sample curvature, which a result does not store")
         if rule.kind == "paper" and eigenvalues is None:
-            raise ValueError("second_order='paper' needs eigenvalues [K]")
+            raise PolcaError("second_order='paper' needs eigenvalues [K]")
         g, s = self.projections, self.step_projection
         second = np.stack([rule.term(g[t], g[t + 1], s[t], None, eigenvalues) for t in range(len(s))])
         return cumulative(self.first_order + second)
@@ -132,7 +132,7 @@ class POLCAResult:
         except CorruptRunDirectory:
             raise
         except ValueError as error:
-            raise ValueError(f"cannot read a POLCA result from {directory}: {error}") from error
+            raise PolcaError(f"cannot read a POLCA result from {directory}: {error}") from error
         shapes = manifest["shapes"] if isinstance(manifest["shapes"], dict) else {}
         for name in ARRAYS:
             if list(arrays[name].shape) != shapes.get(name):

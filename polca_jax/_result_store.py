@@ -58,7 +58,7 @@ class ResultRows:
         if manifest.exists():
             self._saved = self._read_record(manifest, "config")
             if "fingerprint" not in self._saved:
-                raise ValueError(
+                raise PolcaError(
                     f"{self.directory} holds a POLCA result saved without the fingerprint of its computation "
                     "(POLCAResult.save), so polca cannot tell whether it is this one: read it with POLCAResult.load, "
                     f"or {self._start_over}")
@@ -67,7 +67,7 @@ class ResultRows:
             self._saved = self._read_record(progress, "complete")
             self.complete = self._saved["complete"]
             if not isinstance(self.complete, int) or isinstance(self.complete, bool) or self.complete < 1:
-                raise ValueError(f"{progress} is corrupt: 'complete' must be a positive number of checkpoints, got "
+                raise PolcaError(f"{progress} is corrupt: 'complete' must be a positive number of checkpoints, got "
                                  f"{self.complete!r}; {self._start_over}")
         if self._saved is not None:
             digests = self._saved.get("checkpoints", [])
@@ -75,7 +75,7 @@ class ResultRows:
             rows = self._saved.get("rows", []) if not self.finished else []
             self.row_digests = list(rows) if isinstance(rows, list) else []
         if self._saved is not None and not isinstance(self._saved.get("fingerprint"), dict):
-            raise ValueError(f"{manifest if self.finished else progress} is corrupt: it holds no fingerprint object; "
+            raise PolcaError(f"{manifest if self.finished else progress} is corrupt: it holds no fingerprint object; "
                              f"{self._start_over}")
 
     @property
@@ -87,7 +87,7 @@ class ResultRows:
         try:
             return read_json(path, required=[required])
         except ValueError as error:
-            raise ValueError(f"cannot resume the POLCA result in {self.directory}: {error}; {self._start_over}") \
+            raise PolcaError(f"cannot resume the POLCA result in {self.directory}: {error}; {self._start_over}") \
                 from error
 
     def bind(self, fingerprint: dict) -> None:
@@ -104,7 +104,7 @@ class ResultRows:
             raise ResumeMismatch(f"{self.directory} holds a {what} POLCA result of another computation: "
                              f"{'; '.join(differences)}; {self._start_over}")
         if self.complete > self.num_checkpoints:
-            raise ValueError(f"{self.directory / PROGRESS} is corrupt: it counts {self.complete} complete checkpoints "
+            raise PolcaError(f"{self.directory / PROGRESS} is corrupt: it counts {self.complete} complete checkpoints "
                              f"of {self.num_checkpoints}; {self._start_over}")
         if not self.finished:
             self._verify_rows()
@@ -212,7 +212,7 @@ class ResultRows:
                     os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
                 except OSError as error:
                     if error.errno == errno.ENOSPC:
-                        raise ValueError(f"no room on the disk for {path} ({os.fstat(file.fileno()).st_size} "
+                        raise PolcaError(f"no room on the disk for {path} ({os.fstat(file.fileno()).st_size} "
                                          "bytes): free some space or choose another out directory") from error
                     # a file system that cannot reserve space: the rows are written as they come
         return array
@@ -225,10 +225,10 @@ class ResultRows:
         except CorruptRunDirectory as error:
             raise CorruptRunDirectory(f"cannot resume the POLCA result in {self.directory}: {error}") from error
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot resume the POLCA result in {self.directory}: {path} cannot be opened "
+            raise PolcaError(f"cannot resume the POLCA result in {self.directory}: {path} cannot be opened "
                              f"({error}); {self._start_over}") from error
         if len(array) != rows:
-            raise ValueError(f"cannot resume the POLCA result in {self.directory}: {path} has shape {array.shape}, "
+            raise PolcaError(f"cannot resume the POLCA result in {self.directory}: {path} has shape {array.shape}, "
                              f"not {rows} rows; {self._start_over}")
         return array
 

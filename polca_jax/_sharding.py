@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from polca_jax.errors import PolcaError
+
 PyTree = Any
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -38,10 +40,10 @@ def device_mesh(model: int = 1, data: int | None = None, devices: list | None = 
     """
     devices = list(jax.devices() if devices is None else devices)
     if model < 1 or len(devices) % model:
-        raise ValueError(f"a model axis of {model} does not divide the {len(devices)} devices")
+        raise PolcaError(f"a model axis of {model} does not divide the {len(devices)} devices")
     data = len(devices) // model if data is None else data
     if data * model != len(devices):
-        raise ValueError(f"a {data} x {model} (data x model) mesh needs {data * model} devices, got {len(devices)}")
+        raise PolcaError(f"a {data} x {model} (data x model) mesh needs {data * model} devices, got {len(devices)}")
     return Mesh(np.asarray(devices).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
 
 
@@ -50,10 +52,10 @@ def check_mesh(mesh: Mesh | None, what: str) -> None:
     if mesh is None:
         return
     if not isinstance(mesh, Mesh):
-        raise ValueError(f"{what}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        raise PolcaError(f"{what}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     names = tuple(mesh.axis_names)
     if DATA_AXIS not in names or set(names) - {DATA_AXIS, MODEL_AXIS}:
-        raise ValueError(
+        raise PolcaError(
             f"{what}: the mesh has axes {names}; polca_jax needs an axis {DATA_AXIS!r} (samples) and optionally "
             f"{MODEL_AXIS!r} (parameters) and no others: make it with pj.data_mesh() or pj.device_mesh(model=...)"
         )
@@ -140,7 +142,7 @@ def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
     shards = num_data_shards(mesh)
     sizes = {np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(batch)}
     if any(size % shards for size in sizes):
-        raise ValueError(f"batch size {sorted(sizes)} is not divisible by the {shards} devices of the 'data' axis")
+        raise PolcaError(f"batch size {sorted(sizes)} is not divisible by the {shards} devices of the 'data' axis")
     return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 

@@ -1,6 +1,7 @@
 """The errors polca_jax raises for a mistake in what it was given (an input, a setting, a file on disk).
 
-Every class subclasses :class:`PolcaError`, which subclasses ``ValueError``, so ``except ValueError`` keeps working.
+Every refusal in polca_jax raises :class:`PolcaError` or one of its subclasses; it subclasses ``ValueError``, so
+``except ValueError`` keeps working.
 The ``polca`` command prints any of them as one paragraph and exits 2; any other exception is a bug in polca_jax
 (exit 1, ``--debug`` shows the traceback).
 """

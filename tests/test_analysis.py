@@ -23,6 +23,7 @@ from polca_jax.analysis import (
     relying_samples,
     top_clusters,
 )
+from polca_jax.errors import PolcaError
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
@@ -57,11 +58,11 @@ def test_filters_on_hand_made_array():
 
 
 def test_filters_reject_bad_input():
-    with pytest.raises(ValueError, match="3 axes"):
+    with pytest.raises(PolcaError, match="3 axes"):
         kept_directions(np.zeros((3, 4)))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(PolcaError, match="NaN"):
         relying_samples(np.full((2, 2, 2), np.nan))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(PolcaError, match="empty"):
         kept_directions(np.zeros((2, 0, 3)))
 
 
@@ -97,9 +98,9 @@ def test_cluster_trajectories_normalize_options():
         cluster_trajectories(trajectories, normalize="standardize", **settings),
         cluster_trajectories(standard, **settings),
     )
-    with pytest.raises(ValueError, match="normalize"):
+    with pytest.raises(PolcaError, match="normalize"):
         cluster_trajectories(trajectories, normalize="minmax", **settings)
-    with pytest.raises(ValueError, match="min_cluster_size"):
+    with pytest.raises(PolcaError, match="min_cluster_size"):
         cluster_trajectories(trajectories, min_cluster_size=100, min_samples=3)
 
 
@@ -109,7 +110,7 @@ def test_hdbscan_params_follow_the_paper():
     # Scaled like the paper's 150 on 5000 tokens to 12600 tokens, min_samples from the filtered count.
     assert hdbscan_params(6000, min_cluster_size=150, reference_num_samples=5000, dataset_size=12600) == (378, 400)
     assert hdbscan_params(10, min_cluster_size=150) == (10, 2)  # clipped to [2, num_samples]
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(PolcaError, match="at least 2"):
         hdbscan_params(1, min_cluster_size=150)
 
 
@@ -128,7 +129,7 @@ def test_cluster_directions_maps_labels_back_and_filters():
     assert clustering.num_clusters == 2
     np.testing.assert_array_equal(clustering.labels[60:], -1)  # the outlier and the 5 filtered samples
     assert {tuple(clustering.members(c)) for c in range(2)} == {tuple(range(30)), tuple(range(30, 60))}
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(PolcaError, match="out of range"):
         clustering.members(2)
 
     # Explicit directions skip the oscillation filter; no sample filter clusters all 66 samples.
@@ -146,7 +147,7 @@ def test_cluster_signal_for_baselines():
     masked = cluster_signal(loss, sample_mask=mask, min_cluster_size=10)
     np.testing.assert_array_equal(masked.labels[:3], -1)
     np.testing.assert_array_equal(masked.sample_indices, np.arange(3, 61))
-    with pytest.raises(ValueError, match="sample_mask"):
+    with pytest.raises(PolcaError, match="sample_mask"):
         cluster_signal(loss, sample_mask=mask[:10])
 
 
@@ -196,13 +197,13 @@ def test_breakthrough_step_brackets_sigmoid_centres():
 
 def test_breakthrough_step_rejects_bad_input():
     curves = np.zeros((2, STEPS.size))
-    with pytest.raises(ValueError, match="inside the step range"):
+    with pytest.raises(PolcaError, match="inside the step range"):
         breakthrough_step(curves, STEPS, 1500)
-    with pytest.raises(ValueError, match="increasing"):
+    with pytest.raises(PolcaError, match="increasing"):
         breakthrough_step(curves, STEPS[::-1], 100)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(PolcaError, match="shape"):
         breakthrough_step(curves, STEPS[:-1], 100)
-    with pytest.raises(ValueError, match="sign"):
+    with pytest.raises(PolcaError, match="sign"):
         breakthrough_step(curves, STEPS, 100, sign="up")
 
 
@@ -238,7 +239,7 @@ def test_hidden_breakthrough_fraction_on_hand_made_clusters():
     # A baseline clustering reads a [T, N] signal; it cannot be matched to a direction of [T, N, K] trajectories.
     baseline = Clustering(np.array([0, 0, 0, 0, 1, 1]), None, np.arange(6), 2, 2, "euclidean", None)  # 1000 | 1300
     assert hidden_breakthrough_fraction([baseline], projected_loss[:, :, 0], steps, 100, 1000) == 0.5
-    with pytest.raises(ValueError, match="without a direction"):
+    with pytest.raises(PolcaError, match="without a direction"):
         hidden_breakthrough_fraction([baseline], projected_loss, steps, 100, 1000)
     empty = Clustering(np.full(6, -1), 0, np.arange(6), 2, 2, "euclidean", None)
     assert np.isnan(hidden_breakthrough_fraction([empty], projected_loss, steps, 100, 1000))
@@ -306,9 +307,9 @@ def test_top_clusters_ordering():
     assert [(r.direction, r.cluster) for r in top_clusters(records, n=3)] == [(0, 0), (1, 0), (0, 1)]
     one_each = top_clusters(records, n=3, one_per_direction=True)
     assert [(r.direction, r.cluster) for r in one_each] == [(0, 0), (1, 0)]
-    with pytest.raises(ValueError, match="clustering labels cover 6 samples, labels has 5"):
+    with pytest.raises(PolcaError, match="clustering labels cover 6 samples, labels has 5"):
         cluster_label_scores(clusterings, carry[:5], positive=True)
-    with pytest.raises(ValueError, match="qualifying must have shape"):
+    with pytest.raises(PolcaError, match="qualifying must have shape"):
         cluster_label_scores(clusterings, carry, qualifying=np.ones(5, bool))
 
 
@@ -326,7 +327,7 @@ def test_clusterings_save_load_round_trip(tmp_path):
         np.testing.assert_array_equal(a.sample_indices, b.sample_indices)
         assert (a.direction, a.min_cluster_size, a.min_samples, a.metric, a.normalize) == (
             b.direction, b.min_cluster_size, b.min_samples, b.metric, b.normalize)
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(PolcaError, match="cannot read"):
         load_clusterings(tmp_path / "missing.npz")
 
 
@@ -342,5 +343,5 @@ def test_gradient_norm_features_are_shares_of_each_sample_s_gradient_reduced_by_
     shares = norms / np.where(norms.sum(1, keepdims=True) > 0, norms.sum(1, keepdims=True), 1.0)
     full = gradient_norm_features(norms, max_components=6)  # all components: the centred shares, rotated
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), np.linalg.norm(shares - shares.mean(0), axis=1))
-    with pytest.raises(ValueError, match="norms must be >= 0"):
+    with pytest.raises(PolcaError, match="norms must be >= 0"):
         gradient_norm_features(-norms)

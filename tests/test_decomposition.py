@@ -19,6 +19,7 @@ from conftest import sgd_checkpoints
 
 import polca_jax as pj
 from polca_jax import _tree as tree
+from polca_jax.errors import PolcaError
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
@@ -95,9 +96,9 @@ def test_projected_loss_under_another_rule_matches_a_fresh_decomposition(mlp):
         for rule, fresh in results.items():
             np.testing.assert_allclose(stored.projected_loss_with(rule, basis.eigenvalues), fresh.projected_loss,
                                        rtol=1e-10, atol=1e-14)
-    with pytest.raises(ValueError, match="needs eigenvalues"):
+    with pytest.raises(PolcaError, match="needs eigenvalues"):
         results["none"].projected_loss_with("paper")
-    with pytest.raises(ValueError, match="stored arrays"):
+    with pytest.raises(PolcaError, match="stored arrays"):
         results["none"].projected_loss_with("exact")
 
 
@@ -112,10 +113,10 @@ def test_result_save_load_round_trip(tmp_path, mlp):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
     assert loaded.config == result.config
     np.save(tmp_path / "polca" / "loss.npy", np.zeros(3))
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(PolcaError, match="corrupt"):
         pj.POLCAResult.load(tmp_path / "polca")
     (tmp_path / "polca" / "manifest.json").unlink()
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(PolcaError, match="cannot read"):
         pj.POLCAResult.load(tmp_path / "polca")
 
 
@@ -145,9 +146,9 @@ def test_polca_reads_orbax_checkpoints(checkpoint_dir, mlp):
 
 
 def test_missing_and_corrupt_checkpoints_are_reported(checkpoint_dir, tmp_path, mlp):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(PolcaError, match="does not exist"):
         pj.OrbaxCheckpoints(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match=r"steps \[5\] have no checkpoint"):
+    with pytest.raises(PolcaError, match=r"steps \[5\] have no checkpoint"):
         pj.OrbaxCheckpoints(checkpoint_dir, steps=[0, 5])
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", str(checkpoint_dir), str(broken)], check=True)
@@ -155,7 +156,7 @@ def test_missing_and_corrupt_checkpoints_are_reported(checkpoint_dir, tmp_path, 
         data.write_bytes(b"garbage")
     with pj.OrbaxCheckpoints(broken) as store:
         store[0]  # intact
-        with pytest.raises(ValueError, match="step 10 .* cannot be read"):
+        with pytest.raises(PolcaError, match="step 10 .* cannot be read"):
             store[1]
 
 
@@ -296,18 +297,18 @@ def test_a_partial_result_of_another_computation_is_refused_and_left_unchanged(t
     ]
     for change, message in refusals:
         arguments = dict(basis=basis, batch=mlp.batch, second_order="exact") | change
-        with pytest.raises(ValueError, match=message) as error:
+        with pytest.raises(PolcaError, match=message) as error:
             pj.polca(mlp.token_losses, checkpoints, progress=False, out=out, **arguments)
         assert f"remove {out} to start over" in str(error.value) and "--force" in str(error.value)
         assert files_of(out) == before
     resumed = pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact", progress=False, out=out)
     assert_same_result(resumed, pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact",
                                          progress=False))
-    with pytest.raises(ValueError, match="complete POLCA result of another computation: the steps differ"):
+    with pytest.raises(PolcaError, match="complete POLCA result of another computation: the steps differ"):
         pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact", steps=[0, 1, 2, 3, 5],
                  progress=False, out=out)
     resumed.save(out)  # a save has no fingerprint: polca cannot tell what computed it
-    with pytest.raises(ValueError, match="saved without the fingerprint"):
+    with pytest.raises(PolcaError, match="saved without the fingerprint"):
         pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, second_order="exact", progress=False, out=out)
 
 
@@ -327,12 +328,12 @@ def test_a_corrupt_progress_record_gets_a_clear_error(tmp_path, mlp):
         (json.dumps(dict(record, complete=7)), "counts 7 complete checkpoints of 4"),
     ]:
         (out / "progress.json").write_text(text)
-        with pytest.raises(ValueError, match=message) as error:
+        with pytest.raises(PolcaError, match=message) as error:
             run()
         assert f"remove {out} to start over" in str(error.value)
     (out / "progress.json").write_text(json.dumps(record))
     (out / "projections.npy").write_bytes(b"torn")
-    with pytest.raises(ValueError, match="projections.npy cannot be opened"):
+    with pytest.raises(PolcaError, match="projections.npy cannot be opened"):
         run()
 
 
@@ -342,7 +343,7 @@ def test_a_full_disk_is_refused_when_the_files_are_made(tmp_path, mlp, monkeypat
 
     monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
     basis = pj.random_basis(mlp.params, 2, jax.random.key(4))
-    with pytest.raises(ValueError, match=r"no room on the disk for .*loss.npy \(\d+ bytes\)"):
+    with pytest.raises(PolcaError, match=r"no room on the disk for .*loss.npy \(\d+ bytes\)"):
         pj.polca(mlp.token_losses, sgd_checkpoints(mlp, 2), mlp.batch, basis, second_order="none", progress=False,
                  out=tmp_path / "polca")
     assert not (tmp_path / "polca" / "progress.json").exists()
@@ -359,28 +360,28 @@ def test_bad_input_gets_a_clear_error(mlp):
         return pj.polca(mlp.token_losses, checkpoints, batch, basis, second_order=second_order, progress=False,
                         **kwargs)
 
-    with pytest.raises(ValueError, match="at least two checkpoints"):
+    with pytest.raises(PolcaError, match="at least two checkpoints"):
         run(checkpoints[:1])
     reshaped = dict(checkpoints[1], w1=jnp.zeros((4, 3)))
-    with pytest.raises(ValueError, match=r"\['w1'\] has shape \(4, 3\)"):
+    with pytest.raises(PolcaError, match=r"\['w1'\] has shape \(4, 3\)"):
         run([checkpoints[0], reshaped])
-    with pytest.raises(ValueError, match="different parameter tree structure"):
+    with pytest.raises(PolcaError, match="different parameter tree structure"):
         run([checkpoints[0], {"w1": checkpoints[1]["w1"]}])
-    with pytest.raises(ValueError, match=r"\['b1'\] contains NaN"):
+    with pytest.raises(PolcaError, match=r"\['b1'\] contains NaN"):
         run([checkpoints[0], dict(checkpoints[1], b1=jnp.full(4, jnp.nan))])
-    with pytest.raises(ValueError, match="per-sample loss .* NaN"):
+    with pytest.raises(PolcaError, match="per-sample loss .* NaN"):
         run(batch=dict(mlp.batch, y=mlp.batch["y"].at[3, 0].set(jnp.inf)))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(PolcaError, match="empty"):
         run(batch=jax.tree_util.tree_map(lambda x: x[:0], mlp.batch))
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(PolcaError, match="width"):
         run(basis=pj.basis_from_matrix(np.eye(30)[:2]))
-    with pytest.raises(ValueError, match="not orthonormal"):
+    with pytest.raises(PolcaError, match="not orthonormal"):
         run(basis=pj.Basis(2 * basis.vectors, basis.eigenvalues, basis.steps, "user", basis.residuals))
-    with pytest.raises(ValueError, match="needs the basis' eigenvalues"):
+    with pytest.raises(PolcaError, match="needs the basis' eigenvalues"):
         run(second_order="paper")
-    with pytest.raises(ValueError, match="second_order must be"):
+    with pytest.raises(PolcaError, match="second_order must be"):
         run(second_order="third")
-    with pytest.raises(ValueError, match="mask must have shape"):
+    with pytest.raises(PolcaError, match="mask must have shape"):
         run(mask=np.ones((11, 3), bool))
 
 

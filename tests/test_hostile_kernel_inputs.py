@@ -1,4 +1,4 @@
-"""Hostile input to the kernels: every case ends in a clear ValueError naming the problem, or in a correct result.
+"""Hostile input to the kernels: every case ends in a clear PolcaError naming the problem, or in a correct result.
 
 ``CASES`` is the table of (case, call, message regex); each call takes the :class:`Inputs` of the tiny MLP. The
 tests after it pin the cases whose fix is a correct result (dtype casts, kernels under a caller's jit, iteration of a
@@ -17,6 +17,7 @@ from conftest import mlp_mean_loss, mlp_token_losses, sgd_checkpoints
 
 import polca_jax as pj
 from polca_jax import _files, _tree as tree
+from polca_jax.errors import PolcaError
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
@@ -285,7 +286,7 @@ CASES = [
 
 @pytest.mark.parametrize("call, pattern", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_hostile_input_raises_a_clear_value_error(inputs, call, pattern):
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(PolcaError, match=pattern):
         call(inputs)
 
 
@@ -374,12 +375,12 @@ def test_json_helpers_write_atomically_and_name_the_file_on_read(tmp_path):
     assert _files.read_json(path, required=("a",)) == {"a": 1, "path": str(tmp_path)}
     (tmp_path / "plain").write_text("")
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # the permissions of a plain write
-    with pytest.raises(ValueError, match=r"record\.json lacks the field\(s\) \['b'\]"):
+    with pytest.raises(PolcaError, match=r"record\.json lacks the field\(s\) \['b'\]"):
         _files.read_json(path, required=("a", "b"))
     path.write_text("")  # what a torn in-place write leaves
-    with pytest.raises(ValueError, match=r"record\.json cannot be read as JSON .*interrupted write"):
+    with pytest.raises(PolcaError, match=r"record\.json cannot be read as JSON .*interrupted write"):
         _files.read_json(path)
-    with pytest.raises(ValueError, match=r"missing\.json is missing"):
+    with pytest.raises(PolcaError, match=r"missing\.json is missing"):
         _files.read_json(tmp_path / "missing.json")
 
     def crash(file):
@@ -401,15 +402,15 @@ def test_basis_save_overwrites_a_complete_save_and_names_a_torn_file(tmp_path, i
     np.testing.assert_array_equal(loaded.vectors, other.vectors)
     assert leftovers(directory) == []
     (directory / "basis.json").write_text('{"method": "ran')
-    with pytest.raises(ValueError, match=r"cannot read a basis from .*basis\.json cannot be read as JSON"):
+    with pytest.raises(PolcaError, match=r"cannot read a basis from .*basis\.json cannot be read as JSON"):
         pj.Basis.load(directory)
     other.save(directory)
     (directory / "vectors.npy").write_bytes(b"\x93NUMPY")
-    with pytest.raises(ValueError, match=r"vectors\.npy is not a readable \.npy array"):
+    with pytest.raises(PolcaError, match=r"vectors\.npy is not a readable \.npy array"):
         pj.Basis.load(directory)
     other.save(directory)
     (directory / "info.npz").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"info\.npz is missing or corrupt"):
+    with pytest.raises(PolcaError, match=r"info\.npz is missing or corrupt"):
         pj.Basis.load(directory)
 
 
@@ -441,7 +442,7 @@ def test_result_save_is_complete_or_has_no_manifest(tmp_path, inputs, monkeypatc
     assert leftovers(directory) == []
     for name in ("steps", "loss", "projections", "step_projection"):
         np.load(directory / f"{name}.npy")  # every array under its final name is whole (old or new)
-    with pytest.raises(ValueError, match=r"cannot read a POLCA result from .*manifest\.json is missing"):
+    with pytest.raises(PolcaError, match=r"cannot read a POLCA result from .*manifest\.json is missing"):
         pj.POLCAResult.load(directory)
 
 

@@ -11,6 +11,7 @@ from conftest import dense_hessian, sgd_checkpoints
 
 import polca_jax as pj
 from polca_jax import _tree as tree
+from polca_jax.errors import PolcaError
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
@@ -95,13 +96,13 @@ def test_top_eigenpairs_converge_with_fewer_iterations_than_the_dimension():
 
 def test_top_eigenpairs_rejects_bad_arguments():
     matrix = jnp.eye(5)
-    with pytest.raises(ValueError, match="num_iters"):
+    with pytest.raises(PolcaError, match="num_iters"):
         pj.top_eigenpairs(symmetric_matvec, 5, 1, 6, jax.random.key(0), matvec_args=(matrix,))
-    with pytest.raises(ValueError, match="orthonormal"):
+    with pytest.raises(PolcaError, match="orthonormal"):
         pj.top_eigenpairs(
             symmetric_matvec, 5, 1, 2, jax.random.key(0), orthogonal_to=2 * jnp.eye(5)[:2], matvec_args=(matrix,)
         )
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(PolcaError, match="shape"):
         pj.top_eigenpairs(
             symmetric_matvec, 5, 1, 2, jax.random.key(0), orthogonal_to=jnp.eye(4)[:2], matvec_args=(matrix,)
         )
@@ -243,12 +244,12 @@ def test_random_and_parameter_axis_bases(mlp):
 def test_basis_from_matrix_checks_or_orthonormalises(mlp):
     dim = tree.num_params(mlp.params)
     matrix = random_rows(7, 3, dim)
-    with pytest.raises(ValueError, match="not orthonormal"):
+    with pytest.raises(PolcaError, match="not orthonormal"):
         pj.basis_from_matrix(matrix)
     basis = pj.basis_from_matrix(matrix, orthonormalize=True)
     np.testing.assert_allclose(basis.vectors @ basis.vectors.T, np.eye(3), atol=1e-12)
     assert np.dot(np.asarray(basis.vectors[0]), matrix[0]) > 0  # same span and sign as the first row
-    with pytest.raises(ValueError, match="linearly dependent"):
+    with pytest.raises(PolcaError, match="linearly dependent"):
         pj.basis_from_matrix(np.stack([matrix[0], matrix[0]]), orthonormalize=True)
 
 
@@ -264,7 +265,7 @@ def test_basis_save_load_round_trip(tmp_path, mlp):
     np.testing.assert_array_equal(loaded.residuals, basis.residuals)
     assert loaded.method == basis.method
     (tmp_path / "basis" / "vectors.npy").write_bytes(b"not an array")
-    with pytest.raises(ValueError, match="cannot read a basis"):
+    with pytest.raises(PolcaError, match="cannot read a basis"):
         pj.Basis.load(tmp_path / "basis")
 
 

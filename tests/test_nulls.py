@@ -9,6 +9,7 @@ import pytest
 from polca_jax.analysis._clustering import Clustering
 from polca_jax.analysis import (ablation_effects, ablation_pvalues, adjust_pvalues, breakthrough_null,
                                 homogeneity_pvalues)
+from polca_jax.errors import PolcaError
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
@@ -130,7 +131,7 @@ def test_one_stratum_is_the_plain_null_and_strata_are_checked():
     one = homogeneity_pvalues(clustering(labels), classes, positive=1, num_permutations=99, seed=5,
                               strata=np.full(300, "all"))
     np.testing.assert_array_equal(plain.pvalues, one.pvalues)
-    with pytest.raises(ValueError, match=r"strata must have shape \(300,\)"):
+    with pytest.raises(PolcaError, match=r"strata must have shape \(300,\)"):
         homogeneity_pvalues(clustering(labels), classes, strata=np.zeros(299))
 
 
@@ -155,14 +156,14 @@ def test_permutation_test_is_fast_and_seeded():
 
 def test_homogeneity_pvalues_rejects_bad_inputs():
     c = clustering(np.array([0, 0, 1, 1, -1]))
-    with pytest.raises(ValueError, match=r"labels must have shape \(5,\)"):
+    with pytest.raises(PolcaError, match=r"labels must have shape \(5,\)"):
         homogeneity_pvalues(c, np.zeros(4))
-    with pytest.raises(ValueError, match="num_permutations must be a positive integer"):
+    with pytest.raises(PolcaError, match="num_permutations must be a positive integer"):
         homogeneity_pvalues(c, np.zeros(5), num_permutations=0)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(PolcaError, match="NaN"):
         homogeneity_pvalues(c, np.array([0.0, 1.0, np.nan, 0.0, 1.0]))
     inconsistent = clustering(np.array([0, 0, 1, 1, -1]), sample_indices=[0, 1, 2])
-    with pytest.raises(ValueError, match="outside its sample_indices"):
+    with pytest.raises(PolcaError, match="outside its sample_indices"):
         homogeneity_pvalues(inconsistent, np.zeros(5))
 
 
@@ -184,11 +185,11 @@ def test_adjust_pvalues_against_hand_computed_holm_and_bh():
 
 
 def test_adjust_pvalues_rejects_bad_inputs():
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(PolcaError, match="method must be one of"):
         adjust_pvalues([0.1], "bonferroni-ish")
-    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+    with pytest.raises(PolcaError, match=r"lie in \[0, 1\]"):
         adjust_pvalues([0.1, 1.5])
-    with pytest.raises(ValueError, match="1 axis"):
+    with pytest.raises(PolcaError, match="1 axis"):
         adjust_pvalues(np.zeros((2, 2)))
 
 
@@ -255,15 +256,15 @@ def test_breakthrough_null_keeps_an_uneven_step_grid_and_is_seeded():
 def test_breakthrough_null_rejects_bad_inputs():
     steps = np.arange(0, 1001, 100)
     curves = sigmoid_drops(steps, 500, 3)
-    with pytest.raises(ValueError, match=r"steps must have shape \(11,\)"):
+    with pytest.raises(PolcaError, match=r"steps must have shape \(11,\)"):
         breakthrough_null(curves, steps[:-1], 100, 500)
-    with pytest.raises(ValueError, match="num_shuffles must be a positive integer"):
+    with pytest.raises(PolcaError, match="num_shuffles must be a positive integer"):
         breakthrough_null(curves, steps, 100, 500, num_shuffles=0)
-    with pytest.raises(ValueError, match="sign must be one of"):
+    with pytest.raises(PolcaError, match="sign must be one of"):
         breakthrough_null(curves, steps, 100, 500, sign="up")
-    with pytest.raises(ValueError, match="trajectories must have 2 axes"):
+    with pytest.raises(PolcaError, match="trajectories must have 2 axes"):
         breakthrough_null(curves[:, 0], steps, 100, 500)
-    with pytest.raises(ValueError, match="at least 3 checkpoints"):
+    with pytest.raises(PolcaError, match="at least 3 checkpoints"):
         breakthrough_null(curves[:2], steps[:2], 100, 500)
 
 
@@ -296,7 +297,7 @@ def test_ablation_pvalues_permute_only_the_clustered_samples_and_are_seeded():
     np.testing.assert_array_equal(test.pvalues, again.pvalues)
     empty = ablation_pvalues(increase, clustering(np.full(40, -1)), num_permutations=9)
     assert empty.pvalues.shape == (0,)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(PolcaError, match="shape"):
         ablation_pvalues(increase[:5], kept)
-    with pytest.raises(ValueError, match="num_permutations"):
+    with pytest.raises(PolcaError, match="num_permutations"):
         ablation_pvalues(increase, kept, num_permutations=0)

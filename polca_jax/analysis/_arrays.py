@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from polca_jax.errors import PolcaError
+
 
 def checked_array(array, name: str, ndim: int, *, dtype=float) -> np.ndarray:
     """``array`` as a finite, non-empty ``dtype`` array with ``ndim`` axes, or a ValueError naming ``name``."""
     array = np.asarray(array)
     if array.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} axes, got shape {array.shape}")
+        raise PolcaError(f"{name} must have {ndim} axes, got shape {array.shape}")
     if array.size == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
+        raise PolcaError(f"{name} is empty (shape {array.shape})")
     if dtype is float:
         if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-            raise ValueError(f"{name} must be real-valued, got dtype {array.dtype}")
+            raise PolcaError(f"{name} must be real-valued, got dtype {array.dtype}")
         array = array.astype(np.float64, copy=False)
         if not np.all(np.isfinite(array)):
-            raise ValueError(f"{name} contains NaN or infinite values")
+            raise PolcaError(f"{name} contains NaN or infinite values")
     elif dtype is int:
         if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+            raise PolcaError(f"{name} must hold integers, got dtype {array.dtype}")
     elif dtype is bool:
         if array.dtype != np.bool_:
-            raise ValueError(f"{name} must be boolean, got dtype {array.dtype}")
+            raise PolcaError(f"{name} must be boolean, got dtype {array.dtype}")
     return array

@@ -24,6 +24,7 @@ import numpy as np
 
 from polca_jax.analysis._clustering import Clustering
 from polca_jax.analysis._arrays import checked_array
+from polca_jax.errors import PolcaError
 
 SIGNS = ("drop", "paper")
 
@@ -32,9 +33,9 @@ def _checked_steps(steps, num_checkpoints: int) -> np.ndarray:
     """steps as float[T], strictly increasing and matching the curves' T axis."""
     steps = checked_array(steps, "steps", 1)
     if steps.shape != (num_checkpoints,):
-        raise ValueError(f"steps must have shape ({num_checkpoints},) to match the curves, got {steps.shape}")
+        raise PolcaError(f"steps must have shape ({num_checkpoints},) to match the curves, got {steps.shape}")
     if np.any(np.diff(steps) <= 0):
-        raise ValueError("steps must be strictly increasing")
+        raise PolcaError("steps must be strictly increasing")
     return steps
 
 
@@ -59,12 +60,12 @@ def breakthrough_scores(
     curves = checked_array(curves, "curves", 2)
     steps = _checked_steps(steps, curves.shape[1])
     if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+        raise PolcaError(f"sign must be one of {SIGNS}, got {sign!r}")
     if not window_steps > 0:
-        raise ValueError(f"window_steps must be positive, got {window_steps}")
+        raise PolcaError(f"window_steps must be positive, got {window_steps}")
     inside = (steps - window_steps >= steps[0]) & (steps + window_steps <= steps[-1])
     if not inside.any():
-        raise ValueError(
+        raise PolcaError(
             f"no checkpoint t has t ± {window_steps} inside the step range [{steps[0]:g}, {steps[-1]:g}]"
         )
     candidates = steps[inside]
@@ -116,7 +117,7 @@ def _member_curves(trajectories: np.ndarray, clustering: Clustering, cluster: in
     if trajectories.ndim == 2:
         return trajectories[:, members].T
     if clustering.direction is None:
-        raise ValueError("a clustering without a direction needs a [T, N] signal, not [T, N, K] trajectories")
+        raise PolcaError("a clustering without a direction needs a [T, N] signal, not [T, N, K] trajectories")
     return trajectories[:, members, clustering.direction].T
 
 
@@ -134,15 +135,15 @@ def cluster_breakthroughs(
     used for all clusterings (the clustered baseline signal, or the exact loss to compare with). steps: int[T].
     """
     if len(clusterings) == 0:
-        raise ValueError("no clusterings given")
+        raise PolcaError("no clusterings given")
     trajectories = np.asarray(trajectories)
     if trajectories.ndim not in (2, 3):
-        raise ValueError(f"trajectories must be [T, N, K] or [T, N], got shape {trajectories.shape}")
+        raise PolcaError(f"trajectories must be [T, N, K] or [T, N], got shape {trajectories.shape}")
     trajectories = checked_array(trajectories, "trajectories", trajectories.ndim)
     records = []
     for clustering in clusterings:
         if clustering.num_samples != trajectories.shape[1]:
-            raise ValueError(
+            raise PolcaError(
                 f"clustering labels cover {clustering.num_samples} samples, trajectories have {trajectories.shape[1]}"
             )
         for cluster in range(clustering.num_clusters):

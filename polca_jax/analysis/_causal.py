@@ -9,6 +9,7 @@ import numpy as np
 
 from polca_jax.analysis._arrays import checked_array
 from polca_jax.analysis._clustering import Clustering
+from polca_jax.errors import PolcaError
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,10 @@ def _kept_mask(kept, clustering: Clustering) -> np.ndarray:
     kept = np.asarray(kept)
     if kept.dtype == np.bool_:
         if kept.shape != (n,):
-            raise ValueError(f"a boolean kept mask must have shape ({n},), got {kept.shape}")
+            raise PolcaError(f"a boolean kept mask must have shape ({n},), got {kept.shape}")
         return kept
     if kept.ndim != 1 or not np.issubdtype(kept.dtype, np.integer) or np.any((kept < 0) | (kept >= n)):
-        raise ValueError(f"kept must be a bool[{n}] mask or sample indices in [0, {n}), got {kept!r}")
+        raise PolcaError(f"kept must be a bool[{n}] mask or sample indices in [0, {n}), got {kept!r}")
     mask[kept] = True
     return mask
 
@@ -65,7 +66,7 @@ def ablation_effects(loss_increase, clustering: Clustering, *, kept=None) -> lis
     """
     loss_increase = checked_array(loss_increase, "loss_increase", 1)
     if loss_increase.shape != (clustering.num_samples,):
-        raise ValueError(
+        raise PolcaError(
             f"loss_increase must have shape ({clustering.num_samples},) to match the clustering, "
             f"got {loss_increase.shape}"
         )
@@ -129,11 +130,11 @@ def ablation_pvalues(loss_increase, clustering: Clustering, *, num_permutations:
     """
     loss_increase = checked_array(loss_increase, "loss_increase", 1)
     if loss_increase.shape != (clustering.num_samples,):
-        raise ValueError(f"loss_increase must have shape ({clustering.num_samples},) to match the clustering, "
+        raise PolcaError(f"loss_increase must have shape ({clustering.num_samples},) to match the clustering, "
                          f"got {loss_increase.shape}")
     if isinstance(num_permutations, bool) or not isinstance(num_permutations, int | np.integer) or \
             num_permutations < 1:
-        raise ValueError(f"num_permutations must be an integer >= 1, got {num_permutations!r}")
+        raise PolcaError(f"num_permutations must be an integer >= 1, got {num_permutations!r}")
     num_clusters = clustering.num_clusters
     if num_clusters == 0:
         empty = np.zeros(0)
@@ -142,7 +143,7 @@ def ablation_pvalues(loss_increase, clustering: Clustering, *, num_permutations:
     values = np.asarray(loss_increase, np.float64)[kept]
     cluster_of = clustering.labels[kept]
     if np.count_nonzero(cluster_of >= 0) != np.count_nonzero(clustering.labels >= 0):
-        raise ValueError("the clustering has cluster members outside its sample_indices; it is inconsistent")
+        raise PolcaError("the clustering has cluster members outside its sample_indices; it is inconsistent")
     sizes = np.bincount(cluster_of[cluster_of >= 0], minlength=num_clusters).astype(np.float64)
     total, n = values.sum(), values.size
 

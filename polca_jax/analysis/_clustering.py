@@ -14,6 +14,7 @@ from sklearn.cluster import HDBSCAN
 
 from polca_jax.analysis._arrays import checked_array
 from polca_jax.analysis._filters import kept_directions, relying_samples
+from polca_jax.errors import PolcaError
 
 DEFAULT_MIN_SAMPLES_DIVISOR = 15  # the paper's min_samples = number of tokens / 15, in both of its experiments
 NORMALIZATIONS = (None, "unit", "standardize")
@@ -51,7 +52,7 @@ class Clustering:
     def members(self, cluster: int) -> np.ndarray:
         """int[m]: indices into N of the samples in ``cluster``."""
         if not 0 <= cluster < self.num_clusters:
-            raise ValueError(f"cluster {cluster} out of range: this clustering has {self.num_clusters} clusters")
+            raise PolcaError(f"cluster {cluster} out of range: this clustering has {self.num_clusters} clusters")
         return np.flatnonzero(self.labels == cluster)
 
 
@@ -74,14 +75,14 @@ def hdbscan_params(
     - Both are clipped to [2, num_samples] (HDBSCAN's limits).
     """
     if num_samples < 2:
-        raise ValueError(f"HDBSCAN needs at least 2 samples, got {num_samples}")
+        raise PolcaError(f"HDBSCAN needs at least 2 samples, got {num_samples}")
     if min_cluster_size < 1 or min_samples_divisor <= 0:
-        raise ValueError(
+        raise PolcaError(
             f"min_cluster_size must be >= 1 and min_samples_divisor > 0, got {min_cluster_size}, {min_samples_divisor}"
         )
     if reference_num_samples is not None:
         if reference_num_samples < 1:
-            raise ValueError(f"reference_num_samples must be >= 1, got {reference_num_samples}")
+            raise PolcaError(f"reference_num_samples must be >= 1, got {reference_num_samples}")
         scale = (num_samples if dataset_size is None else dataset_size) / reference_num_samples
         min_cluster_size = round(min_cluster_size * scale)
     min_samples = int(num_samples // min_samples_divisor)
@@ -98,7 +99,7 @@ def _normalized(trajectories: np.ndarray, normalize: str | None) -> np.ndarray:
     if normalize == "standardize":
         spread = trajectories.std(axis=0)
         return (trajectories - trajectories.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
-    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    raise PolcaError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
 
 
 def cluster_trajectories(
@@ -116,10 +117,10 @@ def cluster_trajectories(
     """
     trajectories = checked_array(trajectories, "trajectories", 2)
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        raise PolcaError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     num_samples = trajectories.shape[0]
     if not (2 <= min_cluster_size <= num_samples and 1 <= min_samples <= num_samples):
-        raise ValueError(
+        raise PolcaError(
             f"need 2 <= min_cluster_size <= n and 1 <= min_samples <= n for n={num_samples} trajectories, "
             f"got min_cluster_size={min_cluster_size}, min_samples={min_samples}"
         )
@@ -141,7 +142,7 @@ def _cluster_samples(
 ) -> Clustering:
     """Cluster rows ``sample_indices`` of trajectories float[N, T]; labels mapped back to all N (-1 elsewhere)."""
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        raise PolcaError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     labels = np.full(trajectories.shape[0], -1, dtype=np.int64)
     params = (None, None)
     if sample_indices.size >= 2:
@@ -177,7 +178,7 @@ def cluster_directions(projected_loss, *, directions=None, filter_samples: bool 
         directions = np.flatnonzero(kept_directions(projected_loss))
     directions = np.asarray(directions, dtype=np.int64).reshape(-1)
     if np.any((directions < 0) | (directions >= num_directions)):
-        raise ValueError(f"directions must lie in [0, {num_directions}), got {directions.tolist()}")
+        raise PolcaError(f"directions must lie in [0, {num_directions}), got {directions.tolist()}")
     relying = relying_samples(projected_loss) if filter_samples else np.ones((num_samples, num_directions), bool)
     return [
         _cluster_samples(projected_loss[:, :, k].T, np.flatnonzero(relying[:, k]), int(k), **options)
@@ -198,7 +199,7 @@ def cluster_signal(signal, *, sample_mask=None, **options) -> Clustering:
         sample_mask = np.ones(num_samples, bool)
     sample_mask = checked_array(sample_mask, "sample_mask", 1, dtype=bool)
     if sample_mask.shape != (num_samples,):
-        raise ValueError(f"sample_mask must have shape ({num_samples},), got {sample_mask.shape}")
+        raise PolcaError(f"sample_mask must have shape ({num_samples},), got {sample_mask.shape}")
     return _cluster_samples(signal.T, np.flatnonzero(sample_mask), None, **options)
 
 
@@ -227,7 +228,7 @@ def save_clusterings(path, clusterings: list[Clustering]) -> None:
     """Write clusterings of the same N samples to one ``.npz`` (labels ``[C, N]``, directions, settings)."""
     num_samples = {c.num_samples for c in clusterings}
     if len(num_samples) > 1:
-        raise ValueError(f"clusterings cover different sample counts: {sorted(num_samples)}")
+        raise PolcaError(f"clusterings cover different sample counts: {sorted(num_samples)}")
     n = num_samples.pop() if num_samples else 0
     clustered = np.zeros((len(clusterings), n), bool)
     for row, c in zip(clustered, clusterings):
@@ -255,7 +256,7 @@ def load_clusterings(path) -> list[Clustering]:
         fields = [data[name] for name in ("labels", "clustered", "directions", "min_cluster_size", "min_samples",
                                           "metric", "normalize")]
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"cannot read clusterings from {path}: {error}") from error
+        raise PolcaError(f"cannot read clusterings from {path}: {error}") from error
 
     def present(value):
         return None if value < 0 else int(value)

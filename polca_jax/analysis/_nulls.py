@@ -23,6 +23,7 @@ import numpy as np
 from polca_jax.analysis._arrays import checked_array
 from polca_jax.analysis._breakthroughs import SIGNS, breakthrough_step
 from polca_jax.analysis._clustering import Clustering
+from polca_jax.errors import PolcaError
 
 ADJUST_METHODS = ("holm", "bh")
 _CHUNK_ELEMENTS = 1 << 22  # permutations are drawn in chunks of about this many array entries (32 MiB of int64)
@@ -36,7 +37,7 @@ def _permutation_pvalue(null: np.ndarray, observed) -> np.ndarray:
 
 def _checked_count(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise PolcaError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -95,11 +96,11 @@ def _statistic_counts(counts: np.ndarray, positive_code: int | None) -> np.ndarr
 def _checked_labels(labels, num_samples: int, name: str = "labels") -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != num_samples:
-        raise ValueError(
+        raise PolcaError(
             f"{name} must have shape ({num_samples},), one per sample of the clustering, got {labels.shape}"
         )
     if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
-        raise ValueError(f"{name} contain NaN or infinite values; give every sample a class")
+        raise PolcaError(f"{name} contain NaN or infinite values; give every sample a class")
     return labels
 
 
@@ -132,7 +133,7 @@ def homogeneity_pvalues(
         return _empty_test(labels, num_permutations)
     cluster_of = clustering.labels[kept]
     if np.count_nonzero(cluster_of >= 0) != np.count_nonzero(clustering.labels >= 0):
-        raise ValueError("the clustering has cluster members outside its sample_indices; it is inconsistent")
+        raise PolcaError("the clustering has cluster members outside its sample_indices; it is inconsistent")
 
     classes, codes = np.unique(labels[kept], return_inverse=True)
     codes = codes.reshape(-1)
@@ -203,15 +204,15 @@ def adjust_pvalues(pvalues, method: str = "holm") -> np.ndarray:
     Both are monotone in p. An empty input gives an empty output.
     """
     if method not in ADJUST_METHODS:
-        raise ValueError(f"method must be one of {ADJUST_METHODS}, got {method!r}")
+        raise PolcaError(f"method must be one of {ADJUST_METHODS}, got {method!r}")
     pvalues = np.asarray(pvalues, dtype=float)
     if pvalues.ndim != 1:
-        raise ValueError(f"pvalues must have 1 axis, got shape {pvalues.shape}")
+        raise PolcaError(f"pvalues must have 1 axis, got shape {pvalues.shape}")
     if pvalues.size == 0:
         return pvalues.copy()
     pvalues = checked_array(pvalues, "pvalues", 1)
     if np.any((pvalues < 0) | (pvalues > 1)):
-        raise ValueError("pvalues must lie in [0, 1]")
+        raise PolcaError("pvalues must lie in [0, 1]")
     m = pvalues.size
     order = np.argsort(pvalues, kind="stable")
     ranked = pvalues[order]
@@ -298,12 +299,12 @@ def breakthrough_null(
     trajectories = checked_array(trajectories, "trajectories", 2)
     num_shuffles = _checked_count(num_shuffles, "num_shuffles")
     if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+        raise PolcaError(f"sign must be one of {SIGNS}, got {sign!r}")
     if not np.isfinite(threshold_step):
-        raise ValueError(f"threshold_step must be finite, got {threshold_step}")
+        raise PolcaError(f"threshold_step must be finite, got {threshold_step}")
     num_checkpoints, num_members = trajectories.shape
     if num_checkpoints < 3:
-        raise ValueError(f"trajectories need at least 3 checkpoints to shuffle increments, got {num_checkpoints}")
+        raise PolcaError(f"trajectories need at least 3 checkpoints to shuffle increments, got {num_checkpoints}")
     observed = float(_mean_steps(trajectories[None], steps, window_steps, sign)[0])
 
     rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ import numpy as np
 
 from polca_jax.analysis._arrays import checked_array
 from polca_jax.analysis._clustering import Clustering
+from polca_jax.errors import PolcaError
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,17 @@ def cluster_label_scores(
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels must be a non-empty [N] array, got shape {labels.shape}")
+        raise PolcaError(f"labels must be a non-empty [N] array, got shape {labels.shape}")
     if qualifying is not None:
         qualifying = checked_array(qualifying, "qualifying", 1, dtype=bool)
         if qualifying.shape != labels.shape:
-            raise ValueError(f"qualifying must have shape {labels.shape} like labels, got {qualifying.shape}")
+            raise PolcaError(f"qualifying must have shape {labels.shape} like labels, got {qualifying.shape}")
     if not 0 <= min_qualifying_fraction < 1:
-        raise ValueError(f"min_qualifying_fraction must lie in [0, 1), got {min_qualifying_fraction}")
+        raise PolcaError(f"min_qualifying_fraction must lie in [0, 1), got {min_qualifying_fraction}")
     records = []
     for clustering in clusterings:
         if clustering.num_samples != labels.shape[0]:
-            raise ValueError(f"clustering labels cover {clustering.num_samples} samples, labels has {labels.shape[0]}")
+            raise PolcaError(f"clustering labels cover {clustering.num_samples} samples, labels has {labels.shape[0]}")
         clustered = clustering.labels >= 0
         kept = labels[clustering.sample_indices]
         for cluster in range(clustering.num_clusters):

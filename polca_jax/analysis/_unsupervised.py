@@ -45,6 +45,7 @@ from polca_jax.analysis._clustering import (
     hdbscan_params,
 )
 from polca_jax.analysis._filters import kept_directions
+from polca_jax.errors import PolcaError
 
 STRATEGIES = ("paper", "unit", "shape", "profile", "joint")
 CLUSTERERS = ("hdbscan", "kmeans", "gmm", "agglomerative")
@@ -88,7 +89,7 @@ def gradient_norm_features(norms, *, max_components: int = 10, seed: int = 0) ->
     better than clusters of these rows."""
     norms = checked_array(norms, "norms", 2)
     if np.any(norms < 0):
-        raise ValueError("norms must be >= 0 (gradient norms per block)")
+        raise PolcaError("norms must be >= 0 (gradient norms per block)")
     totals = norms.sum(axis=1, keepdims=True)
     shares = norms / np.where(totals > 0, totals, 1.0)
     components = max(1, min(max_components, *shares.shape))
@@ -110,9 +111,9 @@ def joint_features(projected_loss, *, directions=None, max_components: int = 10,
 def _checked_directions(directions, num_directions: int) -> np.ndarray:
     directions = np.asarray(directions, dtype=np.int64).reshape(-1)
     if directions.size == 0:
-        raise ValueError("no directions to build features from (the selection is empty)")
+        raise PolcaError("no directions to build features from (the selection is empty)")
     if np.any((directions < 0) | (directions >= num_directions)):
-        raise ValueError(f"directions must lie in [0, {num_directions}), got {directions.tolist()}")
+        raise PolcaError(f"directions must lie in [0, {num_directions}), got {directions.tolist()}")
     return directions
 
 
@@ -142,14 +143,14 @@ def cluster_features(
     """
     features = checked_array(features, "features", 2)
     if method not in CLUSTERERS:
-        raise ValueError(f"method must be one of {CLUSTERERS}, got {method!r}")
+        raise PolcaError(f"method must be one of {CLUSTERERS}, got {method!r}")
     if isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or max_clusters < 2:
-        raise ValueError(f"max_clusters must be an integer >= 2, got {max_clusters!r}")
+        raise PolcaError(f"max_clusters must be an integer >= 2, got {max_clusters!r}")
     n = features.shape[0]
     sample_indices = np.arange(n) if sample_indices is None else np.asarray(sample_indices, dtype=np.int64)
     num_samples = n if num_samples is None else int(num_samples)
     if sample_indices.shape != (n,) or (n and (sample_indices.min() < 0 or sample_indices.max() >= num_samples)):
-        raise ValueError(f"sample_indices must be {n} indices in [0, {num_samples}), one per feature row")
+        raise PolcaError(f"sample_indices must be {n} indices in [0, {num_samples}), one per feature row")
     labels = np.full(num_samples, -1, dtype=np.int64)
     size, min_samples = hdbscan_params(n, min_cluster_size=min_cluster_size, min_samples_divisor=min_samples_divisor)
     if method == "hdbscan":
@@ -228,11 +229,11 @@ def strategy_clusterings(
     """
     projected_loss = checked_array(projected_loss, "projected_loss", 3)
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise PolcaError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if clusterer not in CLUSTERERS:
-        raise ValueError(f"clusterer must be one of {CLUSTERERS}, got {clusterer!r}")
+        raise PolcaError(f"clusterer must be one of {CLUSTERERS}, got {clusterer!r}")
     if strategy in ("paper", "unit") and clusterer != "hdbscan":
-        raise ValueError(f"strategy {strategy!r} is the paper's per-direction HDBSCAN; use strategy 'shape', "
+        raise PolcaError(f"strategy {strategy!r} is the paper's per-direction HDBSCAN; use strategy 'shape', "
                          "'profile' or 'joint' for other clusterers")
     _, num_samples, num_directions = projected_loss.shape
     if strategy in ("paper", "unit"):
@@ -291,7 +292,7 @@ def ari_pvalue(clustering: Clustering, labels, *, num_permutations: int = 1000, 
     """Permutation p-value of :func:`adjusted_rand`: the true labels permuted among the clustered samples with the
     clusters fixed, (1 + #{null ARI ≥ observed}) / (1 + B) for B = num_permutations. NaN where the ARI is NaN."""
     if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
-        raise ValueError(f"num_permutations must be a positive integer, got {num_permutations!r}")
+        raise PolcaError(f"num_permutations must be a positive integer, got {num_permutations!r}")
     if np.isnan(adjusted_rand(clustering, labels)):
         return float("nan")
     clustered = clustering.labels >= 0
@@ -331,10 +332,10 @@ def group_recovery(clusterings: list[Clustering], labels, *, min_homogeneity: fl
     """One :class:`GroupRecovery` per class of labels [N] (in sorted class order), over every cluster of
     ``clusterings``."""
     if not (0 < min_homogeneity <= 1 and 0 < min_recall <= 1):
-        raise ValueError(f"min_homogeneity and min_recall must lie in (0, 1], got {min_homogeneity}, {min_recall}")
+        raise PolcaError(f"min_homogeneity and min_recall must lie in (0, 1], got {min_homogeneity}, {min_recall}")
     num_samples = {c.num_samples for c in clusterings}
     if len(num_samples) > 1:
-        raise ValueError(f"clusterings cover different sample counts: {sorted(num_samples)}")
+        raise PolcaError(f"clusterings cover different sample counts: {sorted(num_samples)}")
     labels = _checked_truth(labels, num_samples.pop() if num_samples else np.asarray(labels).shape[0])
     records = []
     for label in np.unique(labels):
@@ -362,7 +363,7 @@ def group_recovery(clusterings: list[Clustering], labels, *, min_homogeneity: fl
 def _checked_truth(labels, num_samples: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != num_samples:
-        raise ValueError(f"labels must have shape ({num_samples},), one class per sample, got {labels.shape}")
+        raise PolcaError(f"labels must have shape ({num_samples},), one class per sample, got {labels.shape}")
     return labels
 
 

@@ -19,6 +19,7 @@ import jax
 
 import polca_jax as pj
 from polca_jax._distributed import ADDRESS_VARIABLE
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
 from polca_jax.pipeline._run import run
@@ -156,7 +157,7 @@ def _main(args) -> int:
     try:
         if args.command == "report":
             if not (Path(args.run_dir) / "config.json").is_file():
-                raise ValueError(f"{Path(args.run_dir).absolute()} is not a run directory (no config.json)")
+                raise PolcaError(f"{Path(args.run_dir).absolute()} is not a run directory (no config.json)")
             definition = None
             if args.task is not None:
                 from polca_jax.pipeline._task import load_task_definition
@@ -198,18 +199,18 @@ def _run_mesh(args):
             for flag, value in (("--heartbeat-timeout", args.heartbeat_timeout),
                                 ("--init-timeout", args.init_timeout)):
                 if value < 1:
-                    raise ValueError(f"{flag} must be at least 1 second, got {value}")
+                    raise PolcaError(f"{flag} must be at least 1 second, got {value}")
             pj.initialize_distributed(*given, timeout_s=args.init_timeout,
                                       heartbeat_timeout_s=args.heartbeat_timeout)
         except ConnectionError as error:
-            raise ValueError(str(error)) from None
+            raise PolcaError(str(error)) from None
     if shape is None:
         if jax.process_count() > 1:
-            raise ValueError("a multi-process run needs --mesh DATAxMODEL over every process' devices")
+            raise PolcaError("a multi-process run needs --mesh DATAxMODEL over every process' devices")
         return None
     data, model = shape
     if data * model != jax.device_count():
-        raise ValueError(f"--mesh {args.mesh} needs {data * model} devices, but {jax.device_count()} are visible "
+        raise PolcaError(f"--mesh {args.mesh} needs {data * model} devices, but {jax.device_count()} are visible "
                          f"({jax.process_count()} process(es)); on CPU, XLA_FLAGS="
                          "--xla_force_host_platform_device_count=N simulates N devices")
     return pj.device_mesh(model=model, data=data)

@@ -14,6 +14,8 @@ from pathlib import Path
 import jax
 from jax import monitoring
 
+from polca_jax.errors import PolcaError
+
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HITS = "/jax/compilation_cache/cache_hits"
 _CACHE_MISSES = "/jax/compilation_cache/cache_misses"
@@ -33,7 +35,7 @@ def enable_compile_cache(directory: str | Path | None = None) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"cannot use {directory} as the compilation cache ({error.strerror or error}); choose "
+        raise PolcaError(f"cannot use {directory} as the compilation cache ({error.strerror or error}); choose "
                          "another with --compile-cache DIR, or turn it off with --no-compile-cache") from error
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -92,34 +92,34 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and
                                                                                      value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+                raise PolcaError(f"{name} must be a finite number > 0, got {value!r}")
         for name in ("weight_decay", "b1", "b2"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and
                                                                                      value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise PolcaError(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(self.significance, bool) or not isinstance(self.significance, int | float) or not (
                 0 < self.significance < 1):
-            raise ValueError(f"significance must lie strictly between 0 and 1, got {self.significance!r}")
+            raise PolcaError(f"significance must lie strictly between 0 and 1, got {self.significance!r}")
         for name in ("baselines", "ablations"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise PolcaError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.second_order not in SECOND_ORDER_CHOICES:
-            raise ValueError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
+            raise PolcaError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
         if self.projection_method not in PROJECTION_METHODS:
-            raise ValueError(f"projection_method must be one of {PROJECTION_METHODS}, got {self.projection_method!r}")
+            raise PolcaError(f"projection_method must be one of {PROJECTION_METHODS}, got {self.projection_method!r}")
         if isinstance(self.gradient_window, bool) or not isinstance(self.gradient_window, int | float) or not (
                 0 < self.gradient_window <= 1):
-            raise ValueError(f"gradient_window must be a fraction in (0, 1], got {self.gradient_window!r}")
+            raise PolcaError(f"gradient_window must be a fraction in (0, 1], got {self.gradient_window!r}")
         if self.profile_clusterer not in CLUSTERERS:
-            raise ValueError(f"profile_clusterer must be one of {CLUSTERERS}, got {self.profile_clusterer!r}")
+            raise PolcaError(f"profile_clusterer must be one of {CLUSTERERS}, got {self.profile_clusterer!r}")
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
+            raise PolcaError(f"normalize must be None, 'unit' or 'standardize', got {self.normalize!r}")
         if self.num_steps % self.polca_every:
-            raise ValueError(f"num_steps ({self.num_steps}) must be a multiple of polca_every ({self.polca_every})")
+            raise PolcaError(f"num_steps ({self.num_steps}) must be a multiple of polca_every ({self.polca_every})")
         if self.polca_until is not None and (self.polca_until > self.num_steps or self.polca_until % self.polca_every
                                              or self.polca_until < 2 * self.polca_every):
-            raise ValueError(f"polca_until must be a multiple of polca_every ({self.polca_every}) in "
+            raise PolcaError(f"polca_until must be a multiple of polca_every ({self.polca_every}) in "
                              f"[{2 * self.polca_every}, num_steps={self.num_steps}], got {self.polca_until}")
         unknown = sorted(set(self.ablation_base_names) - set(ablation_basis_names()))
         if unknown or not isinstance(self.ablation_bases, str):
@@ -128,13 +128,13 @@ class RunConfig:
                              "by the file that defines it (polca_jax.pipeline.register_basis): name that file's "
                              "task (path/to/file.py:factory) so that it is imported first")
         if self.basis_until is not None and self.basis_until > self.num_steps:
-            raise ValueError(f"basis_until must lie in [1, num_steps={self.num_steps}], got {self.basis_until}")
+            raise PolcaError(f"basis_until must lie in [1, num_steps={self.num_steps}], got {self.basis_until}")
         if not self.basis_steps:
-            raise ValueError(f"no basis checkpoint: basis_every={self.basis_every} exceeds "
+            raise PolcaError(f"no basis checkpoint: basis_every={self.basis_every} exceeds "
                              f"{'basis_until' if self.basis_until is not None else 'num_steps'}="
                              f"{self.basis_until or self.num_steps}")
         if self.window_steps is not None and 2 * self.window_steps >= self.num_steps:
-            raise ValueError(f"window_steps (Δ = {self.window_steps}) must be less than half of num_steps "
+            raise PolcaError(f"window_steps (Δ = {self.window_steps}) must be less than half of num_steps "
                              f"({self.num_steps}): Eq. 9 needs t - Δ and t + Δ inside training")
         check_breakthrough_window(self)
 
@@ -185,12 +185,12 @@ class RunConfig:
     def from_dict(cls, saved: Mapping[str, Any], source: str) -> "RunConfig":
         """The config stored in ``source`` (a file name, for error messages)."""
         if not isinstance(saved, Mapping):
-            raise ValueError(f"{source} does not hold a config object")
+            raise PolcaError(f"{source} does not hold a config object")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(saved) - fields)
         missing = sorted({"task", "preset", "task_options"} - set(saved))
         if unknown or missing:
-            raise ValueError(f"{source} is not a polca run config (unknown keys {unknown}, missing {missing}); it "
+            raise PolcaError(f"{source} is not a polca run config (unknown keys {unknown}, missing {missing}); it "
                              "may come from an older version of polca_jax: start a new run directory")
         return cls(**saved)
 
@@ -224,7 +224,7 @@ def make_config(definition: TaskDefinition, task: str, preset: str | None = None
     preset = definition.default_preset if preset is None else preset
     if preset is not None and preset not in definition.presets:
         choices = sorted(definition.presets) or ["none: this task has no presets"]
-        raise ValueError(f"unknown preset {preset!r} for task {task}; choose one of {choices}")
+        raise PolcaError(f"unknown preset {preset!r} for task {task}; choose one of {choices}")
     settings = {**(definition.presets.get(preset, {}) if preset else {}), **(overrides or {})}
     return _config_from_settings(definition, task, preset, settings)
 
@@ -244,10 +244,10 @@ def parse_overrides(definition: TaskDefinition, assignments: list[str]) -> dict[
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
         if key in NOT_SETTABLE:
-            raise ValueError(f"--set {assignment}: {key!r} is not a setting; "
+            raise PolcaError(f"--set {assignment}: {key!r} is not a setting; "
                              + ("use --preset NAME" if key == "preset" else "name the task on the command line"))
         if not sep or key not in types:
-            raise ValueError(f"bad --set {assignment!r}: expected KEY=VALUE with KEY one of the pipeline settings "
+            raise PolcaError(f"bad --set {assignment!r}: expected KEY=VALUE with KEY one of the pipeline settings "
                              f"{sorted(PIPELINE_KEYS)} or the task options {sorted(definition.options())}")
         overrides[key] = _coerce(key, text, types[key])
     return overrides
@@ -265,14 +265,14 @@ def _config_from_settings(definition: TaskDefinition, task: str, preset: str | N
     options = definition.options()
     clashes = sorted(set(options) & set(PIPELINE_KEYS))
     if clashes:
-        raise ValueError(f"the task factory {definition.name} has options named like pipeline settings {clashes}; "
+        raise PolcaError(f"the task factory {definition.name} has options named like pipeline settings {clashes}; "
                          "rename them")
     for key in NOT_SETTABLE:
         if key in settings:
-            raise ValueError(f"{key!r} cannot be set as a setting (use --preset, or name the task)")
+            raise PolcaError(f"{key!r} cannot be set as a setting (use --preset, or name the task)")
     unknown = sorted(set(settings) - set(options) - set(PIPELINE_KEYS))
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} for task {task}: the pipeline settings are "
+        raise PolcaError(f"unknown setting(s) {unknown} for task {task}: the pipeline settings are "
                          f"{sorted(PIPELINE_KEYS)} and the task options {sorted(options)}")
     task_options = {}
     for name, parameter in options.items():
@@ -281,7 +281,7 @@ def _config_from_settings(definition: TaskDefinition, task: str, preset: str | N
         elif parameter.default is not inspect.Parameter.empty:
             task_options[name] = parameter.default
         else:
-            raise ValueError(f"task option {name!r} of {task} has no default and no preset sets it: "
+            raise PolcaError(f"task option {name!r} of {task} has no default and no preset sets it: "
                              f"--set {name}=VALUE")
     pipeline = {key: value for key, value in settings.items() if key in PIPELINE_KEYS}
     return RunConfig(task=task, preset=preset, task_options=task_options, **pipeline)
@@ -311,18 +311,18 @@ def _coerce(key: str, text: str, type_name) -> Any:
     try:
         if type_name.startswith("bool"):
             if text.lower() not in ("true", "false"):
-                raise ValueError(text)
+                raise PolcaError(text)
             return text.lower() == "true"
         if type_name.startswith("int"):
             return int(text)
         if type_name.startswith("float"):
             return float(text)
     except ValueError:
-        raise ValueError(f"--set {key}={text}: expected {type_name.split(' |')[0]}") from None
+        raise PolcaError(f"--set {key}={text}: expected {type_name.split(' |')[0]}") from None
     return text
 
 
 def _check_int(name: str, value, *, minimum: int, optional: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "None or an integer" if optional else "an integer"
-        raise ValueError(f"{name} must be {kind} >= {minimum}, got {value!r}")
+        raise PolcaError(f"{name} must be {kind} >= {minimum}, got {value!r}")

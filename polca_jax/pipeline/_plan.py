@@ -63,6 +63,7 @@ from polca_jax._lanczos import _lanczos
 from polca_jax._projections import projection_kernel_cost
 from polca_jax._sharding import param_spec
 from polca_jax.analysis import cluster_trajectories
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._registry import (JOINT_KINDS, MESH_STAGES, PER_SAMPLE_SIGNALS, bases_of, basis_kind,
                                           variants_of)
 from polca_jax.pipeline._stages import causal_bases, check_data_axis
@@ -103,7 +104,7 @@ def device_named(name: str) -> Device:
     if name in GPUS:
         return GPUS[name]
     if name != "cpu":
-        raise ValueError(f"unknown device {name!r}: choose cpu or one of {', '.join(GPUS)}")
+        raise PolcaError(f"unknown device {name!r}: choose cpu or one of {', '.join(GPUS)}")
     local = jax.devices()[0]
     limit = (local.memory_stats() or {}).get("bytes_limit")
     if limit:
@@ -116,15 +117,15 @@ def parse_mesh(text: str, devices: int | None = None) -> tuple[int, int]:
     """``"2x4"`` -> ``(data, model) = (2, 4)``; without a mesh, ``devices`` data shards (default 1). Raises
     ``ValueError`` for anything but two positive integers, or a mesh of another size than ``devices``."""
     if devices is not None and devices < 1:
-        raise ValueError(f"--devices must be a positive integer, got {devices}")
+        raise PolcaError(f"--devices must be a positive integer, got {devices}")
     if text is None:
         return (devices or 1, 1)
     match = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
     if match is None or 0 in (int(match[1]), int(match[2])):
-        raise ValueError(f"--mesh {text!r}: expected DATAxMODEL, two positive integers such as 1x1, 8x1 or 2x4")
+        raise PolcaError(f"--mesh {text!r}: expected DATAxMODEL, two positive integers such as 1x1, 8x1 or 2x4")
     data, model = int(match[1]), int(match[2])
     if devices is not None and devices != data * model:
-        raise ValueError(f"--mesh {text} has {data * model} devices but --devices is {devices}")
+        raise PolcaError(f"--mesh {text} has {data * model} devices but --devices is {devices}")
     return data, model
 
 
@@ -146,7 +147,7 @@ def check_model_axis(params, model: int) -> None:
     smaller than it, or none is divisible by it)."""
     if model > 1 and split_bytes(params, model)[1] == 1.0:
         largest = max(max(np.shape(leaf), default=1) for leaf in jax.tree_util.tree_leaves(params))
-        raise ValueError(f"--mesh: a model axis of {model} devices divides no dimension of the task's parameters "
+        raise PolcaError(f"--mesh: a model axis of {model} devices divides no dimension of the task's parameters "
                          f"(the largest is {largest}), so it would split nothing: choose a model axis that divides the "
                          "large dimensions (e.g. a power of two)")
 

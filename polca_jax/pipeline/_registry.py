@@ -280,4 +280,4 @@ def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray,
         return result.projected_loss_with("none"), result.steps
     if kind == "projected_loss":
         return result.projected_loss, result.steps
-    raise ValueError(f"unknown trajectory kind {kind!r}; choose from {TRAJECTORY_KINDS}")
+    raise PolcaError(f"unknown trajectory kind {kind!r}; choose from {TRAJECTORY_KINDS}")

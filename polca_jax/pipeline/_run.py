@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import jax
 
 from polca_jax._files import read_json, write_json_atomic
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._config import apply_overrides, config_differences, make_config, parse_overrides
 from polca_jax.pipeline._host_settings import HOST_SETTINGS, host_setting_changes, second_order_unavailable
 from polca_jax.pipeline._rundir import RunDirectory
@@ -41,13 +42,13 @@ def open_run(task: str, out: str | Path, *, preset: str | None = None,
     if (Path(out) / "config.json").is_file():
         saved = RunDirectory(out).config
         if saved.task != reference:
-            raise ValueError(f"{Path(out).absolute()} holds a run of task {saved.task}, not {reference}; choose "
+            raise PolcaError(f"{Path(out).absolute()} holds a run of task {saved.task}, not {reference}; choose "
                              "another --out directory (nothing was changed)")
         wanted = (make_config(definition, reference, preset, overrides) if preset is not None
                   else apply_overrides(definition, saved, overrides))
         changes, others = host_setting_changes(saved, wanted)
         if others:
-            raise ValueError(
+            raise PolcaError(
                 f"{Path(out).absolute()} holds a run with another config "
                 f"({'; '.join(config_differences(saved, wanted))}); {', '.join(others)} would change what the "
                 "train, basis, decompose or causal stages computed: choose a new --out directory, or leave out --preset/--set to resume it as it is "
@@ -77,7 +78,7 @@ def run(task: str, out: str | Path, *, preset: str | None = None,
     See :func:`open_run` for ``preset``, ``settings`` and ``checkpoints``.
     """
     if jax.process_count() > 1 and not (Path(out) / "config.json").is_file():
-        raise ValueError(f"a multi-process run continues a run directory: start {Path(out).absolute()} in one "
+        raise PolcaError(f"a multi-process run continues a run directory: start {Path(out).absolute()} in one "
                          "process first (polca run TASK --out DIR --stage train)")
     run_dir, definition = open_run(task, out, preset=preset, settings=settings, checkpoints=checkpoints,
                                    stages=stages)
@@ -109,7 +110,7 @@ def _check_host_changes(run_dir: RunDirectory, wanted, changes: dict[str, tuple]
     keys = ", ".join(changes)
     if stages is None or not set(stages) <= set(HOST_STAGES):
         asked = "every stage" if stages is None else ", ".join(stages)
-        raise ValueError(f"{keys} can change on the existing run {run_dir.path} only when host stages alone run (not "
+        raise PolcaError(f"{keys} can change on the existing run {run_dir.path} only when host stages alone run (not "
                          f"{asked}): add --stage cluster, which redoes cluster, score and report from the stored "
                          "decomposition (nothing was changed)")
     for stage in STAGES[: STAGES.index(HOST_STAGES[0])]:
@@ -120,7 +121,7 @@ def _check_host_changes(run_dir: RunDirectory, wanted, changes: dict[str, tuple]
             stored = read_json(manifest).get("config", {}).get("second_order") if manifest.is_file() else None
             reason = second_order_unavailable(run_dir.path, basis, stored, wanted.second_order)
             if reason is not None:
-                raise ValueError(f"second_order cannot change to {wanted.second_order} on {run_dir.path} without "
+                raise PolcaError(f"second_order cannot change to {wanted.second_order} on {run_dir.path} without "
                                  f"recomputing: {reason}. Redo the decomposition (--stage decompose --force) or "
                                  "choose a new --out directory (nothing was changed)")
 

@@ -54,22 +54,22 @@ class RunDirectory:
             saved = RunConfig.from_dict(read_json(config_file), str(config_file))
             if config is not None and saved != config:
                 differences = "; ".join(config_differences(saved, config))
-                raise ValueError(f"{self.path} holds a run with another config ({differences}); choose a new --out "
+                raise PolcaError(f"{self.path} holds a run with another config ({differences}); choose a new --out "
                                  "directory, or leave out --preset/--set to resume it as it is (nothing was changed)")
             config = saved
         elif config is None:
-            raise ValueError(f"{self.path} is not a run directory (no config.json); start a run with "
+            raise PolcaError(f"{self.path} is not a run directory (no config.json); start a run with "
                              "polca run TASK --out DIR")
         else:
             if self.path.exists() and any(self.path.iterdir()):
-                raise ValueError(f"{self.path} holds files but no config.json, so it is not a run directory; choose "
+                raise PolcaError(f"{self.path} holds files but no config.json, so it is not a run directory; choose "
                                  "a new or empty --out directory")
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(config_file, config.to_dict())
                 (self.path / LOCK).touch()  # made with the directory: a refused run later changes no file
             except OSError as error:
-                raise ValueError(f"cannot create the run directory {self.path}: {error.strerror or error}; "
+                raise PolcaError(f"cannot create the run directory {self.path}: {error.strerror or error}; "
                                  "choose another --out") from error
             self.created = True
         self.config: RunConfig = config
@@ -97,7 +97,7 @@ class RunDirectory:
 
     def require(self, stage: str) -> None:
         if not self.done(stage):
-            raise ValueError(f"stage {stage!r} has not finished in {self.path}; run it first "
+            raise PolcaError(f"stage {stage!r} has not finished in {self.path}; run it first "
                              f"(polca run {self.config.task} --out {self.path} --stage {stage})")
 
     def reset(self, stages: list[str], outputs: dict[str, tuple[str, ...]]) -> None:
@@ -166,7 +166,7 @@ class RunDirectory:
             return _NO_FINGERPRINTS
         saved = read_json(path)
         if not isinstance(saved.get("checkpoints"), dict) or not isinstance(saved.get("losses"), dict):
-            raise ValueError(f"{path} is corrupt (no checkpoints or losses object); remove it to record the "
+            raise PolcaError(f"{path} is corrupt (no checkpoints or losses object); remove it to record the "
                              "fingerprints again from the data on disk")
         return saved
 
@@ -225,7 +225,7 @@ class RunDirectory:
             saved = read_json(task_file)["fingerprint"]
             changed = sorted(part for part in set(saved) | set(fingerprint) if saved.get(part) != fingerprint.get(part))
             if changed:
-                raise ValueError(
+                raise PolcaError(
                     f"the task built now differs from the one this run started with in: {', '.join(changed)} "
                     f"(fingerprints in {task_file}). Changed data files, a relative data path resumed from another "
                     "working directory or an edited task file can cause this; resume from the original setting or "
@@ -275,15 +275,15 @@ def _check_usable(path: Path) -> None:
     """Raise ``ValueError`` if ``path`` cannot be a run directory: it is a file, lies below a file, or cannot be
     written."""
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file, not a directory; choose another --out")
+        raise PolcaError(f"--out {path} is a file, not a directory; choose another --out")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"--out {path} lies below {parent}, which is a file; choose another --out")
+                raise PolcaError(f"--out {path} lies below {parent}, which is a file; choose another --out")
             break
     existing = path if path.exists() else next(p for p in path.parents if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to {existing} (permission denied); choose another --out")
+        raise PolcaError(f"cannot write to {existing} (permission denied); choose another --out")
 
 
 def load_labels(run_dir: Path) -> tuple[dict[str, LabelSet], np.ndarray | None]:
@@ -294,7 +294,7 @@ def load_labels(run_dir: Path) -> tuple[dict[str, LabelSet], np.ndarray | None]:
         with np.load(run_dir / "labels.npz") as stored:
             arrays = {key: stored[key] for key in stored.files}
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {run_dir / 'labels.npz'}: {error}") from error
+        raise PolcaError(f"cannot read {run_dir / 'labels.npz'}: {error}") from error
     label_sets = {}
     for name, metadata in info["label_sets"].items():
         qualifier = metadata["qualifier"]

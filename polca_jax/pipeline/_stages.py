@@ -70,7 +70,7 @@ def train_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
         _check_existing_checkpoints(run, task)
         return {"checkpoints": str(run.checkpoint_dir), "trained": False}
     if task.train_batches is None:
-        raise ValueError("the task has no training batches (Task.train_batches is None): give the run its "
+        raise PolcaError("the task has no training batches (Task.train_batches is None): give the run its "
                          "checkpoints with --checkpoints DIR (or the setting checkpoints=DIR)")
     evaluation_loss = _mean_eval_loss(task)
 
@@ -102,12 +102,12 @@ def _check_existing_checkpoints(run: RunDirectory, task: Task) -> None:
         try:
             first = store[0]
         except ValueError as error:
-            raise ValueError(f"the checkpoints in {run.checkpoint_dir} do not hold parameters like the task's "
+            raise PolcaError(f"the checkpoints in {run.checkpoint_dir} do not hold parameters like the task's "
                              f"init_params (saved from another model than the task's?): {error}") from error
     try:
         check_same_structure(task.init_params, first, f"the checkpoint at step {steps[0]} in {run.checkpoint_dir}")
     except ValueError as error:
-        raise ValueError(f"{error}; the checkpoints were saved from another model than the task's") from error
+        raise PolcaError(f"{error}; the checkpoints were saved from another model than the task's") from error
     with checkpoint_store(run, task, steps) as store:
         for params in store:  # each read compares or records its digest
             del params
@@ -138,17 +138,17 @@ def check_fits(config, task: Task) -> None:
     num_params = tree.num_params(task.init_params)
     size = len(config.basis_steps) * config.k_per_checkpoint
     if size > num_params:
-        raise ValueError(f"the basis would have {size} directions (basis checkpoints × k_per_checkpoint) but the "
+        raise PolcaError(f"the basis would have {size} directions (basis checkpoints × k_per_checkpoint) but the "
                          f"task's model has {num_params} parameters: raise basis_every or lower k_per_checkpoint")
     if "parameter_axes" in bases_of(config) and config.lca_axes > num_params:
-        raise ValueError(f"lca_axes={config.lca_axes} exceeds the task's {num_params} parameters: "
+        raise PolcaError(f"lca_axes={config.lca_axes} exceeds the task's {num_params} parameters: "
                          f"--set lca_axes={num_params} or fewer")
     for name in bases_of(config):
         if basis_kind(name).size_for(config) > num_params:
             raise PolcaError(f"the basis {name!r} would have {basis_kind(name).size_for(config)} directions but the "
                              f"task's model has {num_params} parameters")
     if config.lanczos_iters + size > num_params:
-        raise ValueError(f"lanczos_iters={config.lanczos_iters} plus the {size} basis directions exceed the task's "
+        raise PolcaError(f"lanczos_iters={config.lanczos_iters} plus the {size} basis directions exceed the task's "
                          f"{num_params} parameters: lower lanczos_iters")
 
 
@@ -429,9 +429,9 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
     stages = list(MESH_STAGES if distributed else STAGES) if stages is None else list(stages)
     for stage in stages:
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+            raise PolcaError(f"unknown stage {stage!r}; stages are {STAGES}")
     if distributed and set(stages) - set(MESH_STAGES):
-        raise ValueError(
+        raise PolcaError(
             f"a multi-process run runs the stages {' and '.join(MESH_STAGES)} across the processes; run "
             f"{', '.join(s for s in STAGES if s in stages and s not in MESH_STAGES)} in one process (nothing was "
             "changed)")

@@ -80,7 +80,7 @@ class LabelSet:
     def __post_init__(self):
         values = np.asarray(self.values)
         if values.ndim != 1:
-            raise ValueError(f"label values must be one class per sample, [N], got shape {values.shape}")
+            raise PolcaError(f"label values must be one class per sample, [N], got shape {values.shape}")
         object.__setattr__(self, "values", values)
 
     def name_of(self, value) -> str:
@@ -136,7 +136,7 @@ class Task:
 
     def __post_init__(self):
         if not isinstance(self.labels, Mapping):
-            raise ValueError(f"Task.labels must be a dict of name -> LabelSet or [N] array, got "
+            raise PolcaError(f"Task.labels must be a dict of name -> LabelSet or [N] array, got "
                              f"{type(self.labels).__name__}")
         labels = {str(name): value if isinstance(value, LabelSet) else LabelSet(value)
                   for name, value in self.labels.items()}
@@ -155,16 +155,16 @@ class Task:
         """Raise ``ValueError`` naming the first part of the task that cannot work."""
         for name in ("per_sample_loss", "loss"):
             if not callable(getattr(self, name)):
-                raise ValueError(f"Task.{name} must be a function (params, batch) -> losses")
+                raise PolcaError(f"Task.{name} must be a function (params, batch) -> losses")
         if self.train_batches is not None and not callable(self.train_batches):
-            raise ValueError("Task.train_batches must be a function step -> batch, or None")
+            raise PolcaError("Task.train_batches must be a function step -> batch, or None")
         leaves = jax.tree_util.tree_leaves(self.init_params)
         if not leaves:
-            raise ValueError("Task.init_params holds no arrays")
+            raise PolcaError("Task.init_params holds no arrays")
         for path, leaf in jax.tree_util.tree_flatten_with_path(self.init_params)[0]:
             dtype = jax.numpy.result_type(leaf)
             if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
-                raise ValueError(f"Task.init_params{jax.tree_util.keystr(path)} has dtype {dtype}; "
+                raise PolcaError(f"Task.init_params{jax.tree_util.keystr(path)} has dtype {dtype}; "
                                  "POLCA differentiates every parameter, so they must be floating point")
             if np.size(leaf) == 0:
                 raise PolcaError(f"Task.init_params{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, no "
@@ -183,16 +183,16 @@ class Task:
         shape = out.shape
         n_seq = _check_batch(self.eval_batch, "Task.eval_batch")
         if len(shape) not in (1, 2) or shape[0] != n_seq:
-            raise ValueError(f"Task.per_sample_loss must return [n_seq] or [n_seq, n_tok] with n_seq={n_seq}, "
+            raise PolcaError(f"Task.per_sample_loss must return [n_seq] or [n_seq, n_tok] with n_seq={n_seq}, "
                              f"got shape {shape}")
         if self.eval_mask is not None:
             mask = np.asarray(self.eval_mask)
             if mask.dtype != np.bool_ or mask.shape != tuple(shape):
-                raise ValueError(f"Task.eval_mask must be bool {tuple(shape)} like the per-sample losses, got "
+                raise PolcaError(f"Task.eval_mask must be bool {tuple(shape)} like the per-sample losses, got "
                                  f"{mask.dtype} {mask.shape}")
         num_samples = self.num_samples
         if num_samples < 2:
-            raise ValueError(f"the task has {num_samples} evaluation sample(s); POLCA clusters need at least 2")
+            raise PolcaError(f"the task has {num_samples} evaluation sample(s); POLCA clusters need at least 2")
         for name, label_set in self.labels.items():
             if label_set.values.dtype.kind not in "biufUS":  # object arrays: None or mixed types
                 kinds = sorted({type(value).__name__ for value in label_set.values.tolist()})
@@ -200,26 +200,26 @@ class Task:
                                  f"{', '.join(kinds[:5])}): labels must be all ints, all bools or all strings, one "
                                  "per sample; give missing labels a class of their own (e.g. 'none')")
             if label_set.values.shape != (num_samples,):
-                raise ValueError(f"label set {name!r} has {label_set.values.shape[0]} values but the task has "
+                raise PolcaError(f"label set {name!r} has {label_set.values.shape[0]} values but the task has "
                                  f"{num_samples} evaluation samples (one label per sample, in the order of the "
                                  "flattened per-sample losses)")
             classes = np.unique(label_set.values)
             if classes.size < 2:
-                raise ValueError(f"label set {name!r} has a single class ({_plain(classes[0])!r}): it cannot tell "
+                raise PolcaError(f"label set {name!r} has a single class ({_plain(classes[0])!r}): it cannot tell "
                                  "clusters apart; drop it")
             if label_set.positive is not None and label_set.positive not in classes.tolist():
-                raise ValueError(f"label set {name!r}: positive class {label_set.positive!r} is not among its "
+                raise PolcaError(f"label set {name!r}: positive class {label_set.positive!r} is not among its "
                                  f"classes {classes.tolist()[:10]}")
             qualifier = label_set.qualifier
             if qualifier is not None and qualifier.label_set not in self.labels:
-                raise ValueError(f"label set {name!r} qualifies clusters by label set {qualifier.label_set!r}, which "
+                raise PolcaError(f"label set {name!r} qualifies clusters by label set {qualifier.label_set!r}, which "
                                  f"the task does not have (it has {sorted(self.labels)})")
             if label_set.stratify_by is not None and (label_set.stratify_by == name
                                                       or label_set.stratify_by not in self.labels):
                 raise PolcaError(f"label set {name!r} is stratified by {label_set.stratify_by!r}, which is not another "
                                  f"label set of the task (it has {sorted(self.labels)})")
         if self.sample_texts is not None and len(self.sample_texts) != num_samples:
-            raise ValueError(f"Task.sample_texts has {len(self.sample_texts)} entries for {num_samples} samples")
+            raise PolcaError(f"Task.sample_texts has {len(self.sample_texts)} entries for {num_samples} samples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,9 +254,9 @@ class TaskDefinition:
 
     def __post_init__(self):
         if not callable(self.factory):
-            raise ValueError(f"a task factory must be callable, got {self.factory!r}")
+            raise PolcaError(f"a task factory must be callable, got {self.factory!r}")
         if self.default_preset is not None and self.default_preset not in self.presets:
-            raise ValueError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
+            raise PolcaError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
 
     def __call__(self, *args, **kwargs) -> Task:
         return self.factory(*args, **kwargs)
@@ -278,7 +278,7 @@ class TaskDefinition:
         kwargs = {**options, **{name: value for name, value in reserved.items() if name in parameters}}
         task = self.factory(**kwargs)
         if not isinstance(task, Task):
-            raise ValueError(f"the task factory {self.name} returned {type(task).__name__}, expected a "
+            raise PolcaError(f"the task factory {self.name} returned {type(task).__name__}, expected a "
                              "polca_jax.pipeline.Task")
         task.check()
         return task
@@ -300,7 +300,7 @@ def canonical_reference(reference: str) -> str:
         return reference
     target, sep, attribute = reference.rpartition(":")
     if not sep or not target or not attribute:
-        raise ValueError(f"unknown task {reference!r}: give a built-in task ({', '.join(BUILTIN_TASKS)}), "
+        raise PolcaError(f"unknown task {reference!r}: give a built-in task ({', '.join(BUILTIN_TASKS)}), "
                          "path/to/file.py:factory or module:factory")
     if target.endswith(".py"):
         return f"{Path(target).expanduser().resolve()}:{attribute}"
@@ -317,16 +317,16 @@ def load_task_definition(reference: str) -> TaskDefinition:
         try:
             module = importlib.import_module(target)
         except ImportError as error:
-            raise ValueError(f"cannot import the task module {target!r}: {error}") from error
+            raise PolcaError(f"cannot import the task module {target!r}: {error}") from error
     if not hasattr(module, attribute):
         public = sorted(name for name in vars(module) if not name.startswith("_"))
-        raise ValueError(f"{target} has no {attribute!r} (it defines {', '.join(public[:12]) or 'nothing public'})")
+        raise PolcaError(f"{target} has no {attribute!r} (it defines {', '.join(public[:12]) or 'nothing public'})")
     found = getattr(module, attribute)
     if isinstance(found, TaskDefinition):
         return found
     if callable(found):
         return TaskDefinition(found)
-    raise ValueError(f"{reference} is a {type(found).__name__}, not a task factory (a function returning a Task)")
+    raise PolcaError(f"{reference} is a {type(found).__name__}, not a task factory (a function returning a Task)")
 
 
 def _import_file(path: Path):
@@ -334,7 +334,7 @@ def _import_file(path: Path):
         raise PolcaError(f"task file {path} is a directory, not a Python file; name the .py file that defines the "
                          "task factory (path/to/file.py:factory)")
     if not path.is_file():
-        raise ValueError(f"task file {path} does not exist")
+        raise PolcaError(f"task file {path} does not exist")
     name = f"polca_user_task_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -343,7 +343,7 @@ def _import_file(path: Path):
         spec.loader.exec_module(module)
     except Exception as error:  # the user's file may raise anything at import: report it with the file named
         del sys.modules[name]
-        raise ValueError(f"cannot import the task file {path}: {type(error).__name__}: {error}") from error
+        raise PolcaError(f"cannot import the task file {path}: {type(error).__name__}: {error}") from error
     return module
 
 
@@ -352,7 +352,7 @@ def _check_batch(batch: PyTree, what: str) -> int:
     try:
         return batch_size(batch)
     except ValueError as error:
-        raise ValueError(f"{what}: {error}") from error
+        raise PolcaError(f"{what}: {error}") from error
 
 
 def _plain(value):

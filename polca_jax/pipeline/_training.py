@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from polca_jax._checkpoints import PARAMS_ITEM, OrbaxCheckpoints
+from polca_jax.errors import PolcaError
 
 _OPT_STATE = "opt_state"
 
@@ -37,7 +38,7 @@ def adamw_paper(
     As with PyTorch's ``LambdaLR`` in the paper, update 0 has learning rate 0. ``warmup_steps=0`` means a constant rate.
     """
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+        raise PolcaError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     if warmup_steps == 0:
         schedule = learning_rate
     else:
@@ -100,7 +101,7 @@ def train(
         _check_int("each of checkpoint_steps", step, minimum=0)
     save_steps = {int(step) for step in checkpoint_steps}
     if metrics_fn is not None and metrics_path is None:
-        raise ValueError("metrics_fn was given without metrics_path to write its values to")
+        raise PolcaError("metrics_fn was given without metrics_path to write its values to")
 
     opt_state = optimizer.init(params)
     train_step = jax.jit(functools.partial(_train_step, loss_fn, optimizer))
@@ -113,7 +114,7 @@ def train(
                 if checkpoint_fn is not None:
                     checkpoint_fn(0, params)
         elif start > num_steps:
-            raise ValueError(
+            raise PolcaError(
                 f"{checkpoint_dir} already holds step {start}, beyond num_steps={num_steps}; use restore_params "
                 "to read an earlier step, or a fresh checkpoint_dir"
             )
@@ -176,7 +177,7 @@ def _train_step(loss_fn, optimizer, params, opt_state, batch, step, first_bad):
 def _check_finite_loss(first_bad: jax.Array) -> None:
     step = int(first_bad)
     if step >= 0:
-        raise ValueError(f"the training loss is not finite at step {step} (NaN or inf): the learning rate may be too "
+        raise PolcaError(f"the training loss is not finite at step {step} (NaN or inf): the learning rate may be too "
                          "high or the loss may overflow; checkpoints before that step are kept, none after it")
 
 
@@ -206,7 +207,7 @@ def _restore_training_state(manager: ocp.CheckpointManager, step: int, params: A
     try:
         restored = manager.restore(step, args=args)
     except Exception as error:
-        raise ValueError(
+        raise PolcaError(
             f"could not resume from step {step} in {manager.directory}: the checkpoint is unreadable or does not "
             f"match the given params and optimizer ({error})"
         ) from error
@@ -236,13 +237,13 @@ def _open_metrics_log(metrics_path: str | Path, start_step: int):
 
 def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict:
     if not isinstance(metrics, Mapping):
-        raise ValueError(f"metrics_fn must return a dict of name -> value, got {type(metrics).__name__}")
+        raise PolcaError(f"metrics_fn must return a dict of name -> value, got {type(metrics).__name__}")
     reserved = {"step", "loss"} & set(metrics)
     if reserved:
-        raise ValueError(f"metrics_fn must not return the reserved names {sorted(reserved)}")
+        raise PolcaError(f"metrics_fn must not return the reserved names {sorted(reserved)}")
     return {name: np.asarray(value).tolist() for name, value in metrics.items()}
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise PolcaError(f"{name} must be an int >= {minimum}, got {value!r}")

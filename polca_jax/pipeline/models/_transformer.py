@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from polca_jax.errors import PolcaError
+
 _LAYER_NORM_EPSILON = 1e-5  # TransformerLens' default.
 
 
@@ -55,15 +57,15 @@ class TransformerConfig:
         if self.output_size is not None:
             _check_positive_int("output_size", self.output_size)
         if self.d_model % self.num_heads:
-            raise ValueError(
+            raise PolcaError(
                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
             )
         try:
             dtype = jnp.dtype(self.param_dtype)
         except TypeError as error:
-            raise ValueError(f"param_dtype {self.param_dtype!r} is not a dtype name") from error
+            raise PolcaError(f"param_dtype {self.param_dtype!r} is not a dtype name") from error
         if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"param_dtype must be a floating dtype, got {self.param_dtype!r}")
+            raise PolcaError(f"param_dtype must be a floating dtype, got {self.param_dtype!r}")
 
     @property
     def output_vocab_size(self) -> int:
@@ -78,7 +80,7 @@ class TransformerConfig:
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise PolcaError(f"{name} must be a positive int, got {value!r}")
 
 
 class _Attention(nnx.Module):
@@ -147,7 +149,7 @@ class Transformer(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.param_dtype)
         if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-            raise ValueError(
+            raise PolcaError(
                 'param_dtype="float64" needs jax.config.update("jax_enable_x64", True) before building the model'
             )
         self.config = config
@@ -173,12 +175,12 @@ class Transformer(nnx.Module):
         """
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, length], got shape {tokens.shape}")
+            raise PolcaError(f"tokens must have shape [batch, length], got shape {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+            raise PolcaError(f"tokens must be integers, got dtype {tokens.dtype}")
         length = tokens.shape[1]
         if length > self.config.context_length:
-            raise ValueError(
+            raise PolcaError(
                 f"sequence length {length} exceeds the model's context_length {self.config.context_length}"
             )
         queries = None if positions is None else Positions.of(positions, length)
@@ -207,15 +209,15 @@ class Positions:
             try:
                 indices = tuple(operator.index(p) for p in positions)
             except TypeError as error:
-                raise ValueError(
+                raise PolcaError(
                     f"positions must be a slice or a sequence of ints (static, not traced), got {positions!r}"
                 ) from error
         if not indices:
-            raise ValueError("positions selects no position")
+            raise PolcaError("positions selects no position")
         if any(not 0 <= p < length for p in indices):
-            raise ValueError(f"positions must lie in [0, {length}) for {length} input tokens, got {list(indices)}")
+            raise PolcaError(f"positions must lie in [0, {length}) for {length} input tokens, got {list(indices)}")
         if list(indices) != sorted(set(indices)):
-            raise ValueError(f"positions must be increasing and distinct, got {list(indices)}")
+            raise PolcaError(f"positions must be increasing and distinct, got {list(indices)}")
         return cls(indices)
 
     @property
@@ -286,7 +288,7 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array, positions=Non
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-position cross-entropy: logits [B, L, V], targets int[B, L] in [0, V) -> [B, L]."""
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(
+        raise PolcaError(
             f"logits shape {logits.shape} must be targets shape {targets.shape} plus a vocabulary axis"
         )
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets)

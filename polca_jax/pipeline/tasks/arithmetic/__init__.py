@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import LabelSet, Qualifier, Task, task_factory
 from polca_jax.pipeline.models import TransformerConfig, init_params
 from polca_jax.pipeline.tasks.arithmetic._paper import paper_report_sections
@@ -79,7 +80,7 @@ def make_task(num_layers: int = 3, d_model: int = 512, num_heads: int = 4, d_mlp
     """
     total = num_train_problems + num_eval_problems + num_hessian_problems
     if total > 1000 * 1000:
-        raise ValueError(f"{total} problems requested but there are only 1,000,000 pairs of 3-digit operands")
+        raise PolcaError(f"{total} problems requested but there are only 1,000,000 pairs of 3-digit operands")
     eval_problems = make_problems(num_eval_problems, seed)
     hessian_problems = make_problems(num_hessian_problems, seed + 1, eval_problems)
     train_problems = make_problems(num_train_problems, seed + 2, np.concatenate([eval_problems, hessian_problems]))

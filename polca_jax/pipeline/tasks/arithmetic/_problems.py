@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline.models import TransformerConfig, apply, token_cross_entropy
 
 ANSWER_PLACES = ("1000s", "100s", "10s", "1s")
@@ -65,14 +66,14 @@ def make_problems(
     """
     _check_positive_int("num_digits", num_digits)
     if isinstance(num_problems, bool) or not isinstance(num_problems, int) or num_problems < 0:
-        raise ValueError(f"num_problems must be a non-negative int, got {num_problems!r}")
+        raise PolcaError(f"num_problems must be a non-negative int, got {num_problems!r}")
     base = 10**num_digits
     order = np.random.default_rng(seed).permutation(base * base)
     if exclude is not None:
         excluded = _checked_problems(exclude, num_digits, name="exclude")
         order = order[~np.isin(order, excluded[:, 0] * base + excluded[:, 1])]
     if num_problems > order.size:
-        raise ValueError(
+        raise PolcaError(
             f"asked for {num_problems} problems but only {order.size} distinct {num_digits}-digit pairs are available"
         )
     chosen = order[:num_problems]
@@ -102,14 +103,14 @@ def decode(tokens: np.ndarray, num_digits: int = 3) -> tuple[np.ndarray, np.ndar
     tokens = np.asarray(tokens)
     length = 3 * num_digits + 3
     if tokens.ndim != 2 or tokens.shape[1] != length:
-        raise ValueError(f"tokens must have shape [N, {length}], got {tokens.shape}")
+        raise PolcaError(f"tokens must have shape [N, {length}], got {tokens.shape}")
     if np.any(tokens[:, num_digits] != PLUS_TOKEN) or np.any(tokens[:, 2 * num_digits + 1] != EQUALS_TOKEN):
-        raise ValueError(f"tokens must have {PLUS_TOKEN} ('+') and {EQUALS_TOKEN} ('=') at the separator positions")
+        raise PolcaError(f"tokens must have {PLUS_TOKEN} ('+') and {EQUALS_TOKEN} ('=') at the separator positions")
     a_digits = tokens[:, :num_digits]
     b_digits = tokens[:, num_digits + 1 : 2 * num_digits + 1]
     sum_digits = tokens[:, 2 * num_digits + 2 :]
     if any(np.any((d < 0) | (d > 9)) for d in (a_digits, b_digits, sum_digits)):
-        raise ValueError("operand and answer positions must hold digit tokens 0-9")
+        raise PolcaError("operand and answer positions must hold digit tokens 0-9")
     return np.stack([_number(a_digits), _number(b_digits)], axis=1), _number(sum_digits)
 
 
@@ -141,11 +142,11 @@ def training_batches(problems: np.ndarray, batch_size: int) -> Callable[[int], d
     _check_positive_int("batch_size", batch_size)
     tokens = encode(problems)
     if batch_size > len(tokens):
-        raise ValueError(f"batch_size {batch_size} exceeds the number of problems {len(tokens)}")
+        raise PolcaError(f"batch_size {batch_size} exceeds the number of problems {len(tokens)}")
 
     def batch(step: int) -> dict:
         if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
+            raise PolcaError(f"step must be non-negative, got {step}")
         rows = (step * batch_size + np.arange(batch_size)) % len(tokens)
         return {"tokens": tokens[rows]}
 
@@ -186,10 +187,10 @@ def answer_accuracy(graphdef: nnx.GraphDef, params: dict, tokens: jax.Array) -> 
 
 def _batch_tokens(batch: Mapping) -> jax.Array:
     if not isinstance(batch, Mapping) or "tokens" not in batch:
-        raise ValueError('batch must be a dict with key "tokens" holding int[n_seq, 12]')
+        raise PolcaError('batch must be a dict with key "tokens" holding int[n_seq, 12]')
     tokens = jnp.asarray(batch["tokens"])
     if tokens.ndim != 2 or tokens.shape[1] != SEQUENCE_LENGTH:
-        raise ValueError(f"batch tokens must have shape [n_seq, {SEQUENCE_LENGTH}], got {tokens.shape}")
+        raise PolcaError(f"batch tokens must have shape [n_seq, {SEQUENCE_LENGTH}], got {tokens.shape}")
     return tokens
 
 
@@ -197,12 +198,12 @@ def _checked_problems(problems: np.ndarray, num_digits: int, name: str = "proble
     _check_positive_int("num_digits", num_digits)
     problems = np.asarray(problems)
     if problems.ndim != 2 or problems.shape[1] != 2:
-        raise ValueError(f"{name} must have shape [N, 2] (operand pairs), got {problems.shape}")
+        raise PolcaError(f"{name} must have shape [N, 2] (operand pairs), got {problems.shape}")
     if problems.size and not np.issubdtype(problems.dtype, np.integer):
-        raise ValueError(f"{name} must be integers, got dtype {problems.dtype}")
+        raise PolcaError(f"{name} must be integers, got dtype {problems.dtype}")
     problems = problems.astype(np.int64)
     if np.any((problems < 0) | (problems >= 10**num_digits)):
-        raise ValueError(f"{name} operands must lie in [0, {10**num_digits - 1}] for num_digits={num_digits}")
+        raise PolcaError(f"{name} operands must lie in [0, {10**num_digits - 1}] for num_digits={num_digits}")
     return problems
 
 
@@ -218,4 +219,4 @@ def _number(digits: np.ndarray) -> np.ndarray:
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise PolcaError(f"{name} must be a positive int, got {value!r}")

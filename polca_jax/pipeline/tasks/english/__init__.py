@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
 from polca_jax.pipeline.models import TransformerConfig, apply, init_params, token_cross_entropy
 from polca_jax.pipeline.tasks.english import _labels as labels
@@ -93,12 +94,12 @@ def make_task(data: str = "lee", max_documents: int | None = None, validation_fr
     """
     model_length = context_length if model_context_length is None else model_context_length
     if context_length > model_length:
-        raise ValueError(f"context_length ({context_length}) exceeds the model's context length "
+        raise PolcaError(f"context_length ({context_length}) exceeds the model's context length "
                          f"(model_context_length = {model_context_length})")
     if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction}")
+        raise PolcaError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction}")
     if not 0 < label_coverage <= 1:
-        raise ValueError(f"label_coverage must lie in (0, 1], got {label_coverage}")
+        raise PolcaError(f"label_coverage must lie in (0, 1], got {label_coverage}")
     documents = text.load_documents(data, max_documents=max_documents)
     train_documents, validation_documents = text.split_documents(documents, validation_fraction, seed)
     tokenizer_path = None if workdir is None else Path(workdir) / "tokenizer.json"
@@ -106,7 +107,7 @@ def make_task(data: str = "lee", max_documents: int | None = None, validation_fr
            else tokenizer.load_or_train_tokenizer(tokenizer_path, train_documents, vocab_size))
     eval_contexts = tokenizer.make_contexts(bpe, validation_documents, context_length, max_contexts=num_eval_contexts)
     if len(eval_contexts) < num_eval_contexts:
-        raise ValueError(
+        raise PolcaError(
             f"the {len(validation_documents)} validation documents give only {len(eval_contexts)} contexts of "
             f"{context_length + 1} tokens, fewer than num_eval_contexts={num_eval_contexts}; raise "
             "validation_fraction or lower num_eval_contexts")
@@ -114,7 +115,7 @@ def make_task(data: str = "lee", max_documents: int | None = None, validation_fr
     contexts = contexts[np.random.default_rng(seed).permutation(len(contexts))]
     hessian_contexts, train_contexts = contexts[:num_hessian_contexts], contexts[num_hessian_contexts:]
     if len(train_contexts) < batch_size:
-        raise ValueError(f"the training documents give {len(contexts)} contexts; after the {num_hessian_contexts} "
+        raise PolcaError(f"the training documents give {len(contexts)} contexts; after the {num_hessian_contexts} "
                          f"Hessian contexts fewer than batch_size={batch_size} are left for training")
     model_config = TransformerConfig(vocab_size=vocab_size, context_length=model_length, num_layers=num_layers,
                                      d_model=d_model, num_heads=num_heads, d_mlp=d_mlp)
@@ -162,7 +163,7 @@ def training_batches(contexts: np.ndarray, batch_size: int, seed: int) -> Callab
     """step -> ``{"tokens": int32[batch_size, L + 1]}``: each epoch reads the contexts int32[n, L + 1] in its own
     seeded order, ``n // batch_size`` batches per epoch, so a batch is a pure function of the step."""
     if batch_size > len(contexts):
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(contexts)} training contexts")
+        raise PolcaError(f"batch_size {batch_size} exceeds the {len(contexts)} training contexts")
     batches_per_epoch = len(contexts) // batch_size
 
     @functools.lru_cache(maxsize=1)

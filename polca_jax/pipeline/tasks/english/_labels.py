@@ -72,6 +72,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline.tasks.english._tokenizer import END_OF_TEXT
 
 NO_TOKEN = "none"
@@ -267,18 +268,18 @@ def tag_tokens(
     """
     contexts_texts = np.asarray(contexts_texts, dtype=object)
     if contexts_texts.ndim != 2:
-        raise ValueError(f"contexts_texts must have shape [n, L], got {contexts_texts.shape}")
+        raise PolcaError(f"contexts_texts must have shape [n, L], got {contexts_texts.shape}")
     positions = np.asarray(positions)
     if positions.ndim != 2 or positions.shape[1] != 2:
-        raise ValueError(f"positions must have shape [m, 2] (context index, position), got {positions.shape}")
+        raise PolcaError(f"positions must have shape [m, 2] (context index, position), got {positions.shape}")
     if positions.size and not np.issubdtype(positions.dtype, np.integer):
-        raise ValueError(f"positions must be integers, got dtype {positions.dtype}")
+        raise PolcaError(f"positions must be integers, got dtype {positions.dtype}")
     for column, name in enumerate(("context index", "position")):
         size = contexts_texts.shape[column]
         if positions.size and (positions[:, column].min() < 0 or positions[:, column].max() >= size):
-            raise ValueError(f"positions: every {name} must lie in [0, {size - 1}]")
+            raise PolcaError(f"positions: every {name} must lie in [0, {size - 1}]")
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+        raise PolcaError(f"window must be a positive int, got {window!r}")
     rows: dict[int, tuple[str, ...]] = {}
     tags = []
     for context, position in positions.tolist():
@@ -305,7 +306,7 @@ class BaseRates:
     def coverage(self, offset: int, tags) -> float:
         """Share of all samples carrying at least one of ``tags`` at ``offset`` (0 = target, 1 = the token before)."""
         if not 0 <= offset < self.num_offsets:
-            raise ValueError(f"offset {offset} is outside the {self.num_offsets} offsets of these base rates")
+            raise PolcaError(f"offset {offset} is outside the {self.num_offsets} offsets of these base rates")
         carried = np.zeros(self.num_samples, dtype=bool)
         for tag in tags:
             carried[self._carriers[offset].get(tag, [])] = True
@@ -314,7 +315,7 @@ class BaseRates:
     def rates(self, offset: int) -> dict[str, float]:
         """Share of all samples carrying each tag at ``offset``, most frequent first (ties by tag)."""
         if not 0 <= offset < self.num_offsets:
-            raise ValueError(f"offset {offset} is outside the {self.num_offsets} offsets of these base rates")
+            raise PolcaError(f"offset {offset} is outside the {self.num_offsets} offsets of these base rates")
         rates = {tag: len(indices) / self.num_samples for tag, indices in self._carriers[offset].items()}
         return dict(sorted(rates.items(), key=lambda item: (-item[1], item[0])))
 
@@ -377,16 +378,16 @@ def label_cluster(
     """
     num_offsets = _check_tag_lists(member_tags, "member_tags", "member")
     if not 0.0 < coverage <= 1.0:
-        raise ValueError(f"coverage must lie in (0, 1], got {coverage!r}")
+        raise PolcaError(f"coverage must lie in (0, 1], got {coverage!r}")
     if isinstance(max_simple_tags, bool) or not isinstance(max_simple_tags, int) or max_simple_tags < 0:
-        raise ValueError(f"max_simple_tags must be a non-negative int, got {max_simple_tags!r}")
+        raise PolcaError(f"max_simple_tags must be a non-negative int, got {max_simple_tags!r}")
     if base_rates is not None:
         if not isinstance(base_rates, BaseRates):
-            raise ValueError(f"base_rates must come from base_rates(all_tags), got {type(base_rates).__name__}")
+            raise PolcaError(f"base_rates must come from base_rates(all_tags), got {type(base_rates).__name__}")
         if base_rates.num_offsets != num_offsets:
-            raise ValueError(f"base_rates has {base_rates.num_offsets} offsets, the members have {num_offsets}")
+            raise PolcaError(f"base_rates has {base_rates.num_offsets} offsets, the members have {num_offsets}")
     if isinstance(min_enrichment, bool) or not isinstance(min_enrichment, (int, float)) or not min_enrichment >= 1:
-        raise ValueError(f"min_enrichment must be a number >= 1, got {min_enrichment!r}")
+        raise PolcaError(f"min_enrichment must be a number >= 1, got {min_enrichment!r}")
     covers = [_greedy_cover([tags[j] for tags in member_tags], coverage) for j in range(num_offsets)]
     positions = tuple(chosen for chosen, _ in covers)
     shares = tuple(share for _, share in covers)
@@ -417,7 +418,7 @@ def label_cluster(
 def top_tokens(texts: Sequence[str], k: int = 10) -> list[tuple[str, int]]:
     """The ``k`` most frequent strings of ``texts`` with their counts, most frequent first (ties by text)."""
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+        raise PolcaError(f"k must be a positive int, got {k!r}")
     counts = Counter(str(text) for text in texts)
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:k]
 
@@ -427,7 +428,7 @@ def format_context(context_texts: Sequence[str], position: int, *, before: int =
     position = _checked_position(context_texts, position)
     for name, value in (("before", before), ("after", after)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            raise PolcaError(f"{name} must be a non-negative int, got {value!r}")
     texts = [str(text) for text in context_texts]
     shown = (
         "".join(texts[max(0, position - before) : position])
@@ -440,13 +441,13 @@ def format_context(context_texts: Sequence[str], position: int, *, before: int =
 def _check_tag_lists(tag_lists, name: str, item: str) -> int:
     """The number of offsets of a list of per-offset tag sets (one entry per sample), checked."""
     if not isinstance(tag_lists, list) or not tag_lists:
-        raise ValueError(f"{name} must be a non-empty list (one entry per {item})")
+        raise PolcaError(f"{name} must be a non-empty list (one entry per {item})")
     num_offsets = len(tag_lists[0]) if isinstance(tag_lists[0], (list, tuple)) else 0
     for i, tags in enumerate(tag_lists):
         if not isinstance(tags, (list, tuple)) or len(tags) != num_offsets or num_offsets == 0:
-            raise ValueError(f"{item} {i}: expected a list of {max(num_offsets, 1)} tag sets (one per offset)")
+            raise PolcaError(f"{item} {i}: expected a list of {max(num_offsets, 1)} tag sets (one per offset)")
         if not all(isinstance(t, (set, frozenset)) and t for t in tags):
-            raise ValueError(f"{item} {i}: every offset needs a non-empty set of tags")
+            raise PolcaError(f"{item} {i}: every offset needs a non-empty set of tags")
     return num_offsets
 
 
@@ -504,7 +505,7 @@ def _checked_position(context_texts: Sequence[str], position: int) -> int:
     try:
         position = operator.index(position)
     except TypeError as error:
-        raise ValueError(f"position must be an int, got {position!r}") from error
+        raise PolcaError(f"position must be an int, got {position!r}") from error
     if not 0 <= position < len(context_texts):
-        raise ValueError(f"position {position} is outside the context of {len(context_texts)} tokens")
+        raise PolcaError(f"position {position} is outside the context of {len(context_texts)} tokens")
     return position

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from polca_jax.errors import PolcaError
+
 FILE_SUFFIXES = (".txt", ".jsonl")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
@@ -36,12 +38,12 @@ def load_documents(source: str, *, max_documents: int | None = None) -> list[str
     if max_documents is not None and (
         isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents <= 0
     ):
-        raise ValueError(f"max_documents must be a positive int or None, got {max_documents!r}")
+        raise PolcaError(f"max_documents must be a positive int or None, got {max_documents!r}")
     if not isinstance(source, str) or not source:
-        raise ValueError(f"source must be a non-empty string, got {source!r}")
+        raise PolcaError(f"source must be a non-empty string, got {source!r}")
     documents = list(itertools.islice(_iter_documents(source), max_documents))
     if not documents:
-        raise ValueError(f"corpus {source!r} is empty: it has no non-whitespace text")
+        raise PolcaError(f"corpus {source!r} is empty: it has no non-whitespace text")
     return documents
 
 
@@ -51,13 +53,13 @@ def split_documents(documents: list[str], validation_fraction: float, seed: int)
     Both parts must be non-empty, so at least 2 documents are needed.
     """
     if not isinstance(documents, list) or not all(isinstance(d, str) for d in documents):
-        raise ValueError("documents must be a list of strings")
+        raise PolcaError("documents must be a list of strings")
     if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction!r}")
+        raise PolcaError(f"validation_fraction must lie strictly between 0 and 1, got {validation_fraction!r}")
     n = len(documents)
     num_validation = round(validation_fraction * n)
     if not 0 < num_validation < n:
-        raise ValueError(
+        raise PolcaError(
             f"validation_fraction {validation_fraction} of {n} documents gives {num_validation} validation and "
             f"{n - num_validation} training documents; both must be non-empty"
         )
@@ -75,13 +77,13 @@ def _iter_documents(source: str) -> Iterator[str]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
         if not files:
-            raise ValueError(f"directory {path} holds no {' or '.join(FILE_SUFFIXES)} files")
+            raise PolcaError(f"directory {path} holds no {' or '.join(FILE_SUFFIXES)} files")
         return itertools.chain.from_iterable(_file_documents(p) for p in files)
     if path.is_file():
         return _file_documents(path)
     if path.suffix or "/" in source or "\\" in source:
-        raise ValueError(f"corpus file {path} does not exist")
-    raise ValueError(
+        raise PolcaError(f"corpus file {path} does not exist")
+    raise PolcaError(
         f"unknown corpus source {source!r}: expected 'lee', 'hf:NAME[:CONFIG[:SPLIT]]', or an existing "
         f"{' / '.join(FILE_SUFFIXES)} file or directory"
     )
@@ -90,16 +92,16 @@ def _iter_documents(source: str) -> Iterator[str]:
 def _lee_path() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the 'lee' corpus ships with gensim, which is not installed: pip install 'polca_jax[english]'")
+        raise PolcaError("the 'lee' corpus ships with gensim, which is not installed: pip install 'polca_jax[english]'")
     path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / "lee_background.cor"
     if not path.is_file():
-        raise ValueError(f"the installed gensim has no Lee corpus at {path}; reinstall gensim>=4.3")
+        raise PolcaError(f"the installed gensim has no Lee corpus at {path}; reinstall gensim>=4.3")
     return path
 
 
 def _file_documents(path: Path) -> Iterator[str]:
     if path.suffix not in FILE_SUFFIXES:
-        raise ValueError(f"corpus file {path} has unknown extension {path.suffix!r}; expected one of {FILE_SUFFIXES}")
+        raise PolcaError(f"corpus file {path} has unknown extension {path.suffix!r}; expected one of {FILE_SUFFIXES}")
     text = _read_utf8(path)
     if path.suffix == ".txt":
         return _nonempty(_BLANK_LINES.split(text))
@@ -111,7 +113,7 @@ def _read_utf8(path: Path) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(
+        raise PolcaError(
             f"corpus file {path} is not valid UTF-8: byte offset {error.start} ({error.reason})"
         ) from error
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
@@ -128,20 +130,20 @@ def _jsonl(path: Path, text: str) -> Iterator[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {line_number}: not valid JSON ({error.msg})") from error
+            raise PolcaError(f"{path} line {line_number}: not valid JSON ({error.msg})") from error
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f'{path} line {line_number}: expected a JSON object with a string "text" field')
+            raise PolcaError(f'{path} line {line_number}: expected a JSON object with a string "text" field')
         yield from _nonempty([row["text"]])
 
 
 def _huggingface(source: str) -> Iterator[str]:
     parts = source[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:
-        raise ValueError(f"Hugging Face source must look like 'hf:NAME[:CONFIG[:SPLIT]]', got {source!r}")
+        raise PolcaError(f"Hugging Face source must look like 'hf:NAME[:CONFIG[:SPLIT]]', got {source!r}")
     parts += [""] * (3 - len(parts))
     name, config, split = parts[0], parts[1] or None, parts[2] or "train"
     if importlib.util.find_spec("datasets") is None:
-        raise ValueError(f"source {source!r} needs the Hugging Face datasets package: pip install 'polca_jax[hf]'")
+        raise PolcaError(f"source {source!r} needs the Hugging Face datasets package: pip install 'polca_jax[hf]'")
     datasets = importlib.import_module("datasets")
     described = f"Hugging Face dataset {name!r} (config {config!r}, split {split!r})"
     try:
@@ -156,7 +158,7 @@ def _huggingface(source: str) -> Iterator[str]:
         except Exception as error:
             raise _huggingface_error(described, error) from error
         if not isinstance(row.get("text"), str):
-            raise ValueError(f'{described} has no string "text" field; its fields are {sorted(row)}')
+            raise PolcaError(f'{described} has no string "text" field; its fields are {sorted(row)}')
         yield from _nonempty([row["text"]])
 
 

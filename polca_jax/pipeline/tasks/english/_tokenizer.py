@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from polca_jax.errors import PolcaError
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -29,7 +31,7 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> "Tokenizer":
     _check_documents(documents)
     minimum = len(tokenizers.pre_tokenizers.ByteLevel.alphabet()) + 1
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(f"vocab_size must be an int >= {minimum} (256 bytes + END_OF_TEXT), got {vocab_size!r}")
+        raise PolcaError(f"vocab_size must be an int >= {minimum} (256 bytes + END_OF_TEXT), got {vocab_size!r}")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
@@ -54,11 +56,11 @@ def load_or_train_tokenizer(path: Path, documents: list[str], vocab_size: int) -
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as error:  # the Rust library raises a bare Exception for unreadable files
-            raise ValueError(f"{path} is not a valid tokenizer file ({error}); delete it to train a new one") from error
+            raise PolcaError(f"{path} is not a valid tokenizer file ({error}); delete it to train a new one") from error
         if tokenizer.token_to_id(END_OF_TEXT) is None:
-            raise ValueError(f"tokenizer {path} has no {END_OF_TEXT} token; delete it to train a new one")
+            raise PolcaError(f"tokenizer {path} has no {END_OF_TEXT} token; delete it to train a new one")
         if tokenizer.get_vocab_size() > vocab_size:
-            raise ValueError(
+            raise PolcaError(
                 f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens, more than vocab_size={vocab_size}; "
                 "delete it to train a new one"
             )
@@ -86,7 +88,7 @@ def make_contexts(
         _check_positive_int("max_contexts", max_contexts)
     end_of_text = tokenizer.token_to_id(END_OF_TEXT)
     if end_of_text is None:
-        raise ValueError(f"the tokenizer has no {END_OF_TEXT} token; build it with train_tokenizer")
+        raise PolcaError(f"the tokenizer has no {END_OF_TEXT} token; build it with train_tokenizer")
     window = context_length + 1
     wanted = None if max_contexts is None else max_contexts * window
     pieces, total = [], 0
@@ -100,7 +102,7 @@ def make_contexts(
         if wanted is not None and total >= wanted:
             break
     if total < window:
-        raise ValueError(
+        raise PolcaError(
             f"the documents give {total} tokens, fewer than the {window} (context_length + 1) needed for one context"
         )
     stream = np.concatenate(pieces).astype(np.int32)
@@ -116,10 +118,10 @@ def token_texts(tokenizer: "Tokenizer", ids: np.ndarray) -> np.ndarray:
     """
     ids = np.asarray(ids)
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+        raise PolcaError(f"ids must be integers, got dtype {ids.dtype}")
     vocab_size = tokenizer.get_vocab_size()
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"ids must lie in [0, {vocab_size - 1}] for this tokenizer, got [{ids.min()}, {ids.max()}]")
+        raise PolcaError(f"ids must lie in [0, {vocab_size - 1}] for this tokenizer, got [{ids.min()}, {ids.max()}]")
     unique, inverse = np.unique(ids, return_inverse=True)
     texts = np.empty(len(unique), dtype=object)
     texts[:] = [tokenizer.decode([int(i)], skip_special_tokens=False) for i in unique]
@@ -128,15 +130,15 @@ def token_texts(tokenizer: "Tokenizer", ids: np.ndarray) -> np.ndarray:
 
 def _tokenizers():
     if importlib.util.find_spec("tokenizers") is None:
-        raise ValueError("the English experiment needs the tokenizers package: pip install 'polca_jax[english]'")
+        raise PolcaError("the English experiment needs the tokenizers package: pip install 'polca_jax[english]'")
     return importlib.import_module("tokenizers")
 
 
 def _check_documents(documents: list[str]) -> None:
     if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
-        raise ValueError("documents must be a non-empty list of strings")
+        raise PolcaError("documents must be a non-empty list of strings")
 
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise PolcaError(f"{name} must be a positive int, got {value!r}")

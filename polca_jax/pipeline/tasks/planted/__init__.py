@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
 from polca_jax.pipeline.tasks.planted._entangled import make_entangled_task
 from polca_jax.pipeline.tasks.planted._model import (
@@ -65,10 +66,10 @@ def parse_group_weights(text: str) -> tuple[float, ...]:
     try:
         weights = tuple(float(part) for part in str(text).split(","))
     except ValueError:
-        raise ValueError(f"group_weights must be comma-separated positive numbers such as '1,1', "
+        raise PolcaError(f"group_weights must be comma-separated positive numbers such as '1,1', "
                          f"got {text!r}") from None
     if not 2 <= len(weights) <= len(GROUP_NAMES) or not all(np.isfinite(w) and w > 0 for w in weights):
-        raise ValueError(f"group_weights must give 2 to {len(GROUP_NAMES)} positive weights, got {text!r}")
+        raise PolcaError(f"group_weights must give 2 to {len(GROUP_NAMES)} positive weights, got {text!r}")
     return weights
 
 
@@ -99,14 +100,14 @@ def make_task(group_weights: str = "1,1", private_dims: int = 8, shared_dims: in
     of ``batch_size`` by ``group_weights``; before ``late_step`` the late group gets none.
     """
     if mirror not in MIRRORS:
-        raise ValueError(f"mirror must be one of {MIRRORS}, got {mirror!r}")
+        raise PolcaError(f"mirror must be one of {MIRRORS}, got {mirror!r}")
     spec = make_spec(group_weights, private_dims, shared_dims, width, shared_readout, loss, noise)
     for name, value in (("num_eval_samples", num_eval_samples), ("num_hessian_samples", num_hessian_samples),
                         ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < spec.num_groups:
-            raise ValueError(f"{name} must be an integer >= the number of groups ({spec.num_groups}), got {value!r}")
+            raise PolcaError(f"{name} must be an integer >= the number of groups ({spec.num_groups}), got {value!r}")
     if isinstance(late_step, bool) or not isinstance(late_step, int) or late_step < 0:
-        raise ValueError(f"late_step must be an integer >= 0 (0: no late group), got {late_step!r}")
+        raise PolcaError(f"late_step must be an integer >= 0 (0: no late group), got {late_step!r}")
     rng = np.random.default_rng([seed, 7])
     teacher = make_teacher(spec, rng)
     evaluation, hessian = (make_samples(spec, teacher, sample_groups(spec, n, rng), rng, mirror=mirror != "none")

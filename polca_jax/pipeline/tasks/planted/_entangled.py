@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
 from polca_jax.pipeline.tasks.planted._model import BENCHMARK_SETTINGS, TINY_SETTINGS, PerSampleLoss, teacher_output
 from polca_jax.pipeline.tasks.planted._scores import planted_report_sections
@@ -59,13 +60,13 @@ class EntangledSpec:
 
     def __post_init__(self):
         if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+            raise PolcaError(f"rule must be one of {RULES}, got {self.rule!r}")
         if isinstance(self.gate_bits, bool) or not isinstance(self.gate_bits, int) or self.gate_bits < 2:
-            raise ValueError(f"gate_bits must be an integer >= 2, got {self.gate_bits!r}")
+            raise PolcaError(f"gate_bits must be an integer >= 2, got {self.gate_bits!r}")
         if isinstance(self.block_dims, bool) or not isinstance(self.block_dims, int) or self.block_dims < 1:
-            raise ValueError(f"block_dims must be an integer >= 1, got {self.block_dims!r}")
+            raise PolcaError(f"block_dims must be an integer >= 1, got {self.block_dims!r}")
         if not (np.isfinite(self.amplitude_b) and self.amplitude_b > 0):
-            raise ValueError(f"amplitude_b must be a finite number > 0, got {self.amplitude_b!r}")
+            raise PolcaError(f"amplitude_b must be a finite number > 0, got {self.amplitude_b!r}")
 
     @property
     def gate_dims(self) -> int:
@@ -134,21 +135,21 @@ def make_entangled_task(rule: str = "parity", gate_bits: int = 4, block_dims: in
     samples enter the training batches only at this step (0: from the start), so that its mechanism is learned late,
     after group A's has formed (the evaluation and Hessian samples hold both groups throughout)."""
     if not isinstance(same_mechanism, bool):
-        raise ValueError(f"same_mechanism must be true or false, got {same_mechanism!r}")
+        raise PolcaError(f"same_mechanism must be true or false, got {same_mechanism!r}")
     if isinstance(late_step, bool) or not isinstance(late_step, int) or late_step < 0:
-        raise ValueError(f"late_step must be an integer >= 0 (0: no late group), got {late_step!r}")
+        raise PolcaError(f"late_step must be an integer >= 0 (0: no late group), got {late_step!r}")
     spec = EntangledSpec(rule, gate_bits, block_dims, float(amplitude_b), same_mechanism)
     for name, value in (("width", width), ("num_eval_samples", num_eval_samples),
                         ("num_hessian_samples", num_hessian_samples), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+            raise PolcaError(f"{name} must be an integer >= 2, got {value!r}")
     rng = np.random.default_rng([seed, 11])
     teachers = make_teachers(spec, rng)
     evaluation = make_samples(spec, teachers, num_eval_samples, rng)
     hessian = make_samples(spec, teachers, num_hessian_samples, rng)
     names = np.array(["AB"[g] for g in evaluation["group"]])
     if np.unique(names).size < 2:
-        raise ValueError(f"the {num_eval_samples} evaluation samples hold one group only: draw more")
+        raise PolcaError(f"the {num_eval_samples} evaluation samples hold one group only: draw more")
     return Task(
         init_params=init_params(spec, width, jax.random.key(seed)),
         per_sample_loss=PerSampleLoss(shared_readout=True, loss="mse"),

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polca_jax.errors import PolcaError
+
 LOSSES = ("mse", "logistic")
 # the pipeline settings of every planted benchmark's presets, and the CI-sized ("tiny") preset's (seconds a run)
 BENCHMARK_SETTINGS = dict(learning_rate=1e-2, warmup_steps=10, weight_decay=0.0, reference_num_samples=None,
@@ -56,15 +58,15 @@ class PlantedSpec:
 
     def __post_init__(self):
         if len(self.group_weights) < 2 or min(self.group_weights) <= 0:
-            raise ValueError(f"group_weights needs >= 2 positive entries (one per group), got {self.group_weights}")
+            raise PolcaError(f"group_weights needs >= 2 positive entries (one per group), got {self.group_weights}")
         for name, low in (("private_dims", 1), ("shared_dims", 0), ("width", 1), ("teacher_units", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise PolcaError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise PolcaError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not (np.isfinite(self.noise) and self.noise >= 0):
-            raise ValueError(f"noise must be a finite number >= 0, got {self.noise!r}")
+            raise PolcaError(f"noise must be a finite number >= 0, got {self.noise!r}")
 
     @property
     def num_groups(self) -> int:
@@ -103,7 +105,7 @@ def group_counts(weights: tuple[float, ...], n: int) -> np.ndarray:
     counts = np.floor(share).astype(int)
     counts[np.argsort(-(share - counts), kind="stable")[: n - counts.sum()]] += 1
     if counts.min() < 1:
-        raise ValueError(f"{n} samples cannot give each of {len(weights)} groups (weights {weights}) a sample")
+        raise PolcaError(f"{n} samples cannot give each of {len(weights)} groups (weights {weights}) a sample")
     return counts
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from polca_jax import analysis
 from polca_jax.analysis import adjusted_rand, group_recovery
+from polca_jax.errors import PolcaError
 
 REPORTED_VARIANTS = ("polca", "exact_loss", "random_basis", "first_order_polca", "polca_profile", "random_profile",
                      "polca_gradients", "random_gradients", "gradient_norms")
@@ -23,7 +24,7 @@ def matched_loss_gap(loss, groups, *, exclude=()) -> dict:
     groups = np.asarray(groups)
     names = [g for g in np.unique(groups) if g not in set(exclude)]
     if len(names) < 2:
-        raise ValueError(f"need at least 2 groups to compare, got {names}")
+        raise PolcaError(f"need at least 2 groups to compare, got {names}")
     means = np.stack([loss[:, groups == g].mean(axis=1) for g in names], axis=1)  # [T, G]
     gaps = means.max(axis=1) - means.min(axis=1)
     compared = np.isin(groups, names)
