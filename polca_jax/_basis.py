@@ -33,7 +33,7 @@ from polca_jax._files import (
     write_json_atomic,
 )
 from polca_jax._progress import progress_bar
-from polca_jax._hvp import GradientCovarianceMatvec, HessianMatvec
+from polca_jax._hvp import GradientCovarianceMatvec, HessianMatvec, ScaledHessianMatvec
 from polca_jax._lanczos import check_orthonormal, tree_eigenpairs
 from polca_jax._sharding import check_mesh, shard_batch, shard_params, shard_rows
 from polca_jax.errors import CorruptRunDirectory, PolcaError, ResumeMismatch
@@ -375,10 +375,12 @@ def hessian_basis(
     steps: Sequence[int] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
-    method: str = "hessian",
+    method: str | None = None,
     partial_dir: str | Path | None = None,
+    scale: Callable[[PyTree], PyTree] | None = None,
 ) -> Basis:
-    """Algorithm 1: at each checkpoint, the top-k eigenvectors of ``Π⊥ H Π⊥`` on the complement of those found so far.
+    """Algorithm 1: at each checkpoint, the top-k eigenvectors of ``Π⊥ H Π⊥`` on the complement of those found so far
+    (of ``Π⊥ S H S Π⊥`` with a ``scale``).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, the aggregate loss whose Hessian is used.
@@ -393,16 +395,39 @@ def hessian_basis(
         the same arguments resumes after the last kept checkpoint, with the same result as an uninterrupted call. A
         directory kept by a call with other arguments, loss, batch or checkpoints raises :class:`polca_jax.ResumeMismatch`;
         the caller removes it once the basis is saved.
+      scale: optional ``params -> pytree like params``, a diagonal preconditioner s at a checkpoint: the basis is then
+        that of the Hessian of the preconditioned loss, ``S H S`` with S = diag(s) (the loss' Hessian in coordinates
+        u with θ = S u), as Adam's 1/√v or the RMS per-sample gradient
+        (``functools.partial(pj.rms_gradient_scale, per_sample_loss, batch=batch)``) make it.
+      method: the name the basis is stored under (default ``"hessian"``, ``"preconditioned_hessian"`` with a scale).
 
     Returns a :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
 
     Raises ``ValueError`` for an empty batch, parameters that are not floating point (or mix dtypes), checkpoints that
     are not a sequence or differ in structure, NaN parameters, and a loss whose Hessian-vector product is not finite.
     """
-    return _evolving_basis(HessianMatvec(loss_fn), lambda params: (), "the loss or its Hessian-vector product",
-                           {"loss": lambda first, batch: loss_digest(loss_fn, first, batch)}, checkpoints, batch,
-                           k_per_checkpoint=k_per_checkpoint, num_iters=num_iters, key=key, steps=steps, mesh=mesh,
-                           progress=progress, method=method, partial_dir=partial_dir)
+    digests = {"loss": lambda first, batch: loss_digest(loss_fn, first, batch)}
+    if scale is None:
+        matvec, operator_args = HessianMatvec(loss_fn), lambda params: ()
+    else:
+        matvec, operator_args = ScaledHessianMatvec(loss_fn), _scale_args(scale, "preconditioned_hessian_basis", mesh)
+        digests["scale"] = lambda first, batch: loss_digest(lambda p, b: scale(p), first, batch)
+    return _evolving_basis(matvec, operator_args, "the loss or its Hessian-vector product", digests, checkpoints,
+                           batch, k_per_checkpoint=k_per_checkpoint, num_iters=num_iters, key=key, steps=steps,
+                           mesh=mesh, progress=progress, partial_dir=partial_dir,
+                           method=method or ("hessian" if scale is None else "preconditioned_hessian"))
+
+
+def _scale_args(scale_at: Callable[[PyTree], PyTree], what: str, mesh) -> Callable[[PyTree], tuple]:
+    """``params -> (s,)``: a preconditioner's scale at a checkpoint, checked against the parameters and placed on
+    the mesh like them."""
+
+    def operator_args(params: PyTree) -> tuple:
+        s = scale_at(params)
+        check_same_structure(params, s, f"{what}: the scale")
+        return (shard_params(s, mesh),)
+
+    return operator_args
 
 
 def gradient_covariance_basis(
@@ -454,12 +479,10 @@ def gradient_covariance_basis(
     else:
         raise PolcaError(f"scale must be 'rms', None or a function params -> pytree like params, got {scale!r}")
 
+    scaled_args = None if scale_at is None else _scale_args(scale_at, f"{method}_basis", mesh)
+
     def operator_args(params: PyTree) -> tuple:
-        if scale_at is None:
-            return (jax.tree_util.tree_map(jnp.ones_like, params),)
-        s = scale_at(params)
-        check_same_structure(params, s, f"{method}_basis: the scale")
-        return (shard_params(s, mesh),)
+        return (jax.tree_util.tree_map(jnp.ones_like, params),) if scale_at is None else scaled_args(params)
 
     digests = {"per_sample_loss": lambda first, batch: loss_digest(per_sample_loss_fn, first, batch),
                "scale": lambda first, batch: "rms" if scale == "rms" else

@@ -73,3 +73,15 @@ class HessianMatvec:
 
     def __call__(self, v: PyTree, params: PyTree, batch: PyTree) -> PyTree:
         return hvp(self.loss_fn, params, v, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledHessianMatvec:
+    """``v -> S H S v`` on params-shaped vectors, S = diag(s) for a params-shaped scale ``s``: the Hessian of
+    ``loss_fn`` in the coordinates u of θ = S u (the preconditioned loss), one HVP per product."""
+
+    loss_fn: LossFn
+
+    def __call__(self, v: PyTree, params: PyTree, batch: PyTree, scale: PyTree) -> PyTree:
+        product = hvp(self.loss_fn, params, jax.tree_util.tree_map(jnp.multiply, scale, v), batch)
+        return jax.tree_util.tree_map(jnp.multiply, scale, product)

@@ -219,6 +219,32 @@ def test_gradient_covariance_basis_takes_a_scale_function_and_refuses_a_bad_one(
         pj.gradient_covariance_basis(mlp.sequence_losses, checkpoints, mlp.batch, scale="adam", **options)
 
 
+def test_a_scaled_hessian_basis_is_algorithm_1_on_the_hessian_of_the_preconditioned_loss(mlp):
+    """With the RMS per-sample gradient as the scale s: the top eigenvectors of the deflated S H S, S = diag(s), from
+    dense Hessians and per-sample gradients (one jax.grad per sample) in float64."""
+    checkpoints = sgd_checkpoints(mlp, 3)
+    scale = functools.partial(pj.rms_gradient_scale, mlp.sequence_losses, batch=mlp.batch)
+    basis = pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, scale=scale, k_per_checkpoint=2, num_iters=20,
+                             key=jax.random.key(0), steps=[0, 10, 20], progress=False)
+    found, values = np.zeros((0, tree.num_params(mlp.params))), []
+    grad = jax.grad(lambda p, i: mlp.sequence_losses(p, mlp.batch)[i])
+    for params in checkpoints:
+        gradients = np.stack([np.asarray(tree.ravel(grad(params, i))) for i in range(len(mlp.batch["x"]))])
+        s = 1 / np.sqrt(np.mean(gradients**2, axis=0))
+        hessian = dense_hessian(lambda p: mlp.mean_loss(p, mlp.batch), params)
+        rest = complement(found)
+        eigenvalues, eigenvectors = np.linalg.eigh(rest @ (s[:, None] * hessian * s[None, :]) @ rest.T)
+        found = np.concatenate([found, (eigenvectors[:, ::-1][:, :2].T) @ rest])
+        values.extend(eigenvalues[::-1][:2])
+    np.testing.assert_allclose(basis.eigenvalues, values, rtol=1e-8)
+    assert_same_vectors(np.asarray(basis.vectors), found, atol=1e-6)
+    np.testing.assert_allclose(basis.vectors @ basis.vectors.T, np.eye(6), atol=1e-12)
+    assert basis.method == "preconditioned_hessian"
+    plain = pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, k_per_checkpoint=2, num_iters=20,
+                             key=jax.random.key(0), steps=[0, 10, 20], progress=False)
+    assert np.abs(np.asarray(plain.vectors) @ np.asarray(basis.vectors).T).max() < 0.99  # not the plain Hessian's
+
+
 def test_shuffled_hessian_basis_is_algorithm_1_over_permuted_checkpoints(mlp):
     checkpoints = sgd_checkpoints(mlp, 4)
     basis = pj.shuffled_hessian_basis(

@@ -303,8 +303,9 @@ def test_bad_options_raise_clear_errors(call, message):
 
 
 @pytest.mark.slow
-def test_the_scaled_gradient_covariance_basis_runs_as_an_ablation_basis(tmp_path):
-    settings = ["ablation_bases=random,scaled_gradient_covariance,gradient_covariance", "baselines=false"]
+def test_the_gradient_covariance_and_preconditioned_hessian_bases_run_as_ablation_bases(tmp_path):
+    settings = ["ablation_bases=random,scaled_gradient_covariance,gradient_covariance,preconditioned_hessian",
+                "baselines=false"]
     report = run(TASK, tmp_path / "run", preset="tiny", settings=settings, progress=False, log=lambda _: None)
     import polca_jax as pj
     basis = pj.Basis.load(tmp_path / "run" / "basis" / "scaled_gradient_covariance")
@@ -315,11 +316,16 @@ def test_the_scaled_gradient_covariance_basis_runs_as_an_ablation_basis(tmp_path
     assert result.config["eigenvalues"] == "current"  # its eigenvalues are no Hessian's: the paper's term measures
     unscaled = pj.Basis.load(tmp_path / "run" / "basis" / "gradient_covariance")
     assert unscaled.method == "gradient_covariance" and unscaled.size == hessian.size
+    preconditioned = pj.Basis.load(tmp_path / "run" / "basis" / "preconditioned_hessian")
+    assert preconditioned.method == "preconditioned_hessian" and preconditioned.size == hessian.size
+    assert pj.POLCAResult.load(tmp_path / "run" / "polca" / "preconditioned_hessian").config["eigenvalues"] == "current"
     variants = json.loads((tmp_path / "run" / "metrics.json").read_text())["variants"]
     assert {"covariance_basis", "covariance_profile", "covariance_gradients", "unscaled_covariance_basis",
-            "unscaled_covariance_gradients"} <= set(variants)
+            "unscaled_covariance_gradients", "preconditioned_basis", "preconditioned_profile",
+            "preconditioned_gradients"} <= set(variants)
     nulls = report.read_text().split("## Against the nulls")[1]
     assert "Scaled gradient covariance basis" in nulls and "Scaled gradient covariance, allocation profiles" in nulls
+    assert "Preconditioned Hessian, allocation profiles" in nulls
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ shows one in a single file).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -133,6 +134,12 @@ def _gradient_covariance(inputs: BasisInputs) -> pj.Basis:
                                         **inputs.algorithm1_options())
 
 
+def _preconditioned_hessian(inputs: BasisInputs) -> pj.Basis:
+    scale = functools.partial(pj.rms_gradient_scale, inputs.task.per_sample_loss, batch=inputs.task.hessian_batch)
+    return pj.hessian_basis(inputs.task.loss, inputs.checkpoints, inputs.task.hessian_batch, scale=scale,
+                            key=jax.random.fold_in(inputs.key, 5), **inputs.algorithm1_options())
+
+
 BASES: dict[str, BasisKind] = {kind.name: kind for kind in (
     BasisKind(MAIN_BASIS, "Hessian (Algorithm 1)", _hessian, curvature="stored", lanczos=True),
     BasisKind("shuffled_hessian", "Algorithm 1, checkpoints shuffled", _shuffled_hessian, curvature="stored",
@@ -143,6 +150,8 @@ BASES: dict[str, BasisKind] = {kind.name: kind for kind in (
     BasisKind("scaled_gradient_covariance", "Scaled per-sample gradient covariance", _scaled_gradient_covariance,
               lanczos=True),  # a covariance product costs about an HVP
     BasisKind("gradient_covariance", "Per-sample gradient covariance, unscaled", _gradient_covariance, lanczos=True),
+    BasisKind("preconditioned_hessian", "Hessian of the preconditioned loss (1/RMS gradient)", _preconditioned_hessian,
+              lanczos=True),
 )}
 BUILTIN_BASES = tuple(BASES)
 
@@ -222,6 +231,12 @@ VARIANTS: list[Variant] = [
             "projected_loss", "ablation"),
     Variant("unscaled_covariance_gradients", "Unscaled gradient covariance, projected-gradient trajectories",
             "gradient_covariance", "gradients", "ablation"),
+    Variant("preconditioned_basis", "Preconditioned Hessian basis", "preconditioned_hessian", "projected_loss",
+            "ablation"),
+    Variant("preconditioned_profile", "Preconditioned Hessian, allocation profiles", "preconditioned_hessian",
+            "profile", "ablation"),
+    Variant("preconditioned_gradients", "Preconditioned Hessian, projected-gradient trajectories",
+            "preconditioned_hessian", "gradients", "ablation"),
     Variant("gradient_norms", "Control: gradient norm per parameter block", MAIN_BASIS, "gradient_norms", "control"),
 ]  # the report's order
 BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
