@@ -7,11 +7,13 @@ samples, with -1 for HDBSCAN noise and for samples that were filtered out.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
+from polca_jax._files import save_npz_atomic
 from polca_jax.analysis._arrays import checked_array
 from polca_jax.analysis._filters import kept_directions, relying_samples
 from polca_jax.errors import PolcaError
@@ -225,7 +227,8 @@ def quartile_curves(trajectories) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def save_clusterings(path, clusterings: list[Clustering]) -> None:
-    """Write clusterings of the same N samples to one ``.npz`` (labels ``[C, N]``, directions, settings)."""
+    """Write clusterings of the same N samples to one ``.npz`` at ``path`` (named as given: end it in ``.npz``; labels ``[C, N]``, directions, settings), atomically
+    (a temporary file, then a rename: a kill leaves the old file or none)."""
     num_samples = {c.num_samples for c in clusterings}
     if len(num_samples) > 1:
         raise PolcaError(f"clusterings cover different sample counts: {sorted(num_samples)}")
@@ -237,7 +240,7 @@ def save_clusterings(path, clusterings: list[Clustering]) -> None:
     def missing_as(value, fill):
         return fill if value is None else value
 
-    np.savez(
+    save_npz_atomic(
         path,
         labels=np.array([c.labels for c in clusterings], np.int64).reshape(len(clusterings), n),
         clustered=clustered,
@@ -252,10 +255,10 @@ def save_clusterings(path, clusterings: list[Clustering]) -> None:
 def load_clusterings(path) -> list[Clustering]:
     """Read clusterings written by :func:`save_clusterings`."""
     try:
-        data = np.load(path)
+        data = np.load(path, allow_pickle=False)
         fields = [data[name] for name in ("labels", "clustered", "directions", "min_cluster_size", "min_samples",
                                           "metric", "normalize")]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         raise PolcaError(f"cannot read clusterings from {path}: {error}") from error
 
     def present(value):

@@ -32,7 +32,7 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax._files import write_json_atomic
+from polca_jax._files import load_npy, write_json_atomic
 from polca_jax.pipeline._config import check_breakthrough_window
 from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax.pipeline._rundir import RunDirectory, load_labels
@@ -70,7 +70,7 @@ def score_stage(run: RunDirectory) -> dict:
         if variant.trajectory == "projected_loss":
             filters[variant.basis] = filter_summary(trajectories)
         causal_file = run / "causal" / f"{variant.basis}.npy"
-        causal = np.load(causal_file) if causal_file.is_file() and trajectories.ndim == 3 else None
+        causal = load_npy(causal_file) if causal_file.is_file() and trajectories.ndim == 3 else None
         variants[variant.name] = variant_scores(variant, clusterings, trajectories, steps, label_sets, texts,
                                                 window, threshold, config, causal)
     verdicts = {name: label_verdict(name, label_set, variants, config)

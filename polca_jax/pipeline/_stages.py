@@ -42,7 +42,7 @@ from polca_jax import _tree as tree
 from polca_jax import analysis
 from polca_jax._checks import batch_size, check_same_structure
 from polca_jax._distributed import is_writer, sync as pj_sync, to_host
-from polca_jax._files import save_npy_atomic
+from polca_jax._files import load_npy, save_npy_atomic
 from polca_jax._fingerprints import params_digest
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._compile import measure_compilation
@@ -388,7 +388,7 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
         elif variant.trajectory == "gradients":
             clusterings = cluster_gradient_trajectories(np.asarray(result.projections), run.config)
         elif variant.trajectory == "gradient_norms":
-            clusterings = cluster_gradient_norms(np.load(run / CONTROL_NORMS), run.config)
+            clusterings = cluster_gradient_norms(load_npy(run / CONTROL_NORMS), run.config)
         else:
             trajectories, _ = variant_trajectories(result, variant.trajectory)
             clusterings = cluster_variant(trajectories, variant.trajectory, options)

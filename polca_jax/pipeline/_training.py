@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from polca_jax._checkpoints import PARAMS_ITEM, OrbaxCheckpoints
+from polca_jax._files import write_atomic
 from polca_jax.errors import PolcaError
 
 _OPT_STATE = "opt_state"
@@ -231,7 +232,8 @@ def _open_metrics_log(metrics_path: str | Path, start_step: int):
             if isinstance(record, dict) and record.get("step", start_step) < start_step:
                 kept.append(line + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(kept))
+    text = "".join(kept)
+    write_atomic(path, lambda file: file.write(text.encode()))
     return path.open("a")
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polca_jax._files import save_npz_atomic
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._task import LabelSet, Task, task_factory
 from polca_jax.pipeline.models import TransformerConfig, apply, init_params, token_cross_entropy
@@ -123,7 +124,7 @@ def make_task(data: str = "lee", max_documents: int | None = None, validation_fr
     per_sample_loss, loss = language_model_loss_fns(graphdef)
     texts = tokenizer.token_texts(bpe, eval_contexts).astype(str)
     if workdir is not None and not (Path(workdir) / "tokens.npz").exists():
-        np.savez(Path(workdir) / "tokens.npz", ids=eval_contexts, texts=texts)
+        save_npz_atomic(Path(workdir) / "tokens.npz", ids=eval_contexts, texts=texts)
     targets = target_positions(len(eval_contexts), context_length)
     return Task(
         init_params=params,

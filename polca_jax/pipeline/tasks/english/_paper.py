@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 
+from polca_jax._files import write_atomic
 from polca_jax.pipeline._reporting import MISSING, markdown_table, number
 from polca_jax.pipeline.tasks.english import _labels as labels
 from polca_jax.pipeline.tasks.english._text import target_positions
@@ -37,8 +38,8 @@ def paper_report_sections(view) -> list[str]:
     parts = ["## The paper's English summary, beside this run", _summary_table(view, labelled)]
     if labelled is None:
         return parts + ["*No automatic labels: tokens.npz or the clusters are missing.*"]
-    (view.directory / "report" / "cluster_labels.json").write_text(
-        json.dumps(labelled, indent=2, ensure_ascii=False))
+    text = json.dumps(labelled, indent=2, ensure_ascii=False)
+    write_atomic(view.directory / "report" / "cluster_labels.json", lambda file: file.write(text.encode()))
     parts.append(f"Labels: `{labelled['tagger']}` tags covering {labelled['coverage']:.0%} of a cluster at each "
                  "offset (target, −1, −2, −3), each with the share of the cluster that carries them vs the share of "
                  "all evaluation tokens that does. An offset is informative when the cluster is enriched at least "
