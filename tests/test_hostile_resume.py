@@ -226,7 +226,6 @@ def test_checkpoint_digests_of_an_earlier_format_are_recorded_again_not_refused(
     assert recorded and all(digest.startswith("sum64:") for digest in recorded.values())
 
 
-@pytest.mark.core
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "int8", "bool", "complex128"])
 def test_a_parameters_digest_adds_up_over_any_split_and_changes_with_any_element(dtype):
     """The digest a multi-process run computes from shards: the partial sums of any blocks of a leaf (as processes
