@@ -27,6 +27,7 @@ from polca_jax._fingerprints import digests_differ, loss_digest, params_digest
 from polca_jax._files import (
     file_digest,
     load_npy,
+    load_npz,
     read_json,
     save_npy_atomic,
     save_npz_atomic,
@@ -279,12 +280,9 @@ def load_basis_info(directory: str | Path) -> dict:
     except ValueError as error:
         raise PolcaError(f"cannot read a basis from {directory}: {error}") from error
     try:
-        with np.load(info_path, allow_pickle=False) as info:
-            arrays = {name: info[name] for name in ("eigenvalues", "steps", "residuals")}
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        raise PolcaError(
-            f"cannot read a basis from {directory}: {info_path} is missing or corrupt ({error})"
-        ) from error
+        arrays = load_npz(info_path, ("eigenvalues", "steps", "residuals"))
+    except PolcaError as error:
+        raise PolcaError(f"cannot read a basis from {directory}: {error}") from error
     return {"method": manifest["method"], "size": manifest["size"], "dim": manifest["dim"], **arrays}
 
 

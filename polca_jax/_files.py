@@ -11,6 +11,7 @@ import json
 import math
 import os
 import uuid
+import zipfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
@@ -85,6 +86,20 @@ def load_npy(path: str | Path, *, mmap_mode: str | None = None) -> np.ndarray:
         raise
     except (OSError, ValueError, EOFError) as error:
         raise PolcaError(f"{path} is not a readable .npy array ({error})") from error
+
+
+def load_npz(path: str | Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` file (``names``, default every one) read into memory; ``PolcaError`` naming the
+    file if it is missing, torn, not an ``.npz`` archive, holds pickled objects or lacks one of ``names``."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {name: stored[name] for name in (stored.files if names is None else names)}
+    except FileNotFoundError as error:
+        raise PolcaError(f"{path} is missing") from error
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise PolcaError(f"{path} is not a readable .npz archive ({type(error).__name__}: {error}); it may be "
+                         "from an interrupted write") from error
 
 
 def npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype, int]:

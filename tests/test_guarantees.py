@@ -253,10 +253,11 @@ def test_a_kill_while_clusters_are_written_leaves_no_torn_file(finished, tmp_pat
             raise AssertionError(f"a torn file under its final name: {path}: {error!r}") from error
 
 
-def test_a_torn_clusters_file_is_named_and_exits_2(finished, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["clusters/polca.npz", "labels.npz"])
+def test_a_torn_npz_file_is_named_and_exits_2(finished, tmp_path, capsys, name):
     out, task = copy_of(finished, tmp_path)
     run(task, out, stages=["cluster"], progress=False, log=quiet)
-    path = out / "clusters" / "polca.npz"
+    path = out / name
     os.truncate(path, path.stat().st_size // 2)
     status = main(["run", task, "--out", str(out), "--stage", "score", "--quiet", "--no-compile-cache"])
     error = capsys.readouterr().err

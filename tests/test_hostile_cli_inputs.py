@@ -55,6 +55,7 @@ CASES = [
     (["run", "no_such_package_q:make"], r"cannot import the task module 'no_such_package_q'"),
     (["run", "{broken}"], r"cannot import the task file .*broken\.py: ZeroDivisionError"),
     (["run", "{not_callable}"], r"is a int, not a task factory"),
+    (["run", "{positional}"], r"parameter\(s\) \['bug'\] are positional-only, so no --set can reach them"),
     # the task a factory builds
     (["run", USER, "--set", "bug=labels"], r"label set 'sign' has 23 values but the task has 24 evaluation samples"),
     (["run", USER, "--set", "bug=one_class"], r"label set 'sign' has a single class \(True\)"),
@@ -123,7 +124,8 @@ CASES = [
 @pytest.fixture
 def references(tmp_path):
     files = {"user": ("user_task.py", USER_TASK), "broken": ("broken.py", "1 / 0\n"),
-             "not_callable": ("not_callable.py", "make_task = 3\n")}
+             "not_callable": ("not_callable.py", "make_task = 3\n"),
+             "positional": ("positional.py", USER_TASK.replace('bug: str = "none"', 'bug: str = "none", /'))}
     names = {}
     for key, (name, text) in files.items():
         (tmp_path / name).write_text(text)

@@ -75,6 +75,7 @@ def test_device_mesh_checks_the_device_count():
 
 
 EIGHT_DEVICES_SCRIPT = """
+import functools
 import warnings
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
@@ -102,6 +103,12 @@ def run(mesh):
         out[method] = pj.per_sample_projections(token_losses, checkpoints[2], batch, basis, method=method,
                                                 chunk_size=2, mesh=mesh)
     out["curvature"] = pj.per_sample_curvature(token_losses, checkpoints[2], batch, basis, chunk_size=3, mesh=mesh)
+    options = dict(num_iters=12, key=jax.random.key(2), mesh=mesh, progress=False)
+    scale = functools.partial(pj.rms_gradient_scale, token_losses, batch=hessian_batch)
+    out["preconditioned"] = np.asarray(pj.hessian_basis(mean_loss, checkpoints[:2], hessian_batch, scale=scale,
+                                                        **options).vectors)
+    out["covariance"] = np.asarray(pj.gradient_covariance_basis(token_losses, checkpoints[:2], hessian_batch,
+                                                                **options).vectors)
     return out
 
 one = run(None)
@@ -111,7 +118,7 @@ for data_shards, model_shards in ((1, 8), (2, 4)):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every leaf but b2 (2 of 99 parameters) is split: no warning
         many = run(mesh)
-    for name in ("basis", "exact", "paper", "reverse", "forward", "curvature", "loss"):
+    for name in ("basis", "exact", "paper", "reverse", "forward", "curvature", "loss", "preconditioned", "covariance"):
         np.testing.assert_allclose(many[name], one[name], rtol=1e-9, atol=1e-11, err_msg=name)
     np.testing.assert_allclose(many["eigenvalues"], one["eigenvalues"], rtol=1e-9)
     split, whole = 96 * 6 * 8, 2 * 6 * 8  # [K=6, ...] rows in float64: w1, b1, w2 split, b2 whole

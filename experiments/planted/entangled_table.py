@@ -1,7 +1,7 @@
 """One row per finished run of a planted benchmark (``planted`` or ``planted-entangled``): each strategy's ARI against
 the planted groups and how many groups it recovers, beside the label-free controls and a supervised upper bound.
 
-    python experiments/planted/entangled_table.py RUN_DIR [RUN_DIR ...]
+    python experiments/planted/entangled_table.py RUN_DIR [RUN_DIR ...] [--strategies NAME,NAME,...]
 
 Columns: the run's variant (an entangled run's gate rule, or a block run's departures from the defaults) and seed; per strategy (the paper's POLCA, POLCA's allocation profiles, its
 projected-gradient trajectories, the same trajectories along the random basis, and the pipeline's label-free control)
@@ -9,6 +9,8 @@ projected-gradient trajectories, the same trajectories along the random basis, a
 trivial control of ``trivial_controls.py`` (k-means on where each sample's gradient lies among the first layer's
 rows, at the second POLCA checkpoint); the cross-validated ROC AUC of a logistic probe on the exact-loss
 trajectories (supervised: an upper bound no strategy may use); and the report's verdict for the label set ``group``.
+``--strategies`` names other strategies' columns (any registered strategy a run clustered, e.g. those of an
+ablation basis).
 """
 
 import argparse
@@ -21,7 +23,8 @@ from polca_jax.pipeline.tasks.planted import strategy_summary
 
 from trivial_controls import exact_loss_probe_auc, gradient_share_ari, load_planted_run
 
-STRATEGIES = ("polca", "polca_profile", "polca_gradients", "random_gradients", "gradient_norms")
+STRATEGIES = {"polca": "POLCA", "polca_profile": "Profiles", "polca_gradients": "Gradient trajectories",
+              "random_gradients": "Random-basis gradient trajectories", "gradient_norms": "Control (pipeline)"}
 
 
 def variant_text(options: dict) -> str:
@@ -43,10 +46,10 @@ def verdict_text(verdict: dict) -> str:
     return f"{found}, a control as good" if verdict.get("beyond_controls") is False else found
 
 
-def row(run_dir: Path) -> list[str]:
+def row(run_dir: Path, strategies) -> list[str]:
     config, task, groups = load_planted_run(run_dir)
     cells = [variant_text(config["task_options"]), str(config["seed"])]
-    for name in STRATEGIES:
+    for name in strategies:
         path = run_dir / "clusters" / f"{name}.npz"
         if not path.is_file():
             cells.append("not run")
@@ -66,13 +69,15 @@ def row(run_dir: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", type=Path, nargs="+")
+    parser.add_argument("--strategies", type=lambda text: text.split(","), default=list(STRATEGIES),
+                        help="comma-separated strategy names, one column each (default: %(default)s)")
     args = parser.parse_args()
-    header = ["Variant", "Seed", "POLCA", "Profiles", "Gradient trajectories", "Random-basis gradient trajectories",
-              "Control (pipeline)", "Trivial control (k-means)", "Exact-loss probe AUC", "Verdict"]
+    header = ["Variant", "Seed", *(STRATEGIES.get(name, f"`{name}`") for name in args.strategies),
+              "Trivial control (k-means)", "Exact-loss probe AUC", "Verdict"]
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")
     for run_dir in args.run_dirs:
-        print("| " + " | ".join(row(run_dir)) + " |")
+        print("| " + " | ".join(row(run_dir, args.strategies)) + " |")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ samples, with -1 for HDBSCAN noise and for samples that were filtered out.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
-from polca_jax._files import save_npz_atomic
+from polca_jax._files import load_npz, save_npz_atomic
 from polca_jax.analysis._arrays import checked_array
 from polca_jax.analysis._filters import kept_directions, relying_samples
 from polca_jax.errors import PolcaError
@@ -254,12 +253,12 @@ def save_clusterings(path, clusterings: list[Clustering]) -> None:
 
 def load_clusterings(path) -> list[Clustering]:
     """Read clusterings written by :func:`save_clusterings`."""
+    names = ("labels", "clustered", "directions", "min_cluster_size", "min_samples", "metric", "normalize")
     try:
-        data = np.load(path, allow_pickle=False)
-        fields = [data[name] for name in ("labels", "clustered", "directions", "min_cluster_size", "min_samples",
-                                          "metric", "normalize")]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        data = load_npz(path, names)
+    except PolcaError as error:
         raise PolcaError(f"cannot read clusterings from {path}: {error}") from error
+    fields = [data[name] for name in names]
 
     def present(value):
         return None if value < 0 else int(value)

@@ -32,7 +32,7 @@ import numpy as np
 
 from polca_jax import _tree as tree
 from polca_jax._distributed import is_writer
-from polca_jax._files import read_json, save_npz_atomic, write_json_atomic
+from polca_jax._files import load_npz, read_json, save_npz_atomic, write_json_atomic
 from polca_jax._fingerprints import PARAMS_DIGEST, digests_differ, loss_digest
 from polca_jax.errors import PolcaError, ResumeMismatch
 from polca_jax.pipeline._config import RunConfig, config_differences
@@ -290,11 +290,7 @@ def load_labels(run_dir: Path) -> tuple[dict[str, LabelSet], np.ndarray | None]:
     """The label sets ``name -> LabelSet`` and the sample texts ``[N]`` (or None) a run stored (``labels.npz`` and
     ``task.json``), without building its task."""
     info = read_json(run_dir / "task.json")
-    try:
-        with np.load(run_dir / "labels.npz") as stored:
-            arrays = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError) as error:
-        raise PolcaError(f"cannot read {run_dir / 'labels.npz'}: {error}") from error
+    arrays = load_npz(run_dir / "labels.npz")
     label_sets = {}
     for name, metadata in info["label_sets"].items():
         qualifier = metadata["qualifier"]

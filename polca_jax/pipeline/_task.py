@@ -255,6 +255,11 @@ class TaskDefinition:
     def __post_init__(self):
         if not callable(self.factory):
             raise PolcaError(f"a task factory must be callable, got {self.factory!r}")
+        positional = [name for name, p in inspect.signature(self.factory).parameters.items()
+                      if p.kind == p.POSITIONAL_ONLY]
+        if positional:
+            raise PolcaError(f"the task factory {self.name}'s parameter(s) {positional} are positional-only, so no "
+                             "--set can reach them: a task's options are keyword parameters (remove the '/')")
         if self.default_preset is not None and self.default_preset not in self.presets:
             raise PolcaError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
 

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from polca_jax._files import write_atomic
+from polca_jax._files import load_npz, write_atomic
 from polca_jax.pipeline._reporting import MISSING, markdown_table, number
 from polca_jax.pipeline.tasks.english import _labels as labels
 from polca_jax.pipeline.tasks.english._text import target_positions
@@ -70,7 +70,7 @@ def cluster_labels(view) -> dict | None:
     tokens_file = view.directory / "tokens.npz"
     if not tokens_file.is_file() or not {"polca", "exact_loss"} & set(view.clusterings):
         return None
-    texts = np.load(tokens_file)["texts"]
+    texts = load_npz(tokens_file, ["texts"])["texts"]
     targets = target_positions(texts.shape[0], texts.shape[1] - 1)
     options = view.config.get("task_options", {})
     coverage, max_simple = options.get("label_coverage", 0.7), options.get("max_simple_tags", 2)
