@@ -375,7 +375,7 @@ def hessian_basis(
     progress: bool = True,
     method: str | None = None,
     partial_dir: str | Path | None = None,
-    scale: Callable[[PyTree], PyTree] | None = None,
+    scale: Callable[[PyTree], PyTree] | Sequence[PyTree] | None = None,
 ) -> Basis:
     """Algorithm 1: at each checkpoint, the top-k eigenvectors of ``Π⊥ H Π⊥`` on the complement of those found so far
     (of ``Π⊥ S H S Π⊥`` with a ``scale``).
@@ -393,10 +393,10 @@ def hessian_basis(
         the same arguments resumes after the last kept checkpoint, with the same result as an uninterrupted call. A
         directory kept by a call with other arguments, loss, batch or checkpoints raises :class:`polca_jax.ResumeMismatch`;
         the caller removes it once the basis is saved.
-      scale: optional ``params -> pytree like params``, a diagonal preconditioner s at a checkpoint: the basis is then
-        that of the Hessian of the preconditioned loss, ``S H S`` with S = diag(s) (the loss' Hessian in coordinates
-        u with θ = S u), as Adam's 1/√v or the RMS per-sample gradient
-        (``functools.partial(pj.rms_gradient_scale, per_sample_loss, batch=batch)``) make it.
+      scale: optional diagonal preconditioner: the basis is then that of the Hessian of the preconditioned loss,
+        ``S H S`` with S = diag(s) (the loss' Hessian in coordinates u with θ = S u; for Adam, S² = 1/(√v̂ + ε), so
+        that S H S has the eigenvalues of Adam's preconditioned Hessian). Either ``params -> s`` (a pytree like
+        params), or one such pytree per checkpoint (e.g. :class:`polca_jax.pipeline.AdamScales`).
       method: the name the basis is stored under (default ``"hessian"``, ``"preconditioned_hessian"`` with a scale).
 
     Returns a :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
@@ -406,26 +406,45 @@ def hessian_basis(
     """
     digests = {"loss": lambda first, batch: loss_digest(loss_fn, first, batch)}
     if scale is None:
-        matvec, operator_args = HessianMatvec(loss_fn), lambda params: ()
+        matvec, operator_args = HessianMatvec(loss_fn), lambda params, t: ()
     else:
-        matvec, operator_args = ScaledHessianMatvec(loss_fn), _scale_args(scale, "preconditioned_hessian_basis", mesh)
-        digests["scale"] = lambda first, batch: loss_digest(lambda p, b: scale(p), first, batch)
+        matvec = ScaledHessianMatvec(loss_fn)
+        operator_args, digests["scale"] = _scale_args(scale, "preconditioned_hessian_basis", len(checkpoints), mesh)
     return _evolving_basis(matvec, operator_args, "the loss or its Hessian-vector product", digests, checkpoints,
                            batch, k_per_checkpoint=k_per_checkpoint, num_iters=num_iters, key=key, steps=steps,
                            mesh=mesh, progress=progress, partial_dir=partial_dir,
                            method=method or ("hessian" if scale is None else "preconditioned_hessian"))
 
 
-def _scale_args(scale_at: Callable[[PyTree], PyTree], what: str, mesh) -> Callable[[PyTree], tuple]:
-    """``params -> (s,)``: a preconditioner's scale at a checkpoint, checked against the parameters and placed on
-    the mesh like them."""
+def _scale_args(scale, what: str, num_checkpoints: int, mesh) -> tuple[Callable, Callable]:
+    """For a preconditioner's scale (``params -> s``, or one ``s`` per checkpoint): ``(params, t) -> (s,)``, the scale
+    at checkpoint t checked against the parameters and placed on the mesh like them, and the digest of the scale
+    that joins a partial basis' fingerprint."""
+    if callable(scale):
+        def scale_at(params, t):
+            return scale(params)
 
-    def operator_args(params: PyTree) -> tuple:
-        s = scale_at(params)
+        def digest(first, batch):
+            return loss_digest(lambda p, b: scale(p), first, batch)
+    elif isinstance(scale, Sequence) and not isinstance(scale, str):
+        if len(scale) != num_checkpoints:
+            raise PolcaError(f"{what}: {len(scale)} scales given for {num_checkpoints} checkpoints")
+
+        def scale_at(params, t):
+            return scale[t]
+
+        def digest(first, batch):
+            return tree.digest(scale[0])
+    else:
+        raise PolcaError(f"{what}: a scale is a function params -> pytree like params or one such pytree per "
+                         f"checkpoint, got {type(scale).__name__}")
+
+    def operator_args(params: PyTree, t: int) -> tuple:
+        s = scale_at(params, t)
         check_same_structure(params, s, f"{what}: the scale")
         return (shard_params(s, mesh),)
 
-    return operator_args
+    return operator_args, digest
 
 
 def gradient_covariance_basis(
@@ -433,7 +452,7 @@ def gradient_covariance_basis(
     checkpoints: Sequence[PyTree],
     batch: PyTree,
     *,
-    scale: str | Callable[[PyTree], PyTree] | None = "rms",
+    scale: str | Callable[[PyTree], PyTree] | Sequence[PyTree] | None = "rms",
     k_per_checkpoint: int = 1,
     num_iters: int = 20,
     key: jax.Array,
@@ -454,8 +473,8 @@ def gradient_covariance_basis(
         :func:`hessian_basis` (``batch``: the samples whose gradients are used).
       scale: ``"rms"`` (default): s = 1 / RMS over the samples of each parameter's per-sample gradient at that
         checkpoint (a diagonal preconditioner, like Adam's 1/√v; parameters whose gradient is 0 for every sample
-        get s = 0); None: s = 1 (the plain covariance); or a function ``params -> pytree like params`` giving s at a
-        checkpoint (e.g. 1 / (√v + ε) from the optimiser state saved with it).
+        get s = 0); None: s = 1 (the plain covariance); a function ``params -> pytree like params`` giving s at a
+        checkpoint; or one such pytree per checkpoint (e.g. 1 / (√v̂ + ε) from the optimiser state saved with it).
 
     Returns a :class:`Basis` (``method`` ``"gradient_covariance"``, or ``"scaled_gradient_covariance"`` with a
     scale) of ``T·k`` orthonormal vectors with the covariance's eigenvalues, Ritz residuals and steps.
@@ -467,24 +486,21 @@ def gradient_covariance_basis(
 
         >>> basis = pj.gradient_covariance_basis(per_sample_loss, checkpoints, batch, key=jax.random.key(0))
     """
+    digests = {"per_sample_loss": lambda first, batch: loss_digest(per_sample_loss_fn, first, batch)}
     if scale is None:
-        scale_at, method = None, "gradient_covariance"
-    elif scale == "rms":
-        scale_at, method = functools.partial(rms_gradient_scale, per_sample_loss_fn, batch=batch), \
-            "scaled_gradient_covariance"
-    elif callable(scale):
-        scale_at, method = scale, "scaled_gradient_covariance"
+        method, digests["scale"] = "gradient_covariance", lambda first, batch: "none"
+
+        def operator_args(params: PyTree, t: int) -> tuple:
+            return (jax.tree_util.tree_map(jnp.ones_like, params),)
     else:
-        raise PolcaError(f"scale must be 'rms', None or a function params -> pytree like params, got {scale!r}")
-
-    scaled_args = None if scale_at is None else _scale_args(scale_at, f"{method}_basis", mesh)
-
-    def operator_args(params: PyTree) -> tuple:
-        return (jax.tree_util.tree_map(jnp.ones_like, params),) if scale_at is None else scaled_args(params)
-
-    digests = {"per_sample_loss": lambda first, batch: loss_digest(per_sample_loss_fn, first, batch),
-               "scale": lambda first, batch: "rms" if scale == "rms" else
-               "none" if scale is None else loss_digest(lambda p, b: scale(p), first, batch)}
+        method = "scaled_gradient_covariance"
+        if isinstance(scale, str) and scale != "rms":
+            raise PolcaError(f"scale must be 'rms', None, a function params -> pytree like params or one such pytree "
+                             f"per checkpoint, got {scale!r}")
+        given = functools.partial(rms_gradient_scale, per_sample_loss_fn, batch=batch) if scale == "rms" else scale
+        operator_args, digests["scale"] = _scale_args(given, f"{method}_basis", len(checkpoints), mesh)
+        if scale == "rms":
+            digests["scale"] = lambda first, batch: "rms"
     return _evolving_basis(GradientCovarianceMatvec(per_sample_loss_fn), operator_args,
                            "the per-sample losses or their gradient covariance product", digests, checkpoints, batch,
                            k_per_checkpoint=k_per_checkpoint, num_iters=num_iters, key=key, steps=steps, mesh=mesh,
@@ -512,10 +528,10 @@ def _rms_gradient_scale(per_sample_loss_fn, params, batch):
         lambda t: jnp.where(t > 0, 1.0 / jnp.sqrt(jnp.where(t > 0, t, 1.0) / count), 0.0).astype(t.dtype), total)
 
 
-def _evolving_basis(matvec, operator_args: Callable[[PyTree], tuple], operator_name: str, digests: dict,
+def _evolving_basis(matvec, operator_args: Callable[[PyTree, int], tuple], operator_name: str, digests: dict,
                     checkpoints: Sequence[PyTree], batch: PyTree, *, k_per_checkpoint: int, num_iters: int,
                     key: jax.Array, steps, mesh, progress: bool, method: str, partial_dir) -> Basis:
-    """Algorithm 1 for any symmetric operator ``matvec(v, params, batch, *operator_args(params))`` of the
+    """Algorithm 1 for any symmetric operator ``matvec(v, params, batch, *operator_args(params, t))`` of the
     parameters: the top-k eigenvectors at each checkpoint, deflated against those found before; ``digests``
     (name -> ``(first_params, batch) -> str``) join the partial directory's fingerprint."""
     what = f"{method}_basis"
@@ -558,7 +574,7 @@ def _evolving_basis(matvec, operator_args: Callable[[PyTree], tuple], operator_n
         placed = shard_params(params, mesh)
         pairs = tree_eigenpairs(
             matvec, like, k_per_checkpoint, num_iters, jax.random.fold_in(key, t), orthogonal_to=found,
-            matvec_args=(placed, batch, *operator_args(placed)), mesh=mesh,
+            matvec_args=(placed, batch, *operator_args(placed, t)), mesh=mesh,
         )
         bad = count_nonfinite(pairs)
         if bad:

@@ -215,8 +215,14 @@ def test_gradient_covariance_basis_takes_a_scale_function_and_refuses_a_bad_one(
         mlp.sequence_losses, checkpoints, mlp.batch,
         scale=lambda params: pj.rms_gradient_scale(mlp.sequence_losses, params, mlp.batch), **options)
     np.testing.assert_allclose(np.asarray(given.vectors), np.asarray(by_rms.vectors), atol=1e-12)
-    with pytest.raises(pj.PolcaError, match="scale must be 'rms', None or a function"):
+    per_checkpoint = pj.gradient_covariance_basis(  # one scale per checkpoint, as an optimiser's state gives them
+        mlp.sequence_losses, checkpoints, mlp.batch,
+        scale=[pj.rms_gradient_scale(mlp.sequence_losses, params, mlp.batch) for params in checkpoints], **options)
+    np.testing.assert_allclose(np.asarray(per_checkpoint.vectors), np.asarray(by_rms.vectors), atol=1e-12)
+    with pytest.raises(pj.PolcaError, match="scale must be 'rms', None, a function"):
         pj.gradient_covariance_basis(mlp.sequence_losses, checkpoints, mlp.batch, scale="adam", **options)
+    with pytest.raises(pj.PolcaError, match="1 scales given for 2 checkpoints"):
+        pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, scale=[checkpoints[0]], **options)
 
 
 def test_a_scaled_hessian_basis_is_algorithm_1_on_the_hessian_of_the_preconditioned_loss(mlp):

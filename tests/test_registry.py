@@ -97,3 +97,34 @@ def test_the_one_file_basis_example_runs_and_appears_in_the_report_the_nulls_and
     plan = polca("plan", EXAMPLE, *settings)
     assert plan.returncode == 0, plan.stderr
     assert "3 bases (hessian, random, training_steps)" in plan.stdout and "training_steps: not timed" in plan.stdout
+
+
+def test_the_preconditioned_hessian_of_read_checkpoints_is_scaled_by_the_rms_gradient(tmp_path):
+    """Checkpoints the run did not train hold no optimiser state: the preconditioned Hessian basis then takes
+    S² = 1/RMS of the per-sample gradients (the same basis as the kernel with that scale)."""
+    import jax
+    from test_hostile_resume import USER_TASK, quiet, record_checkpoints
+
+    from polca_jax.pipeline import build_task, open_run, run
+
+    (tmp_path / "user_task.py").write_text(USER_TASK)
+    task = f"{tmp_path / 'user_task.py'}:make_task"
+    record_checkpoints(tmp_path / "recorded")
+    run(task, tmp_path / "run", checkpoints=tmp_path / "recorded", stages=["train", "basis"], progress=False,
+        log=quiet, settings=["ablations=true", "ablation_bases=preconditioned_hessian", "lanczos_iters=3"])
+    built = pj.Basis.load(tmp_path / "run" / "basis" / "preconditioned_hessian")
+    assert built.method == "preconditioned_hessian"
+
+    directory, definition = open_run(task, tmp_path / "run")
+    config, task_value = directory.config, build_task(directory, definition)
+    with pj.OrbaxCheckpoints(tmp_path / "recorded", config.basis_steps, template=task_value.init_params) as store:
+        checkpoints = [store[i] for i in range(len(store))]
+
+    def scale(params):
+        rms = pj.rms_gradient_scale(task_value.per_sample_loss, params, task_value.hessian_batch)
+        return jax.tree_util.tree_map(jnp.sqrt, rms)
+
+    expected = pj.hessian_basis(task_value.loss, checkpoints, task_value.hessian_batch, scale=scale,
+                                k_per_checkpoint=config.k_per_checkpoint, num_iters=config.lanczos_iters,
+                                key=jax.random.fold_in(jax.random.key(config.seed), 5), progress=False)
+    np.testing.assert_allclose(np.asarray(built.vectors), np.asarray(expected.vectors), atol=1e-6)

@@ -3,6 +3,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from polca_jax.pipeline.tasks.arithmetic import (
@@ -15,7 +16,7 @@ from polca_jax.pipeline.tasks.arithmetic import (
     training_batches,
 )
 from polca_jax.pipeline.models import TransformerConfig, init_params
-from polca_jax.pipeline._training import adamw_paper, checkpoint_steps, restore_params, train
+from polca_jax.pipeline._training import AdamScales, adamw_paper, checkpoint_steps, restore_params, train
 
 NUM_STEPS = 30
 SAVE_STEPS = (0, 10, 20, 30)
@@ -104,3 +105,26 @@ def test_adamw_paper_warmup_starts_at_zero():
     np.testing.assert_allclose(second["w"], -0.25 * (1.0 + 0.1), rtol=1e-5)  # lr 1/4 times (adam step 1 + wd * 1)
     with pytest.raises(ValueError, match="warmup_steps"):
         adamw_paper(warmup_steps=-1)
+
+
+def test_adam_scales_are_adams_preconditioner_from_the_saved_state(setup, full_run):
+    """s = (√v̂ + ε)^(-1/2), v̂ = ν / (1 − b2^t), from the optimiser's own state replayed by hand to each saved step;
+    before the first update (ν = 0) s = ε^(-1/2)."""
+    _, params, loss_fn, batches, optimizer = setup
+    scales = AdamScales(full_run[1], [0, 10, 30], params, optimizer, b2=0.95)
+    assert len(scales) == 3
+    np.testing.assert_allclose(jax.tree.leaves(scales[0])[0], 1e4, rtol=1e-6)
+    state, current = optimizer.init(params), params
+    grad = jax.jit(jax.grad(loss_fn))
+    for step in range(NUM_STEPS + 1):
+        if step in (10, 30):
+            expected = jax.tree.map(lambda v: np.sqrt(v / (1 - 0.95**step)), state[0].nu)  # √v̂
+            largest = max(float(np.max(leaf)) for leaf in jax.tree.leaves(expected))
+            for got, want in zip(jax.tree.leaves(scales[[0, 10, 30].index(step)]), jax.tree.leaves(expected)):
+                # √v̂ = s^-2 − ε; the replay's rounding differs from train()'s jitted step (leaves whose gradient is
+                # float noise differ most), so compared to 1e-3 of the largest √v̂
+                np.testing.assert_allclose(np.asarray(got, np.float64) ** -2 - 1e-8, want, rtol=0.02,
+                                           atol=1e-3 * largest)
+        if step < NUM_STEPS:
+            updates, state = optimizer.update(grad(current, batches(step)), state, current)
+            current = optax.apply_updates(current, updates)

@@ -43,9 +43,10 @@ from polca_jax.pipeline._task import (  # noqa: E402
     load_task_definition,
     task_factory,
 )
-from polca_jax.pipeline._training import adamw_paper, train  # noqa: E402
+from polca_jax.pipeline._training import AdamScales, adamw_paper, train  # noqa: E402
 
 __all__ = [
+    "AdamScales",
     "BASES",
     "BUILTIN_TASKS",
     "STAGES",

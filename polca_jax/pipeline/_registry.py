@@ -11,11 +11,11 @@ shows one in a single file).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import polca_jax as pj
@@ -51,7 +51,9 @@ class BasisInputs:
     checkpoints: the run's parameters at ``config.basis_steps`` (each read checked against the run's digest);
     key: the run's key (``jax.random.key(config.seed)``): fold in a constant of the basis' own;
     partial_dir: a directory where a builder may keep its work so far, so that a killed stage resumes (removed once
-    the basis is saved); final_params: a function that restores the parameters at the last step.
+    the basis is saved); final_params: a function that restores the parameters at the last step; adam_scales: a
+    function giving Adam's preconditioner at ``config.basis_steps`` (:class:`polca_jax.pipeline.AdamScales`), None
+    when the run read checkpoints it did not train (``--checkpoints``), which hold no optimiser state.
     """
 
     config: Any  # RunConfig
@@ -62,6 +64,7 @@ class BasisInputs:
     mesh: Any
     progress: bool
     final_params: Callable[[], Any]
+    adam_scales: Callable[[], Sequence] | None = None
 
     @property
     def size(self) -> int:
@@ -135,7 +138,13 @@ def _gradient_covariance(inputs: BasisInputs) -> pj.Basis:
 
 
 def _preconditioned_hessian(inputs: BasisInputs) -> pj.Basis:
-    scale = functools.partial(pj.rms_gradient_scale, inputs.task.per_sample_loss, batch=inputs.task.hessian_batch)
+    """S H S with S² Adam's 1/(√v̂ + ε) where the run trained, else 1/RMS of the per-sample gradients."""
+    if inputs.adam_scales is not None:
+        scale = inputs.adam_scales()
+    else:
+        def scale(params):
+            rms = pj.rms_gradient_scale(inputs.task.per_sample_loss, params, inputs.task.hessian_batch)
+            return jax.tree_util.tree_map(jnp.sqrt, rms)
     return pj.hessian_basis(inputs.task.loss, inputs.checkpoints, inputs.task.hessian_batch, scale=scale,
                             key=jax.random.fold_in(inputs.key, 5), **inputs.algorithm1_options())
 
@@ -150,7 +159,7 @@ BASES: dict[str, BasisKind] = {kind.name: kind for kind in (
     BasisKind("scaled_gradient_covariance", "Scaled per-sample gradient covariance", _scaled_gradient_covariance,
               lanczos=True),  # a covariance product costs about an HVP
     BasisKind("gradient_covariance", "Per-sample gradient covariance, unscaled", _gradient_covariance, lanczos=True),
-    BasisKind("preconditioned_hessian", "Hessian of the preconditioned loss (1/RMS gradient)", _preconditioned_hessian,
+    BasisKind("preconditioned_hessian", "Hessian of the preconditioned loss (Adam's √v)", _preconditioned_hessian,
               lanczos=True),
 )}
 BUILTIN_BASES = tuple(BASES)

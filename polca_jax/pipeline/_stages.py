@@ -54,7 +54,7 @@ from polca_jax.pipeline._report import report_stage
 from polca_jax.pipeline._rundir import RunDirectory, loss_digests
 from polca_jax.pipeline._score import score_stage
 from polca_jax.pipeline._task import Task, TaskDefinition, load_task_definition
-from polca_jax.pipeline._training import adamw_paper, train
+from polca_jax.pipeline._training import AdamScales, adamw_paper, train
 from polca_jax.pipeline._usercode import user_code_errors
 
 CONTROL_NORMS = "controls/gradient_norms.npy"  # the label-free control's features, written by the decompose stage
@@ -205,11 +205,15 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
         with checkpoint_store(run, task, [config.num_steps], mesh) as final:
             return final[0]
 
+    def adam_scales():  # the optimiser state the train stage saved beside each checkpoint
+        optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2, config.warmup_steps)
+        return AdamScales(run.checkpoint_dir, config.basis_steps, task.init_params, optimizer, b2=config.b2)
+
     with checkpoint_store(run, task, config.basis_steps, mesh) as store:
         for name in _unfinished(bases_of(config), lambda name: run / "basis" / name / "basis.json"):
             partial = run / "basis" / f"{name}.partial"
             basis = basis_kind(name).build(BasisInputs(config, task, store, key, partial, mesh, progress,
-                                                       final_params))
+                                                       final_params, None if config.checkpoints else adam_scales))
             _check_built_basis(name, basis, task, basis_kind(name).size_for(config))
             _record_losses(run, "basis")  # the bases saved depend on the loss
             basis.save(run / "basis" / name)

@@ -215,6 +215,47 @@ def _restore_training_state(manager: ocp.CheckpointManager, step: int, params: A
     return restored[PARAMS_ITEM], restored[_OPT_STATE]
 
 
+class AdamScales(Sequence):
+    """Adam's preconditioner at saved steps, as the scale of the Hessian of the preconditioned loss
+    (``pj.hessian_basis(..., scale=...)``): per step a params-like pytree ``s = (√v̂ + ε)^(-1/2)``, so that
+    ``S² = 1/(√v̂ + ε)`` is the diagonal Adam divides its step by, with ``v̂ = ν / (1 − b2^count)`` from the optimiser
+    state :func:`train` saved with the parameters (``ν = 0`` before the first update: s = ε^(-1/2) everywhere).
+    Restored lazily, one step at a time.
+
+    Args:
+      checkpoint_dir: a directory :func:`train` wrote. steps: the saved steps to read.
+      template: the parameters (or their shapes). optimizer: the optax optimizer that trained them (its state's
+        layout; the first ``ScaleByAdamState`` in it is read). b2, eps: that Adam's.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, steps: Sequence[int], template: Any,
+                 optimizer: optax.GradientTransformation, *, b2: float, eps: float = 1e-8):
+        self.directory, self.steps, self.b2, self.eps = Path(checkpoint_dir), [int(s) for s in steps], b2, eps
+        self._abstract_state = jax.eval_shape(optimizer.init, _abstract(template))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> Any:
+        step = self.steps[index]
+        with _checkpoint_manager(self.directory, create=False) as manager:
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    **{_OPT_STATE: ocp.args.StandardRestore(self._abstract_state)}))
+            except Exception as error:
+                raise PolcaError(f"cannot read the optimiser state saved at step {step} in {self.directory}: "
+                                 f"{type(error).__name__}: {error}") from error
+        adam = next((state for state in jax.tree_util.tree_leaves(
+            restored[_OPT_STATE], is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(state, optax.ScaleByAdamState)), None)
+        if adam is None:
+            raise PolcaError(f"the optimiser state saved at step {step} in {self.directory} holds no Adam state")
+        correction = 1.0 - self.b2 ** int(adam.count)
+        return jax.tree_util.tree_map(
+            lambda nu: (jnp.sqrt(nu / correction if correction > 0 else jnp.zeros_like(nu)) + self.eps) ** -0.5,
+            adam.nu)
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
