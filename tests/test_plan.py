@@ -7,6 +7,7 @@ import pytest
 from test_pipeline import USER_TASK
 
 from polca_jax.pipeline._cli import main
+from polca_jax.pipeline import plan_run
 from polca_jax.pipeline._plan import GPUS, Plan, check_model_axis, parse_mesh, split_bytes
 
 
@@ -82,6 +83,20 @@ def test_a_mesh_splits_the_memory_per_device_and_gpu_times_are_labelled_estimate
     assert "parameters split 4 way(s), 0% of them replicated" in split
     assert "time: ESTIMATED, not measured: kernel FLOPs / (67 TFLOP/s peak × 41% assumed efficiency)" in split
     assert "of 80 GB (H100 SXM" in split and "WILL NOT FIT" not in split
+
+
+def test_training_and_the_causal_check_are_planned_whole_on_one_device_whatever_the_mesh(user_task):
+    """The train stage and the causal check run on one device: a model axis does not split their parameters."""
+    from polca_jax.pipeline import make_config
+    from polca_jax.pipeline._task import load_task_definition
+
+    definition = load_task_definition(user_task)
+    config = make_config(definition, user_task, None, {"width": 64})
+    task = definition.build(config.task_options, seed=config.seed, workdir=None)
+    plans = {mesh: plan_run(config, task, mesh=mesh, device=GPUS["h100"]) for mesh in ((1, 1), (1, 4))}
+    for stage in ("train", "causal"):
+        assert plans[(1, 4)].memory[stage] == plans[(1, 1)].memory[stage], stage
+    assert sum(plans[(1, 4)].memory["basis"].values()) < sum(plans[(1, 1)].memory["basis"].values())
 
 
 def test_a_peak_over_the_device_memory_is_flagged():

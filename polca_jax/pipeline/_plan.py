@@ -245,6 +245,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     check_model_axis(params, model)
     check_data_axis(task, data)
     param_bytes, replicated = split_bytes(params, model)
+    whole_bytes = _nbytes(params)
     num_samples, steps = task.num_samples, len(config.polca_steps)
     basis_size = len(config.basis_steps) * config.k_per_checkpoint
     bases = bases_of(config)
@@ -270,7 +271,8 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
         work["train"] = (f"{config.num_steps} steps × {_duration(device.seconds(step))}, {evaluations} evaluations, "
                          f"{saves} checkpoints saved × {_duration(save_seconds)} "
                          f"({_duration(save_blocking)} of it before the next step)")
-        memory["train"] = {"parameters and Adam moments (before and after a step)": 2 * 3 * param_bytes,
+        # training runs on one device, whatever the mesh: its parameters and moments are whole
+        memory["train"] = {"parameters and Adam moments (before and after a step; one device)": 2 * 3 * whole_bytes,
                            "step temporaries (the whole batch)": step.temp_bytes,
                            "batch": _nbytes(task.train_batches(0))}
 
@@ -311,6 +313,8 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     kernels.append(causal)
     directions = sum(sizes[name] + 1 for name in causal_bases(config))
     stages["causal"] = directions * device.seconds(causal)
+    memory["causal"] = {"final parameters and one edited copy (one device)": 2 * whole_bytes,
+                        "loss temporaries (the whole evaluation batch)": causal.temp_bytes}
     flops["causal"] = directions * causal.flops
     work["causal"] = f"{directions} loss passes × {_duration(device.seconds(causal))}"
 
