@@ -403,6 +403,23 @@ def hessian_basis(
 
     Raises ``ValueError`` for an empty batch, parameters that are not floating point (or mix dtypes), checkpoints that
     are not a sequence or differ in structure, NaN parameters, and a loss whose Hessian-vector product is not finite.
+
+    Example (one checkpoint, two directions; 3 Lanczos steps are exact for 3 parameters)::
+
+        >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
+        >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
+        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
+        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
+        >>> def per_sample_loss(p, b):
+        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
+        >>> def loss(p, b):
+        ...     return per_sample_loss(p, b).mean()
+        >>> basis = pj.hessian_basis(loss, [params], batch, k_per_checkpoint=2, num_iters=3, key=jax.random.key(0),
+        ...                          progress=False)
+        >>> basis.eigenvalues.round(3).tolist()
+        [1.416, 0.512]
+        >>> np.linalg.eigvalsh(batch["x"].T @ batch["x"] / 4)[::-1][:2].round(3).tolist()  # the dense Hessian's
+        [1.416, 0.512]
     """
     digests = {"loss": lambda first, batch: loss_digest(loss_fn, first, batch)}
     if scale is None:
@@ -482,9 +499,17 @@ def gradient_covariance_basis(
     Each product with S C S costs one forward-mode and one reverse-mode pass over the batch (about a Hessian-vector
     product); ``scale="rms"`` adds one pass of per-sample gradients per checkpoint.
 
-    Example::
+    Example (at w = 0 the per-sample gradients are ``−y x``; their scaled covariance's top direction)::
 
-        >>> basis = pj.gradient_covariance_basis(per_sample_loss, checkpoints, batch, key=jax.random.key(0))
+        >>> import jax, jax.numpy as jnp, polca_jax as pj
+        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
+        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
+        >>> def per_sample_loss(p, b):
+        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
+        >>> basis = pj.gradient_covariance_basis(per_sample_loss, [{"w": jnp.zeros(3)}], batch, num_iters=3,
+        ...                                      key=jax.random.key(0), progress=False)
+        >>> basis.method, basis.size
+        ('scaled_gradient_covariance', 1)
     """
     digests = {"per_sample_loss": lambda first, batch: loss_digest(per_sample_loss_fn, first, batch)}
     if scale is None:

@@ -115,6 +115,26 @@ def polca(
     holds another computation or an unreadable progress record; and, at the checkpoint where it happens, for NaN
     parameters, NaN per-sample losses, and NaN projected gradients or curvatures (a loss that is finite where its
     gradient is not).
+
+    Example (three steps of gradient descent, decomposed along the top two Hessian directions)::
+
+        >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
+        >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
+        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
+        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
+        >>> def per_sample_loss(p, b):
+        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
+        >>> def loss(p, b):
+        ...     return per_sample_loss(p, b).mean()
+        >>> checkpoints = [params]
+        >>> for _ in range(3):
+        ...     grads = jax.grad(loss)(checkpoints[-1], batch)
+        ...     checkpoints.append(jax.tree.map(lambda w, g: w - 0.5 * g, checkpoints[-1], grads))
+        >>> basis = pj.hessian_basis(loss, checkpoints[:1], batch, k_per_checkpoint=2, num_iters=3,
+        ...                          key=jax.random.key(0), progress=False)
+        >>> result = pj.polca(per_sample_loss, checkpoints, batch, basis, progress=False)
+        >>> result.loss.shape, result.projected_loss.shape  # [T, N]; [T, N, K]: each sample's loss change, accumulated
+        ((4, 4), (4, 4, 2))
     """
     rule = SecondOrder.of(second_order, eigenvalues)
     batch_size(batch, "polca")

@@ -23,6 +23,19 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: PyTree) -> PyTree:
 
     Raises ``ValueError`` for an empty batch or parameters that are not all of one floating dtype (the check reads
     only shapes and dtypes, so it also runs under ``jit``, at trace time).
+
+    Example::
+
+        >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
+        >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
+        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
+        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
+        >>> def per_sample_loss(p, b):
+        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
+        >>> def loss(p, b):
+        ...     return per_sample_loss(p, b).mean()
+        >>> pj.hvp(loss, params, {"w": jnp.array([1.0, 0, 0])}, batch)["w"].tolist()  # the first column of xᵀx / 4
+        [1.25, 0.25, 0.25]
     """
     batch_size(batch, "hvp")
     check_params(params, "hvp")
