@@ -114,25 +114,38 @@ def _infer_dtype(orthogonal_to, matvec_args) -> Any:
     return jnp.result_type(float)
 
 
+# The products below contract over a leaf's own axes without flattening it: a leaf split over a mesh's "model" axis
+# on a non-leading dimension is then contracted shard by shard and the partial sums added, where a reshape to
+# [r, -1] would first gather the whole leaf (and the Krylov and deflated rows) on every device.
+
+
+def _contract(a: jax.Array, b: jax.Array, leading: int) -> jax.Array:
+    """``a`` (``[r, *leaf]`` when ``leading`` is 1, else ``[*leaf]``) contracted with ``b`` (``[*leaf]``) over the
+    leaf's axes: ``[r]`` or a scalar."""
+    axes = tuple(range(b.ndim))
+    return lax.dot_general(a, b, ((tuple(range(leading, a.ndim)), axes), ((), ())), precision=HIGHEST)
+
+
 def _row_dots(rows: PyTree, w: PyTree) -> jax.Array:
     """``[r]`` inner products of the rows of ``rows`` (leaves ``[r, ...]``) with ``w`` (leaves ``[...]``)."""
-    return sum(
-        jnp.dot(r.reshape(r.shape[0], -1), x.reshape(-1), precision=HIGHEST)
-        for r, x in zip(jax.tree_util.tree_leaves(rows), jax.tree_util.tree_leaves(w))
-    )
+    return sum(_contract(r, x, 1) for r, x in zip(jax.tree_util.tree_leaves(rows), jax.tree_util.tree_leaves(w)))
+
+
+def _combine(coefficients: jax.Array, rows: PyTree) -> PyTree:
+    """``coefficientsᵀ rows``: ``[m, r]`` (or ``[r]``) times rows (leaves ``[r, ...]``), leaves ``[m, ...]`` (or
+    ``[...]``)."""
+    return jax.tree_util.tree_map(
+        lambda r: lax.dot_general(coefficients, r, (((coefficients.ndim - 1,), (0,)), ((), ())), precision=HIGHEST),
+        rows)
 
 
 def _project_out(rows: PyTree, w: PyTree) -> PyTree:
     """w − rowsᵀ (rows w): remove the span of orthonormal ``rows`` (leaves ``[r, ...]``) from ``w``."""
-    coefficients = _row_dots(rows, w)
-    return jax.tree_util.tree_map(
-        lambda r, x: x - jnp.dot(coefficients, r.reshape(r.shape[0], -1), precision=HIGHEST).reshape(x.shape), rows, w
-    )
+    return jax.tree_util.tree_map(jnp.subtract, w, _combine(_row_dots(rows, w), rows))
 
 
 def _dot(a: PyTree, b: PyTree) -> jax.Array:
-    return sum(jnp.dot(x.reshape(-1), y.reshape(-1), precision=HIGHEST)
-               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return sum(_contract(x, y, 0) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
 def _norm(w: PyTree) -> jax.Array:
@@ -217,10 +230,7 @@ def _lanczos(matvec, like, k, num_iters, mesh, key, deflate, matvec_args) -> Eig
     tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     theta, y = jnp.linalg.eigh(tridiagonal)
     top = jnp.argsort(-theta)[:k]
-    vectors = place(jax.tree_util.tree_map(
-        lambda rows: jnp.dot(y[:, top].T, rows.reshape(num_iters, -1), precision=HIGHEST).reshape(k, *rows.shape[1:]),
-        krylov,
-    ))
+    vectors = place(_combine(y[:, top].T, krylov))
     residuals = jnp.abs(betas[-1] * y[-1, top])
     return Eigenpairs(theta[top], vectors, residuals)
 

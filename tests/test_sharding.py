@@ -126,6 +126,21 @@ for data_shards, model_shards in ((1, 8), (2, 4)):
     assert many["params_bytes"] == 96 * 8 // model_shards + 2 * 8, many["params_bytes"]
     print("MESH-OK", data_shards, model_shards, many["basis_bytes"], one["basis_bytes"])
 
+# Lanczos contracts each leaf shard by shard: on a 1 x 8 mesh nothing is gathered but the flat start vector
+# ([1, P], only when Lanczos starts or restarts), never a leaf of the Krylov or deflated rows.
+import re
+from polca_jax import _tree as tree
+from polca_jax._hvp import HessianMatvec
+from polca_jax._lanczos import _lanczos
+from polca_jax._sharding import shard_rows
+mesh = pj.device_mesh(model=8)
+rows = shard_rows(jax.tree_util.tree_map(lambda leaf: jnp.zeros((2, *leaf.shape), leaf.dtype), params), mesh)
+compiled = _lanczos.lower(HessianMatvec(mean_loss), tree.structure_signature(params), 2, 12, mesh, jax.random.key(0),
+                          rows, (pj.shard_params(params, mesh), hessian_batch)).compile().as_text()
+gathered = re.findall(r"= (\S+) all-gather\(", compiled)
+assert all(shape.startswith("f64[1,") for shape in gathered), gathered
+print("LANCZOS-GATHERS-OK", len(gathered))
+
 narrow = {"w": jnp.ones((3, 5))}
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -146,3 +161,4 @@ def test_every_kernel_gives_the_one_device_result_on_a_model_sharded_and_a_data_
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "MESH-OK 1 8" in completed.stdout and "MESH-OK 2 4" in completed.stdout
     assert "WARN-OK" in completed.stdout
+    assert "LANCZOS-GATHERS-OK" in completed.stdout
