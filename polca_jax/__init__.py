@@ -16,7 +16,7 @@ from polca_jax._basis import (
 )
 from polca_jax._checkpoints import OrbaxCheckpoints
 from polca_jax._decomposition import polca
-from polca_jax._distributed import initialize_distributed, is_writer, to_host
+from polca_jax._distributed import cluster_launcher, initialize_distributed, is_writer, to_host
 from polca_jax._hvp import FlatHessianMatvec, hvp
 from polca_jax._lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
 from polca_jax._recorder import CheckpointRecorder
@@ -52,6 +52,7 @@ __all__ = [
     "basis_from_matrix",
     "check_orthonormal",
     "choose_method",
+    "cluster_launcher",
     "data_mesh",
     "device_mesh",
     "direction_ablation_losses",

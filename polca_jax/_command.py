@@ -49,9 +49,13 @@ SUPERVISED = "POLCA_SUPERVISED"  # set in the child process that a multi-process
 
 
 def _multi_process(argv: list[str]) -> bool:
-    """Whether the command joins a multi-process run (its flags, or JAX's variables in the environment)."""
+    """Whether the command joins a multi-process run (its flags, JAX's variables in the environment, or a launcher's
+    of several tasks)."""
+    from polca_jax._distributed import cluster_launcher
+
     flags = ("--coordinator", "--num-processes", "--process-id")
-    return any(arg.split("=")[0] in flags for arg in argv) or "JAX_COORDINATOR_ADDRESS" in os.environ
+    return (any(arg.split("=")[0] in flags for arg in argv) or "JAX_COORDINATOR_ADDRESS" in os.environ
+            or cluster_launcher() is not None)
 
 
 def _supervise(argv: list[str]) -> int:

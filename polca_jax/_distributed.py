@@ -35,7 +35,10 @@ def initialize_distributed(
     """Join a run of ``num_processes`` processes (``jax.distributed.initialize``); call it before any other JAX call.
 
     Each argument left out is read from the environment (``JAX_COORDINATOR_ADDRESS`` as ``host:port``,
-    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); process 0 runs the coordinator at that address. A process that cannot
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); process 0 runs the coordinator at that address. With none of them
+    given, a launcher of more than one task that JAX recognises (:func:`cluster_launcher`: SLURM's ``srun``, Open
+    MPI's ``mpirun``) is joined as JAX's own ``jax.distributed.initialize()`` detects it (the address, the count,
+    the id and, on GPUs, each process' device from the launcher's variables). A process that cannot
     reach the coordinator within ``timeout_s`` raises ``ConnectionError`` (JAX itself would abort the process);
     the coordinator waits up to ``timeout_s`` for the others. A peer silent for ``heartbeat_timeout_s`` seconds (it
     died, or its host is unreachable) makes JAX's runtime abort every other process (``SIGABRT``; the ``polca``
@@ -44,6 +47,10 @@ def initialize_distributed(
     address = coordinator_address or os.environ.get(ADDRESS_VARIABLE)
     count = _setting(num_processes, COUNT_VARIABLE)
     index = _setting(process_id, ID_VARIABLE)
+    if address is None and count is None and index is None and cluster_launcher() is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s)
+        return
     if count is not None and count < 1:
         raise PolcaError(f"the number of processes must be at least 1, got {count} (--num-processes or "
                          f"{COUNT_VARIABLE})")
@@ -66,6 +73,26 @@ def initialize_distributed(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives (GPUs use NCCL)
     jax.distributed.initialize(address, num_processes=count, process_id=index, initialization_timeout=timeout_s,
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
+
+
+_LAUNCHERS = {  # the variables JAX's cluster detection reads, and the one that counts the tasks
+    "SLURM": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+              "SLURM_NTASKS"),
+    "Open MPI": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), "OMPI_COMM_WORLD_SIZE"),
+}
+
+
+def cluster_launcher() -> str | None:
+    """The launcher that started this process as one of several tasks (``"SLURM"``, ``"Open MPI"``), from the
+    variables it sets and JAX's cluster detection reads; None outside one, or for a single task."""
+    for name, (variables, count) in _LAUNCHERS.items():
+        if all(variable in os.environ for variable in variables):
+            try:
+                if int(os.environ[count]) > 1:
+                    return name
+            except ValueError:
+                raise PolcaError(f"{count}={os.environ[count]!r} ({name}) is not an integer") from None
+    return None
 
 
 def _setting(value: int | None, variable: str) -> int | None:

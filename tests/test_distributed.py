@@ -280,3 +280,56 @@ def test_a_multi_process_stage_refuses_a_checkpoint_replaced_since_training(tmp_
         assert re.search(r"the checkpoint at step \d+ in .*checkpoints differs from the one this run trained before",
                          err), err[-3000:]
     assert not (out / "stages" / "basis.json").exists() and not list((out / "basis").glob("*/*"))
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("variables, launcher", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, None),  # one task: nothing to join
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_NTASKS": "8", "SLURM_PROCID": "3",
+      "SLURM_LOCALID": "3"}, "SLURM"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, None),  # an allocation, not a task srun started
+    ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911", "OMPI_COMM_WORLD_SIZE": "4",
+      "OMPI_COMM_WORLD_RANK": "1"}, "Open MPI"),
+])
+def test_a_launcher_of_several_tasks_is_recognised_from_its_variables(monkeypatch, variables, launcher):
+    for name in [name for name in os.environ if name.startswith(("SLURM_", "OMPI_"))]:
+        monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert pj.cluster_launcher() == launcher
+
+
+def _slurm_job_id() -> int:
+    """A SLURM job id whose coordinator port (JAX: 61440 + id mod 4096) is free on this machine."""
+    for job_id in np.random.default_rng().permutation(4096):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", 61440 + int(job_id)))
+            except OSError:
+                continue
+        return 4096 * 7 + int(job_id)
+    raise RuntimeError("no free port in 61440..65535")
+
+
+@pytest.mark.slow
+def test_polca_run_joins_a_slurm_launch_from_its_variables_alone(tmp_path):
+    """Two processes with only the variables `srun -n 2` sets (no --coordinator, --num-processes, --process-id, no
+    JAX_* variables) run the basis and decompose stages as one multi-process run on a 2 x 2 mesh."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = tmp_path / "run"
+    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--no-compile-cache",
+             "--out", str(out)]
+    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    slurm = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2", SLURM_JOB_ID=str(_slurm_job_id()),
+                 SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2")
+    processes = [subprocess.Popen(polca + ["--stage", "basis", "--stage", "decompose", "--mesh", "2x2"],
+                                  env=dict(slurm, SLURM_PROCID=str(index), SLURM_LOCALID=str(index)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for index in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err[-3000:] for _, err in outputs]
+    assert "[decompose] done" in outputs[0][0] and "[decompose]" not in outputs[1][0]  # process 0 speaks
+    assert (out / "stages" / "decompose.json").exists()

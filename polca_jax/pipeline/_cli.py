@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 
 import polca_jax as pj
-from polca_jax._distributed import ADDRESS_VARIABLE
+from polca_jax._distributed import ADDRESS_VARIABLE, cluster_launcher
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
@@ -188,13 +188,13 @@ def _main(args) -> int:
 
 
 def _run_mesh(args):
-    """Join a multi-process run when one is asked for (flags or JAX_* variables), then the ``--mesh`` over every
-    process' devices (None: one device)."""
+    """Join a multi-process run when one is asked for (flags, JAX_* variables, or a launcher of several tasks: SLURM,
+    Open MPI), then the ``--mesh`` over every process' devices (None: one device)."""
     from polca_jax.pipeline._plan import parse_mesh
 
     shape = None if args.mesh is None else parse_mesh(args.mesh)
     given = (args.coordinator, args.num_processes, args.process_id)
-    if any(value is not None for value in given) or os.environ.get(ADDRESS_VARIABLE):
+    if any(value is not None for value in given) or os.environ.get(ADDRESS_VARIABLE) or cluster_launcher():
         try:
             for flag, value in (("--heartbeat-timeout", args.heartbeat_timeout),
                                 ("--init-timeout", args.init_timeout)):
