@@ -404,16 +404,9 @@ def hessian_basis(
     Raises ``ValueError`` for an empty batch, parameters that are not floating point (or mix dtypes), checkpoints that
     are not a sequence or differ in structure, NaN parameters, and a loss whose Hessian-vector product is not finite.
 
-    Example (one checkpoint, two directions; 3 Lanczos steps are exact for 3 parameters)::
+    Example (one checkpoint, two directions; 3 Lanczos steps are exact for 3 parameters;
+    ``params``, ``batch``, ``per_sample_loss``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example)::
 
-        >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
-        >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
-        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
-        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
-        >>> def per_sample_loss(p, b):
-        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
-        >>> def loss(p, b):
-        ...     return per_sample_loss(p, b).mean()
         >>> basis = pj.hessian_basis(loss, [params], batch, k_per_checkpoint=2, num_iters=3, key=jax.random.key(0),
         ...                          progress=False)
         >>> basis.eigenvalues.round(3).tolist()

@@ -116,16 +116,9 @@ def polca(
     parameters, NaN per-sample losses, and NaN projected gradients or curvatures (a loss that is finite where its
     gradient is not).
 
-    Example (three steps of gradient descent, decomposed along the top two Hessian directions)::
+    Example (three steps of gradient descent, decomposed along the top two Hessian directions;
+    ``params``, ``batch``, ``per_sample_loss``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example)::
 
-        >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
-        >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
-        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
-        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
-        >>> def per_sample_loss(p, b):
-        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
-        >>> def loss(p, b):
-        ...     return per_sample_loss(p, b).mean()
         >>> checkpoints = [params]
         >>> for _ in range(3):
         ...     grads = jax.grad(loss)(checkpoints[-1], batch)

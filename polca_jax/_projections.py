@@ -99,16 +99,9 @@ def per_sample_projections(
     of another float dtype than the parameters is cast to theirs. The result itself is not checked for NaN (see
     :func:`polca_jax.polca`, which does).
 
-    Example (the first two parameter axes as the basis: each sample's gradient ``(x·w − y) x`` read off on them)::
+    Example (the first two parameter axes as the basis: each sample's gradient ``(x·w − y) x`` read off on them;
+    ``params``, ``batch``, ``per_sample_loss``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example)::
 
-        >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
-        >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
-        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
-        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
-        >>> def per_sample_loss(p, b):
-        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
-        >>> def loss(p, b):
-        ...     return per_sample_loss(p, b).mean()
         >>> basis = pj.basis_from_matrix(jnp.eye(3)[:2])
         >>> pj.per_sample_projections(per_sample_loss, params, batch, basis).tolist()
         [[2.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]]

@@ -59,6 +59,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def trained_tiny_run(out: Path) -> tuple[list[str], dict]:
+    """The command ``polca run planted`` on ``out`` (as a list) and its environment, once one process has trained
+    the tiny preset there."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--no-compile-cache",
+             "--out", str(out)]
+    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    return polca, env
+
+
 def _single_process_reference(checkpoints, batch, hessian_batch, mask):
     basis = pj.hessian_basis(mean_loss, checkpoints[:2], hessian_batch, **BASIS_OPTIONS)
     projections = pj.per_sample_projections(token_losses, checkpoints[2], batch, basis, mask=mask)
@@ -183,11 +194,7 @@ def test_a_peer_that_dies_stops_the_survivor_with_a_clear_error_and_the_run_resu
     command in two processes then finishes the run."""
     import signal
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--no-compile-cache",
-             "--out", str(tmp_path / "run")]
-    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
-                   timeout=600)
+    polca, env = trained_tiny_run(tmp_path / "run")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
     def start(port: int) -> list[subprocess.Popen]:
@@ -255,12 +262,8 @@ def test_a_multi_process_stage_refuses_a_checkpoint_replaced_since_training(tmp_
     basis."""
     import shutil
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = tmp_path / "run"
-    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--no-compile-cache",
-             "--out", str(out)]
-    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
-                   timeout=600)
+    polca, env = trained_tiny_run(out)
     with pj.OrbaxCheckpoints(out / "checkpoints") as store:
         saved = [(step, store[index]) for index, step in enumerate(store.steps)]
     shutil.rmtree(out / "checkpoints")
@@ -317,12 +320,8 @@ def _slurm_job_id() -> int:
 def test_polca_run_joins_a_slurm_launch_from_its_variables_alone(tmp_path):
     """Two processes with only the variables `srun -n 2` sets (no --coordinator, --num-processes, --process-id, no
     JAX_* variables) run the basis and decompose stages as one multi-process run on a 2 x 2 mesh."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = tmp_path / "run"
-    polca = [sys.executable, "-m", "polca_jax._command", "run", "planted", "--quiet", "--no-compile-cache",
-             "--out", str(out)]
-    subprocess.run(polca + ["--preset", "tiny", "--stage", "train"], env=env, check=True, capture_output=True,
-                   timeout=600)
+    polca, env = trained_tiny_run(out)
     slurm = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2", SLURM_JOB_ID=str(_slurm_job_id()),
                  SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2")
     processes = [subprocess.Popen(polca + ["--stage", "basis", "--stage", "decompose", "--mesh", "2x2"],
