@@ -33,7 +33,7 @@ from polca_jax._projections import (
     projection_kernel_cost,
 )
 from polca_jax._sharding import data_mesh, device_mesh, per_device_bytes, shard_params
-from polca_jax.errors import CorruptRunDirectory, PolcaError, ResumeMismatch, TaskError
+from polca_jax.errors import CorruptRunDirectory, Interrupted, PolcaError, ResumeMismatch, TaskError
 
 __version__ = "0.1.0"
 
@@ -43,6 +43,7 @@ __all__ = [
     "CorruptRunDirectory",
     "Eigenpairs",
     "FlatHessianMatvec",
+    "Interrupted",
     "OrbaxCheckpoints",
     "POLCAResult",
     "PolcaError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,6 +36,7 @@ from polca_jax._files import (
 )
 from polca_jax._progress import progress_bar
 from polca_jax._hvp import GradientCovarianceMatvec, HessianMatvec, ScaledHessianMatvec
+from polca_jax._interrupt import stop_if_requested, stop_on_sigterm
 from polca_jax._lanczos import check_orthonormal, tree_eigenpairs
 from polca_jax._sharding import check_mesh, shard_batch, shard_params, shard_rows
 from polca_jax.errors import CorruptRunDirectory, PolcaError, ResumeMismatch
@@ -584,28 +586,32 @@ def _evolving_basis(matvec, operator_args: Callable[[PyTree, int], tuple], opera
         kept = PartialBasis(partial_dir, fingerprint)
         found = kept.restore(found, values, residuals, like, checkpoints, mesh)
     start = 0 if kept is None else kept.num_done
-    for t in progress_bar(range(start, len(steps)), progress, desc=f"{method} basis", initial=start,
-                          total=len(steps)):
-        params = first if t == 0 else checkpoints[t]
-        check_same_structure(first, params, f"{what}: checkpoint at step {steps[t]}")
-        check_finite_params(params, f"{what}: checkpoint at step {steps[t]}")
-        placed = shard_params(params, mesh)
-        pairs = tree_eigenpairs(
-            matvec, like, k_per_checkpoint, num_iters, jax.random.fold_in(key, t), orthogonal_to=found,
-            matvec_args=(placed, batch, *operator_args(placed, t)), mesh=mesh,
-        )
-        bad = count_nonfinite(pairs)
-        if bad:
-            raise PolcaError(
-                f"{what}: {operator_name} is not finite at the checkpoint at step {steps[t]} "
-                f"({bad} NaN or inf entries in the eigenpairs); check the loss on this batch at that checkpoint "
-                "(e.g. log or sqrt of 0, an overflow)"
+    with stop_on_sigterm() if kept is not None else contextlib.nullcontext():  # kept per checkpoint: stops cleanly
+        for t in progress_bar(range(start, len(steps)), progress, desc=f"{method} basis", initial=start,
+                              total=len(steps)):
+            params = first if t == 0 else checkpoints[t]
+            check_same_structure(first, params, f"{what}: checkpoint at step {steps[t]}")
+            check_finite_params(params, f"{what}: checkpoint at step {steps[t]}")
+            placed = shard_params(params, mesh)
+            pairs = tree_eigenpairs(
+                matvec, like, k_per_checkpoint, num_iters, jax.random.fold_in(key, t), orthogonal_to=found,
+                matvec_args=(placed, batch, *operator_args(placed, t)), mesh=mesh,
             )
-        rows = slice(t * k_per_checkpoint, (t + 1) * k_per_checkpoint)
-        found = _set_rows(found, pairs.vectors, rows.start)
-        values[rows], residuals[rows] = np.asarray(pairs.values), np.asarray(pairs.residuals)
-        if kept is not None:
-            kept.keep(t, pairs.vectors, values[rows], residuals[rows], params)
+            bad = count_nonfinite(pairs)
+            if bad:
+                raise PolcaError(
+                    f"{what}: {operator_name} is not finite at the checkpoint at step {steps[t]} "
+                    f"({bad} NaN or inf entries in the eigenpairs); check the loss on this batch at that checkpoint "
+                    "(e.g. log or sqrt of 0, an overflow)"
+                )
+            rows = slice(t * k_per_checkpoint, (t + 1) * k_per_checkpoint)
+            found = _set_rows(found, pairs.vectors, rows.start)
+            values[rows], residuals[rows] = np.asarray(pairs.values), np.asarray(pairs.residuals)
+            if kept is not None:
+                kept.keep(t, pairs.vectors, values[rows], residuals[rows], params)
+                if t + 1 < len(steps):
+                    stop_if_requested(f"{t + 1} of {len(steps)} checkpoints of the {method} basis, kept in "
+                                      f"{kept.directory}", "the same call resumes after them")
     return Basis.from_rows(found, values, np.repeat(np.asarray(steps), k_per_checkpoint), method, residuals)
 
 

@@ -28,6 +28,7 @@ and resumes a killed run at its first unfinished checkpoint. The result type is 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import math
 import operator
@@ -51,6 +52,7 @@ from polca_jax._checks import (
 )
 from polca_jax._distributed import sync, to_host
 from polca_jax._fingerprints import loss_digest, params_digest
+from polca_jax._interrupt import stop_if_requested, stop_on_sigterm
 from polca_jax._progress import progress_bar
 from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses
 from polca_jax._result import POLCAResult
@@ -187,17 +189,21 @@ def _decompose(per_sample_loss_fn, checkpoints, steps, batch, basis: Basis, rule
             rows.read("projections", first_index), rows.read(CURVATURE, first_index) if rule.needs_curvature else None)
     checkpoint_range = progress_bar(range(start, count), progress, desc="POLCA checkpoints", initial=start,
                                     total=count)
-    for t, params in zip(checkpoint_range, reads):
-        what = f"checkpoint at step {steps[t]}"
-        current = checkpoint_rows(per_sample_loss_fn, _prepared(params, first, what, mesh), batch, basis, rule,
-                                  kernel_options, what)
-        row = {"loss": current.loss, "projections": current.projections}
-        if rule.needs_curvature:
-            row[CURVATURE] = current.curvature
-        if previous is not None:
-            row.update(interval_rows(previous, current, basis, rule))
-        rows.write(t, row, params_digest(current.params))
-        previous = current
+    with stop_on_sigterm() if out is not None else contextlib.nullcontext():  # streamed: a SIGTERM stops cleanly
+        for t, params in zip(checkpoint_range, reads):
+            what = f"checkpoint at step {steps[t]}"
+            current = checkpoint_rows(per_sample_loss_fn, _prepared(params, first, what, mesh), batch, basis, rule,
+                                      kernel_options, what)
+            row = {"loss": current.loss, "projections": current.projections}
+            if rule.needs_curvature:
+                row[CURVATURE] = current.curvature
+            if previous is not None:
+                row.update(interval_rows(previous, current, basis, rule))
+            rows.write(t, row, params_digest(current.params))
+            previous = current
+            if out is not None and t + 1 < count:
+                stop_if_requested(f"{t + 1} of {count} POLCA checkpoints (through step {steps[t]}) in {out}",
+                                  "the same call resumes after them")
     return rows.finish(steps, config)
 
 

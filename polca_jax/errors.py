@@ -24,6 +24,10 @@ class CorruptRunDirectory(PolcaError):
     """A file in a run or result directory is missing, truncated, or does not match its checksum."""
 
 
+class Interrupted(PolcaError):
+    """A resumable computation stopped on request (SIGTERM) after a unit of work it keeps; the same call resumes."""
+
+
 class TaskError(PolcaError):
     """An exception raised in the user's code (a task factory, a loss, a batch iterator), with the stage it ran in.
 
@@ -31,4 +35,4 @@ class TaskError(PolcaError):
     """
 
 
-__all__ = ["CorruptRunDirectory", "PolcaError", "ResumeMismatch", "TaskError"]
+__all__ = ["CorruptRunDirectory", "Interrupted", "PolcaError", "ResumeMismatch", "TaskError"]

@@ -165,10 +165,10 @@ def test_missing_and_corrupt_checkpoints_are_reported(checkpoint_dir, tmp_path, 
 
 class Checkpoints:
     """A list of checkpoints that records which it is asked for and raises ``RuntimeError`` when item ``fail_at``
-    is read (an interrupted run)."""
+    is read (an interrupted run), or sends this process SIGTERM when item ``signal_at`` is (a preempted one)."""
 
-    def __init__(self, items, fail_at=None):
-        self.items, self.fail_at, self.reads = items, fail_at, []
+    def __init__(self, items, fail_at=None, signal_at=None):
+        self.items, self.fail_at, self.signal_at, self.reads = items, fail_at, signal_at, []
 
     def __len__(self):
         return len(self.items)
@@ -177,6 +177,8 @@ class Checkpoints:
         self.reads.append(t)
         if t == self.fail_at:
             raise RuntimeError(f"interrupted at checkpoint {t}")
+        if t == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         return self.items[t]
 
 
@@ -271,6 +273,26 @@ def test_a_killed_decomposition_resumes_at_its_first_unfinished_checkpoint_with_
     counting = Checkpoints(checkpoints)
     resumed = pj.polca(mlp.token_losses, counting, mlp.batch, pj.Basis.load(tmp_path / "basis"), out=out, **options)
     assert counting.reads == list(range(complete - 1, 6))  # the last finished checkpoint, then the unfinished ones
+    assert_same_result(resumed, pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, **options))
+
+
+def test_a_sigterm_stops_a_streamed_decomposition_after_the_checkpoint_in_progress_and_it_resumes(tmp_path, mlp):
+    """SIGTERM while checkpoint 2 is read ahead (checkpoint 1 being decomposed): the rows of checkpoint 1 are
+    written, then polca raises Interrupted; the same call resumes to the result of an uninterrupted one. Outside the
+    loop SIGTERM is left as it was."""
+    checkpoints = sgd_checkpoints(mlp, 5)
+    basis = pj.random_basis(mlp.params, 3, jax.random.key(8))
+    options = dict(second_order="exact", progress=False)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(pj.Interrupted, match=r"stopped by SIGTERM after 2 of 5 POLCA checkpoints .*is kept; the "
+                                             r"same call resumes"):
+        pj.polca(mlp.token_losses, Checkpoints(checkpoints, signal_at=2), mlp.batch, basis, out=tmp_path / "polca",
+                 **options)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert json.loads((tmp_path / "polca" / "progress.json").read_text())["complete"] == 2
+    counting = Checkpoints(checkpoints)
+    resumed = pj.polca(mlp.token_losses, counting, mlp.batch, basis, out=tmp_path / "polca", **options)
+    assert counting.reads == [1, 2, 3, 4]
     assert_same_result(resumed, pj.polca(mlp.token_losses, checkpoints, mlp.batch, basis, **options))
 
 

@@ -156,6 +156,20 @@ def test_hessian_basis_resumes_from_its_partial_directory_bit_for_bit(tmp_path, 
     np.testing.assert_array_equal(np.asarray(uninterrupted.vectors), np.asarray(whole.vectors))
 
 
+def test_a_sigterm_stops_algorithm_1_after_the_checkpoint_in_progress_and_it_resumes_bit_for_bit(tmp_path, mlp):
+    from test_decomposition import Checkpoints
+
+    checkpoints = sgd_checkpoints(mlp, 3)
+    options = dict(k_per_checkpoint=2, num_iters=20, key=jax.random.key(0), steps=[0, 10, 20], progress=False)
+    whole = pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, **options)
+    with pytest.raises(pj.Interrupted, match=r"after 2 of 3 checkpoints of the hessian basis, kept in .*partial"):
+        pj.hessian_basis(mlp.mean_loss, Checkpoints(checkpoints, signal_at=1), mlp.batch,
+                         partial_dir=tmp_path / "partial", **options)
+    assert sorted(p.name for p in (tmp_path / "partial").glob("done_*.json")) == ["done_0000.json", "done_0001.json"]
+    resumed = pj.hessian_basis(mlp.mean_loss, checkpoints, mlp.batch, partial_dir=tmp_path / "partial", **options)
+    np.testing.assert_array_equal(np.asarray(resumed.vectors), np.asarray(whole.vectors))
+
+
 def test_hessian_basis_refuses_a_partial_directory_of_other_inputs(tmp_path, mlp):
     checkpoints = sgd_checkpoints(mlp, 2)
     options = dict(num_iters=12, key=jax.random.key(0), steps=[0, 10], progress=False)
