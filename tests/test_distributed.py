@@ -1,6 +1,7 @@
 """Multi-process runs on JAX's runtime: two processes on localhost (2 CPU devices each, gloo collectives) give the
 single-process result; bad settings and an absent coordinator are clear errors, not a hang or an abort."""
 
+import json
 import os
 import re
 import socket
@@ -331,4 +332,43 @@ def test_polca_run_joins_a_slurm_launch_from_its_variables_alone(tmp_path):
     outputs = [process.communicate(timeout=600) for process in processes]
     assert all(process.returncode == 0 for process in processes), [err[-3000:] for _, err in outputs]
     assert "[decompose] done" in outputs[0][0] and "[decompose]" not in outputs[1][0]  # process 0 speaks
+    assert (out / "stages" / "decompose.json").exists()
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_process_stops_every_process_after_the_same_checkpoint_and_the_run_resumes(tmp_path):
+    """Two processes of `polca run` decompose on a 2 x 2 mesh; one receives SIGTERM (a preemption). Both finish the
+    checkpoint in progress and exit 2 naming what is kept; the same command in two processes then finishes."""
+    import signal
+
+    out = tmp_path / "run"
+    polca, env = trained_tiny_run(out)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+    def start(port: int) -> list[subprocess.Popen]:
+        return [subprocess.Popen(polca + ["--mesh", "2x2", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                          "2", "--process-id", str(index)],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+                for index in range(2)]
+
+    processes = start(_free_port())
+    progress, deadline = out / "polca" / "hessian" / "progress.json", time.monotonic() + 300
+    while time.monotonic() < deadline:  # until the first POLCA checkpoint of 41 is written
+        try:
+            if json.loads(progress.read_text())["complete"] >= 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.killpg(processes[1].pid, signal.SIGTERM)
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 2, err[-3000:]
+        assert re.search(r"polca: error: stopped by SIGTERM after \d+ of 41 POLCA checkpoints", err), err[-3000:]
+    assert not (out / "stages" / "decompose.json").exists()
+
+    processes = start(_free_port())
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err[-2000:] for _, err in outputs]
     assert (out / "stages" / "decompose.json").exists()
