@@ -315,8 +315,15 @@ def basis_from_matrix(
 ) -> Basis:
     """A :class:`Basis` from a user's ``[K, P]`` rows.
 
-    Rows that are not orthonormal raise ``ValueError`` unless ``orthonormalize=True``, which replaces them by the
-    Gram–Schmidt (QR) orthonormalisation that keeps each row's span and sign. A matrix with NaN or inf raises.
+    Args:
+      matrix: ``[K, P]`` floating rows, in the parameters' flat order (``jax.flatten_util.ravel_pytree``).
+      orthonormalize: replace the rows by their Gram–Schmidt (QR) orthonormalisation, which keeps each row's span
+        and sign; without it, rows that are not orthonormal are refused.
+      eigenvalues, steps: optional ``[K]`` values stored with the basis (default: unknown, NaN; steps -1).
+      method: the name the basis is stored under.
+
+    Raises ``ValueError`` for a matrix that is not ``[K, P]`` with 1 <= K <= P, not floating point, not finite, not
+    orthonormal (without ``orthonormalize``) or, with it, of linearly dependent rows.
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[0] > matrix.shape[1]:
@@ -342,7 +349,15 @@ def basis_from_matrix(
 
 
 def random_basis(params: PyTree, k: int, key: jax.Array) -> Basis:
-    """K random orthonormal directions (QR of a Gaussian matrix) in the parameter space of ``params``."""
+    """K random orthonormal directions (QR of a Gaussian matrix) in the parameter space of ``params``.
+
+    Args:
+      params: parameters pytree (only its shapes and dtype are used).
+      k: the number of directions, 1 <= k <= the number of parameters.
+      key: PRNG key.
+
+    Returns a :class:`Basis` (``method`` ``"random"``) of ``k`` rows in the parameters' dtype.
+    """
     check_params(params, "random_basis")
     dim = tree.num_params(params)
     if not 1 <= k <= dim:
@@ -529,7 +544,14 @@ def gradient_covariance_basis(
 
 def rms_gradient_scale(per_sample_loss_fn, params: PyTree, batch: PyTree) -> PyTree:
     """``1 / sqrt(mean over samples of g(x)²)`` per parameter, pytree like ``params`` (0 where every per-sample
-    gradient is 0): the diagonal preconditioner :func:`gradient_covariance_basis` uses by default."""
+    gradient is 0): the diagonal preconditioner :func:`gradient_covariance_basis` uses by default.
+
+    Args:
+      per_sample_loss_fn: ``(params, batch) -> [n_seq]`` or ``[n_seq, n_tok]`` losses; a sequence's token losses are
+        summed, so the mean is over sequences.
+      params: the parameters at which the gradients are taken.
+      batch: pytree of arrays with a leading ``n_seq`` axis.
+    """
     return _rms_gradient_scale(per_sample_loss_fn, params, batch)
 
 

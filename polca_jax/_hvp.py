@@ -21,6 +21,14 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: PyTree) -> PyTree:
     Forward-over-reverse (``jvp`` of ``grad``): about two gradients of cost, no Hessian is formed.
     Wrap in ``jax.jit`` (``loss_fn`` static) or use :func:`FlatHessianMatvec` to compile once.
 
+    Args:
+      loss_fn: ``(params, batch) -> scalar``, the loss whose Hessian is taken.
+      params: the point, a pytree of floating arrays of one dtype.
+      v: the vector, a pytree like ``params``.
+      batch: the loss' batch (leaves with a leading sample axis).
+
+    Returns the pytree ``H v``, like ``params``.
+
     Raises ``ValueError`` for an empty batch or parameters that are not all of one floating dtype (the check reads
     only shapes and dtypes, so it also runs under ``jit``, at trace time).
 

@@ -194,7 +194,12 @@ def per_sample_losses(
     chunk_size: int = FORWARD_SEQUENCES_PER_CHUNK,
     mesh: jax.sharding.Mesh | None = None,
 ) -> jax.Array:
-    """L(x; params) for every sample: ``[N]``, in the sample order of :func:`per_sample_projections`."""
+    """L(x; params) for every sample: ``[N]``, in the sample order of :func:`per_sample_projections`.
+
+    Args:
+      per_sample_loss_fn, params, batch, mask, mesh: as in :func:`per_sample_projections`.
+      chunk_size: at most this many sequences per compiled step.
+    """
     what = "per_sample_losses"
     n_seq = _check_inputs(what, params, batch, mesh)
     _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
