@@ -137,7 +137,7 @@ mesh = pj.device_mesh(model=8)
 rows = shard_rows(jax.tree_util.tree_map(lambda leaf: jnp.zeros((2, *leaf.shape), leaf.dtype), params), mesh)
 compiled = _lanczos.lower(HessianMatvec(mean_loss), tree.structure_signature(params), 2, 12, mesh, jax.random.key(0),
                           rows, (pj.shard_params(params, mesh), hessian_batch)).compile().as_text()
-gathered = re.findall(r"= (\S+) all-gather\(", compiled)
+gathered = re.findall(r"= (\\S+) all-gather\\(", compiled)
 assert all(shape.startswith("f64[1,") for shape in gathered), gathered
 print("LANCZOS-GATHERS-OK", len(gathered))
 
