@@ -368,7 +368,15 @@ def random_basis(params: PyTree, k: int, key: jax.Array) -> Basis:
 
 
 def parameter_axis_basis(params: PyTree, m: int, *, step: int = -1) -> Basis:
-    """The m parameter axes whose values are largest in magnitude in ``params`` (the paper's LCA baseline)."""
+    """The m parameter axes whose values are largest in magnitude in ``params`` (the paper's LCA baseline).
+
+    Args:
+      params: the parameters whose largest entries choose the axes (the paper: the final ones).
+      m: the number of axes, 1 <= m <= the number of parameters.
+      step: the training step stored with each direction.
+
+    Returns a :class:`Basis` (``method`` ``"parameter_axes"``) of ``m`` one-hot rows, without eigenvalues.
+    """
     check_params(params, "parameter_axis_basis")
     check_finite_params(params, "parameter_axis_basis")
     flat = tree.ravel(params)
@@ -718,7 +726,15 @@ class PartialBasis:
 def shuffled_hessian_basis(
     loss_fn, checkpoints: Sequence[PyTree], batch: PyTree, *, key: jax.Array, steps=None, **kwargs
 ) -> Basis:
-    """Algorithm 1 over the checkpoints in a random order (the paper's "random shuffled Hessian" ablation)."""
+    """Algorithm 1 over the checkpoints in a random order (the paper's "random shuffled Hessian" ablation).
+
+    Args:
+      loss_fn, checkpoints, batch, steps: as in :func:`hessian_basis`.
+      key: PRNG key, split into the checkpoints' order and Algorithm 1's start vectors.
+      **kwargs: :func:`hessian_basis`'s other options (``k_per_checkpoint``, ``num_iters``, ``mesh``, ...).
+
+    Returns a :class:`Basis` (``method`` ``"shuffled_hessian"``) whose steps follow the shuffled order.
+    """
     steps = checkpoint_steps(checkpoints, steps, "shuffled_hessian_basis", increasing=False)
     order_key, key = jax.random.split(key)
     order = np.asarray(jax.random.permutation(order_key, len(steps)))

@@ -34,9 +34,12 @@ def data_mesh(devices: list | None = None) -> Mesh:
 def device_mesh(model: int = 1, data: int | None = None, devices: list | None = None) -> Mesh:
     """A 2-D ``("data", "model")`` mesh: ``model`` devices share each parameter, ``data`` groups split the samples.
 
-    ``data`` defaults to all the remaining devices (``len(devices) // model``); ``devices`` defaults to
-    ``jax.devices()`` (every process' devices in a multi-process run). Raises ``ValueError`` when
-    ``data × model`` is not the number of devices.
+    Args:
+      model: devices along ``"model"`` (each parameter leaf split over them, FSDP-style).
+      data: devices along ``"data"`` (default: all the remaining ones, ``len(devices) // model``).
+      devices: default ``jax.devices()`` (every process' devices in a multi-process run).
+
+    Raises ``ValueError`` when ``data × model`` is not the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     if model < 1 or len(devices) % model:
