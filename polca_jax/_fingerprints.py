@@ -80,14 +80,14 @@ def _bits_sum(leaf) -> int:
         blocks = [(np.asarray(shard.data), shard.index) for shard in leaf.addressable_shards if shard.replica_id == 0]
     else:
         blocks = [(np.asarray(leaf), (slice(None),) * len(shape))]
+    if not shape:  # a scalar: the one element of a [1] array (flat index 0 either way)
+        blocks, shape = [(block.reshape(1), (slice(None),)) for block, _ in blocks], (1,)
     total = 0
-    for block, index in blocks:
+    for block, index in blocks:  # a leading-axis slab at a time
         starts = [0 if part.start is None else part.start for part in index]
         rows = max(1, _ROWS_PER_BLOCK // max(1, int(np.prod(block.shape[1:], dtype=np.int64))))
-        for first in range(0, max(1, block.shape[0]) if block.ndim else 1, rows):
-            part = block[first:first + rows] if block.ndim else block
-            offset = [starts[0] + first, *starts[1:]] if block.ndim else []
-            total += _weighted_sum(part, offset, shape)
+        for first in range(0, block.shape[0], rows):
+            total += _weighted_sum(block[first:first + rows], [starts[0] + first, *starts[1:]], shape)
     return total % (1 << 64)
 
 
