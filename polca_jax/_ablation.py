@@ -60,9 +60,24 @@ def _check_unit_rows(rows: jax.Array, what: str) -> None:
 def remove_direction(final_params: PyTree, initial_params: PyTree, direction) -> PyTree:
     """θ_T − ⟨θ_T − θ_0, b⟩ b: the final parameters without the training displacement along b.
 
-    final_params, initial_params: params pytrees of the same structure (θ_T, θ_0).
-    direction: b, a flat unit vector ``[P]`` in ``ravel_pytree`` order (e.g. a row of ``Basis.vectors``).
-    Returns a pytree shaped like final_params, with its leaf dtypes.
+    Args:
+      final_params: θ_T, a params pytree.
+      initial_params: θ_0, a params pytree of the same structure, shapes and dtypes.
+      direction: b, a flat unit vector ``[P]`` in ``ravel_pytree`` order (e.g. a row of ``Basis.vectors``).
+
+    Returns:
+      A pytree shaped like ``final_params``, with its leaf dtypes.
+
+    Raises:
+      PolcaError: for parameters that differ in structure or are not finite, or a direction that is not ``[P]`` or
+        not of unit norm (within 1e-3).
+
+    Example:
+      ``params``: the least squares of :func:`polca_jax.hvp`'s example (zeros, as θ_0).
+
+      >>> final = {"w": jnp.array([1.0, 2.0, 3.0])}
+      >>> pj.remove_direction(final, params, jnp.array([0.0, 1.0, 0.0]))["w"].tolist()
+      [1.0, 0.0, 3.0]
     """
     _check_params(final_params, initial_params)
     direction = jnp.asarray(direction)
@@ -98,15 +113,33 @@ def direction_ablation_losses(
     """Per-sample loss increase when each chosen direction is removed: ``[D, N]``.
 
     Row d is L(x; θ_T − ⟨θ_T − θ_0, b_d⟩ b_d) − L(x; θ_T) for every sample x, b_d = ``basis.vectors[directions[d]]``.
-
-    per_sample_loss_fn, batch, mask, mesh: as for :func:`polca_jax._projections.per_sample_losses` (``[n_seq]`` or
-      ``[n_seq, n_tok]`` losses; N samples in its order).
-    final_params, initial_params: θ_T and θ_0, params pytrees of the same structure.
-    basis: a :class:`Basis` of the parameter space (width P).
-    directions: int[D], the basis rows to remove one at a time (default: all K).
-
     The loss kernel is compiled once (cached by loss function and shapes) and reused for every direction and for
     new parameters of the same shapes; the ablated parameters come from one compiled function indexed by row.
+
+    Args:
+      per_sample_loss_fn, batch, mask, mesh: as for :func:`polca_jax.per_sample_losses` (``[n_seq]`` or
+        ``[n_seq, n_tok]`` losses; N samples in its order).
+      final_params, initial_params: θ_T and θ_0, params pytrees of the same structure.
+      basis: a :class:`Basis` of the parameter space (width P).
+      directions: int[D], the basis rows to remove one at a time (default: all K).
+
+    Returns:
+      ``[D, N]`` loss increases (negative where removing the direction lowers a sample's loss).
+
+    Raises:
+      PolcaError: for a basis of another width, parameters that differ in structure or are not finite, directions
+        that are not a non-empty int array of rows in [0, K), chosen rows not of unit norm, the inputs
+        :func:`polca_jax.per_sample_losses` refuses, and per-sample losses that are not finite.
+
+    Example:
+      Removing the first and the third parameter axis from a fit θ_T (θ_0 = ``params``; ``batch``,
+      ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example).
+
+      >>> final = {"w": jnp.array([-0.5, -1.0, -4.0])}  # fits samples 0–2 exactly
+      >>> increase = pj.direction_ablation_losses(per_sample_loss, final, params, pj.basis_from_matrix(jnp.eye(3)),
+      ...                                         batch, directions=[0, 2])
+      >>> np.asarray(increase, float).round(3).tolist()
+      [[0.5, 0.0, 0.0, -2.375], [0.0, 0.0, 2.0, -12.0]]
     """
     check_width(basis, final_params)
     _check_params(final_params, initial_params)

@@ -63,6 +63,16 @@ class Basis:
     (the kernels do), the same numbers as a params-shaped pytree of ``[K, ...]`` leaves — never both. ``vectors``
     then rebuilds the matrix on demand (a temporary copy that the caller owns); :meth:`coordinates`,
     :meth:`check_orthonormal` and :meth:`save` work from the pytree without it.
+
+    Raises:
+      PolcaError: for vectors that are not ``[K, P]`` or not finite, or eigenvalues, steps or residuals that are not
+        ``[K]``.
+
+    Example:
+      >>> basis = pj.Basis(jnp.eye(3)[:2], eigenvalues=[2.0, 1.0], steps=[0, 0], method="user",
+      ...                  residuals=[0.0, 0.0])
+      >>> basis.size, basis.dim, basis.coordinates(jnp.array([3.0, 4.0, 5.0])).tolist()  # ⟨b, v⟩ for each row b
+      (2, 3, [3.0, 4.0])
     """
 
     def __init__(self, vectors, eigenvalues, steps, method: str, residuals):
@@ -322,8 +332,21 @@ def basis_from_matrix(
       eigenvalues, steps: optional ``[K]`` values stored with the basis (default: unknown, NaN; steps -1).
       method: the name the basis is stored under.
 
-    Raises ``ValueError`` for a matrix that is not ``[K, P]`` with 1 <= K <= P, not floating point, not finite, not
-    orthonormal (without ``orthonormalize``) or, with it, of linearly dependent rows.
+    Returns:
+      A :class:`Basis` of the K (orthonormalised) rows, without Ritz residuals.
+
+    Raises:
+      PolcaError: for a matrix that is not ``[K, P]`` with 1 <= K <= P, not floating point, not finite, not
+        orthonormal (without ``orthonormalize``) or, with it, of linearly dependent rows.
+
+    Example:
+      >>> basis = pj.basis_from_matrix(jnp.array([[1.0, 1.0], [1.0, 0.0]]), orthonormalize=True)
+      >>> np.asarray(basis.vectors, float).round(3).tolist(), basis.method
+      ([[0.707, 0.707], [0.707, -0.707]], 'user')
+      >>> pj.basis_from_matrix(jnp.array([[1.0, 1.0]]))  # not orthonormal, and not asked to orthonormalise
+      Traceback (most recent call last):
+        ...
+      polca_jax.errors.PolcaError: basis rows are not orthonormal: ...
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] == 0 or matrix.shape[0] > matrix.shape[1]:
@@ -356,7 +379,19 @@ def random_basis(params: PyTree, k: int, key: jax.Array) -> Basis:
       k: the number of directions, 1 <= k <= the number of parameters.
       key: PRNG key.
 
-    Returns a :class:`Basis` (``method`` ``"random"``) of ``k`` rows in the parameters' dtype.
+    Returns:
+      A :class:`Basis` (``method`` ``"random"``) of ``k`` rows in the parameters' dtype, without eigenvalues.
+
+    Raises:
+      PolcaError: for parameters that are not all of one floating dtype, or ``k`` out of range.
+
+    Example:
+      ``params``: the least squares of :func:`polca_jax.hvp`'s example (3 parameters).
+
+      >>> basis = pj.random_basis(params, 2, jax.random.key(0))
+      >>> basis.size, basis.dim, basis.method
+      (2, 3, 'random')
+      >>> basis.check_orthonormal()  # passes: returns None
     """
     check_params(params, "random_basis")
     dim = tree.num_params(params)
@@ -375,7 +410,17 @@ def parameter_axis_basis(params: PyTree, m: int, *, step: int = -1) -> Basis:
       m: the number of axes, 1 <= m <= the number of parameters.
       step: the training step stored with each direction.
 
-    Returns a :class:`Basis` (``method`` ``"parameter_axes"``) of ``m`` one-hot rows, without eigenvalues.
+    Returns:
+      A :class:`Basis` (``method`` ``"parameter_axes"``) of ``m`` one-hot rows, largest magnitude first, without
+      eigenvalues.
+
+    Raises:
+      PolcaError: for parameters that are not all of one floating dtype or not finite, or ``m`` out of range.
+
+    Example:
+      >>> basis = pj.parameter_axis_basis({"w": jnp.array([0.1, -3.0, 2.0])}, 2)
+      >>> basis.vectors.tolist(), basis.method
+      ([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], 'parameter_axes')
     """
     check_params(params, "parameter_axis_basis")
     check_finite_params(params, "parameter_axis_basis")
@@ -402,8 +447,9 @@ def hessian_basis(
     partial_dir: str | Path | None = None,
     scale: Callable[[PyTree], PyTree] | Sequence[PyTree] | None = None,
 ) -> Basis:
-    """Algorithm 1: at each checkpoint, the top-k eigenvectors of ``Π⊥ H Π⊥`` on the complement of those found so far
-    (of ``Π⊥ S H S Π⊥`` with a ``scale``).
+    """Algorithm 1: at each checkpoint, the top-k eigenvectors of ``Π⊥ H Π⊥`` on the complement of those found before.
+
+    With a ``scale``, those of ``Π⊥ S H S Π⊥``.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, the aggregate loss whose Hessian is used.
@@ -414,30 +460,39 @@ def hessian_basis(
       key: PRNG key; checkpoint t uses ``fold_in(key, t)``.
       steps: training step of each checkpoint (default: ``checkpoints.steps`` or 0..T-1).
       mesh: optional mesh; the batch is sharded over its ``"data"`` axis.
+      progress: show a progress bar over the checkpoints.
       partial_dir: optional directory that keeps each checkpoint's vectors as soon as they are found; a call with
         the same arguments resumes after the last kept checkpoint, with the same result as an uninterrupted call. A
-        directory kept by a call with other arguments, loss, batch or checkpoints raises :class:`polca_jax.ResumeMismatch`;
-        the caller removes it once the basis is saved.
+        directory kept by a call with other arguments, loss, batch or checkpoints raises
+        :class:`polca_jax.ResumeMismatch`; the caller removes it once the basis is saved.
       scale: optional diagonal preconditioner: the basis is then that of the Hessian of the preconditioned loss,
         ``S H S`` with S = diag(s) (the loss' Hessian in coordinates u with θ = S u; for Adam, S² = 1/(√v̂ + ε), so
         that S H S has the eigenvalues of Adam's preconditioned Hessian). Either ``params -> s`` (a pytree like
         params), or one such pytree per checkpoint (e.g. :class:`polca_jax.pipeline.AdamScales`).
       method: the name the basis is stored under (default ``"hessian"``, ``"preconditioned_hessian"`` with a scale).
 
-    Returns a :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
+    Returns:
+      A :class:`Basis` of ``T·k`` orthonormal vectors with their Ritz values, residuals and steps.
 
-    Raises ``ValueError`` for an empty batch, parameters that are not floating point (or mix dtypes), checkpoints that
-    are not a sequence or differ in structure, NaN parameters, and a loss whose Hessian-vector product is not finite.
+    Raises:
+      PolcaError: for an empty batch, parameters that are not floating point (or mix dtypes), checkpoints that are
+        not a sequence or differ in structure, more vectors than parameters or ``num_iters`` out of range, NaN
+        parameters, a scale unlike the parameters, and a loss whose Hessian-vector product is not finite. With a
+        ``partial_dir``: :class:`polca_jax.ResumeMismatch` for one of another computation,
+        :class:`polca_jax.CorruptRunDirectory` for kept rows changed since, :class:`polca_jax.Interrupted` after a
+        SIGTERM.
 
-    Example (one checkpoint, two directions; 3 Lanczos steps are exact for 3 parameters;
-    ``params``, ``batch``, ``per_sample_loss``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example)::
+    Example:
+      One checkpoint, two directions; 3 Lanczos steps are exact for 3 parameters (``params``, ``batch``, ``loss``:
+      the least squares of :func:`polca_jax.hvp`'s example).
 
-        >>> basis = pj.hessian_basis(loss, [params], batch, k_per_checkpoint=2, num_iters=3, key=jax.random.key(0),
-        ...                          progress=False)
-        >>> basis.eigenvalues.round(3).tolist()
-        [1.416, 0.512]
-        >>> np.linalg.eigvalsh(batch["x"].T @ batch["x"] / 4)[::-1][:2].round(3).tolist()  # the dense Hessian's
-        [1.416, 0.512]
+      >>> basis = pj.hessian_basis(loss, [params], batch, k_per_checkpoint=2, num_iters=3, key=jax.random.key(0),
+      ...                          progress=False)
+      >>> basis.eigenvalues.round(3).tolist()
+      [1.416, 0.512]
+      >>> x = np.asarray(batch["x"], float)
+      >>> np.linalg.eigvalsh(x.T @ x / 4)[::-1][:2].round(3).tolist()  # the dense Hessian's
+      [1.416, 0.512]
     """
     digests = {"loss": lambda first, batch: loss_digest(loss_fn, first, batch)}
     if scale is None:
@@ -496,11 +551,12 @@ def gradient_covariance_basis(
     progress: bool = True,
     partial_dir: str | Path | None = None,
 ) -> Basis:
-    """Algorithm 1 with the (preconditioned) covariance of per-sample gradients in place of the Hessian: at each
-    checkpoint, the top-k eigenvectors of ``Π⊥ S C S Π⊥``, with C = (1/N) Σ_x (g(x) − ḡ)(g(x) − ḡ)ᵀ the covariance
-    of the N per-sample gradients g(x) = ∇L(x; θ_t) and S = diag(s) a per-parameter scale, on the complement of the
-    vectors found so far. A direction is then one along which samples' (scaled) gradients differ most, rather than
-    one of high aggregate curvature, which a readout shared by all samples dominates.
+    """Algorithm 1 with the (preconditioned) covariance of per-sample gradients in place of the Hessian.
+
+    At each checkpoint, the top-k eigenvectors of ``Π⊥ S C S Π⊥``, with C = (1/N) Σ_x (g(x) − ḡ)(g(x) − ḡ)ᵀ the
+    covariance of the N per-sample gradients g(x) = ∇L(x; θ_t) and S = diag(s) a per-parameter scale, on the
+    complement of the vectors found so far. A direction is then one along which samples' (scaled) gradients differ
+    most, rather than one of high aggregate curvature, which a readout shared by all samples dominates.
 
     Args:
       per_sample_loss_fn: ``(params, batch) -> [n]`` (or ``[n_seq, n_tok]``, every entry a sample) per-sample losses.
@@ -511,23 +567,25 @@ def gradient_covariance_basis(
         get s = 0); None: s = 1 (the plain covariance); a function ``params -> pytree like params`` giving s at a
         checkpoint; or one such pytree per checkpoint (e.g. 1 / (√v̂ + ε) from the optimiser state saved with it).
 
-    Returns a :class:`Basis` (``method`` ``"gradient_covariance"``, or ``"scaled_gradient_covariance"`` with a
-    scale) of ``T·k`` orthonormal vectors with the covariance's eigenvalues, Ritz residuals and steps.
-
     Each product with S C S costs one forward-mode and one reverse-mode pass over the batch (about a Hessian-vector
     product); ``scale="rms"`` adds one pass of per-sample gradients per checkpoint.
 
-    Example (at w = 0 the per-sample gradients are ``−y x``; their scaled covariance's top direction)::
+    Returns:
+      A :class:`Basis` (``method`` ``"gradient_covariance"``, or ``"scaled_gradient_covariance"`` with a scale) of
+      ``T·k`` orthonormal vectors with the covariance's eigenvalues, Ritz residuals and steps.
 
-        >>> import jax, jax.numpy as jnp, polca_jax as pj
-        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
-        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
-        >>> def per_sample_loss(p, b):
-        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
-        >>> basis = pj.gradient_covariance_basis(per_sample_loss, [{"w": jnp.zeros(3)}], batch, num_iters=3,
-        ...                                      key=jax.random.key(0), progress=False)
-        >>> basis.method, basis.size
-        ('scaled_gradient_covariance', 1)
+    Raises:
+      PolcaError: as :func:`hessian_basis`, and for a ``scale`` that is none of the accepted kinds, or per-sample
+        losses or covariance products that are not finite.
+
+    Example:
+      At w = 0 the per-sample gradients are ``−y x``; their scaled covariance's top direction (``params``,
+      ``batch``, ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example).
+
+      >>> basis = pj.gradient_covariance_basis(per_sample_loss, [params], batch, num_iters=3, key=jax.random.key(0),
+      ...                                      progress=False)
+      >>> basis.method, basis.size
+      ('scaled_gradient_covariance', 1)
     """
     digests = {"per_sample_loss": lambda first, batch: loss_digest(per_sample_loss_fn, first, batch)}
     if scale is None:
@@ -551,14 +609,26 @@ def gradient_covariance_basis(
 
 
 def rms_gradient_scale(per_sample_loss_fn, params: PyTree, batch: PyTree) -> PyTree:
-    """``1 / sqrt(mean over samples of g(x)²)`` per parameter, pytree like ``params`` (0 where every per-sample
-    gradient is 0): the diagonal preconditioner :func:`gradient_covariance_basis` uses by default.
+    """``1 / sqrt(mean over samples of g(x)²)`` per parameter: the scale :func:`gradient_covariance_basis` uses.
+
+    The diagonal preconditioner of ``gradient_covariance_basis(..., scale="rms")``, computed by one compiled pass of
+    per-sample gradients (16 sequences at a time).
 
     Args:
       per_sample_loss_fn: ``(params, batch) -> [n_seq]`` or ``[n_seq, n_tok]`` losses; a sequence's token losses are
         summed, so the mean is over sequences.
       params: the parameters at which the gradients are taken.
       batch: pytree of arrays with a leading ``n_seq`` axis.
+
+    Returns:
+      A pytree like ``params``: s per parameter, 0 where every per-sample gradient is 0.
+
+    Example:
+      At w = 0 the per-sample gradients are ``−y x`` (``params``, ``batch``, ``per_sample_loss``: the least squares
+      of :func:`polca_jax.hvp`'s example).
+
+      >>> np.asarray(pj.rms_gradient_scale(per_sample_loss, params, batch)["w"], float).round(3).tolist()
+      [0.97, 1.789, 1.789]
     """
     return _rms_gradient_scale(per_sample_loss_fn, params, batch)
 
@@ -733,7 +803,21 @@ def shuffled_hessian_basis(
       key: PRNG key, split into the checkpoints' order and Algorithm 1's start vectors.
       **kwargs: :func:`hessian_basis`'s other options (``k_per_checkpoint``, ``num_iters``, ``mesh``, ...).
 
-    Returns a :class:`Basis` (``method`` ``"shuffled_hessian"``) whose steps follow the shuffled order.
+    Returns:
+      A :class:`Basis` (``method`` ``"shuffled_hessian"``) whose steps follow the shuffled order.
+
+    Raises:
+      PolcaError: as :func:`hessian_basis`.
+
+    Example:
+      Two checkpoints, one direction each (``params``, ``batch``, ``loss``: the least squares of
+      :func:`polca_jax.hvp`'s example).
+
+      >>> checkpoints = [params, jax.tree.map(lambda w: w + 1.0, params)]
+      >>> basis = pj.shuffled_hessian_basis(loss, checkpoints, batch, steps=[0, 10], key=jax.random.key(1),
+      ...                                   k_per_checkpoint=1, num_iters=2, progress=False)
+      >>> basis.method, basis.steps.tolist()  # the direction found first came from step 10's checkpoint
+      ('shuffled_hessian', [10, 0])
     """
     steps = checkpoint_steps(checkpoints, steps, "shuffled_hessian_basis", increasing=False)
     order_key, key = jax.random.split(key)

@@ -34,10 +34,24 @@ class OrbaxCheckpoints(Sequence):
       mesh: optional mesh (needs ``template``): each checkpoint is restored split over it like
         :func:`polca_jax.shard_params` places parameters, each process reading only its own shards.
 
-    Raises ``ValueError`` for a missing directory, one with no orbax checkpoints, steps that do not strictly increase
-    or are not on disk (:class:`polca_jax.CorruptRunDirectory` for a step whose save was interrupted, naming its
-    leftover temporary directory, which is otherwise ignored); indexing past the end raises ``IndexError`` (so
-    iteration stops there).
+    Raises:
+      PolcaError: for a missing directory, one with no orbax checkpoints, steps that do not strictly increase or are
+        not on disk (:class:`polca_jax.CorruptRunDirectory` for a step whose save was interrupted, naming its
+        leftover temporary directory, which is otherwise ignored), a ``mesh`` without a ``template``, and a
+        checkpoint that cannot be read (when indexed). Indexing past the end raises ``IndexError`` (so iteration
+        stops there).
+
+    Example:
+      Two checkpoints saved with :class:`polca_jax.CheckpointRecorder`, read back (``params``: the least squares of
+      :func:`polca_jax.hvp`'s example).
+
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     with pj.CheckpointRecorder(directory, steps=[0, 10]) as recorder:
+      ...         saved = recorder.save(0, params), recorder.save(10, jax.tree.map(lambda w: w + 1.0, params))
+      ...     with pj.OrbaxCheckpoints(directory) as checkpoints:
+      ...         print(checkpoints.steps, len(checkpoints), checkpoints[1]["w"].tolist())
+      [0, 10] 2 [1.0, 1.0, 1.0]
     """
 
     def __init__(

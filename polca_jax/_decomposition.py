@@ -111,25 +111,32 @@ def polca(
         finished file: a file truncated, changed or over-counted since is refused before any work
         (:class:`polca_jax.CorruptRunDirectory`), never padded or read as zeros.
 
-    Raises ``ValueError`` (before any work where it can) for unknown options, an empty batch, fewer than two
-    checkpoints, steps that do not strictly increase, checkpoints that are not a sequence or differ in structure,
-    parameters that are not floating point, a basis that is not orthonormal or of the wrong width, an ``out`` that
-    holds another computation or an unreadable progress record; and, at the checkpoint where it happens, for NaN
-    parameters, NaN per-sample losses, and NaN projected gradients or curvatures (a loss that is finite where its
-    gradient is not).
+    Returns:
+      A :class:`polca_jax.POLCAResult` over the T checkpoints, N samples and K directions (memory-mapped from
+      ``out`` when given).
 
-    Example (three steps of gradient descent, decomposed along the top two Hessian directions;
-    ``params``, ``batch``, ``per_sample_loss``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example)::
+    Raises:
+      PolcaError: (before any work where it can) for unknown options, an empty batch, fewer than two checkpoints,
+        steps that do not strictly increase, checkpoints that are not a sequence or differ in structure, parameters
+        that are not floating point, a basis that is not a :class:`Basis`, not orthonormal or of the wrong width (or
+        without eigenvalues for ``"paper"`` with stored ones), an ``out`` that holds another computation
+        (:class:`polca_jax.ResumeMismatch`) or an unreadable progress record; and, at the checkpoint where it
+        happens, for NaN parameters, NaN per-sample losses, and NaN projected gradients or curvatures (a loss that
+        is finite where its gradient is not). With ``out``, :class:`polca_jax.Interrupted` after a SIGTERM.
 
-        >>> checkpoints = [params]
-        >>> for _ in range(3):
-        ...     grads = jax.grad(loss)(checkpoints[-1], batch)
-        ...     checkpoints.append(jax.tree.map(lambda w, g: w - 0.5 * g, checkpoints[-1], grads))
-        >>> basis = pj.hessian_basis(loss, checkpoints[:1], batch, k_per_checkpoint=2, num_iters=3,
-        ...                          key=jax.random.key(0), progress=False)
-        >>> result = pj.polca(per_sample_loss, checkpoints, batch, basis, progress=False)
-        >>> result.loss.shape, result.projected_loss.shape  # [T, N]; [T, N, K]: each sample's loss change, accumulated
-        ((4, 4), (4, 4, 2))
+    Example:
+      Three steps of gradient descent, decomposed along the top two Hessian directions (``params``, ``batch``,
+      ``per_sample_loss``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example).
+
+      >>> checkpoints = [params]
+      >>> for _ in range(3):
+      ...     grads = jax.grad(loss)(checkpoints[-1], batch)
+      ...     checkpoints.append(jax.tree.map(lambda w, g: w - 0.5 * g, checkpoints[-1], grads))
+      >>> basis = pj.hessian_basis(loss, checkpoints[:1], batch, k_per_checkpoint=2, num_iters=3,
+      ...                          key=jax.random.key(0), progress=False)
+      >>> result = pj.polca(per_sample_loss, checkpoints, batch, basis, progress=False)
+      >>> result.loss.shape, result.projected_loss.shape  # [T, N]; [T, N, K]: each sample's loss change, accumulated
+      ((4, 4), (4, 4, 2))
     """
     rule = SecondOrder.of(second_order, eigenvalues)
     batch_size(batch, "polca")

@@ -38,11 +38,32 @@ def initialize_distributed(
     ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); process 0 runs the coordinator at that address. With none of them
     given, a launcher of more than one task that JAX recognises (:func:`cluster_launcher`: SLURM's ``srun``, Open
     MPI's ``mpirun``) is joined as JAX's own ``jax.distributed.initialize()`` detects it (the address, the count,
-    the id and, on GPUs, each process' device from the launcher's variables). A process that cannot
-    reach the coordinator within ``timeout_s`` raises ``ConnectionError`` (JAX itself would abort the process);
-    the coordinator waits up to ``timeout_s`` for the others. A peer silent for ``heartbeat_timeout_s`` seconds (it
-    died, or its host is unreachable) makes JAX's runtime abort every other process (``SIGABRT``; the ``polca``
-    command reports that as a clear error). Raises ``ValueError`` for missing or inconsistent settings.
+    the id and, on GPUs, each process' device from the launcher's variables). The coordinator waits up to
+    ``timeout_s`` for the others. A peer silent for ``heartbeat_timeout_s`` seconds (it died, or its host is
+    unreachable) makes JAX's runtime abort every other process (``SIGABRT``; the ``polca`` command reports that as a
+    clear error). On CPUs the collectives run over gloo.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordinator (default ``JAX_COORDINATOR_ADDRESS``).
+      num_processes: how many processes take part (default ``JAX_NUM_PROCESSES``).
+      process_id: this process' index, 0 to ``num_processes - 1`` (default ``JAX_PROCESS_ID``).
+      timeout_s: seconds to wait for the coordinator (or, in it, for the others).
+      heartbeat_timeout_s: seconds of silence after which a peer counts as dead.
+
+    Raises:
+      PolcaError: for missing or inconsistent settings (a count below 1, an id out of range, an address that is not
+        ``host:port``, a variable that is not an integer).
+      ConnectionError: when a process cannot reach the coordinator within ``timeout_s`` (JAX itself would abort the
+        process).
+
+    Example:
+      A run of two processes on one host runs ``pj.initialize_distributed("localhost:8476", 2, i)`` in process i;
+      here a setting is refused before anything is started:
+
+      >>> pj.initialize_distributed("localhost", num_processes=2, process_id=0)
+      Traceback (most recent call last):
+        ...
+      polca_jax.errors.PolcaError: coordinator address 'localhost' must be host:port (e.g. 10.0.0.1:8476)
     """
     address = coordinator_address or os.environ.get(ADDRESS_VARIABLE)
     count = _setting(num_processes, COUNT_VARIABLE)
@@ -83,8 +104,25 @@ _LAUNCHERS = {  # the variables JAX's cluster detection reads, and the one that 
 
 
 def cluster_launcher() -> str | None:
-    """The launcher that started this process as one of several tasks (``"SLURM"``, ``"Open MPI"``), from the
-    variables it sets and JAX's cluster detection reads; None outside one, or for a single task."""
+    """The launcher that started this process as one of several tasks: ``"SLURM"``, ``"Open MPI"`` or None.
+
+    Read from the variables the launcher sets and JAX's cluster detection reads.
+
+    Returns:
+      ``"SLURM"`` or ``"Open MPI"``; None outside one, or for a single task.
+
+    Raises:
+      PolcaError: when the launcher's task count variable is not an integer.
+
+    Example:
+      >>> import os
+      >>> from unittest import mock
+      >>> srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "4", "SLURM_PROCID": "0",
+      ...         "SLURM_LOCALID": "0"}  # what ``srun -n 4`` sets
+      >>> with mock.patch.dict(os.environ, srun):
+      ...     print(pj.cluster_launcher())
+      SLURM
+    """
     for name, (variables, count) in _LAUNCHERS.items():
         if all(variable in os.environ for variable in variables):
             try:
@@ -133,12 +171,32 @@ def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
 
 
 def is_writer() -> bool:
-    """Whether this process writes shared files (process 0; always True in a single-process run)."""
+    """Whether this process writes shared files (process 0; always True in a single-process run).
+
+    Returns:
+      True in process 0, False in the others.
+
+    Example:
+      >>> pj.is_writer()  # a single-process run
+      True
+    """
     return jax.process_index() == 0
 
 
 def to_host(values: jax.Array | np.ndarray) -> np.ndarray:
-    """``values`` as a numpy array on this host, gathered from every process when it is split across them."""
+    """``values`` as a numpy array on this host, gathered from every process when it is split across them.
+
+    Args:
+      values: a ``jax.Array`` (possibly split across processes) or a numpy array.
+
+    Returns:
+      A numpy array of the whole of ``values``.
+
+    Example:
+      >>> host = pj.to_host(jnp.arange(3.0))
+      >>> type(host).__name__, host.tolist()
+      ('ndarray', [0.0, 1.0, 2.0])
+    """
     if isinstance(values, jax.Array) and not values.is_fully_addressable and not values.is_fully_replicated:
         return np.asarray(multihost_utils.process_allgather(values, tiled=True))
     return np.asarray(values)

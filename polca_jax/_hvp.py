@@ -19,7 +19,7 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: PyTree) -> PyTree:
     """H(params) v for the scalar ``loss_fn(params, batch)``; ``v`` and the result are shaped like ``params``.
 
     Forward-over-reverse (``jvp`` of ``grad``): about two gradients of cost, no Hessian is formed.
-    Wrap in ``jax.jit`` (``loss_fn`` static) or use :func:`FlatHessianMatvec` to compile once.
+    Wrap in ``jax.jit`` (``loss_fn`` static) or use :class:`FlatHessianMatvec` to compile once.
 
     Args:
       loss_fn: ``(params, batch) -> scalar``, the loss whose Hessian is taken.
@@ -27,23 +27,26 @@ def hvp(loss_fn: LossFn, params: PyTree, v: PyTree, batch: PyTree) -> PyTree:
       v: the vector, a pytree like ``params``.
       batch: the loss' batch (leaves with a leading sample axis).
 
-    Returns the pytree ``H v``, like ``params``.
+    Returns:
+      The pytree ``H v``, like ``params``.
 
-    Raises ``ValueError`` for an empty batch or parameters that are not all of one floating dtype (the check reads
-    only shapes and dtypes, so it also runs under ``jit``, at trace time).
+    Raises:
+      PolcaError: for an empty batch or parameters that are not all of one floating dtype (the check reads only
+        shapes and dtypes, so it also runs under ``jit``, at trace time).
 
-    Example::
+    Example:
+      The least-squares problem the other examples use (``params``, ``batch``, ``per_sample_loss``, ``loss``):
 
-        >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
-        >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
-        >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
-        ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
-        >>> def per_sample_loss(p, b):
-        ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
-        >>> def loss(p, b):
-        ...     return per_sample_loss(p, b).mean()
-        >>> pj.hvp(loss, params, {"w": jnp.array([1.0, 0, 0])}, batch)["w"].tolist()  # the first column of xᵀx / 4
-        [1.25, 0.25, 0.25]
+      >>> import jax, jax.numpy as jnp, numpy as np, polca_jax as pj
+      >>> params = {"w": jnp.zeros(3)}  # least squares, whose Hessian is xᵀx / n at every point
+      >>> batch = {"x": jnp.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0.5], [1, 1, 1]]),
+      ...          "y": -jnp.array([1.0, 1, 2, 0.5])}
+      >>> def per_sample_loss(p, b):
+      ...     return 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2
+      >>> def loss(p, b):
+      ...     return per_sample_loss(p, b).mean()
+      >>> pj.hvp(loss, params, {"w": jnp.array([1.0, 0, 0])}, batch)["w"].tolist()  # the first column of xᵀx / 4
+      [1.25, 0.25, 0.25]
     """
     batch_size(batch, "hvp")
     check_params(params, "hvp")
@@ -55,12 +58,23 @@ class FlatHessianMatvec:
     """``v [P] -> H v [P]`` for ``loss_fn`` at ``(params, batch)``, usable as a Lanczos ``matvec``.
 
     Hashable by ``loss_fn`` alone, so ``top_eigenpairs(FlatHessianMatvec(loss_fn), ..., matvec_args=(params, batch))``
-    compiles once and is reused for every checkpoint with parameters of the same shapes.
+    compiles once and is reused for every checkpoint with parameters of the same shapes. The vectors are flat, in
+    ``ravel_pytree`` order of ``params``; the product is :func:`hvp`'s.
+
+    Attributes:
+      loss_fn: ``(params, batch) -> scalar``, the loss whose Hessian is applied.
+
+    Example:
+      ``params``, ``batch``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example.
+
+      >>> pj.FlatHessianMatvec(loss)(jnp.array([1.0, 0, 0]), params, batch).tolist()  # the first column of xᵀx / 4
+      [1.25, 0.25, 0.25]
     """
 
     loss_fn: LossFn
 
     def __call__(self, v: jax.Array, params: PyTree, batch: PyTree) -> jax.Array:
+        """``H v [P]`` for a flat ``v [P]``, at ``(params, batch)``."""
         return tree.ravel(hvp(self.loss_fn, params, tree.unravel(v, params), batch))
 
 

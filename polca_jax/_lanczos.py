@@ -27,7 +27,13 @@ HIGHEST = lax.Precision.HIGHEST
 
 
 class Eigenpairs(NamedTuple):
-    """Top-k algebraic eigenpairs, largest first."""
+    """Top-k algebraic eigenpairs, largest first (what :func:`top_eigenpairs` returns).
+
+    Attributes:
+      values: ``[k]`` Ritz values (eigenvalue estimates), largest first.
+      vectors: ``[k, P]`` their Ritz vectors, orthonormal rows.
+      residuals: ``[k]`` Ritz residual norms ‖A x − θ x‖ (the Lanczos estimate |β_m y_m|).
+    """
 
     values: jax.Array  # [k]
     vectors: jax.Array  # [k, P], orthonormal rows
@@ -62,6 +68,23 @@ def top_eigenpairs(
         deflate nothing), so a preallocated, growing basis is passed without recompiling.
       dtype: dtype of the Krylov vectors; default: ``orthogonal_to``'s, else the first floating array in
         ``matvec_args``, else JAX's default float.
+
+    Returns:
+      :class:`Eigenpairs`: ``values [k]``, ``vectors [k, P]`` (orthonormal, and orthogonal to ``orthogonal_to``),
+      ``residuals [k]``.
+
+    Raises:
+      PolcaError: for ``orthogonal_to`` not ``[r, P]``, not finite or not orthonormal, ``k`` or ``num_iters``
+        outside ``1 <= k <= num_iters <= P - r``, or a ``matvec`` that does not map a ``[P]`` vector to a ``[P]`` one.
+
+    Example:
+      ``params``, ``batch``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example; 3 Lanczos steps are exact
+      for its 3 parameters.
+
+      >>> pairs = pj.top_eigenpairs(pj.FlatHessianMatvec(loss), dim=3, k=2, num_iters=3, key=jax.random.key(0),
+      ...                           matvec_args=(params, batch))
+      >>> np.asarray(pairs.values, float).round(3).tolist(), pairs.vectors.shape
+      ([1.416, 0.512], (2, 3))
     """
     if orthogonal_to is not None and (orthogonal_to.ndim != 2 or orthogonal_to.shape[1] != dim):
         raise PolcaError(f"orthogonal_to must have shape [r, {dim}], got {orthogonal_to.shape}")
@@ -240,7 +263,23 @@ def _cast(vector: PyTree, dtype) -> PyTree:
 
 
 def check_orthonormal(rows: jax.Array | np.ndarray, *, atol: float | None = None, name: str = "basis") -> None:
-    """Raise ``ValueError`` unless ``rows [r, P]`` are finite and orthonormal (``max |R Rᵀ − I| <= atol``)."""
+    """Raise :class:`polca_jax.PolcaError` unless ``rows [r, P]`` are finite and orthonormal (``|R Rᵀ − I| <= atol``).
+
+    Args:
+      rows: ``[r, P]`` floating rows (e.g. ``Basis.vectors``).
+      atol: the largest entry of ``|R Rᵀ − I|`` allowed (default 1e-8 for float64 rows, else 1e-4).
+      name: what the rows are, for the error message.
+
+    Raises:
+      PolcaError: for rows that are not a 2-D matrix, hold NaN or inf, or are not orthonormal within ``atol``.
+
+    Example:
+      >>> pj.check_orthonormal(jnp.eye(3)[:2])  # passes: returns None
+      >>> pj.check_orthonormal(jnp.array([[1.0, 1.0, 0.0]]))
+      Traceback (most recent call last):
+        ...
+      polca_jax.errors.PolcaError: basis rows are not orthonormal: max |B Bᵀ − I| = 1 > ...
+    """
     rows = jnp.asarray(rows)
     if rows.ndim != 2:
         raise PolcaError(f"{name} must be a [K, P] matrix, got shape {rows.shape}")

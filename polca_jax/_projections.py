@@ -59,6 +59,17 @@ def choose_method(samples_per_sequence: int, num_directions: int) -> Literal["re
     the number of samples s per sequence); reverse ≈ s·(5 + 0.04·K) (one forward and backward per sample, plus the
     contraction with the basis). So forward wins when K < 4·s: token-level samples of long sequences, or few
     directions.
+
+    Args:
+      samples_per_sequence: s, the samples per sequence (1 for ``[n_seq]`` losses, ``n_tok`` for token-level ones).
+      num_directions: K, the basis size.
+
+    Returns:
+      ``"forward"`` when K < 4·s, else ``"reverse"``.
+
+    Example:
+      >>> pj.choose_method(samples_per_sequence=1, num_directions=10), pj.choose_method(64, 10)
+      ('reverse', 'forward')
     """
     return "forward" if num_directions < 4 * samples_per_sequence else "reverse"
 
@@ -94,17 +105,26 @@ def per_sample_projections(
       mesh: optional mesh (:func:`polca_jax.device_mesh`); sequences are split over its ``"data"`` axis, the
         basis over its ``"model"`` axis like the parameters (place them with :func:`polca_jax.shard_params`).
 
-    Raises ``ValueError`` for an empty batch, parameters that are not all of one floating dtype, NaN parameters or
-    basis entries (checked when concrete; skipped under a caller's ``jit``), and a basis of the wrong shape. A basis
-    of another float dtype than the parameters is cast to theirs. The result itself is not checked for NaN (see
-    :func:`polca_jax.polca`, which does).
+    A basis of another float dtype than the parameters is cast to theirs. The result itself is not checked for NaN
+    (see :func:`polca_jax.polca`, which does).
 
-    Example (the first two parameter axes as the basis: each sample's gradient ``(x·w − y) x`` read off on them;
-    ``params``, ``batch``, ``per_sample_loss``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example)::
+    Returns:
+      ``[N, K]`` projected gradients, samples in row-major (sequence, token) order.
 
-        >>> basis = pj.basis_from_matrix(jnp.eye(3)[:2])
-        >>> pj.per_sample_projections(per_sample_loss, params, batch, basis).tolist()
-        [[2.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]]
+    Raises:
+      PolcaError: for an empty batch, parameters that are not all of one floating dtype, NaN parameters or basis
+        entries (checked when concrete; skipped under a caller's ``jit``), a basis of the wrong shape, losses that
+        are not ``[n_seq]`` or ``[n_seq, n_tok]`` floating point, an unknown ``method``, a mask of the wrong shape or
+        selecting nothing, chunk sizes below 1, and a mesh that is not a ``("data"[, "model"])`` mesh or whose
+        ``"data"`` axis does not divide the batch.
+
+    Example:
+      The first two parameter axes as the basis: each sample's gradient ``(x·w − y) x`` read off on them
+      (``params``, ``batch``, ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example).
+
+      >>> basis = pj.basis_from_matrix(jnp.eye(3)[:2])
+      >>> pj.per_sample_projections(per_sample_loss, params, batch, basis).tolist()
+      [[2.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]]
     """
     return projections_curvature_and_losses(
         "per_sample_projections", per_sample_loss_fn, params, batch, basis, method=method, mask=mask,
@@ -115,7 +135,23 @@ def per_sample_projections(
 def per_sample_curvature(per_sample_loss_fn: PerSampleLossFn, params, batch, basis, **kwargs) -> jax.Array:
     """bᵀH(x)b exactly for every sample x and direction b, ``[N, K]``, by forward-over-forward AD (no Hessian).
 
-    Takes the arguments of :func:`per_sample_projections` except ``method``.
+    Args:
+      per_sample_loss_fn, params, batch, basis: as in :func:`per_sample_projections`.
+      **kwargs: its other options (``mask``, ``chunk_size``, ``chunks_per_call``, ``basis_chunk_size``, ``mesh``);
+        ``method`` does not apply (one nested ``jvp`` per direction).
+
+    Returns:
+      ``[N, K]`` per-sample curvatures, in the sample order of :func:`per_sample_projections`.
+
+    Raises:
+      PolcaError: as :func:`per_sample_projections`.
+
+    Example:
+      The per-sample Hessian of least squares is ``x xᵀ``, so bᵀH(x)b = (x·b)² (``params``, ``batch``,
+      ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example).
+
+      >>> pj.per_sample_curvature(per_sample_loss, params, batch, pj.basis_from_matrix(jnp.eye(3)[:2])).tolist()
+      [[4.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
     """
     return projections_curvature_and_losses(
         "per_sample_curvature", per_sample_loss_fn, params, batch, basis, curvature=True, **kwargs
@@ -136,7 +172,23 @@ def per_sample_projections_and_curvature(
 ) -> tuple[jax.Array, jax.Array]:
     """(⟨b, ∇L(x)⟩, bᵀH(x)b), both ``[N, K]``, from one nested ``jvp`` per direction.
 
-    Arguments and checks as in :func:`per_sample_projections`.
+    Args:
+      per_sample_loss_fn, params, batch, basis, mask, chunk_size, chunks_per_call, basis_chunk_size, mesh: as in
+        :func:`per_sample_projections` (there is no ``method``: the pass is forward-over-forward).
+
+    Returns:
+      ``(projections [N, K], curvatures [N, K])``, in the sample order of :func:`per_sample_projections`.
+
+    Raises:
+      PolcaError: as :func:`per_sample_projections`.
+
+    Example:
+      ``params``, ``batch``, ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example.
+
+      >>> g, c = pj.per_sample_projections_and_curvature(per_sample_loss, params, batch,
+      ...                                                pj.basis_from_matrix(jnp.eye(3)[:2]))
+      >>> g.tolist(), c.tolist()
+      ([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.5]], [[4.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
     """
     return projections_curvature_and_losses(
         "per_sample_projections_and_curvature", per_sample_loss_fn, params, batch, basis, curvature=True,
@@ -199,6 +251,19 @@ def per_sample_losses(
     Args:
       per_sample_loss_fn, params, batch, mask, mesh: as in :func:`per_sample_projections`.
       chunk_size: at most this many sequences per compiled step.
+
+    Returns:
+      ``[N]`` per-sample losses.
+
+    Raises:
+      PolcaError: as :func:`per_sample_projections` (less the basis and ``method``).
+
+    Example:
+      ``params``, ``batch``, ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example (at w = 0,
+      ½ y²).
+
+      >>> pj.per_sample_losses(per_sample_loss, params, batch).tolist()
+      [0.5, 0.5, 2.0, 0.125]
     """
     what = "per_sample_losses"
     n_seq = _check_inputs(what, params, batch, mesh)
@@ -209,8 +274,20 @@ def per_sample_losses(
 
 
 def gradient_blocks(params: PyTree) -> list[str]:
-    """The blocks of :func:`per_sample_gradient_norms`, in its column order: every row (first axis) of each leaf of
-    two or more dimensions, and each other leaf whole, as ``"<leaf path>[<row>]"`` or ``"<leaf path>"``."""
+    """The names of the blocks of :func:`per_sample_gradient_norms`, in its column order.
+
+    A block is every row (first axis) of each leaf of two or more dimensions, and each other leaf whole.
+
+    Args:
+      params: the parameters pytree (only its structure and shapes are read).
+
+    Returns:
+      ``B`` names: ``"<leaf path>[<row>]"`` or ``"<leaf path>"``.
+
+    Example:
+      >>> pj.gradient_blocks({"b": jnp.zeros(2), "w": jnp.zeros((2, 3))})
+      ["['b']", "['w'][0]", "['w'][1]"]
+    """
     names = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         name = jax.tree_util.keystr(path)
@@ -232,6 +309,23 @@ def per_sample_gradient_norms(
     Where a sample's gradient lies among the parameters, with no basis and no training dynamics: a label-free
     control that a POLCA finding should beat (samples that use different parameters separate here already). Samples
     and chunking as :func:`per_sample_projections` in reverse mode; never an ``[N, P]`` array.
+
+    Args:
+      per_sample_loss_fn, params, batch, mask, mesh: as in :func:`per_sample_projections`.
+      chunk_size: at most this many sequences per chunk (default: 64 samples' worth).
+
+    Returns:
+      ``[N, B]`` gradient norms, columns in the order of :func:`gradient_blocks`.
+
+    Raises:
+      PolcaError: as :func:`per_sample_projections` (less the basis and ``method``).
+
+    Example:
+      At w = 0 a sample's gradient is ``−y x``; one block, the 1-d leaf ``w`` (``params``, ``batch``,
+      ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example).
+
+      >>> np.asarray(pj.per_sample_gradient_norms(per_sample_loss, params, batch), float).round(3).tolist()
+      [[2.0], [1.0], [1.0], [0.866]]
     """
     what = "per_sample_gradient_norms"
     n_seq = _check_inputs(what, params, batch, mesh)
@@ -499,9 +593,34 @@ def projection_kernel_cost(
     mesh: jax.sharding.Mesh | None = None,
     with_flops: bool = True,
 ) -> KernelCost:
-    """Compile (without running) the kernel that :func:`per_sample_projections` (or, with ``curvature=True``,
-    :func:`per_sample_projections_and_curvature`) would run on these inputs, and report its memory and FLOPs
-    (``with_flops=False``: NaN, and one compilation instead of two)."""
+    """Compile, without running it, the kernel of a projection pass on these inputs, and report its memory and FLOPs.
+
+    The kernel is the one :func:`per_sample_projections` (or, with ``curvature=True``,
+    :func:`per_sample_projections_and_curvature`) would run.
+
+    Args:
+      per_sample_loss_fn, params, batch, basis, method, chunk_size, chunks_per_call, basis_chunk_size, mesh: as in
+        :func:`per_sample_projections`.
+      curvature: cost the pass with curvatures (:func:`per_sample_projections_and_curvature`) instead.
+      with_flops: also compile one chunk for XLA's FLOP count; False: ``flops`` is NaN, one compilation instead of
+        two.
+
+    Returns:
+      A ``KernelCost``: ``kind``, ``chunk_size``, ``num_chunks``, ``temp_bytes``, ``output_bytes``,
+      ``argument_bytes`` (as XLA reports them for the whole pass) and ``flops``.
+
+    Raises:
+      PolcaError: for the inputs :func:`per_sample_projections` refuses, except an unknown ``method`` (not checked
+        here: it raises ``KeyError``).
+
+    Example:
+      ``params``, ``batch``, ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example.
+
+      >>> cost = pj.projection_kernel_cost(per_sample_loss, params, batch, pj.basis_from_matrix(jnp.eye(3)[:2]),
+      ...                                  with_flops=False)
+      >>> cost.kind, cost.chunk_size, cost.num_chunks  # K = 2 < 4·s: forward mode, the 4 sequences in one chunk
+      ('forward', 4, 1)
+    """
     what = "projection_kernel_cost"
     n_seq = _check_inputs(what, params, batch, mesh)
     directions, num_directions = _directions(basis, params, what, mesh)

@@ -28,16 +28,30 @@ class CheckpointRecorder:
 
     Call :meth:`save` with every step's parameters ("step s" = the parameters after s updates, so step 0 is the
     initialisation); it saves only at ``steps`` and ignores the others. Use it as a context manager (or call
-    :meth:`close`) so the asynchronous saves finish::
-
-        with pj.CheckpointRecorder("ckpts", steps=range(0, 1001, 10)) as recorder:
-            for step in range(1001):
-                recorder.save(step, params)
-                params, opt_state = update(params, opt_state, batches(step))
+    :meth:`close`) so the asynchronous saves finish. The directory is the one :class:`polca_jax.OrbaxCheckpoints`
+    reads.
 
     Args:
       directory: the checkpoint directory (created if missing).
-      steps: the steps to keep (POLCA's, e.g. every 10 steps, and Algorithm 1's).
+      steps: the steps to keep (POLCA's, e.g. every 10 steps, and Algorithm 1's); non-negative integers.
+
+    Raises:
+      PolcaError: for no steps, a step that is not a non-negative integer, or a ``directory`` that is a file.
+
+    Example:
+      A training loop of your own: three steps of gradient descent, every other step kept (``params``, ``batch``,
+      ``loss``: the least squares of :func:`polca_jax.hvp`'s example).
+
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     with pj.CheckpointRecorder(directory, steps=[0, 2]) as recorder:
+      ...         w = params
+      ...         for step in range(3):
+      ...             saved = recorder.save(step, w)  # only steps 0 and 2 are saved
+      ...             w = jax.tree.map(lambda p, g: p - 0.5 * g, w, jax.grad(loss)(w, batch))
+      ...     with pj.OrbaxCheckpoints(directory) as checkpoints:
+      ...         print(recorder.missing, checkpoints.steps)
+      [] [0, 2]
     """
 
     def __init__(self, directory: str | Path, steps: Iterable[int]):

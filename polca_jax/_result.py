@@ -26,8 +26,10 @@ INTERVAL_ARRAYS = ("step_projection", "second_order", "outside_fraction")  # row
 
 @dataclasses.dataclass(eq=False)
 class POLCAResult:
-    """POLCA over T checkpoints, N samples and K directions (arrays are numpy, memory-mapped when loaded or when
-    :func:`polca` streamed the result to a directory).
+    """POLCA over T checkpoints, N samples and K directions: what :func:`polca_jax.polca` returns.
+
+    The arrays are numpy, memory-mapped when loaded or when :func:`polca` streamed the result to a directory. The
+    first-order terms, the POLCA terms and the projected loss (Eqs. 2, 7, 8) are derived from them.
 
     Attributes:
       steps: ``[T]`` training step of each checkpoint.
@@ -37,6 +39,18 @@ class POLCAResult:
       second_order: ``[T-1, N, K]`` second-order terms (zeros for ``"none"``).
       outside_fraction: ``[T-1]`` fraction of ‖θ_{t+1} − θ_t‖² outside the basis span.
       config: how the result was computed (second_order, method, basis method, ...).
+
+    Raises:
+      PolcaError: for arrays whose shapes do not match ``projections [T, N, K]``.
+
+    Example:
+      Two checkpoints, one sample, one direction: g = 2 then 1, a projected step of −0.25, no second-order term.
+
+      >>> result = pj.POLCAResult(steps=np.array([0, 10]), loss=np.array([[1.0], [0.5]]),
+      ...                         projections=np.array([[[2.0]], [[1.0]]]), step_projection=np.array([[-0.25]]),
+      ...                         second_order=np.zeros((1, 1, 1)), outside_fraction=np.zeros(1), config={})
+      >>> result.terms.tolist(), result.projected_loss[:, 0, 0].tolist(), result.loss_change.tolist()
+      ([[[-0.5]]], [0.0, -0.5], [[-0.5]])
     """
 
     steps: np.ndarray

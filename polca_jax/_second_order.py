@@ -31,14 +31,16 @@ class SecondOrder:
     Attributes:
       kind: ``"none" | "paper" | "trapezoid" | "exact"``.
       eigenvalues: for ``"paper"``, ``"stored"`` (the basis' own eigenvalues) or ``"current"`` (bᵀH_t(X)b at every
-        checkpoint); None for the other kinds.
+        checkpoint); None for the other kinds (whatever was given).
 
-    Example::
+    Raises:
+      PolcaError: for an unknown kind, or ``"paper"`` with eigenvalues other than ``"stored"`` or ``"current"``.
 
-        >>> SecondOrder("paper", "current").needs_curvature
-        True
-        >>> SecondOrder.of("trapezoid")
-        SecondOrder(kind='trapezoid', eigenvalues=None)
+    Example:
+      >>> SecondOrder("paper", "current").needs_curvature
+      True
+      >>> SecondOrder.of("trapezoid")
+      SecondOrder(kind='trapezoid', eigenvalues=None)
     """
 
     kind: Kind = "paper"

@@ -26,7 +26,19 @@ REPLICATED_WARNING_FRACTION = 0.1  # warn when more of the parameters than this 
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all) with the axis ``"data"``."""
+    """A 1-D mesh over ``devices`` (default: all) with the axis ``"data"``: samples split, parameters whole.
+
+    Args:
+      devices: the devices (default ``jax.devices()``, every process' devices in a multi-process run).
+
+    Returns:
+      A ``jax.sharding.Mesh`` with the one axis ``"data"``; pass it as ``mesh=`` to any kernel.
+
+    Example:
+      >>> mesh = pj.data_mesh(jax.devices()[:1])
+      >>> mesh.axis_names, dict(mesh.shape)
+      (('data',), {'data': 1})
+    """
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
@@ -39,7 +51,17 @@ def device_mesh(model: int = 1, data: int | None = None, devices: list | None = 
       data: devices along ``"data"`` (default: all the remaining ones, ``len(devices) // model``).
       devices: default ``jax.devices()`` (every process' devices in a multi-process run).
 
-    Raises ``ValueError`` when ``data × model`` is not the number of devices.
+    Returns:
+      A ``jax.sharding.Mesh`` of shape ``(data, model)``; pass it as ``mesh=`` to any kernel.
+
+    Raises:
+      PolcaError: when ``model`` is below 1 or does not divide the number of devices, or ``data × model`` is not
+        the number of devices.
+
+    Example:
+      >>> mesh = pj.device_mesh(model=1, devices=jax.devices()[:1])
+      >>> mesh.axis_names, dict(mesh.shape)
+      (('data', 'model'), {'data': 1, 'model': 1})
     """
     devices = list(jax.devices() if devices is None else devices)
     if model < 1 or len(devices) % model:
@@ -122,8 +144,25 @@ def warn_if_replicated(params: PyTree, mesh: Mesh | None, what: str) -> None:
 
 
 def shard_params(params: PyTree, mesh: Mesh | None) -> PyTree:
-    """Place ``params`` by :func:`param_shardings` (whole on every device without a ``"model"`` axis); unchanged
-    without a mesh."""
+    """Place ``params`` on ``mesh`` by the sharding rule (whole on every device without a ``"model"`` axis).
+
+    Each leaf is split over ``"model"`` along its largest dimension that the axis divides (the first of equals),
+    replicated when none does; a warning says when more than 10% of the parameters stay whole on every device.
+
+    Args:
+      params: the parameters pytree.
+      mesh: a mesh of :func:`device_mesh` or :func:`data_mesh`, or None.
+
+    Returns:
+      ``params`` placed on the mesh; ``params`` itself without one.
+
+    Example:
+      ``params``: the least squares of :func:`polca_jax.hvp`'s example.
+
+      >>> placed = pj.shard_params(params, pj.device_mesh(devices=jax.devices()[:1]))
+      >>> placed["w"].sharding.is_fully_replicated  # a model axis of 1 splits nothing
+      True
+    """
     if mesh is None:
         return params
     warn_if_replicated(params, mesh, "shard_params")
@@ -150,8 +189,18 @@ def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
 
 
 def per_device_bytes(arrays: PyTree) -> int:
-    """Bytes the leaves of ``arrays`` occupy on one device (the first device's shards: all are equal under the
-    rule)."""
+    """Bytes the leaves of ``arrays`` occupy on one device (the first device's shards: all are equal under the rule).
+
+    Args:
+      arrays: a pytree of ``jax.Array`` (placed or not) or numpy arrays (counted whole).
+
+    Returns:
+      The bytes of the first addressable shard of every leaf, summed.
+
+    Example:
+      >>> pj.per_device_bytes({"w": jnp.zeros((4, 3), jnp.float32)})
+      48
+    """
     total = 0
     for leaf in jax.tree_util.tree_leaves(arrays):
         shards = getattr(leaf, "addressable_shards", None)

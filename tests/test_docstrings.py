@@ -1,8 +1,14 @@
-"""The examples in the public docstrings run and print what they show (doctest), for every exported name of
-polca_jax and polca_jax.analysis; the kernels' examples are small enough to check by hand (least squares, whose
-Hessian is xᵀx / n). ``pj.hvp``'s example defines that problem; the others use its names, as their text says."""
+"""The public docstrings, for every exported name of polca_jax and polca_jax.analysis: each is Google-style with the
+sections its signature calls for, and the examples in them run and print what they show (doctest).
+
+The kernels' examples are small enough to check by hand (least squares, whose Hessian is xᵀx / n): ``pj.hvp``'s
+example defines that problem. The analysis examples use the projected-loss trajectories and the clustering that
+``analysis.Clustering``'s example defines. The others use those names, as their text says."""
 
 import doctest
+import functools
+import inspect
+import re
 
 import pytest
 
@@ -11,28 +17,55 @@ from polca_jax import analysis
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
+# Module constants (tuples of choices, a number) cannot carry a docstring of their own (an int's or a tuple's is its
+# type's); each is named instead in the docstring of an exported function that takes it (checked below).
+CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NORMALIZATIONS", "STRATEGIES"}
+# Exception classes take only a message, like any ValueError: they have no Args to document (and, as for every
+# class, no Example is required; PolcaError's docstring shows one).
+EXCEPTIONS = {"CorruptRunDirectory", "Interrupted", "PolcaError", "ResumeMismatch", "TaskError"}
+SETUPS = {  # the examples that define the names the others use: the object, and those names
+    "polca_jax.hvp": (pj.hvp, ("jax", "jnp", "np", "pj", "params", "batch", "per_sample_loss", "loss")),
+    "polca_jax.analysis.Clustering": (analysis.Clustering, ("analysis", "steps", "projected_loss", "labels",
+                                                            "clustering")),
+}
+SECTIONS = ("Args", "Attributes", "Returns", "Raises", "Example", "Examples", "Note")
+
+
+def exported():
+    """(qualified name, module, name, object) of every name in ``pj.__all__`` and ``analysis.__all__``."""
+    return [(f"{module.__name__}.{name}", module, name, getattr(module, name))
+            for module in (pj, analysis) for name in module.__all__]
+
 
 def public_doctests():
     finder, seen, found = doctest.DocTestFinder(), set(), []
-    for module in (pj, analysis):
-        for name in module.__all__:
-            for test in finder.find(getattr(module, name), f"{module.__name__}.{name}"):
-                if test.examples and test.name not in seen:
-                    seen.add(test.name)
-                    found.append(test)
+    for qualified, _, name, obj in exported():
+        if name in CONSTANTS:  # its docstring would be its type's (int's has examples of its own)
+            continue
+        for test in finder.find(obj, qualified):
+            if test.examples and test.name not in seen:
+                seen.add(test.name)
+                found.append(test)
     return found
 
 
 TESTS = public_doctests()
-SHARED = ("jax", "jnp", "np", "pj", "params", "batch", "per_sample_loss", "loss")  # defined by pj.hvp's example
+EXPORTED = exported()
 
 
 @pytest.fixture(scope="module")
 def shared_names():
-    """The names pj.hvp's example defines, after running it."""
-    (setup,) = doctest.DocTestFinder().find(pj.hvp, "polca_jax.hvp")
-    doctest.DocTestRunner().run(setup, clear_globs=False, out=lambda _: None)
-    return {name: setup.globs[name] for name in SHARED}
+    """The names the setup examples define (pj.hvp's least squares, analysis.Clustering's trajectories), after
+    running them."""
+    names = {}
+    for qualified, (obj, defined) in SETUPS.items():
+        (setup,) = [test for test in doctest.DocTestFinder().find(obj, qualified) if test.name == qualified]
+        setup.globs.update(names)
+        runner = doctest.DocTestRunner()
+        runner.run(setup, clear_globs=False, out=lambda _: None)
+        assert runner.failures == 0, f"the setup example of {qualified} fails"
+        names.update({name: setup.globs[name] for name in defined})
+    return names
 
 
 def test_the_kernels_show_runnable_examples():
@@ -47,3 +80,79 @@ def test_a_docstring_example_prints_what_it_shows(test, shared_names):
     output = []
     runner.run(test, out=output.append)
     assert runner.failures == 0, "".join(output)
+
+
+def sections(doc: str) -> dict[str, str]:
+    """The Google-style sections of a cleaned docstring: header (a known name and a colon, alone on an unindented
+    line) -> the indented text under it."""
+    found, current = {}, None
+    for line in doc.splitlines():
+        header = re.fullmatch(r"(\w+):", line)
+        if header and header[1] in SECTIONS:
+            current = found.setdefault(header[1], [])
+        elif line.strip() and not line[0].isspace():
+            current = None
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines).strip() for name, lines in found.items()}
+
+
+def own_docstring(obj) -> str | None:
+    """``obj``'s own docstring: not one inherited, nor the signature a dataclass writes when a class has none."""
+    doc = vars(obj).get("__doc__") if inspect.isclass(obj) else obj.__doc__
+    if doc is None or (inspect.isclass(obj) and doc.startswith(f"{obj.__name__}(")):
+        return None
+    return inspect.cleandoc(doc)
+
+
+def parameter_names(obj) -> list[str]:
+    return [name for name in inspect.signature(obj).parameters if name != "self"]
+
+
+def documents(text: str, name: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(name)}\b", text) is not None
+
+
+def public_members(cls):
+    """(name, object) of the public methods and properties a class defines itself."""
+    for name, value in vars(cls).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, staticmethod | classmethod):
+            value = value.__func__
+        if isinstance(value, property | functools.cached_property) or inspect.isfunction(value):
+            yield name, value
+
+
+@pytest.mark.parametrize("qualified, module, name, obj", EXPORTED, ids=[row[0] for row in EXPORTED])
+def test_an_exported_name_has_the_docstring_sections_its_signature_calls_for(qualified, module, name, obj):
+    if name in CONSTANTS:
+        assert not callable(obj), f"{qualified} is callable: it needs a docstring of its own"
+        named_in = [other for other in module.__all__ if other not in CONSTANTS
+                    and documents(own_docstring(getattr(module, other)) or "", name)]
+        assert named_in, f"{qualified} is named in no exported docstring of {module.__name__}"
+        return
+    doc = own_docstring(obj)
+    assert doc, f"{qualified} has no docstring of its own"
+    lines = doc.splitlines()
+    assert len(lines) == 1 or not lines[1].strip(), f"{qualified}: the summary is not one line (then a blank line)"
+    found = sections(doc)
+    if name in EXCEPTIONS:
+        assert issubclass(obj, pj.PolcaError), f"{qualified} is not a PolcaError"
+        return
+    parameters = parameter_names(obj)
+    if inspect.isclass(obj):
+        documented = found.get("Args", "") + "\n" + found.get("Attributes", "")
+        assert not parameters or documented.strip(), f"{qualified} takes {parameters} but has no Args or Attributes"
+        for member, value in public_members(obj):
+            assert value.__doc__, f"{qualified}.{member} has no docstring"
+    else:
+        documented = found.get("Args", "")
+        assert not parameters or documented, f"{qualified} takes {parameters} but has no Args section"
+        returns = inspect.signature(obj).return_annotation
+        if returns not in (None, "None"):
+            assert found.get("Returns"), f"{qualified} returns something ({returns}) but has no Returns section"
+        example = found.get("Example", "") + found.get("Examples", "")
+        assert ">>>" in example, f"{qualified} has no Example section with a doctest"
+    missing = [parameter for parameter in parameters if not documents(documented, parameter)]
+    assert not missing, f"{qualified}: parameters {missing} are not described under Args (or Attributes)"

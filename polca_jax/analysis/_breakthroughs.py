@@ -53,9 +53,28 @@ def breakthrough_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The quantity Eq. 9 maximises -> (candidate_steps float[m], scores float[n, m]).
 
-    curves: float[n, T], one curve per sample; steps: int[T], the training step of each checkpoint.
     scores[i, j] = [g(t+Δ) − g(t)] − [g(t) − g(t−Δ)] at t = candidate_steps[j], with g = −f for sign="drop" and
-    g = f for sign="paper" (see the module docstring).
+    g = f for sign="paper" (see the module docstring); f(t±Δ) is interpolated linearly between checkpoints.
+
+    Args:
+      curves: float[n, T], one curve per sample.
+      steps: [T], the training step of each checkpoint, strictly increasing.
+      window_steps: Δ, in training steps (> 0).
+      sign: ``"paper"`` (Eq. 9 on f as written) or ``"drop"`` (on −f).
+
+    Returns:
+      ``(candidate_steps, scores)``: float[m], the checkpoints t with t ± Δ inside the step range, and float[n, m].
+
+    Raises:
+      PolcaError: for curves that are not a finite float[n, T] array, steps that do not match or do not strictly
+        increase, an unknown sign, Δ <= 0, or no checkpoint with t ± Δ inside the range.
+
+    Example:
+      ``projected_loss``, ``steps``: the setup of :class:`Clustering`'s example; sample 0 drops over steps 0–200.
+
+      >>> candidates, scores = analysis.breakthrough_scores(projected_loss[:, :1, 0].T, steps, 100)
+      >>> candidates.tolist(), scores.tolist()
+      ([100.0, 200.0, 300.0, 400.0, 500.0], [[0.0, 0.5, 0.0, 0.0, 0.0]])
     """
     curves = checked_array(curves, "curves", 2)
     steps = _checked_steps(steps, curves.shape[1])
@@ -81,8 +100,27 @@ def breakthrough_step(
 ) -> np.ndarray:
     """Eq. 9 for each curve: float[n], the training step of the breakthrough of each row of curves float[n, T].
 
-    sign="paper": Eq. 9 on f literally (for a falling curve, where the fall ends); sign="drop": where the fall
-    accelerates most (a breakthrough's start). Ties go to the earliest step (a flat curve gives the first candidate).
+    Ties go to the earliest step (a flat curve gives the first candidate).
+
+    Args:
+      curves, steps, window_steps: as in :func:`breakthrough_scores`.
+      sign: ``"paper"``: Eq. 9 on f literally (for a falling curve, where the fall ends); ``"drop"``: where the fall
+        accelerates most (a breakthrough's start).
+
+    Returns:
+      float[n], the step of each curve's breakthrough.
+
+    Raises:
+      PolcaError: as :func:`breakthrough_scores`.
+
+    Example:
+      ``projected_loss``, ``steps``: the setup of :class:`Clustering`'s example; samples 0–2 drop over steps 0–200,
+      samples 3–5 over steps 300–500 (a drop that starts at step 0 has no start inside the candidates).
+
+      >>> analysis.breakthrough_step(projected_loss[:, :6, 0].T, steps, 100).tolist()
+      [200.0, 200.0, 200.0, 500.0, 500.0, 500.0]
+      >>> analysis.breakthrough_step(projected_loss[:, 3:6, 0].T, steps, 100, sign="drop").tolist()
+      [300.0, 300.0, 300.0]
     """
     candidates, scores = breakthrough_scores(curves, steps, window_steps, sign=sign)
     return candidates[np.argmax(scores, axis=1)]
@@ -96,13 +134,37 @@ def hidden_breakthrough(
     *,
     sign: str = "paper",
 ) -> bool:
-    """Eq. 10: True iff the mean breakthrough step of the set of curves float[n, T] is later than ``threshold_step``."""
+    """Eq. 10: True iff the mean breakthrough step of the set of curves float[n, T] is later than ``threshold_step``.
+
+    Args:
+      curves, steps, window_steps, sign: as in :func:`breakthrough_step`.
+      threshold_step: τ, in training steps.
+
+    Returns:
+      Whether the set's mean Eq. 9 breakthrough step exceeds τ.
+
+    Raises:
+      PolcaError: as :func:`breakthrough_scores`.
+
+    Example:
+      ``projected_loss``, ``steps``: the setup of :class:`Clustering`'s example.
+
+      >>> analysis.hidden_breakthrough(projected_loss[:, 3:6, 0].T, steps, 100, threshold_step=400)  # mean step 500
+      True
+    """
     return bool(breakthrough_step(curves, steps, window_steps, sign=sign).mean() > threshold_step)
 
 
 @dataclass(frozen=True)
 class ClusterBreakthrough:
-    """The mean Eq. 9 breakthrough step over the ``size`` members of one cluster of one clustering."""
+    """The mean Eq. 9 breakthrough step over the ``size`` members of one cluster of one clustering.
+
+    Attributes:
+      direction: the clustering's basis direction (None for a per-sample signal).
+      cluster: the cluster id.
+      size: its number of members.
+      mean_step: the mean of their breakthrough steps.
+    """
 
     direction: int | None
     cluster: int
@@ -131,8 +193,26 @@ def cluster_breakthroughs(
 ) -> list[ClusterBreakthrough]:
     """Mean breakthrough step of every cluster of every clustering.
 
-    trajectories: float[T, N, K] projected loss, read at each clustering's direction; or float[T, N], one signal
-    used for all clusterings (the clustered baseline signal, or the exact loss to compare with). steps: int[T].
+    Args:
+      clusterings: :class:`Clustering` of the same N samples.
+      trajectories: float[T, N, K] projected loss, read at each clustering's direction; or float[T, N], one signal
+        used for all clusterings (the clustered baseline signal, or the exact loss to compare with).
+      steps, window_steps, sign: as in :func:`breakthrough_step`.
+
+    Returns:
+      One :class:`ClusterBreakthrough` per cluster, clustering by clustering, in cluster order.
+
+    Raises:
+      PolcaError: for no clusterings, trajectories that are not a finite [T, N, K] or [T, N] array, clusterings of
+        another N, a clustering without a direction given [T, N, K] trajectories, and the inputs of
+        :func:`breakthrough_scores`.
+
+    Example:
+      ``clustering``, ``projected_loss``, ``steps``: the setup of :class:`Clustering`'s example.
+
+      >>> records = analysis.cluster_breakthroughs([clustering], projected_loss, steps, 100)
+      >>> [(r.cluster, r.size, r.mean_step) for r in records]
+      [(0, 3, 200.0), (1, 3, 500.0)]
     """
     if len(clusterings) == 0:
         raise PolcaError("no clusterings given")
@@ -164,7 +244,22 @@ def hidden_breakthrough_fraction(
 ) -> float:
     """Fraction of all clusters, over all clusterings, with a hidden breakthrough (Eq. 10; Tables 1, 9, 11).
 
-    Arguments as for :func:`cluster_breakthroughs`. NaN when the clusterings hold no cluster at all.
+    Args:
+      clusterings, trajectories, steps, window_steps, sign: as in :func:`cluster_breakthroughs`.
+      threshold_step: τ: a cluster's breakthrough is hidden when its mean step is later.
+
+    Returns:
+      The fraction, in [0, 1]; NaN when the clusterings hold no cluster at all.
+
+    Raises:
+      PolcaError: as :func:`cluster_breakthroughs`.
+
+    Example:
+      ``clustering``, ``projected_loss``, ``steps``: the setup of :class:`Clustering`'s example (mean steps 200
+      and 500).
+
+      >>> analysis.hidden_breakthrough_fraction([clustering], projected_loss, steps, 100, threshold_step=400)
+      0.5
     """
     records = cluster_breakthroughs(clusterings, trajectories, steps, window_steps, sign=sign)
     if not records:

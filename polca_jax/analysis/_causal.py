@@ -14,13 +14,18 @@ from polca_jax.errors import PolcaError
 
 @dataclass(frozen=True)
 class AblationEffect:
-    """How removing a clustering's direction hurts one of its clusters.
+    """How removing a clustering's direction hurts one of its clusters (see :func:`ablation_effects`).
 
-    member_mean: mean loss increase over the cluster's ``size`` members.
-    others_mean: mean over the other ``num_others`` kept samples (NaN when there are none).
-    difference: member_mean − others_mean.
-    rank: 1 for the cluster with the largest member_mean among this clustering's clusters, 2 for the next, ...
-    hurt_most: rank == 1.
+    Attributes:
+      direction: the clustering's basis direction (None for a per-sample signal).
+      cluster: the cluster id.
+      size: its number of members.
+      num_others: the number of kept samples outside it that it is compared with.
+      member_mean: mean loss increase over the cluster's ``size`` members.
+      others_mean: mean over the other ``num_others`` kept samples (NaN when there are none).
+      difference: member_mean − others_mean.
+      rank: 1 for the cluster with the largest member_mean among this clustering's clusters, 2 for the next, ...
+      hurt_most: (a property) rank == 1.
     """
 
     direction: int | None
@@ -34,6 +39,7 @@ class AblationEffect:
 
     @property
     def hurt_most(self) -> bool:
+        """rank == 1: no other cluster of the clustering has a larger member_mean."""
         return self.rank == 1
 
 
@@ -58,11 +64,28 @@ def _kept_mask(kept, clustering: Clustering) -> np.ndarray:
 def ablation_effects(loss_increase, clustering: Clustering, *, kept=None) -> list[AblationEffect]:
     """One :class:`AblationEffect` per cluster of ``clustering`` (in cluster order; empty without clusters).
 
-    loss_increase: float[N], the per-sample loss increase from removing the clustering's direction (a row of
-      :func:`polca_jax.direction_ablation_losses`).
-    kept: the samples the clusters are compared with, as a bool[N] mask or indices; default the clustering's
-      ``sample_indices`` (the samples that went into HDBSCAN, noise included). Each cluster's members are left out
-      of its own comparison set.
+    Args:
+      loss_increase: float[N], the per-sample loss increase from removing the clustering's direction (a row of
+        :func:`polca_jax.direction_ablation_losses`).
+      clustering: the :class:`Clustering` of the direction.
+      kept: the samples the clusters are compared with, as a bool[N] mask or indices; default the clustering's
+        ``sample_indices`` (the samples that went into HDBSCAN, noise included). Each cluster's members are left out
+        of its own comparison set.
+
+    Returns:
+      A list of :class:`AblationEffect`, one per cluster.
+
+    Raises:
+      PolcaError: for a loss increase that is not a finite float[N] array, or a ``kept`` that is neither a bool[N]
+        mask nor indices in [0, N).
+
+    Example:
+      ``clustering``: the setup of :class:`Clustering`'s example; removing its direction hurts cluster 0.
+
+      >>> increase = np.array([0.9, 1.1, 1.0, 0.1, 0.2, 0.0, 0.1, 0.0])  # [N]
+      >>> effects = analysis.ablation_effects(increase, clustering)
+      >>> [(e.cluster, round(e.member_mean, 3), round(e.difference, 3), e.rank, e.hurt_most) for e in effects]
+      [(0, 1.0, 0.9, 1, True), (1, 0.1, -0.675, 2, False)]
     """
     loss_increase = checked_array(loss_increase, "loss_increase", 1)
     if loss_increase.shape != (clustering.num_samples,):
@@ -99,12 +122,15 @@ def ablation_effects(loss_increase, clustering: Clustering, *, kept=None) -> lis
 class AblationTest:
     """Whether removing a clustering's direction hurts each of its clusters more than the rest beyond noise.
 
-    difference: float[C], each cluster's member mean minus the mean of the other kept samples (as
-      :class:`AblationEffect`).
-    pvalues: float[C], one-sided permutation p-values, (1 + #{null ≥ observed}) / (1 + B); 1 for a cluster holding
-      every clustered sample (nothing to compare it with; its difference is NaN).
-    null_mean, null_std: float[C], the difference's mean and spread under the null.
-    num_permutations: B.
+    What :func:`ablation_pvalues` returns.
+
+    Attributes:
+      difference: float[C], each cluster's member mean minus the mean of the other kept samples (as
+        :class:`AblationEffect`).
+      pvalues: float[C], one-sided permutation p-values, (1 + #{null ≥ observed}) / (1 + B); 1 for a cluster holding
+        every clustered sample (nothing to compare it with; its difference is NaN).
+      null_mean, null_std: float[C], the difference's mean and spread under the null.
+      num_permutations: B.
     """
 
     difference: np.ndarray
@@ -118,8 +144,6 @@ def ablation_pvalues(loss_increase, clustering: Clustering, *, num_permutations:
                      seed: int | None = 0) -> AblationTest:
     """Is each cluster hurt more than the rest of its clustering by removing the direction, beyond noise?
 
-    loss_increase: float[N], the per-sample loss increase from removing the clustering's direction (a row of
-      :func:`polca_jax.direction_ablation_losses`).
     Statistic: a cluster's mean loss increase minus that of the other samples its clustering saw
     (``clustering.sample_indices``, HDBSCAN noise included), the ``difference`` of :func:`ablation_effects`. Null:
     the cluster assignment permuted among those samples, every cluster's size fixed (B permutations from
@@ -127,6 +151,28 @@ def ablation_pvalues(loss_increase, clustering: Clustering, *, num_permutations:
     that vary by 1e-2 is as likely under the null as observed and gets a large p-value; a cluster whose increase
     stands out from the spread of the same statistic over random clusters of its size gets a small one. A
     clustering without clusters returns empty arrays.
+
+    Args:
+      loss_increase: float[N], the per-sample loss increase from removing the clustering's direction (a row of
+        :func:`polca_jax.direction_ablation_losses`).
+      clustering: the :class:`Clustering` of the direction.
+      num_permutations: B.
+      seed: for ``numpy.random.default_rng``.
+
+    Returns:
+      An :class:`AblationTest` (arrays of C entries, one per cluster).
+
+    Raises:
+      PolcaError: for a loss increase that is not a finite float[N] array, a ``num_permutations`` that is not an
+        integer >= 1, or a clustering with cluster members outside its ``sample_indices``.
+
+    Example:
+      ``clustering``: the setup of :class:`Clustering`'s example.
+
+      >>> increase = np.array([0.9, 1.1, 1.0, 0.1, 0.2, 0.0, 0.1, 0.0])  # [N]
+      >>> test = analysis.ablation_pvalues(increase, clustering, num_permutations=200)
+      >>> test.difference.round(3).tolist(), test.pvalues.round(3).tolist()
+      ([0.9, -0.675], [0.03, 0.955])
     """
     loss_increase = checked_array(loss_increase, "loss_increase", 1)
     if loss_increase.shape != (clustering.num_samples,):

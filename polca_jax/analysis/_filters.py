@@ -13,10 +13,25 @@ from polca_jax.analysis._arrays import checked_array
 
 
 def kept_directions(projected_loss) -> np.ndarray:
-    """Oscillation filter: bool[K], True where the sample-mean projected loss falls from the first to the last
-    checkpoint, ``mean_n projected_loss[-1, n, k] < mean_n projected_loss[0, n, k]``.
+    """Oscillation filter: bool[K], True where the sample-mean projected loss is lower at the last checkpoint.
 
-    projected_loss: float[T, N, K].
+    Direction k is kept when its mean falls from the first checkpoint to the last,
+    ``mean_n projected_loss[-1, n, k] < mean_n projected_loss[0, n, k]``.
+
+    Args:
+      projected_loss: float[T, N, K], the cumulative projected loss (``POLCAResult.projected_loss``).
+
+    Returns:
+      bool[K], True for the kept directions.
+
+    Raises:
+      PolcaError: for a projected loss that is not a finite, non-empty float[T, N, K] array.
+
+    Example:
+      ``projected_loss``: the setup of :class:`Clustering`'s example (direction 1 raises the mean loss).
+
+      >>> analysis.kept_directions(projected_loss).tolist()
+      [True, False]
     """
     projected_loss = checked_array(projected_loss, "projected_loss", 3)
     mean_curve = projected_loss.mean(axis=1)  # [T, K]
@@ -24,10 +39,25 @@ def kept_directions(projected_loss) -> np.ndarray:
 
 
 def relying_samples(projected_loss) -> np.ndarray:
-    """Per-direction sample filter: bool[N, K], True where sample n "relies on" direction k, i.e. its projected loss
-    falls overall, ``projected_loss[-1, n, k] < projected_loss[0, n, k]``.
+    """Per-direction sample filter: bool[N, K], True where sample n "relies on" direction k.
 
-    projected_loss: float[T, N, K].
+    Sample n relies on direction k when its projected loss falls overall,
+    ``projected_loss[-1, n, k] < projected_loss[0, n, k]``.
+
+    Args:
+      projected_loss: float[T, N, K], the cumulative projected loss (``POLCAResult.projected_loss``).
+
+    Returns:
+      bool[N, K], True where the sample relies on the direction.
+
+    Raises:
+      PolcaError: for a projected loss that is not a finite, non-empty float[T, N, K] array.
+
+    Example:
+      ``projected_loss``: the setup of :class:`Clustering`'s example (sample 7's loss rises along direction 0).
+
+      >>> analysis.relying_samples(projected_loss)[:, 0].tolist()
+      [True, True, True, True, True, True, True, False]
     """
     projected_loss = checked_array(projected_loss, "projected_loss", 3)
     return projected_loss[-1] < projected_loss[0]

@@ -48,12 +48,15 @@ def _checked_count(value, name: str) -> int:
 class PermutationTest:
     """Label-homogeneity permutation test of every cluster of one clustering (arrays indexed by cluster id).
 
-    observed: float[C], the statistic of each cluster: the fraction of its members in ``classes[c]``.
-    classes: [C], the class each cluster was scored for: ``positive``, or the cluster's majority class (ties go to
-      the first class in sorted order).
-    pvalues: float[C], (1 + #{null ≥ observed}) / (1 + num_permutations).
-    null_mean, null_q95: float[C], the mean and 95th percentile of the statistic under the null.
-    num_permutations: B.
+    What :func:`homogeneity_pvalues` returns.
+
+    Attributes:
+      observed: float[C], the statistic of each cluster: the fraction of its members in ``classes[c]``.
+      classes: [C], the class each cluster was scored for: ``positive``, or the cluster's majority class (ties go to
+        the first class in sorted order).
+      pvalues: float[C], (1 + #{null ≥ observed}) / (1 + num_permutations).
+      null_mean, null_q95: float[C], the mean and 95th percentile of the statistic under the null.
+      num_permutations: B.
     """
 
     observed: np.ndarray
@@ -65,6 +68,7 @@ class PermutationTest:
 
     @property
     def num_clusters(self) -> int:
+        """C, the number of clusters tested."""
         return int(self.observed.shape[0])
 
 
@@ -110,20 +114,37 @@ def homogeneity_pvalues(
 ) -> PermutationTest:
     """Is each cluster of ``clustering`` more homogeneous in ``labels`` than chance, given its size?
 
-    labels: categorical [N] (ints, bools or strings), the class of each of the clustering's N samples.
-    positive: the class whose fraction is scored (e.g. ``True`` for carry tokens). None scores each cluster's
-      majority class, and the null then takes the maximum over classes too, as the observed statistic does;
-      scoring the null at the observed majority class would make the test anti-conservative.
-    num_permutations: B, label permutations; seed: for ``numpy.random.default_rng``.
-    strata: optional categorical [N], a confounder of ``labels`` (e.g. the answer place of a carry label): the
-      labels are then permuted only among samples of the same stratum, so a cluster that merely gathers the strata
-      where the label is common does not beat the null; only homogeneity beyond what its strata explain does.
-
     Null: the labels are permuted among the clustered samples (``clustering.sample_indices``, HDBSCAN noise
     included) with the cluster assignment fixed. Samples outside ``sample_indices`` (filtered out) never enter:
     their labels do not matter. All B permutations are drawn at once, in chunks (``Generator.permuted`` on a
     [chunk, n] array), and counted per (cluster, class) with one ``bincount``: 1000 permutations of 5000 samples in
     10 clusters take a fraction of a second. A clustering without clusters returns empty arrays.
+
+    Args:
+      clustering: the :class:`Clustering` whose clusters are tested.
+      labels: categorical [N] (ints, bools or strings), the class of each of the clustering's N samples.
+      positive: the class whose fraction is scored (e.g. ``True`` for carry tokens). None scores each cluster's
+        majority class, and the null then takes the maximum over classes too, as the observed statistic does;
+        scoring the null at the observed majority class would make the test anti-conservative.
+      num_permutations: B, label permutations.
+      seed: for ``numpy.random.default_rng``.
+      strata: optional categorical [N], a confounder of ``labels`` (e.g. the answer place of a carry label): the
+        labels are then permuted only among samples of the same stratum, so a cluster that merely gathers the strata
+        where the label is common does not beat the null; only homogeneity beyond what its strata explain does.
+
+    Returns:
+      A :class:`PermutationTest` (arrays of C entries, one per cluster).
+
+    Raises:
+      PolcaError: for ``num_permutations`` that is not a positive integer, labels or strata that are not ``[N]`` or
+        hold NaN, or a clustering with cluster members outside its ``sample_indices``.
+
+    Example:
+      ``clustering``, ``labels``: the setup of :class:`Clustering`'s example (7 clustered samples, 4 of class a).
+
+      >>> test = analysis.homogeneity_pvalues(clustering, labels, positive="a", num_permutations=200)
+      >>> test.observed.round(3).tolist(), test.pvalues.round(3).tolist()
+      ([1.0, 0.333], [0.164, 0.965])
     """
     num_permutations = _checked_count(num_permutations, "num_permutations")
     labels = _checked_labels(labels, clustering.num_samples)
@@ -197,11 +218,26 @@ def _null_statistic_counts(codes, in_cluster, cluster_of, num_clusters, num_clas
 def adjust_pvalues(pvalues, method: str = "holm") -> np.ndarray:
     """p-values float[m] adjusted for testing m hypotheses together, in the input order, clipped to ≤ 1.
 
-    method: "holm" (Holm–Bonferroni step-down; controls the family-wise error rate): with p sorted ascending,
-      p̃_(i) = max_{j ≤ i} min(1, (m − j + 1) p_(j)).
-      "bh" (Benjamini–Hochberg step-up; controls the false discovery rate for independent or positively dependent
-      tests): p̃_(i) = min_{j ≥ i} min(1, m p_(j) / j).
-    Both are monotone in p. An empty input gives an empty output.
+    Both methods are monotone in p. An empty input gives an empty output.
+
+    Args:
+      pvalues: float[m], each in [0, 1].
+      method: one of :data:`ADJUST_METHODS`: "holm" (Holm–Bonferroni step-down; controls the family-wise error
+        rate): with p sorted ascending, p̃_(i) = max_{j ≤ i} min(1, (m − j + 1) p_(j)); "bh" (Benjamini–Hochberg
+        step-up; controls the false discovery rate for independent or positively dependent tests):
+        p̃_(i) = min_{j ≥ i} min(1, m p_(j) / j).
+
+    Returns:
+      float[m], the adjusted p-values in the input order.
+
+    Raises:
+      PolcaError: for an unknown method, or p-values that are not 1-D, not finite or outside [0, 1].
+
+    Example:
+      >>> analysis.adjust_pvalues([0.01, 0.04, 0.03], "holm").round(3).tolist()
+      [0.03, 0.06, 0.06]
+      >>> analysis.adjust_pvalues([0.01, 0.04, 0.03], "bh").round(3).tolist()
+      [0.03, 0.04, 0.04]
     """
     if method not in ADJUST_METHODS:
         raise PolcaError(f"method must be one of {ADJUST_METHODS}, got {method!r}")
@@ -231,14 +267,16 @@ def adjust_pvalues(pvalues, method: str = "holm") -> np.ndarray:
 
 @dataclass(frozen=True)
 class BreakthroughNull:
-    """One cluster's Eq. 9/10 breakthrough against its increments shuffled in time.
+    """One cluster's Eq. 9/10 breakthrough against its increments shuffled in time (see :func:`breakthrough_null`).
 
-    observed_mean_step: the cluster's mean Eq. 9 breakthrough step; observed_hidden: whether it exceeds
-      threshold_step (Eq. 10).
-    null_mean_steps: float[S], the mean breakthrough step under each of the S shuffles.
-    null_hidden_rate: the fraction of shuffles whose mean step exceeds threshold_step (would be called hidden).
-    pvalue: (1 + #{null mean step ≥ observed}) / (1 + S): how surprising so late a breakthrough is.
-    null_q05, null_median, null_q95: quantiles of null_mean_steps.
+    Attributes:
+      observed_mean_step: the cluster's mean Eq. 9 breakthrough step.
+      observed_hidden: whether it exceeds threshold_step (Eq. 10).
+      null_mean_steps: float[S], the mean breakthrough step under each of the S shuffles.
+      null_hidden_rate: the fraction of shuffles whose mean step exceeds threshold_step (would be called hidden).
+      pvalue: (1 + #{null mean step ≥ observed}) / (1 + S): how surprising so late a breakthrough is.
+      null_q05, null_median, null_q95: quantiles of null_mean_steps.
+      threshold_step: τ of Eq. 10.
     """
 
     observed_mean_step: float
@@ -253,6 +291,7 @@ class BreakthroughNull:
 
     @property
     def num_shuffles(self) -> int:
+        """S, the number of shuffles."""
         return int(self.null_mean_steps.shape[0])
 
 
@@ -276,12 +315,6 @@ def breakthrough_null(
 ) -> BreakthroughNull:
     """Would the same increments, shuffled in time, give as late (as hidden) a breakthrough? For ONE cluster.
 
-    trajectories: float[T, n], the curves of the cluster's n members (e.g. the projected loss along its direction,
-      ``projected_loss[:, members, k]``); steps: [T], the training step of each checkpoint, strictly increasing.
-    window_steps, threshold_step, sign: Δ, τ and the sign convention of Eq. 9/10 (see
-      :mod:`polca_jax.analysis._breakthroughs`, whose :func:`breakthrough_step` computes every breakthrough here).
-    num_shuffles: S; seed: for ``numpy.random.default_rng``.
-
     Null: the per-interval increments f(t_{i+1}) − f(t_i) (``np.diff`` along T) are permuted in time and re-summed
     from the same starting value f(t_0), so each shuffled curve has the same start, end and set of jumps. One
     permutation per shuffle is *shared by all members*: the members of a cluster were clustered because their curves
@@ -295,6 +328,31 @@ def breakthrough_null(
     candidate steps of Eq. 9, so the p-value is about the fraction of candidates later than the observed step:
     only breakthroughs late in the range can be significant. null_hidden_rate says how often shuffled increments
     alone would be called hidden at all.
+
+    Args:
+      trajectories: float[T, n], the curves of the cluster's n members (e.g. the projected loss along its direction,
+        ``projected_loss[:, members, k]``).
+      steps: [T], the training step of each checkpoint, strictly increasing.
+      window_steps, threshold_step, sign: Δ, τ and the sign convention of Eq. 9/10 (see
+        :mod:`polca_jax.analysis._breakthroughs`, whose :func:`breakthrough_step` computes every breakthrough here).
+      num_shuffles: S.
+      seed: for ``numpy.random.default_rng``.
+
+    Returns:
+      A :class:`BreakthroughNull`.
+
+    Raises:
+      PolcaError: for trajectories that are not a finite float[T, n] array of at least 3 checkpoints, a
+        ``num_shuffles`` that is not a positive integer, an unknown sign, a threshold that is not finite, and the
+        inputs of :func:`breakthrough_step`.
+
+    Example:
+      ``projected_loss``, ``steps``: the setup of :class:`Clustering`'s example; cluster 1 (samples 3–5) drops over
+      steps 300–500.
+
+      >>> null = analysis.breakthrough_null(projected_loss[:, 3:6, 0], steps, 100, threshold_step=400, num_shuffles=100)
+      >>> null.observed_mean_step, null.observed_hidden, round(null.pvalue, 3), null.num_shuffles
+      (500.0, True, 0.089, 100)
     """
     trajectories = checked_array(trajectories, "trajectories", 2)
     num_shuffles = _checked_count(num_shuffles, "num_shuffles")

@@ -30,7 +30,19 @@ from polca_jax.errors import PolcaError
 
 @dataclass(frozen=True)
 class ClusterScore:
-    """One cluster scored against one label set; ``direction`` is None for per-sample baselines."""
+    """One cluster scored against one label set (see the module docstring for the scores).
+
+    Attributes:
+      direction: the clustering's basis direction; None for per-sample baselines.
+      cluster: the cluster id.
+      size: its number of members.
+      label: the class it is scored for (``positive``, or its majority class).
+      homogeneity: members of the class / size.
+      recall: members of the class / samples of the class that the clustering put in some cluster.
+      f1: the harmonic mean of homogeneity and recall (0 when both are 0).
+      base_rate: the class's share of the samples the clustering clustered (its ``sample_indices``).
+      qualifies: whether the cluster counts (see ``qualifying`` of :func:`cluster_label_scores`).
+    """
 
     direction: int | None
     cluster: int
@@ -53,9 +65,28 @@ def cluster_label_scores(
 ) -> list[ClusterScore]:
     """Every cluster of every clustering scored against ``labels [N]`` (see the module docstring).
 
-    positive: the class to score every cluster for; None scores each cluster for its majority class.
-    qualifying: optional bool ``[N]``; with it a cluster qualifies only when more than ``min_qualifying_fraction``
-    of its members of the scored class are qualifying samples.
+    Args:
+      clusterings: :class:`Clustering` of the N samples.
+      labels: ``[N]`` categorical (ints, bools or strings), the class of each sample.
+      positive: the class to score every cluster for; None scores each cluster for its majority class.
+      qualifying: optional bool ``[N]``; with it a cluster qualifies only when more than ``min_qualifying_fraction``
+        of its members of the scored class are qualifying samples (without it, when it has one such member).
+      min_qualifying_fraction: in [0, 1).
+
+    Returns:
+      One :class:`ClusterScore` per cluster, clustering by clustering, in cluster order.
+
+    Raises:
+      PolcaError: for labels that are not a non-empty ``[N]`` array, a ``qualifying`` that is not bool ``[N]``, a
+        fraction outside [0, 1), or a clustering of another N.
+
+    Example:
+      ``clustering``, ``labels``: the setup of :class:`Clustering`'s example (samples 0–5 clustered; classes
+      a a a | b b a).
+
+      >>> scores = analysis.cluster_label_scores([clustering], labels)
+      >>> [(s.cluster, s.label, round(s.homogeneity, 3), round(s.recall, 3), round(s.base_rate, 3)) for s in scores]
+      [(0, 'a', 1.0, 0.75, 0.571), (1, 'b', 0.667, 1.0, 0.429)]
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
@@ -96,10 +127,23 @@ def top_clusters(records: list[ClusterScore], n: int = 3, *, qualifying_only: bo
                  one_per_direction: bool = False) -> list[ClusterScore]:
     """The n most homogeneous clusters, most homogeneous first (Table 8/10 rows).
 
-    qualifying_only: consider only qualifying clusters.
-    one_per_direction: first reduce each direction to its most homogeneous cluster (the paper's "homogeneity of a
-    basis vector"), so the rows come from n different directions. The paper's caption reads "the three most
-    homogeneous clusters across all vectors", hence the default False.
+    Args:
+      records: :class:`ClusterScore` records, as :func:`cluster_label_scores` gives them.
+      n: how many to return (fewer when fewer qualify).
+      qualifying_only: consider only qualifying clusters.
+      one_per_direction: first reduce each direction to its most homogeneous cluster (the paper's "homogeneity of a
+        basis vector"), so the rows come from n different directions. The paper's caption reads "the three most
+        homogeneous clusters across all vectors", hence the default False.
+
+    Returns:
+      Up to n records, by decreasing homogeneity (ties keep their input order).
+
+    Example:
+      ``clustering``, ``labels``: the setup of :class:`Clustering`'s example.
+
+      >>> scores = analysis.cluster_label_scores([clustering], labels)
+      >>> [(s.cluster, s.label, s.homogeneity) for s in analysis.top_clusters(scores, 1)]
+      [(0, 'a', 1.0)]
     """
     candidates = [record for record in records if record.qualifies or not qualifying_only]
     candidates.sort(key=lambda record: record.homogeneity, reverse=True)  # stable: ties keep their input order
@@ -114,7 +158,21 @@ def top_clusters(records: list[ClusterScore], n: int = 3, *, qualifying_only: bo
 
 
 def max_homogeneity(records: list[ClusterScore], *, qualifying_only: bool = True) -> float:
-    """The highest homogeneity over the (qualifying) clusters (Table 1); NaN if there is none."""
+    """The highest homogeneity over the (qualifying) clusters (Table 1); NaN if there is none.
+
+    Args:
+      records: :class:`ClusterScore` records, as :func:`cluster_label_scores` gives them.
+      qualifying_only: consider only qualifying clusters.
+
+    Returns:
+      The largest ``homogeneity``, or NaN.
+
+    Example:
+      ``clustering``, ``labels``: the setup of :class:`Clustering`'s example.
+
+      >>> round(analysis.max_homogeneity(analysis.cluster_label_scores([clustering], labels, positive="b")), 3)
+      0.667
+    """
     top = top_clusters(records, 1, qualifying_only=qualifying_only)
     return top[0].homogeneity if top else float("nan")
 

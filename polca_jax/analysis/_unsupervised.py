@@ -62,18 +62,54 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
 
 
 def shape_features(curves) -> np.ndarray:
-    """Scale- and sign-invariant trajectories: curves float[n, T] -> float[n, T], each row divided by its L2 norm
-    and multiplied by −1 where its last value is positive (so every row ends at or below zero). Zero rows stay zero."""
+    """Scale- and sign-invariant trajectories: curves float[n, T] -> float[n, T], each row of unit norm, ending <= 0.
+
+    Each row is divided by its L2 norm and multiplied by −1 where its last value is positive (so every row ends at
+    or below zero). Zero rows stay zero.
+
+    Args:
+      curves: float[n, T], one trajectory per sample.
+
+    Returns:
+      float[n, T], the normalised rows.
+
+    Raises:
+      PolcaError: for curves that are not a finite, non-empty float[n, T] array.
+
+    Example:
+      >>> analysis.shape_features(np.array([[1.0, 2.0, 2.0], [2.0, -1.0, -2.0]])).round(3).tolist()
+      [[-0.333, -0.667, -0.667], [0.667, -0.333, -0.667]]
+    """
     curves = checked_array(curves, "curves", 2)
     flip = np.where(curves[:, -1:] > 0, -1.0, 1.0)
     return _unit_rows(curves * flip)
 
 
 def allocation_profiles(projected_loss, *, directions=None) -> np.ndarray:
-    """Each sample's allocation profile: projected_loss float[T, N, K] -> float[N, K'], the final projected loss
-    along each of the K' = len(directions) directions (default all K), divided by its L2 norm over them (a zero
-    profile stays zero). Scale-invariant; the sign of each entry (did the direction lower or raise the sample's
-    loss) is kept."""
+    """Each sample's allocation profile: projected_loss float[T, N, K] -> float[N, K'], of unit norm per sample.
+
+    The profile is the final projected loss (minus the first) along each of the K' = len(directions) directions,
+    divided by its L2 norm over them (a zero profile stays zero). Scale-invariant; the sign of each entry (did the
+    direction lower or raise the sample's loss) is kept.
+
+    Args:
+      projected_loss: float[T, N, K], the cumulative projected loss.
+      directions: the K' directions to use (default all K).
+
+    Returns:
+      float[N, K'], one profile per sample.
+
+    Raises:
+      PolcaError: for a projected loss that is not a finite float[T, N, K] array, or directions that are empty or
+        out of range.
+
+    Example:
+      ``projected_loss``: the setup of :class:`Clustering`'s example (direction 1 undoes half of direction 0; sample
+      7's loss rises where the others' fall).
+
+      >>> analysis.allocation_profiles(projected_loss)[[0, 7]].round(3).tolist()
+      [[-0.894, 0.447], [0.894, -0.447]]
+    """
     projected_loss = checked_array(projected_loss, "projected_loss", 3)
     final = projected_loss[-1] - projected_loss[0]  # [N, K]
     if directions is not None:
@@ -82,11 +118,31 @@ def allocation_profiles(projected_loss, *, directions=None) -> np.ndarray:
 
 
 def gradient_norm_features(norms, *, max_components: int = 10, seed: int = 0) -> np.ndarray:
-    """A label-free control that needs no POLCA: norms float[N, B] of each sample's gradient over B parameter blocks
-    (:func:`polca_jax.per_sample_gradient_norms`) -> float[N, C]: each row as shares of its sum (where the sample's
-    gradient lies, whatever its size), reduced to its first C = min(max_components, N, B) principal components.
-    Samples that use different parameters separate here without any training dynamics; a POLCA finding should do
-    better than clusters of these rows."""
+    """A label-free control that needs no POLCA: per-block gradient norms float[N, B] -> features float[N, C].
+
+    Each row of the norms of a sample's gradient over B parameter blocks (:func:`polca_jax.per_sample_gradient_norms`)
+    is taken as shares of its sum (where the sample's gradient lies, whatever its size), then reduced to its first
+    C = min(max_components, N, B) principal components. Samples that use different parameters separate here
+    without any training dynamics; a POLCA finding should do better than clusters of these rows.
+
+    Args:
+      norms: float[N, B], non-negative.
+      max_components: the most principal components kept.
+      seed: PCA's ``random_state``.
+
+    Returns:
+      float[N, C], the features (cluster them with :func:`cluster_features`).
+
+    Raises:
+      PolcaError: for norms that are not a finite float[N, B] array or are negative.
+
+    Example:
+      Samples 0 and 1 use the first block only, at different scales; sample 2 the second.
+
+      >>> features = analysis.gradient_norm_features(np.array([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0]]))
+      >>> features.shape, bool(np.allclose(features[0], features[1]))
+      ((3, 2), True)
+    """
     norms = checked_array(norms, "norms", 2)
     if np.any(norms < 0):
         raise PolcaError("norms must be >= 0 (gradient norms per block)")
@@ -97,8 +153,31 @@ def gradient_norm_features(norms, *, max_components: int = 10, seed: int = 0) ->
 
 
 def joint_features(projected_loss, *, directions=None, max_components: int = 10, seed: int = 0) -> np.ndarray:
-    """Whole trajectories over all directions at once: projected_loss float[T, N, K] -> float[N, C], each sample's
-    [T·K'] trajectories divided by its norm, then the first C = min(max_components, N, T·K') principal components."""
+    """Whole trajectories over all directions at once: projected_loss float[T, N, K] -> features float[N, C].
+
+    Each sample's [T·K'] trajectories are divided by their norm, then reduced to the first
+    C = min(max_components, N, T·K') principal components.
+
+    Args:
+      projected_loss: float[T, N, K], the cumulative projected loss.
+      directions: the K' directions to use (default all K).
+      max_components: the most principal components kept.
+      seed: PCA's ``random_state``.
+
+    Returns:
+      float[N, C], the features (cluster them with :func:`cluster_features`).
+
+    Raises:
+      PolcaError: for a projected loss that is not a finite float[T, N, K] array, or directions that are empty or
+        out of range.
+
+    Example:
+      ``projected_loss``: the setup of :class:`Clustering`'s example (samples 0 and 1 differ only in scale).
+
+      >>> features = analysis.joint_features(projected_loss, max_components=2)
+      >>> features.shape, bool(np.allclose(features[0], features[1])), bool(np.allclose(features[0], features[3]))
+      ((8, 2), True, False)
+    """
     projected_loss = checked_array(projected_loss, "projected_loss", 3)
     if directions is not None:
         projected_loss = projected_loss[:, :, _checked_directions(directions, projected_loss.shape[2])]
@@ -132,14 +211,39 @@ def cluster_features(
     num_samples: int | None = None,
     direction: int | None = None,
 ) -> Clustering:
-    """Cluster feature rows float[n, F] with ``method``, without labels -> a :class:`Clustering` over
-    ``num_samples`` samples (default n) in which row i is sample ``sample_indices[i]`` (default i).
+    """Cluster feature rows float[n, F] with ``method``, without labels -> a :class:`Clustering`.
 
-    method: ``hdbscan`` (the package's HDBSCAN, min_samples = n / min_samples_divisor as the paper's); ``kmeans``
-      and ``agglomerative`` (Ward) with the cluster count in [2, max_clusters] of highest silhouette; ``gmm``
-      (full-covariance Gaussian mixture) with the count in [1, max_clusters] of lowest BIC. The count-based methods
-      have no noise label; a cluster smaller than ``min_cluster_size`` is marked noise (-1) for every method, so
-      all report clusters of the same minimum size.
+    The clustering covers ``num_samples`` samples (default n), in which row i is sample ``sample_indices[i]``
+    (default i); the others get -1.
+
+    Args:
+      features: float[n, F], one row per clustered sample.
+      method: one of :data:`CLUSTERERS`: ``hdbscan`` (the package's HDBSCAN, min_samples = n / min_samples_divisor
+        as the paper's); ``kmeans`` and ``agglomerative`` (Ward) with the cluster count in [2, max_clusters] of
+        highest silhouette; ``gmm`` (full-covariance Gaussian mixture) with the count in [1, max_clusters] of lowest
+        BIC. The count-based methods have no noise label; a cluster smaller than ``min_cluster_size`` is marked
+        noise (-1) for every method, so all report clusters of the same minimum size.
+      min_cluster_size, min_samples_divisor: as in :func:`hdbscan_params` (no reference scaling).
+      max_clusters: the largest cluster count the count-based methods try (>= 2).
+      seed: ``random_state`` of k-means, the Gaussian mixture and the silhouette.
+      sample_indices: int[n], the sample of each row (default ``arange(n)``).
+      num_samples: N, the samples the labels cover (default n).
+      direction: stored as the clustering's ``direction``.
+
+    Returns:
+      A :class:`Clustering` (its ``normalize`` field holds the method's name for the count-based methods).
+
+    Raises:
+      PolcaError: for features that are not a finite float[n, F] array, an unknown method, ``max_clusters`` that
+        is not an integer >= 2, sample indices that do not match the rows or lie outside [0, N), or settings
+        :func:`hdbscan_params` refuses.
+
+    Example:
+      ``projected_loss``: the setup of :class:`Clustering`'s example; k-means on samples 0–5 along direction 0.
+
+      >>> found = analysis.cluster_features(projected_loss[:, :6, 0].T, method="kmeans", min_cluster_size=2)
+      >>> found.labels.tolist(), found.num_clusters
+      ([0, 0, 0, 1, 1, 1], 2)
     """
     features = checked_array(features, "features", 2)
     if method not in CLUSTERERS:
@@ -220,12 +324,35 @@ def strategy_clusterings(
 ) -> list[Clustering]:
     """The clusterings one unsupervised strategy (see the module docstring) makes of projected_loss float[T, N, K].
 
-    clusterer: for ``profile`` and ``joint`` (and ``shape``), the method of :func:`cluster_features`; ``paper`` and
-      ``unit`` are the paper's HDBSCAN (only ``"hdbscan"`` is accepted for them).
-    directions: the directions to use; None: those kept by the oscillation filter for the per-direction strategies
-      (as the paper) and all K for ``profile`` and ``joint`` (a sample's whole allocation; a direction the filter
-      drops still carries part of it).
-    min_cluster_size: used as given (no scaling by a reference sample count).
+    Args:
+      projected_loss: float[T, N, K], the cumulative projected loss.
+      strategy: one of :data:`STRATEGIES`: ``paper``, ``unit``, ``shape`` (one clustering per direction),
+        ``profile``, ``joint`` (one clustering of all directions jointly).
+      clusterer: for ``profile`` and ``joint`` (and ``shape``), the method of :func:`cluster_features`; ``paper`` and
+        ``unit`` are the paper's HDBSCAN (only ``"hdbscan"`` is accepted for them).
+      min_cluster_size: used as given (no scaling by a reference sample count).
+      min_samples_divisor: as in :func:`hdbscan_params`.
+      directions: the directions to use; None: those kept by the oscillation filter for the per-direction strategies
+        (as the paper) and all K for ``profile`` and ``joint`` (a sample's whole allocation; a direction the filter
+        drops still carries part of it).
+      max_clusters, seed: as in :func:`cluster_features`.
+
+    Returns:
+      A list of :class:`Clustering`: one per direction (``paper``, ``unit``, ``shape``) or one (``profile``,
+      ``joint``).
+
+    Raises:
+      PolcaError: for an unknown strategy or clusterer, a clusterer other than ``"hdbscan"`` for ``paper`` or
+        ``unit``, and the inputs the functions it calls refuse.
+
+    Example:
+      ``projected_loss``: the setup of :class:`Clustering`'s example. ``shape`` clusters every sample, scale and
+      sign removed: sample 7, rising linearly, joins sample 6, falling linearly.
+
+      >>> [c.labels.tolist() for c in analysis.strategy_clusterings(projected_loss, "paper", min_cluster_size=3)]
+      [[0, 0, 0, 1, 1, 1, 0, -1]]
+      >>> [c.labels.tolist() for c in analysis.strategy_clusterings(projected_loss, "shape", min_cluster_size=3)]
+      [[0, 0, 0, 1, 1, 1, 0, 0]]
     """
     projected_loss = checked_array(projected_loss, "projected_loss", 3)
     if strategy not in STRATEGIES:
@@ -258,9 +385,29 @@ def strategy_clusterings(
 
 
 def adjusted_rand(clustering: Clustering, labels) -> float:
-    """scikit-learn's adjusted Rand index between the clustering and labels [N], over the samples the clustering
-    put in a cluster (``labels >= 0``: kept by its filter and not HDBSCAN noise). NaN when fewer than 2 samples are
-    clustered or they hold a single true class (the index is then 1 for any single cluster: no evidence)."""
+    """scikit-learn's adjusted Rand index between the clustering and true labels [N], over its clustered samples.
+
+    The clustered samples are those the clustering put in a cluster (``labels >= 0``: kept by its filter and not
+    HDBSCAN noise).
+
+    Args:
+      clustering: the :class:`Clustering`.
+      labels: [N], the true class of each sample.
+
+    Returns:
+      The index (1 for a perfect match, about 0 for chance); NaN when fewer than 2 samples are clustered or they
+      hold a single true class (the index is then 1 for any single cluster: no evidence).
+
+    Raises:
+      PolcaError: for labels that are not ``[N]``.
+
+    Example:
+      ``clustering``, ``labels``: the setup of :class:`Clustering`'s example (clusters 0 0 0 | 1 1 1 against
+      a a a | b b a).
+
+      >>> round(analysis.adjusted_rand(clustering, labels), 3)
+      0.324
+    """
     labels = _checked_truth(labels, clustering.num_samples)
     clustered = clustering.labels >= 0
     if np.count_nonzero(clustered) < 2 or np.unique(labels[clustered]).size < 2:
@@ -289,8 +436,27 @@ def _ari_of_codes(truth: np.ndarray, found: np.ndarray, num_found: int) -> np.nd
 
 
 def ari_pvalue(clustering: Clustering, labels, *, num_permutations: int = 1000, seed: int | None = 0) -> float:
-    """Permutation p-value of :func:`adjusted_rand`: the true labels permuted among the clustered samples with the
-    clusters fixed, (1 + #{null ARI ≥ observed}) / (1 + B) for B = num_permutations. NaN where the ARI is NaN."""
+    """Permutation p-value of :func:`adjusted_rand`: (1 + #{null ARI ≥ observed}) / (1 + B).
+
+    The null permutes the true labels among the clustered samples with the clusters fixed.
+
+    Args:
+      clustering, labels: as in :func:`adjusted_rand`.
+      num_permutations: B.
+      seed: for ``numpy.random.default_rng``.
+
+    Returns:
+      The p-value; NaN where the ARI is NaN.
+
+    Raises:
+      PolcaError: for ``num_permutations`` that is not a positive ``int``, or labels that are not ``[N]``.
+
+    Example:
+      ``clustering``, ``labels``: the setup of :class:`Clustering`'s example (6 clustered samples: weak evidence).
+
+      >>> round(analysis.ari_pvalue(clustering, labels, num_permutations=200), 3)
+      0.463
+    """
     if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
         raise PolcaError(f"num_permutations must be a positive integer, got {num_permutations!r}")
     if np.isnan(adjusted_rand(clustering, labels)):
@@ -307,14 +473,18 @@ def ari_pvalue(clustering: Clustering, labels, *, num_permutations: int = 1000, 
 
 @dataclass(frozen=True)
 class GroupRecovery:
-    """How well one true class is recovered by the best of a strategy's clusters.
+    """How well one true class is recovered by the best of a strategy's clusters (see :func:`group_recovery`).
 
-    best: (direction, cluster) of the cluster with the highest F1 for the class (recall over all members of the
-      class), or None when no cluster holds any member.
-    homogeneity, recall, f1: that cluster's; recall = its members of the class / all ``size`` members of the class
-      (the paper's recall divides by the class members its clustering clustered: ``recall_clustered``).
-    recovered: whether *some* cluster reaches homogeneity ≥ min_homogeneity at recall ≥ min_recall (recall over all
-      members of the class).
+    Attributes:
+      label: the class.
+      size: its number of samples.
+      best: (direction, cluster) of the cluster with the highest F1 for the class (recall over all members of the
+        class), or None when no cluster holds any member.
+      homogeneity, recall, f1: that cluster's; recall = its members of the class / all ``size`` members of the class
+        (the paper's recall divides by the class members its clustering clustered: ``recall_clustered``).
+      recall_clustered: that cluster's members of the class / the members of the class its clustering clustered.
+      recovered: whether *some* cluster reaches homogeneity ≥ min_homogeneity at recall ≥ min_recall (recall over all
+        members of the class).
     """
 
     label: object
@@ -329,8 +499,27 @@ class GroupRecovery:
 
 def group_recovery(clusterings: list[Clustering], labels, *, min_homogeneity: float = 0.9,
                    min_recall: float = 0.5) -> list[GroupRecovery]:
-    """One :class:`GroupRecovery` per class of labels [N] (in sorted class order), over every cluster of
-    ``clusterings``."""
+    """One :class:`GroupRecovery` per class of labels [N] (in sorted class order), over all clusters of ``clusterings``.
+
+    Args:
+      clusterings: :class:`Clustering` of the same N samples (e.g. those of one strategy).
+      labels: [N], the true class of each sample.
+      min_homogeneity, min_recall: what a cluster must reach, both in (0, 1], for the class to count as recovered.
+
+    Returns:
+      A list of :class:`GroupRecovery`, one per class.
+
+    Raises:
+      PolcaError: for thresholds outside (0, 1], clusterings of different sample counts, or labels that are not
+        ``[N]``.
+
+    Example:
+      ``clustering``, ``labels``: the setup of :class:`Clustering`'s example.
+
+      >>> [(g.label, g.size, g.best, round(g.homogeneity, 3), g.recall, g.recovered)
+      ...  for g in analysis.group_recovery([clustering], labels)]
+      [('a', 4, (0, 0), 1.0, 0.75, True), ('b', 4, (0, 1), 0.667, 0.5, False)]
+    """
     if not (0 < min_homogeneity <= 1 and 0 < min_recall <= 1):
         raise PolcaError(f"min_homogeneity and min_recall must lie in (0, 1], got {min_homogeneity}, {min_recall}")
     num_samples = {c.num_samples for c in clusterings}
