@@ -13,7 +13,6 @@ b, its members' losses should rise more than the other samples' (docs/pipeline.m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import jax

@@ -74,6 +74,15 @@ def choose_method(samples_per_sequence: int, num_directions: int) -> Literal["re
     return "forward" if num_directions < 4 * samples_per_sequence else "reverse"
 
 
+def _resolved_method(method: str, samples_per_sequence: int, num_directions: int) -> Literal["reverse", "forward"]:
+    """``method`` with ``"auto"`` replaced by :func:`choose_method`'s choice; an unknown method is a PolcaError."""
+    if method == "auto":
+        return choose_method(samples_per_sequence, num_directions)
+    if method not in ("reverse", "forward"):
+        raise PolcaError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
+    return method
+
+
 def per_sample_projections(
     per_sample_loss_fn: PerSampleLossFn,
     params: PyTree,
@@ -222,10 +231,7 @@ def projections_curvature_and_losses(
     params = shard_params(params, mesh)
     directions, num_directions = _directions(basis, params, what, mesh)
     samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
-    if method == "auto":
-        method = choose_method(samples, num_directions)
-    if method not in ("reverse", "forward"):
-        raise PolcaError(f"method must be 'auto', 'reverse' or 'forward', got {method!r}")
+    method = _resolved_method(method, samples, num_directions)
     method = "curvature" if curvature else method
     if chunk_size is None:
         chunk_size = _default_chunk("forward" if method == "curvature" else method, samples)
@@ -610,8 +616,7 @@ def projection_kernel_cost(
       ``argument_bytes`` (as XLA reports them for the whole pass) and ``flops``.
 
     Raises:
-      PolcaError: for the inputs :func:`per_sample_projections` refuses, except an unknown ``method`` (not checked
-        here: it raises ``KeyError``).
+      PolcaError: for the inputs :func:`per_sample_projections` refuses.
 
     Example:
       ``params``, ``batch``, ``per_sample_loss``: the least squares of :func:`polca_jax.hvp`'s example.
@@ -623,9 +628,10 @@ def projection_kernel_cost(
     """
     what = "projection_kernel_cost"
     n_seq = _check_inputs(what, params, batch, mesh)
+    params = shard_params(params, mesh)  # laid out as the kernels it measures lay it out
     directions, num_directions = _directions(basis, params, what, mesh)
     samples = _samples_per_sequence(per_sample_loss_fn, params, batch, n_seq, what)
-    method = choose_method(samples, num_directions) if method == "auto" else method
+    method = _resolved_method(method, samples, num_directions)
     kind = "curvature" if curvature else method
     if chunk_size is None:
         chunk_size = _default_chunk("forward" if curvature else method, samples)

@@ -136,6 +136,9 @@ def test_cluster_directions_maps_labels_back_and_filters():
     unfiltered = cluster_directions(projected_loss, directions=[1, 0], filter_samples=False, min_cluster_size=10)
     assert [c.direction for c in unfiltered] == [1, 0]
     assert all(c.sample_indices.size == 66 for c in unfiltered)
+    for bad, message in [([0.7], "must be integer indices"), ([2], r"must lie in \[0, 2\)"), ([True], "integer")]:
+        with pytest.raises(PolcaError, match=message):  # never silently truncated to direction 0
+            cluster_directions(projected_loss, directions=bad, min_cluster_size=10)
 
 
 def test_cluster_signal_for_baselines():
@@ -345,3 +348,13 @@ def test_gradient_norm_features_are_shares_of_each_sample_s_gradient_reduced_by_
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), np.linalg.norm(shares - shares.mean(0), axis=1))
     with pytest.raises(PolcaError, match="norms must be >= 0"):
         gradient_norm_features(-norms)
+
+
+def test_every_permutation_count_takes_a_numpy_integer():
+    from polca_jax.analysis import ari_pvalue, homogeneity_pvalues
+    clustering = Clustering(np.repeat([0, 1], 20), None, np.arange(40), 5, None, metric="euclidean", normalize=None)
+    labels = np.repeat(["a", "b"], 20)
+    assert ari_pvalue(clustering, labels, num_permutations=np.int64(50)) == pytest.approx(1 / 51)
+    assert homogeneity_pvalues(clustering, labels, num_permutations=np.int64(50)).num_permutations == 50
+    with pytest.raises(PolcaError, match="positive integer"):
+        ari_pvalue(clustering, labels, num_permutations=np.float64(50))

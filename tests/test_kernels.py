@@ -1,7 +1,6 @@
 """Kernels against slow, obvious float64 references: dense Hessians, numpy.linalg.eigh, loops over jax.grad."""
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.cluster import HDBSCAN
 
 from polca_jax._files import load_npz, save_npz_atomic
-from polca_jax.analysis._arrays import checked_array
+from polca_jax.analysis._arrays import checked_array, checked_directions
 from polca_jax.analysis._filters import kept_directions, relying_samples
 from polca_jax.errors import PolcaError
 
@@ -255,9 +255,7 @@ def cluster_directions(projected_loss, *, directions=None, filter_samples: bool 
     _, num_samples, num_directions = projected_loss.shape
     if directions is None:
         directions = np.flatnonzero(kept_directions(projected_loss))
-    directions = np.asarray(directions, dtype=np.int64).reshape(-1)
-    if np.any((directions < 0) | (directions >= num_directions)):
-        raise PolcaError(f"directions must lie in [0, {num_directions}), got {directions.tolist()}")
+    directions = checked_directions(directions, num_directions)
     relying = relying_samples(projected_loss) if filter_samples else np.ones((num_samples, num_directions), bool)
     return [
         _cluster_samples(projected_loss[:, :, k].T, np.flatnonzero(relying[:, k]), int(k), **options)

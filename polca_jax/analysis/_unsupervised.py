@@ -36,7 +36,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from polca_jax.analysis._arrays import checked_array
+from polca_jax.analysis._arrays import checked_array, checked_directions
 from polca_jax.analysis._clustering import (
     DEFAULT_MIN_SAMPLES_DIVISOR,
     Clustering,
@@ -188,11 +188,9 @@ def joint_features(projected_loss, *, directions=None, max_components: int = 10,
 
 
 def _checked_directions(directions, num_directions: int) -> np.ndarray:
-    directions = np.asarray(directions, dtype=np.int64).reshape(-1)
+    directions = checked_directions(directions, num_directions)
     if directions.size == 0:
         raise PolcaError("no directions to build features from (the selection is empty)")
-    if np.any((directions < 0) | (directions >= num_directions)):
-        raise PolcaError(f"directions must lie in [0, {num_directions}), got {directions.tolist()}")
     return directions
 
 
@@ -449,7 +447,7 @@ def ari_pvalue(clustering: Clustering, labels, *, num_permutations: int = 1000, 
       The p-value; NaN where the ARI is NaN.
 
     Raises:
-      PolcaError: for ``num_permutations`` that is not a positive ``int``, or labels that are not ``[N]``.
+      PolcaError: for ``num_permutations`` that is not a positive integer, or labels that are not ``[N]``.
 
     Example:
       ``clustering``, ``labels``: the setup of :class:`Clustering`'s example (6 clustered samples: weak evidence).
@@ -457,7 +455,7 @@ def ari_pvalue(clustering: Clustering, labels, *, num_permutations: int = 1000, 
       >>> round(analysis.ari_pvalue(clustering, labels, num_permutations=200), 3)
       0.463
     """
-    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int | np.integer) or num_permutations < 1:
         raise PolcaError(f"num_permutations must be a positive integer, got {num_permutations!r}")
     if np.isnan(adjusted_rand(clustering, labels)):
         return float("nan")
