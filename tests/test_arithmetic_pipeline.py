@@ -13,7 +13,7 @@ from synthetic_runs import synthetic_run
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config
+from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config, read_metrics
 from polca_jax.pipeline._cli import main
 from polca_jax.pipeline._registry import variants_of
 from polca_jax.pipeline.tasks.arithmetic import PAPER_CPU_CUTS
@@ -51,13 +51,13 @@ def test_resume_skips_finished_stages(interrupted_then_resumed, check_resumed):
 @pytest.mark.slow
 def test_the_tiny_preset_gives_the_metrics_of_the_experiment_specific_pipeline(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
-    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    variants = read_metrics(run_dir / "metrics.json").variants
     assert set(PINNED_TINY) <= set(variants)  # and the allocation-profile strategies, which came later
     for variant, (clusters, homogeneity, hidden) in PINNED_TINY.items():
         ours = variants[variant]
-        assert ours["num_clusters"] == clusters, variant
-        assert ours["label_sets"]["carry"]["max_homogeneity"] == pytest.approx(homogeneity), variant
-        assert ours["hidden_breakthrough_fraction"] == pytest.approx(hidden), variant
+        assert ours.num_clusters == clusters, variant
+        assert ours.label_sets["carry"].max_homogeneity == pytest.approx(homogeneity), variant
+        assert ours.hidden_breakthrough_fraction == pytest.approx(hidden), variant
 
 
 @pytest.mark.slow
@@ -96,21 +96,21 @@ def test_metrics_are_those_of_the_saved_clusters(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
     label_sets, _ = load_labels(run_dir)
     carry, place = label_sets["carry"].values, label_sets["place"].values
-    metrics = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    metrics = read_metrics(run_dir / "metrics.json").variants
     for variant, reported in metrics.items():
         clusterings = analysis.load_clusterings(run_dir / "clusters" / f"{variant}.npz")
         scores = analysis.cluster_label_scores(clusterings, carry, positive=True, qualifying=np.isin(place, (1, 2)))
         per_sample_signal = variant in ("exact_loss", "loss_change")  # scored without the qualifying rule
         top = analysis.top_clusters(scores, 3, qualifying_only=not per_sample_signal)
-        assert reported["num_clusters"] == sum(c.num_clusters for c in clusterings)
-        reported_top = reported["label_sets"]["carry"]["top_clusters"]
-        assert [(r["direction"], r["cluster"], r["homogeneity"]) for r in reported_top] == [
+        assert reported.num_clusters == sum(c.num_clusters for c in clusterings)
+        reported_top = reported.label_sets["carry"].top_clusters
+        assert [(r.direction, r.cluster, r.homogeneity) for r in reported_top] == [
             (r.direction, r.cluster, r.homogeneity) for r in top]
         for record in reported_top:  # homogeneity is the carry fraction of the cluster's members
-            clustering = next(c for c in clusterings if c.direction == record["direction"])
-            members = clustering.members(record["cluster"])
-            assert record["size"] == members.size
-            assert record["homogeneity"] == pytest.approx(carry[members].mean())
+            clustering = next(c for c in clusterings if c.direction == record.direction)
+            members = clustering.members(record.cluster)
+            assert record.size == members.size
+            assert record.homogeneity == pytest.approx(carry[members].mean())
 
 
 PAPER_CPU_CUTS_TINY = {"polca_every": 10, "polca_until": 40, "ablation_bases": "parameter_axes,random"}
@@ -136,7 +136,7 @@ def test_the_paper_cpu_cuts_run_end_to_end_on_the_tiny_preset(tmp_path):
     for name in ("hessian", "parameter_axes", "random"):
         assert pj.POLCAResult.load(run_dir / "polca" / name).steps.tolist() == list(range(0, 41, 10))
     assert pj.OrbaxCheckpoints(run_dir / "checkpoints").steps == config.checkpoint_steps  # the final step 60 too
-    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    variants = read_metrics(run_dir / "metrics.json").variants
     assert {"exact_loss", "lca", "first_order_polca", "polca", "random_basis"} <= set(variants)
     assert "shuffled_hessian" not in variants
     report = (run_dir / "report" / "report.md").read_text()

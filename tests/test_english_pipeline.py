@@ -13,7 +13,7 @@ import pytest
 import polca_jax as pj
 from polca_jax import _tree as tree
 from polca_jax import analysis
-from polca_jax.pipeline import build_task, load_labels, load_task_definition, make_config, open_run
+from polca_jax.pipeline import build_task, load_labels, load_task_definition, make_config, open_run, read_metrics
 from polca_jax.pipeline._cli import main
 from polca_jax.pipeline.models import TransformerConfig, init_params
 from polca_jax.pipeline.tasks.english import language_model_loss_fns, target_positions, training_batches
@@ -52,13 +52,13 @@ def test_resume_skips_finished_stages(interrupted_then_resumed, check_resumed):
 @pytest.mark.slow
 def test_the_tiny_preset_gives_the_results_of_the_experiment_specific_pipeline(interrupted_then_resumed):
     run_dir, _ = interrupted_then_resumed
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir / "metrics.json")
     labels = json.loads((run_dir / "report" / "cluster_labels.json").read_text())
     ours = {
-        "kept_directions": metrics["filters"]["hessian"]["kept_directions"],
-        "polca_clusters": metrics["variants"]["polca"]["num_clusters"],
-        "exact_loss_clusters": metrics["variants"]["exact_loss"]["num_clusters"],
-        "polca_hidden": metrics["variants"]["polca"]["hidden_breakthrough_fraction"],
+        "kept_directions": metrics.filters["hessian"].kept_directions,
+        "polca_clusters": metrics.variants["polca"].num_clusters,
+        "exact_loss_clusters": metrics.variants["exact_loss"].num_clusters,
+        "polca_hidden": metrics.variants["polca"].hidden_breakthrough_fraction,
         "simply_labelled_directions": len({r["direction"] for r in labels["variants"]["polca"]
                                            if r["label"]["simple"]}),
     }

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import polca_jax as pj
-from polca_jax.pipeline import load_task_definition, make_config, open_run, run
+from polca_jax.pipeline import load_task_definition, make_config, open_run, read_metrics, run
 from polca_jax.pipeline._cli import main
 from polca_jax.pipeline._training import train
 
@@ -37,10 +37,10 @@ def example_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_worked_example_runs_end_to_end(example_run):
-    metrics = json.loads((example_run / "metrics.json").read_text())
-    assert metrics["settings"]["threshold_source"].startswith("automatic")
-    polca = metrics["variants"]["polca"]
-    assert polca["num_clusters"] > 0 and "skill" in polca["label_sets"]
+    metrics = read_metrics(example_run / "metrics.json")
+    assert metrics.settings.threshold_source.startswith("automatic")
+    polca = metrics.variants["polca"]
+    assert polca.num_clusters > 0 and "skill" in polca.label_sets
     report = (example_run / "report" / "report.md").read_text()
     assert "Label set `skill`" in report and "slow wave" in report and "#### Direction" in report
     assert json.loads((example_run / "config.json").read_text())["task"] == EXAMPLE

@@ -4,7 +4,6 @@ exact-loss curves equal sample by sample when mirrored, the late group absent fr
 invariances, the clusterers and scores on constructed data, clear errors, and the tiny preset end to end."""
 
 import dataclasses
-import json
 import re
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from polca_jax import analysis
 from polca_jax import analysis as unsup
-from polca_jax.pipeline import load_task_definition, run
+from polca_jax.pipeline import load_task_definition, read_metrics, run
 from polca_jax.pipeline.tasks.planted import make_spec
 from polca_jax.pipeline.tasks.planted._model import parameter_roles
 from polca_jax.pipeline.tasks.planted._scores import matched_loss_gap, strategy_summary
@@ -319,7 +318,7 @@ def test_the_gradient_covariance_and_preconditioned_hessian_bases_run_as_ablatio
     preconditioned = pj.Basis.load(tmp_path / "run" / "basis" / "preconditioned_hessian")
     assert preconditioned.method == "preconditioned_hessian" and preconditioned.size == hessian.size
     assert pj.POLCAResult.load(tmp_path / "run" / "polca" / "preconditioned_hessian").config["eigenvalues"] == "current"
-    variants = json.loads((tmp_path / "run" / "metrics.json").read_text())["variants"]
+    variants = read_metrics(tmp_path / "run" / "metrics.json").variants
     assert {"covariance_basis", "covariance_profile", "covariance_gradients", "unscaled_covariance_basis",
             "unscaled_covariance_gradients", "preconditioned_basis", "preconditioned_profile",
             "preconditioned_gradients"} <= set(variants)
@@ -335,10 +334,10 @@ def test_the_entangled_tiny_preset_runs_end_to_end_with_its_strategies_and_contr
     text = report.read_text()
     assert "## Planted ground truth" in text and "POLCA, projected-gradient trajectories" in text
     assert "Planted late breakthrough: group B enters training at step 100" in text
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert {"polca_gradients", "random_gradients", "gradient_norms"} <= set(metrics["variants"])
-    verdict = metrics["verdicts"]["group"]
-    assert verdict["control"] is None or verdict["control"]["homogeneity"] < 0.9  # the control is blind here
+    metrics = read_metrics(tmp_path / "run" / "metrics.json")
+    assert {"polca_gradients", "random_gradients", "gradient_norms"} <= set(metrics.variants)
+    verdict = metrics.verdicts["group"]
+    assert verdict.control is None or verdict.control.homogeneity < 0.9  # the control is blind here
 
 
 @pytest.mark.slow
@@ -346,8 +345,8 @@ def test_the_tiny_preset_runs_end_to_end_with_its_ground_truth(tmp_path):
     report = run(TASK, tmp_path / "run", preset="tiny", progress=False, log=lambda _: None)
     text = report.read_text()
     assert "## Planted ground truth" in text and "Random orthonormal basis" in text
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert "group" in metrics["variants"]["polca"]["label_sets"]
+    metrics = read_metrics(tmp_path / "run" / "metrics.json")
+    assert "group" in metrics.variants["polca"].label_sets
     import polca_jax as pj
     result = pj.POLCAResult.load(tmp_path / "run" / "polca" / "hessian")
     groups = np.load(tmp_path / "run" / "labels.npz")["label:group"]
@@ -365,9 +364,9 @@ def test_the_tiny_preset_runs_end_to_end_with_its_ground_truth(tmp_path):
     # gives the groups away without POLCA, and the verdict weighs every finding against it
     [control] = analysis.load_clusterings(tmp_path / "run" / "clusters" / "gradient_norms.npz")
     assert strategy_summary([control], groups)["best_ari"] >= 0.9
-    verdict = metrics["verdicts"]["group"]
-    assert verdict["control"]["homogeneity"] >= 0.9 and verdict["control"]["beats_null"]
-    assert verdict["beyond_controls"] is (False if verdict["found"] else None)
+    verdict = metrics.verdicts["group"]
+    assert verdict.control.homogeneity >= 0.9 and verdict.control.beats_null
+    assert verdict.beyond_controls is (False if verdict.found else None)
     line = next(line for line in text.splitlines() if line.startswith("- **group: "))
     assert "a label-free control does as well" in line or "a label-free control finds it" in line
     # the trivial label-free control: with a private input block per group, where a sample's gradient lies in the

@@ -2,7 +2,6 @@
 decomposed, clustered, scored against the nulls, reported and planned like the built-in ones; registering refuses
 what would break the built-in ones, and a config naming an unregistered basis says what to do."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 import polca_jax as pj
-from polca_jax.pipeline import BASES, VARIANTS, BasisKind, RunConfig, Variant, register_basis
+from polca_jax.pipeline import BASES, VARIANTS, BasisKind, RunConfig, Variant, read_metrics, register_basis
 from polca_jax.pipeline._registry import basis_kind
 from polca_jax.pipeline._stages import _check_built_basis
 
@@ -88,8 +87,7 @@ def test_the_one_file_basis_example_runs_and_appears_in_the_report_the_nulls_and
     basis = pj.Basis.load(tmp_path / "run" / "basis" / "training_steps")
     assert basis.method == "training_steps" and basis.size == 5  # the tiny preset's 5 basis checkpoints
     basis.check_orthonormal()
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert {"training_steps", "training_steps_profile"} <= set(metrics["variants"])
+    assert {"training_steps", "training_steps_profile"} <= set(read_metrics(tmp_path / "run" / "metrics.json").variants)
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     nulls = report[report.index("## Against the nulls"):]
     assert "| Training-step basis |" in nulls and "| Training-step basis, allocation profiles |" in nulls

@@ -15,11 +15,13 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax._files import write_json_atomic
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline import LabelSet, RunConfig, RunDirectory, load_labels, load_task_definition, run_stages
+from polca_jax.pipeline import (LabelSet, RunConfig, RunDirectory, load_labels, load_task_definition, read_metrics,
+                                run_stages)
 from polca_jax.pipeline import run as polca_run
 from polca_jax.pipeline._config import apply_overrides
 from polca_jax.pipeline._host_settings import host_result
-from polca_jax.pipeline._score import permutation_tests
+from polca_jax.pipeline._results import ClusterRecord, LabelScore, StrategyResult
+from polca_jax.pipeline._score import label_verdict, permutation_tests
 from polca_jax.pipeline._report import write_report
 
 PAPER_HEADINGS = ("### Table 1", "### Table 8", "### Table 9", "### Table 10", "### Table 11")
@@ -31,7 +33,7 @@ def finished(tmp_path_factory):
     run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
                log=lambda _: None)
     text = (run / "report" / "report.md").read_text()
-    return run, text, json.loads((run / "metrics.json").read_text())
+    return run, text, read_metrics(run / "metrics.json")
 
 
 def linked_figures(report_path, text):
@@ -40,60 +42,59 @@ def linked_figures(report_path, text):
 
 def test_the_planted_late_carry_drop_is_found_scored_and_called_hidden(finished):
     _, _, metrics = finished
-    polca = metrics["variants"]["polca"]
-    assert metrics["filters"]["hessian"]["kept_directions"] == [0, 1]
-    best = polca["label_sets"]["carry"]["top_clusters"][0]
-    assert (best["direction"], best["class"], best["homogeneity"], best["recall"]) == (0, True, 1.0, 1.0)
-    assert best["base_rate"] == pytest.approx(10 / 40)
-    carry_cluster = next(c for c in polca["clusters"] if c["direction"] == 0 and c["cluster"] == best["cluster"])
-    assert carry_cluster["hidden"] and carry_cluster["breakthrough_step"] > THRESHOLD
-    assert carry_cluster["labels"]["place"]["class"] in (1, 2)
+    polca = metrics.variants["polca"]
+    assert metrics.filters["hessian"].kept_directions == [0, 1]
+    best = polca.label_sets["carry"].top_clusters[0]
+    assert (best.direction, best.scored_class, best.homogeneity, best.recall) == (0, True, 1.0, 1.0)
+    assert best.base_rate == pytest.approx(10 / 40)
+    carry_cluster = next(c for c in polca.clusters if c.direction == 0 and c.cluster == best.cluster)
+    assert carry_cluster.hidden and carry_cluster.breakthrough_step > THRESHOLD
+    assert carry_cluster.labels["place"].scored_class in (1, 2)
     # the samples nearest the medoid are members of the cluster
     place, carry = synthetic_labels()
-    assert all(carry[i] for i in carry_cluster["nearest_samples"])
-    place_best = polca["label_sets"]["place"]["top_clusters"][0]  # direction 1 isolates the 1000s tokens
-    assert (place_best["direction"], place_best["class"], place_best["homogeneity"]) == (1, 0, 1.0)
-    exact = metrics["variants"]["exact_loss"]["label_sets"]["carry"]
-    assert exact["max_homogeneity"] is None or exact["max_homogeneity"] < 1.0
+    assert all(carry[i] for i in carry_cluster.nearest_samples)
+    place_best = polca.label_sets["place"].top_clusters[0]  # direction 1 isolates the 1000s tokens
+    assert (place_best.direction, place_best.scored_class, place_best.homogeneity) == (1, 0, 1.0)
+    exact = metrics.variants["exact_loss"].label_sets["carry"]
+    assert exact.max_homogeneity is None or exact.max_homogeneity < 1.0
 
 
 def test_the_planted_clusters_beat_their_nulls_and_the_causal_check_finds_their_direction(finished):
     _, text, metrics = finished
-    polca = metrics["variants"]["polca"]
-    carry_cluster = next(c for c in polca["clusters"] if c["direction"] == 0 and c["labels"]["carry"]["homogeneity"]
-                         == 1.0)
-    carry = carry_cluster["labels"]["carry"]
+    polca = metrics.variants["polca"]
+    carry_cluster = next(c for c in polca.clusters if c.direction == 0 and c.labels["carry"].homogeneity == 1.0)
+    carry = carry_cluster.labels["carry"]
     # 10 carry tokens among 40: a pure cluster of 10 happens by chance with probability 1 / C(40, 10)
-    assert carry["testable"] and carry["pvalue"] < 0.01 and carry["beats_null"]
-    assert carry["pvalue_adjusted"] >= carry["pvalue"]
-    assert carry_cluster["causal"]["rank"] == 1 and carry_cluster["causal"]["difference"] > 0.9
-    assert carry_cluster["causal"]["hurt_more"] and carry_cluster["causal"]["pvalue_adjusted"] < 0.05
+    assert carry.testable and carry.pvalue < 0.01 and carry.beats_null
+    assert carry.pvalue_adjusted >= carry.pvalue
+    assert carry_cluster.causal.rank == 1 and carry_cluster.causal.difference > 0.9
+    assert carry_cluster.causal.hurt_more and carry_cluster.causal.pvalue_adjusted < 0.05
     # hidden, but 6 checkpoints leave Eq. 9 four candidate steps: shuffled increments land as late too often
-    null = carry_cluster["breakthrough_null"]
-    assert carry_cluster["hidden"] and 0.2 < null["null_hidden_rate"] < 0.8 and not null["beats_null"]
-    others = [c for c in polca["clusters"] if c["direction"] == 0 and c is not carry_cluster]
-    assert all(c["causal"]["difference"] < 0 and not c["causal"]["hurt_more"] for c in others)
-    assert polca["causal"]["hurt_more_than_others"] >= 2  # the carry cluster and direction 1's 1000s cluster
+    null = carry_cluster.breakthrough_null
+    assert carry_cluster.hidden and 0.2 < null.null_hidden_rate < 0.8 and not null.beats_null
+    others = [c for c in polca.clusters if c.direction == 0 and c is not carry_cluster]
+    assert all(c.causal.difference < 0 and not c.causal.hurt_more for c in others)
+    assert polca.causal.hurt_more_than_others >= 2  # the carry cluster and direction 1's 1000s cluster
     assert "## Against the nulls" in text and "## Causal check" in text and "✓" in text
     assert "*The random-basis null is not run: `--set ablations=true` adds it.*" in text
 
 
 def test_each_label_set_gets_a_verdict_the_planted_carry_found_the_coin_flips_not(finished):
     _, text, metrics = finished
-    verdicts = metrics["verdicts"]
+    verdicts = metrics.verdicts
     carry = verdicts["carry"]
-    assert carry["found"] and carry["best"]["strategy"] in ("polca", "first_order_polca", "polca_profile")
-    assert carry["best"]["homogeneity"] == 1.0 and carry["best"]["recall"] == 1.0 and carry["best"]["beats_null"]
-    assert verdicts["place"]["found"]  # direction 1 isolates the 1000s tokens
+    assert carry.found and carry.best.strategy in ("polca", "first_order_polca", "polca_profile")
+    assert carry.best.homogeneity == 1.0 and carry.best.recall == 1.0 and carry.best.beats_null
+    assert verdicts["place"].found  # direction 1 isolates the 1000s tokens
     coin = verdicts["coin"]
-    assert not coin["found"] and coin["best"] is not None and not coin["best"]["beats_null"]
+    assert not coin.found and coin.best is not None and not coin.best.beats_null
     findings = text.split("## What this run found")[1].split("## Strategies")[0]
     line = next(line for line in findings.splitlines() if "**carry: found** —" in line)
     assert re.search(r"direction \d, cluster \d, homogeneity 1\.000 \(recall 1\.000\), Holm p = [0-9.e-]+", line)
     coin_line = next(line for line in findings.splitlines() if "**coin: not found**" in line)
     assert re.search(r"\(best .+ [01]\.\d{3}, p = [0-9.e-]+\)", coin_line)
     assert "**What \"found\" requires:**" in findings and "Holm-corrected p < 0.05" in findings
-    assert "within each class" not in carry["condition"] and "'place' in [1, 2]" in carry["condition"]
+    assert "within each class" not in carry.condition and "'place' in [1, 2]" in carry.condition
     assert "(`carry` scored for class 'True'; qualifying: more than 85%" in findings
 
 
@@ -104,10 +105,10 @@ def test_a_causal_difference_of_1e_7_inside_noise_is_no_effect(tmp_path):
     np.save(run / "causal" / "hessian.npy", noise + 1e-7 * np.stack([carry, place == 0, carry]))
     run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
                log=lambda _: None)
-    polca = json.loads((run / "metrics.json").read_text())["variants"]["polca"]
-    checked = [c["causal"] for c in polca["clusters"]]
-    assert checked and polca["causal"]["positive_difference"] >= 1  # some differences are positive ...
-    assert polca["causal"]["hurt_more_than_others"] == 0 and not any(c["hurt_more"] for c in checked)  # ... no effect
+    polca = read_metrics(run / "metrics.json").variants["polca"]
+    checked = [c.causal for c in polca.clusters]
+    assert checked and polca.causal.positive_difference >= 1  # some differences are positive ...
+    assert polca.causal.hurt_more_than_others == 0 and not any(c.hurt_more for c in checked)  # ... no effect
     text = (run / "report" / "report.md").read_text()
     assert "**Rule:** a cluster is hurt more than the rest when" in text and "Holm-corrected across" in text
     assert "POLCA: 0 of 4 clusters hurt more than the rest beyond noise" in text
@@ -160,8 +161,8 @@ def test_a_stratified_label_set_is_scored_and_reported_as_such(tmp_path):
     run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
                log=lambda _: None)
     assert load_labels(run)[0]["carry"].stratify_by == "place"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["variants"]["polca"]["label_sets"]["carry"]["stratified_by"] == "place"
+    metrics = read_metrics(run / "metrics.json")
+    assert metrics.variants["polca"].label_sets["carry"].stratified_by == "place"
     text = (run / "report" / "report.md").read_text()
     assert "The permutation null shuffles `carry` within each class of `place`" in text
 
@@ -238,7 +239,7 @@ def test_reclustering_with_another_min_cluster_size_redoes_only_the_host_stages(
     text = (out / "report" / "report.md").read_text()
     line = next(line for line in text.splitlines() if "**Settings of these results:**" in line)
     assert "min_cluster_size=12," in line and "min_cluster_size 5 → 12" in line
-    assert not json.loads((out / "metrics.json").read_text())["verdicts"]["carry"]["found"]
+    assert not read_metrics(out / "metrics.json").verdicts["carry"].found
 
 
 def test_a_change_of_a_setting_the_earlier_stages_used_is_refused_naming_it(finished_arithmetic):
@@ -275,30 +276,33 @@ def test_another_second_order_is_redone_from_the_stored_arrays(finished_arithmet
 
 
 def test_a_finding_that_a_label_free_control_matches_is_marked_so():
-    from polca_jax.pipeline._score import label_verdict
-
     def strategy(label, homogeneity, beats_null=True):
-        score = {"class": 1, "qualifies": True, "beats_null": beats_null, "homogeneity": homogeneity,
-                 "pvalue_adjusted": 0.001 if beats_null else 0.5, "recall": 0.8, "base_rate": 0.5}
-        return {"label": label, "clusters": [{"direction": 0, "cluster": 0, "size": 40, "labels": {"group": score}}]}
+        score = LabelScore(scored_class=1, homogeneity=homogeneity, recall=0.8, f1=0.5, base_rate=0.5, qualifies=True,
+                           pvalue=0.001, pvalue_adjusted=0.001 if beats_null else 0.5, beats_null=beats_null,
+                           testable=True)
+        cluster = ClusterRecord(direction=0, cluster=0, size=40, breakthrough_step=None, hidden=None,
+                                breakthrough_null=None, labels={"group": score})
+        return StrategyResult(label=label, basis="hessian", trajectory="projected_loss", num_directions=1,
+                              num_clusters=1, hidden_breakthrough_fraction=None, hidden_beating_null_fraction=None,
+                              breakthroughs=[], label_sets={}, causal=None, clusters=[cluster])
 
     config = RunConfig(task="t", preset=None, task_options={})
     label_set = LabelSet(np.array([0, 1] * 40), positive=1)
     for control, beyond in ((0.95, True), (0.97, False), (0.99, False)):
         variants = {"polca": strategy("POLCA", 0.97), "gradient_norms": strategy("Control", control, False)}
         verdict = label_verdict("group", label_set, variants, config)
-        assert verdict["found"] and verdict["beyond_controls"] is beyond, control
-        assert verdict["control"]["homogeneity"] == control and verdict["control"]["strategy"] == "gradient_norms"
-        assert verdict["recovers_class"]  # homogeneity 0.97 at recall 0.8
+        assert verdict.found and verdict.beyond_controls is beyond, control
+        assert verdict.control.homogeneity == control and verdict.control.strategy == "gradient_norms"
+        assert verdict.recovers_class  # homogeneity 0.97 at recall 0.8
     partial = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.7)}, config)
-    assert partial["found"] and partial["recovers_class"] is False
-    assert partial["beyond_random_twin"] is None and partial["random_twin"] is None  # the random basis did not run
+    assert partial.found and partial.recovers_class is False
+    assert partial.beyond_random_twin is None and partial.random_twin is None  # the random basis did not run
     for random, beyond in ((0.9, True), (0.97, False)):  # POLCA's random-basis twin, whether or not it beats its null
         verdict = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97),
                                                      "random_basis": strategy("Random", random, False)}, config)
-        assert verdict["beyond_random_twin"] is beyond and verdict["random_twin"]["homogeneity"] == random
+        assert verdict.beyond_random_twin is beyond and verdict.random_twin.homogeneity == random
     without_control = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97)}, config)
-    assert without_control["beyond_controls"] is None and without_control["control"] is None
+    assert without_control.beyond_controls is None and without_control.control is None
     not_found = label_verdict("group", label_set, {"polca": strategy("POLCA", 0.97, False),
                                                    "gradient_norms": strategy("Control", 0.5)}, config)
-    assert not not_found["found"] and not_found["beyond_controls"] is None
+    assert not not_found.found and not_found.beyond_controls is None

@@ -14,11 +14,11 @@ ablation basis).
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import polca_jax as pj
 from polca_jax import analysis
+from polca_jax.pipeline import read_metrics
 from polca_jax.pipeline.tasks.planted import strategy_summary
 
 from trivial_controls import exact_loss_probe_auc, gradient_share_ari, load_planted_run
@@ -39,11 +39,12 @@ def variant_text(options: dict) -> str:
     return ", ".join(parts)
 
 
-def verdict_text(verdict: dict) -> str:
-    if not verdict["found"]:
+def verdict_text(verdict) -> str:
+    """The report's verdict (a ``Verdict`` of :func:`read_metrics`) in a few words."""
+    if not verdict.found:
         return "not found"
-    found = "found" if verdict.get("recovers_class") else "found, partly"
-    return f"{found}, a control as good" if verdict.get("beyond_controls") is False else found
+    found = "found" if verdict.recovers_class else "found, partly"
+    return f"{found}, a control as good" if verdict.beyond_controls is False else found
 
 
 def row(run_dir: Path, strategies) -> list[str]:
@@ -61,8 +62,7 @@ def row(run_dir: Path, strategies) -> list[str]:
     with pj.OrbaxCheckpoints(run_dir / "checkpoints", [int(result.steps[1])]) as store:
         cells.append(f"{gradient_share_ari(task, store[0], groups):.2f}")
     cells.append(f"{exact_loss_probe_auc(result.loss, groups):.2f}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    cells.append(verdict_text(metrics["verdicts"]["group"]))
+    cells.append(verdict_text(read_metrics(run_dir / "metrics.json").verdicts["group"]))
     return cells
 
 

@@ -21,6 +21,7 @@ from polca_jax.pipeline._config import RunConfig, make_config, parse_overrides  
 from polca_jax.pipeline._plan import plan_run  # noqa: E402
 from polca_jax.pipeline._report import write_report  # noqa: E402
 from polca_jax.pipeline._reporting import RunView, load_run_view  # noqa: E402
+from polca_jax.pipeline._results import RunMetrics, read_metrics  # noqa: E402
 from polca_jax.pipeline._run import open_run, run  # noqa: E402
 from polca_jax.pipeline._rundir import RunDirectory, load_labels  # noqa: E402
 from polca_jax.pipeline._registry import (  # noqa: E402
@@ -57,6 +58,7 @@ __all__ = [
     "Qualifier",
     "RunConfig",
     "RunDirectory",
+    "RunMetrics",
     "RunView",
     "Task",
     "TaskDefinition",
@@ -71,6 +73,7 @@ __all__ = [
     "open_run",
     "parse_overrides",
     "plan_run",
+    "read_metrics",
     "register_basis",
     "run",
     "run_stages",

@@ -214,25 +214,36 @@ PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per samp
 JOINT_KINDS = ("profile", "gradients", "gradient_norms")  # one clustering of every sample's features, not per direction
 GROUPS = ("main", "baseline", "ablation", "control")
 
+# the strategies the score stage, the report and the tasks' sections name (every strategy is in VARIANTS)
+EXACT_LOSS = "exact_loss"
+POLCA = "polca"
+FIRST_ORDER_POLCA = "first_order_polca"
+RANDOM_POLCA = "random_basis"  # POLCA along the random basis: the null beside POLCA
+POLCA_PROFILE = "polca_profile"
+RANDOM_PROFILE = "random_profile"
+POLCA_GRADIENTS = "polca_gradients"
+RANDOM_GRADIENTS = "random_gradients"
+GRADIENT_NORMS = "gradient_norms"
+
 VARIANTS: list[Variant] = [
-    Variant("exact_loss", "Exact loss", MAIN_BASIS, "loss", "main"),
+    Variant(EXACT_LOSS, "Exact loss", MAIN_BASIS, "loss", "main"),
     Variant("loss_change", "Change in exact loss", MAIN_BASIS, "loss_change", "baseline", in_nulls=False),
     Variant("fisher", "Fisher information", MAIN_BASIS, "fisher", "baseline", in_nulls=False),
     Variant("lca", "LCA (parameter axes)", "parameter_axes", "first_order", "ablation", in_nulls=False),
-    Variant("first_order_polca", "First-order POLCA", MAIN_BASIS, "first_order", "baseline"),
-    Variant("polca", "POLCA", MAIN_BASIS, "projected_loss", "main", random_twin="random_basis"),
-    Variant("random_basis", "Random orthonormal basis", RANDOM_BASIS, "projected_loss", "ablation"),
+    Variant(FIRST_ORDER_POLCA, "First-order POLCA", MAIN_BASIS, "first_order", "baseline"),
+    Variant(POLCA, "POLCA", MAIN_BASIS, "projected_loss", "main", random_twin=RANDOM_POLCA),
+    Variant(RANDOM_POLCA, "Random orthonormal basis", RANDOM_BASIS, "projected_loss", "ablation"),
     Variant("shuffled_hessian", "Random shuffled Hessian", "shuffled_hessian", "projected_loss", "ablation"),
-    Variant("polca_profile", "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline",
-            random_twin="random_profile"),
-    Variant("random_profile", "Random basis, allocation profiles", RANDOM_BASIS, "profile", "ablation"),
+    Variant(POLCA_PROFILE, "POLCA, allocation profiles", MAIN_BASIS, "profile", "baseline",
+            random_twin=RANDOM_PROFILE),
+    Variant(RANDOM_PROFILE, "Random basis, allocation profiles", RANDOM_BASIS, "profile", "ablation"),
     Variant("covariance_basis", "Scaled gradient covariance basis", "scaled_gradient_covariance", "projected_loss",
             "ablation"),
     Variant("covariance_profile", "Scaled gradient covariance, allocation profiles", "scaled_gradient_covariance",
             "profile", "ablation"),
-    Variant("polca_gradients", "POLCA, projected-gradient trajectories", MAIN_BASIS, "gradients", "baseline",
-            random_twin="random_gradients"),
-    Variant("random_gradients", "Random basis, projected-gradient trajectories", RANDOM_BASIS, "gradients",
+    Variant(POLCA_GRADIENTS, "POLCA, projected-gradient trajectories", MAIN_BASIS, "gradients", "baseline",
+            random_twin=RANDOM_GRADIENTS),
+    Variant(RANDOM_GRADIENTS, "Random basis, projected-gradient trajectories", RANDOM_BASIS, "gradients",
             "ablation"),
     Variant("covariance_gradients", "Scaled gradient covariance, projected-gradient trajectories",
             "scaled_gradient_covariance", "gradients", "ablation"),
@@ -246,7 +257,7 @@ VARIANTS: list[Variant] = [
             "profile", "ablation"),
     Variant("preconditioned_gradients", "Preconditioned Hessian, projected-gradient trajectories",
             "preconditioned_hessian", "gradients", "ablation"),
-    Variant("gradient_norms", "Control: gradient norm per parameter block", MAIN_BASIS, "gradient_norms", "control"),
+    Variant(GRADIENT_NORMS, "Control: gradient norm per parameter block", MAIN_BASIS, "gradient_norms", "control"),
 ]  # the report's order
 BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
 

@@ -19,7 +19,9 @@ import numpy as np
 
 from polca_jax.pipeline import _reporting as reporting
 from polca_jax.pipeline._reporting import MISSING, RunView, load_run_view
-from polca_jax.pipeline._registry import STAGES, VARIANTS
+from polca_jax.pipeline._registry import (EXACT_LOSS, POLCA, POLCA_PROFILE, RANDOM_POLCA, RANDOM_PROFILE, STAGES,
+                                          VARIANTS)
+from polca_jax.pipeline._results import Breakthrough, CausalCheck, LabelScore, StrategyResult, TopCluster
 from polca_jax.pipeline._task import BUILTIN_TASKS, TaskDefinition, load_task_definition
 
 MAX_DIRECTION_FIGURES = 6
@@ -112,97 +114,100 @@ def _findings(view: RunView) -> list[str]:
         done = [stage for stage in STAGES if stage in view.stages]
         return [f"*No numbers yet: the score stage has not run (finished stages: {', '.join(done) or 'none'}).*"]
     bullets = _verdict_lines(view) + _settings_lines(view)
-    polca = view.variants.get("polca")
-    filters = view.metrics.get("filters", {}).get("hessian")
+    polca = view.variants.get(POLCA)
+    filters = view.hessian_filter
     config = view.config
     if filters is not None:
-        kept, total = filters["kept_directions"], filters["num_directions"]
+        kept = filters.kept_directions
         listed = ": " + ", ".join(map(str, kept)) if kept else ""
-        bullets.append(f"**Oscillation filter:** {len(kept)} of {total} basis directions pass (a direction is kept "
-                       f"when its mean projected loss falls over training){listed}.")
+        bullets.append(f"**Oscillation filter:** {len(kept)} of {filters.num_directions} basis directions pass (a "
+                       f"direction is kept when its mean projected loss falls over training){listed}.")
         if not kept:
-            rises = np.asarray(filters["mean_final_projected_loss"])
+            rises = np.asarray(filters.mean_final_projected_loss)
             bullets.append(
                 f"**POLCA found no cluster because no direction passed the oscillation filter**: in every direction "
                 f"the mean projected loss ends higher than it starts (by {rises.min():+.3g} to {rises.max():+.3g}). "
                 + _second_order_advice(config.get("second_order")))
     if view.result is not None:
-        advised = filters is not None and not filters["kept_directions"]
+        advised = filters is not None and not filters.kept_directions
         bullets.append(_coverage_line(view, advise=not advised))
-    if polca is not None and filters is not None and filters["kept_directions"]:
-        clustered = sorted({c["direction"] for c in polca["clusters"]})
-        bullets.append(f"**POLCA:** {polca['num_clusters']} cluster(s) in {len(clustered)} of "
-                       f"{len(filters['kept_directions'])} kept directions.")
-        if polca["num_clusters"] == 0:
-            bullets.append(_no_cluster_advice(view, "polca"))
-        unclustered = sorted(set(filters["kept_directions"]) - set(clustered))
-        if unclustered and polca["num_clusters"]:
+    if polca is not None and filters is not None and filters.kept_directions:
+        clustered = sorted({c.direction for c in polca.clusters})
+        bullets.append(f"**POLCA:** {polca.num_clusters} cluster(s) in {len(clustered)} of "
+                       f"{len(filters.kept_directions)} kept directions.")
+        if polca.num_clusters == 0:
+            bullets.append(_no_cluster_advice(view, POLCA))
+        unclustered = sorted(set(filters.kept_directions) - set(clustered))
+        if unclustered and polca.num_clusters:
             bullets.append(f"Kept directions where HDBSCAN found only noise: {', '.join(map(str, unclustered))} "
                            "(their projected loss is still plotted below).")
-    exact = view.variants.get("exact_loss")
-    if exact is not None and exact["num_clusters"] == 0:
-        bullets.append("**Exact loss:** no cluster. " + _no_cluster_advice(view, "exact_loss"))
+    exact = view.variants.get(EXACT_LOSS)
+    if exact is not None and exact.num_clusters == 0:
+        bullets.append("**Exact loss:** no cluster. " + _no_cluster_advice(view, EXACT_LOSS))
     for name, label_set in view.label_sets.items():
         bullets.append(_best_clusters_line(view, name, label_set))
-    if view.label_sets and any(view.variants.get(v, {}).get("num_clusters") for v in ("polca", "random_basis")):
+    if view.label_sets and any(view.variants[v].num_clusters for v in (POLCA, RANDOM_POLCA) if v in view.variants):
         bullets.append(_against_chance_line(view))
-    threshold = view.setting("threshold_step")
-    source = view.metrics.get("settings", {}).get("threshold_source", "config")
-    if polca is not None and polca.get("hidden_breakthrough_fraction") is not None:
-        hidden = [b for b in polca["breakthroughs"] if b["hidden"]]
-        beating = sum(bool(b.get("null", {}).get("beats_null")) for b in hidden)
-        bullets.append(f"**Breakthroughs:** {len(hidden)} of {len(polca['breakthroughs'])} POLCA clusters have their "
-                       f"mean breakthrough step (Eq. 9, Δ = {view.setting('window_steps')}) after τ = {threshold} "
-                       f"({source}), i.e. hidden by the flat exact loss (Eq. 10); {beating} of them are later than "
-                       "the same increments shuffled in time would make them (p < "
-                       f"{view.metrics['settings'].get('significance', 0.05)}).")
+    settings = view.metrics.settings
+    if polca is not None and polca.hidden_breakthrough_fraction is not None:
+        hidden = [b for b in polca.breakthroughs if b.hidden]
+        bullets.append(f"**Breakthroughs:** {len(hidden)} of {len(polca.breakthroughs)} POLCA clusters have their "
+                       f"mean breakthrough step (Eq. 9, Δ = {settings.window_steps}) after τ = "
+                       f"{settings.threshold_step} ({settings.threshold_source}), i.e. hidden by the flat exact loss "
+                       f"(Eq. 10); {_beating_their_null(hidden)} of them are later than the same increments shuffled "
+                       f"in time would make them (p < {settings.significance}).")
     return ["\n".join(f"- {bullet}" for bullet in bullets)]
+
+
+def _beating_their_null(hidden: list[Breakthrough]) -> int:
+    """How many hidden breakthroughs beat their shuffled-increment null."""
+    return sum(b.null is not None and b.null.beats_null for b in hidden)
 
 
 def _verdict_lines(view: RunView) -> list[str]:
     """One line per label set, found or not found (``metrics.json`` ``verdicts``), and what "found" requires."""
-    verdicts = view.metrics.get("verdicts") or {}
+    verdicts = view.metrics.verdicts
     lines, rules = [], []
     for name, verdict in verdicts.items():
-        best = verdict.get("best")
-        if verdict["found"]:
-            where = "" if best["direction"] is None else f"direction {best['direction']}, "
-            partly = verdict.get("recovers_class") is False
-            line = (f"**{name}: found{', partly' if partly else ''}** — {best['label']}, {where}cluster "
-                    f"{best['cluster']}, homogeneity {best['homogeneity']:.3f} (recall {best['recall']:.3f}), Holm p = "
-                    f"{best['pvalue_adjusted']:.3g}")
+        best = verdict.best
+        if verdict.found:
+            where = "" if best.direction is None else f"direction {best.direction}, "
+            partly = verdict.recovers_class is False
+            line = (f"**{name}: found{', partly' if partly else ''}** — {best.label}, {where}cluster "
+                    f"{best.cluster}, homogeneity {best.homogeneity:.3f} (recall {best.recall:.3f}), Holm p = "
+                    f"{best.pvalue_adjusted:.3g}")
             if partly:
                 line += (" (a cluster richer in the class than chance, not the class recovered: that needs "
                          "homogeneity >= 0.9 at recall >= 0.5)")
         elif best is None:
             line = f"**{name}: not found** (no qualifying cluster scored for its class)"
         else:
-            p = best["pvalue_adjusted"]
-            line = (f"**{name}: not found** (best {best['label']} {best['homogeneity']:.3f}, "
+            p = best.pvalue_adjusted
+            line = (f"**{name}: not found** (best {best.label} {best.homogeneity:.3f}, "
                     f"p = {MISSING if p is None else f'{p:.3g}'})")
-        if verdict.get("random_basis_found"):
+        if verdict.random_basis_found:
             line += "; the random basis has such a cluster too, so the finding may not need the Hessian basis"
-        twin = verdict.get("random_twin")
-        if verdict.get("beyond_random_twin") is False:
-            line += (f"; **the same strategy along the random basis does as well** ({twin['label']}, homogeneity "
-                     f"{twin['homogeneity']:.3f}), so the finding does not need the Hessian basis")
-        control = verdict.get("control")
-        if verdict.get("beyond_controls") is False:
-            line += (f"; **a label-free control does as well** ({control['label']}, homogeneity "
-                     f"{control['homogeneity']:.3f}), so this finding does not show POLCA at work")
-        elif verdict.get("beyond_controls"):
+        twin = verdict.random_twin
+        if verdict.beyond_random_twin is False:
+            line += (f"; **the same strategy along the random basis does as well** ({twin.label}, homogeneity "
+                     f"{twin.homogeneity:.3f}), so the finding does not need the Hessian basis")
+        control = verdict.control
+        if verdict.beyond_controls is False:
+            line += (f"; **a label-free control does as well** ({control.label}, homogeneity "
+                     f"{control.homogeneity:.3f}), so this finding does not show POLCA at work")
+        elif verdict.beyond_controls:
             line += ("; beyond the label-free controls (best "
-                     + ("none qualifying" if control is None else
-                        f"{control['label']} {control['homogeneity']:.3f}") + ")")
-        elif not verdict["found"] and control is not None and control["beats_null"]:
-            line += (f"; a label-free control finds it ({control['label']}, homogeneity "
-                     f"{control['homogeneity']:.3f}, Holm p = {control['pvalue_adjusted']:.3g})")
+                     + ("none qualifying" if control is None else f"{control.label} {control.homogeneity:.3f}")
+                     + ")")
+        elif not verdict.found and control is not None and control.beats_null:
+            line += (f"; a label-free control finds it ({control.label}, homogeneity "
+                     f"{control.homogeneity:.3f}, Holm p = {control.pvalue_adjusted:.3g})")
         lines.append(line + ".")
-        rules.append(f"`{name}` {verdict.get('condition', '')}")
+        rules.append(f"`{name}` {verdict.condition}")
     if rules:
-        rule = next(iter(verdicts.values()))["rule"]
+        rule = next(iter(verdicts.values())).rule
         lines.append(f"**What \"found\" requires:** {rule}. " + "; ".join(f"({r})" for r in rules) + ".")
-    if any(verdict.get("beyond_controls") is not None for verdict in verdicts.values()):
+    if any(verdict.beyond_controls is not None for verdict in verdicts.values()):
         lines.append("**Against the label-free controls:** a finding shows POLCA at work only when its homogeneity "
                      "exceeds that of the best cluster (scored and qualifying the same way) of a control that needs "
                      "no basis and no training dynamics: where each sample's gradient lies among the parameters (its "
@@ -245,15 +250,14 @@ def _settings_lines(view: RunView) -> list[str]:
 
 def _against_chance_line(view: RunView) -> str:
     """How many clusters of POLCA, of the random basis and of the exact loss beat their permutation null."""
-    level = view.metrics["settings"].get("significance", 0.05)
+    level = view.metrics.settings.significance
     parts = []
-    for variant in ("polca", "random_basis", "polca_profile", "random_profile", "exact_loss"):
+    for variant in (POLCA, RANDOM_POLCA, POLCA_PROFILE, RANDOM_PROFILE, EXACT_LOSS):
         info = view.variants.get(variant)
         if info is None:
             continue
-        beating = sum(any(score.get("beats_null") for score in record["labels"].values())
-                      for record in info["clusters"])
-        parts.append(f"{info['label']} {beating} of {info['num_clusters']}")
+        beating = sum(any(score.beats_null for score in record.labels.values()) for record in info.clusters)
+        parts.append(f"{info.label} {beating} of {info.num_clusters}")
     return (f"**Against chance:** clusters more homogeneous in some label set than the same labels shuffled among "
             f"the samples their clustering saw (Holm-corrected p < {level}): " + "; ".join(parts) + ". A cluster that "
             "does not beat this null is no finding, whatever its homogeneity.")
@@ -308,21 +312,27 @@ def _best_clusters_line(view: RunView, name: str, label_set) -> str:
     cls = label_set.positive
     target = f"class {label_set.name_of(cls)!r}" if cls is not None else "its majority class"
     parts = []
-    for variant in ("polca", "exact_loss", "random_basis"):
+    for variant in (POLCA, EXACT_LOSS, RANDOM_POLCA):
         info = view.variants.get(variant)
         if info is None:
             continue
-        top = info["label_sets"].get(name, {}).get("top_clusters", [])
+        top = _top_clusters(info, name)
         if top:
             best = top[0]
-            where = "" if best["direction"] is None else f"direction {best['direction']}, "
-            parts.append(f"{info['label']} {best['homogeneity']:.3f} ({where}cluster {best['cluster']}, "
-                         f"{best['size']} samples, base rate {best['base_rate']:.3f})")
+            where = "" if best.direction is None else f"direction {best.direction}, "
+            parts.append(f"{info.label} {best.homogeneity:.3f} ({where}cluster {best.cluster}, "
+                         f"{best.size} samples, base rate {best.base_rate:.3f})")
         else:
-            parts.append(f"{info['label']} {MISSING}")
+            parts.append(f"{info.label} {MISSING}")
     qualifier = " among qualifying clusters" if label_set.qualifier is not None else ""
     return (f"**Label set `{name}`** (scored for {target}{qualifier}): the most homogeneous cluster — "
             + "; ".join(parts) + ".")
+
+
+def _top_clusters(info: StrategyResult, name: str) -> list[TopCluster]:
+    """A strategy's most homogeneous clusters for label set ``name`` (none when it was not scored)."""
+    summary = info.label_sets.get(name)
+    return [] if summary is None else summary.top_clusters
 
 
 # ---------------------------------------------------------------- tables
@@ -339,13 +349,19 @@ def _strategies_table(view: RunView) -> str:
             rows.append([variant.label, variant.basis, variant.trajectory, NOT_RUN, NOT_RUN, NOT_RUN,
                          *[NOT_RUN] * len(names)])
             continue
-        rows.append([info["label"], info["basis"], info["trajectory"], str(info["num_directions"]),
-                     str(info["num_clusters"]), reporting.number(info["hidden_breakthrough_fraction"]),
-                     *[reporting.number(info["label_sets"].get(name, {}).get("max_homogeneity")) for name in names]])
+        rows.append([info.label, info.basis, info.trajectory, str(info.num_directions), str(info.num_clusters),
+                     reporting.number(info.hidden_breakthrough_fraction),
+                     *[reporting.number(_max_homogeneity(info, name)) for name in names]])
     note = (f"`{NOT_RUN}`: the strategy is off in this config (`baselines`, `ablations`, `ablation_bases`); "
             f"`{MISSING}`: no value (no cluster, or none qualifies). Homogeneity is the share of a cluster's samples "
             "in the label set's scored class; per-direction strategies count only qualifying clusters.")
     return reporting.markdown_table(header, rows) + "\n\n" + note
+
+
+def _max_homogeneity(info: StrategyResult, name: str) -> float | None:
+    """A strategy's best homogeneity for label set ``name`` (None: no qualifying cluster, or not scored)."""
+    summary = info.label_sets.get(name)
+    return None if summary is None else summary.max_homogeneity
 
 
 def _label_set_sections(view: RunView) -> list[str]:
@@ -364,14 +380,14 @@ def _label_set_sections(view: RunView) -> list[str]:
             info = view.variants.get(variant.name)
             if info is None:
                 continue
-            top = info["label_sets"].get(name, {}).get("top_clusters", [])
+            top = _top_clusters(info, name)
             if not top:
-                rows.append([info["label"], "—", "—", "—", "—", "—", "no qualifying cluster", "", "", "", ""])
+                rows.append([info.label, "—", "—", "—", "—", "—", "no qualifying cluster", "", "", "", ""])
             for rank, record in enumerate(top):
-                rows.append([info["label"] if rank == 0 else "", str(rank + 1),
-                             "—" if record["direction"] is None else str(record["direction"]),
-                             str(record["cluster"]), str(record["size"]), label_set.name_of(record["class"]),
-                             *[reporting.number(record[key]) for key in ("homogeneity", "base_rate", "recall", "f1")],
+                rows.append([info.label if rank == 0 else "", str(rank + 1),
+                             "—" if record.direction is None else str(record.direction),
+                             str(record.cluster), str(record.size), label_set.name_of(record.scored_class),
+                             *map(reporting.number, (record.homogeneity, record.base_rate, record.recall, record.f1)),
                              _pvalue_text(record)])
         parts += [f"## Label set `{name}`",
                   f"The most homogeneous clusters of each strategy, scored for {target}.{rule} Base rate: the "
@@ -382,12 +398,11 @@ def _label_set_sections(view: RunView) -> list[str]:
     return parts
 
 
-def _pvalue_text(score: dict) -> str:
+def _pvalue_text(score: LabelScore) -> str:
     """``0.003 ✓`` (beats the null), ``0.41``, or ``not testable``."""
-    if not score.get("testable", True):
+    if not score.testable:
         return "not testable"
-    adjusted = score.get("pvalue_adjusted")
-    return MISSING if adjusted is None else f"{adjusted:.3g}{' ✓' if score.get('beats_null') else ''}"
+    return f"{score.pvalue_adjusted:.3g}{' ✓' if score.beats_null else ''}"
 
 
 def _nulls_section(view: RunView) -> list[str]:
@@ -396,7 +411,7 @@ def _nulls_section(view: RunView) -> list[str]:
     if view.metrics is None or not view.label_sets:
         return []
     rows_of = sorted((v.name for v in VARIANTS if v.in_nulls and v.name in view.variants),
-                     key=lambda name: name == "exact_loss")  # the strategies, then the exact loss
+                     key=lambda name: name == EXACT_LOSS)  # the strategies, then the exact loss
     header = ["Strategy", "Best homogeneity", "Directions' best: median (25–75%)", "Clusters beating the null",
               "Hidden breakthroughs beating theirs"]
     parts = ["## Against the nulls",
@@ -409,21 +424,21 @@ def _nulls_section(view: RunView) -> list[str]:
     if stratified:
         parts.append("The permutation null shuffles " + ", ".join(stratified) + " (a confounder named by the task): a "
                      "cluster that only separates those classes does not beat it.")
-    if "random_basis" not in view.variants:
+    if RANDOM_POLCA not in view.variants:
         parts.append("*The random-basis null is not run: `--set ablations=true` adds it.*")
     for name, label_set in view.label_sets.items():
         rows = []
         for variant in rows_of:
             info = view.variants[variant]
-            summary = info["label_sets"].get(name, {})
-            spread = summary.get("per_direction_best") or {}
-            hidden = [b for b in info["breakthroughs"] if b["hidden"]]
+            summary = info.label_sets.get(name)
+            spread = None if summary is None else summary.per_direction_best
+            hidden = [b for b in info.breakthroughs if b.hidden]
             rows.append([
-                info["label"], reporting.number(summary.get("max_homogeneity")),
-                MISSING if spread.get("median") is None else
-                f"{spread['median']:.3f} ({spread['q25']:.3f}–{spread['q75']:.3f}) over {spread['directions']}",
-                f"{summary.get('clusters_beating_null', 0)} of {info['num_clusters']}",
-                f"{sum(bool(b.get('null', {}).get('beats_null')) for b in hidden)} of {len(hidden)}",
+                info.label, reporting.number(_max_homogeneity(info, name)),
+                MISSING if spread is None or spread.median is None else
+                f"{spread.median:.3f} ({spread.q25:.3f}–{spread.q75:.3f}) over {spread.directions}",
+                f"{0 if summary is None else summary.clusters_beating_null} of {info.num_clusters}",
+                f"{_beating_their_null(hidden)} of {len(hidden)}",
             ])
         difference = _difference(view, name)
         parts += [f"### Label set `{name}`", reporting.markdown_table(header, rows)]
@@ -433,33 +448,30 @@ def _nulls_section(view: RunView) -> list[str]:
 
 
 def _difference(view: RunView, name: str) -> str | None:
-    polca, random = view.variants.get("polca"), view.variants.get("random_basis")
+    polca, random = view.variants.get(POLCA), view.variants.get(RANDOM_POLCA)
     if polca is None or random is None:
         return None
-    ours = polca["label_sets"].get(name, {}).get("max_homogeneity")
-    theirs = random["label_sets"].get(name, {}).get("max_homogeneity")
+    ours, theirs = _max_homogeneity(polca, name), _max_homogeneity(random, name)
     if ours is None or theirs is None:
         return f"POLCA − random basis, best homogeneity: {MISSING} (one of them has no qualifying cluster)."
-    spread = (random["label_sets"][name].get("per_direction_best") or {})
+    spread = random.label_sets[name].per_direction_best  # a qualifying cluster: q25 and q75 are numbers
     return (f"POLCA − random basis, best homogeneity: {ours - theirs:+.3f}; the random directions' best clusters "
-            f"spread over {spread.get('q25', float('nan')):.3f}–{spread.get('q75', float('nan')):.3f} (25–75%).")
+            f"spread over {spread.q25:.3f}–{spread.q75:.3f} (25–75%).")
 
 
 def _causal_section(view: RunView) -> list[str]:
     """The causal check: per POLCA cluster, the loss increase when its direction is removed, against the rest."""
-    polca = view.variants.get("polca")
-    if polca is None or polca.get("causal") is None:
+    polca = view.variants.get(POLCA)
+    if polca is None or polca.causal is None:
         return [] if view.metrics is None else ["## Causal check", "*Not run (the causal stage has not finished).*"]
-    records = [r for r in polca["clusters"] if r.get("causal")]
+    records = [r for r in polca.clusters if r.causal is not None]
     parts = ["## Causal check",
              "Each POLCA cluster's mean loss increase when its direction's share of the training displacement is "
              "removed from the final parameters (θ_T − ⟨θ_T − θ_0, b⟩ b), against the other samples its clustering "
              "saw. A cluster that is a mechanism living in its direction should be hurt more than the rest, and most "
              "among its direction's clusters (rank 1)."]
-    rule = polca["causal"].get("rule")
-    if rule:
-        parts.append(f"**Rule:** {rule} (✓); a positive difference inside the spread of the same difference over "
-                     "random clusters of the cluster's size (its null's standard deviation, shown) is no effect.")
+    parts.append(f"**Rule:** {polca.causal.rule} (✓); a positive difference inside the spread of the same difference "
+                 "over random clusters of the cluster's size (its null's standard deviation, shown) is no effect.")
     if not records:
         return parts + ["*No POLCA cluster to check.*"]
     names = list(view.label_sets)[:CLUSTER_TABLE_LABEL_SETS]
@@ -467,39 +479,40 @@ def _causal_section(view: RunView) -> list[str]:
               "p (Holm)", "Rank", *[f"`{name}`" for name in names]]
     rows = []
     for r in records:
-        causal = r["causal"]
-        rows.append([str(r["direction"]), str(r["cluster"]), str(r["size"]), f"{causal['member_mean']:+.4g}",
-                     MISSING if causal["others_mean"] is None else f"{causal['others_mean']:+.4g}",
-                     MISSING if causal["difference"] is None else f"{causal['difference']:+.4g}",
-                     MISSING if causal.get("null_std") is None else f"{causal['null_std']:.2g}",
-                     _causal_pvalue_text(causal), str(causal["rank"]),
-                     *[_class_share(view, name, r["labels"].get(name)) for name in names]])
+        causal = r.causal
+        rows.append([str(r.direction), str(r.cluster), str(r.size), f"{causal.member_mean:+.4g}",
+                     _signed(causal.others_mean), _signed(causal.difference),
+                     MISSING if causal.null_std is None else f"{causal.null_std:.2g}",
+                     _causal_pvalue_text(causal), str(causal.rank),
+                     *[_class_share(view, name, r.labels.get(name)) for name in names]])
     parts.append(reporting.markdown_table(header, rows))
     lines = []
-    for variant in ("polca", "random_basis"):
-        summary = (view.variants.get(variant) or {}).get("causal")
-        if summary and summary["clusters"]:
-            positive = summary.get("positive_difference")
-            lines.append(f"{view.variants[variant]['label']}: {summary['hurt_more_than_others']} of "
-                         f"{summary['clusters']} clusters hurt more than the rest beyond noise"
-                         + ("" if positive is None else f" ({positive} with a positive difference)")
-                         + f", median difference {summary['median_difference']:+.4g}")
+    for variant in (POLCA, RANDOM_POLCA):
+        info = view.variants.get(variant)
+        summary = None if info is None else info.causal
+        if summary is not None and summary.clusters:
+            lines.append(f"{info.label}: {summary.hurt_more_than_others} of {summary.clusters} clusters hurt more "
+                         f"than the rest beyond noise ({summary.positive_difference} with a positive difference), "
+                         f"median difference {summary.median_difference:+.4g}")
     if lines:
         parts.append("; ".join(lines) + ".")
     return parts
 
 
-def _causal_pvalue_text(causal: dict) -> str:
-    """``0.001 ✓`` (hurt more beyond noise), ``0.41``, or — (a score stage before the rule)."""
-    adjusted = causal.get("pvalue_adjusted")
-    return MISSING if adjusted is None else f"{adjusted:.3g}{' ✓' if causal.get('hurt_more') else ''}"
+def _causal_pvalue_text(causal: CausalCheck) -> str:
+    """``0.001 ✓`` (hurt more beyond noise) or ``0.41``."""
+    return f"{causal.pvalue_adjusted:.3g}{' ✓' if causal.hurt_more else ''}"
 
 
-def _class_share(view: RunView, name: str, score: dict | None) -> str:
+def _signed(value: float | None) -> str:
+    return MISSING if value is None else f"{value:+.4g}"
+
+
+def _class_share(view: RunView, name: str, score: LabelScore | None) -> str:
     if score is None:
         return MISSING
-    return (f"{view.label_sets[name].name_of(score['class'])} {score['homogeneity']:.0%}"
-            f"{' ✓' if score.get('beats_null') else ''}")
+    return (f"{view.label_sets[name].name_of(score.scored_class)} {score.homogeneity:.0%}"
+            f"{' ✓' if score.beats_null else ''}")
 
 
 # ---------------------------------------------------------------- figures
@@ -540,7 +553,7 @@ def _training_figure(view: RunView, figures_dir: Path) -> str | None:
         points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
         if points:
             axes[0].plot(*zip(*points), color=color, label=label)
-    reporting.mark_steps(axes[0], view.setting("threshold_step"))
+    reporting.mark_steps(axes[0], view.threshold_step)
     axes[0].set(title="loss", xlabel="training step", ylabel="loss")
     axes[0].legend(fontsize=8)
     if extra:
@@ -563,7 +576,7 @@ def _class_loss_figure(view: RunView, figures_dir: Path) -> str | None:
             members = label_set.values == cls
             ax.plot(steps, loss[:, members].mean(axis=1), color=LINE_COLORS(index % 10),
                     label=f"{label_set.name_of(cls)} (n={members.sum()})")
-        reporting.mark_steps(ax, view.setting("threshold_step"))
+        reporting.mark_steps(ax, view.threshold_step)
         ax.set(title=f"mean exact loss by {name}", xlabel="training step")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("exact loss")
@@ -575,8 +588,8 @@ def _directions_overview_figure(view: RunView, figures_dir: Path) -> str:
     steps = result.steps
     mean_projected = np.asarray(result.terms).mean(axis=1).cumsum(axis=0)  # [T-1, K]
     mean_projected = np.concatenate([np.zeros((1, mean_projected.shape[1])), mean_projected])
-    filters = (view.metrics or {}).get("filters", {}).get("hessian")
-    kept = set(filters["kept_directions"]) if filters else set(range(mean_projected.shape[1]))
+    filters = view.hessian_filter
+    kept = set(filters.kept_directions) if filters else set(range(mean_projected.shape[1]))
     figure, (directions_ax, total_ax) = reporting.new_figure(2, panel_width=5.5)
     for direction in range(mean_projected.shape[1]):
         if direction in kept:
@@ -584,7 +597,7 @@ def _directions_overview_figure(view: RunView, figures_dir: Path) -> str:
                                label=f"{direction}" if direction < 10 else None)
         else:
             directions_ax.plot(steps, mean_projected[:, direction], color="0.75", linestyle="--", linewidth=0.8)
-    reporting.mark_steps(directions_ax, view.setting("threshold_step"), view.basis_steps)
+    reporting.mark_steps(directions_ax, view.threshold_step, view.basis_steps)
     directions_ax.set(title="mean projected loss per direction", xlabel="training step",
                       ylabel="mean projected loss $L_b$")
     directions_ax.legend(fontsize=7, title="kept direction", ncols=2)
@@ -606,7 +619,7 @@ def _composition_label_set(view: RunView):
 
 
 def _exact_loss_clusters_section(view: RunView, figures_dir: Path) -> list[str]:
-    clusterings = view.clusterings.get("exact_loss")
+    clusterings = view.clusterings.get(EXACT_LOSS)
     if not clusterings:
         return [f"*Exact-loss clusters: clusters/exact_loss.npz {NOT_RUN}.*"]
     clustering = clusterings[0]
@@ -615,10 +628,10 @@ def _exact_loss_clusters_section(view: RunView, figures_dir: Path) -> list[str]:
     clusters = reporting.shown_clusters(clustering)
     name, label_set = _composition_label_set(view)
     figure, axes = reporting.new_figure(2 if label_set is not None else 1, panel_width=5.5)
-    breakthroughs = reporting.breakthrough_steps(view.variants.get("exact_loss", {}).get("breakthroughs", []), None)
+    breakthroughs = reporting.breakthrough_steps(view.variants.get(EXACT_LOSS), None)
     reporting.plot_cluster_curves(axes[0], view.result.steps, np.asarray(view.result.loss), clustering, clusters,
                                   breakthroughs)
-    reporting.mark_steps(axes[0], view.setting("threshold_step"))
+    reporting.mark_steps(axes[0], view.threshold_step)
     axes[0].set(title=f"exact loss, {reporting.clusters_title(clustering, clusters)}", ylabel="exact loss")
     axes[0].legend(fontsize=8)
     if label_set is not None:
@@ -633,28 +646,27 @@ def _exact_loss_clusters_section(view: RunView, figures_dir: Path) -> list[str]:
 def _directions_to_show(view: RunView) -> list[int]:
     """Kept directions, those holding the best POLCA clusters of any label set first, then clustered ones, then the
     rest, at most ``MAX_DIRECTION_FIGURES``."""
-    filters = (view.metrics or {}).get("filters", {}).get("hessian")
-    kept = filters["kept_directions"] if filters else []
-    polca = view.variants.get("polca", {})
-    best = [record["direction"] for summary in polca.get("label_sets", {}).values()
-            for record in summary.get("top_clusters", [])]
-    clustered = sorted({c["direction"] for c in polca.get("clusters", [])})
+    filters, polca = view.hessian_filter, view.variants.get(POLCA)
+    kept = filters.kept_directions if filters else []
+    best = [] if polca is None else [record.direction for summary in polca.label_sets.values()
+                                     for record in summary.top_clusters]
+    clustered = [] if polca is None else sorted({c.direction for c in polca.clusters})
     ordered = list(dict.fromkeys([*best, *clustered, *kept]))
     return [d for d in ordered if d in kept][:MAX_DIRECTION_FIGURES]
 
 
 def _directions_section(view: RunView, figures_dir: Path) -> list[str]:
     parts = ["### POLCA directions"]
-    clusterings = {c.direction: c for c in view.clusterings.get("polca", [])}
+    clusterings = {c.direction: c for c in view.clusterings.get(POLCA, [])}
     directions = _directions_to_show(view)
     if not directions:
         return parts + ["*No kept direction to show (see \"What this run found\").*"]
-    filters = view.metrics["filters"]["hessian"]
+    kept = view.hessian_filter.kept_directions
     parts.append(
-        f"Directions shown: {', '.join(map(str, directions))} of the {len(filters['kept_directions'])} kept (those "
+        f"Directions shown: {', '.join(map(str, directions))} of the {len(kept)} kept (those "
         f"holding the best clusters first; at most {MAX_DIRECTION_FIGURES}). Left: median projected loss and 25–75% "
         f"band per cluster, dots at each cluster's mean breakthrough step (Eq. 9, Δ = "
-        f"{view.setting_text('window_steps')}), hidden if right of the dotted τ line; a direction without clusters "
+        f"{reporting.value_text(view.window_steps)}), hidden if right of the dotted τ line; a direction without clusters "
         "shows the samples relying on it (projected loss falls) against the rest. Middle: the exact loss of the "
         "same samples — look for sharp projected-loss changes the smooth exact loss hides. Dashed lines: steps "
         "where basis directions were found.")
@@ -665,12 +677,12 @@ def _directions_section(view: RunView, figures_dir: Path) -> list[str]:
                                                f"POLCA direction {direction}", _direction_caption(view, direction,
                                                                                                   clustering)))
         if clustering is not None and clustering.num_clusters:
-            parts.append(_cluster_table(view, "polca", direction))
+            parts.append(_cluster_table(view, POLCA, direction))
     return parts
 
 
 def _direction_caption(view: RunView, direction: int, clustering) -> str:
-    relying = view.metrics["filters"]["hessian"]["relying_samples"][direction]
+    relying = view.hessian_filter.relying_samples[direction]
     if clustering is None or clustering.num_clusters == 0:
         return f"Direction {direction}: no cluster; {relying} samples rely on it."
     return (f"Direction {direction}: {clustering.num_clusters} cluster(s) among the {relying} samples relying on it "
@@ -684,11 +696,10 @@ def _direction_figure(view: RunView, direction: int, clustering, figures_dir: Pa
     name, label_set = _composition_label_set(view)
     clustered = clustering is not None and clustering.num_clusters > 0
     figure, axes = reporting.new_figure(3 if clustered and label_set is not None else 2, panel_width=5.0)
-    threshold = view.setting("threshold_step")
+    threshold = view.threshold_step
     if clustered:
         clusters = reporting.shown_clusters(clustering)
-        breakthroughs = reporting.breakthrough_steps(view.variants.get("polca", {}).get("breakthroughs", []),
-                                                     direction)
+        breakthroughs = reporting.breakthrough_steps(view.variants.get(POLCA), direction)
         reporting.plot_cluster_curves(axes[0], result.steps, projected, clustering, clusters, breakthroughs)
         reporting.plot_cluster_curves(axes[1], result.steps, loss, clustering, clusters, {})
         if label_set is not None:
@@ -723,16 +734,15 @@ def _cluster_table(view: RunView, variant: str, direction) -> str:
         header.append("Samples nearest the medoid")
     rows = []
     for cluster, record in sorted(records.items()):
-        step = record.get("breakthrough_step")
-        null = record.get("breakthrough_null") or {}
-        hidden = (" (after τ" + (", beats its null ✓" if null.get("beats_null") else ", not beyond its null")
-                  + ")") if record.get("hidden") else ""
-        row = [str(cluster), str(record["size"]), MISSING if step is None else f"{step:.0f}{hidden}"]
+        step, null = record.breakthrough_step, record.breakthrough_null
+        beats = null is not None and null.beats_null
+        hidden = (" (after τ" + (", beats its null ✓" if beats else ", not beyond its null") + ")"
+                  if record.hidden else "")
+        row = [str(cluster), str(record.size), MISSING if step is None else f"{step:.0f}{hidden}"]
         for name in names:
-            score = record["labels"].get(name)
-            row.append(MISSING if score is None else
-                       f"{_class_share(view, name, score)} (base {score['base_rate']:.0%})")
+            score = record.labels.get(name)
+            row.append(MISSING if score is None else f"{_class_share(view, name, score)} (base {score.base_rate:.0%})")
         if has_texts:
-            row.append(" ⁞ ".join(str(view.texts[i]) for i in record.get("nearest_samples", [])[:REPORT_TEXTS]))
+            row.append(" ⁞ ".join(str(view.texts[i]) for i in (record.nearest_samples or [])[:REPORT_TEXTS]))
         rows.append(row)
     return reporting.markdown_table(header, rows)

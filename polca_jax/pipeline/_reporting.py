@@ -21,6 +21,8 @@ from polca_jax._files import read_json
 from polca_jax.analysis import Clustering, load_clusterings, quartile_curves
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._host_settings import host_result
+from polca_jax.pipeline._registry import MAIN_BASIS
+from polca_jax.pipeline._results import ClusterRecord, FilterSummary, RunMetrics, StrategyResult, read_metrics
 from polca_jax.pipeline._rundir import load_labels
 from polca_jax.pipeline._task import LabelSet
 
@@ -36,16 +38,17 @@ CLUSTER_COLORS = matplotlib.colormaps["tab10"]
 class RunView:
     """What a run directory holds, for reports; None (or empty) for the parts it lacks.
 
-    config: the raw ``config.json``; log: ``metrics.jsonl`` rows; metrics: ``metrics.json``; label_sets and texts:
-    ``labels.npz`` with ``task.json``; result: the POLCA result along the Hessian basis; basis_steps: the steps its
-    directions were found at; clusterings: variant -> clusterings (``clusters/*.npz``); stages: stage -> record.
+    config: the raw ``config.json``; log: ``metrics.jsonl`` rows; metrics: the records of ``metrics.json``
+    (:func:`read_metrics`); label_sets and texts: ``labels.npz`` with ``task.json``; result: the POLCA result along
+    the Hessian basis; basis_steps: the steps its directions were found at; clusterings: variant -> clusterings
+    (``clusters/*.npz``); stages: stage -> record.
     """
 
     directory: Path
     config: dict
     task_info: dict | None
     log: list[dict]
-    metrics: dict | None
+    metrics: RunMetrics | None
     label_sets: dict[str, LabelSet]
     texts: np.ndarray | None
     result: POLCAResult | None
@@ -54,22 +57,29 @@ class RunView:
     stages: dict[str, dict]
 
     @property
-    def variants(self) -> dict:
-        return (self.metrics or {}).get("variants", {})
+    def variants(self) -> dict[str, StrategyResult]:
+        """strategy -> its results (empty before the score stage)."""
+        return {} if self.metrics is None else self.metrics.variants
 
-    def setting(self, name: str):
-        """A breakthrough setting (window_steps, threshold_step): from metrics.json, else the config; None if
-        absent."""
-        return (self.metrics or {}).get("settings", {}).get(name, self.config.get(name))
+    @property
+    def window_steps(self) -> int | None:
+        """Δ of Eq. 9: the score stage's, else the config's; None if neither has it."""
+        return self.config.get("window_steps") if self.metrics is None else self.metrics.settings.window_steps
 
-    def setting_text(self, name: str) -> str:
-        value = self.setting(name)
-        return MISSING if value is None else str(value)
+    @property
+    def threshold_step(self) -> int | None:
+        """τ of Eq. 10: the score stage's, else the config's; None if neither has it (τ chosen automatically)."""
+        return self.config.get("threshold_step") if self.metrics is None else self.metrics.settings.threshold_step
 
-    def variant_clusters(self, variant: str, direction) -> dict[int, dict]:
-        """cluster -> its ``metrics.json`` record, for one direction of a variant (None: a per-sample signal)."""
-        records = self.variants.get(variant, {}).get("clusters", [])
-        return {r["cluster"]: r for r in records if r.get("direction") == direction}
+    @property
+    def hessian_filter(self) -> FilterSummary | None:
+        """The oscillation filter along the Hessian basis; None before the score stage."""
+        return None if self.metrics is None else self.metrics.filters.get(MAIN_BASIS)
+
+    def variant_clusters(self, variant: str, direction) -> dict[int, ClusterRecord]:
+        """cluster -> its record, for one direction of a strategy (None: a per-sample signal)."""
+        records = self.variants[variant].clusters if variant in self.variants else []
+        return {r.cluster: r for r in records if r.direction == direction}
 
 
 def load_run_view(run_dir: Path) -> RunView:
@@ -82,7 +92,7 @@ def load_run_view(run_dir: Path) -> RunView:
         config=read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {},
         task_info=read_json(run_dir / "task.json") if (run_dir / "task.json").is_file() else None,
         log=read_log(run_dir / "metrics.jsonl"),
-        metrics=read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None,
+        metrics=read_metrics(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else None,
         label_sets=label_sets,
         texts=texts,
         result=_clustered_result(run_dir, stages)
@@ -141,6 +151,11 @@ def number(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING
     return f"{value:.3f}"
+
+
+def value_text(value) -> str:
+    """A setting as written; ``MISSING`` for None."""
+    return MISSING if value is None else str(value)
 
 
 def _cell(value) -> str:
@@ -258,14 +273,12 @@ def plot_cluster_curves(ax, steps, signal, clustering: Clustering, clusters, bre
     ax.set_xlabel("training step")
 
 
-def breakthrough_steps(records: list[dict], direction) -> dict[int, float]:
-    """cluster -> mean breakthrough step of one direction (None for a per-sample baseline), from breakthrough
-    records ``{"direction", "cluster", "mean_step", ...}``."""
-    return {
-        record["cluster"]: record["mean_step"]
-        for record in records
-        if record.get("direction") == direction and record.get("mean_step") is not None
-    }
+def breakthrough_steps(strategy: StrategyResult | None, direction) -> dict[int, float]:
+    """cluster -> mean breakthrough step of one direction (None for a per-sample baseline) of a strategy's results
+    (None: not run)."""
+    if strategy is None:
+        return {}
+    return {record.cluster: record.mean_step for record in strategy.breakthroughs if record.direction == direction}
 
 
 def direction_projected_loss(result: POLCAResult, direction: int) -> np.ndarray:

@@ -10,20 +10,7 @@ mean loss increase when its direction's share of the training displacement is re
 its clustering saw; a cluster counts as hurt more only beyond noise (``CAUSAL_RULE``: a permutation test of the
 difference, Holm-corrected). A label set is found when ``VERDICT_RULE`` holds for one of its clusters.
 
-``metrics.json``::
-
-    settings    window_steps (Δ), threshold_step (τ) and where τ came from
-    num_samples N
-    filters     per basis with projected-loss trajectories: directions kept by the oscillation filter, dropped ones,
-                and per direction the samples relying on it
-    verdicts    per label set: found or not (``label_verdict``), the rule, its best cluster, and the best cluster of
-                the label-free controls with whether the finding beats it
-    variants    per strategy: label, basis, trajectory, clusterings, clusters, hidden-breakthrough fraction,
-                breakthroughs, and per label set its class, maximum homogeneity, top clusters (Tables 1, 8, 10),
-                the spread of its directions' best homogeneity and how many clusters beat the permutation null;
-                ``clusters`` lists every cluster with its breakthrough (and its null, when hidden), its scores and
-                p-values against each label set, the causal check (directions of a basis with ``causal/``) and
-                (when the task has sample texts) the samples nearest its medoid
+The layout of ``metrics.json`` and its records: :mod:`polca_jax.pipeline._results`.
 """
 
 from __future__ import annotations
@@ -32,12 +19,17 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax._files import load_npy, write_json_atomic
+from polca_jax._files import load_npy
 from polca_jax.pipeline._config import check_breakthrough_window
 from polca_jax.pipeline._host_settings import host_result, stage_settings
+from polca_jax.pipeline._results import (Breakthrough, BreakthroughNull, CausalCheck, CausalSummary, ClusterRecord,
+                                         DirectionSpread, FilterSummary, LabelScore, LabelSetSummary, RunMetrics,
+                                         ScoreSettings, StrategyResult, TopCluster, Verdict, VerdictCluster,
+                                         write_metrics)
 from polca_jax.pipeline._rundir import RunDirectory, load_labels
-from polca_jax.pipeline._registry import (NEAREST_SAMPLES, PER_SAMPLE_SIGNALS, VARIANTS, variant_trajectories,
-                                          variants_of)
+from polca_jax.pipeline._registry import (FIRST_ORDER_POLCA, NEAREST_SAMPLES, PER_SAMPLE_SIGNALS, POLCA,
+                                          POLCA_GRADIENTS, POLCA_PROFILE, RANDOM_POLCA, VARIANTS,
+                                          variant_trajectories, variants_of)
 from polca_jax.pipeline._task import LabelSet
 
 TOP_CLUSTERS = 3
@@ -45,7 +37,7 @@ THRESHOLD_FRACTION = 0.9  # automatic τ: where the mean exact loss has made thi
 
 
 def score_stage(run: RunDirectory) -> dict:
-    """Write ``metrics.json`` (see the module docstring); returns a summary for the stage record."""
+    """Write ``metrics.json`` (:class:`RunMetrics`); returns a summary for the stage record."""
     config = run.config
     check_breakthrough_window(config)  # the rule the config was made with (a run directory may be older)
     label_sets, texts = load_labels(run.path)
@@ -75,21 +67,16 @@ def score_stage(run: RunDirectory) -> dict:
                                                 window, threshold, config, causal)
     verdicts = {name: label_verdict(name, label_set, variants, config)
                 for name, label_set in label_sets.items()}
-    metrics = {
-        "settings": {"window_steps": window, "threshold_step": threshold, "threshold_source": source,
-                     "null_permutations": config.null_permutations,
-                     "breakthrough_shuffles": config.breakthrough_shuffles, "significance": config.significance},
-        "num_samples": int(main.loss.shape[1]),
-        "filters": filters,
-        "variants": variants,
-        "verdicts": verdicts,
-    }
-    write_json_atomic(run / "metrics.json", metrics)
+    settings = ScoreSettings(window_steps=window, threshold_step=threshold, threshold_source=source,
+                             null_permutations=config.null_permutations,
+                             breakthrough_shuffles=config.breakthrough_shuffles, significance=config.significance)
+    write_metrics(run / "metrics.json", RunMetrics(settings=settings, num_samples=int(main.loss.shape[1]),
+                                                   filters=filters, variants=variants, verdicts=verdicts))
     return {"variants": list(variants), "threshold_step": threshold, "settings": stage_settings(config, "score")}
 
 
 RECOVERED = (0.9, 0.5)  # homogeneity and recall of a found cluster that recovers its class, not just beats chance
-FINDING_VARIANTS = ("polca", "first_order_polca", "polca_profile", "polca_gradients")  # along the Hessian basis
+FINDING_VARIANTS = (POLCA, FIRST_ORDER_POLCA, POLCA_PROFILE, POLCA_GRADIENTS)  # along the Hessian basis
 
 
 VERDICT_RULE = ("a cluster of a decomposition along the Hessian basis (POLCA, first-order POLCA, POLCA allocation "
@@ -111,7 +98,7 @@ def verdict_condition(label_set: LabelSet) -> str:
     return f"scored for {target}; qualifying: {qualifying}; null: {null}"
 
 
-def label_verdict(name: str, label_set: LabelSet, variants: dict, config) -> dict:
+def label_verdict(name: str, label_set: LabelSet, variants: dict[str, StrategyResult], config) -> Verdict:
     """Was label set ``name`` found? ``found`` when some cluster meets ``VERDICT_RULE`` (with the label set's own
     :func:`verdict_condition`) in a strategy of
     ``FINDING_VARIANTS``; then the best such cluster (highest homogeneity, then lowest adjusted p-value, then
@@ -128,50 +115,48 @@ def label_verdict(name: str, label_set: LabelSet, variants: dict, config) -> dic
 
     def candidates(variant_names):
         for variant in variant_names:
-            info = variants.get(variant)
-            for record in (info or {}).get("clusters", ()):
-                score = record["labels"][name]
-                scored = label_set.positive is None or score["class"] == label_set.positive
-                if scored and score["qualifies"]:
+            for record in variants[variant].clusters if variant in variants else ():
+                score = record.labels[name]
+                scored = label_set.positive is None or score.scored_class == label_set.positive
+                if scored and score.qualifies:
                     yield variant, record, score
 
     def rank(candidate):
         _, _, score = candidate
-        p = score["pvalue_adjusted"]
-        return (-score["homogeneity"], 1.0 if p is None else p, -score["recall"])
+        p = score.pvalue_adjusted
+        return (-score.homogeneity, 1.0 if p is None else p, -score.recall)
 
-    found = sorted((c for c in candidates(FINDING_VARIANTS) if c[2]["beats_null"]), key=rank)
+    def brief(candidate) -> VerdictCluster | None:
+        if candidate is None:
+            return None
+        variant, record, score = candidate
+        return VerdictCluster(strategy=variant, label=variants[variant].label, direction=record.direction,
+                              cluster=record.cluster, size=record.size, scored_class=score.scored_class,
+                              homogeneity=score.homogeneity, recall=score.recall, base_rate=score.base_rate,
+                              pvalue_adjusted=score.pvalue_adjusted, beats_null=score.beats_null)
+
+    found = sorted((c for c in candidates(FINDING_VARIANTS) if c[2].beats_null), key=rank)
+    finding = found[0][2] if found else None
     best = found[0] if found else min(candidates(FINDING_VARIANTS), key=rank, default=None)
     controls = [v.name for v in VARIANTS if v.group == "control" and v.name in variants]
     control = min(candidates(controls), key=rank, default=None)
     twin_name = next((v.random_twin for v in VARIANTS if found and v.name == found[0][0]), None)
     twin = min(candidates((twin_name,)), key=rank, default=None) if twin_name in variants else None
-    verdict = {"found": bool(found), "condition": verdict_condition(label_set),
-               "rule": VERDICT_RULE.format(permutations=config.null_permutations, significance=config.significance),
-               "strategies": [v for v in FINDING_VARIANTS if v in variants],
-               "random_basis_found": (None if "random_basis" not in variants else
-                                      any(c[2]["beats_null"] for c in candidates(("random_basis",)))),
-               "recovers_class": (None if not found else found[0][2]["homogeneity"] >= RECOVERED[0]
-                                  and found[0][2]["recall"] >= RECOVERED[1]),
-               "random_twin": None if twin is None else _brief(twin, variants),
-               "beyond_random_twin": (None if twin_name not in variants else
-                                      twin is None or found[0][2]["homogeneity"] > twin[2]["homogeneity"]),
-               "control": None if control is None else _brief(control, variants),
-               "beyond_controls": (None if not found or not controls else
-                                   control is None or found[0][2]["homogeneity"] > control[2]["homogeneity"]),
-               "best": None}
-    if best is not None:
-        verdict["best"] = _brief(best, variants)
-    return verdict
-
-
-def _brief(candidate: tuple, variants: dict) -> dict:
-    """A verdict's record of one ``(strategy, cluster record, score)``."""
-    variant, record, score = candidate
-    return {"strategy": variant, "label": variants[variant]["label"], "direction": record["direction"],
-            "cluster": record["cluster"], "size": record["size"], "class": score["class"],
-            "homogeneity": score["homogeneity"], "recall": score["recall"], "base_rate": score["base_rate"],
-            "pvalue_adjusted": score["pvalue_adjusted"], "beats_null": score["beats_null"]}
+    return Verdict(
+        found=bool(found), condition=verdict_condition(label_set),
+        rule=VERDICT_RULE.format(permutations=config.null_permutations, significance=config.significance),
+        strategies=[v for v in FINDING_VARIANTS if v in variants],
+        random_basis_found=(None if RANDOM_POLCA not in variants else
+                            any(c[2].beats_null for c in candidates((RANDOM_POLCA,)))),
+        recovers_class=(None if finding is None else finding.homogeneity >= RECOVERED[0]
+                        and finding.recall >= RECOVERED[1]),
+        random_twin=brief(twin),
+        beyond_random_twin=(None if twin_name not in variants else
+                            twin is None or finding.homogeneity > twin[2].homogeneity),
+        control=brief(control),
+        beyond_controls=(None if finding is None or not controls else
+                         control is None or finding.homogeneity > control[2].homogeneity),
+        best=brief(best))
 
 
 def threshold_step(configured: int | None, result: pj.POLCAResult) -> tuple[int, str]:
@@ -188,31 +173,23 @@ def threshold_step(configured: int | None, result: pj.POLCAResult) -> tuple[int,
                                       f"{THRESHOLD_FRACTION:.0%} of its fall")
 
 
-def filter_summary(projected_loss: np.ndarray) -> dict:
-    """The paper's two filters on ``[T, N, K]`` projected losses, as JSON."""
+def filter_summary(projected_loss: np.ndarray) -> FilterSummary:
+    """The paper's two filters on ``[T, N, K]`` projected losses."""
     kept = analysis.kept_directions(projected_loss)
     mean_curve = np.asarray(projected_loss).mean(axis=1)  # [T, K]
-    return {
-        "num_directions": int(kept.size),
-        "kept_directions": np.flatnonzero(kept).tolist(),
-        "dropped_directions": np.flatnonzero(~kept).tolist(),
-        "mean_final_projected_loss": (mean_curve[-1] - mean_curve[0]).tolist(),
-        "relying_samples": analysis.relying_samples(projected_loss).sum(axis=0).tolist(),
-    }
+    return FilterSummary(num_directions=int(kept.size), kept_directions=np.flatnonzero(kept).tolist(),
+                         dropped_directions=np.flatnonzero(~kept).tolist(),
+                         mean_final_projected_loss=(mean_curve[-1] - mean_curve[0]).tolist(),
+                         relying_samples=analysis.relying_samples(projected_loss).sum(axis=0).tolist())
 
 
 def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories: np.ndarray, steps: np.ndarray,
                    label_sets: dict[str, LabelSet], texts, window: int, threshold: int, config,
-                   causal: np.ndarray | None) -> dict:
-    """One strategy's entry of ``metrics.json``; ``causal``: the per-sample loss increase ``[K, N]`` of removing
-    each direction of the strategy's basis, or None."""
+                   causal: np.ndarray | None) -> StrategyResult:
+    """One strategy's results; ``causal``: the per-sample loss increase ``[K, N]`` of removing each direction of the
+    strategy's basis, or None."""
     per_direction = variant.trajectory not in PER_SAMPLE_SIGNALS  # the qualifying rules apply to decompositions
-    breakthroughs = breakthrough_records(clusterings, trajectories, steps, window)
-    for record in breakthroughs:
-        record["hidden"] = record["mean_step"] > threshold
-        if record["hidden"]:
-            record["null"] = _breakthrough_null(clusterings, trajectories, steps, record, window, threshold, config)
-    hidden = [record["hidden"] for record in breakthroughs]
+    breakthroughs = breakthrough_records(clusterings, trajectories, steps, window, threshold, config)
     scores = {name: label_scores(clusterings, label_set, label_sets) for name, label_set in label_sets.items()}
     tests = {name: permutation_tests(clusterings, label_set, config, label_sets) for name, label_set in
              label_sets.items()}
@@ -220,16 +197,15 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
     for name, records in scores.items():
         top = analysis.top_clusters(records, TOP_CLUSTERS, qualifying_only=per_direction)
         best = analysis.max_homogeneity(records, qualifying_only=per_direction)
-        summary[name] = {
-            "class": label_sets[name].positive,
-            "stratified_by": label_sets[name].stratify_by,
-            "max_homogeneity": None if np.isnan(best) else best,
-            "top_clusters": [{**_score_json(record), **tests[name][record.direction, record.cluster]}
-                             for record in top],
-            "per_direction_best": _per_direction_best(records) if per_direction else None,
-            "clusters_beating_null": sum(test["beats_null"] for test in tests[name].values()),
-        }
-    by_cluster = {(b["direction"], b["cluster"]): b for b in breakthroughs}
+        summary[name] = LabelSetSummary(
+            scored_class=label_sets[name].positive, stratified_by=label_sets[name].stratify_by,
+            max_homogeneity=None if np.isnan(best) else best,
+            top_clusters=[TopCluster(direction=record.direction, cluster=record.cluster, size=record.size,
+                                     **_scores(record), **tests[name][record.direction, record.cluster])
+                          for record in top],
+            per_direction_best=_per_direction_best(records) if per_direction else None,
+            clusters_beating_null=sum(test["beats_null"] for test in tests[name].values()))
+    by_cluster = {(b.direction, b.cluster): b for b in breakthroughs}
     causal_tests = {} if causal is None else causal_pvalues(clusterings, causal, config)
     cluster_records = []
     for clustering in clusterings:
@@ -238,43 +214,38 @@ def variant_scores(variant, clusterings: list[analysis.Clustering], trajectories
         for cluster in range(clustering.num_clusters):
             members = clustering.members(cluster)
             key = (clustering.direction, cluster)
-            breakthrough = by_cluster.get(key, {})
-            record = {
-                "direction": clustering.direction, "cluster": cluster, "size": int(members.size),
-                "breakthrough_step": breakthrough.get("mean_step"), "hidden": breakthrough.get("hidden"),
-                "breakthrough_null": breakthrough.get("null"),
-                "labels": {name: {**_score_json(_find(records, *key), brief=True), **tests[name][key]}
-                           for name, records in scores.items()},
-            }
-            if cluster in effects:
-                effect = effects[cluster]
-                record["causal"] = {"member_mean": effect.member_mean, "others_mean": _finite(effect.others_mean),
-                                    "difference": _finite(effect.difference), "rank": effect.rank,
-                                    **causal_tests[key]}
-            if texts is not None:
-                record["nearest_samples"] = nearest_to_medoid(trajectories, clustering, members).tolist()
-            cluster_records.append(record)
-    hidden_beating = [bool(b.get("null", {}).get("beats_null")) for b in breakthroughs]
-    return {
-        "label": variant.label,
-        "basis": variant.basis,
-        "trajectory": variant.trajectory,
-        "num_directions": len(clusterings),
-        "num_clusters": sum(c.num_clusters for c in clusterings),
-        "hidden_breakthrough_fraction": float(np.mean(hidden)) if hidden else None,
-        "hidden_beating_null_fraction": float(np.mean(hidden_beating)) if hidden_beating else None,
-        "breakthroughs": breakthroughs,
-        "label_sets": summary,
-        "causal": _causal_summary(cluster_records, config) if causal is not None else None,
-        "clusters": cluster_records,
-    }
+            breakthrough = by_cluster.get(key)
+            effect = effects.get(cluster)
+            cluster_records.append(ClusterRecord(
+                direction=clustering.direction, cluster=cluster, size=int(members.size),
+                breakthrough_step=None if breakthrough is None else breakthrough.mean_step,
+                hidden=None if breakthrough is None else breakthrough.hidden,
+                breakthrough_null=None if breakthrough is None else breakthrough.null,
+                labels={name: LabelScore(**_scores(_find(records, *key)), **tests[name][key])
+                        for name, records in scores.items()},
+                causal=None if effect is None else CausalCheck(
+                    member_mean=effect.member_mean, others_mean=_finite(effect.others_mean),
+                    difference=_finite(effect.difference), rank=effect.rank, **causal_tests[key]),
+                nearest_samples=(None if texts is None else
+                                 nearest_to_medoid(trajectories, clustering, members).tolist())))
+    hidden = [b.hidden for b in breakthroughs]
+    hidden_beating = [b.null is not None and b.null.beats_null for b in breakthroughs]
+    return StrategyResult(
+        label=variant.label, basis=variant.basis, trajectory=variant.trajectory, num_directions=len(clusterings),
+        num_clusters=sum(c.num_clusters for c in clusterings),
+        hidden_breakthrough_fraction=float(np.mean(hidden)) if hidden else None,
+        hidden_beating_null_fraction=float(np.mean(hidden_beating)) if hidden_beating else None,
+        breakthroughs=breakthroughs, label_sets=summary,
+        causal=_causal_summary(cluster_records, config) if causal is not None else None,
+        clusters=cluster_records)
 
 
 def permutation_tests(clusterings, label_set: LabelSet, config, label_sets: dict[str, LabelSet]) -> dict[tuple, dict]:
-    """(direction, cluster) -> its homogeneity p-value (label permutations, cluster sizes fixed; within the classes of
-    ``label_set.stratify_by`` when it names one), the Holm-adjusted p-value across all the strategy's clusters, and
-    whether the adjusted p-value is below ``config.significance``. A cluster holding every sample its clustering saw
-    has nothing to be compared with: ``"testable": False``."""
+    """(direction, cluster) -> the :class:`LabelScore` fields of its permutation test: its homogeneity p-value (label
+    permutations, cluster sizes fixed; within the classes of ``label_set.stratify_by`` when it names one), the
+    Holm-adjusted p-value across all the strategy's clusters, and whether the adjusted p-value is below
+    ``config.significance``. A cluster holding every sample its clustering saw has nothing to be compared with:
+    ``"testable": False``."""
     strata = None if label_set.stratify_by is None else label_sets[label_set.stratify_by].values
     keys, pvalues, testable = [], [], []
     for clustering in clusterings:
@@ -294,19 +265,20 @@ def permutation_tests(clusterings, label_set: LabelSet, config, label_sets: dict
             for key, p, a, ok in zip(keys, pvalues, adjusted, testable)}
 
 
-def _breakthrough_null(clusterings, trajectories, steps, record, window, threshold, config) -> dict:
+def _breakthrough_null(clusterings, trajectories, steps, found: analysis.ClusterBreakthrough, window, threshold,
+                       config) -> BreakthroughNull:
     """A hidden breakthrough against the cluster's increments shuffled in time (``analysis.breakthrough_null``)."""
-    clustering = next(c for c in clusterings if c.direction == record["direction"])
-    members = clustering.members(record["cluster"])
+    clustering = next(c for c in clusterings if c.direction == found.direction)
+    members = clustering.members(found.cluster)
     curves = trajectories[:, members] if clustering.direction is None else trajectories[:, members,
                                                                                         clustering.direction]
     null = analysis.breakthrough_null(np.asarray(curves), steps, window, threshold,
                                       num_shuffles=config.breakthrough_shuffles, seed=config.seed)
-    return {"null_hidden_rate": null.null_hidden_rate, "pvalue": null.pvalue,
-            "null_median_step": null.null_median, "beats_null": bool(null.pvalue < config.significance)}
+    return BreakthroughNull(null_hidden_rate=null.null_hidden_rate, pvalue=null.pvalue,
+                            null_median_step=null.null_median, beats_null=bool(null.pvalue < config.significance))
 
 
-def _per_direction_best(records: list[analysis.ClusterScore]) -> dict:
+def _per_direction_best(records: list[analysis.ClusterScore]) -> DirectionSpread:
     """The spread over directions of each direction's most homogeneous qualifying cluster."""
     best = {}
     for record in records:
@@ -314,9 +286,9 @@ def _per_direction_best(records: list[analysis.ClusterScore]) -> dict:
             best[record.direction] = max(best.get(record.direction, 0.0), record.homogeneity)
     values = np.asarray(list(best.values()))
     if not values.size:
-        return {"directions": 0, "median": None, "q25": None, "q75": None}
+        return DirectionSpread(directions=0, median=None, q25=None, q75=None)
     q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
-    return {"directions": int(values.size), "median": float(median), "q25": float(q25), "q75": float(q75)}
+    return DirectionSpread(directions=int(values.size), median=float(median), q25=float(q25), q75=float(q75))
 
 
 CAUSAL_RULE = ("a cluster is hurt more than the rest when its mean loss increase exceeds that of the other samples "
@@ -326,9 +298,10 @@ CAUSAL_RULE = ("a cluster is hurt more than the rest when its mean loss increase
 
 
 def causal_pvalues(clusterings, causal: np.ndarray, config) -> dict[tuple, dict]:
-    """(direction, cluster) -> the causal check's permutation p-value (``analysis.ablation_pvalues`` on the row of
-    ``causal [K, N]`` of the cluster's direction), its Holm adjustment across all the strategy's clusters, the null's
-    spread, and ``hurt_more``: the adjusted p-value is below ``config.significance`` (``CAUSAL_RULE``)."""
+    """(direction, cluster) -> the :class:`CausalCheck` fields of the causal check: its permutation p-value
+    (``analysis.ablation_pvalues`` on the row of ``causal [K, N]`` of the cluster's direction), its Holm adjustment
+    across all the strategy's clusters, the null's spread, and ``hurt_more``: the adjusted p-value is below
+    ``config.significance`` (``CAUSAL_RULE``)."""
     keys, pvalues, spreads = [], [], []
     for clustering in clusterings:
         if clustering.num_clusters == 0:
@@ -345,17 +318,17 @@ def causal_pvalues(clusterings, causal: np.ndarray, config) -> dict[tuple, dict]
             for key, p, a, spread in zip(keys, pvalues, adjusted, spreads)}
 
 
-def _causal_summary(cluster_records: list[dict], config) -> dict:
+def _causal_summary(cluster_records: list[ClusterRecord], config) -> CausalSummary:
     """How the strategy's clusters fare in the causal check: the median difference between a cluster's mean loss
     increase and the other samples', how many clusters have a positive difference, and how many are hurt more than
     the rest beyond noise (``CAUSAL_RULE``)."""
-    checked = [r["causal"] for r in cluster_records if r.get("causal") and r["causal"]["difference"] is not None]
-    differences = np.asarray([c["difference"] for c in checked])
-    return {"clusters": len(checked), "hurt_more_than_others": int(sum(c["hurt_more"] for c in checked)),
-            "positive_difference": int(np.sum(differences > 0)),
-            "median_difference": float(np.median(differences)) if checked else None,
-            "rule": CAUSAL_RULE.format(permutations=config.null_permutations, seed=config.seed,
-                                       significance=config.significance)}
+    checked = [r.causal for r in cluster_records if r.causal is not None and r.causal.difference is not None]
+    differences = np.asarray([c.difference for c in checked])
+    return CausalSummary(clusters=len(checked), hurt_more_than_others=sum(c.hurt_more for c in checked),
+                         positive_difference=int(np.sum(differences > 0)),
+                         median_difference=float(np.median(differences)) if checked else None,
+                         rule=CAUSAL_RULE.format(permutations=config.null_permutations, seed=config.seed,
+                                                 significance=config.significance))
 
 
 def _finite(value: float) -> float | None:
@@ -374,12 +347,20 @@ def label_scores(clusterings, label_set: LabelSet, label_sets: dict[str, LabelSe
 
 
 def breakthrough_records(clusterings: list[analysis.Clustering], trajectories: np.ndarray, steps: np.ndarray,
-                         window_steps: int) -> list[dict]:
-    """``{"direction", "cluster", "size", "mean_step"}`` for every cluster: its mean Eq. 9 breakthrough step on the
-    clustered trajectories ``[T, N(, K)]`` at ``steps [T]``."""
+                         window_steps: int, threshold: int, config) -> list[Breakthrough]:
+    """Every cluster's mean Eq. 9 breakthrough step on the clustered trajectories ``[T, N(, K)]`` at ``steps [T]``,
+    whether it is hidden (after τ = ``threshold``) and then its null (:func:`_breakthrough_null`)."""
     clustered = [c for c in clusterings if c.num_clusters]
     found = analysis.cluster_breakthroughs(clustered, trajectories, steps, window_steps) if clustered else []
-    return [{"direction": b.direction, "cluster": b.cluster, "size": b.size, "mean_step": b.mean_step} for b in found]
+    records = []
+    for breakthrough in found:
+        hidden = bool(breakthrough.mean_step > threshold)
+        null = (_breakthrough_null(clusterings, trajectories, steps, breakthrough, window_steps, threshold, config)
+                if hidden else None)
+        records.append(Breakthrough(direction=breakthrough.direction, cluster=breakthrough.cluster,
+                                    size=breakthrough.size, mean_step=breakthrough.mean_step, hidden=hidden,
+                                    null=null))
+    return records
 
 
 def nearest_to_medoid(trajectories: np.ndarray, clustering: analysis.Clustering, members: np.ndarray) -> np.ndarray:
@@ -395,9 +376,7 @@ def _find(records: list[analysis.ClusterScore], direction, cluster) -> analysis.
     return next(r for r in records if r.direction == direction and r.cluster == cluster)
 
 
-def _score_json(record: analysis.ClusterScore, brief: bool = False) -> dict:
-    scores = {"class": record.label, "homogeneity": record.homogeneity, "recall": record.recall, "f1": record.f1,
-              "base_rate": record.base_rate, "qualifies": record.qualifies}
-    if brief:
-        return scores
-    return {"direction": record.direction, "cluster": record.cluster, "size": record.size, **scores}
+def _scores(record: analysis.ClusterScore) -> dict:
+    """A cluster's scores against one label set: the :class:`LabelScore` fields besides its permutation test."""
+    return dict(scored_class=record.label, homogeneity=record.homogeneity, recall=record.recall, f1=record.f1,
+                base_rate=record.base_rate, qualifies=record.qualifies)

@@ -1,11 +1,12 @@
 """The arithmetic report's own sections: the run's carry scores beside the paper's (Tables 1, 8-11).
 
-Reads the generic ``metrics.json`` (label set ``carry``); a strategy the run did not produce is "not run".
+Reads the run's generic results (``RunView.metrics``, label set ``carry``); a strategy the run did not produce is
+"not run".
 """
 
 from __future__ import annotations
 
-from polca_jax.pipeline._reporting import MISSING, markdown_table, number
+from polca_jax.pipeline._reporting import MISSING, markdown_table, number, value_text
 
 PAPER_ARITHMETIC_RESULTS = {
     "exact_loss": {"hidden_breakthrough_fraction": 0.0, "top_clusters": [(0.514, 0.771, 0.617)]},
@@ -52,7 +53,7 @@ NOT_RUN = "not run"
 
 def paper_report_sections(view) -> list[str]:
     """Markdown sections comparing the run's carry clusters and breakthroughs with the paper's tables."""
-    window, threshold = view.setting_text("window_steps"), view.setting_text("threshold_step")
+    window, threshold = value_text(view.window_steps), value_text(view.threshold_step)
     note = (f"Ours: this run (Δ = {window}, τ = {threshold} steps); paper: Δ = 100, τ = 1000, its 9.5M-parameter "
             f"model over 10,000 steps. `{NOT_RUN}`: the run has no such strategy (`--set baselines=true` / "
             f"`ablations=true` add them); `{MISSING}`: no value (e.g. no cluster qualifies under the paper's rule "
@@ -85,12 +86,12 @@ def _summary_table(view, rows, with_homogeneity: bool) -> str:
         ours, paper = view.variants.get(variant), PAPER_ARITHMETIC_RESULTS[variant]
         row = [name]
         if with_homogeneity:
-            carry = {} if ours is None else ours["label_sets"].get(LABEL_SET, {})
-            row += [NOT_RUN if ours is None else number(carry.get("max_homogeneity")),
+            carry = None if ours is None else ours.label_sets.get(LABEL_SET)
+            row += [NOT_RUN if ours is None else number(None if carry is None else carry.max_homogeneity),
                     number(paper["top_clusters"][0][0])]
-        row += [NOT_RUN if ours is None else number(ours.get("hidden_breakthrough_fraction")),
+        row += [NOT_RUN if ours is None else number(ours.hidden_breakthrough_fraction),
                 number(paper["hidden_breakthrough_fraction"]),
-                NOT_RUN if ours is None else str(ours.get("num_clusters", MISSING))]
+                NOT_RUN if ours is None else str(ours.num_clusters)]
         table.append(row)
     return markdown_table(header, table)
 
@@ -101,15 +102,16 @@ def _top_clusters_table(view, rows) -> str:
     table = []
     for variant, name in rows:
         ours = view.variants.get(variant)
-        top = [] if ours is None else ours["label_sets"].get(LABEL_SET, {}).get("top_clusters", [])[:TOP]
+        carry = None if ours is None else ours.label_sets.get(LABEL_SET)
+        top = [] if carry is None else carry.top_clusters[:TOP]
         paper = PAPER_ARITHMETIC_RESULTS[variant]["top_clusters"]
         for rank in range(max(len(top), len(paper))):
             if ours is None:
                 where, scores = [NOT_RUN] * 2, [NOT_RUN] * 3
             elif rank < len(top):
                 record = top[rank]
-                where = ["—" if record["direction"] is None else str(record["direction"]), str(record["size"])]
-                scores = [number(record[key]) for key in ("homogeneity", "recall", "f1")]
+                where = ["—" if record.direction is None else str(record.direction), str(record.size)]
+                scores = [number(record.homogeneity), number(record.recall), number(record.f1)]
             else:
                 where, scores = ["—"] * 2, ["no qualifying cluster" if rank == 0 else "—", "—", "—"]
             theirs = [number(value) for value in paper[rank]] if rank < len(paper) else ["—"] * 3

@@ -14,6 +14,7 @@ import json
 import numpy as np
 
 from polca_jax._files import load_npz, write_atomic
+from polca_jax.pipeline._registry import EXACT_LOSS, POLCA
 from polca_jax.pipeline._reporting import MISSING, markdown_table, number
 from polca_jax.pipeline.tasks.english import _labels as labels
 from polca_jax.pipeline.tasks.english._text import target_positions
@@ -47,8 +48,8 @@ def paper_report_sections(view) -> list[str]:
                  f"than {labelled['max_simple_tags']} tags (not counting padding) and at least one offset is "
                  "informative. A label with few tags but no informative offset says nothing the base rates do not "
                  "(*uninformative*). All labels: `report/cluster_labels.json`.")
-    for variant, title in (("exact_loss", "Exact-loss clusters (the paper's Fig. 9)"),
-                           ("polca", "POLCA clusters per kept direction (Figs. 5, 10, 11)")):
+    for variant, title in ((EXACT_LOSS, "Exact-loss clusters (the paper's Fig. 9)"),
+                           (POLCA, "POLCA clusters per kept direction (Figs. 5, 10, 11)")):
         records = labelled["variants"].get(variant, [])
         parts.append(f"### {title}")
         if not records:
@@ -68,7 +69,7 @@ def cluster_labels(view) -> dict | None:
     """Every POLCA and exact-loss cluster's automatic label and top target tokens; None when the run lacks its
     evaluation tokens or clusters."""
     tokens_file = view.directory / "tokens.npz"
-    if not tokens_file.is_file() or not {"polca", "exact_loss"} & set(view.clusterings):
+    if not tokens_file.is_file() or not {POLCA, EXACT_LOSS} & set(view.clusterings):
         return None
     texts = load_npz(tokens_file, ["texts"])["texts"]
     targets = target_positions(texts.shape[0], texts.shape[1] - 1)
@@ -78,7 +79,7 @@ def cluster_labels(view) -> dict | None:
     tags = labels.tag_tokens(texts, targets, tagger=tagger)
     population = labels.base_rates(tags)  # every evaluation token: what each cluster's label is compared with
     variants = {}
-    for variant in ("polca", "exact_loss"):
+    for variant in (POLCA, EXACT_LOSS):
         variants[variant] = [
             {"direction": clustering.direction, "cluster": cluster, "size": int(members.size),
              "label": labels.label_cluster([tags[i] for i in members], coverage=coverage,
@@ -94,41 +95,41 @@ def cluster_labels(view) -> dict | None:
 
 def _summary_table(view, labelled: dict | None) -> str:
     paper = PAPER_ENGLISH_RESULTS
-    filters = (view.metrics or {}).get("filters", {}).get("hessian")
+    filters = view.hessian_filter
     rows = []
     if filters is None:
         rows.append(["directions kept by the oscillation filter", "metrics.json missing",
                      str(paper["kept_directions"])])
     else:
-        kept, num_samples = filters["kept_directions"], view.metrics["num_samples"]
-        dropped_tokens = [num_samples - filters["relying_samples"][k] for k in kept]
+        kept, num_samples = filters.kept_directions, view.metrics.num_samples
+        dropped_tokens = [num_samples - filters.relying_samples[k] for k in kept]
         rows += [
-            ["basis directions", str(filters["num_directions"]), str(paper["num_directions"])],
+            ["basis directions", str(filters.num_directions), str(paper["num_directions"])],
             ["kept by the oscillation filter (mean projected loss falls)", str(len(kept)),
              str(paper["kept_directions"])],
-            ["dropped by it", ", ".join(map(str, filters["dropped_directions"])) or "none",
+            ["dropped by it", ", ".join(map(str, filters.dropped_directions)) or "none",
              str(paper["num_directions"] - paper["kept_directions"])],
             ["tokens dropped per kept direction (mean; their projected loss rises)",
              f"{np.mean(dropped_tokens):.1f} of {num_samples}" if kept else MISSING,
              f"{paper['mean_tokens_dropped']} of {paper['num_samples']}"],
         ]
-    kept_count = len((filters or {}).get("kept_directions", []))
+    kept_count = 0 if filters is None else len(filters.kept_directions)
     if labelled is None:
         simple = "labels missing"
     else:  # the paper's rule counts tags only; an uninformative label (every token would get it) is not counted here
-        polca = labelled["variants"]["polca"]
+        polca = labelled["variants"][POLCA]
         informative, few_tags = ({r["direction"] for r in polca if r["label"][key]} for key in ("simple", "few_tags"))
         simple = (f"{len(informative)} of {kept_count} (by the tag count alone, uninformative labels included: "
                   f"{len(few_tags)})")
     rows.append(["kept directions with a simply-labelled cluster", simple,
                  f"{paper['directions_with_simple_label']} of {paper['kept_directions']}"])
-    threshold = view.setting("threshold_step")
-    for variant, name in (("polca", "POLCA"), ("exact_loss", "exact-loss baseline")):
+    threshold = view.threshold_step
+    for variant, name in ((POLCA, "POLCA"), (EXACT_LOSS, "exact-loss baseline")):
         info = view.variants.get(variant)
-        rows.append([f"{name} clusters", MISSING if info is None else str(info["num_clusters"]),
-                     "not reported" if variant == "polca" else "2"])
+        rows.append([f"{name} clusters", MISSING if info is None else str(info.num_clusters),
+                     "not reported" if variant == POLCA else "2"])
         rows.append([f"{name}: fraction of clusters with a breakthrough after τ = {threshold}",
-                     MISSING if info is None else number(info["hidden_breakthrough_fraction"]), "not reported"])
+                     MISSING if info is None else number(info.hidden_breakthrough_fraction), "not reported"])
     return markdown_table(["Quantity", "This run", "Paper"], rows)
 
 

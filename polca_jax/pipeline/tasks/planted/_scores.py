@@ -9,9 +9,11 @@ import numpy as np
 from polca_jax import analysis
 from polca_jax.analysis import adjusted_rand, group_recovery
 from polca_jax.errors import PolcaError
+from polca_jax.pipeline._registry import (EXACT_LOSS, FIRST_ORDER_POLCA, GRADIENT_NORMS, POLCA, POLCA_GRADIENTS,
+                                          POLCA_PROFILE, RANDOM_GRADIENTS, RANDOM_POLCA, RANDOM_PROFILE)
 
-REPORTED_VARIANTS = ("polca", "exact_loss", "random_basis", "first_order_polca", "polca_profile", "random_profile",
-                     "polca_gradients", "random_gradients", "gradient_norms")
+REPORTED_VARIANTS = (POLCA, EXACT_LOSS, RANDOM_POLCA, FIRST_ORDER_POLCA, POLCA_PROFILE, RANDOM_PROFILE,
+                     POLCA_GRADIENTS, RANDOM_GRADIENTS, GRADIENT_NORMS)
 
 
 def matched_loss_gap(loss, groups, *, exclude=()) -> dict:
@@ -90,24 +92,24 @@ def planted_report_sections(run) -> list[str]:
                f"{summary['best_ari_coverage']:.0%})")
         cells = [f"{r['homogeneity']:.2f} / {r['recall']:.2f} ({'yes' if r['recovered'] else 'no'})"
                  for r in summary["groups"].values()]
-        table.append(f"| {run.variants.get(name, {}).get('label', name)} | {summary['clusters']} | {ari} | "
+        label = run.variants[name].label if name in run.variants else name
+        table.append(f"| {label} | {summary['clusters']} | {ari} | "
                      + " | ".join(cells) + " |")
     parts += ["\n".join(table),
               "ARI: scikit-learn's adjusted Rand index over the samples a clustering put in a cluster (kept by its "
               "filter, not noise), best over the strategy's clusterings; recall over all members of the group; "
               "recovered: some cluster has homogeneity >= 0.9 at recall >= 0.5."]
     if late_group is not None:
-        window = run.setting("window_steps") or 5 * int(run.config.get("polca_every", 10))
+        window = run.window_steps or 5 * int(run.config.get("polca_every", 10))
         oracle = late_breakthrough(run.result.loss, run.result.steps, groups, late_group, float(window))
         parts += [f"Planted late breakthrough: group {late_group} enters training at step {late_step}; Eq. 9 on "
                   f"its members' exact-loss curves gives step {oracle:.0f} (Δ = {window})."]
-        records = run.variants.get("polca", {}).get("clusters", [])
-        clusterings = run.clusterings.get("polca", [])
+        clusterings = run.clusterings.get(POLCA, [])
         best = strategy_summary(clusterings, groups)["groups"].get(late_group, {}).get("best") if clusterings else None
-        found = next((r for r in records if best and (r["direction"], r["cluster"]) == tuple(best)), None)
-        if found is not None and found.get("breakthrough_step") is not None:
+        found = None if best is None else run.variant_clusters(POLCA, best[0]).get(best[1])
+        if found is not None and found.breakthrough_step is not None:
             parts.append(f"POLCA's cluster best matching group {late_group} (direction {best[0]}, cluster {best[1]}) "
-                         f"has its breakthrough at step {found['breakthrough_step']:.0f}.")
+                         f"has its breakthrough at step {found.breakthrough_step:.0f}.")
     return parts
 
 
