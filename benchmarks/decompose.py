@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import polca_jax as pj
-from polca_jax import _tree as tree
-from polca_jax._projections import projection_kernel_cost, projections_curvature_and_losses
+from polca_jax import tree
 from polca_jax.pipeline import models
 from polca_jax.pipeline.tasks import arithmetic as task
 
@@ -117,8 +116,7 @@ def jax_cases(params, loss, all_positions_loss, batch, basis, store, checkpoints
         return pj.polca(loss_fn, store, batch, basis, second_order="paper", progress=False)
 
     def kernel(method):
-        return [projections_curvature_and_losses("kernel", loss, p, batch, basis, method=method)[0]
-                for p in checkpoints]
+        return [pj.per_sample_projections(loss, p, batch, basis, method=method) for p in checkpoints]
 
     return {
         "peak jax.jit(dot)": lambda: dot(a, b),
@@ -201,9 +199,9 @@ def main() -> None:
             reference = pj.polca(loss, store, batch, basis, second_order="paper", progress=False)
             cold = time.perf_counter() - start
             cold_compile, cold_count = clock.seconds - before[0], clock.count - before[1]
-            cost = projection_kernel_cost(loss, params, batch, basis)
-            old_cost = projection_kernel_cost(all_positions_loss, params, batch, basis)
-            reverse_cost = projection_kernel_cost(loss, params, batch, basis, method="reverse")
+            cost = pj.projection_kernel_cost(loss, params, batch, basis)
+            old_cost = pj.projection_kernel_cost(all_positions_loss, params, batch, basis)
+            reverse_cost = pj.projection_kernel_cost(loss, params, batch, basis, method="reverse")
             cases = jax_cases(params, loss, all_positions_loss, batch, basis, store, checkpoints)
             if torch is not None:
                 cases.update(torch_cases(store, batch, rows))

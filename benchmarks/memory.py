@@ -16,7 +16,6 @@ import jax
 import numpy as np
 
 import polca_jax as pj
-from polca_jax._projections import _default_chunk, projection_kernel_cost
 from polca_jax.pipeline import models
 from polca_jax.pipeline.tasks import arithmetic as task
 
@@ -39,15 +38,17 @@ def main() -> None:
         graphdef, params = models.init_params(config, seed=0)
         loss, _ = task.make_loss_fns(graphdef)
         tokens = task.encode(task.make_problems(32 * 32, seed=0))
-        for method in METHODS:
-            chunk = _default_chunk(method, 4)
+        probe = pj.random_basis(params, 1, jax.random.key(0))
+        for method in METHODS:  # its default chunk: the one the kernel picks for these sequences (4 samples each)
+            chunk = pj.projection_kernel_cost(loss, params, {"tokens": tokens}, probe, method=method,
+                                              with_flops=False).chunk_size
             for k in NUM_DIRECTIONS:
                 basis = pj.random_basis(params, k, jax.random.key(k))
                 cells = []
                 for chunks in NUM_CHUNKS:
                     n = chunk * chunks
-                    cost = projection_kernel_cost(loss, params, {"tokens": tokens[np.arange(n) % len(tokens)]}, basis,
-                                                  method=method, with_flops=False)
+                    cost = pj.projection_kernel_cost(loss, params, {"tokens": tokens[np.arange(n) % len(tokens)]},
+                                                     basis, method=method, with_flops=False)
                     cells.append(f"{cost.temp_bytes / 1e6:.1f} MB (N={4 * n})")
                 print(f"| {size} | {method} | {k} | {chunk} | " + " | ".join(cells) + " |", flush=True)
 

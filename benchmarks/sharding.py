@@ -29,8 +29,6 @@ import jax
 import numpy as np
 
 import polca_jax as pj
-from polca_jax._projections import projection_kernel_cost
-from polca_jax._sharding import replicated_fraction
 from polca_jax.pipeline import models
 from polca_jax.pipeline.tasks import arithmetic as task
 
@@ -57,15 +55,15 @@ def measure(mesh, problem) -> dict:
     out = {
         "params": pj.per_device_bytes(pj.shard_params(params, mesh)),
         "basis": pj.per_device_bytes(basis.as_tree(params, mesh)),
-        "replicated": replicated_fraction(params, mesh)[0],
+        "replicated": pj.replicated_fraction(params, mesh)[0],
     }
     hessian = pj.hessian_basis(loss, checkpoints, batch, k_per_checkpoint=2, num_iters=8, key=jax.random.key(1),
                                mesh=mesh, progress=False)
     out["hessian basis"] = pj.per_device_bytes(hessian.as_tree(params, mesh))
     out["eigenvalues"] = hessian.eigenvalues
     for method in METHODS:
-        cost = projection_kernel_cost(per_sample, params, batch, basis, method=method, chunk_size=CHUNK, mesh=mesh,
-                                      with_flops=False)
+        cost = pj.projection_kernel_cost(per_sample, params, batch, basis, method=method, chunk_size=CHUNK, mesh=mesh,
+                                         with_flops=False)
         per_device_arguments = out["params"] + out["basis"] + batch["tokens"].nbytes // data
         assert cost.argument_bytes == per_device_arguments, (cost.argument_bytes, per_device_arguments)
         out[f"{method} temp"] = cost.temp_bytes

@@ -29,7 +29,7 @@ import numpy as np
 from IPython.display import Image, Markdown, display
 
 import polca_jax as pj
-from polca_jax import analysis
+from polca_jax import analysis, tree
 from polca_jax.pipeline import build_task, checkpoint_store, open_run, run_stages
 from polca_jax.pipeline.tasks.english import labels, target_positions
 
@@ -38,7 +38,7 @@ run, definition = open_run("english", Path(tempfile.mkdtemp()) / "run", preset="
 config, options = run.config, run.config.task_options
 # documents → train/validation split → BPE tokenizer (kept as tokenizer.json) → contexts, model, loss functions
 task = build_task(run)
-print(f"{pj._tree.num_params(task.init_params):,} parameters; {task.num_samples} evaluation tokens")
+print(f"{tree.num_params(task.init_params):,} parameters; {task.num_samples} evaluation tokens")
 print("a sample:", task.sample_texts[5])
 
 # %% [markdown]

@@ -9,16 +9,17 @@ from polca_jax._basis import (
     basis_from_matrix,
     gradient_covariance_basis,
     hessian_basis,
+    load_basis_info,
     parameter_axis_basis,
     random_basis,
     rms_gradient_scale,
     shuffled_hessian_basis,
 )
-from polca_jax._checkpoints import OrbaxCheckpoints
+from polca_jax._checkpoints import PARAMS_ITEM, OrbaxCheckpoints
 from polca_jax._decomposition import polca
-from polca_jax._distributed import cluster_launcher, initialize_distributed, is_writer, to_host
+from polca_jax._distributed import cluster_launcher, initialize_distributed, is_writer, sync, to_host
 from polca_jax._hvp import FlatHessianMatvec, hvp
-from polca_jax._lanczos import Eigenpairs, check_orthonormal, top_eigenpairs
+from polca_jax._lanczos import Eigenpairs, check_orthonormal, lanczos_kernel_cost, top_eigenpairs
 from polca_jax._recorder import CheckpointRecorder
 from polca_jax._result import POLCAResult
 from polca_jax._second_order import SecondOrder
@@ -32,7 +33,7 @@ from polca_jax._projections import (
     per_sample_projections_and_curvature,
     projection_kernel_cost,
 )
-from polca_jax._sharding import data_mesh, device_mesh, per_device_bytes, shard_params
+from polca_jax._sharding import data_mesh, device_mesh, param_spec, per_device_bytes, replicated_fraction, shard_params
 from polca_jax.errors import CorruptRunDirectory, Interrupted, PolcaError, ResumeMismatch, TaskError
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "FlatHessianMatvec",
     "Interrupted",
     "OrbaxCheckpoints",
+    "PARAMS_ITEM",
     "POLCAResult",
     "PolcaError",
     "ResumeMismatch",
@@ -63,6 +65,9 @@ __all__ = [
     "hvp",
     "initialize_distributed",
     "is_writer",
+    "lanczos_kernel_cost",
+    "load_basis_info",
+    "param_spec",
     "parameter_axis_basis",
     "per_device_bytes",
     "per_sample_curvature",
@@ -75,8 +80,10 @@ __all__ = [
     "random_basis",
     "rms_gradient_scale",
     "remove_direction",
+    "replicated_fraction",
     "shard_params",
     "shuffled_hessian_basis",
+    "sync",
     "to_host",
     "top_eigenpairs",
 ]

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax import _tree as tree
+from polca_jax import tree
 from polca_jax._basis import Basis, check_width
-from polca_jax._checks import check_finite, check_finite_params, check_same_structure
+from polca_jax.checks import check_finite, check_finite_params, check_same_structure
 from polca_jax._projections import PerSampleLossFn, per_sample_losses
 from polca_jax.errors import PolcaError
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from polca_jax import _tree as tree
-from polca_jax._checks import (
+from polca_jax import tree
+from polca_jax.checks import (
     batch_size,
     check_finite_params,
     check_finite_tree,
@@ -24,8 +24,8 @@ from polca_jax._checks import (
     is_traced,
 )
 from polca_jax._distributed import is_writer, sync, to_host
-from polca_jax._fingerprints import digests_differ, loss_digest, params_digest
-from polca_jax._files import (
+from polca_jax.fingerprints import digests_differ, loss_digest, params_digest
+from polca_jax.files import (
     file_digest,
     load_npy,
     load_npz,
@@ -252,7 +252,7 @@ class Basis:
 
 
 def _with_dtype(signature: tuple, dtype) -> tuple:
-    """A :func:`polca_jax._tree.structure_signature` with every leaf's dtype replaced by ``dtype``."""
+    """A :func:`polca_jax.tree.structure_signature` with every leaf's dtype replaced by ``dtype``."""
     treedef, leaves = signature
     return treedef, tuple((shape, jnp.dtype(dtype)) for shape, _ in leaves)
 
@@ -283,8 +283,26 @@ def _tree_gram(rows_tree: PyTree) -> jax.Array:
 
 
 def load_basis_info(directory: str | Path) -> dict:
-    """A saved basis' ``method``, ``size``, ``dim`` and ``[K]`` ``eigenvalues``, ``steps``, ``residuals``, without
-    reading its ``[K, P]`` vectors; a missing or unreadable file raises ``ValueError`` naming it."""
+    """What a saved basis holds besides its vectors: read without reading its ``[K, P]`` matrix.
+
+    Args:
+      directory: a directory that :meth:`Basis.save` wrote.
+
+    Returns:
+      A dict: ``method`` (the name it was made under), ``size`` (K), ``dim`` (P), and the ``[K]`` arrays
+      ``eigenvalues``, ``steps`` and ``residuals`` (as :meth:`Basis.load` would give them).
+
+    Raises:
+      PolcaError: naming the file, when the directory's manifest or ``info.npz`` is missing or cannot be read.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     pj.basis_from_matrix(jnp.eye(3)[:2]).save(directory)
+      ...     info = pj.load_basis_info(directory)
+      >>> info["method"], info["size"], info["dim"], info["steps"].tolist()
+      ('user', 2, 3, [-1, -1])
+    """
     directory = Path(directory)
     info_path = directory / "info.npz"
     try:

@@ -13,19 +13,22 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from polca_jax import _tree as tree
-from polca_jax._checks import check_increasing
+from polca_jax import tree
+from polca_jax.checks import check_increasing
 from polca_jax._sharding import param_shardings
 from polca_jax.errors import CorruptRunDirectory, PolcaError
 
 PyTree = Any
-PARAMS_ITEM = "params"
+PARAMS_ITEM = "params"  # the item of a step that holds the parameters
 
 
 class OrbaxCheckpoints(Sequence):
     """The params saved at ``steps`` in an orbax checkpoint directory, restored lazily one at a time.
 
-    Use it as a context manager (or call :meth:`close`) to release orbax's background threads when done.
+    Each step's parameters are its item ``PARAMS_ITEM`` (``"params"``): a ``CheckpointManager`` of one's own saves
+    them with ``ocp.args.Composite(**{pj.PARAMS_ITEM: ocp.args.StandardSave(params)}, ...)``, other items (an
+    optimizer's state) beside them, as :class:`CheckpointRecorder` and the pipeline's training do. Use it as a context
+    manager (or call :meth:`close`) to release orbax's background threads when done.
 
     Args:
       directory: the ``CheckpointManager`` directory.

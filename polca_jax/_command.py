@@ -24,7 +24,7 @@ def missing_pipeline_modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``polca`` command; returns its exit status (that of ``polca_jax.pipeline._cli.main``, or 2 when the
+    """The ``polca`` command; returns its exit status (that of :func:`polca_jax.pipeline.cli.main`, or 2 when the
     pipeline extra is missing)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv == ["--version"]:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if _multi_process(argv) and os.environ.get(SUPERVISED) is None:
         return _supervise(argv)
-    from polca_jax.pipeline._cli import main as pipeline_main
+    from polca_jax.pipeline.cli import main as pipeline_main
 
     return pipeline_main(argv)
 

@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax import _tree as tree
+from polca_jax import tree
 from polca_jax._basis import Basis, check_width
 from polca_jax._checkpoints import OrbaxCheckpoints
-from polca_jax._checks import (
+from polca_jax.checks import (
     batch_size,
     check_finite,
     check_finite_params,
@@ -51,7 +51,7 @@ from polca_jax._checks import (
     checkpoint_steps,
 )
 from polca_jax._distributed import sync, to_host
-from polca_jax._fingerprints import loss_digest, params_digest
+from polca_jax.fingerprints import loss_digest, params_digest
 from polca_jax._interrupt import stop_if_requested, stop_on_sigterm
 from polca_jax._progress import progress_bar
 from polca_jax._projections import PerSampleLossFn, projections_curvature_and_losses

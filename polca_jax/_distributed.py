@@ -203,6 +203,15 @@ def to_host(values: jax.Array | np.ndarray) -> np.ndarray:
 
 
 def sync(name: str) -> None:
-    """Wait until every process reaches this point (a no-op in a single-process run)."""
+    """Wait until every process of a multi-process run reaches this point (a no-op in a single-process run).
+
+    With :func:`is_writer`: process 0 writes a file that every process reads, all call ``sync``, then all read it.
+
+    Args:
+      name: the barrier's name, the same in every process.
+
+    Example:
+      >>> pj.sync("results written")  # a single-process run: returns at once
+    """
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from polca_jax import _tree as tree
-from polca_jax._checks import batch_size, check_params
+from polca_jax import tree
+from polca_jax.checks import batch_size, check_params
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]

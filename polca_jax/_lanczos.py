@@ -8,7 +8,10 @@ are kept orthogonal to ``B``, so the eigenvectors found are orthogonal to it (Al
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -17,9 +20,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from polca_jax import _tree as tree
-from polca_jax._checks import check_finite_tree
+from polca_jax import tree
+from polca_jax._hvp import HessianMatvec
 from polca_jax._sharding import param_shardings
+from polca_jax.checks import batch_size, check_finite_tree, check_params
 from polca_jax.errors import PolcaError
 
 PyTree = Any
@@ -188,15 +192,85 @@ def tree_eigenpairs(
     mesh: Mesh | None = None,
 ) -> Eigenpairs:
     """Lanczos on vectors that are pytrees: :func:`top_eigenpairs` for ``matvec(v, *matvec_args)`` mapping a pytree of
-    the :func:`polca_jax._tree.structure_signature` ``like`` to one of the same structure.
+    the :func:`polca_jax.tree.structure_signature` ``like`` to one of the same structure.
 
     The Krylov vectors, the deflated rows ``orthogonal_to`` (leaves ``[r, ...]``) and the returned ``vectors``
     (leaves ``[k, ...]``) are pytrees of leaves with a leading row axis; with a ``mesh`` they are split over its
-    ``"model"`` axis like the parameters (:func:`polca_jax._sharding.param_spec`), the row axis whole. The
+    ``"model"`` axis like the parameters (:func:`polca_jax.param_spec`), the row axis whole. The
     start vector is a flat ``[P]`` Gaussian split into leaves: the same numbers as the flat form's. No input checks:
     callers check (see :func:`top_eigenpairs`).
     """
     return _lanczos(matvec, like, k, num_iters, mesh, key, orthogonal_to, tuple(matvec_args))
+
+
+@dataclasses.dataclass(frozen=True)
+class LanczosCost:
+    """What one checkpoint's Lanczos run of :func:`polca_jax.hessian_basis` costs (see :func:`lanczos_kernel_cost`)."""
+
+    flops: float  # XLA's FLOPs of the run's num_iters Hessian-vector products
+    temp_bytes: int  # XLA's temporary buffers of one Hessian-vector product
+    compile_seconds: float  # compiling the run, on this machine
+    seconds: float  # one run on this machine's default device; NaN unless timed
+
+
+def lanczos_kernel_cost(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    k_per_checkpoint: int = 1,
+    num_iters: int = 20,
+    num_deflated: int = 0,
+    timed: bool = False,
+) -> LanczosCost:
+    """Compile one checkpoint's Lanczos run of :func:`hessian_basis`, and report its FLOPs, memory and time.
+
+    The run is compiled as ``hessian_basis`` compiles it, kept orthogonal to ``num_deflated`` rows found before, and
+    is run only when ``timed``: what :func:`projection_kernel_cost` is to the projection pass, this is to the basis.
+
+    Args:
+      loss_fn, params, batch: as in :func:`hessian_basis` (the parameters of one checkpoint).
+      k_per_checkpoint, num_iters: as in :func:`hessian_basis`.
+      num_deflated: rows of the basis found at earlier checkpoints (rows of zeros here: the cost does not depend on
+        their values).
+      timed: also run it, once to warm up and once timed; otherwise nothing runs and ``seconds`` is NaN.
+
+    Returns:
+      A ``LanczosCost``: ``flops`` (XLA's, of the run's ``num_iters`` Hessian-vector products: it counts a loop's
+      body once; the Gram–Schmidt steps add a few multiples of P per iteration), ``temp_bytes`` (the temporaries of
+      one product), ``compile_seconds`` (compiling the run) and ``seconds`` (one run).
+
+    Raises:
+      PolcaError: for an empty batch, or parameters that are not all of one floating dtype.
+
+    Example:
+      ``params``, ``batch``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example.
+
+      >>> cost = pj.lanczos_kernel_cost(loss, params, batch, k_per_checkpoint=2, num_iters=3, timed=True)
+      >>> cost.flops > 0, cost.seconds > 0
+      (True, True)
+    """
+    batch_size(batch, "lanczos_kernel_cost")
+    check_params(params, "lanczos_kernel_cost")
+    matvec = HessianMatvec(loss_fn)
+    product = jax.jit(matvec).lower(jax.tree_util.tree_map(jnp.ones_like, params), params, batch).compile()
+    analysis = product.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    zeros = jnp.zeros if timed else jax.ShapeDtypeStruct  # only shapes, to compile without running
+    found = jax.tree_util.tree_map(lambda p: zeros((num_deflated, *np.shape(p)), p.dtype), params)
+    arguments = (jax.random.key(0), found, (params, batch))
+    start = time.perf_counter()
+    compiled = _lanczos.lower(matvec, tree.structure_signature(params), k_per_checkpoint, num_iters, None,
+                              *arguments).compile()
+    compile_seconds = time.perf_counter() - start
+    seconds = math.nan
+    if timed:
+        jax.block_until_ready(compiled(*arguments))
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*arguments))
+        seconds = time.perf_counter() - start
+    return LanczosCost(num_iters * float(analysis.get("flops", 0.0)), int(product.memory_analysis().temp_size_in_bytes),
+                       compile_seconds, seconds)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))

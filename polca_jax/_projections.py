@@ -36,12 +36,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from polca_jax import _tree as tree
+from polca_jax import tree
 from polca_jax._basis import Basis, split_rows
-from polca_jax._checks import batch_size, check_finite_params, check_finite_tree, check_params
 from polca_jax._sharding import (
     DATA_AXIS, MODEL_AXIS, check_mesh, num_data_shards, param_spec, shard_batch, shard_params, shard_rows,
 )
+from polca_jax.checks import batch_size, check_finite_params, check_finite_tree, check_loss_dtype, check_params
 from polca_jax.errors import PolcaError
 
 PyTree = Any
@@ -701,14 +701,6 @@ def _samples_per_sequence(loss_fn, params, batch, n_seq: int, what: str) -> int:
             f"{shape}; return one loss per sample (or per token), not their mean"
         )
     return 1 if len(shape) == 1 else shape[1]
-
-
-def check_loss_dtype(dtype, what: str) -> None:
-    """Raise :class:`polca_jax.PolcaError` unless a loss of ``dtype`` can be differentiated: real floating point."""
-    if not jnp.issubdtype(dtype, jnp.floating):
-        kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "not floating point"
-        raise PolcaError(f"{what} returns losses of dtype {dtype} ({kind}); POLCA differentiates the loss, so it must "
-                         "return real floating-point values (e.g. float32): cast it, or return the real loss")
 
 
 def _default_chunk(method: str, samples_per_sequence: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import orbax.checkpoint as ocp
 
 from polca_jax._checkpoints import PARAMS_ITEM
-from polca_jax._checks import check_finite_params
+from polca_jax.checks import check_finite_params
 from polca_jax.errors import PolcaError
 
 PyTree = Any

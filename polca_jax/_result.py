@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polca_jax._files import file_digest, load_npy, read_json, save_npy_atomic, write_json_atomic
+from polca_jax.files import file_digest, load_npy, read_json, save_npy_atomic, write_json_atomic
 from polca_jax._second_order import SecondOrder
 from polca_jax.errors import CorruptRunDirectory, PolcaError
 
@@ -186,7 +186,7 @@ def write_manifest(directory: Path, config: dict, shapes: dict, fingerprint: dic
 
 
 def file_checksums(directory: Path) -> dict:
-    """The checksum of each array's ``.npy`` file in ``directory`` (:func:`polca_jax._files.file_digest`)."""
+    """The checksum of each array's ``.npy`` file in ``directory`` (:func:`polca_jax.files.file_digest`)."""
     return {name: file_digest(directory / f"{name}.npy") for name in ARRAYS}
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from polca_jax._distributed import is_writer, sync
-from polca_jax._files import bytes_digest, check_npy_size, read_json, save_npy_atomic, write_json_atomic
-from polca_jax._fingerprints import digests_differ
+from polca_jax.files import bytes_digest, check_npy_size, read_json, save_npy_atomic, write_json_atomic
+from polca_jax.fingerprints import digests_differ
 from polca_jax._result import (
     ARRAYS,
     FORMAT_VERSION,

@@ -97,8 +97,25 @@ def num_model_shards(mesh: Mesh | None) -> int:
 
 
 def param_spec(shape: tuple[int, ...], model_shards: int) -> PartitionSpec:
-    """The rule: split the largest dimension of ``shape`` that ``model_shards`` divides (the first of equals) over
-    ``"model"``; replicate when none does (or ``model_shards`` is 1)."""
+    """The sharding rule for one parameter: which of its dimensions a ``"model"`` axis splits.
+
+    The largest dimension of ``shape`` that ``model_shards`` divides (the first of equals) is split over ``"model"``; a
+    parameter none of whose dimensions it divides (any, when ``model_shards`` is 1) is replicated. :func:`shard_params`
+    places parameters, and the kernels a basis' rows, by it.
+
+    Args:
+      shape: the parameter's shape.
+      model_shards: the devices on the mesh's ``"model"`` axis.
+
+    Returns:
+      A ``PartitionSpec``: ``"model"`` at the split dimension, or ``PartitionSpec()`` (replicated).
+
+    Example:
+      >>> tuple(pj.param_spec((3, 8), 4))  # 4 divides 8, not 3
+      (None, 'model')
+      >>> tuple(pj.param_spec((3, 5), 4))  # it divides neither: replicated on every device
+      ()
+    """
     if model_shards > 1:
         divisible = [axis for axis, size in enumerate(shape) if size % model_shards == 0]
         if divisible:
@@ -119,7 +136,23 @@ def param_shardings(params: PyTree, mesh: Mesh, *, leading_axes: int = 0) -> PyT
 
 
 def replicated_fraction(params: PyTree, mesh: Mesh | None) -> tuple[float, list[str]]:
-    """The fraction of parameters that the rule leaves whole on every device, and those leaves' paths."""
+    """The fraction of the parameters that the sharding rule (:func:`param_spec`) leaves whole on every device.
+
+    :func:`shard_params` warns when it is above 10%. Only the mesh's shape is read, so a
+    ``jax.sharding.AbstractMesh`` tells it for devices this machine does not have.
+
+    Args:
+      params: the parameters pytree (arrays or ``jax.ShapeDtypeStruct``s).
+      mesh: a mesh with a ``"model"`` axis (:func:`device_mesh`), or None (nothing is split: 0).
+
+    Returns:
+      ``(fraction, paths)``: the fraction of the scalars that lie in replicated leaves, and those leaves' paths.
+
+    Example:
+      >>> mesh = jax.sharding.AbstractMesh((1, 4), ("data", "model"))
+      >>> pj.replicated_fraction({"w": np.zeros((8, 3)), "b": np.zeros(3)}, mesh)  # 4 divides no dimension of b
+      (0.111..., ["['b']"])
+    """
     model_shards = num_model_shards(mesh)
     if model_shards == 1:
         return 0.0, []

@@ -139,7 +139,7 @@ def sgd_checkpoints(problem, num, learning_rate=0.05):
 
 def dense_hessian(loss, params):
     """[P, P] Hessian of ``loss(params)`` in the flat (ravel_pytree) order."""
-    from polca_jax import _tree as tree
+    from polca_jax import tree
 
     flat = tree.ravel(params)
     return np.asarray(jax.jit(jax.hessian(lambda v: loss(tree.unravel(v, params))))(flat))
@@ -148,7 +148,7 @@ def dense_hessian(loss, params):
 def _kill_cli_run_after(arguments: list[str], run_dir, stage: str = "basis") -> dict[str, str]:
     """Run ``polca ARGUMENTS --out run_dir --quiet`` in a subprocess, SIGKILL it as soon as ``stage`` has finished,
     and return the record (``stages/<name>.json`` text) of every stage finished by then."""
-    command = [sys.executable, "-m", "polca_jax.pipeline._cli", *arguments, "--out", str(run_dir), "--quiet"]
+    command = [sys.executable, "-m", "polca_jax.pipeline.cli", *arguments, "--out", str(run_dir), "--quiet"]
     process = subprocess.Popen(command, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     deadline = time.time() + 300

@@ -14,7 +14,7 @@ from synthetic_runs import synthetic_run
 import polca_jax as pj
 from polca_jax import analysis
 from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config, read_metrics
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.cli import main
 from polca_jax.pipeline._registry import variants_of
 from polca_jax.pipeline.tasks.arithmetic import PAPER_CPU_CUTS
 

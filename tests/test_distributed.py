@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import polca_jax as pj
-from polca_jax._fingerprints import params_digest
+from polca_jax.fingerprints import params_digest
 from wide_mlp import mean_loss, problem, token_losses
 
 BASIS_OPTIONS = dict(k_per_checkpoint=2, num_iters=12, key=jax.random.key(1), progress=False)
@@ -46,7 +46,7 @@ with pj.OrbaxCheckpoints(out / "checkpoints", template=checkpoints[0], mesh=mesh
     result = pj.polca(token_losses, store, batch, basis, second_order="exact", mask=mask, chunk_size=2, mesh=mesh,
                       out=out / "polca", progress=False)
     assert result.projections.shape == (4, 24, 4)  # every process gets the whole result
-    from polca_jax._fingerprints import params_digest
+    from polca_jax.fingerprints import params_digest
     with pj.OrbaxCheckpoints(out / "checkpoints", template=checkpoints[0], mesh=pj.device_mesh(model=4)) as split:
         assert not split[1]["w1"].is_fully_addressable  # half of each leaf on each process
         print("DIGESTS", params_digest(store[1]), params_digest(split[1]))
@@ -150,7 +150,7 @@ def test_two_processes_of_the_cli_run_the_basis_and_decompose_stages_as_one_proc
     on a 2 x 2 mesh (`polca run --mesh --coordinator --num-processes --process-id`): the same bases and POLCA."""
     import shutil
 
-    command = [sys.executable, "-c", "from polca_jax.pipeline._cli import main; raise SystemExit(main())", "run",
+    command = [sys.executable, "-c", "from polca_jax.pipeline.cli import main; raise SystemExit(main())", "run",
                "planted", "--quiet", "--no-compile-cache"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run(command + ["--preset", "tiny", "--out", str(tmp_path / "one"), "--stage", "train"], env=env,

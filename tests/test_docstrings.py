@@ -19,7 +19,8 @@ pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
 # Module constants (tuples of choices, a number) cannot carry a docstring of their own (an int's or a tuple's is its
 # type's); each is named instead in the docstring of an exported function that takes it (checked below).
-CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NORMALIZATIONS", "STRATEGIES"}
+CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NORMALIZATIONS", "PARAMS_ITEM",
+             "STRATEGIES"}
 # Exception classes take only a message, like any ValueError: they have no Args to document (and, as for every
 # class, no Example is required; PolcaError's docstring shows one).
 EXCEPTIONS = {"CorruptRunDirectory", "Interrupted", "PolcaError", "ResumeMismatch", "TaskError"}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import polca_jax as pj
-from polca_jax import _tree as tree
+from polca_jax import tree
 from polca_jax import analysis
 from polca_jax.pipeline import build_task, load_labels, load_task_definition, make_config, open_run, read_metrics
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.cli import main
 from polca_jax.pipeline.models import TransformerConfig, init_params
 from polca_jax.pipeline.tasks.english import language_model_loss_fns, target_positions, training_batches
 

@@ -21,10 +21,10 @@ import pytest
 
 import polca_jax as pj
 from conftest import sgd_checkpoints
-from polca_jax._fingerprints import PARAMS_DIGEST, loss_digest, params_digest
+from polca_jax.fingerprints import PARAMS_DIGEST, loss_digest, params_digest
 from polca_jax.errors import PolcaError, ResumeMismatch
 from polca_jax.pipeline import open_run, run
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.cli import main
 from test_hostile_resume import USER_TASK, digests, quiet, record_checkpoints
 from test_pipeline import USER_TASK as DATA_TASK  # the same task with a ``data`` option: a .npy file to load
 
@@ -84,7 +84,7 @@ def undo(out: Path, *stages: str) -> None:
 def test_a_kill_while_config_json_is_written_leaves_no_torn_config(finished, tmp_path, monkeypatch):
     """Written atomically: a process killed at the rename leaves no config.json and no temporary file, and the
     same command can then start the run there."""
-    import polca_jax._files as files
+    import polca_jax.files as files
 
     task, out = f"{finished / 'user_task.py'}:make_task", tmp_path / "run"
 
@@ -401,7 +401,7 @@ def test_a_data_axis_wider_than_the_tasks_sequences_is_refused_by_polca_run_befo
     before = digests(out)
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1",
                XLA_FLAGS="--xla_force_host_platform_device_count=25")
-    done = subprocess.run([sys.executable, "-m", "polca_jax.pipeline._cli", "run", task, "--out", str(out), "--stage",
+    done = subprocess.run([sys.executable, "-m", "polca_jax.pipeline.cli", "run", task, "--out", str(out), "--stage",
                            "basis", "--force", "--mesh", "25x1", "--quiet", "--no-compile-cache"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
@@ -448,10 +448,10 @@ def test_a_recorder_returns_true_only_for_a_save_orbax_takes(tmp_path, monkeypat
 
 
 def test_a_refused_permission_is_one_paragraph_and_exit_2(monkeypatch, tmp_path, capsys):
-    from polca_jax.pipeline import _cli
+    from polca_jax.pipeline import cli
 
     denied = PermissionError(errno.EACCES, "Permission denied", "/runs/a/stages/train.json")
-    monkeypatch.setattr(_cli, "run", mock.Mock(side_effect=denied))
+    monkeypatch.setattr(cli, "run", mock.Mock(side_effect=denied))
     assert main(["arithmetic", "--out", str(tmp_path / "run"), "--quiet", "--no-compile-cache"]) == 2
     assert re.fullmatch(r"polca: error: the system refused a file operation \(/runs/a/stages/train\.json\): "
                         r"Permission denied; [^\n]*permissions of the run directory[^\n]*\n", capsys.readouterr().err)

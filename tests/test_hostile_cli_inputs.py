@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.cli import main
 
 USER_TASK = '''
 import jax.numpy as jnp

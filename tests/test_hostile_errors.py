@@ -22,8 +22,8 @@ import pytest
 
 import polca_jax as pj
 from polca_jax import CorruptRunDirectory, PolcaError, TaskError
-from polca_jax.pipeline import _cli
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline import cli
+from polca_jax.pipeline.cli import main
 
 
 def files_of(directory: Path) -> dict:
@@ -429,7 +429,7 @@ MACHINE_CASES = [
 def test_the_machines_limits_are_one_paragraph_and_exit_2(make, status, message, monkeypatch, tmp_path, capsys):
     # where the run meets the disk or the device (a Mock: raised from the standard library, not from a test's frame,
     # which the command would take for the task's code)
-    monkeypatch.setattr(_cli, "run", mock.Mock(side_effect=make()))
+    monkeypatch.setattr(cli, "run", mock.Mock(side_effect=make()))
     assert main(["arithmetic", "--out", str(tmp_path / "run"), "--quiet", "--no-compile-cache"]) == status
     error = capsys.readouterr().err
     assert re.fullmatch(message + r"[^\n]*\n", error), error

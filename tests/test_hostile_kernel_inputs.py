@@ -16,7 +16,7 @@ import pytest
 from conftest import mlp_mean_loss, mlp_token_losses, sgd_checkpoints
 
 import polca_jax as pj
-from polca_jax import _files, _tree as tree
+from polca_jax import files, tree
 from polca_jax.errors import PolcaError
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
@@ -375,26 +375,26 @@ def leftovers(directory: Path) -> list[str]:
 
 def test_json_helpers_write_atomically_and_name_the_file_on_read(tmp_path):
     path = tmp_path / "record.json"
-    _files.write_json_atomic(path, {"a": 1, "path": tmp_path})
-    assert _files.read_json(path, required=("a",)) == {"a": 1, "path": str(tmp_path)}
+    files.write_json_atomic(path, {"a": 1, "path": tmp_path})
+    assert files.read_json(path, required=("a",)) == {"a": 1, "path": str(tmp_path)}
     (tmp_path / "plain").write_text("")
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode  # the permissions of a plain write
     with pytest.raises(PolcaError, match=r"record\.json lacks the field\(s\) \['b'\]"):
-        _files.read_json(path, required=("a", "b"))
+        files.read_json(path, required=("a", "b"))
     path.write_text("")  # what a torn in-place write leaves
     with pytest.raises(PolcaError, match=r"record\.json cannot be read as JSON .*interrupted write"):
-        _files.read_json(path)
+        files.read_json(path)
     with pytest.raises(PolcaError, match=r"missing\.json is missing"):
-        _files.read_json(tmp_path / "missing.json")
+        files.read_json(tmp_path / "missing.json")
 
     def crash(file):
         file.write(b'{"half": ')
         raise KeyboardInterrupt
 
-    _files.write_json_atomic(path, {"a": 2})
+    files.write_json_atomic(path, {"a": 2})
     with pytest.raises(KeyboardInterrupt):
-        _files.write_atomic(path, crash)
-    assert _files.read_json(path) == {"a": 2} and leftovers(tmp_path) == []
+        files.write_atomic(path, crash)
+    assert files.read_json(path) == {"a": 2} and leftovers(tmp_path) == []
 
 
 def test_basis_save_overwrites_a_complete_save_and_names_a_torn_file(tmp_path, inputs):

@@ -26,7 +26,7 @@ import polca_jax as pj
 from conftest import sgd_checkpoints
 from polca_jax.errors import PolcaError, ResumeMismatch
 from polca_jax.pipeline import run
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.cli import main
 from test_decomposition import Checkpoints, interrupted
 
 USER_TASK = '''
@@ -180,7 +180,7 @@ import sys
 import jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 from conftest import mlp_token_losses
-from polca_jax._fingerprints import loss_digest
+from polca_jax.fingerprints import loss_digest
 
 @jax.custom_vjp
 def doubled(x):
@@ -230,7 +230,7 @@ def test_checkpoint_digests_of_an_earlier_format_are_recorded_again_not_refused(
 def test_a_parameters_digest_adds_up_over_any_split_and_changes_with_any_element(dtype):
     """The digest a multi-process run computes from shards: the partial sums of any blocks of a leaf (as processes
     hold them) add up to the whole leaf's; changing one element, or moving one, changes the digest."""
-    from polca_jax._fingerprints import _weighted_sum, params_digest
+    from polca_jax.fingerprints import _weighted_sum, params_digest
 
     values = np.random.default_rng(0).normal(size=(6, 10)) * 3
     values = {"bool": values > 0, "complex128": values + 1j * values[::-1]}.get(dtype, values)
@@ -359,7 +359,7 @@ COMMANDS = [(command, arguments, error, message) for commands, arguments, error,
                          ids=[f"{c} {' '.join(a)}" for c, a, _, _ in COMMANDS])
 def test_a_mistake_is_refused_before_any_work_by_run_and_plan(user_task, tmp_path, capsys, monkeypatch, command,
                                                                arguments, error, message):
-    from polca_jax.pipeline import _cli
+    from polca_jax.pipeline import cli
 
     (tmp_path / "x.py").mkdir()
     caught = []
@@ -374,7 +374,7 @@ def test_a_mistake_is_refused_before_any_work_by_run_and_plan(user_task, tmp_pat
         return wrapper
 
     for name in ("run", "_plan", "_run_mesh"):
-        monkeypatch.setattr(_cli, name, recording(getattr(_cli, name)))
+        monkeypatch.setattr(cli, name, recording(getattr(cli, name)))
     monkeypatch.chdir(tmp_path)
     task = user_task
     if arguments[0] == "{directory_task}":

@@ -9,7 +9,7 @@ import pytest
 from conftest import dense_hessian, sgd_checkpoints
 
 import polca_jax as pj
-from polca_jax import _tree as tree
+from polca_jax import tree
 from polca_jax.errors import PolcaError
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core

@@ -16,7 +16,7 @@ import pytest
 
 import polca_jax as pj
 from polca_jax.pipeline import load_task_definition, make_config, open_run, read_metrics, run
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.cli import main
 from polca_jax.pipeline._training import train
 
 ROOT = Path(__file__).parents[1]
@@ -237,7 +237,7 @@ def test_a_killed_decompose_stage_resumes_at_its_last_finished_checkpoint(user_t
 @pytest.mark.slow
 def test_a_second_process_loads_every_kernel_from_the_compile_cache(user_task, tmp_path):
     def run_in_a_process(out):
-        command = [sys.executable, "-m", "polca_jax.pipeline._cli", "run", user_task, "--out", str(out), "--quiet",
+        command = [sys.executable, "-m", "polca_jax.pipeline.cli", "run", user_task, "--out", str(out), "--quiet",
                    "--compile-cache", str(tmp_path / "cache")]
         subprocess.run(command, check=True, capture_output=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
         return [json.loads((out / "stages" / f"{stage}.json").read_text()) for stage in ("train", "basis", "decompose")]

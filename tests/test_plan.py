@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from test_pipeline import USER_TASK
 
-from polca_jax.pipeline._cli import main
+from polca_jax.pipeline.cli import main
 from polca_jax.pipeline import plan_run
 from polca_jax.pipeline._plan import GPUS, Plan, check_model_axis, parse_mesh, split_bytes
 

@@ -76,7 +76,7 @@ def test_links_resolve_and_no_page_names_a_machine_path():
 
 @pytest.mark.slow
 def test_polca_on_your_own_model_runs_as_written(tmp_path, monkeypatch):
-    from polca_jax.pipeline._cli import main
+    from polca_jax.pipeline.cli import main
 
     page = "docs/your-own-task.md"
     monkeypatch.chdir(tmp_path)

@@ -13,7 +13,7 @@ from synthetic_runs import THRESHOLD, synthetic_labels, synthetic_run
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax._files import write_json_atomic
+from polca_jax.files import write_json_atomic
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline import (LabelSet, RunConfig, RunDirectory, load_labels, load_task_definition, read_metrics,
                                 run_stages)

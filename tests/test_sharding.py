@@ -129,7 +129,7 @@ for data_shards, model_shards in ((1, 8), (2, 4)):
 # Lanczos contracts each leaf shard by shard: on a 1 x 8 mesh nothing is gathered but the flat start vector
 # ([1, P], only when Lanczos starts or restarts), never a leaf of the Krylov or deflated rows.
 import re
-from polca_jax import _tree as tree
+from polca_jax import tree
 from polca_jax._hvp import HessianMatvec
 from polca_jax._lanczos import _lanczos
 from polca_jax._sharding import shard_rows

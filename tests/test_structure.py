@@ -1,4 +1,12 @@
-"""The package's structure: its modules import each other without a circle (imports inside functions included)."""
+"""The package's structure: its modules import each other without a circle, and no code reaches into another
+package's private names (imports inside functions included).
+
+The privacy rule: a name (a module, or a name in one) that starts with an underscore may be used only inside its own
+package, the directory that holds it: ``polca_jax`` (the kernels, ``polca_jax/_*.py``), ``polca_jax.analysis``,
+``polca_jax.pipeline``, ``polca_jax.pipeline.models`` and each ``polca_jax.pipeline.tasks.<name>``. Code outside the
+library (benchmarks, experiments, examples, notebooks) uses only public names; tests may reach into private modules
+to test them.
+"""
 
 import ast
 from pathlib import Path
@@ -21,20 +29,35 @@ def is_module(name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The polca_jax modules a file imports, anywhere in it: ``from a.b import c`` names ``a.b.c`` when that is a
-    module, else ``a.b``."""
-    found = set()
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+def package_of(path: Path) -> str:
+    """The package ``path`` belongs to: the module name of the directory that holds it (its own for an
+    ``__init__.py``)."""
+    return module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+
+
+def imports(path: Path, source: str | None = None):
+    """``(import node, bound name, full name)`` of everything a file imports, anywhere in it (relative imports
+    resolved): ``import a.b`` binds ``a`` to ``a``, ``import a.b as c`` binds ``c`` to ``a.b``, ``from a import b``
+    binds ``b`` to ``a.b``."""
+    package = package_of(path)
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
+            for alias in node.names:
+                yield node, alias.asname or alias.name.split(".")[0], alias.name
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             for alias in node.names:
-                found.add(f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base)
+                yield node, alias.asname or alias.name, f"{base}.{alias.name}"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The polca_jax modules a file imports, anywhere in it: ``from a.b import c`` names ``a.b.c`` when that is a
+    module, else ``a.b``."""
+    found = set()
+    for node, _, name in imports(path):
+        found.add(name if isinstance(node, ast.Import) or is_module(name) else name.rpartition(".")[0])
     return {name for name in found if name.split(".")[0] == "polca_jax" and is_module(name)}
 
 
@@ -71,7 +94,7 @@ def test_the_cycle_finder_finds_a_circle_and_passes_a_tree():
 
 def test_the_graph_sees_imports_inside_functions_and_relative_ones():
     graph = import_graph()
-    assert "polca_jax.pipeline._stages" in graph["polca_jax.pipeline._cli"]  # inside a function
+    assert "polca_jax.pipeline._stages" in graph["polca_jax.pipeline.cli"]  # inside a function
     assert "polca_jax.pipeline._registry" in graph["polca_jax.pipeline._stages"]
     assert "polca_jax._basis" in graph["polca_jax"]
 
@@ -81,15 +104,60 @@ def test_polca_jax_has_no_import_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_experiments_examples_and_notebooks_use_only_the_public_surface():
-    """What a user's own code would import: no ``polca_jax`` module whose name starts with an underscore."""
-    offenders = []
-    for folder in ("experiments", "examples", "notebooks"):
-        for path in (ROOT / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
-                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-                offenders += [f"{path.relative_to(ROOT)}: {name}" for name in names
-                              if name.split(".")[0] == "polca_jax" and any(part.startswith("_")
-                                                                           for part in name.split(".")[1:])]
-    assert not offenders, "private imports:\n" + "\n".join(offenders)
+def is_private(part: str) -> bool:
+    return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def private_owner(name: str) -> str | None:
+    """The package whose private name ``name`` (dotted) reaches: the part before its first private part; None when
+    every part is public."""
+    parts = name.split(".")
+    private = [index for index, part in enumerate(parts) if is_private(part)]
+    return ".".join(parts[: private[0]]) if private else None
+
+
+def private_uses(path: Path, source: str | None = None) -> list[str]:
+    """``"line: name"`` for each private name of another package that a file uses: one it imports (anywhere in the
+    file), or one it reads off an imported polca_jax module (``pj._tree``), named up to its first private part."""
+    home = package_of(path) if path.relative_to(ROOT).parts[0] == "polca_jax" else None  # None: outside the library
+    found, modules = [], {}  # modules: a name the file binds to a polca_jax module -> the module's full name
+    for node, bound, name in imports(path, source):
+        if name.split(".")[0] == "polca_jax":
+            module = bound if bound == name.split(".")[0] else name
+            if is_module(module):
+                modules[bound] = module
+            if private_owner(name) not in (None, home):
+                found.append(f"{node.lineno}: {name}")
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
+        if isinstance(node, ast.Attribute) and is_private(node.attr):
+            chain, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                chain, base = [base.attr, *chain], base.value
+            if isinstance(base, ast.Name) and base.id in modules and not any(map(is_private, chain[:-1])):
+                name = ".".join([modules[base.id], *chain])
+                if private_owner(name) not in (None, home):
+                    found.append(f"{node.lineno}: {name}")
+    return found
+
+
+def test_the_privacy_rule_tells_a_package_s_own_private_names_from_another_s():
+    stages, scores = ROOT / "polca_jax/pipeline/_stages.py", ROOT / "polca_jax/pipeline/tasks/planted/_scores.py"
+    assert private_uses(stages, "from polca_jax.pipeline._registry import STAGES\nfrom . import _task") == []
+    assert private_uses(stages, "def f():\n    from polca_jax.pipeline.tasks.planted._scores import summary") == [
+        "2: polca_jax.pipeline.tasks.planted._scores.summary"]  # a task package is a package of its own
+    assert private_uses(scores, "from polca_jax.pipeline import _registry") == ["1: polca_jax.pipeline._registry"]
+    assert private_uses(scores, "from polca_jax.pipeline.tasks.planted._model import roles") == []
+    assert private_uses(ROOT / "notebooks/x.py", "import polca_jax as pj\npj._tree.num_params(1)\npj.__version__") == [
+        "2: polca_jax._tree"]
+    assert private_uses(ROOT / "polca_jax/_basis.py", "from polca_jax._files import x") == []
+
+
+def test_no_code_uses_another_package_s_private_names():
+    """Every .py file of the library, the benchmarks, the experiments, the examples and the notebooks' scripts, by
+    the rule in this module's docstring: what a package shares is public (its ``__init__``'s exports or a public
+    module such as ``polca_jax.files``)."""
+    offenders = [f"{path.relative_to(ROOT)}:{use}"
+                 for folder in ("polca_jax", "benchmarks", "experiments", "examples", "notebooks")
+                 for path in sorted((ROOT / folder).rglob("*.py")) if ".ipynb_checkpoints" not in path.parts
+                 for use in private_uses(path)]
+    assert not offenders, "private names used across a package boundary:\n" + "\n".join(offenders)

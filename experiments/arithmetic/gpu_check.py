@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
-from polca_jax import _tree as tree  # noqa: E402
+from polca_jax import tree  # noqa: E402
 from polca_jax.pipeline import STAGES, load_task_definition, make_config, open_run, run_stages  # noqa: E402
 from polca_jax.pipeline import parse_overrides, plan_run  # noqa: E402
 

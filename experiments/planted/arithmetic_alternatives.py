@@ -3,8 +3,8 @@
     python experiments/planted/arithmetic_alternatives.py RUN_DIR [--second-order run trapezoid none]
 
 For the Hessian basis and (when the run has ablations) the random basis, each second-order rule and each strategy
-of ``polca_jax.analysis._unsupervised``, prints: clusters; the most carry-homogeneous cluster that qualifies under
-the paper's rule (>85% of its carry tokens in the 10s or 100s place), with its size and recall among clustered
+of ``polca_jax.analysis.strategy_clusterings``, prints: clusters; the most carry-homogeneous cluster that qualifies
+under the paper's rule (>85% of its carry tokens in the 10s or 100s place), with its size and recall among clustered
 tokens (the paper's recall); how many of the strategy's clusters beat the carry-homogeneity permutation null
 (Holm-corrected, 0.05); and the best clustering's adjusted Rand index against the ``skill`` labels (place × carry).
 The labels only score; no clustering sees them. min_cluster_size is the run's, scaled as the pipeline scales it.

@@ -1,5 +1,5 @@
 """Score a finished planted-benchmark run directory against its ground truth, for the paper's unsupervised step
-and the alternatives of ``polca_jax.analysis._unsupervised``, along the Hessian and the random basis.
+and the alternatives of ``polca_jax.analysis.strategy_clusterings``, along the Hessian and the random basis.
 
     python experiments/planted/evaluate.py RUN_DIR [--json OUT.json] [--second-order run|none|trapezoid]
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import HDBSCAN
 
-from polca_jax._files import load_npz, save_npz_atomic
 from polca_jax.analysis._arrays import checked_array, checked_directions
 from polca_jax.analysis._filters import kept_directions, relying_samples
 from polca_jax.errors import PolcaError
+from polca_jax.files import load_npz, save_npz_atomic
 
 DEFAULT_MIN_SAMPLES_DIVISOR = 15  # the paper's min_samples = number of tokens / 15, in both of its experiments
 NORMALIZATIONS = (None, "unit", "standardize")

@@ -7,7 +7,10 @@ decomposes, clusters, scores and reports; :func:`register_basis` adds a basis of
 
     train → basis → decompose → cluster → score → report
 
-The paper's experiments are two such tasks, ``polca_jax.pipeline.tasks.arithmetic`` and ``...english``.
+The ``polca`` command is :func:`polca_jax.pipeline.cli.main`. A task's ``report_sections`` read a run's metrics by the
+strategies' names (``POLCA``, ``EXACT_LOSS``, ...) and write markdown with :mod:`polca_jax.pipeline.reporting`.
+The paper's experiments are two such tasks, ``polca_jax.pipeline.tasks.arithmetic`` and ``...english``; they import
+from the pipeline only what this package exports, as a task of one's own would.
 """
 
 try:
@@ -20,12 +23,20 @@ except ImportError as error:
 from polca_jax.pipeline._config import RunConfig, make_config, parse_overrides  # noqa: E402
 from polca_jax.pipeline._plan import plan_run  # noqa: E402
 from polca_jax.pipeline._report import write_report  # noqa: E402
-from polca_jax.pipeline._reporting import RunView, load_run_view  # noqa: E402
 from polca_jax.pipeline._results import RunMetrics, read_metrics  # noqa: E402
 from polca_jax.pipeline._run import open_run, run  # noqa: E402
 from polca_jax.pipeline._rundir import RunDirectory, load_labels  # noqa: E402
 from polca_jax.pipeline._registry import (  # noqa: E402
     BASES,
+    EXACT_LOSS,
+    FIRST_ORDER_POLCA,
+    GRADIENT_NORMS,
+    POLCA,
+    POLCA_GRADIENTS,
+    POLCA_PROFILE,
+    RANDOM_GRADIENTS,
+    RANDOM_POLCA,
+    RANDOM_PROFILE,
     STAGES,
     VARIANTS,
     BasisInputs,
@@ -45,11 +56,21 @@ from polca_jax.pipeline._task import (  # noqa: E402
     task_factory,
 )
 from polca_jax.pipeline._training import AdamScales, adamw_paper, train  # noqa: E402
+from polca_jax.pipeline.reporting import RunView, load_run_view  # noqa: E402
 
 __all__ = [
     "AdamScales",
     "BASES",
     "BUILTIN_TASKS",
+    "EXACT_LOSS",
+    "FIRST_ORDER_POLCA",
+    "GRADIENT_NORMS",
+    "POLCA",
+    "POLCA_GRADIENTS",
+    "POLCA_PROFILE",
+    "RANDOM_GRADIENTS",
+    "RANDOM_POLCA",
+    "RANDOM_PROFILE",
     "STAGES",
     "VARIANTS",
     "BasisInputs",

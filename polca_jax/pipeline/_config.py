@@ -14,10 +14,10 @@ import math
 import typing
 from typing import Any, Mapping
 
-from polca_jax._second_order import SECOND_ORDER_CHOICES, SecondOrder
-from polca_jax.pipeline._registry import ablation_basis_names, basis_kind
+from polca_jax import SecondOrder
 from polca_jax.analysis import CLUSTERERS, NORMALIZATIONS
 from polca_jax.errors import PolcaError
+from polca_jax.pipeline._registry import ablation_basis_names, basis_kind
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
@@ -104,8 +104,7 @@ class RunConfig:
         for name in ("baselines", "ablations"):
             if not isinstance(getattr(self, name), bool):
                 raise PolcaError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.second_order not in SECOND_ORDER_CHOICES:
-            raise PolcaError(f"second_order must be one of {SECOND_ORDER_CHOICES}, got {self.second_order!r}")
+        SecondOrder(self.second_order)  # refuses an unknown rule, naming the choices
         if self.projection_method not in PROJECTION_METHODS:
             raise PolcaError(f"projection_method must be one of {PROJECTION_METHODS}, got {self.projection_method!r}")
         if isinstance(self.gradient_window, bool) or not isinstance(self.gradient_window, int | float) or not (

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import polca_jax as pj
-from polca_jax._basis import load_basis_info
+from polca_jax import load_basis_info
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._registry import basis_kind
 

@@ -30,7 +30,7 @@ not modelled. Checkpoint saves and restores are timed with orbax on this machine
 growing with the null permutations) are left out.
 
 **Memory per device** (in the parameters' dtype), the peak over the device stages: parameters, Adam's moments, bases
-and Krylov vectors split over the model axis by :func:`polca_jax._sharding.param_spec` (a split leaf's bytes /
+and Krylov vectors split over the model axis by :func:`polca_jax.param_spec` (a split leaf's bytes /
 model, a replicated leaf whole); batches split by the data axis; XLA's temporaries of the kernel compiled for one
 device (the projection pass' per-device chunk has the same size whatever the number of data shards, so its
 temporaries do not shrink with them; with a model axis XLA also splits them, so the figure is an upper bound: see the
@@ -57,11 +57,6 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 import polca_jax as pj
-from polca_jax import _tree as tree
-from polca_jax._hvp import HessianMatvec
-from polca_jax._lanczos import _lanczos
-from polca_jax._projections import projection_kernel_cost
-from polca_jax._sharding import param_spec
 from polca_jax.analysis import cluster_trajectories
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._registry import (JOINT_KINDS, MESH_STAGES, PER_SAMPLE_SIGNALS, bases_of, basis_kind,
@@ -131,11 +126,11 @@ def parse_mesh(text: str, devices: int | None = None) -> tuple[int, int]:
 
 def split_bytes(params, model: int) -> tuple[int, float]:
     """Bytes of one device's share of ``params`` split over a model axis of ``model`` devices by the rule
-    (:func:`polca_jax._sharding.param_spec`: a split leaf's bytes / model, a replicated leaf's whole), and the
+    (:func:`polca_jax.param_spec`: a split leaf's bytes / model, a replicated leaf's whole), and the
     fraction of the parameters left whole on every device."""
     share, whole, total = 0, 0, 0
     for leaf in jax.tree_util.tree_leaves(params):
-        nbytes, split = _nbytes(leaf), param_spec(np.shape(leaf), model) != PartitionSpec()
+        nbytes, split = _nbytes(leaf), pj.param_spec(np.shape(leaf), model) != PartitionSpec()
         share += nbytes // model if split else nbytes
         whole += 0 if split or model == 1 else nbytes
         total += nbytes
@@ -348,7 +343,7 @@ def _polca_kernel(config, task: Task, batch, mask, size: int, curvature: bool, *
         seconds, compiling = _polca_seconds(config, task, batch, mask, size, curvature, options, repeats)
     rows = jax.tree_util.tree_map(lambda p: jnp.zeros((size, *np.shape(p)), p.dtype), params)
     start = time.perf_counter()
-    cost = projection_kernel_cost(task.per_sample_loss, params, batch, rows, curvature=curvature, **options)
+    cost = pj.projection_kernel_cost(task.per_sample_loss, params, batch, rows, curvature=curvature, **options)
     if not run:  # it compiled the pass and a one-chunk pass: about twice the pass' compile time
         compiling = (time.perf_counter() - start) / 2
     return Kernel(cost.flops, cost.temp_bytes, seconds, compiling), cost
@@ -391,18 +386,12 @@ def _train_kernel(task: Task, optimizer, opt_state, run: bool, repeats: int) -> 
 
 def _lanczos_kernel(config, task: Task, batch, basis_size: int, run: bool, repeats: int) -> Kernel:
     """One basis checkpoint of Algorithm 1: Lanczos with ``lanczos_iters`` HVPs on ``batch``, deflating
-    ``basis_size`` rows, as :func:`polca_jax.hessian_basis` compiles it. Its FLOPs and temporaries are those of its
-    HVPs (XLA counts a loop's body once; the Gram-Schmidt steps add a few multiples of P per iteration)."""
-    params, matvec = task.init_params, HessianMatvec(task.loss)
-    vector = jax.tree_util.tree_map(jnp.ones_like, params)
-    _, flops, temp, _ = _compile(jax.jit(matvec), vector, params, batch)
-    zeros = jnp.zeros if run else jax.ShapeDtypeStruct  # only shapes to compile without running
-    found = jax.tree_util.tree_map(lambda p: zeros((basis_size, *np.shape(p)), p.dtype), params)
-    arguments = (jax.random.key(0), found, (params, batch))
-    compiled, _, _, compiling = _compile(_lanczos, matvec, tree.structure_signature(params), config.k_per_checkpoint,
-                                         config.lanczos_iters, None, *arguments)
-    seconds = _timed(lambda: compiled(*arguments), 1)[0] if run else math.nan  # one call is lanczos_iters HVPs
-    return Kernel(config.lanczos_iters * flops, temp, seconds, compiling)
+    ``basis_size`` rows, as :func:`polca_jax.hessian_basis` compiles it (:func:`polca_jax.lanczos_kernel_cost`). Its
+    FLOPs and temporaries are those of its HVPs (XLA counts a loop's body once; the Gram-Schmidt steps add a few
+    multiples of P per iteration)."""
+    cost = pj.lanczos_kernel_cost(task.loss, task.init_params, batch, k_per_checkpoint=config.k_per_checkpoint,
+                                  num_iters=config.lanczos_iters, num_deflated=basis_size, timed=run)
+    return Kernel(cost.flops, cost.temp_bytes, cost.seconds, cost.compile_seconds)
 
 
 def _loss_kernel(task: Task, batch, mask, run: bool, repeats: int) -> Kernel:

@@ -214,7 +214,8 @@ PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per samp
 JOINT_KINDS = ("profile", "gradients", "gradient_norms")  # one clustering of every sample's features, not per direction
 GROUPS = ("main", "baseline", "ablation", "control")
 
-# the strategies the score stage, the report and the tasks' sections name (every strategy is in VARIANTS)
+# the strategies the score stage, the report and the tasks' sections name (every strategy is in VARIANTS; exported
+# by polca_jax.pipeline for a task's report_sections, which read them in a run's metrics)
 EXACT_LOSS = "exact_loss"
 POLCA = "polca"
 FIRST_ORDER_POLCA = "first_order_polca"

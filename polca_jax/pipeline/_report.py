@@ -17,12 +17,12 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from polca_jax.pipeline import _reporting as reporting
-from polca_jax.pipeline._reporting import MISSING, RunView, load_run_view
+from polca_jax.pipeline import reporting
 from polca_jax.pipeline._registry import (EXACT_LOSS, POLCA, POLCA_PROFILE, RANDOM_POLCA, RANDOM_PROFILE, STAGES,
                                           VARIANTS)
 from polca_jax.pipeline._results import Breakthrough, CausalCheck, LabelScore, StrategyResult, TopCluster
 from polca_jax.pipeline._task import BUILTIN_TASKS, TaskDefinition, load_task_definition
+from polca_jax.pipeline.reporting import MISSING, RunView, load_run_view
 
 MAX_DIRECTION_FIGURES = 6
 MAX_CLASSES_PLOTTED = 9

@@ -32,8 +32,8 @@ import types
 import typing
 from pathlib import Path
 
-from polca_jax._files import read_json, write_json_atomic
 from polca_jax.errors import PolcaError
+from polca_jax.files import read_json, write_json_atomic
 
 SCHEMA_VERSION = 1
 UNVERSIONED = 1  # a file without schema_version: written before the field existed, with version 1's layout

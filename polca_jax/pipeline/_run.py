@@ -10,8 +10,8 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from polca_jax._files import read_json, write_json_atomic
 from polca_jax.errors import PolcaError
+from polca_jax.files import read_json, write_json_atomic
 from polca_jax.pipeline._config import apply_overrides, config_differences, make_config, parse_overrides
 from polca_jax.pipeline._host_settings import HOST_SETTINGS, host_setting_changes, second_order_unavailable
 from polca_jax.pipeline._rundir import RunDirectory

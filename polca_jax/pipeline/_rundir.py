@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from polca_jax import _tree as tree
-from polca_jax._distributed import is_writer
-from polca_jax._files import load_npz, read_json, save_npz_atomic, write_json_atomic
-from polca_jax._fingerprints import PARAMS_DIGEST, digests_differ, loss_digest
+from polca_jax import is_writer, tree
 from polca_jax.errors import PolcaError, ResumeMismatch
+from polca_jax.files import load_npz, read_json, save_npz_atomic, write_json_atomic
+from polca_jax.fingerprints import PARAMS_DIGEST, digests_differ, loss_digest
 from polca_jax.pipeline._config import RunConfig, config_differences
 from polca_jax.pipeline._task import LabelSet, Qualifier, Task
 
@@ -251,7 +250,7 @@ _NO_FINGERPRINTS = {"checkpoints": {}, "losses": {}}
 
 def loss_digests(task: Task) -> dict[str, str]:
     """The digests of the task's loss functions: ``loss`` on the Hessian batch, ``per_sample_loss`` on the
-    evaluation batch (:func:`polca_jax._fingerprints.loss_digest`: traced on shapes, nothing computed)."""
+    evaluation batch (:func:`polca_jax.fingerprints.loss_digest`: traced on shapes, nothing computed)."""
     return {"loss": loss_digest(task.loss, task.init_params, task.hessian_batch),
             "per_sample_loss": loss_digest(task.per_sample_loss, task.init_params, task.eval_batch)}
 

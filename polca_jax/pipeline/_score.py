@@ -19,7 +19,7 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax._files import load_npy
+from polca_jax.files import load_npy
 from polca_jax.pipeline._config import check_breakthrough_window
 from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax.pipeline._results import (Breakthrough, BreakthroughNull, CausalCheck, CausalSummary, ClusterRecord,

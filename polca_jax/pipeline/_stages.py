@@ -38,13 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import polca_jax as pj
-from polca_jax import _tree as tree
-from polca_jax import analysis
-from polca_jax._checks import batch_size, check_same_structure
-from polca_jax._distributed import is_writer, sync as pj_sync, to_host
-from polca_jax._files import load_npy, save_npy_atomic
-from polca_jax._fingerprints import params_digest
+from polca_jax import analysis, is_writer, sync as pj_sync, to_host, tree
+from polca_jax.checks import batch_size, check_same_structure
 from polca_jax.errors import PolcaError
+from polca_jax.files import load_npy, save_npy_atomic
+from polca_jax.fingerprints import params_digest
 from polca_jax.pipeline._compile import measure_compilation
 from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax.pipeline._registry import (HOST_STAGES, MAIN_BASIS, MESH_STAGES, RANDOM_BASIS, STAGE_LOSSES,

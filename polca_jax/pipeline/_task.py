@@ -23,8 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from polca_jax._checks import batch_size
-from polca_jax._projections import check_loss_dtype
+from polca_jax.checks import batch_size, check_loss_dtype
 from polca_jax.errors import PolcaError
 
 PyTree = Any

@@ -20,9 +20,9 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from polca_jax._checkpoints import PARAMS_ITEM, OrbaxCheckpoints
-from polca_jax._files import write_atomic
+from polca_jax import PARAMS_ITEM, OrbaxCheckpoints
 from polca_jax.errors import PolcaError
+from polca_jax.files import write_atomic
 
 _OPT_STATE = "opt_state"
 

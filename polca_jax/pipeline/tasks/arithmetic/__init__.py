@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline._task import LabelSet, Qualifier, Task, task_factory
+from polca_jax.pipeline import LabelSet, Qualifier, Task, task_factory
 from polca_jax.pipeline.models import TransformerConfig, init_params
 from polca_jax.pipeline.tasks.arithmetic._paper import paper_report_sections
 from polca_jax.pipeline.tasks.arithmetic._problems import (

@@ -6,7 +6,7 @@ Reads the run's generic results (``RunView.metrics``, label set ``carry``); a st
 
 from __future__ import annotations
 
-from polca_jax.pipeline._reporting import MISSING, markdown_table, number, value_text
+from polca_jax.pipeline.reporting import MISSING, markdown_table, number, value_text
 
 PAPER_ARITHMETIC_RESULTS = {
     "exact_loss": {"hidden_breakthrough_fraction": 0.0, "top_clusters": [(0.514, 0.771, 0.617)]},

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax._files import save_npz_atomic
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline._task import LabelSet, Task, task_factory
+from polca_jax.files import save_npz_atomic
+from polca_jax.pipeline import LabelSet, Task, task_factory
 from polca_jax.pipeline.models import TransformerConfig, apply, init_params, token_cross_entropy
 from polca_jax.pipeline.tasks.english import _labels as labels
 from polca_jax.pipeline.tasks.english import _text as text

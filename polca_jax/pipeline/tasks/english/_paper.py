@@ -13,9 +13,9 @@ import json
 
 import numpy as np
 
-from polca_jax._files import load_npz, write_atomic
-from polca_jax.pipeline._registry import EXACT_LOSS, POLCA
-from polca_jax.pipeline._reporting import MISSING, markdown_table, number
+from polca_jax.files import load_npz, write_atomic
+from polca_jax.pipeline import EXACT_LOSS, POLCA
+from polca_jax.pipeline.reporting import MISSING, markdown_table, number
 from polca_jax.pipeline.tasks.english import _labels as labels
 from polca_jax.pipeline.tasks.english._text import target_positions
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline._task import LabelSet, Task, task_factory
+from polca_jax.pipeline import LabelSet, Task, task_factory
 from polca_jax.pipeline.tasks.planted._entangled import make_entangled_task
 from polca_jax.pipeline.tasks.planted._model import (
     BENCHMARK_SETTINGS,

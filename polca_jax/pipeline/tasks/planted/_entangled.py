@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline._task import LabelSet, Task, task_factory
+from polca_jax.pipeline import LabelSet, Task, task_factory
 from polca_jax.pipeline.tasks.planted._model import BENCHMARK_SETTINGS, TINY_SETTINGS, PerSampleLoss, teacher_output
 from polca_jax.pipeline.tasks.planted._scores import planted_report_sections
 

@@ -9,8 +9,8 @@ import numpy as np
 from polca_jax import analysis
 from polca_jax.analysis import adjusted_rand, group_recovery
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline._registry import (EXACT_LOSS, FIRST_ORDER_POLCA, GRADIENT_NORMS, POLCA, POLCA_GRADIENTS,
-                                          POLCA_PROFILE, RANDOM_GRADIENTS, RANDOM_POLCA, RANDOM_PROFILE)
+from polca_jax.pipeline import (EXACT_LOSS, FIRST_ORDER_POLCA, GRADIENT_NORMS, POLCA, POLCA_GRADIENTS, POLCA_PROFILE,
+                                RANDOM_GRADIENTS, RANDOM_POLCA, RANDOM_PROFILE)
 
 REPORTED_VARIANTS = (POLCA, EXACT_LOSS, RANDOM_POLCA, FIRST_ORDER_POLCA, POLCA_PROFILE, RANDOM_PROFILE,
                      POLCA_GRADIENTS, RANDOM_GRADIENTS, GRADIENT_NORMS)
@@ -39,7 +39,7 @@ def matched_loss_gap(loss, groups, *, exclude=()) -> dict:
 def strategy_summary(clusterings: list[analysis.Clustering], groups) -> dict:
     """One strategy's ground-truth scores: the best clustering's ARI (NaN-free maximum over its clusterings, with
     that clustering's direction and the fraction of all N samples it clustered), the number of clusterings with an
-    ARI, and per group its :class:`~polca_jax.analysis._unsupervised.GroupRecovery` as a dict."""
+    ARI, and per group its :class:`~polca_jax.analysis.GroupRecovery` as a dict."""
     groups = np.asarray(groups)
     aris = [(adjusted_rand(c, groups), c) for c in clusterings]
     scored = [(a, c) for a, c in aris if np.isfinite(a)]

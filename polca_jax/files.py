@@ -2,6 +2,9 @@
 
 A killed process therefore leaves either the old file or the new one under the final name, never a truncated one
 (at worst a stray ``.NAME.*.tmp`` beside it). Every read failure is a ``ValueError`` that names the file.
+
+What the kernels, :mod:`polca_jax.analysis` and the pipeline (its run directory, results and tasks) write and read
+their files with; public for code of one's own that keeps files beside theirs.
 """
 
 from __future__ import annotations

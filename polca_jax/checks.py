@@ -1,5 +1,8 @@
 """Input checks shared by the kernels: each raises ``ValueError`` naming the problem and what to do about it.
 
+Public so that code built on the kernels refuses the inputs they would refuse, with the same words, before it
+calls them: the pipeline checks a user's ``Task`` (its batches, its loss' dtype, its checkpoints) with these.
+
 The checks run once per public call, on the host. Those that only look at shapes and dtypes also work on tracers
 (inside a user's ``jax.jit``); those that look at values (:func:`check_finite_params`, :func:`check_finite_tree`)
 skip traced arrays, so the kernels stay usable under ``jit``.
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from polca_jax import _tree as tree
+from polca_jax import tree
 from polca_jax.errors import PolcaError
 
 PyTree = Any
@@ -114,6 +117,14 @@ def batch_size(batch: PyTree, what: str = "the kernel") -> int:
     if size == 0:
         raise PolcaError(f"{what}: the batch is empty (0 samples); pass at least one sample")
     return size
+
+
+def check_loss_dtype(dtype, what: str) -> None:
+    """Raise :class:`polca_jax.PolcaError` unless a loss of ``dtype`` can be differentiated: real floating point."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else "not floating point"
+        raise PolcaError(f"{what} returns losses of dtype {dtype} ({kind}); POLCA differentiates the loss, so it must "
+                         "return real floating-point values (e.g. float32): cast it, or return the real loss")
 
 
 def check_checkpoints(checkpoints: Any, what: str) -> None:

@@ -1,4 +1,5 @@
-"""Flat vectors and params-shaped pytrees.
+"""Flat vectors and params-shaped pytrees: the helpers the kernels share, public for code built on them (the
+pipeline, benchmarks, notebooks), e.g. :func:`num_params` to count a model's parameters.
 
 A basis lives in the flat parameter space of ``jax.flatten_util.ravel_pytree``: row ``k`` of a ``[K, P]``
 matrix is one direction. The fast kernels instead contract per-leaf, so the same rows are also presented as a

@@ -6,6 +6,9 @@
     polca report DIR [--task path/file.py:factory]
     polca plan TASK [--preset NAME] [--set KEY=VALUE ...]
     polca --version
+
+The ``polca`` console script (``polca_jax._command``, which needs no pipeline extra for ``--version``) runs
+:func:`main`; ``main(argv)`` runs the same command in this process.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from pathlib import Path
 import jax
 
 import polca_jax as pj
-from polca_jax._distributed import ADDRESS_VARIABLE, cluster_launcher
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
@@ -120,8 +122,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``polca`` command; returns its exit status: 0 done, 2 an error in what it was given or in the machine's
-    resources (printed as one paragraph ``polca: error: ...``), 1 a bug in polca_jax. ``--debug`` raises instead."""
+    """The ``polca`` command in this process, on ``argv`` (default ``sys.argv[1:]``), e.g.
+    ``main(["plan", "arithmetic", "--preset", "tiny"])``; returns its exit status: 0 done, 2 an error in what it was
+    given or in the machine's resources (printed as one paragraph ``polca: error: ...``), 1 a bug in polca_jax.
+    ``--debug`` raises instead."""
     args = _parser().parse_args(argv)
     try:
         return _main(args)
@@ -194,7 +198,7 @@ def _run_mesh(args):
 
     shape = None if args.mesh is None else parse_mesh(args.mesh)
     given = (args.coordinator, args.num_processes, args.process_id)
-    if any(value is not None for value in given) or os.environ.get(ADDRESS_VARIABLE) or cluster_launcher():
+    if any(value is not None for value in given) or os.environ.get("JAX_COORDINATOR_ADDRESS") or pj.cluster_launcher():
         try:
             for flag, value in (("--heartbeat-timeout", args.heartbeat_timeout),
                                 ("--init-timeout", args.init_timeout)):

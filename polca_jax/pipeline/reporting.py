@@ -1,7 +1,9 @@
 """What reports share: a view of a run directory's files, markdown tables, and matplotlib figures of cluster
 trajectories (median and quartile band per cluster, breakthrough markers, basis and τ marks).
 
-Host code only (numpy, matplotlib's object API, no pyplot state): safe to call from a stage or a notebook.
+Host code only (numpy, matplotlib's object API, no pyplot state): safe to call from a stage or a notebook. A task's
+``report_sections`` (:func:`polca_jax.pipeline.task_factory`) build their markdown with :func:`markdown_table`,
+:func:`number`, :func:`value_text` and :data:`MISSING`, as the built-in tasks' do.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from polca_jax import POLCAResult
-from polca_jax._basis import load_basis_info
-from polca_jax._files import read_json
+from polca_jax import POLCAResult, load_basis_info
 from polca_jax.analysis import Clustering, load_clusterings, quartile_curves
 from polca_jax.errors import PolcaError
+from polca_jax.files import read_json
 from polca_jax.pipeline._host_settings import host_result
 from polca_jax.pipeline._registry import MAIN_BASIS
 from polca_jax.pipeline._results import ClusterRecord, FilterSummary, RunMetrics, StrategyResult, read_metrics

@@ -4,6 +4,9 @@ A loss' digest is the SHA-256 of its jaxpr traced on abstract arguments (shapes 
 computed) with memory addresses removed, and of the constants it closes over: it changes when the loss' code or
 its captured arrays change, and is the same in every process that traces the same code. A checkpoint's digest
 (:func:`params_digest`) is one that the processes of a multi-process run compute together from their shards.
+
+The kernels record them to refuse a resume with other inputs; the pipeline records them in a run directory
+(public for that, and for code of one's own that does the same).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from polca_jax import _tree as tree
+from polca_jax import tree
 
 _ADDRESS = re.compile(r"\s*at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
 
