@@ -8,7 +8,8 @@ projects? On a finished planted run, the rule's features (each sample's projecte
 - the whole per-sample gradient (K = P: no basis at all), as it is and with each coordinate divided by its RMS over
   the samples at each checkpoint (a per-parameter rescaling like the scaled covariance basis').
 
-    python experiments/planted/random_subspace.py RUN_DIR [RUN_DIR ...] [--dims 2 5 10 20 40 80] [--draws 5]
+    python experiments/planted/random_subspace.py RUN_DIR [RUN_DIR ...] [--dims 2 5 10 20 40 80] [--draws 5] \
+        [--window FRACTION]
 
 Prints one row per run and feature: the ARI against the planted groups (over the clustered samples) and how many
 groups are recovered (homogeneity >= 0.9 at recall >= 0.5 over all members), for random subspaces the median and
@@ -69,11 +70,11 @@ def random_rows(k: int, p: int, rng: np.random.Generator) -> np.ndarray:
     return q.T
 
 
-def run_rows(run_dir: Path, dims: list[int], draws: int) -> list[str]:
+def run_rows(run_dir: Path, dims: list[int], draws: int, window: float | None) -> list[str]:
     config = json.loads((run_dir / "config.json").read_text())
     task = load_task_definition(config["task"])(**config["task_options"], seed=config["seed"])
     groups = load_labels(run_dir)[0]["group"].values
-    steps = window_steps(run_dir, config["gradient_window"])
+    steps = window_steps(run_dir, window or config["gradient_window"])
     store = pj.OrbaxCheckpoints(run_dir / "checkpoints", [int(s) for s in steps])
     gradients = np.stack([per_sample_gradients(task, store[i]) for i in range(len(steps))])  # [W, N, P]
     p = gradients.shape[2]
@@ -108,11 +109,13 @@ def main() -> None:
     parser.add_argument("run_dirs", type=Path, nargs="+")
     parser.add_argument("--dims", type=int, nargs="*", default=[2, 5, 10, 20, 40, 80])
     parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--window", type=float, help="the last fraction of the POLCA checkpoints read (default: the "
+                        "run's gradient_window, as the pipeline's strategy reads)")
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
     print("| Run | Features along | ARI / groups recovered | Note |\n|---|---|---|---|")
     for run_dir in args.run_dirs:
-        for row in run_rows(run_dir, args.dims, args.draws):
+        for row in run_rows(run_dir, args.dims, args.draws, args.window):
             print(row, flush=True)
 
 
