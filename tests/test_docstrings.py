@@ -1,26 +1,40 @@
-"""The public docstrings, for every exported name of polca_jax and polca_jax.analysis: each is Google-style with the
-sections its signature calls for, and the examples in them run and print what they show (doctest).
+"""The public docstrings, for every exported name of polca_jax, polca_jax.analysis and polca_jax.pipeline: each is
+Google-style with the sections its signature calls for, and the examples in them run and print what they show
+(doctest).
 
 The kernels' examples are small enough to check by hand (least squares, whose Hessian is xᵀx / n): ``pj.hvp``'s
 example defines that problem. The analysis examples use the projected-loss trajectories and the clustering that
-``analysis.Clustering``'s example defines. The others use those names, as their text says."""
+``analysis.Clustering``'s example defines. The others use those names, as their text says. The pipeline's examples
+that need a run read the run directory ``out`` of ``polca_jax.pipeline.run``'s example (a shortened run of the
+planted benchmark's tiny preset, run once, in a temporary directory removed afterwards).
+
+The tests of polca_jax and polca_jax.analysis need only the core install (marked ``core``); those of the pipeline
+are collected only where its extra is installed."""
 
 import doctest
 import functools
+import importlib
 import inspect
 import re
+import shutil
 
 import pytest
 
 import polca_jax as pj
 from polca_jax import analysis
+from polca_jax._command import missing_pipeline_modules
 
-pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
+pipeline = None if missing_pipeline_modules() else importlib.import_module("polca_jax.pipeline")
+MODULES = (pj, analysis) + ((pipeline,) if pipeline is not None else ())
+core = pytest.mark.core  # needs only the core install: pytest -m core
 
 # Module constants (tuples of choices, a number) cannot carry a docstring of their own (an int's or a tuple's is its
 # type's); each is named instead in the docstring of an exported function that takes it (checked below).
 CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NORMALIZATIONS", "PARAMS_ITEM",
-             "STRATEGIES"}
+             "STRATEGIES",
+             # the pipeline's: its registries (bases, stages, strategies, built-in tasks) and the strategies' names
+             "BASES", "BUILTIN_TASKS", "STAGES", "VARIANTS", "EXACT_LOSS", "FIRST_ORDER_POLCA", "GRADIENT_NORMS",
+             "POLCA", "POLCA_GRADIENTS", "POLCA_PROFILE", "RANDOM_GRADIENTS", "RANDOM_POLCA", "RANDOM_PROFILE"}
 # Exception classes take only a message, like any ValueError: they have no Args to document (and, as for every
 # class, no Example is required; PolcaError's docstring shows one).
 EXCEPTIONS = {"CorruptRunDirectory", "Interrupted", "PolcaError", "ResumeMismatch", "TaskError"}
@@ -29,13 +43,25 @@ SETUPS = {  # the examples that define the names the others use: the object, and
     "polca_jax.analysis.Clustering": (analysis.Clustering, ("analysis", "steps", "projected_loss", "labels",
                                                             "clustering")),
 }
+# the pipeline's: a run (seconds), run once by the fixture rather than again as a test of its own
+PIPELINE_RUN = "polca_jax.pipeline.run"
 SECTIONS = ("Args", "Attributes", "Returns", "Raises", "Example", "Examples", "Note")
 
 
 def exported():
-    """(qualified name, module, name, object) of every name in ``pj.__all__`` and ``analysis.__all__``."""
+    """(qualified name, module, name, object) of every name in the ``__all__`` of ``MODULES``."""
     return [(f"{module.__name__}.{name}", module, name, getattr(module, name))
-            for module in (pj, analysis) for name in module.__all__]
+            for module in MODULES for name in module.__all__]
+
+
+def in_pipeline(qualified: str) -> bool:
+    return qualified.startswith("polca_jax.pipeline.")
+
+
+def marked(rows, name_of):
+    """``rows`` as pytest params, those outside the pipeline marked ``core``, each with its qualified name as id."""
+    return [pytest.param(*(row if isinstance(row, tuple) else (row,)), id=name_of(row),
+                         marks=() if in_pipeline(name_of(row)) else core) for row in rows]
 
 
 def public_doctests():
@@ -69,14 +95,38 @@ def shared_names():
     return names
 
 
+@pytest.fixture(scope="module")
+def pipeline_names():
+    """``out``: the run directory of ``polca_jax.pipeline.run``'s example, after running it (and checking what it
+    prints); its temporary directory is removed after the module's tests."""
+    (setup,) = [test for test in doctest.DocTestFinder().find(pipeline.run, PIPELINE_RUN) if test.name == PIPELINE_RUN]
+    output = []
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    runner.run(setup, clear_globs=False, out=output.append)
+    out = setup.globs.get("out")
+    try:
+        assert runner.failures == 0, f"the setup example of {PIPELINE_RUN} fails:\n" + "".join(output)
+        yield {"out": out}
+    finally:
+        if out is not None:
+            shutil.rmtree(out.parent, ignore_errors=True)
+
+
+@core
 def test_the_kernels_show_runnable_examples():
     names = {test.name.rsplit(".", 1)[-1] for test in TESTS}
     assert {"hvp", "hessian_basis", "per_sample_projections", "polca", "gradient_covariance_basis"} <= names, names
 
 
-@pytest.mark.parametrize("test", TESTS, ids=[test.name for test in TESTS])
-def test_a_docstring_example_prints_what_it_shows(test, shared_names):
-    test.globs.update({name: value for name, value in shared_names.items() if name not in test.globs})
+@pytest.mark.parametrize("test", marked(TESTS, lambda test: test.name))
+def test_a_docstring_example_prints_what_it_shows(test, request):
+    if in_pipeline(test.name):
+        shared = request.getfixturevalue("pipeline_names")
+        if test.name == PIPELINE_RUN:  # the fixture ran it, and checked what it prints
+            return
+    else:
+        shared = request.getfixturevalue("shared_names")
+    test.globs.update({name: value for name, value in shared.items() if name not in test.globs})
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     output = []
     runner.run(test, out=output.append)
@@ -125,7 +175,7 @@ def public_members(cls):
             yield name, value
 
 
-@pytest.mark.parametrize("qualified, module, name, obj", EXPORTED, ids=[row[0] for row in EXPORTED])
+@pytest.mark.parametrize("qualified, module, name, obj", marked(EXPORTED, lambda row: row[0]))
 def test_an_exported_name_has_the_docstring_sections_its_signature_calls_for(qualified, module, name, obj):
     if name in CONSTANTS:
         assert not callable(obj), f"{qualified} is callable: it needs a docstring of its own"

@@ -5,7 +5,7 @@ Needs the ``pipeline`` extra (``pip install "polca_jax[pipeline]"``: flax, optax
 checkpoints, optional label sets) from a factory (:func:`task_factory`); :func:`run` trains, builds the basis,
 decomposes, clusters, scores and reports; :func:`register_basis` adds a basis of one's own::
 
-    train → basis → decompose → cluster → score → report
+    train → basis → decompose → causal → cluster → score → report
 
 The ``polca`` command is :func:`polca_jax.pipeline.cli.main`. A task's ``report_sections`` read a run's metrics by the
 strategies' names (``POLCA``, ``EXACT_LOSS``, ...) and write markdown with :mod:`polca_jax.pipeline.reporting`.

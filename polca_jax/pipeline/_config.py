@@ -26,11 +26,68 @@ NOT_SETTABLE = ("task", "preset", "task_options")
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines a run.
+    """Everything that determines a run: ``config.json`` of its run directory.
 
     ``window_steps`` (Δ of Eq. 9) and ``threshold_step`` (τ of Eq. 10) may be None: Δ is then 5 POLCA intervals
     (the paper's 100 steps at its 20-step interval) and τ the first checkpoint at which the mean exact loss of the
     evaluation samples has made 90% of its fall, i.e. where the loss curve flattens (the paper's reading of τ).
+    Every field but the first three is a setting that presets and ``--set`` write (:func:`make_config`).
+
+    Attributes:
+      task: a built-in task, ``/absolute/path/to/file.py:factory`` or ``module:factory``.
+      preset: the preset the run started from (None: none).
+      task_options: the task factory's options, every one written out (defaults included).
+      checkpoints: an existing orbax checkpoint directory to read instead of training (None: train).
+      learning_rate: AdamW's peak rate, reached by ``lr · min(i / warmup_steps, 1)`` (:func:`adamw_paper`).
+      num_steps: training steps (updates).
+      weight_decay: AdamW's decoupled weight decay.
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      warmup_steps: the linear warm-up's length (0: a constant rate).
+      polca_every: the interval of the POLCA checkpoints 0, polca_every, ..., polca_until.
+      polca_until: the last POLCA checkpoint, a multiple of ``polca_every`` (None: ``num_steps``).
+      basis_every: the interval of Algorithm 1's checkpoints basis_every, 2·basis_every, ... <= basis_until.
+      basis_until: the last step a basis checkpoint may lie at (None: ``num_steps``).
+      k_per_checkpoint: Algorithm 1's directions per basis checkpoint.
+      lanczos_iters: Lanczos iterations (Hessian-vector products) per basis checkpoint.
+      second_order: the decomposition's second-order rule (:class:`polca_jax.SecondOrder` kind: ``"paper"``,
+        ``"trapezoid"``, ``"exact"`` or ``"none"``).
+      projection_method: ``"auto"``, ``"reverse"`` or ``"forward"`` (:func:`polca_jax.polca`'s ``method``).
+      chunk_size: sequences per chunk of the per-sample kernels (None: the kernels' default).
+      min_cluster_size: HDBSCAN's smallest cluster (for ``reference_num_samples`` samples when that is set).
+      min_samples_divisor: HDBSCAN's min_samples = samples clustered / this.
+      reference_num_samples: the sample count ``min_cluster_size`` was tuned for; it is scaled by N / this (None:
+        used as given).
+      normalize: how trajectories are normalized before clustering: None, ``"unit"`` or ``"standardize"``.
+      profile_clusterer: the clusterer of the allocation profiles, the projected-gradient trajectories and the
+        control: ``"hdbscan"``, ``"kmeans"``, ``"gmm"`` or ``"agglomerative"``.
+      gradient_window: the last fraction of the POLCA checkpoints the projected-gradient strategies read, in (0, 1].
+      window_steps: Δ of Eq. 9 in steps (None: 5 × ``polca_every``).
+      threshold_step: τ of Eq. 10 (None: chosen from the loss curve, as above).
+      baselines: run the ``"baseline"`` strategies (change in exact loss, Fisher, first-order POLCA, allocation
+        profiles, projected gradients).
+      ablations: run the ``"ablation"`` strategies, along the bases of ``ablation_bases``.
+      ablation_bases: the ablations' bases, comma-separated names of registered bases (``BASES``).
+      null_permutations: label permutations per homogeneity test.
+      breakthrough_shuffles: shuffles per hidden-breakthrough test.
+      significance: the level both nulls are judged at, in (0, 1).
+      lca_axes: directions of LCA's ``parameter_axes`` basis (the largest parameters).
+      seed: the run's seed (the task factory's ``seed``, the bases' and the clusterers' keys).
+      metrics_every: the interval of the training log's records (``metrics.jsonl``).
+
+    Raises:
+      PolcaError: a setting out of its range or of the wrong type, steps that do not fit together (``num_steps``
+        not a multiple of ``polca_every``, no basis checkpoint, Δ too wide for the POLCA checkpoints, ...), or
+        ``ablation_bases`` naming an unregistered basis; the message names the setting.
+
+    Example:
+      >>> from polca_jax.pipeline import RunConfig
+      >>> config = RunConfig(task="planted", preset=None, task_options={}, num_steps=200, polca_every=5,
+      ...                    basis_every=40)
+      >>> config.polca_steps[:3], config.basis_steps, config.window
+      ([0, 5, 10], [40, 80, 120, 160, 200], 25)
+      >>> config.ablation_base_names
+      ('shuffled_hessian', 'random', 'parameter_axes')
     """
 
     task: str  # a built-in task, path/to/file.py:factory or module:factory
@@ -173,6 +230,7 @@ class RunConfig:
         return self.window_steps if self.window_steps is not None else 5 * self.polca_every
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, as ``config.json`` stores it (:meth:`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     def settings(self) -> dict[str, Any]:
@@ -219,7 +277,32 @@ PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name no
 
 def make_config(definition: TaskDefinition, task: str, preset: str | None = None,
                 overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """The config of a new run: ``preset`` (default: the definition's) with ``overrides`` (key -> value) on top."""
+    """The config of a new run: ``preset`` (default: the definition's) with ``overrides`` (key -> value) on top.
+
+    Args:
+      definition: the task's definition (:func:`load_task_definition`).
+      task: the task's reference as the config stores it (a built-in name, ``/absolute/path/file.py:factory`` or
+        ``module:factory``), also named in messages.
+      preset: one of ``definition.presets``; None: ``definition.default_preset`` (if that is None too, the
+        defaults of the factory and the pipeline).
+      overrides: ``key -> value`` on top of the preset's settings: pipeline settings (fields of
+        :class:`RunConfig`) and task options (the factory's keyword parameters); :func:`parse_overrides` makes
+        them from ``--set`` text.
+
+    Returns:
+      The validated :class:`RunConfig`, with every task option written out (defaults included).
+
+    Raises:
+      PolcaError: an unknown preset or setting, a task option without a default that nothing sets, a task option
+        named like a pipeline setting, ``task``, ``preset`` or ``task_options`` given as a setting, or a value
+        :class:`RunConfig` refuses.
+
+    Example:
+      >>> from polca_jax.pipeline import load_task_definition, make_config
+      >>> config = make_config(load_task_definition("planted"), "planted", "tiny", {"num_steps": 400})
+      >>> config.preset, config.num_steps, config.basis_every, config.task_options["width"]
+      ('tiny', 400, 40, 8)
+    """
     preset = definition.default_preset if preset is None else preset
     if preset is not None and preset not in definition.presets:
         choices = sorted(definition.presets) or ["none: this task has no presets"]
@@ -234,8 +317,27 @@ def apply_overrides(definition: TaskDefinition, config: RunConfig, overrides: Ma
 
 
 def parse_overrides(definition: TaskDefinition, assignments: list[str]) -> dict[str, Any]:
-    """``["learning_rate=1e-3", "d_model=64", ...]`` -> typed values, coerced to each key's type (``none`` -> None,
-    ``true``/``false`` for booleans)."""
+    """``["learning_rate=1e-3", "d_model=64", ...]`` (as ``--set`` gives them) -> ``key -> value``, typed.
+
+    Args:
+      definition: the task's definition: its factory's keyword parameters are the task options.
+      assignments: ``"KEY=VALUE"`` texts, KEY a pipeline setting (a field of :class:`RunConfig`) or a task option.
+
+    Returns:
+      ``key -> value``, each coerced to its key's type (a setting's annotation; a task option's annotation, else
+      its default's type, else ``str``): ``none`` -> None where the type allows None, ``true``/``false`` for
+      booleans.
+
+    Raises:
+      PolcaError: an assignment without ``=``, an unknown key, ``task``, ``preset`` or ``task_options`` as a key,
+        or a value that is not of its key's type.
+
+    Example:
+      >>> from polca_jax.pipeline import load_task_definition, parse_overrides
+      >>> planted = load_task_definition("planted")
+      >>> parse_overrides(planted, ["learning_rate=1e-3", "width=16", "ablations=false", "window_steps=none"])
+      {'learning_rate': 0.001, 'width': 16, 'ablations': False, 'window_steps': None}
+    """
     types = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name not in NOT_SETTABLE}
     for name, parameter in definition.options().items():
         types[name] = _parameter_type(parameter)

@@ -110,7 +110,7 @@ def device_named(name: str) -> Device:
 
 def parse_mesh(text: str, devices: int | None = None) -> tuple[int, int]:
     """``"2x4"`` -> ``(data, model) = (2, 4)``; without a mesh, ``devices`` data shards (default 1). Raises
-    ``ValueError`` for anything but two positive integers, or a mesh of another size than ``devices``."""
+    ``PolcaError`` for anything but two positive integers, or a mesh of another size than ``devices``."""
     if devices is not None and devices < 1:
         raise PolcaError(f"--devices must be a positive integer, got {devices}")
     if text is None:
@@ -138,7 +138,7 @@ def split_bytes(params, model: int) -> tuple[int, float]:
 
 
 def check_model_axis(params, model: int) -> None:
-    """Raise ``ValueError`` when a model axis of ``model`` devices > 1 splits no parameter (every dimension is
+    """Raise ``PolcaError`` when a model axis of ``model`` devices > 1 splits no parameter (every dimension is
     smaller than it, or none is divisible by it)."""
     if model > 1 and split_bytes(params, model)[1] == 1.0:
         largest = max(max(np.shape(leaf), default=1) for leaf in jax.tree_util.tree_leaves(params))
@@ -230,9 +230,40 @@ class Plan:
 
 def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Device | None = None,
              repeats: int = 2) -> Plan:
-    """Plan ``config`` on ``task`` for a ``mesh`` of ``(data, model)`` devices like ``device`` (default: this
-    machine's, on which a sample of each stage's work is then run and timed, ``repeats`` calls after one that
-    compiles). Raises ``ValueError`` for a model axis that splits no parameter."""
+    """What a run of ``config`` on ``task`` will cost: time, FLOPs and memory per stage, host memory and disk.
+
+    Plans it for a ``mesh`` of ``(data, model)`` devices like ``device`` (default: this machine's, on which a sample
+    of each stage's work is then run and timed, ``repeats`` calls after one that compiles): what ``polca plan``
+    prints (the module docstring says how each figure is made).
+
+    Args:
+      config: the run's :class:`RunConfig`.
+      task: the run's :class:`Task` (:func:`build_task`).
+      mesh: ``(data, model)``: the devices the basis and decompose stages split their batches (data) and
+        parameters (model) over.
+      device: the device to plan for, a ``Device`` (``device_named("h100")`` of this module: a GPU, whose times
+        are estimated from FLOPs, nothing run); None: this machine's default device, measured.
+      repeats: timed calls per kernel, after the one that compiles (on a measured device).
+
+    Returns:
+      The ``Plan``: seconds, FLOPs and work per stage, compile seconds, memory per device per stage, host memory
+      and disk; ``plan.table()`` is the text ``polca plan`` prints.
+
+    Raises:
+      PolcaError: a model axis that splits no parameter, or a data axis wider than the evaluation or Hessian
+        batch's sequences.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example.
+
+      >>> from polca_jax.pipeline import RunDirectory, build_task, plan_run
+      >>> run_dir = RunDirectory(out)
+      >>> plan = plan_run(run_dir.config, build_task(run_dir), repeats=1)
+      >>> list(plan.stages), plan.mesh
+      (['train', 'basis', 'decompose', 'causal', 'cluster'], (1, 1))
+      >>> "fits" in plan.table()
+      True
+    """
     device = device_named("cpu") if device is None else device
     data, model = mesh
     run = device.peak_flops is None

@@ -46,14 +46,24 @@ CURVATURES = ("stored", "current", "none")
 
 @dataclasses.dataclass(frozen=True)
 class BasisInputs:
-    """What a basis builder may use.
+    """What a basis builder (``BasisKind.build``) may use: the run's config, task and checkpoints.
 
-    checkpoints: the run's parameters at ``config.basis_steps`` (each read checked against the run's digest);
-    key: the run's key (``jax.random.key(config.seed)``): fold in a constant of the basis' own;
-    partial_dir: a directory where a builder may keep its work so far, so that a killed stage resumes (removed once
-    the basis is saved); final_params: a function that restores the parameters at the last step; adam_scales: a
-    function giving Adam's preconditioner at ``config.basis_steps`` (:class:`polca_jax.pipeline.AdamScales`), None
-    when the run read checkpoints it did not train (``--checkpoints``), which hold no optimiser state.
+    The basis stage makes one per basis; :func:`register_basis`'s example writes a builder.
+
+    Attributes:
+      config: the run's :class:`RunConfig`.
+      task: the run's :class:`Task`.
+      checkpoints: the run's parameters at ``config.basis_steps`` (a sequence of pytrees; each read checked against
+        the run's digest).
+      key: the run's key (``jax.random.key(config.seed)``): fold in a constant of the basis' own.
+      partial_dir: a directory where a builder may keep its work so far, so that a killed stage resumes (removed
+        once the basis is saved).
+      mesh: the mesh the basis stage runs on (:func:`polca_jax.device_mesh`), or None (one device); for the kernels.
+      progress: whether to show progress bars.
+      final_params: a function that restores the parameters at the last step (``config.num_steps``).
+      adam_scales: a function giving Adam's preconditioner at ``config.basis_steps``
+        (:class:`polca_jax.pipeline.AdamScales`), None when the run read checkpoints it did not train
+        (``--checkpoints``), which hold no optimiser state.
     """
 
     config: Any  # RunConfig
@@ -79,13 +89,38 @@ class BasisInputs:
 
 @dataclasses.dataclass(frozen=True)
 class BasisKind:
-    """A basis the pipeline can build, decompose along and report.
+    """A basis the pipeline can build, decompose along and report; ``BASES`` holds the registered ones.
 
-    build: ``BasisInputs -> Basis``. curvature: where the paper's second-order term along it comes from —
-    ``"stored"`` (its eigenvalues, as Algorithm 1 stores them), ``"current"`` (the per-sample curvature at each
-    checkpoint) or ``"none"`` (first order only, as LCA). lanczos: one Lanczos run of ``lanczos_iters`` products per
-    basis checkpoint (what ``polca plan`` times for it); otherwise building it is taken as free. size: its number of
-    directions for a config (default: basis checkpoints × ``k_per_checkpoint``).
+    ``BASES`` maps a name to its kind: the built-in ``hessian`` (Algorithm 1), ``shuffled_hessian``, ``random``,
+    ``parameter_axes`` (LCA), ``scaled_gradient_covariance``, ``gradient_covariance`` and ``preconditioned_hessian``,
+    then those added with :func:`register_basis`. A run builds ``hessian`` and the ones its config names in
+    ``ablation_bases``.
+
+    Attributes:
+      name: its name, as ``ablation_bases`` and ``Variant.basis`` give it.
+      label: its name in reports.
+      build: ``BasisInputs -> polca_jax.Basis``, its directions in the task's parameter space.
+      curvature: where the paper's second-order term along it comes from — ``"stored"`` (its eigenvalues, as
+        Algorithm 1 stores them), ``"current"`` (the per-sample curvature at each checkpoint) or ``"none"`` (first
+        order only, as LCA).
+      lanczos: building it takes one Lanczos run of ``lanczos_iters`` products per basis checkpoint (what
+        ``polca plan`` times for it); otherwise building it is taken as free.
+      size: ``config -> int``, its number of directions for a config (None: basis checkpoints ×
+        ``k_per_checkpoint``).
+
+    Raises:
+      PolcaError: ``curvature`` is not ``"stored"``, ``"current"`` or ``"none"``.
+
+    Example:
+      >>> from polca_jax.pipeline import BASES, load_task_definition, make_config
+      >>> hessian, lca = BASES["hessian"], BASES["parameter_axes"]
+      >>> hessian.label, hessian.curvature, hessian.lanczos
+      ('Hessian (Algorithm 1)', 'stored', True)
+      >>> config = make_config(load_task_definition("planted"), "planted", "tiny")  # 5 basis steps, lca_axes=8
+      >>> hessian.size_for(config), lca.size_for(config)
+      (5, 8)
+      >>> hessian.second_order("paper"), lca.second_order("paper")
+      (SecondOrder(kind='paper', eigenvalues='stored'), SecondOrder(kind='none', eigenvalues=None))
     """
 
     name: str
@@ -100,7 +135,7 @@ class BasisKind:
             raise PolcaError(f"basis {self.name!r}: curvature must be one of {CURVATURES}, got {self.curvature!r}")
 
     def size_for(self, config) -> int:
-        """Its number of directions under ``config``."""
+        """Its number of directions under ``config`` (a :class:`RunConfig`)."""
         return self.size(config) if self.size is not None else len(config.basis_steps) * config.k_per_checkpoint
 
     def second_order(self, rule: str) -> pj.SecondOrder:
@@ -186,10 +221,36 @@ def ablation_basis_names() -> tuple[str, ...]:
 class Variant:
     """One clustering strategy: what it decomposes along and which trajectory it clusters.
 
-    group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``), ``"ablation"``
-    (another basis, config ``ablations``) or ``"control"`` (a label-free feature that needs no POLCA, which a finding
-    must beat; always run). trajectory: one of ``TRAJECTORY_KINDS``. in_nulls: a row of the report's table against
-    the nulls. random_twin: the same strategy along the random basis, the null a finding of this one must beat.
+    ``VARIANTS`` lists every strategy, built-in and registered (:func:`register_basis`), in the report's order; a
+    run runs those of its config's groups along its bases. The strategies the score stage, the report and a task's
+    ``report_sections`` name are exported as their names: ``EXACT_LOSS`` (the exact loss), ``POLCA`` (the projected
+    loss along the Hessian basis, Eq. 8), ``FIRST_ORDER_POLCA`` (its first-order part), ``RANDOM_POLCA`` (POLCA
+    along the random basis: the null beside POLCA), ``POLCA_PROFILE`` and ``RANDOM_PROFILE`` (allocation profiles
+    along the Hessian and the random basis), ``POLCA_GRADIENTS`` and ``RANDOM_GRADIENTS`` (projected-gradient
+    trajectories along them) and ``GRADIENT_NORMS`` (the label-free control: each sample's gradient norm per
+    parameter block).
+
+    Attributes:
+      name: its name, the key of its results in ``metrics.json`` (``RunMetrics.variants``) and ``clusters/``.
+      label: its name in reports.
+      basis: the basis it decomposes along (a key of ``BASES``).
+      trajectory: what it clusters (:func:`variant_trajectories`): ``loss``, ``loss_change``, ``fisher``,
+        ``first_order``, ``projected_loss``, ``profile``, ``gradients`` or ``gradient_norms``.
+      group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``),
+        ``"ablation"`` (another basis, config ``ablations``) or ``"control"`` (a label-free feature that needs no
+        POLCA, which a finding must beat; always run).
+      in_nulls: a row of the report's table against the nulls.
+      random_twin: the name of the same strategy along the random basis, the null a finding of this one must beat
+        (None: none).
+
+    Raises:
+      PolcaError: ``trajectory`` or ``group`` is not one of the choices above.
+
+    Example:
+      >>> from polca_jax.pipeline import POLCA, RANDOM_POLCA, VARIANTS
+      >>> polca = next(strategy for strategy in VARIANTS if strategy.name == POLCA)
+      >>> polca.basis, polca.trajectory, polca.group, polca.random_twin == RANDOM_POLCA
+      ('hessian', 'projected_loss', 'main', True)
     """
 
     name: str
@@ -264,12 +325,35 @@ BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
 
 
 def register_basis(kind: BasisKind, *strategies: Variant) -> None:
-    """Add a basis of one's own, and the strategies that cluster along it (each ``Variant(..., basis=kind.name,
-    group="ablation")``), so that a config may name it in ``ablation_bases``.
+    """Add a basis of one's own, and the strategies that cluster along it, so that a config may name it.
 
-    Call it at import of the file that defines the task (the CLI imports that file before it reads a config).
-    Registering a name again replaces the earlier registration (a file imported twice); a built-in name, or a
-    strategy along another basis, raises ``PolcaError``.
+    Call it at import of the file that defines the task (the CLI imports that file before it reads a config). A
+    config then names the basis in ``ablation_bases``, and it is built, decomposed, clustered, scored against the
+    nulls, reported and planned like the built-in ones (it joins ``BASES``, its strategies ``VARIANTS``);
+    ``examples/training_step_basis.py`` shows one in a single file. Registering a name again replaces the earlier
+    registration, its strategies included (a file imported twice).
+
+    Args:
+      kind: the basis (:class:`BasisKind`); ``kind.name`` is what ``ablation_bases`` names.
+      *strategies: the strategies along it, each ``Variant(..., basis=kind.name, group="ablation")``.
+
+    Raises:
+      PolcaError: ``kind.name`` is a built-in basis' name, a strategy clusters along another basis or in another
+        group than ``"ablation"``, or a strategy has a built-in strategy's name.
+
+    Example:
+      >>> import jax
+      >>> import polca_jax as pj
+      >>> from polca_jax.pipeline import (BASES, VARIANTS, BasisKind, Variant, load_task_definition, make_config,
+      ...                                 register_basis)
+      >>> def my_basis(inputs):  # BasisInputs -> Basis: here random directions, as many as Algorithm 1's
+      ...     return pj.random_basis(inputs.task.init_params, inputs.size, jax.random.fold_in(inputs.key, 7))
+      >>> register_basis(BasisKind("mine", "My basis", my_basis),
+      ...                Variant("mine", "POLCA along my basis", "mine", "projected_loss", "ablation"))
+      >>> config = make_config(load_task_definition("planted"), "planted", "tiny", {"ablation_bases": "random,mine"})
+      >>> config.ablation_base_names
+      ('random', 'mine')
+      >>> del BASES["mine"]; VARIANTS[:] = [v for v in VARIANTS if v.basis != "mine"]  # undone, for this example
     """
     if kind.name in BUILTIN_BASES:
         raise PolcaError(f"{kind.name!r} is a built-in basis; choose another name for yours")
@@ -299,12 +383,37 @@ def variants_of(config) -> tuple[Variant, ...]:
 def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """The trajectories a strategy clusters, ``[T, N, K]`` or ``[T, N]``, and their steps ``[T]``.
 
-    kind: ``loss`` (exact loss), ``loss_change`` (its change per interval), ``fisher`` (⟨b, ∇L(x)⟩²),
-    ``first_order`` (cumulative first-order POLCA), ``projected_loss`` (POLCA, Eq. 8), ``profile`` (clustered on
-    the allocation profiles of the projected loss), ``gradients`` (clustered on each sample's projected gradients
-    over all checkpoints) or ``gradient_norms`` (clustered on each sample's gradient norm per parameter block at one
-    checkpoint, the decompose stage's ``controls/``); the clusters of the last three have their breakthroughs and
-    medoids read on the exact loss.
+    Args:
+      result: a POLCA result (:class:`polca_jax.POLCAResult`) of T checkpoints, N samples and K directions.
+      kind: a strategy's trajectory (``Variant.trajectory``): ``loss`` (exact loss), ``loss_change`` (its change
+        per interval), ``fisher`` (⟨b, ∇L(x)⟩²), ``first_order`` (cumulative first-order POLCA),
+        ``projected_loss`` (POLCA, Eq. 8), ``profile`` (clustered on the allocation profiles of the projected
+        loss), ``gradients`` (clustered on each sample's projected gradients over all checkpoints) or
+        ``gradient_norms`` (clustered on each sample's gradient norm per parameter block at one checkpoint, the
+        decompose stage's ``controls/``); the clusters of the last three have their breakthroughs and medoids read
+        on the exact loss, which is what they return here.
+
+    Returns:
+      ``(trajectories, steps)``: the exact loss ``[T, N]`` for ``loss``, ``profile``, ``gradients`` and
+      ``gradient_norms``; ``[T - 1, N]`` and the steps from the second checkpoint on for ``loss_change``;
+      ``[T, N, K]`` for ``fisher``, ``first_order`` and ``projected_loss``.
+
+    Raises:
+      PolcaError: ``kind`` is not one of those.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (9 checkpoints, 160 samples, 1
+      direction).
+
+      >>> import polca_jax as pj
+      >>> from polca_jax.pipeline import variant_trajectories
+      >>> result = pj.POLCAResult.load(out / "polca" / "hessian")
+      >>> trajectories, steps = variant_trajectories(result, "projected_loss")
+      >>> trajectories.shape, steps.tolist()
+      ((9, 160, 1), [0, 5, 10, 15, 20, 25, 30, 35, 40])
+      >>> changes, steps = variant_trajectories(result, "loss_change")
+      >>> changes.shape, steps.tolist()
+      ((8, 160), [5, 10, 15, 20, 25, 30, 35, 40])
     """
     if kind in ("loss", "profile", "gradients", "gradient_norms"):
         return np.asarray(result.loss), result.steps

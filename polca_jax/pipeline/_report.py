@@ -47,6 +47,28 @@ def write_report(run_dir: str | Path, definition: TaskDefinition | None = None, 
     task (``polca report DIR --task path/file.py:factory``); a task that cannot be loaded only loses those
     sections. started: ``time.perf_counter()`` when the report stage began, to list its own time so far among
     the stage times.
+
+    Args:
+      run_dir: the run directory; any part of it may be missing (the report says which).
+      definition: as above.
+      started: as above (None: the report stage's time is not listed).
+
+    Returns:
+      The report's path, ``run_dir/report/report.md`` (figures in ``run_dir/report/figures/``, replaced).
+
+    Raises:
+      PolcaError: a file of the run is unreadable or torn, or ``metrics.json`` does not match its schema.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (a built-in task: its sections are
+      included).
+
+      >>> from polca_jax.pipeline import write_report
+      >>> report = write_report(out)
+      >>> report == out / "report" / "report.md", report.read_text().splitlines()[0]
+      (True, '# POLCA run — task `planted`, preset `tiny`')
+      >>> "## Planted ground truth" in report.read_text()
+      True
     """
     view = load_run_view(Path(run_dir).absolute())
     definition, definition_note = _definition(view, definition)

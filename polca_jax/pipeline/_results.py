@@ -262,8 +262,29 @@ class Verdict:
 
 @_record
 class RunMetrics:
-    """The whole of ``metrics.json`` (the module docstring): filters per basis, results per strategy, verdicts per
-    label set."""
+    """The whole of ``metrics.json``: filters per basis, results per strategy, verdicts per label set.
+
+    The module docstring describes its layout. The score stage writes it; :func:`read_metrics` reads it, checked
+    against this schema.
+
+    Attributes:
+      schema_version: the layout's version (``SCHEMA_VERSION``).
+      settings: Δ, τ and where τ came from, and the nulls' settings (``ScoreSettings``).
+      num_samples: N, the evaluation samples scored.
+      filters: basis -> the oscillation filter on its projected losses (``FilterSummary``).
+      variants: strategy (a ``Variant`` name, e.g. ``POLCA``) -> its results (``StrategyResult``).
+      verdicts: label set -> whether it was found, and by which cluster (``Verdict``).
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example.
+
+      >>> from polca_jax.pipeline import POLCA, read_metrics
+      >>> metrics = read_metrics(out / "metrics.json")
+      >>> metrics.settings.window_steps, sorted(metrics.verdicts)
+      (10, ['group'])
+      >>> metrics.variants[POLCA].label, metrics.variants[POLCA].basis
+      ('POLCA', 'hessian')
+    """
 
     schema_version: int = SCHEMA_VERSION
     settings: ScoreSettings
@@ -282,9 +303,42 @@ def write_metrics(path: str | Path, metrics: RunMetrics) -> None:
 
 
 def read_metrics(path: str | Path) -> RunMetrics:
-    """The records of ``path`` (``metrics.json``); a file without ``schema_version`` is read as version
-    ``UNVERSIONED``. ``PolcaError`` naming the file and the key's path for a missing or unknown key or a value of
-    another type, and saying to redo the score stage for another schema version."""
+    """The records of ``path`` (``metrics.json``, which the score stage writes) as a :class:`RunMetrics`.
+
+    A file without ``schema_version`` is read as version ``UNVERSIONED`` (1).
+
+    Args:
+      path: the file.
+
+    Returns:
+      Its records, every field checked against the schema.
+
+    Raises:
+      PolcaError: the file is missing, not JSON or not a JSON object, of another schema version, or has a
+        missing or unknown key or a value of another type (naming the file and the key's path in it); the message
+        says to redo the score stage.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (160 evaluation samples).
+
+      >>> import json
+      >>> import tempfile
+      >>> from pathlib import Path
+      >>> from polca_jax import PolcaError
+      >>> from polca_jax.pipeline import read_metrics
+      >>> metrics = read_metrics(out / "metrics.json")
+      >>> metrics.num_samples, sorted(metrics.variants)
+      (160, ['exact_loss', 'gradient_norms', 'polca'])
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     path = Path(directory) / "metrics.json"
+      ...     _ = path.write_text(json.dumps({"schema_version": 2}))
+      ...     try:
+      ...         read_metrics(path)
+      ...     except PolcaError as error:
+      ...         print(error)
+      /.../metrics.json has schema version 2, this polca_jax reads version 1: redo the score stage: polca run TASK
+      --out RUN_DIR --stage score --force
+    """
     contents = read_json(path)
     if not isinstance(contents, dict):
         raise PolcaError(f"{path}: not a JSON object; {REDO_SCORE}")

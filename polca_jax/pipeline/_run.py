@@ -25,14 +25,45 @@ def open_run(task: str, out: str | Path, *, preset: str | None = None,
              checkpoints: str | Path | None = None, stages=None) -> tuple[RunDirectory, TaskDefinition]:
     """The run directory ``out`` for ``task``, created or reopened, and the task's definition.
 
-    settings: ``key -> value`` (or ``["key=value", ...]`` as ``--set`` gives them). A new run takes the preset
-    (default: the task's) with the settings on top. An existing run keeps its config: settings apply to it, and
-    any difference (or another ``preset``) is refused, naming each difference, before anything is written, except
-    a change of the host-stage settings (``HOST_SETTINGS``: clustering and scoring, and ``second_order`` where the
-    stored arrays can redo it) when ``stages`` are host stages only (cluster, score, report) and every earlier stage
-    has finished: the run directory then carries the new config in ``config`` and the changes
-    (``key -> (on disk, new)``) in ``host_changes``, and :func:`run` records them and redoes the host stages from
-    the first one they change. checkpoints: an existing orbax checkpoint directory to read instead of training.
+    A new run takes the preset (default: the task's) with the settings on top. An existing run keeps its config:
+    settings apply to it, and any difference (or another ``preset``) is refused, naming each difference, before
+    anything is written, except a change of the host-stage settings (``HOST_SETTINGS``: clustering and scoring,
+    and ``second_order`` where the stored arrays can redo it) when ``stages`` are host stages only (cluster, score,
+    report) and every earlier stage has finished: the run directory then carries the new config in ``config`` and
+    the changes (``key -> (on disk, new)``) in ``host_changes``, and :func:`run` records them and redoes the host
+    stages from the first one they change.
+
+    Args:
+      task: a built-in task (``BUILTIN_TASKS``), ``"path/to/file.py:factory"`` or ``"module:factory"``.
+      out: the run directory.
+      preset: a preset of the task (None: the task's default for a new run; an existing run keeps its own).
+      settings: ``key -> value`` (or ``["key=value", ...]`` as ``--set`` gives them): pipeline settings and task
+        options.
+      checkpoints: an existing orbax checkpoint directory to read instead of training.
+      stages: the stages about to run (None: all); only with host stages alone may host-stage settings change.
+
+    Returns:
+      ``(run_dir, definition)``: the :class:`RunDirectory` (``run_dir.created`` for a new one; a new directory's
+      ``config.json`` is written) and the task's :class:`TaskDefinition`.
+
+    Raises:
+      PolcaError: the task cannot be loaded or the settings parsed; ``out`` holds a run of another task, or of
+        another config that cannot change on it (as above); or ``out`` cannot be a run directory.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (learning rate 0.01).
+
+      >>> from polca_jax import PolcaError
+      >>> from polca_jax.pipeline import open_run
+      >>> run_dir, definition = open_run("planted", out)  # reopened, with its own config
+      >>> run_dir.created, run_dir.config.preset, definition.name
+      (False, 'tiny', 'make_task')
+      >>> try:
+      ...     open_run("planted", out, settings=["learning_rate=0.1"])
+      ... except PolcaError as error:
+      ...     print(error)
+      /.../run holds a run with another config (learning_rate: 0.01 on disk vs 0.1); learning_rate would change
+      what the train, basis, decompose or causal stages computed: choose a new --out directory, ...
     """
     definition = load_task_definition(task)
     reference = canonical_reference(task)
@@ -69,13 +100,53 @@ def run(task: str, out: str | Path, *, preset: str | None = None,
         mesh=None) -> Path:
     """Run (or resume) POLCA on ``task`` in the run directory ``out``; returns the report's path.
 
-    task: a built-in task (``"arithmetic"``, ``"english"``), ``"path/to/file.py:factory"`` or
-    ``"module:factory"``. stages: the stages to run (default all; earlier ones must have finished). force: redo them
-    (and remove what later stages made). A new run directory that fails before it trains or finishes a stage
-    (e.g. its task cannot be built) is removed again, so a corrected command can use it. mesh: the basis and
-    decompose stages run on it (:func:`polca_jax.device_mesh`); in a multi-process run, on a mesh across the
-    processes, in a run directory that one process started (see :func:`polca_jax.pipeline.run_stages`).
-    See :func:`open_run` for ``preset``, ``settings`` and ``checkpoints``.
+    Opens the run (:func:`open_run`), holds its lock while it runs (a second run on the directory is refused) and
+    runs the stages (:func:`run_stages`): train → basis → decompose → causal → cluster → score → report. A new run
+    directory that fails before it trains or finishes a stage (e.g. its task cannot be built) is removed again, so
+    a corrected command can use it.
+
+    Args:
+      task: a built-in task (``"planted"``, ``"arithmetic"``, ``"english"``, ...), ``"path/to/file.py:factory"``
+        or ``"module:factory"``.
+      out: the run directory: new, or a run to resume.
+      preset: a preset of the task (see :func:`open_run`, as for ``settings`` and ``checkpoints``).
+      settings: ``key -> value`` or ``["key=value", ...]``: pipeline settings and task options.
+      checkpoints: an existing orbax checkpoint directory to read instead of training.
+      stages: the stages to run (default all; earlier ones must have finished).
+      force: redo them (and remove what later stages made).
+      progress: show progress bars.
+      log: called with each line of progress (``[stage] running``, ``[stage] done in ... s``).
+      mesh: the basis and decompose stages run on it (:func:`polca_jax.device_mesh`); in a multi-process run, on a
+        mesh across the processes, in a run directory that one process started (see :func:`run_stages`).
+
+    Returns:
+      The report's path, ``out/report/report.md``.
+
+    Raises:
+      PolcaError: as :func:`open_run` and :func:`run_stages` (its subclasses included: ``TaskError`` for an error in
+        the task's code, ``ResumeMismatch``, ``Interrupted``); another process holds the run directory; or a
+        multi-process run starts a new directory.
+
+    Example:
+      The planted benchmark (:mod:`polca_jax.pipeline.tasks.planted`: 160 samples in two groups) at its ``tiny``
+      preset, shortened to 40 steps and one basis checkpoint, without baselines and ablations (seconds on a CPU).
+      The other examples of :mod:`polca_jax.pipeline` read its run directory ``out``.
+
+      >>> import tempfile
+      >>> from pathlib import Path
+      >>> from polca_jax.pipeline import run
+      >>> out = Path(tempfile.mkdtemp()) / "run"
+      >>> settings = {"num_steps": 40, "basis_every": 40, "lanczos_iters": 4, "window_steps": 10,
+      ...             "metrics_every": 20, "baselines": False, "ablations": False, "null_permutations": 50,
+      ...             "breakthrough_shuffles": 20}
+      >>> report = run("planted", out, preset="tiny", settings=settings, progress=False)
+      [train] running
+      [train] done in ... s
+      [basis] running
+      ...
+      [report] done in ... s
+      >>> report == out / "report" / "report.md", sorted(path.stem for path in (out / "stages").iterdir())
+      (True, ['basis', 'causal', 'cluster', 'decompose', 'report', 'score', 'train'])
     """
     if jax.process_count() > 1 and not (Path(out) / "config.json").is_file():
         raise PolcaError(f"a multi-process run continues a run directory: start {Path(out).absolute()} in one "
@@ -104,7 +175,7 @@ SETTINGS_HISTORY = "settings_history.jsonl"  # one line per change of host-stage
 
 
 def _check_host_changes(run_dir: RunDirectory, wanted, changes: dict[str, tuple], stages) -> None:
-    """Raise ``ValueError`` (nothing written) unless the host-stage settings ``changes`` can apply to ``run_dir``:
+    """Raise ``PolcaError`` (nothing written) unless the host-stage settings ``changes`` can apply to ``run_dir``:
     only host stages are asked for, the stages before them have finished, and a new ``second_order`` can be redone
     from every stored decomposition."""
     keys = ", ".join(changes)

@@ -41,7 +41,31 @@ from polca_jax.pipeline._task import LabelSet, Qualifier, Task
 class RunDirectory:
     """A directory holding one run: opened with ``config=None`` (it must exist) or created with a config.
 
-    ``created`` is True when this object created the directory's ``config.json`` (a new run).
+    ``run_dir / "name"`` is the path of a file in it; :func:`run_stages` fills it, stage by stage.
+
+    Args:
+      path: the directory (made absolute).
+      config: the run's :class:`RunConfig`: a new directory is created with it (``config.json``, written once); an
+        existing one must hold the same config. None: open an existing run with its own config.
+
+    Attributes:
+      path: the directory, absolute.
+      config: the run's :class:`RunConfig`, as ``config.json`` holds it.
+      created: True when this object created the directory's ``config.json`` (a new run).
+
+    Raises:
+      PolcaError: ``path`` is a file, lies below one or cannot be written; it holds another config (naming every
+        difference), or files but no ``config.json``; or ``config`` is None and it holds no run.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example.
+
+      >>> from polca_jax.pipeline import RunDirectory
+      >>> run_dir = RunDirectory(out)  # an existing run, with its own config
+      >>> run_dir.created, run_dir.config.task, run_dir.config.num_steps, run_dir.done("score")
+      (False, 'planted', 40, True)
+      >>> (run_dir / "metrics.json").is_file(), run_dir.checkpoint_dir == out / "checkpoints"
+      (True, True)
     """
 
     def __init__(self, path: str | Path, config: RunConfig | None = None):
@@ -85,16 +109,20 @@ class RunDirectory:
     # --- stages ----------------------------------------------------------------------------------------------------
 
     def done(self, stage: str) -> bool:
+        """Whether ``stage`` has finished: its marker ``stages/<stage>.json`` exists."""
         return (self.path / "stages" / f"{stage}.json").exists()
 
     def stage_record(self, stage: str) -> dict:
+        """What a finished ``stage`` recorded (its marker's contents: its info, wall time and compile time)."""
         return read_json(self.path / "stages" / f"{stage}.json")
 
     def mark_done(self, stage: str, info: dict) -> None:
+        """Mark ``stage`` finished, with ``info`` as its record (written atomically)."""
         (self.path / "stages").mkdir(exist_ok=True)
         write_json_atomic(self.path / "stages" / f"{stage}.json", info)
 
     def require(self, stage: str) -> None:
+        """Raise ``PolcaError``, saying how to run it, unless ``stage`` has finished."""
         if not self.done(stage):
             raise PolcaError(f"stage {stage!r} has not finished in {self.path}; run it first "
                              f"(polca run {self.config.task} --out {self.path} --stage {stage})")
@@ -271,7 +299,7 @@ def task_fingerprint(task: Task) -> dict[str, str]:
 
 
 def _check_usable(path: Path) -> None:
-    """Raise ``ValueError`` if ``path`` cannot be a run directory: it is a file, lies below a file, or cannot be
+    """Raise ``PolcaError`` if ``path`` cannot be a run directory: it is a file, lies below a file, or cannot be
     written."""
     if path.exists() and not path.is_dir():
         raise PolcaError(f"--out {path} is a file, not a directory; choose another --out")
@@ -285,9 +313,28 @@ def _check_usable(path: Path) -> None:
         raise PolcaError(f"cannot write to {existing} (permission denied); choose another --out")
 
 
-def load_labels(run_dir: Path) -> tuple[dict[str, LabelSet], np.ndarray | None]:
-    """The label sets ``name -> LabelSet`` and the sample texts ``[N]`` (or None) a run stored (``labels.npz`` and
-    ``task.json``), without building its task."""
+def load_labels(run_dir: str | Path) -> tuple[dict[str, LabelSet], np.ndarray | None]:
+    """The label sets and sample texts a run stored (``labels.npz``, ``task.json``), without building its task.
+
+    Args:
+      run_dir: the run directory whose task was built (by its first stage that builds it).
+
+    Returns:
+      ``(label_sets, texts)``: ``name -> LabelSet`` with ``[N]`` values, and the ``[N]`` sample texts (None when
+      the task has none).
+
+    Raises:
+      PolcaError: ``task.json`` or ``labels.npz`` is missing, unreadable or torn.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (160 samples, one label set).
+
+      >>> from polca_jax.pipeline import load_labels
+      >>> label_sets, texts = load_labels(out)
+      >>> sorted(label_sets), label_sets["group"].values.shape, texts.shape
+      (['group'], (160,), (160,))
+    """
+    run_dir = Path(run_dir) if isinstance(run_dir, str) else run_dir  # a Path or a RunDirectory
     info = read_json(run_dir / "task.json")
     arrays = load_npz(run_dir / "labels.npz")
     label_sets = {}

@@ -120,8 +120,31 @@ def _record_losses(run: RunDirectory, stage: str) -> None:
 
 
 def build_task(run: RunDirectory, definition: TaskDefinition | None = None, redone: tuple[str, ...] = ()) -> Task:
-    """The run's task, built from its config (and definition, default: loaded from ``config.task``) and checked
-    against the data fingerprint the run started with (the first build records it)."""
+    """The run's task, built from its config and checked against the data fingerprint the run started with.
+
+    The definition defaults to the one ``config.task`` names; the first build records the fingerprint.
+
+    Args:
+      run: the run directory.
+      definition: the task's definition (None: loaded from ``run.config.task``).
+      redone: the stages about to be redone (``force``): a loss function they alone used may have changed.
+
+    Returns:
+      The :class:`Task`, checked (:meth:`Task.check`); its loss digests are left on ``run`` for the stages.
+
+    Raises:
+      PolcaError: the task cannot be loaded or built, or fails its checks; the config asks for more basis directions
+        than the model has parameters; its data differ from the run's fingerprint; ``ResumeMismatch``: a loss
+        function differs from the one an earlier stage used.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example.
+
+      >>> from polca_jax.pipeline import RunDirectory, build_task
+      >>> task = build_task(RunDirectory(out))  # the planted task, built from its config.json
+      >>> task.num_samples, sorted(task.labels)
+      (160, ['group'])
+    """
     definition = definition or load_task_definition(run.config.task)
     task = definition.build(run.config.task_options, seed=run.config.seed, workdir=run.path)
     check_fits(run.config, task)
@@ -132,7 +155,7 @@ def build_task(run: RunDirectory, definition: TaskDefinition | None = None, redo
 
 
 def check_fits(config, task: Task) -> None:
-    """Raise ``ValueError`` when the config asks for more basis directions than the task's model has parameters."""
+    """Raise ``PolcaError`` when the config asks for more basis directions than the task's model has parameters."""
     num_params = tree.num_params(task.init_params)
     size = len(config.basis_steps) * config.k_per_checkpoint
     if size > num_params:
@@ -160,9 +183,36 @@ def check_data_axis(task: Task, data: int) -> None:
 
 
 def checkpoint_store(run: RunDirectory, task: Task, steps: list[int], mesh=None) -> "CheckedCheckpoints":
-    """The run's checkpoints at ``steps``, restored into the task's parameter shapes and dtypes (split over
-    ``mesh`` like the kernels place parameters), each checked against the digest recorded when the run first read
-    or wrote it."""
+    """The run's checkpoints at ``steps``, each read checked against the digest the run recorded for its step.
+
+    They are restored into the task's parameter shapes and dtypes (split over ``mesh`` like the kernels place
+    parameters); a step's digest is recorded when the run first reads or writes it.
+
+    Args:
+      run: the run directory (its checkpoints: ``run.checkpoint_dir``).
+      task: the run's task (:func:`build_task`): its ``init_params`` are the template.
+      steps: the steps to read, each saved.
+      mesh: a ``data × model`` mesh to place the parameters on (None: the default device).
+
+    Returns:
+      A sequence of the parameters at ``steps``, restored lazily (one read per index) and a context manager that
+      closes the store.
+
+    Raises:
+      PolcaError: the checkpoint directory is missing or lacks a step; ``CorruptRunDirectory``: a save never
+        finished; ``ResumeMismatch`` (on a read): the parameters differ from those the run recorded.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (checkpoints every 5 steps to 40).
+
+      >>> from polca_jax.pipeline import RunDirectory, build_task, checkpoint_store
+      >>> run_dir = RunDirectory(out)
+      >>> task = build_task(run_dir)
+      >>> with checkpoint_store(run_dir, task, [0, 40]) as store:
+      ...     final = store[1]
+      >>> len(store), store.steps, sorted(final) == sorted(task.init_params)
+      (2, [0, 40], True)
+    """
     return CheckedCheckpoints(run, pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params,
                                                        mesh=mesh))
 
@@ -407,8 +457,9 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
 
 def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, force: bool = False,
                progress: bool = True, log: Callable[[str], None] = print, mesh=None) -> None:
-    """Run ``stages`` (default: all, in order) on ``run``, skipping finished ones unless ``force``; the basis and
-    decompose stages on ``mesh`` (default: one device).
+    """Run ``stages`` (default: all, in order) on ``run``, skipping finished ones unless ``force``.
+
+    ``STAGES`` lists them in order: train → basis → decompose → causal → cluster → score → report.
 
     In a multi-process run (:func:`polca_jax.initialize_distributed`) every process calls this with the same
     arguments; only the basis and decompose stages run (the default), on a mesh across the processes, and process 0
@@ -417,7 +468,33 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
     Every stage before a requested one must have finished. An interrupted stage resumes, keeping the parts it
     finished (a basis, a decomposition, training up to its last checkpoint); redoing a stage (``force``) first
     removes its outputs and those of every later stage. The task is built once, by the first stage that needs it,
-    and its data must match the fingerprint the run was started with. Each stage's info and wall time go to ``stages/<stage>.json``.
+    and its data must match the fingerprint the run was started with. Each stage's info and wall time go to
+    ``stages/<stage>.json``.
+
+    Args:
+      run: the run directory (:func:`open_run`).
+      definition: the task's definition.
+      stages: names among ``STAGES`` (None: all of them; in a multi-process run, basis and decompose).
+      force: redo the stages even when finished, removing their outputs and those of every later stage first.
+      progress: show progress bars.
+      log: called with each line of progress (``[stage] running``, ``[stage] done in ... s``, skipped stages).
+      mesh: the mesh the basis and decompose stages run on (:func:`polca_jax.device_mesh`; None: one device).
+
+    Raises:
+      PolcaError: an unknown stage; an earlier stage has not finished; a multi-process run asked for a stage
+        other than basis and decompose; ``TaskError``: the task's code failed (naming the stage and the line);
+        ``ResumeMismatch``, ``Interrupted`` and the stages' own refusals.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example, all its stages finished.
+
+      >>> from polca_jax.pipeline import STAGES, open_run, run_stages
+      >>> STAGES
+      ('train', 'basis', 'decompose', 'causal', 'cluster', 'score', 'report')
+      >>> run_dir, definition = open_run("planted", out)
+      >>> run_stages(run_dir, definition, ["score", "report"])
+      [score] already finished in /.../run, skipped
+      [report] already finished in /.../run, skipped
     """
     bodies = {
         "train": train_stage, "causal": causal_stage,

@@ -38,12 +38,23 @@ BUILTIN_TASKS = {
 
 @dataclasses.dataclass(frozen=True)
 class Qualifier:
-    """A cluster counts for a label set only when more than ``min_fraction`` of its members of the label set's
-    positive class have a class in ``classes`` of the label set ``label_set``.
+    """Which clusters count for a label set (:attr:`LabelSet.qualifier`): a rule on another label set.
 
-    The paper's arithmetic rule: a carry cluster counts only when more than 85% of its carry tokens are in the 10s or
-    100s place (``Qualifier("place", (1, 2), 0.85)``). Per-sample baselines (exact loss and its change) are scored
-    without it, as in the paper.
+    A cluster counts for the label set only when more than ``min_fraction`` of its members of the label set's
+    positive (scored) class have a class in ``classes`` of the label set ``label_set``. The paper's arithmetic rule:
+    a carry cluster counts only when more than 85% of its carry tokens are in the 10s or 100s place
+    (``Qualifier("place", (1, 2), 0.85)``). Per-sample baselines (exact loss and its change) are scored without it,
+    as in the paper.
+
+    Attributes:
+      label_set: the name of the other label set of the task whose classes qualify.
+      classes: those of its classes that qualify.
+      min_fraction: the share of the scored class's members in the cluster that must qualify (strictly more).
+
+    Example:
+      >>> from polca_jax.pipeline import Qualifier
+      >>> Qualifier("place", (1, 2), 0.85).to_dict()
+      {'label_set': 'place', 'classes': [1, 2], 'min_fraction': 0.85}
     """
 
     label_set: str
@@ -51,6 +62,7 @@ class Qualifier:
     min_fraction: float
 
     def to_dict(self) -> dict:
+        """Its fields as JSON values (``classes`` a list), as ``task.json`` stores them."""
         return {"label_set": self.label_set, "classes": _jsonable(list(self.classes)),
                 "min_fraction": self.min_fraction}
 
@@ -68,6 +80,21 @@ class LabelSet:
       stratify_by: optional name of another label set that confounds this one (e.g. ``"place"`` for carry, which
         lives only in some places): the permutation null then shuffles this label only within each of its classes,
         so clusters that merely separate those classes do not beat the null.
+
+    Raises:
+      PolcaError: ``values`` is not one-dimensional. :meth:`Task.check` checks the rest (one label per sample, at
+        least two classes, ``positive`` among them, the other label sets named exist).
+
+    Example:
+      >>> import numpy as np
+      >>> from polca_jax.pipeline import LabelSet, Qualifier
+      >>> place = LabelSet(np.array([0, 1, 2, 1]), class_names={0: "100s", 1: "10s", 2: "1s"})
+      >>> carry = LabelSet(np.array([True, False, True, False]), positive=True,
+      ...                  qualifier=Qualifier("place", (1, 2), 0.85), stratify_by="place")
+      >>> place.name_of(1), carry.values.shape
+      ('10s', (4,))
+      >>> carry.metadata()["qualifier"]
+      {'label_set': 'place', 'classes': [1, 2], 'min_fraction': 0.85}
     """
 
     values: np.ndarray
@@ -119,6 +146,23 @@ class Task:
       training_metrics: optional ``params -> {name: float or array}`` logged every ``metrics_every`` training steps
         beside the training and evaluation loss.
       description: one line for the report.
+
+    Raises:
+      PolcaError: ``labels`` is not a mapping (and a label set's values not ``[N]``: :class:`LabelSet`);
+        :meth:`check` raises for the rest.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from polca_jax.pipeline import Task
+      >>> x = np.linspace(-1, 1, 6, dtype=np.float32)[:, None]  # 6 sequences of one sample each
+      >>> task = Task(init_params={"w": jnp.ones((1, 2))},
+      ...             per_sample_loss=lambda params, batch: ((batch["x"] @ params["w"]) ** 2).sum(1),
+      ...             eval_batch={"x": x}, hessian_batch={"x": x}, train_batches=lambda step: {"x": x},
+      ...             labels={"sign": x[:, 0] > 0})
+      >>> task.check()  # raises PolcaError naming the first part that cannot work
+      >>> task.num_samples, task.labels["sign"].values.tolist()
+      (6, [False, False, False, True, True, True])
     """
 
     init_params: PyTree
@@ -151,7 +195,9 @@ class Task:
         return int(np.prod(jax.eval_shape(self.per_sample_loss, self.init_params, self.eval_batch).shape))
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the first part of the task that cannot work."""
+        """Raise ``PolcaError`` (a ``ValueError``) naming the first part of the task that cannot work; where
+        ``per_sample_loss`` fails on the evaluation batch, a ``TaskError`` (the failure is in the user's code) or a
+        ``PolcaError`` naming the failure."""
         for name in ("per_sample_loss", "loss"):
             if not callable(getattr(self, name)):
                 raise PolcaError(f"Task.{name} must be a function (params, batch) -> losses")
@@ -176,7 +222,7 @@ class Task:
             from polca_jax.pipeline._usercode import as_task_error
 
             wrapped = as_task_error(error, "Task.per_sample_loss on (init_params, eval_batch)")
-            raise wrapped or ValueError(f"Task.per_sample_loss fails on (init_params, eval_batch): {error}") \
+            raise wrapped or PolcaError(f"Task.per_sample_loss fails on (init_params, eval_batch): {error}") \
                 from error
         check_loss_dtype(out.dtype, "Task.per_sample_loss")
         shape = out.shape
@@ -244,6 +290,16 @@ class TaskDefinition:
         pipeline).
       report_sections: optional ``(run: RunView) -> list[str]`` of markdown parts the task adds to its report (e.g.
         the paper's numbers beside the run's); host code reading only the run directory.
+
+    Raises:
+      PolcaError: ``factory`` is not callable or has positional-only parameters, or ``default_preset`` is not one
+        of ``presets``.
+
+    Example:
+      >>> from polca_jax.pipeline import load_task_definition
+      >>> planted = load_task_definition("planted")
+      >>> planted.name, planted.default_preset, planted.presets["tiny"]["width"]
+      ('make_task', 'cpu', 8)
     """
 
     factory: Callable[..., Task]
@@ -267,6 +323,7 @@ class TaskDefinition:
 
     @property
     def name(self) -> str:
+        """The factory's name, for messages."""
         return getattr(self.factory, "__name__", type(self.factory).__name__)
 
     def options(self) -> dict[str, inspect.Parameter]:
@@ -276,7 +333,7 @@ class TaskDefinition:
                 if name not in RESERVED_OPTIONS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
     def build(self, options: Mapping[str, Any], *, seed: int, workdir: Path | None) -> Task:
-        """The task for ``options``, checked (:meth:`Task.check`); a wrong return type raises ``ValueError``."""
+        """The task for ``options``, checked (:meth:`Task.check`); a wrong return type raises ``PolcaError``."""
         parameters = inspect.signature(self.factory).parameters
         reserved = {"seed": seed, "workdir": workdir}
         kwargs = {**options, **{name: value for name, value in reserved.items() if name in parameters}}
@@ -290,7 +347,39 @@ class TaskDefinition:
 
 def task_factory(*, presets: Mapping[str, Mapping[str, Any]] | None = None, default_preset: str | None = None,
                  report_sections: Callable | None = None) -> Callable[[Callable[..., Task]], TaskDefinition]:
-    """Decorator making a function ``(**options) -> Task`` a :class:`TaskDefinition` with presets."""
+    """Decorator making a function ``(**options) -> Task`` a :class:`TaskDefinition` with presets.
+
+    The function's keyword parameters are the task's options (``--set name=value``); ``seed`` (the run's seed) and
+    ``workdir`` (the run directory) are reserved, filled by the pipeline when it declares them.
+
+    Args:
+      presets: preset name -> settings: task options and pipeline config keys (:class:`RunConfig`).
+      default_preset: the preset a new run takes without ``--preset`` (None: the factory's and the pipeline's
+        defaults).
+      report_sections: optional ``(run: RunView) -> list[str]``, markdown parts the task adds to its report.
+
+    Returns:
+      The decorator: ``factory -> TaskDefinition(factory, presets, default_preset, report_sections)``.
+
+    Raises:
+      PolcaError: when it decorates, as :class:`TaskDefinition` does: the factory has positional-only parameters,
+        or ``default_preset`` is not one of ``presets``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from polca_jax.pipeline import Task, task_factory
+      >>> @task_factory(presets={"tiny": {"num_steps": 20, "width": 2}}, default_preset="tiny")
+      ... def make_task(width: int = 3, seed: int = 0) -> Task:  # seed: reserved, the run's
+      ...     x = np.random.default_rng(seed).normal(size=(8, 2)).astype(np.float32)
+      ...     return Task(init_params={"w": jnp.ones((2, width))},
+      ...                 per_sample_loss=lambda params, batch: ((batch["x"] @ params["w"]) ** 2).sum(1),
+      ...                 eval_batch={"x": x}, hessian_batch={"x": x}, train_batches=lambda step: {"x": x})
+      >>> list(make_task.options()), make_task.default_preset
+      (['width'], 'tiny')
+      >>> make_task.build({"width": 2}, seed=1, workdir=None).init_params["w"].shape
+      (2, 2)
+    """
 
     def wrap(factory: Callable[..., Task]) -> TaskDefinition:
         return TaskDefinition(factory, dict(presets or {}), default_preset, report_sections)
@@ -312,7 +401,31 @@ def canonical_reference(reference: str) -> str:
 
 
 def load_task_definition(reference: str) -> TaskDefinition:
-    """The task definition a reference names (see :func:`canonical_reference`); errors say what to fix."""
+    """The task definition a reference names: a built-in task, ``path/to/file.py:factory`` or ``module:factory``.
+
+    ``BUILTIN_TASKS`` maps each built-in task's name (``arithmetic``, ``english``, ``planted``,
+    ``planted-entangled``) to the ``module:factory`` that defines it. A file is imported (its code runs; a relative
+    path is taken from the working directory, see :func:`canonical_reference`); a factory that is a plain function
+    (no :func:`task_factory`) becomes a definition without presets.
+
+    Args:
+      reference: a key of ``BUILTIN_TASKS``, ``path/to/file.py:factory`` or ``module:factory``.
+
+    Returns:
+      The :class:`TaskDefinition`.
+
+    Raises:
+      PolcaError: the reference is none of those forms, its file or module cannot be found or imported, has no
+        such name, or that is not callable; the message says what to fix.
+
+    Example:
+      >>> from polca_jax.pipeline import BUILTIN_TASKS, load_task_definition
+      >>> sorted(BUILTIN_TASKS)
+      ['arithmetic', 'english', 'planted', 'planted-entangled']
+      >>> definition = load_task_definition("planted")
+      >>> definition.default_preset, sorted(definition.presets)[:3]
+      ('cpu', ['cpu', 'cpu-late', 'cpu-shared'])
+    """
     reference = canonical_reference(reference)
     target, _, attribute = BUILTIN_TASKS.get(reference, reference).rpartition(":")
     if target.endswith(".py"):

@@ -37,6 +37,31 @@ def adamw_paper(
     """AdamW with the paper's schedule ``learning_rate * min(i / warmup_steps, 1)`` at update i (0-based).
 
     As with PyTorch's ``LambdaLR`` in the paper, update 0 has learning rate 0. ``warmup_steps=0`` means a constant rate.
+
+    Args:
+      learning_rate: the peak learning rate, reached at update ``warmup_steps``.
+      weight_decay: AdamW's decoupled weight decay.
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      warmup_steps: the linear warm-up's length in updates (0: a constant rate).
+
+    Returns:
+      The optax transformation.
+
+    Raises:
+      PolcaError: ``warmup_steps`` is not a non-negative int.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from polca_jax.pipeline import adamw_paper
+      >>> optimizer = adamw_paper(learning_rate=0.1, warmup_steps=10)
+      >>> params = grads = {"w": jnp.ones(2)}
+      >>> updates, state = optimizer.update(grads, optimizer.init(params), params)
+      >>> bool((updates["w"] == 0).all())  # update 0: learning rate 0
+      True
+      >>> updates, state = optimizer.update(grads, state, params)  # update 1: 0.1 / 10 × (Adam's 1 + decay 0.1)
+      >>> [round(float(update), 4) for update in updates["w"]]
+      [-0.011, -0.011]
     """
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise PolcaError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
@@ -95,6 +120,28 @@ def train(
 
     Returns:
       The parameters after ``num_steps`` updates.
+
+    Raises:
+      PolcaError: ``num_steps``, ``metrics_every`` or a checkpoint step is not an int in range; ``metrics_fn``
+        without ``metrics_path``, returning no dict, or returning the reserved names ``step`` or ``loss``;
+        ``checkpoint_dir`` holds a step beyond ``num_steps``, or one that cannot be resumed from; the training loss
+        is not finite (the checkpoints before that step are kept).
+
+    Example:
+      >>> import tempfile
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import polca_jax as pj
+      >>> from polca_jax.pipeline import train
+      >>> def loss(params, batch):  # least squares: w -> 2
+      ...     return jnp.mean((batch["x"] * params["w"] - batch["y"]) ** 2)
+      >>> x = jnp.linspace(-1.0, 1.0, 8)
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     final = train(loss, {"w": jnp.zeros(())}, optax.sgd(0.5), lambda step: {"x": x, "y": 2 * x}, 30,
+      ...                   directory, [0, 10, 30], progress=False)
+      ...     with pj.OrbaxCheckpoints(directory) as store:
+      ...         print(store.steps, round(float(final["w"]), 3))
+      [0, 10, 30] 2.0
     """
     _check_int("num_steps", num_steps, minimum=0)
     _check_int("metrics_every", metrics_every, minimum=1)
@@ -216,16 +263,40 @@ def _restore_training_state(manager: ocp.CheckpointManager, step: int, params: A
 
 
 class AdamScales(Sequence):
-    """Adam's preconditioner at saved steps, as the scale of the Hessian of the preconditioned loss
-    (``pj.hessian_basis(..., scale=...)``): per step a params-like pytree ``s = (√v̂ + ε)^(-1/2)``, so that
+    """Adam's preconditioner at saved steps, as the scale of the Hessian of the preconditioned loss.
+
+    For ``pj.hessian_basis(..., scale=...)``: per step a params-like pytree ``s = (√v̂ + ε)^(-1/2)``, so that
     ``S² = 1/(√v̂ + ε)`` is the diagonal Adam divides its step by, with ``v̂ = ν / (1 − b2^count)`` from the optimiser
     state :func:`train` saved with the parameters (``ν = 0`` before the first update: s = ε^(-1/2) everywhere).
     Restored lazily, one step at a time.
 
     Args:
-      checkpoint_dir: a directory :func:`train` wrote. steps: the saved steps to read.
-      template: the parameters (or their shapes). optimizer: the optax optimizer that trained them (its state's
-        layout; the first ``ScaleByAdamState`` in it is read). b2, eps: that Adam's.
+      checkpoint_dir: a directory :func:`train` wrote.
+      steps: the saved steps to read.
+      template: the parameters (or their shapes).
+      optimizer: the optax optimizer that trained them (its state's layout; the first ``ScaleByAdamState`` in it
+        is read).
+      b2: that Adam's second-moment decay.
+      eps: that Adam's ε.
+
+    Raises:
+      PolcaError: (on indexing) the optimiser state saved at the step cannot be read or holds no Adam state.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (trained with
+      :func:`adamw_paper`, basis step 40).
+
+      >>> import jax
+      >>> from polca_jax.pipeline import AdamScales, RunDirectory, adamw_paper, build_task
+      >>> run_dir = RunDirectory(out)
+      >>> config, template = run_dir.config, build_task(run_dir).init_params
+      >>> optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2,
+      ...                         config.warmup_steps)
+      >>> scales = AdamScales(run_dir.checkpoint_dir, [0, 40], template, optimizer, b2=config.b2)
+      >>> len(scales), jax.tree.structure(scales[1]) == jax.tree.structure(template)
+      (2, True)
+      >>> {round(float(leaf.max())) for leaf in jax.tree.leaves(scales[0])}  # before the first update: ε^(-1/2)
+      {10000}
     """
 
     def __init__(self, checkpoint_dir: str | Path, steps: Sequence[int], template: Any,

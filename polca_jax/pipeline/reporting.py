@@ -39,10 +39,21 @@ CLUSTER_COLORS = matplotlib.colormaps["tab10"]
 class RunView:
     """What a run directory holds, for reports; None (or empty) for the parts it lacks.
 
-    config: the raw ``config.json``; log: ``metrics.jsonl`` rows; metrics: the records of ``metrics.json``
-    (:func:`read_metrics`); label_sets and texts: ``labels.npz`` with ``task.json``; result: the POLCA result along
-    the Hessian basis; basis_steps: the steps its directions were found at; clusterings: variant -> clusterings
-    (``clusters/*.npz``); stages: stage -> record.
+    :func:`load_run_view` reads it; a task's ``report_sections`` receive it.
+
+    Attributes:
+      directory: the run directory.
+      config: the raw ``config.json`` (a dict).
+      task_info: the raw ``task.json``: fingerprint, ``num_samples``, description, label-set metadata.
+      log: ``metrics.jsonl`` rows (the training log).
+      metrics: the records of ``metrics.json`` (:func:`read_metrics`).
+      label_sets: name -> :class:`LabelSet` with ``[N]`` values (``labels.npz`` with ``task.json``).
+      texts: the ``[N]`` sample texts.
+      result: the POLCA result along the Hessian basis (:class:`polca_jax.POLCAResult`, ``[T, N, K]``), with the
+        second order its clusters came from.
+      basis_steps: float ``[K]``, the steps its directions were found at.
+      clusterings: strategy -> its clusterings (``clusters/<strategy>.npz``).
+      stages: stage -> its record (``stages/<stage>.json``).
     """
 
     directory: Path
@@ -83,8 +94,31 @@ class RunView:
         return {r.cluster: r for r in records if r.direction == direction}
 
 
-def load_run_view(run_dir: Path) -> RunView:
-    """Everything a report reads from ``run_dir``; missing parts are None or empty."""
+def load_run_view(run_dir: str | Path) -> RunView:
+    """Everything a report reads from ``run_dir``; missing parts are None or empty.
+
+    Args:
+      run_dir: the run directory.
+
+    Returns:
+      The :class:`RunView`.
+
+    Raises:
+      PolcaError: a file it reads is unreadable or torn, or ``metrics.json`` does not match its schema
+        (:func:`read_metrics`).
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example (9 POLCA checkpoints, 160 samples, one
+      direction found at step 40).
+
+      >>> from polca_jax.pipeline import load_run_view
+      >>> view = load_run_view(out)
+      >>> view.config["preset"], view.metrics.num_samples, view.result.projected_loss.shape
+      ('tiny', 160, (9, 160, 1))
+      >>> view.basis_steps.tolist(), view.window_steps, sorted(view.clusterings)
+      ([40.0], 10, ['exact_loss', 'gradient_norms', 'polca'])
+    """
+    run_dir = Path(run_dir) if isinstance(run_dir, str) else run_dir  # a Path or a RunDirectory
     has_labels = (run_dir / "task.json").is_file() and (run_dir / "labels.npz").is_file()
     label_sets, texts = load_labels(run_dir) if has_labels else ({}, None)
     stages = {path.stem: read_json(path) for path in sorted((run_dir / "stages").glob("*.json"))}
