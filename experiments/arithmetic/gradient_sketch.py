@@ -8,7 +8,8 @@ same features along the run's own bases (read from its stored decompositions).
 
 Per feature: the best qualifying carry cluster (the task's rule: more than 85 % of its carry tokens in the 10s or
 100s place) with its homogeneity, recall, and Holm-adjusted permutation p-value against carry shuffled within each
-place (the pipeline's null), and the number of clusters. The planted benchmark's version of this question is
+place (the pipeline's null), the number of clusters, and the cluster's three largest skills (answer place and
+carry). The planted benchmark's version of this question is
 ``experiments/planted/random_subspace.py``.
 """
 
@@ -49,8 +50,10 @@ def best_carry_cluster(clustering: analysis.Clustering, label_sets: dict, config
     if not candidates:
         return f"no qualifying carry cluster ({clustering.num_clusters} clusters)"
     best = max(candidates, key=lambda s: (s.homogeneity, s.recall))
+    skills, counts = np.unique(label_sets["skill"].values[clustering.members(best.cluster)], return_counts=True)
+    composition = ", ".join(f"{count} {skill}" for count, skill in sorted(zip(counts, skills), reverse=True)[:3])
     return (f"{best.homogeneity:.3f} / {best.recall:.2f} / p {adjusted[best.cluster]:.3g} "
-            f"({clustering.num_clusters} clusters, base rate {best.base_rate:.3f})")
+            f"({clustering.num_clusters} clusters, base rate {best.base_rate:.3f}; {composition})")
 
 
 def main() -> None:
