@@ -21,7 +21,7 @@ except ImportError as error:
                       "kernels, polca_jax and polca_jax.analysis, work without it.") from error
 
 from polca_jax.pipeline._config import RunConfig, make_config, parse_overrides  # noqa: E402
-from polca_jax.pipeline._plan import plan_run  # noqa: E402
+from polca_jax.pipeline._plan import Device, Plan, device_named, plan_run  # noqa: E402
 from polca_jax.pipeline._report import write_report  # noqa: E402
 from polca_jax.pipeline._results import RunMetrics, read_metrics  # noqa: E402
 from polca_jax.pipeline._run import open_run, run  # noqa: E402
@@ -75,7 +75,9 @@ __all__ = [
     "VARIANTS",
     "BasisInputs",
     "BasisKind",
+    "Device",
     "LabelSet",
+    "Plan",
     "Qualifier",
     "RunConfig",
     "RunDirectory",
@@ -87,6 +89,7 @@ __all__ = [
     "adamw_paper",
     "build_task",
     "checkpoint_store",
+    "device_named",
     "load_labels",
     "load_run_view",
     "load_task_definition",

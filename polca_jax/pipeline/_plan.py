@@ -74,7 +74,19 @@ HOST_ROWS = 5  # [N, K] arrays one checkpoint holds on the host: g, the previous
 
 @dataclasses.dataclass(frozen=True)
 class Device:
-    """A device to plan for: its memory (bytes) and, for a GPU, its peak FLOP/s (None: time is measured here)."""
+    """A device to plan for (:func:`plan_run`'s ``device``): its memory and, for a GPU, its peak FLOP/s.
+
+    Attributes:
+      name: how the plan names it.
+      memory_bytes: its memory, bytes.
+      peak_flops: its peak FLOP/s, from which a GPU's times are estimated; None: times are measured on this machine.
+
+    Example:
+      >>> from polca_jax.pipeline import Device
+      >>> device = Device("a 16 GB GPU", 16 * 10**9, 20e12)
+      >>> device.memory_bytes // 10**9, device.peak_flops is None
+      (16, False)
+    """
 
     name: str
     memory_bytes: int
@@ -94,8 +106,23 @@ GPUS = {
 
 
 def device_named(name: str) -> Device:
-    """``"cpu"`` (this machine's default JAX device: its measured speed; its memory, or the RAM for a CPU), or a GPU
-    of :data:`GPUS`."""
+    """The :class:`Device` ``polca plan --device NAME`` plans for.
+
+    Args:
+      name: ``"cpu"`` (this machine's default JAX device: its measured speed; its memory, or the RAM for a CPU), or a
+        GPU of ``GPUS`` (``"h100"``, ``"h200"``: memory and FP32 peak from the data sheets).
+
+    Returns:
+      The :class:`Device`.
+
+    Raises:
+      PolcaError: for any other name.
+
+    Example:
+      >>> from polca_jax.pipeline import device_named
+      >>> device_named("h100").memory_bytes // 10**9, device_named("cpu").peak_flops is None
+      (80, True)
+    """
     if name in GPUS:
         return GPUS[name]
     if name != "cpu":
@@ -166,8 +193,20 @@ def fits(peak_bytes: int, device: Device) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A run's estimate: seconds and FLOPs per device per stage, compile seconds, memory per device per stage
-    (``memory[stage][item]``, bytes), host memory and disk (bytes), for ``mesh`` ``(data, model)`` of ``device``."""
+    """A run's estimate, what :func:`plan_run` returns (its example shows one).
+
+    Attributes:
+      stages: seconds per device per stage.
+      compile_seconds: seconds compiling the stages' kernels take (once per process).
+      memory: bytes per device per stage and item (``memory[stage][item]``).
+      work: per stage, what its time covers (text).
+      flops: FLOPs per device per stage (stages on the host have none).
+      host: host memory per item, bytes.
+      disk: disk per item, bytes.
+      device: the :class:`Device` planned for.
+      mesh: ``(data, model)``.
+      replicated: the fraction of the parameters that a model axis leaves whole on every device.
+    """
 
     stages: dict[str, float]
     compile_seconds: float
@@ -182,6 +221,7 @@ class Plan:
 
     @property
     def total_seconds(self) -> float:
+        """Seconds of every stage plus compiling."""
         return sum(self.stages.values()) + self.compile_seconds
 
     @property
@@ -241,12 +281,12 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
       task: the run's :class:`Task` (:func:`build_task`).
       mesh: ``(data, model)``: the devices the basis and decompose stages split their batches (data) and
         parameters (model) over.
-      device: the device to plan for, a ``Device`` (``device_named("h100")`` of this module: a GPU, whose times
-        are estimated from FLOPs, nothing run); None: this machine's default device, measured.
+      device: the :class:`Device` to plan for (``device_named("h100")``: a GPU, whose times are estimated from
+        FLOPs, nothing run); None: this machine's default device, measured.
       repeats: timed calls per kernel, after the one that compiles (on a measured device).
 
     Returns:
-      The ``Plan``: seconds, FLOPs and work per stage, compile seconds, memory per device per stage, host memory
+      The :class:`Plan`: seconds, FLOPs and work per stage, compile seconds, memory per device per stage, host memory
       and disk; ``plan.table()`` is the text ``polca plan`` prints.
 
     Raises:
