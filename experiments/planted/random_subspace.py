@@ -37,15 +37,16 @@ def window_steps(run_dir: Path, gradient_window: float) -> np.ndarray:
     return np.asarray(steps[-max(2, round(gradient_window * len(steps))):])
 
 
-def per_sample_gradients(task, params) -> np.ndarray:
-    """float64[N, P]: every evaluation sample's loss gradient, flattened in ``ravel_pytree`` order."""
-    flat, unravel = ravel_pytree(params)
+def gradient_function(task, template):
+    """Compiled once per run: flat parameters float[P] (``ravel_pytree`` order of ``template``) -> float[N, P], every
+    evaluation sample's loss gradient."""
+    _, unravel = ravel_pytree(template)
 
-    def sample_gradient(sample):
+    def sample_gradient(flat, sample):
         single = jax.tree_util.tree_map(lambda leaf: leaf[None], sample)
         return jax.grad(lambda v: task.per_sample_loss(unravel(v), single)[0])(flat)
 
-    return np.asarray(jax.jit(jax.vmap(sample_gradient))(task.eval_batch), np.float64)
+    return jax.jit(lambda flat: jax.vmap(lambda sample: sample_gradient(flat, sample))(task.eval_batch))
 
 
 def cluster_projections(projections: np.ndarray, config: dict) -> analysis.Clustering:
@@ -76,7 +77,9 @@ def run_rows(run_dir: Path, dims: list[int], draws: int, window: float | None) -
     groups = load_labels(run_dir)[0]["group"].values
     steps = window_steps(run_dir, window or config["gradient_window"])
     store = pj.OrbaxCheckpoints(run_dir / "checkpoints", [int(s) for s in steps])
-    gradients = np.stack([per_sample_gradients(task, store[i]) for i in range(len(steps))])  # [W, N, P]
+    gradients_at = gradient_function(task, store[0])
+    gradients = np.stack([np.asarray(gradients_at(ravel_pytree(store[i])[0]), np.float64)
+                          for i in range(len(steps))])  # [W, N, P]
     p = gradients.shape[2]
     name = f"{run_dir.name} (P={p}, W={len(steps)})"
     rows = []
