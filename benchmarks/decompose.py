@@ -36,11 +36,12 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import tree
-from polca_jax.pipeline import models
-from polca_jax.pipeline.tasks import arithmetic as task
+from polca_jax.pipeline import import_experiment, models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import CompileCounter, THREADS, _load, machine_description, verdict  # noqa: E402
+
+task = import_experiment("arithmetic")  # experiments/arithmetic of this clone
 
 try:
     import torch

@@ -31,8 +31,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import polca_jax as pj
-from polca_jax.pipeline.tasks import arithmetic as task
+from polca_jax.pipeline import import_experiment
 from polca_jax.pipeline import models as transformer
+
+task = import_experiment("arithmetic")  # experiments/arithmetic of this clone
 
 try:
     import torch

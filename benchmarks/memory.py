@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 import polca_jax as pj
-from polca_jax.pipeline import models
-from polca_jax.pipeline.tasks import arithmetic as task
+from polca_jax.pipeline import import_experiment, models
+
+task = import_experiment("arithmetic")  # experiments/arithmetic of this clone
 
 SIZES = {
     "0.4M": dict(num_layers=2, d_model=128, num_heads=4, d_mlp=512),

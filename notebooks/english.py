@@ -30,8 +30,10 @@ from IPython.display import Image, Markdown, display
 
 import polca_jax as pj
 from polca_jax import analysis, tree
-from polca_jax.pipeline import build_task, checkpoint_store, open_run, run_stages
-from polca_jax.pipeline.tasks.english import labels, target_positions
+from polca_jax.pipeline import build_task, checkpoint_store, import_experiment, open_run, run_stages
+
+english = import_experiment("english")  # experiments/english of this clone
+labels, target_positions = english.labels, english.target_positions
 
 # data="lee", or a .txt / .jsonl file, a directory of them, "hf:NAME"
 run, definition = open_run("english", Path(tempfile.mkdtemp()) / "run", preset="tiny", settings={"data": "lee"})

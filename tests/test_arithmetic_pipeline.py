@@ -16,7 +16,7 @@ from polca_jax import analysis
 from polca_jax.pipeline import VARIANTS, load_labels, load_task_definition, make_config, read_metrics
 from polca_jax.pipeline.cli import main
 from polca_jax.pipeline._registry import variants_of
-from polca_jax.pipeline.tasks.arithmetic import PAPER_CPU_CUTS
+from experiments.arithmetic import PAPER_CPU_CUTS
 
 PINNED_TINY = {  # variant: (clusters, max carry homogeneity, hidden-breakthrough fraction)
     "exact_loss": (2, 40 / 117, 0.0),

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from polca_jax.pipeline.tasks.english import KINDS, token_kind
-from polca_jax.pipeline.tasks.english._labels import (
+from experiments.english import KINDS, token_kind
+from experiments.english.labels import (
     CLOSED_CLASSES,
     FUNCTION_CLASSES,
     MIN_ENRICHMENT,
@@ -26,7 +26,7 @@ from polca_jax.pipeline.tasks.english._labels import (
     tag_tokens,
     top_tokens,
 )
-from polca_jax.pipeline.tasks.english._tokenizer import END_OF_TEXT
+from experiments.english.tokenizer import END_OF_TEXT
 
 CONTEXT = ["The", " cat", " sat", ".", "\n", "\n", "In", " 1990", ",", " the", " cat", "s", END_OF_TEXT, " (", "x"]
 

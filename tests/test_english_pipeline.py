@@ -16,7 +16,7 @@ from polca_jax import analysis
 from polca_jax.pipeline import build_task, load_labels, load_task_definition, make_config, open_run, read_metrics
 from polca_jax.pipeline.cli import main
 from polca_jax.pipeline.models import TransformerConfig, init_params
-from polca_jax.pipeline.tasks.english import language_model_loss_fns, target_positions, training_batches
+from experiments.english import language_model_loss_fns, target_positions, training_batches
 
 DEFINITION = load_task_definition("english")
 PINNED_TINY = {"kept_directions": [0, 1], "polca_clusters": 5, "exact_loss_clusters": 0, "polca_hidden": 0.0,

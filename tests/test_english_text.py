@@ -8,8 +8,8 @@ import types
 import numpy as np
 import pytest
 
-from polca_jax.pipeline.tasks.english._text import load_documents, split_documents
-from polca_jax.pipeline.tasks.english._tokenizer import (
+from experiments.english.text import load_documents, split_documents
+from experiments.english.tokenizer import (
     END_OF_TEXT,
     load_or_train_tokenizer,
     make_contexts,

@@ -3,9 +3,9 @@ package's private names (imports inside functions included).
 
 The privacy rule: a name (a module, or a name in one) that starts with an underscore may be used only inside its own
 package, the directory that holds it: ``polca_jax`` (the kernels, ``polca_jax/_*.py``), ``polca_jax.analysis``,
-``polca_jax.pipeline``, ``polca_jax.pipeline.models`` and each ``polca_jax.pipeline.tasks.<name>``. Code outside the
-library (benchmarks, experiments, examples, notebooks) uses only public names; tests may reach into private modules
-to test them.
+``polca_jax.pipeline``, ``polca_jax.pipeline.models``, each ``polca_jax.pipeline.tasks.<name>`` and each of the
+paper's experiments, ``experiments.<name>``. Other code (benchmarks, the experiments' scripts, examples, notebooks)
+uses only public names; tests may reach into private modules to test them.
 """
 
 import ast
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.core
 
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "polca_jax"
+PACKAGES = ("polca_jax", "experiments")  # whose private names stay inside their own (sub)package
 
 
 def module_name(path: Path) -> str:
@@ -119,10 +120,10 @@ def private_owner(name: str) -> str | None:
 def private_uses(path: Path, source: str | None = None) -> list[str]:
     """``"line: name"`` for each private name of another package that a file uses: one it imports (anywhere in the
     file), or one it reads off an imported polca_jax module (``pj._tree``), named up to its first private part."""
-    home = package_of(path) if path.relative_to(ROOT).parts[0] == "polca_jax" else None  # None: outside the library
+    home = package_of(path) if path.relative_to(ROOT).parts[0] in PACKAGES else None
     found, modules = [], {}  # modules: a name the file binds to a polca_jax module -> the module's full name
     for node, bound, name in imports(path, source):
-        if name.split(".")[0] == "polca_jax":
+        if name.split(".")[0] in PACKAGES:
             module = bound if bound == name.split(".")[0] else name
             if is_module(module):
                 modules[bound] = module
@@ -150,6 +151,11 @@ def test_the_privacy_rule_tells_a_package_s_own_private_names_from_another_s():
     assert private_uses(ROOT / "notebooks/x.py", "import polca_jax as pj\npj._tree.num_params(1)\npj.__version__") == [
         "2: polca_jax._tree"]
     assert private_uses(ROOT / "polca_jax/_basis.py", "from polca_jax._files import x") == []
+    english = ROOT / "experiments/english/paper.py"
+    assert private_uses(english, "from experiments.english._x import y") == []  # an experiment is a package
+    assert private_uses(ROOT / "benchmarks/x.py", "from experiments.english._x import y") == [
+        "1: experiments.english._x.y"]
+    assert private_uses(english, "from experiments.arithmetic._x import y") == ["1: experiments.arithmetic._x.y"]
 
 
 def test_no_code_uses_another_package_s_private_names():

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from polca_jax.pipeline.tasks.arithmetic import (
+from experiments.arithmetic import (
     OUTPUT_SIZE,
     SEQUENCE_LENGTH,
     VOCAB_SIZE,

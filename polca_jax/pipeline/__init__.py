@@ -9,8 +9,9 @@ decomposes, clusters, scores and reports; :func:`register_basis` adds a basis of
 
 The ``polca`` command is :func:`polca_jax.pipeline.cli.main`. A task's ``report_sections`` read a run's metrics by the
 strategies' names (``POLCA``, ``EXACT_LOSS``, ...) and write markdown with :mod:`polca_jax.pipeline.reporting`.
-The paper's experiments are two such tasks, ``polca_jax.pipeline.tasks.arithmetic`` and ``...english``; they import
-from the pipeline only what this package exports, as a task of one's own would.
+The paper's experiments are two such tasks in ``experiments/arithmetic`` and ``experiments/english`` of a clone of the
+repository (:func:`import_experiment`); they import from the pipeline only what this package exports, as a task of
+one's own would. The planted task of the quick start ships with the package (``polca_jax.pipeline.tasks.planted``).
 """
 
 try:
@@ -52,6 +53,7 @@ from polca_jax.pipeline._task import (  # noqa: E402
     Qualifier,
     Task,
     TaskDefinition,
+    import_experiment,
     load_task_definition,
     task_factory,
 )
@@ -90,6 +92,7 @@ __all__ = [
     "build_task",
     "checkpoint_store",
     "device_named",
+    "import_experiment",
     "load_labels",
     "load_run_view",
     "load_task_definition",

@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -29,11 +30,15 @@ from polca_jax.errors import PolcaError
 PyTree = Any
 RESERVED_OPTIONS = ("seed", "workdir")
 BUILTIN_TASKS = {
-    "arithmetic": "polca_jax.pipeline.tasks.arithmetic:make_task",
-    "english": "polca_jax.pipeline.tasks.english:make_task",
+    "arithmetic": "experiments.arithmetic:make_task",
+    "english": "experiments.english:make_task",
     "planted": "polca_jax.pipeline.tasks.planted:make_task",
     "planted-entangled": "polca_jax.pipeline.tasks.planted:make_entangled_task",
 }
+
+
+EXPERIMENTS_PACKAGE = "experiments"
+"""The package of the paper's experiments in a clone of the repository (not installed with polca_jax)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,6 +435,8 @@ def load_task_definition(reference: str) -> TaskDefinition:
     target, _, attribute = BUILTIN_TASKS.get(reference, reference).rpartition(":")
     if target.endswith(".py"):
         module = _import_file(Path(target))
+    elif reference in BUILTIN_TASKS and target.startswith(EXPERIMENTS_PACKAGE + "."):
+        module = import_experiment(target.removeprefix(EXPERIMENTS_PACKAGE + "."))
     else:
         try:
             module = importlib.import_module(target)
@@ -444,6 +451,48 @@ def load_task_definition(reference: str) -> TaskDefinition:
     if callable(found):
         return TaskDefinition(found)
     raise PolcaError(f"{reference} is a {type(found).__name__}, not a task factory (a function returning a Task)")
+
+
+def import_experiment(name: str) -> ModuleType:
+    """The module of one of the paper's experiments, ``experiments/<name>/`` of a clone of the repository.
+
+    The experiments are not installed with polca_jax: they are looked up in the working directory, then in the clone
+    polca_jax itself was installed from (``pip install -e``), and that directory is put on ``sys.path`` so that the
+    experiment's modules import each other (and a script imports them) as ``experiments.<name>``.
+
+    Args:
+      name: the experiment's directory under ``experiments/``: ``"arithmetic"`` or ``"english"``.
+
+    Returns:
+      The imported module ``experiments.<name>``.
+
+    Raises:
+      PolcaError: no clone with ``experiments/<name>/__init__.py`` is found, or another package named
+        ``experiments`` was imported first; the message says where to run from.
+
+    Example:
+      >>> from polca_jax.pipeline import import_experiment
+      >>> arithmetic = import_experiment("arithmetic")
+      >>> arithmetic.__name__, arithmetic.PRESETS["tiny"]["num_steps"]
+      ('experiments.arithmetic', 60)
+    """
+    import polca_jax
+
+    candidates = [Path.cwd(), Path(polca_jax.__file__).resolve().parent.parent]
+    roots = [root for root in candidates if (root / EXPERIMENTS_PACKAGE / name / "__init__.py").is_file()]
+    if not roots:
+        raise PolcaError(
+            f"the {name!r} task is one of the paper's experiments: it lives in {EXPERIMENTS_PACKAGE}/{name}/ of a "
+            "clone of the polca_jax repository, not in the installed package; run polca from the clone's root (or "
+            f"install polca_jax from the clone with pip install -e). Looked in: {', '.join(map(str, candidates))}")
+    root = roots[0].resolve()
+    loaded = sys.modules.get(EXPERIMENTS_PACKAGE)
+    if loaded is not None and Path(loaded.__file__ or "").resolve().parent.parent != root:
+        raise PolcaError(f"another package named {EXPERIMENTS_PACKAGE!r} ({loaded.__file__}) was imported before "
+                         f"the paper's experiments in {root}; run polca from the clone's root")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"{EXPERIMENTS_PACKAGE}.{name}")
 
 
 def _import_file(path: Path):

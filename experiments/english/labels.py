@@ -73,7 +73,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from polca_jax.errors import PolcaError
-from polca_jax.pipeline.tasks.english._tokenizer import END_OF_TEXT
+from experiments.english.tokenizer import END_OF_TEXT
 
 NO_TOKEN = "none"
 Tagger = Callable[[Sequence[str], int], frozenset[str]]

@@ -26,11 +26,9 @@ from polca_jax.errors import PolcaError
 from polca_jax.files import save_npz_atomic
 from polca_jax.pipeline import LabelSet, Task, task_factory
 from polca_jax.pipeline.models import TransformerConfig, apply, init_params, token_cross_entropy
-from polca_jax.pipeline.tasks.english import _labels as labels
-from polca_jax.pipeline.tasks.english import _text as text
-from polca_jax.pipeline.tasks.english import _tokenizer as tokenizer
-from polca_jax.pipeline.tasks.english._paper import PAPER_EVAL_TOKENS, paper_report_sections
-from polca_jax.pipeline.tasks.english._text import target_positions
+from experiments.english import labels, text, tokenizer
+from experiments.english.paper import PAPER_EVAL_TOKENS, paper_report_sections
+from experiments.english.text import target_positions
 
 PAPER_SETTINGS = dict(polca_every=200, basis_every=750, window_steps=600, threshold_step=2000, min_cluster_size=300,
                       reference_num_samples=PAPER_EVAL_TOKENS, baselines=False, ablations=False)

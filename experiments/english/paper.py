@@ -4,7 +4,7 @@ label of every POLCA and exact-loss cluster (Appendix E.2) with its most frequen
 Labels are computed here, from the run's ``tokens.npz`` and clusters, with spaCy part-of-speech tags when spaCy and
 ``en_core_web_sm`` are installed and the built-in token tags otherwise; they are also written to
 ``report/cluster_labels.json``. Each label is compared with the base rates of its tags among all evaluation tokens,
-and only a label with an informative (enriched) offset counts as simple (``_labels`` module docstring).
+and only a label with an informative (enriched) offset counts as simple (the ``labels`` module docstring).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 from polca_jax.files import load_npz, write_atomic
 from polca_jax.pipeline import EXACT_LOSS, POLCA
 from polca_jax.pipeline.reporting import MISSING, markdown_table, number
-from polca_jax.pipeline.tasks.english import _labels as labels
-from polca_jax.pipeline.tasks.english._text import target_positions
+from experiments.english import labels
+from experiments.english.text import target_positions
 
 PAPER_EVAL_TOKENS = 12_600  # the paper's evaluation set; min_cluster_size 300 was chosen for it
 PAPER_ENGLISH_RESULTS = {

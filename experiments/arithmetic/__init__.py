@@ -5,33 +5,46 @@ into them (``carry``, scored for carry tokens with the paper's rule that a clust
 its carry tokens are in the 10s or 100s place, and tested against carry shuffled within each place, since the carry
 rate differs by place), their place (``place``), both (``skill``) and the answer digit
 (``digit``).
+
+A variant (another operation, a constraint on the problem draw, another flag rule) is :func:`arithmetic_task` called
+with its own arguments, from a short file of its own: ``experiments/arithmetic/subtraction.py``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline import LabelSet, Qualifier, Task, task_factory
 from polca_jax.pipeline.models import TransformerConfig, init_params
-from polca_jax.pipeline.tasks.arithmetic._paper import paper_report_sections
-from polca_jax.pipeline.tasks.arithmetic._problems import (
+from experiments.arithmetic.paper import paper_report_sections
+from experiments.arithmetic.problems import (
+    ADDITION,
     ANSWER_INPUT_POSITIONS,
     ANSWER_PLACES,
     EQUALS_TOKEN,
+    OPERATOR_TOKEN,
     OUTPUT_SIZE,
-    PLUS_TOKEN,
     SEQUENCE_LENGTH,
     VOCAB_SIZE,
+    Operation,
     answer_accuracy,
     answer_labels,
+    carries,
     decode,
+    digits,
     encode,
     make_loss_fns,
     make_problems,
     paper_model_config,
+    token_texts,
     training_batches,
 )
+
+PAPER_QUALIFIER = Qualifier("place", (1, 2), 0.85)
+"""The paper's rule for carry clusters: more than 85% of a cluster's carry tokens are in the 10s or 100s place."""
 
 PAPER_SETTINGS = dict(polca_every=20, basis_every=200, window_steps=100, threshold_step=1000,
                       min_cluster_size=150, reference_num_samples=5000, ablations=True)
@@ -69,28 +82,39 @@ PRESETS = {name: {**PAPER_SETTINGS, **preset} for name, preset in {
 }.items()}
 
 
-@task_factory(presets=PRESETS, default_preset="cpu", report_sections=paper_report_sections)
-def make_task(num_layers: int = 3, d_model: int = 512, num_heads: int = 4, d_mlp: int = 2048,
-              num_train_problems: int = 640_000, num_eval_problems: int = 1250, num_hessian_problems: int = 1250,
-              batch_size: int = 64, seed: int = 0) -> Task:
-    """3-digit addition with a TransformerLens-layout transformer (the paper's model by default).
+def arithmetic_task(*, num_layers: int, d_model: int, num_heads: int, d_mlp: int, num_train_problems: int,
+                    num_eval_problems: int, num_hessian_problems: int, batch_size: int, seed: int,
+                    operation: Operation = ADDITION, accept: Callable | None = None, rule: Callable = carries,
+                    flag: str = "carry", qualifier: Qualifier | None = PAPER_QUALIFIER,
+                    description: str | None = None) -> Task:
+    """A 3-digit arithmetic task: ``a OP b = result`` (``operation``) with the answer tokens as samples.
 
-    Evaluation, Hessian and training problems are disjoint draws from the 1,000,000 operand pairs; all data and the
-    initial parameters are determined by ``seed``.
+    Evaluation, Hessian and training problems are disjoint draws (:func:`make_problems`, keeping the pairs
+    ``accept(a int[M], b int[M]) -> bool[M]`` accepts when given); all data and the initial parameters are determined
+    by ``seed``. The label sets: ``flag`` (``rule`` of :func:`answer_labels`, scored for its True class, its clusters
+    qualified by ``qualifier``, None for none, and tested against the flag shuffled within each place), ``place``,
+    ``skill`` (place and flag, e.g. "10s carry" / "10s no carry") and ``digit``. ``description``: the report's one
+    line (None: "3-digit a OP b: N evaluation problems, 4 answer tokens each.").
     """
+    if not isinstance(flag, str) or not flag or flag in ("place", "skill", "digit"):
+        raise PolcaError(f"flag (the name of the flag's label set) must be a non-empty string other than the other "
+                         f"label sets' names place, skill and digit, got {flag!r}")
     total = num_train_problems + num_eval_problems + num_hessian_problems
     if total > 1000 * 1000:
         raise PolcaError(f"{total} problems requested but there are only 1,000,000 pairs of 3-digit operands")
-    eval_problems = make_problems(num_eval_problems, seed)
-    hessian_problems = make_problems(num_hessian_problems, seed + 1, eval_problems)
-    train_problems = make_problems(num_train_problems, seed + 2, np.concatenate([eval_problems, hessian_problems]))
+    eval_problems = make_problems(num_eval_problems, seed, accept=accept)
+    hessian_problems = make_problems(num_hessian_problems, seed + 1, eval_problems, accept=accept)
+    train_problems = make_problems(num_train_problems, seed + 2, np.concatenate([eval_problems, hessian_problems]),
+                                   accept=accept)
     model_config = TransformerConfig(vocab_size=VOCAB_SIZE, context_length=SEQUENCE_LENGTH, num_layers=num_layers,
                                      d_model=d_model, num_heads=num_heads, d_mlp=d_mlp, output_size=OUTPUT_SIZE)
     graphdef, params = init_params(model_config, seed)
     per_sample_loss, loss = make_loss_fns(graphdef)
-    eval_tokens = encode(eval_problems)
-    place, carry = (labels.reshape(-1) for labels in answer_labels(eval_problems))
+    eval_tokens = encode(eval_problems, operation=operation)
+    place, flagged = (labels.reshape(-1) for labels in answer_labels(eval_problems, rule=rule))
     digit = eval_tokens[:, -len(ANSWER_PLACES):].reshape(-1)
+    if description is None:
+        description = f"3-digit a {operation.symbol} b: {num_eval_problems} evaluation problems, 4 answer tokens each."
 
     def accuracy_per_place(params) -> dict:
         accuracy = np.asarray(answer_accuracy(graphdef, params, eval_tokens))
@@ -101,51 +125,65 @@ def make_task(num_layers: int = 3, d_model: int = 512, num_heads: int = 4, d_mlp
         per_sample_loss=per_sample_loss,
         loss=loss,
         eval_batch={"tokens": eval_tokens},
-        hessian_batch={"tokens": encode(hessian_problems)},
-        train_batches=training_batches(train_problems, batch_size),
+        hessian_batch={"tokens": encode(hessian_problems, operation=operation)},
+        train_batches=training_batches(train_problems, batch_size, operation),
         labels={
-            "carry": LabelSet(carry, positive=True, qualifier=Qualifier("place", (1, 2), 0.85),
-                              class_names={True: "carry", False: "no carry"}, stratify_by="place"),
+            flag: LabelSet(flagged, positive=True, qualifier=qualifier, class_names={True: flag, False: f"no {flag}"},
+                           stratify_by="place"),
             "place": LabelSet(place, class_names=dict(enumerate(ANSWER_PLACES))),
-            "skill": LabelSet(np.array([f"{ANSWER_PLACES[p]} {'carry' if c else 'no carry'}"
-                                        for p, c in zip(place, carry)])),
+            "skill": LabelSet(np.array([f"{ANSWER_PLACES[p]} {flag if f else f'no {flag}'}"
+                                        for p, f in zip(place, flagged)])),
             "digit": LabelSet(digit),
         },
-        sample_texts=_token_texts(eval_tokens),
+        sample_texts=token_texts(eval_tokens, operation.symbol),
         training_metrics=accuracy_per_place,
+        description=description,
+    )
+
+
+@task_factory(presets=PRESETS, default_preset="cpu", report_sections=paper_report_sections)
+def make_task(num_layers: int = 3, d_model: int = 512, num_heads: int = 4, d_mlp: int = 2048,
+              num_train_problems: int = 640_000, num_eval_problems: int = 1250, num_hessian_problems: int = 1250,
+              batch_size: int = 64, seed: int = 0) -> Task:
+    """3-digit addition with a TransformerLens-layout transformer (the paper's model by default).
+
+    Evaluation, Hessian and training problems are disjoint draws from the 1,000,000 operand pairs; all data and the
+    initial parameters are determined by ``seed``.
+    """
+    return arithmetic_task(
+        num_layers=num_layers, d_model=d_model, num_heads=num_heads, d_mlp=d_mlp,
+        num_train_problems=num_train_problems, num_eval_problems=num_eval_problems,
+        num_hessian_problems=num_hessian_problems, batch_size=batch_size, seed=seed,
         description=f"3-digit addition: {num_eval_problems} evaluation problems, 4 answer tokens each.",
     )
 
 
-def _token_texts(tokens: np.ndarray) -> list[str]:
-    """``"123+456=0⟦5⟧79"`` for every answer token of every problem, in sample order."""
-    symbols = np.array([*map(str, range(10)), "+", "="])
-    texts = []
-    for row in symbols[tokens]:
-        for position in range(SEQUENCE_LENGTH - len(ANSWER_PLACES), SEQUENCE_LENGTH):
-            texts.append("".join(row[:position]) + f"⟦{row[position]}⟧" + "".join(row[position + 1:]))
-    return texts
-
-
 __all__ = [
+    "ADDITION",
     "ANSWER_INPUT_POSITIONS",
     "ANSWER_PLACES",
     "EQUALS_TOKEN",
+    "OPERATOR_TOKEN",
     "OUTPUT_SIZE",
+    "Operation",
     "PAPER",
     "PAPER_CPU_CUTS",
+    "PAPER_QUALIFIER",
     "PAPER_SETTINGS",
-    "PLUS_TOKEN",
     "PRESETS",
     "SEQUENCE_LENGTH",
     "VOCAB_SIZE",
     "answer_accuracy",
     "answer_labels",
+    "arithmetic_task",
+    "carries",
     "decode",
+    "digits",
     "encode",
     "make_loss_fns",
     "make_problems",
     "make_task",
     "paper_model_config",
+    "token_texts",
     "training_batches",
 ]
