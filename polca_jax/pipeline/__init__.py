@@ -21,7 +21,7 @@ except ImportError as error:
     raise ImportError(f"polca_jax.pipeline needs the pipeline extra ({error}): pip install 'polca_jax[pipeline]'. The "
                       "kernels, polca_jax and polca_jax.analysis, work without it.") from error
 
-from polca_jax.pipeline._config import RunConfig, make_config, parse_overrides  # noqa: E402
+from polca_jax.pipeline._config import SECTIONS, RunConfig, flat_settings, make_config, parse_overrides  # noqa: E402
 from polca_jax.pipeline._plan import Device, Plan, device_named, plan_run  # noqa: E402
 from polca_jax.pipeline._report import write_report  # noqa: E402
 from polca_jax.pipeline._results import RunMetrics, read_metrics  # noqa: E402
@@ -73,6 +73,7 @@ __all__ = [
     "RANDOM_GRADIENTS",
     "RANDOM_POLCA",
     "RANDOM_PROFILE",
+    "SECTIONS",
     "STAGES",
     "VARIANTS",
     "BasisInputs",
@@ -92,6 +93,7 @@ __all__ = [
     "build_task",
     "checkpoint_store",
     "device_named",
+    "flat_settings",
     "import_experiment",
     "load_labels",
     "load_run_view",

@@ -1,9 +1,13 @@
 """The configuration of one run: the task and its options, and the pipeline's settings (training, checkpoints,
 Algorithm 1, decomposition, clustering, breakthroughs, baselines).
 
-Settings are one flat namespace, as presets and ``--set key=value`` write them: a key that is a field of
-:class:`RunConfig` sets the pipeline, any other key must be an option of the task factory. A run directory holds
-exactly one config (``config.json``), with every task option written out, defaults included.
+The pipeline's settings fall into the sections of :data:`SECTIONS` (training, basis, decompose, cluster, score), and
+a setting may be named with its section or without: ``--set basis.lanczos_iters=30`` or ``--set lanczos_iters=30``,
+``{"basis": {"lanczos_iters": 30}}`` or ``{"lanczos_iters": 30}`` in Python (:func:`flat_settings`); the task
+factory's options are the section ``task`` (``--set task.d_model=64`` or ``--set d_model=64``). Setting names are
+unique across sections, so :class:`RunConfig` and ``config.json`` keep them flat and every run directory written
+before the sections existed resumes as it is. A run directory holds exactly one config (``config.json``), with
+every task option written out, defaults included.
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
 NOT_SETTABLE = ("task", "preset", "task_options")
+TASK_SECTION = "task"
+SECTIONS = {
+    "training": ("checkpoints", "learning_rate", "num_steps", "weight_decay", "b1", "b2", "warmup_steps",
+                 "metrics_every", "seed"),
+    "basis": ("basis_every", "basis_until", "k_per_checkpoint", "lanczos_iters", "ablations", "ablation_bases",
+              "lca_axes"),
+    "decompose": ("polca_every", "polca_until", "second_order", "projection_method", "chunk_size"),
+    "cluster": ("min_cluster_size", "min_samples_divisor", "reference_num_samples", "normalize", "profile_clusterer",
+                "gradient_window", "baselines"),
+    "score": ("window_steps", "threshold_step", "null_permutations", "breakthrough_shuffles", "significance"),
+}
+"""The pipeline's settings by section: section -> the names of its fields of :class:`RunConfig` (each in one)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +83,8 @@ class RunConfig:
       baselines: run the ``"baseline"`` strategies (change in exact loss, Fisher, first-order POLCA, allocation
         profiles, projected gradients).
       ablations: run the ``"ablation"`` strategies, along the bases of ``ablation_bases``.
-      ablation_bases: the ablations' bases, comma-separated names of registered bases (``BASES``).
+      ablation_bases: the ablations' bases, names of registered bases (``BASES``): a tuple (a list in
+        ``config.json``), or one comma-separated text as ``--set`` gives it.
       null_permutations: label permutations per homogeneity test.
       breakthrough_shuffles: shuffles per hidden-breakthrough test.
       significance: the level both nulls are judged at, in (0, 1).
@@ -88,6 +105,8 @@ class RunConfig:
       ([0, 5, 10], [40, 80, 120, 160, 200], 25)
       >>> config.ablation_base_names
       ('shuffled_hessian', 'random', 'parameter_axes')
+      >>> config.sections()["basis"]["lanczos_iters"], config.sections()["decompose"]["polca_every"]
+      (20, 5)
     """
 
     task: str  # a built-in task, path/to/file.py:factory or module:factory
@@ -125,7 +144,7 @@ class RunConfig:
     # baselines (change in exact loss, Fisher, first-order POLCA) and ablations (LCA, random and shuffled bases)
     baselines: bool = True
     ablations: bool = True
-    ablation_bases: str = "shuffled_hessian,random,parameter_axes"  # the ablations' bases, comma-separated
+    ablation_bases: tuple[str, ...] = ("shuffled_hessian", "random", "parameter_axes")  # the ablations' bases
     # nulls: label permutations per homogeneity test, shuffles per breakthrough test, the level both are judged at
     null_permutations: int = 1000
     breakthrough_shuffles: int = 200
@@ -136,6 +155,7 @@ class RunConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "task_options", dict(self.task_options))
+        object.__setattr__(self, "ablation_bases", _basis_names(self.ablation_bases))
         for name in ("num_steps", "polca_every", "basis_every", "k_per_checkpoint", "lanczos_iters",
                      "min_cluster_size", "lca_axes", "metrics_every", "null_permutations", "breakthrough_shuffles"):
             _check_int(name, getattr(self, name), minimum=1)
@@ -177,12 +197,12 @@ class RunConfig:
                                              or self.polca_until < 2 * self.polca_every):
             raise PolcaError(f"polca_until must be a multiple of polca_every ({self.polca_every}) in "
                              f"[{2 * self.polca_every}, num_steps={self.num_steps}], got {self.polca_until}")
-        unknown = sorted(set(self.ablation_base_names) - set(ablation_basis_names()))
-        if unknown or not isinstance(self.ablation_bases, str):
+        unknown = sorted(set(self.ablation_bases) - set(ablation_basis_names()))
+        if unknown:
             raise PolcaError(f"ablation_bases must name registered bases among {', '.join(ablation_basis_names())} "
-                             f"(comma-separated), got {self.ablation_bases!r}; a basis of your own is registered "
-                             "by the file that defines it (polca_jax.pipeline.register_basis): name that file's "
-                             "task (path/to/file.py:factory) so that it is imported first")
+                             f"(a list, or comma-separated), got {list(self.ablation_bases)}; a basis of your own "
+                             "is registered by the file that defines it (polca_jax.pipeline.register_basis): name "
+                             "that file's task (path/to/file.py:factory) so that it is imported first")
         if self.basis_until is not None and self.basis_until > self.num_steps:
             raise PolcaError(f"basis_until must lie in [1, num_steps={self.num_steps}], got {self.basis_until}")
         if not self.basis_steps:
@@ -203,9 +223,7 @@ class RunConfig:
     @property
     def ablation_base_names(self) -> tuple[str, ...]:
         """The bases of the ablations (none without ``ablations``)."""
-        if not self.ablations or not isinstance(self.ablation_bases, str):
-            return ()
-        return tuple(name.strip() for name in self.ablation_bases.split(",") if name.strip())
+        return self.ablation_bases if self.ablations else ()
 
     @property
     def basis_steps(self) -> list[int]:
@@ -228,6 +246,11 @@ class RunConfig:
     def window(self) -> int:
         """Δ of Eq. 9 in steps: ``window_steps``, or 5 POLCA intervals."""
         return self.window_steps if self.window_steps is not None else 5 * self.polca_every
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        """The settings by section (:data:`SECTIONS`), the task's options as the section ``task``."""
+        return {TASK_SECTION: dict(self.task_options),
+                **{section: {name: getattr(self, name) for name in names} for section, names in SECTIONS.items()}}
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, as ``config.json`` stores it (:meth:`from_dict` reads it back)."""
@@ -254,8 +277,8 @@ class RunConfig:
 
 def check_breakthrough_window(config: RunConfig) -> None:
     """Raise ``PolcaError`` unless Eq. 9 can be evaluated on the config's POLCA checkpoints: some checkpoint t has
-    t − Δ and t + Δ inside them (Δ = ``config.window``, by default 5 × polca_every), and τ (``threshold_step``, when
-    set) lies inside them. Checked when the config is made and again by the score stage."""
+    t − Δ and t + Δ inside them (Δ = ``config.window``, by default 5 × polca_every), and τ (``threshold_step``,
+    when set) lies inside them. Checked when the config is made and again by the score stage."""
     steps = config.polca_steps
     first, last = steps[0], steps[-1]
     widest = max(min(t - first, last - t) for t in steps)  # the largest Δ some checkpoint fits
@@ -273,6 +296,58 @@ def check_breakthrough_window(config: RunConfig) -> None:
 
 
 PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in NOT_SETTABLE)
+SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
+
+
+def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as flat keys, whichever way each is named: ``key``, ``section.key`` or ``{section: {key: value}}``.
+
+    Args:
+      settings: ``name -> value``; a name is a setting (``lanczos_iters``), a setting with its section
+        (``basis.lanczos_iters``; ``task.NAME`` for a task option) or a section whose value maps its settings.
+
+    Returns:
+      ``key -> value`` with flat keys (a key that names no setting is left for :func:`make_config` to refuse).
+
+    Raises:
+      PolcaError: an unknown section, a setting named under a section that does not hold it (the message names the
+        one that does), or one setting given twice.
+
+    Example:
+      >>> from polca_jax.pipeline import flat_settings
+      >>> flat_settings({"basis": {"lanczos_iters": 30}, "decompose.polca_every": 5, "task.width": 8, "seed": 1})
+      {'lanczos_iters': 30, 'polca_every': 5, 'width': 8, 'seed': 1}
+    """
+    flat: dict[str, Any] = {}
+    for name, value in settings.items():
+        if (name in SECTIONS or name == TASK_SECTION) and isinstance(value, Mapping):
+            named = [(f"{name}.{key}", inner) for key, inner in value.items()]
+        else:
+            named = [(name, value)]
+        for full_name, inner in named:
+            key = _flat_key(full_name)
+            if key in flat:
+                raise PolcaError(f"setting {key!r} is given twice (as {full_name!r} and before)")
+            flat[key] = inner
+    return flat
+
+
+def _flat_key(name: str) -> str:
+    section, dot, key = name.partition(".")
+    if not dot:
+        return name
+    if section == TASK_SECTION:
+        if key in SECTION_OF:
+            raise PolcaError(f"{name!r}: {key!r} is a pipeline setting, not a task option: {SECTION_OF[key]}.{key}")
+        return key
+    if section not in SECTIONS:
+        raise PolcaError(f"{name!r}: unknown section {section!r}; the sections are "
+                         f"{', '.join([*SECTIONS, TASK_SECTION])} (or name the setting alone: {key})")
+    if key not in SECTIONS[section]:
+        where = f"it is {SECTION_OF[key]}.{key}" if key in SECTION_OF else f"the {section} settings are " + ", ".join(
+            SECTIONS[section])
+        raise PolcaError(f"{name!r}: {key!r} is not a {section} setting; {where}")
+    return key
 
 
 def make_config(definition: TaskDefinition, task: str, preset: str | None = None,
@@ -307,13 +382,15 @@ def make_config(definition: TaskDefinition, task: str, preset: str | None = None
     if preset is not None and preset not in definition.presets:
         choices = sorted(definition.presets) or ["none: this task has no presets"]
         raise PolcaError(f"unknown preset {preset!r} for task {task}; choose one of {choices}")
-    settings = {**(definition.presets.get(preset, {}) if preset else {}), **(overrides or {})}
+    settings = {**flat_settings(definition.presets.get(preset, {}) if preset else {}),
+                **flat_settings(overrides or {})}
     return _config_from_settings(definition, task, preset, settings)
 
 
 def apply_overrides(definition: TaskDefinition, config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     """``config`` with ``overrides`` (key -> value) applied to its own settings, not to a preset's."""
-    return _config_from_settings(definition, config.task, config.preset, {**config.settings(), **overrides})
+    settings = {**config.settings(), **flat_settings(overrides)}
+    return _config_from_settings(definition, config.task, config.preset, settings)
 
 
 def parse_overrides(definition: TaskDefinition, assignments: list[str]) -> dict[str, Any]:
@@ -343,13 +420,18 @@ def parse_overrides(definition: TaskDefinition, assignments: list[str]) -> dict[
         types[name] = _parameter_type(parameter)
     overrides = {}
     for assignment in assignments:
-        key, sep, text = assignment.partition("=")
+        name, sep, text = assignment.partition("=")
+        try:
+            key = _flat_key(name)
+        except PolcaError as error:
+            raise PolcaError(f"--set {assignment}: {error}") from None
         if key in NOT_SETTABLE:
             raise PolcaError(f"--set {assignment}: {key!r} is not a setting; "
                              + ("use --preset NAME" if key == "preset" else "name the task on the command line"))
         if not sep or key not in types:
             raise PolcaError(f"bad --set {assignment!r}: expected KEY=VALUE with KEY one of the pipeline settings "
-                             f"{sorted(PIPELINE_KEYS)} or the task options {sorted(definition.options())}")
+                             f"{sorted(PIPELINE_KEYS)} or the task options {sorted(definition.options())} (each "
+                             "may be named with its section, e.g. basis.lanczos_iters or task.NAME)")
         overrides[key] = _coerce(key, text, types[key])
     return overrides
 
@@ -386,6 +468,14 @@ def _config_from_settings(definition: TaskDefinition, task: str, preset: str | N
                              f"--set {name}=VALUE")
     pipeline = {key: value for key, value in settings.items() if key in PIPELINE_KEYS}
     return RunConfig(task=task, preset=preset, task_options=task_options, **pipeline)
+
+
+def _basis_names(value) -> tuple[str, ...]:
+    """``ablation_bases`` as a tuple of names: from a tuple or list, or from comma-separated text."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        raise PolcaError(f"ablation_bases must be a list of basis names (or comma-separated text), got {value!r}")
+    return tuple(name.strip() for name in names if name.strip())
 
 
 def _parameter_type(parameter: inspect.Parameter) -> str:
