@@ -14,6 +14,7 @@ carry). The planted benchmark's version of this question is
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,17 +23,12 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline import load_labels, load_task_definition
+from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories, load_labels, load_task_definition
 
 
-def clustering_of(projections: np.ndarray, config: dict) -> analysis.Clustering:
-    """The pipeline's projected-gradient clustering of ``projections [W, N, K]``."""
-    size = analysis.hdbscan_params(projections.shape[1], min_cluster_size=config["min_cluster_size"],
-                                   min_samples_divisor=config["min_samples_divisor"],
-                                   reference_num_samples=config["reference_num_samples"])[0]
-    return analysis.cluster_features(analysis.joint_features(projections, seed=config["seed"]),
-                                     method=config["profile_clusterer"], min_cluster_size=size,
-                                     min_samples_divisor=config["min_samples_divisor"], seed=config["seed"])
+def clustering_of(projections: np.ndarray, config: RunConfig) -> analysis.Clustering:
+    """The pipeline's projected-gradient clustering of all of ``projections [W, N, K]`` (the window already cut)."""
+    return cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_window=1.0))[0]
 
 
 def best_carry_cluster(clustering: analysis.Clustering, label_sets: dict, config: dict) -> str:
@@ -66,6 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     run_dir = args.run_dir
     config = json.loads((run_dir / "config.json").read_text())
+    run_config = RunConfig.from_dict(config, str(run_dir / "config.json"))
     task = load_task_definition(config["task"])(**config["task_options"], seed=config["seed"])
     label_sets = load_labels(run_dir)[0]
     hessian = pj.POLCAResult.load(run_dir / "polca" / "hessian")
@@ -76,7 +73,7 @@ def main() -> None:
     for basis in sorted(path.name for path in (run_dir / "polca").iterdir()):
         projections = np.asarray(pj.POLCAResult.load(run_dir / "polca" / basis).projections[-window:])
         print(f"| basis `{basis}` (K={projections.shape[2]}) | "
-              f"{best_carry_cluster(clustering_of(projections, config), label_sets, config)} |", flush=True)
+              f"{best_carry_cluster(clustering_of(projections, run_config), label_sets, config)} |", flush=True)
     store = pj.OrbaxCheckpoints(run_dir / "checkpoints", steps)
     for k in args.dims:
         sketch = pj.random_basis(store[0], k, jax.random.key(args.seed))
@@ -84,7 +81,7 @@ def main() -> None:
                                                                      sketch, mask=task.eval_mask))
                                 for t in range(len(steps))])  # [W, N, K]
         print(f"| random sketch (K={k}, seed {args.seed}) | "
-              f"{best_carry_cluster(clustering_of(projections, config), label_sets, config)} |", flush=True)
+              f"{best_carry_cluster(clustering_of(projections, run_config), label_sets, config)} |", flush=True)
 
 
 if __name__ == "__main__":

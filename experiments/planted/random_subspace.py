@@ -18,6 +18,7 @@ geometry, not in the basis; if the whole gradient does as well, no subspace is n
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from jax.flatten_util import ravel_pytree
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline import load_labels, load_task_definition
+from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories, load_labels, load_task_definition
 from polca_jax.pipeline.tasks.planted import strategy_summary
 
 
@@ -49,15 +50,9 @@ def gradient_function(task, template):
     return jax.jit(lambda flat: jax.vmap(lambda sample: sample_gradient(flat, sample))(task.eval_batch))
 
 
-def cluster_projections(projections: np.ndarray, config: dict) -> analysis.Clustering:
-    """The pipeline's projected-gradient clustering of ``projections [W, N, K]`` (``cluster_gradient_trajectories``)."""
-    n = projections.shape[1]
-    size = analysis.hdbscan_params(n, min_cluster_size=config["min_cluster_size"],
-                                   min_samples_divisor=config["min_samples_divisor"],
-                                   reference_num_samples=config["reference_num_samples"])[0]
-    features = analysis.joint_features(projections, seed=config["seed"])
-    return analysis.cluster_features(features, method=config["profile_clusterer"], min_cluster_size=size,
-                                     min_samples_divisor=config["min_samples_divisor"], seed=config["seed"])
+def cluster_projections(projections: np.ndarray, config: RunConfig) -> analysis.Clustering:
+    """The pipeline's projected-gradient clustering of all of ``projections [W, N, K]`` (the window already cut)."""
+    return cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_window=1.0))[0]
 
 
 def score(clustering: analysis.Clustering, groups: np.ndarray) -> tuple[float, int]:
@@ -73,6 +68,7 @@ def random_rows(k: int, p: int, rng: np.random.Generator) -> np.ndarray:
 
 def run_rows(run_dir: Path, dims: list[int], draws: int, window: float | None) -> list[str]:
     config = json.loads((run_dir / "config.json").read_text())
+    run_config = RunConfig.from_dict(config, str(run_dir / "config.json"))
     task = load_task_definition(config["task"])(**config["task_options"], seed=config["seed"])
     groups = load_labels(run_dir)[0]["group"].values
     steps = window_steps(run_dir, window or config["gradient_window"])
@@ -88,21 +84,22 @@ def run_rows(run_dir: Path, dims: list[int], draws: int, window: float | None) -
         stored = pj.POLCAResult.load(run_dir / "polca" / basis_dir.name).projections[-len(steps):]
         projections = gradients @ rows_kp.T
         check = float(np.max(np.abs(projections - stored)) / max(np.max(np.abs(stored)), 1e-30))
-        ari, recovered = score(cluster_projections(projections, config), groups)
+        ari, recovered = score(cluster_projections(projections, run_config), groups)
         rows.append(f"| {name} | basis `{basis_dir.name}` (K={rows_kp.shape[0]}) | {ari:.2f} / {recovered} | "
                     f"stored projections reproduced to {check:.0e} |")
     rng = np.random.default_rng(1000 + config["seed"])
     for k in [d for d in dims if d < p]:
-        results = [score(cluster_projections(gradients @ random_rows(k, p, rng).T, config), groups)
+        results = [score(cluster_projections(gradients @ random_rows(k, p, rng).T, run_config), groups)
                    for _ in range(draws)]
         aris = np.asarray([a for a, _ in results])
         recovered = [r for _, r in results]
         rows.append(f"| {name} | random K={k} | {np.nanmedian(aris):.2f} ({np.nanmin(aris):.2f}–"
                     f"{np.nanmax(aris):.2f}) / {max(recovered)} | {draws} draws, median (range) / most recovered |")
-    ari, recovered = score(cluster_projections(gradients, config), groups)
+    ari, recovered = score(cluster_projections(gradients, run_config), groups)
     rows.append(f"| {name} | whole gradient (K=P) | {ari:.2f} / {recovered} | no basis |")
     rms = np.sqrt(np.mean(gradients**2, axis=1, keepdims=True))  # [W, 1, P]
-    ari, recovered = score(cluster_projections(gradients / np.maximum(rms, np.finfo(np.float64).tiny), config), groups)
+    scaled = gradients / np.maximum(rms, np.finfo(np.float64).tiny)
+    ari, recovered = score(cluster_projections(scaled, run_config), groups)
     rows.append(f"| {name} | whole gradient / RMS per coordinate | {ari:.2f} / {recovered} | no basis |")
     return rows
 

@@ -46,7 +46,12 @@ from polca_jax.pipeline._registry import (  # noqa: E402
     register_basis,
     variant_trajectories,
 )
-from polca_jax.pipeline._stages import build_task, checkpoint_store, run_stages  # noqa: E402
+from polca_jax.pipeline._stages import (  # noqa: E402
+    build_task,
+    checkpoint_store,
+    cluster_gradient_trajectories,
+    run_stages,
+)
 from polca_jax.pipeline._task import (  # noqa: E402
     BUILTIN_TASKS,
     LabelSet,
@@ -92,6 +97,7 @@ __all__ = [
     "adamw_paper",
     "build_task",
     "checkpoint_store",
+    "cluster_gradient_trajectories",
     "device_named",
     "flat_settings",
     "import_experiment",

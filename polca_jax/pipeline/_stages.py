@@ -391,11 +391,37 @@ def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Cluste
 
 
 def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analysis.Clustering]:
-    """One clustering, with ``config.profile_clusterer`` as the profiles, of every sample's projected gradients
-    ``[T, N, K]`` over the last ``config.gradient_window`` of the checkpoints (at least two): its trajectory there
-    divided by its norm, reduced by PCA (:func:`polca_jax.analysis.joint_features`). Where the projected loss
-    multiplies each gradient by the shared step and sums over time, this keeps each sample's own gradients, late in
-    training when the mechanisms have formed (experiments/planted/results.md)."""
+    """The projected-gradient strategies' clustering: every sample's projected gradients over the last
+    ``config.gradient_window`` of the checkpoints (at least two), its trajectory there divided by its norm and
+    reduced by PCA (:func:`polca_jax.analysis.joint_features`), clustered with ``config.profile_clusterer``.
+
+    Where the projected loss multiplies each gradient by the shared step and sums over time, this keeps each sample's
+    own gradients, late in training when the mechanisms have formed (experiments/planted/results.md).
+
+    Args:
+      projections: ``[T, N, K]`` each sample's gradient along each of K directions at T checkpoints (any K: a
+        basis, a random sketch, or the whole gradient).
+      config: the run's :class:`RunConfig` (``gradient_window``, ``profile_clusterer``, ``min_cluster_size`` scaled
+        as the paper's HDBSCAN step scales it, ``min_samples_divisor``, ``seed``).
+
+    Returns:
+      A list of one :class:`polca_jax.analysis.Clustering` of the N samples.
+
+    Raises:
+      PolcaError: ``projections`` is not ``[T, N, K]`` with finite values (from the analysis functions).
+
+    Example:
+      >>> import numpy as np
+      >>> from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories
+      >>> rng = np.random.default_rng(0)
+      >>> directions = np.repeat(np.eye(2), 20, axis=0)  # 20 samples move along direction 0, 20 along 1
+      >>> projections = directions[None] + 0.05 * rng.normal(size=(4, 40, 2))
+      >>> config = RunConfig(task="t", preset=None, task_options={}, gradient_window=1.0, min_cluster_size=5,
+      ...                    reference_num_samples=None, profile_clusterer="kmeans")
+      >>> labels = cluster_gradient_trajectories(projections, config)[0].labels
+      >>> len(set(labels[:20])), len(set(labels[20:])), bool(labels[0] != labels[20])
+      (1, 1, True)
+    """
     window = max(2, round(config.gradient_window * projections.shape[0]))
     features = analysis.joint_features(projections[-window:], seed=config.seed)
     return [analysis.cluster_features(features, method=config.profile_clusterer,
