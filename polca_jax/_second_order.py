@@ -13,15 +13,15 @@ s_t = ⟨b, θ_{t+1} − θ_t⟩ ``[K]``, the rules are (module docstring of :mo
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from polca_jax.errors import PolcaError
 
-SECOND_ORDER_CHOICES = ("none", "paper", "trapezoid", "exact")
-EIGENVALUE_CHOICES = ("stored", "current")
 Kind = Literal["none", "paper", "trapezoid", "exact"]
+SECOND_ORDER_CHOICES = get_args(Kind)
+EIGENVALUE_CHOICES = ("stored", "current")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ samples, with -1 for HDBSCAN noise and for samples that were filtered out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from sklearn.cluster import HDBSCAN
@@ -18,7 +19,8 @@ from polca_jax.errors import PolcaError
 from polca_jax.files import load_npz, save_npz_atomic
 
 DEFAULT_MIN_SAMPLES_DIVISOR = 15  # the paper's min_samples = number of tokens / 15, in both of its experiments
-NORMALIZATIONS = (None, "unit", "standardize")
+Normalization = Literal["unit", "standardize"]
+NORMALIZATIONS = (None, *get_args(Normalization))
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,7 +64,7 @@ class Clustering:
     min_cluster_size: int | None
     min_samples: int | None
     metric: str
-    normalize: str | None
+    normalize: Normalization | None
 
     @property
     def num_samples(self) -> int:
@@ -133,7 +135,7 @@ def hdbscan_params(
     return int(np.clip(min_cluster_size, 2, num_samples)), int(np.clip(min_samples, 2, num_samples))
 
 
-def _normalized(trajectories: np.ndarray, normalize: str | None) -> np.ndarray:
+def _normalized(trajectories: np.ndarray, normalize: Normalization | None) -> np.ndarray:
     """[n, T] trajectories normalised as :func:`cluster_trajectories` describes; zero norms / spreads are left as is."""
     if normalize is None:
         return trajectories
@@ -152,7 +154,7 @@ def cluster_trajectories(
     min_cluster_size: int,
     min_samples: int,
     metric: str = "euclidean",
-    normalize: str | None = None,
+    normalize: Normalization | None = None,
 ) -> np.ndarray:
     """HDBSCAN (scikit-learn, deterministic) on trajectories float[n, T] -> labels int[n], -1 for noise.
 
@@ -200,7 +202,7 @@ def _cluster_samples(
     min_samples_divisor: float = DEFAULT_MIN_SAMPLES_DIVISOR,
     reference_num_samples: int | None = None,
     metric: str = "euclidean",
-    normalize: str | None = None,
+    normalize: Normalization | None = None,
 ) -> Clustering:
     """Cluster rows ``sample_indices`` of trajectories float[N, T]; labels mapped back to all N (-1 elsewhere)."""
     if normalize not in NORMALIZATIONS:

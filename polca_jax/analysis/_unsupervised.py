@@ -28,6 +28,7 @@ class, the best cluster's homogeneity, recall and F1, and whether any cluster re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
@@ -48,7 +49,8 @@ from polca_jax.analysis._filters import kept_directions
 from polca_jax.errors import PolcaError
 
 STRATEGIES = ("paper", "unit", "shape", "profile", "joint")
-CLUSTERERS = ("hdbscan", "kmeans", "gmm", "agglomerative")
+Clusterer = Literal["hdbscan", "kmeans", "gmm", "agglomerative"]
+CLUSTERERS = get_args(Clusterer)
 _PER_DIRECTION = ("paper", "unit", "shape")
 
 
@@ -200,7 +202,7 @@ def _checked_directions(directions, num_directions: int) -> np.ndarray:
 def cluster_features(
     features,
     *,
-    method: str = "hdbscan",
+    method: Clusterer = "hdbscan",
     min_cluster_size: int,
     min_samples_divisor: float = DEFAULT_MIN_SAMPLES_DIVISOR,
     max_clusters: int = 8,
@@ -313,7 +315,7 @@ def strategy_clusterings(
     projected_loss,
     strategy: str,
     *,
-    clusterer: str = "hdbscan",
+    clusterer: Clusterer = "hdbscan",
     min_cluster_size: int,
     min_samples_divisor: float = DEFAULT_MIN_SAMPLES_DIVISOR,
     directions=None,
