@@ -144,6 +144,7 @@ def test_the_paper_cpu_cuts_run_end_to_end_on_the_tiny_preset(tmp_path):
 
 
 SWEEP_SCRIPT = Path(__file__).parents[1] / "experiments" / "arithmetic" / "sweep_clustering.py"
+INTERIM_SCRIPT = Path(__file__).parents[1] / "experiments" / "arithmetic" / "interim_table.py"
 
 
 def _sweep_module():
@@ -183,3 +184,18 @@ def test_sweep_script_refuses_a_run_without_the_arithmetic_labels(tmp_path):
     run = synthetic_run(tmp_path / "run")  # its label sets are carry and place only
     failed = subprocess.run([sys.executable, str(SWEEP_SCRIPT), str(run.path)], capture_output=True, text=True)
     assert failed.returncode != 0 and "no label set(s) ['digit']" in failed.stderr
+
+
+@pytest.mark.slow
+def test_the_interim_table_reproduces_the_finished_run_s_table_1(interrupted_then_resumed):
+    """experiments/arithmetic/interim_table.py, which scores the Table 1 strategies along one finished basis, gives
+    the homogeneities the score stage wrote (the pinned ones above)."""
+    run_dir, _ = interrupted_then_resumed
+    output = subprocess.run([sys.executable, str(INTERIM_SCRIPT), str(run_dir)], capture_output=True, text=True,
+                            check=True).stdout
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in output.splitlines()
+             if line.startswith("| ") and not line.startswith("| Strategy")]
+    rows = dict(cells)
+    for variant, name in (("polca", "POLCA"), ("first_order_polca", "First-order POLCA"),
+                          ("exact_loss", "Exact loss"), ("loss_change", "Change in exact loss")):
+        assert float(rows[name].split(" / ")[0]) == pytest.approx(PINNED_TINY[variant][1], abs=5e-4), name
