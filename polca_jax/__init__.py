@@ -33,7 +33,15 @@ from polca_jax._projections import (
     per_sample_projections_and_curvature,
     projection_kernel_cost,
 )
-from polca_jax._sharding import data_mesh, device_mesh, param_spec, per_device_bytes, replicated_fraction, shard_params
+from polca_jax._sharding import (
+    data_mesh,
+    device_mesh,
+    param_spec,
+    per_device_bytes,
+    replicated_fraction,
+    shard_batch,
+    shard_params,
+)
 from polca_jax.errors import CorruptRunDirectory, Interrupted, PolcaError, ResumeMismatch, TaskError
 
 __version__ = "0.1.0"
@@ -81,6 +89,7 @@ __all__ = [
     "rms_gradient_scale",
     "remove_direction",
     "replicated_fraction",
+    "shard_batch",
     "shard_params",
     "shuffled_hessian_basis",
     "sync",

@@ -211,7 +211,24 @@ def shard_rows(rows: PyTree, mesh: Mesh | None) -> PyTree:
 
 
 def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
-    """Place ``batch`` with its leading axis split over ``"data"`` (whole over ``"model"``; unchanged without a mesh)."""
+    """Place ``batch`` with its leading axis split over ``"data"`` (whole over ``"model"``; unchanged without a mesh).
+
+    Args:
+      batch: a pytree of arrays with a shared leading axis (sequences or samples).
+      mesh: a mesh of :func:`device_mesh` or :func:`data_mesh`, or None.
+
+    Returns:
+      ``batch`` placed on the mesh; ``batch`` itself without one.
+
+    Raises:
+      PolcaError: the leading axis is not divisible by the ``"data"`` axis' devices.
+
+    Example:
+      >>> import numpy as np
+      >>> placed = pj.shard_batch({"x": np.ones((4, 3))}, pj.data_mesh(jax.devices()[:1]))
+      >>> placed["x"].shape, tuple(placed["x"].sharding.spec)
+      ((4, 3), ('data',))
+    """
     if mesh is None:
         return batch
     shards = num_data_shards(mesh)

@@ -23,8 +23,9 @@ GPU_EFFICIENCY)``, an estimate, not a measurement. Either is scaled by the run's
 - causal: per causal basis, (directions + 1) loss passes on the evaluation batch;
 - cluster: per clustering, one HDBSCAN of random trajectories of the run's shape, on this machine's CPU.
 
-The pipeline runs the basis and decompose stages on the mesh (``MESH_STAGES``), so their work divides over the data
-shards; the other stages run on one device. The model axis splits memory, not time, and the mesh's communication is
+The pipeline runs the train, basis and decompose stages on the mesh (``MESH_STAGES``; training sharded like the
+kernels: parameters and Adam's moments split over the model axis, each batch over the data axis), so their work
+divides over the data shards; the other stages run on one device. The model axis splits memory, not time, and the mesh's communication is
 not modelled. Checkpoint saves and restores are timed with orbax on this machine's disk, compilation on this machine
 (once per process, 0 with a warm compile cache). The score and report stages (host work, seconds at these sizes,
 growing with the null permutations) are left out.
@@ -248,7 +249,7 @@ class Plan:
             lines.append(f"time: ESTIMATED, not measured: kernel FLOPs / ({self.device.peak_flops / 1e12:.0f} TFLOP/s "
                          f"peak × {GPU_EFFICIENCY:.0%} assumed efficiency), no host overhead per call; checkpoint I/O "
                          "and clustering timed on this machine")
-        lines.append(f"mesh: {data} x {model} (data x model): {' and '.join(MESH_STAGES)} split over {data} data "
+        lines.append(f"mesh: {data} x {model} (data x model): {', '.join(MESH_STAGES)} split over {data} data "
                      "shard(s), the other stages on one device; communication not modelled")
         lines.append(f"memory per device (parameters split {model} way(s), {_percent(self.replicated)} of them "
                      "replicated):")
@@ -324,10 +325,11 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     save_blocking, save_seconds, restore_seconds = _checkpoint_io(params, opt_state)
     stages, flops, work, memory, kernels = {}, {}, {}, {}, []
 
-    loss = _loss_kernel(task, task.eval_batch, task.eval_mask, run, repeats)  # training and causal: one device
+    loss = _loss_kernel(task, task.eval_batch, task.eval_mask, run, repeats)  # training's evaluations, causal
     kernels.append(loss)
     if config.checkpoints is None and task.train_batches is not None:
-        step = _train_kernel(task, optimizer, opt_state, run, repeats)
+        train_shard = _shard(task.train_batches(0), data)
+        step = _train_kernel(task, optimizer, opt_state, data, run, repeats)
         kernels.append(step)
         saves, evaluations = len(config.checkpoint_steps), config.num_steps // config.metrics_every
         # orbax saves asynchronously: the loop waits for a save's start, the writes overlap the next steps
@@ -337,10 +339,10 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
         work["train"] = (f"{config.num_steps} steps × {_duration(device.seconds(step))}, {evaluations} evaluations, "
                          f"{saves} checkpoints saved × {_duration(save_seconds)} "
                          f"({_duration(save_blocking)} of it before the next step)")
-        # training runs on one device, whatever the mesh: its parameters and moments are whole
-        memory["train"] = {"parameters and Adam moments (before and after a step; one device)": 2 * 3 * whole_bytes,
-                           "step temporaries (the whole batch)": step.temp_bytes,
-                           "batch": _nbytes(task.train_batches(0))}
+        # sharded like the kernels: parameters and moments split over the model axis, the batch over the data axis
+        memory["train"] = {"parameters and Adam moments (before and after a step)": 2 * 3 * param_bytes,
+                           "step temporaries (the batch shard)": step.temp_bytes,
+                           "batch shard": _nbytes(train_shard)}
 
     hessian_bases = [name for name in bases if basis_kind(name).lanczos]
     lanczos = _lanczos_kernel(config, task, hessian_shard, basis_size, run, repeats)
@@ -443,9 +445,11 @@ def _polca_seconds(config, task: Task, batch, mask, size: int, curvature: bool, 
     return seconds, max(0.0, first - 2 * seconds)
 
 
-def _train_kernel(task: Task, optimizer, opt_state, run: bool, repeats: int) -> Kernel:
-    """One training step (AdamW) as the train stage compiles it; timed with the next training batches."""
-    params, batches, count = task.init_params, task.train_batches, itertools.count()
+def _train_kernel(task: Task, optimizer, opt_state, data: int, run: bool, repeats: int) -> Kernel:
+    """One training step (AdamW) as the train stage compiles it, on one data shard of the batch; timed with the next
+    training batches' shards."""
+    params, count = task.init_params, itertools.count()
+    batches = lambda step: _shard(task.train_batches(step), data)  # noqa: E731
     arguments = (params, opt_state, batches(0), 0, jnp.asarray(-1))
     compiled, flops, temp, compiling = _compile(jax.jit(functools.partial(_train_step, task.loss, optimizer)),
                                                 *arguments)

@@ -45,7 +45,7 @@ from polca_jax.files import load_npy, save_npy_atomic
 from polca_jax.fingerprints import params_digest
 from polca_jax.pipeline._compile import measure_compilation
 from polca_jax.pipeline._host_settings import host_result, stage_settings
-from polca_jax.pipeline._registry import (HOST_STAGES, MAIN_BASIS, MESH_STAGES, RANDOM_BASIS, STAGE_LOSSES,
+from polca_jax.pipeline._registry import (HOST_STAGES, MAIN_BASIS, PROCESS_STAGES, RANDOM_BASIS, STAGE_LOSSES,
                                           STAGE_OUTPUTS, STAGES, BasisInputs, bases_of, basis_kind,
                                           variant_trajectories, variants_of)
 from polca_jax.pipeline._report import report_stage
@@ -61,8 +61,9 @@ CONTROL_NORMS = "controls/gradient_norms.npy"  # the label-free control's featur
 # --- train ----------------------------------------------------------------------------------------------------------
 
 
-def train_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
-    """Train with AdamW, checkpointing at every POLCA and basis step; or check the run's existing checkpoints."""
+def train_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dict:
+    """Train with AdamW (on ``mesh``, sharded, when given), checkpointing at every POLCA and basis step; or check the
+    run's existing checkpoints."""
     config = run.config
     if config.checkpoints:
         _check_existing_checkpoints(run, task)
@@ -80,7 +81,7 @@ def train_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
     train(task.loss, task.init_params, optimizer, task.train_batches, config.num_steps, run.checkpoint_dir,
           config.checkpoint_steps, metrics_fn=metrics, metrics_every=config.metrics_every,
           metrics_path=run / "metrics.jsonl", progress=progress,
-          checkpoint_fn=lambda step, params: run.check_checkpoint(step, params_digest(params)))
+          checkpoint_fn=lambda step, params: run.check_checkpoint(step, params_digest(params)), mesh=mesh)
     return {"parameters": tree.num_params(task.init_params), "trained": True}
 
 
@@ -504,7 +505,8 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
       force: redo the stages even when finished, removing their outputs and those of every later stage first.
       progress: show progress bars.
       log: called with each line of progress (``[stage] running``, ``[stage] done in ... s``, skipped stages).
-      mesh: the mesh the basis and decompose stages run on (:func:`polca_jax.device_mesh`; None: one device).
+      mesh: the mesh the train, basis and decompose stages run on (:func:`polca_jax.device_mesh`; None: one
+        device).
 
     Raises:
       PolcaError: an unknown stage; an earlier stage has not finished; a multi-process run asked for a stage
@@ -523,7 +525,7 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
       [report] already finished in /.../run, skipped
     """
     bodies = {
-        "train": train_stage, "causal": causal_stage,
+        "train": lambda run, task, progress: train_stage(run, task, progress, mesh), "causal": causal_stage,
         "basis": lambda run, task, progress: basis_stage(run, task, progress, mesh),
         "decompose": lambda run, task, progress: decompose_stage(run, task, progress, mesh),
         "cluster": lambda run, task, progress: cluster_stage(run, progress),
@@ -531,14 +533,14 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
         "report": lambda run, task, progress: report_stage(run, definition),
     }
     distributed = jax.process_count() > 1
-    stages = list(MESH_STAGES if distributed else STAGES) if stages is None else list(stages)
+    stages = list(PROCESS_STAGES if distributed else STAGES) if stages is None else list(stages)
     for stage in stages:
         if stage not in STAGES:
             raise PolcaError(f"unknown stage {stage!r}; stages are {STAGES}")
-    if distributed and set(stages) - set(MESH_STAGES):
+    if distributed and set(stages) - set(PROCESS_STAGES):
         raise PolcaError(
-            f"a multi-process run runs the stages {' and '.join(MESH_STAGES)} across the processes; run "
-            f"{', '.join(s for s in STAGES if s in stages and s not in MESH_STAGES)} in one process (nothing was "
+            f"a multi-process run runs the stages {' and '.join(PROCESS_STAGES)} across the processes; run "
+            f"{', '.join(s for s in STAGES if s in stages and s not in PROCESS_STAGES)} in one process (nothing was "
             "changed)")
     if not is_writer():  # process 0 speaks for a multi-process run
         log, progress = (lambda message: None), False

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+import polca_jax as pj
 from polca_jax import PARAMS_ITEM, OrbaxCheckpoints
 from polca_jax.errors import PolcaError
 from polca_jax.files import write_atomic
@@ -89,6 +91,7 @@ def train(
     metrics_path: str | Path | None = None,
     progress: bool = True,
     checkpoint_fn: Callable[[int, Any], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> Any:
     """Train ``params`` for ``num_steps`` updates of ``optimizer`` on ``loss_fn(params, batches(step))``.
 
@@ -102,6 +105,12 @@ def train(
     Every ``metrics_every`` steps (step % metrics_every == 0, before that step's update) a JSON line
     ``{"step", "loss", **metrics_fn(params)}`` is appended to ``metrics_path``, "loss" being the training loss of
     ``batches(step)``. On resume, records from the resumed step on are dropped first, so each step appears once.
+
+    On a ``mesh`` (:func:`polca_jax.device_mesh`) training is sharded like the kernels (FSDP): the parameters and
+    every params-shaped leaf of the optimizer state (Adam's moments) are split over ``"model"`` by
+    :func:`polca_jax.param_spec`, each batch over ``"data"``, and they stay so from step to step, in the checkpoints
+    and on resume; each device holds its share of the training state, not the whole. The updates are those of one
+    device up to the order of floating-point sums.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``; jitted once here.
@@ -117,6 +126,8 @@ def train(
       progress: show a tqdm progress bar.
       checkpoint_fn: ``checkpoint_fn(step, params)`` after each checkpoint is saved, and with the restored
         parameters when training resumes (the pipeline records and checks their digests).
+      mesh: a ``data × model`` mesh to train on (None: the default device); the batch size must be divisible by
+        its ``"data"`` axis.
 
     Returns:
       The parameters after ``num_steps`` updates.
@@ -151,8 +162,9 @@ def train(
     if metrics_fn is not None and metrics_path is None:
         raise PolcaError("metrics_fn was given without metrics_path to write its values to")
 
-    opt_state = optimizer.init(params)
-    train_step = jax.jit(functools.partial(_train_step, loss_fn, optimizer))
+    params = pj.shard_params(params, mesh)
+    opt_state = pj.shard_params(optimizer.init(params), mesh)  # Adam's moments split like the parameters
+    train_step = _compiled_train_step(loss_fn, optimizer, params, opt_state, mesh)
     with _checkpoint_manager(checkpoint_dir, create=True) as manager:
         start = manager.latest_step()
         if start is None:
@@ -178,7 +190,8 @@ def train(
             for step in bar:
                 if step % metrics_every == 0 and metrics_file is not None and metrics_fn is not None:
                     metrics = _jsonable_metrics(metrics_fn(params))  # of the params before this step's update
-                params, opt_state, loss, first_bad = train_step(params, opt_state, batches(step), step, first_bad)
+                batch = pj.shard_batch(batches(step), mesh)
+                params, opt_state, loss, first_bad = train_step(params, opt_state, batch, step, first_bad)
                 if step % metrics_every == 0:
                     _check_finite_loss(first_bad)
                     bar.set_postfix(loss=f"{float(loss):.4g}")
@@ -213,6 +226,16 @@ def checkpoint_steps(checkpoint_dir: str | Path) -> list[int]:
     """Sorted steps saved in ``checkpoint_dir``."""
     with OrbaxCheckpoints(checkpoint_dir) as store:
         return store.steps
+
+
+def _compiled_train_step(loss_fn, optimizer, params, opt_state, mesh: Mesh | None) -> Callable:
+    """``_train_step`` jitted; on a mesh with its outputs placed as its inputs are, so the state keeps its split."""
+    step = functools.partial(_train_step, loss_fn, optimizer)
+    if mesh is None:
+        return jax.jit(step)
+    placed = lambda tree: jax.tree.map(lambda leaf: leaf.sharding, tree)  # noqa: E731
+    scalar = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, out_shardings=(placed(params), placed(opt_state), scalar, scalar))
 
 
 def _train_step(loss_fn, optimizer, params, opt_state, batch, step, first_bad):
