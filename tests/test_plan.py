@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 from test_pipeline import USER_TASK
@@ -79,15 +80,15 @@ def test_a_mesh_splits_the_memory_per_device_and_gpu_times_are_labelled_estimate
     assert main(["plan", user_task, *settings, "--mesh", "2x4", "--device", "h100"]) == 0
     split = capsys.readouterr().out
     assert peak_line(split) < peak_line(whole)
-    assert "mesh: 2 x 4 (data x model): train, basis, decompose split over 2 data shard(s)" in split
+    assert "mesh: 2 x 4 (data x model): train, basis, decompose, causal split over 2 data shard(s)" in split
     assert "parameters split 4 way(s), 0% of them replicated" in split
     assert "time: ESTIMATED, not measured: kernel FLOPs / (67 TFLOP/s peak × 41% assumed efficiency)" in split
     assert "of 80 GB (H100 SXM" in split and "WILL NOT FIT" not in split
 
 
-def test_training_is_planned_split_over_the_model_axis_and_the_causal_check_whole_on_one_device(user_task):
+def test_training_and_the_causal_check_are_planned_split_over_the_model_axis_as_the_stages_place_them(user_task):
     """Training runs on the mesh (parameters and Adam's moments split over the model axis, as the train stage places
-    them); the causal check on one device, which a model axis does not split."""
+    them), and so does the causal check, except its edit, which is made on whole flat vectors."""
     from polca_jax.pipeline import make_config
     from polca_jax.pipeline._task import load_task_definition
 
@@ -95,9 +96,13 @@ def test_training_is_planned_split_over_the_model_axis_and_the_causal_check_whol
     config = make_config(definition, user_task, None, {"width": 64})
     task = definition.build(config.task_options, seed=config.seed, workdir=None)
     plans = {mesh: plan_run(config, task, mesh=mesh, device=GPUS["h100"]) for mesh in ((1, 1), (1, 4))}
-    assert plans[(1, 4)].memory["causal"] == plans[(1, 1)].memory["causal"]
-    state = "parameters and Adam moments (before and after a step)"
-    assert plans[(1, 4)].memory["train"][state] == pytest.approx(plans[(1, 1)].memory["train"][state] / 4, rel=0.1)
+    split, whole = plans[(1, 4)].memory, plans[(1, 1)].memory
+    for stage, item in (("train", "parameters and Adam moments (before and after a step)"),
+                        ("causal", "final parameters and one edited copy")):
+        assert split[stage][item] == pytest.approx(whole[stage][item] / 4, rel=0.1), stage
+    edit = "the edit's flat vectors θ_T, θ_0, b (whole on one device)"
+    assert split["causal"][edit] == whole["causal"][edit] == 3 * sum(
+        leaf.nbytes for leaf in jax.tree.leaves(task.init_params))
     assert sum(plans[(1, 4)].memory["basis"].values()) < sum(plans[(1, 1)].memory["basis"].values())
 
 

@@ -23,8 +23,8 @@ GPU_EFFICIENCY)``, an estimate, not a measurement. Either is scaled by the run's
 - causal: per causal basis, (directions + 1) loss passes on the evaluation batch;
 - cluster: per clustering, one HDBSCAN of random trajectories of the run's shape, on this machine's CPU.
 
-The pipeline runs the train, basis and decompose stages on the mesh (``MESH_STAGES``; training sharded like the
-kernels: parameters and Adam's moments split over the model axis, each batch over the data axis), so their work
+The pipeline runs the train, basis, decompose and causal stages on the mesh (``MESH_STAGES``; training sharded like
+the kernels: parameters and Adam's moments split over the model axis, each batch over the data axis), so their work
 divides over the data shards; the other stages run on one device. The model axis splits memory, not time, and the mesh's communication is
 not modelled. Checkpoint saves and restores are timed with orbax on this machine's disk, compilation on this machine
 (once per process, 0 with a warm compile cache). The score and report stages (host work, seconds at these sizes,
@@ -325,7 +325,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     save_blocking, save_seconds, restore_seconds = _checkpoint_io(params, opt_state)
     stages, flops, work, memory, kernels = {}, {}, {}, {}, []
 
-    loss = _loss_kernel(task, task.eval_batch, task.eval_mask, run, repeats)  # training's evaluations, causal
+    loss = _loss_kernel(task, task.eval_batch, task.eval_mask, run, repeats)  # training's evaluations
     kernels.append(loss)
     if config.checkpoints is None and task.train_batches is not None:
         train_shard = _shard(task.train_batches(0), data)
@@ -377,12 +377,13 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
         f"pass temporaries (one chunk of {cost.chunk_size} sequences: not split by data shards)": kernel.temp_bytes,
         "outputs": cost.output_bytes, "batch shard": _nbytes(eval_shard)}
 
-    causal = _causal_kernel(task, loss, run, repeats)
+    causal = _causal_kernel(task, eval_shard, eval_mask, run, repeats)
     kernels.append(causal)
     directions = sum(sizes[name] + 1 for name in causal_bases(config))
     stages["causal"] = directions * device.seconds(causal)
-    memory["causal"] = {"final parameters and one edited copy (one device)": 2 * whole_bytes,
-                        "loss temporaries (the whole evaluation batch)": causal.temp_bytes}
+    memory["causal"] = {"final parameters and one edited copy": 2 * param_bytes,
+                        "the edit's flat vectors θ_T, θ_0, b (whole on one device)": 3 * whole_bytes,
+                        "loss temporaries (the evaluation batch shard)": causal.temp_bytes}
     flops["causal"] = directions * causal.flops
     work["causal"] = f"{directions} loss passes × {_duration(device.seconds(causal))}"
 
@@ -480,15 +481,17 @@ def _loss_kernel(task: Task, batch, mask, run: bool, repeats: int) -> Kernel:
     return Kernel(flops, temp, seconds, compiling)
 
 
-def _causal_kernel(task: Task, loss: Kernel, run: bool, repeats: int) -> Kernel:
-    """One direction of the causal check (a loss pass of ablated parameters): when ``run``, half of
-    :func:`polca_jax.direction_ablation_losses` on one direction (its reference pass and that direction's)."""
+def _causal_kernel(task: Task, batch, mask, run: bool, repeats: int) -> Kernel:
+    """One direction of the causal check (a loss pass of ablated parameters) on one data shard of the evaluation
+    batch: when ``run``, half of :func:`polca_jax.direction_ablation_losses` on one direction (its reference pass and
+    that direction's)."""
+    loss = _loss_kernel(task, batch, mask, False, repeats)
     if not run:
         return dataclasses.replace(loss, compile_seconds=0.0)
     params = task.init_params
     basis = pj.random_basis(params, 1, jax.random.key(0))
     seconds, compiling = _timed(lambda: pj.direction_ablation_losses(task.per_sample_loss, params, params, basis,
-                                                                      task.eval_batch, mask=task.eval_mask), repeats)
+                                                                      batch, mask=mask), repeats)
     return dataclasses.replace(loss, seconds=seconds / 2, compile_seconds=compiling)
 
 

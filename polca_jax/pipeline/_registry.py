@@ -23,7 +23,7 @@ from polca_jax.errors import PolcaError
 
 STAGES = ("train", "basis", "decompose", "causal", "cluster", "score", "report")
 HOST_STAGES = ("cluster", "score", "report")
-MESH_STAGES = ("train", "basis", "decompose")  # the stages that run on a mesh (``--mesh``)
+MESH_STAGES = ("train", "basis", "decompose", "causal")  # the stages that run on a mesh (``--mesh``)
 PROCESS_STAGES = ("basis", "decompose")  # the stages that run across the processes of a multi-process run
 STAGE_OUTPUTS = {
     "train": ("checkpoints", "metrics.jsonl"),

@@ -342,19 +342,19 @@ def causal_bases(config) -> tuple[str, ...]:
     return tuple(name for name in (MAIN_BASIS, RANDOM_BASIS) if name in bases_of(config))
 
 
-def causal_stage(run: RunDirectory, task: Task, progress: bool) -> dict:
+def causal_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dict:
     """The causal check: for every direction b of each basis, the per-sample loss increase ``[K, N]`` when b's share
     of the training displacement is removed from the final parameters, θ_T − ⟨θ_T − θ_0, b⟩ b, to
-    ``causal/<basis>.npy``."""
+    ``causal/<basis>.npy``; the loss passes on ``mesh`` when given (samples split over its data axis)."""
     config = run.config
-    with checkpoint_store(run, task, [0, config.num_steps]) as store:
+    with checkpoint_store(run, task, [0, config.num_steps], mesh) as store:
         initial, final = store[0], store[1]
     names = causal_bases(config)
     (run / "causal").mkdir(exist_ok=True)
     for name in names:
         basis = pj.Basis.load(run / "basis" / name)
         increase = pj.direction_ablation_losses(task.per_sample_loss, final, initial, basis, task.eval_batch,
-                                                mask=task.eval_mask)
+                                                mask=task.eval_mask, mesh=mesh)
         save_npy_atomic(run / "causal" / f"{name}.npy", np.asarray(increase))
     return {"bases": list(names)}
 
@@ -505,8 +505,8 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
       force: redo the stages even when finished, removing their outputs and those of every later stage first.
       progress: show progress bars.
       log: called with each line of progress (``[stage] running``, ``[stage] done in ... s``, skipped stages).
-      mesh: the mesh the train, basis and decompose stages run on (:func:`polca_jax.device_mesh`; None: one
-        device).
+      mesh: the mesh the train, basis, decompose and causal stages run on (:func:`polca_jax.device_mesh`; None:
+        one device).
 
     Raises:
       PolcaError: an unknown stage; an earlier stage has not finished; a multi-process run asked for a stage
@@ -525,9 +525,10 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
       [report] already finished in /.../run, skipped
     """
     bodies = {
-        "train": lambda run, task, progress: train_stage(run, task, progress, mesh), "causal": causal_stage,
+        "train": lambda run, task, progress: train_stage(run, task, progress, mesh),
         "basis": lambda run, task, progress: basis_stage(run, task, progress, mesh),
         "decompose": lambda run, task, progress: decompose_stage(run, task, progress, mesh),
+        "causal": lambda run, task, progress: causal_stage(run, task, progress, mesh),
         "cluster": lambda run, task, progress: cluster_stage(run, progress),
         "score": lambda run, task, progress: score_stage(run),
         "report": lambda run, task, progress: report_stage(run, definition),

@@ -58,7 +58,7 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--stage", dest="stages", action="append", choices=STAGES,
                          help="run only this stage (repeatable; earlier ones must have finished)")
     command.add_argument("--mesh", metavar="DATAxMODEL",
-                         help="run the train, basis and decompose stages on DATA x MODEL devices: samples and "
+                         help="run the train, basis, decompose and causal stages on DATA x MODEL devices: samples and "
                          "batches split over DATA, parameters (and Adam's moments) over MODEL (e.g. 8x1, 2x4; the "
                          "results equal one device's up to the order of floating-point sums)")
     scale = command.add_argument_group(
