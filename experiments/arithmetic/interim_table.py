@@ -6,11 +6,14 @@ run's labels and config, clusters the strategies of Table 1 that need only that 
 (POLCA's projected loss and first-order POLCA per kept direction; the exact loss and its change per sample) and
 scores them for carry as the score stage does (the task's qualifier on the per-direction strategies, none on the
 per-sample ones, as in the paper): the maximum carry homogeneity, and for that cluster its recall and its
-permutation p-value against carry shuffled within each place (Holm-adjusted over the strategy's clusters).
+permutation p-value against carry shuffled within each place (Holm-adjusted over the strategy's clusters); and the
+hidden-breakthrough fraction, the share of clusters whose mean Eq. 9 breakthrough step (window Δ of the config)
+lies after τ (the config's ``threshold_step``; "—" when the run chooses τ from its loss curve).
 
     python experiments/arithmetic/interim_table.py RUN_DIR [--basis hessian]
 
-On a finished run it reproduces the report's Table 1 homogeneities (checked on the `cpu` preset's runs).
+On a finished run it reproduces the report's Table 1 homogeneities and hidden-breakthrough fractions (a test checks
+it on the `tiny` preset).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import polca_jax as pj
 from polca_jax import analysis
 from polca_jax.pipeline import RunConfig, load_labels, variant_trajectories
 
-STRATEGIES = (("polca", "projected_loss", "POLCA"), ("first_order_polca", "first_order", "First-order POLCA"),
-              ("exact_loss", "loss", "Exact loss"), ("loss_change", "loss_change", "Change in exact loss"))
-"""(strategy, trajectory kind, Table 1's name) of the strategies that need only the decomposition along one basis."""
+STRATEGIES = (("projected_loss", "POLCA"), ("first_order", "First-order POLCA"), ("loss", "Exact loss"),
+              ("loss_change", "Change in exact loss"))
+"""(trajectory kind, Table 1's name) of the strategies that need only the decomposition along one basis."""
 
 
 def clusterings_of(trajectories: np.ndarray, config: RunConfig) -> list[analysis.Clustering]:
@@ -66,6 +69,16 @@ def best_carry(clusterings: list[analysis.Clustering], label_sets: dict, config:
             f"{where}, size {record.size}; {clusters} clusters)")
 
 
+def hidden_fraction(clusterings: list[analysis.Clustering], trajectories: np.ndarray, steps: np.ndarray,
+                    config: RunConfig) -> str:
+    """The share of clusters whose mean breakthrough step (Eq. 9) is after τ (Eq. 10), as the score stage counts."""
+    clustered = [clustering for clustering in clusterings if clustering.num_clusters]
+    if not clustered or config.threshold_step is None:
+        return "—"
+    found = analysis.cluster_breakthroughs(clustered, trajectories, steps, config.window)
+    return f"{np.mean([breakthrough.mean_step > config.threshold_step for breakthrough in found]):.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
@@ -78,11 +91,14 @@ def main() -> None:
     print(f"{args.run_dir}: basis `{args.basis}`, {result.steps.size} checkpoints {result.steps[0]}–"
           f"{result.steps[-1]}, {np.asarray(result.loss).shape[1]} samples, "
           f"{np.asarray(result.projections).shape[2]} directions\n")
-    print("| Strategy | Max carry homogeneity / recall / Holm p of that cluster |\n|---|---|")
-    for _, kind, name in STRATEGIES:
-        trajectories, _ = variant_trajectories(result, kind)
-        clusterings = clusterings_of(np.asarray(trajectories), config)
-        print(f"| {name} | {best_carry(clusterings, label_sets, config, trajectories.ndim == 3)} |", flush=True)
+    print(f"| Strategy | Max carry homogeneity / recall / Holm p of that cluster | Hidden-breakthrough fraction "
+          f"(τ = {config.threshold_step}, Δ = {config.window}) |\n|---|---|---|")
+    for kind, name in STRATEGIES:
+        trajectories, steps = variant_trajectories(result, kind)
+        trajectories = np.asarray(trajectories)
+        clusterings = clusterings_of(trajectories, config)
+        print(f"| {name} | {best_carry(clusterings, label_sets, config, trajectories.ndim == 3)} | "
+              f"{hidden_fraction(clusterings, trajectories, steps, config)} |", flush=True)
 
 
 if __name__ == "__main__":
