@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec
 from polca_jax import tree
 from polca_jax._basis import Basis, split_rows
 from polca_jax._sharding import (
-    DATA_AXIS, MODEL_AXIS, check_mesh, num_data_shards, param_spec, shard_batch, shard_params, shard_rows,
+    MODEL_AXIS, check_mesh, data_axes, data_spec, num_data_shards, param_spec, shard_batch, shard_params, shard_rows,
 )
 from polca_jax.checks import batch_size, check_finite_params, check_finite_tree, check_loss_dtype, check_params
 from polca_jax.errors import PolcaError
@@ -397,10 +397,10 @@ def _reverse_chunk(groups, loss_fn, params, directions, chunk):
 
 
 def _auto_model_shards() -> int:
-    """The size of the mesh axis "model" when tracing inside the kernel's ``shard_map`` (manual over "data" only,
+    """The size of the mesh axis "model" when tracing inside the kernel's ``shard_map`` (manual over the data axes,
     "model" left to XLA); 1 outside it (without a mesh, whatever mesh the caller set) or without a "model" axis."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.manual_axes or MODEL_AXIS not in mesh.auto_axes:
+    if mesh.empty or not mesh.manual_axes or MODEL_AXIS not in mesh.auto_axes:
         return 1
     return dict(mesh.shape)[MODEL_AXIS]
 
@@ -513,15 +513,15 @@ def _stage_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, groups: 
             # Mark the inputs that are whole over "data" as varying per device: otherwise the transpose of their
             # implicit broadcast sums every per-sample gradient over the "data" axis. Only "data" is manual: XLA
             # partitions the work over "model" from the parameters' and basis' shardings.
-            params, directions = lax.pcast((params, directions), DATA_AXIS, to="varying")
+            params, directions = lax.pcast((params, directions), data_axes(mesh), to="varying")
             return per_device(params, directions, sequences)
 
         run = jax.shard_map(
             run,
             mesh=mesh,
-            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)),
-            out_specs=PartitionSpec(DATA_AXIS),
-            axis_names={DATA_AXIS},
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(data_spec(mesh))),
+            out_specs=PartitionSpec(data_spec(mesh)),
+            axis_names=set(data_axes(mesh)),
         )
     return jax.jit(run)
 

@@ -1,7 +1,8 @@
-"""Placing work on a device mesh: samples over a ``"data"`` axis, parameters and bases over a ``"model"`` axis.
+"""Placing work on a device mesh: samples over its data axes, parameters and bases over a ``"model"`` axis.
 
-A mesh has the axis ``"data"`` and optionally ``"model"`` (:func:`data_mesh` makes a 1-D one, :func:`device_mesh` a
-2-D one). Samples are split over ``"data"``. Parameters are split FSDP-style over ``"model"`` by one rule for any
+A mesh has an optional axis ``"model"`` and one or more other axes, its *data axes*, which split the samples
+together (:func:`data_mesh` makes a 1-D ``("data",)`` one, :func:`device_mesh` a 2-D ``("data", "model")`` one; a
+mesh of one's own may add, say, a ``"replica"`` axis across slices or hosts: ``("replica", "data", "model")``). Parameters are split FSDP-style over ``"model"`` by one rule for any
 pytree (:func:`param_spec`): each leaf along its largest dimension that the model axis divides, replicated when none
 does. A basis held as a params-shaped pytree of ``[K, *leaf.shape]`` leaves (and Lanczos' Krylov vectors) is split
 like the parameters, its leading ``K`` axis whole, so its memory per device falls as ``1 / model-axis size``.
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from polca_jax.errors import PolcaError
@@ -46,6 +48,9 @@ def data_mesh(devices: list | None = None) -> Mesh:
 def device_mesh(model: int = 1, data: int | None = None, devices: list | None = None) -> Mesh:
     """A 2-D ``("data", "model")`` mesh: ``model`` devices share each parameter, ``data`` groups split the samples.
 
+    The devices are laid out by ``jax.experimental.mesh_utils.create_device_mesh`` (the model axis, which
+    communicates most, along the fastest links of a TPU or GPU topology; on CPUs in ``devices`` order).
+
     Args:
       model: devices along ``"model"`` (each parameter leaf split over them, FSDP-style).
       data: devices along ``"data"`` (default: all the remaining ones, ``len(devices) // model``).
@@ -69,26 +74,51 @@ def device_mesh(model: int = 1, data: int | None = None, devices: list | None = 
     data = len(devices) // model if data is None else data
     if data * model != len(devices):
         raise PolcaError(f"a {data} x {model} (data x model) mesh needs {data * model} devices, got {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
+    layout = mesh_utils.create_device_mesh((data, model), devices, allow_split_physical_axes=True)
+    return Mesh(layout, (DATA_AXIS, MODEL_AXIS))
 
 
 def check_mesh(mesh: Mesh | None, what: str) -> None:
-    """Raise ``ValueError`` unless ``mesh`` is None or has the axis ``"data"`` and no axes but ``"data"``/``"model"``."""
+    """Raise ``PolcaError`` unless ``mesh`` is None or a ``Mesh`` with at least one axis besides ``"model"``."""
     if mesh is None:
         return
     if not isinstance(mesh, Mesh):
         raise PolcaError(f"{what}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    names = tuple(mesh.axis_names)
-    if DATA_AXIS not in names or set(names) - {DATA_AXIS, MODEL_AXIS}:
+    if not data_axes(mesh):
         raise PolcaError(
-            f"{what}: the mesh has axes {names}; polca_jax needs an axis {DATA_AXIS!r} (samples) and optionally "
-            f"{MODEL_AXIS!r} (parameters) and no others: make it with pj.data_mesh() or pj.device_mesh(model=...)"
+            f"{what}: the mesh has only the axis {MODEL_AXIS!r} (parameters); polca_jax splits the samples over its "
+            f"other axes and needs at least one, e.g. {DATA_AXIS!r}: make it with pj.data_mesh() or "
+            "pj.device_mesh(model=...)"
         )
 
 
+def data_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` that split the samples: every axis but ``"model"``, in the mesh's order."""
+    return tuple(name for name in mesh.axis_names if name != MODEL_AXIS)
+
+
+def data_spec(mesh: Mesh) -> str | tuple[str, ...]:
+    """The ``PartitionSpec`` entry of a sample axis: the data axis' name, or the data axes together."""
+    axes = data_axes(mesh)
+    return axes[0] if len(axes) == 1 else axes
+
+
 def num_data_shards(mesh: Mesh | None) -> int:
-    """How many ways samples are split (1 without a mesh)."""
-    return 1 if mesh is None else mesh.shape[DATA_AXIS]
+    """How many ways samples are split: the product of the mesh's data axes (1 without a mesh).
+
+    Args:
+      mesh: a mesh, or None.
+
+    Returns:
+      The number of sample shards.
+
+    Example:
+      >>> from jax.sharding import Mesh
+      >>> mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("replica", "data", "model"))
+      >>> pj.num_data_shards(mesh), pj.num_data_shards(None)
+      (1, 1)
+    """
+    return 1 if mesh is None else math.prod(dict(mesh.shape)[name] for name in data_axes(mesh))
 
 
 def num_model_shards(mesh: Mesh | None) -> int:
@@ -211,7 +241,8 @@ def shard_rows(rows: PyTree, mesh: Mesh | None) -> PyTree:
 
 
 def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
-    """Place ``batch`` with its leading axis split over ``"data"`` (whole over ``"model"``; unchanged without a mesh).
+    """Place ``batch`` with its leading axis split over the data axes (whole over ``"model"``; unchanged without a
+    mesh).
 
     Args:
       batch: a pytree of arrays with a shared leading axis (sequences or samples).
@@ -221,7 +252,7 @@ def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
       ``batch`` placed on the mesh; ``batch`` itself without one.
 
     Raises:
-      PolcaError: the leading axis is not divisible by the ``"data"`` axis' devices.
+      PolcaError: the leading axis is not divisible by the data axes' devices.
 
     Example:
       >>> import numpy as np
@@ -234,8 +265,9 @@ def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
     shards = num_data_shards(mesh)
     sizes = {np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(batch)}
     if any(size % shards for size in sizes):
-        raise PolcaError(f"batch size {sorted(sizes)} is not divisible by the {shards} devices of the 'data' axis")
-    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+        raise PolcaError(f"batch size {sorted(sizes)} is not divisible by the {shards} devices of the data axes "
+                         f"{data_axes(mesh)}")
+    return jax.device_put(batch, NamedSharding(mesh, PartitionSpec(data_spec(mesh))))
 
 
 def per_device_bytes(arrays: PyTree) -> int:

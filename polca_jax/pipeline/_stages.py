@@ -558,7 +558,7 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
                 with user_code_errors(f"the {stage} stage"):  # was edited) is refused before anything is removed
                     task = build_task(run, definition, redone=STAGES[STAGES.index(stage):])
                 if mesh is not None:
-                    check_data_axis(task, mesh.shape["data"])
+                    check_data_axis(task, pj.num_data_shards(mesh))
             if is_writer():
                 run.reset(list(STAGES[STAGES.index(stage):]), STAGE_OUTPUTS)
         pj_sync(f"polca_jax {stage} started")  # no process reads the run before process 0 has reset it
@@ -568,7 +568,7 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
             if stage not in HOST_STAGES and task is None:
                 task = build_task(run, definition)
                 if mesh is not None:
-                    check_data_axis(task, mesh.shape["data"])
+                    check_data_axis(task, pj.num_data_shards(mesh))
             if stage == "train" and task is not None:  # training writes from its first step on
                 _record_losses(run, stage)
             info = bodies[stage](run, task, progress)
