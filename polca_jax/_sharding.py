@@ -241,8 +241,7 @@ def shard_rows(rows: PyTree, mesh: Mesh | None) -> PyTree:
 
 
 def shard_batch(batch: PyTree, mesh: Mesh | None) -> PyTree:
-    """Place ``batch`` with its leading axis split over the data axes (whole over ``"model"``; unchanged without a
-    mesh).
+    """Place ``batch`` with its leading axis split over the mesh's data axes (whole over ``"model"``).
 
     Args:
       batch: a pytree of arrays with a shared leading axis (sequences or samples).

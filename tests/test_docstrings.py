@@ -34,7 +34,8 @@ CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NOR
              "STRATEGIES",
              # the pipeline's: its registries (bases, stages, strategies, built-in tasks) and the strategies' names
              "BASES", "BUILTIN_TASKS", "STAGES", "VARIANTS", "EXACT_LOSS", "FIRST_ORDER_POLCA", "GRADIENT_NORMS",
-             "POLCA", "POLCA_GRADIENTS", "POLCA_PROFILE", "RANDOM_GRADIENTS", "RANDOM_POLCA", "RANDOM_PROFILE"}
+             "POLCA", "POLCA_GRADIENTS", "POLCA_PROFILE", "RANDOM_GRADIENTS", "RANDOM_POLCA", "RANDOM_PROFILE",
+             "SECTIONS"}
 # Exception classes take only a message, like any ValueError: they have no Args to document (and, as for every
 # class, no Example is required; PolcaError's docstring shows one).
 EXCEPTIONS = {"CorruptRunDirectory", "Interrupted", "PolcaError", "ResumeMismatch", "TaskError"}

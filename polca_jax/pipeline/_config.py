@@ -304,7 +304,8 @@ def flat_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
     Args:
       settings: ``name -> value``; a name is a setting (``lanczos_iters``), a setting with its section
-        (``basis.lanczos_iters``; ``task.NAME`` for a task option) or a section whose value maps its settings.
+        (``basis.lanczos_iters``, a section of ``SECTIONS``; ``task.NAME`` for a task option) or a section whose
+        value maps its settings.
 
     Returns:
       ``key -> value`` with flat keys (a key that names no setting is left for :func:`make_config` to refuse).

@@ -392,9 +392,11 @@ def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Cluste
 
 
 def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analysis.Clustering]:
-    """The projected-gradient strategies' clustering: every sample's projected gradients over the last
-    ``config.gradient_window`` of the checkpoints (at least two), its trajectory there divided by its norm and
-    reduced by PCA (:func:`polca_jax.analysis.joint_features`), clustered with ``config.profile_clusterer``.
+    """The projected-gradient strategies' clustering of every sample's projected gradients over checkpoints.
+
+    Each sample's projected gradients over the last ``config.gradient_window`` of the checkpoints (at least two),
+    its trajectory there divided by its norm and reduced by PCA (:func:`polca_jax.analysis.joint_features`),
+    clustered with ``config.profile_clusterer``.
 
     Where the projected loss multiplies each gradient by the shared step and sums over time, this keeps each sample's
     own gradients, late in training when the mechanisms have formed (experiments/planted/results.md).
