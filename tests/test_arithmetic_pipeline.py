@@ -189,7 +189,7 @@ def test_sweep_script_refuses_a_run_without_the_arithmetic_labels(tmp_path):
 @pytest.mark.slow
 def test_the_interim_table_reproduces_the_finished_run_s_table_1(interrupted_then_resumed):
     """experiments/arithmetic/interim_table.py, which scores the Table 1 strategies along one finished basis, gives
-    the homogeneities the score stage wrote (the pinned ones above)."""
+    the carry homogeneities and hidden-breakthrough fractions the score stage wrote (the pinned ones above)."""
     run_dir, _ = interrupted_then_resumed
     output = subprocess.run([sys.executable, str(INTERIM_SCRIPT), str(run_dir)], capture_output=True, text=True,
                             check=True).stdout
