@@ -280,8 +280,8 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     Args:
       config: the run's :class:`RunConfig`.
       task: the run's :class:`Task` (:func:`build_task`).
-      mesh: ``(data, model)``: the devices the basis and decompose stages split their batches (data) and
-        parameters (model) over.
+      mesh: ``(data, model)``: the devices the train, basis, decompose and causal stages split their batches
+        (data) and parameters (model) over.
       device: the :class:`Device` to plan for (``device_named("h100")``: a GPU, whose times are estimated from
         FLOPs, nothing run); None: this machine's default device, measured.
       repeats: timed calls per kernel, after the one that compiles (on a measured device).

@@ -116,8 +116,9 @@ def run(task: str, out: str | Path, *, preset: str | None = None,
       force: redo them (and remove what later stages made).
       progress: show progress bars.
       log: called with each line of progress (``[stage] running``, ``[stage] done in ... s``).
-      mesh: the basis and decompose stages run on it (:func:`polca_jax.device_mesh`); in a multi-process run, on a
-        mesh across the processes, in a run directory that one process started (see :func:`run_stages`).
+      mesh: the train, basis, decompose and causal stages run on it (:func:`polca_jax.device_mesh`); in a
+        multi-process run the basis and decompose stages, on a mesh across the processes, in a run directory that
+        one process started (see :func:`run_stages`).
 
     Returns:
       The report's path, ``out/report/report.md``.
