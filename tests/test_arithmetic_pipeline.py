@@ -201,3 +201,10 @@ def test_the_interim_table_reproduces_the_finished_run_s_table_1(interrupted_the
         homogeneity, hidden = rows[name]
         assert float(homogeneity.split(" / ")[0]) == pytest.approx(PINNED_TINY[variant][1], abs=5e-4), name
         assert float(hidden) == pytest.approx(PINNED_TINY[variant][2], abs=5e-4), name
+    rule = read_metrics(run_dir / "metrics.json").variants["polca_gradients"]
+    homogeneity, hidden = rows["Projected-gradient trajectories (the rule)"]
+    best = rule.label_sets["carry"].max_homogeneity
+    assert homogeneity.startswith("no qualifying") if best is None else float(homogeneity.split(" / ")[0]) == (
+        pytest.approx(best, abs=5e-4))
+    assert hidden == "—" if rule.hidden_breakthrough_fraction is None else float(hidden) == pytest.approx(
+        rule.hidden_breakthrough_fraction, abs=5e-4)

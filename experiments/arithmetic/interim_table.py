@@ -3,7 +3,8 @@
 The pipeline clusters and scores only once every basis of a run is decomposed; the `paper-cpu` run takes hours per
 basis. This reads the finished decomposition along one basis (``polca/<basis>/``, every checkpoint done) and the
 run's labels and config, clusters the strategies of Table 1 that need only that basis as the cluster stage does
-(POLCA's projected loss and first-order POLCA per kept direction; the exact loss and its change per sample) and
+(POLCA's projected loss and first-order POLCA per kept direction; the exact loss and its change per sample; and the
+projected-gradient trajectories, the decision rule of experiments/planted/results.md) and
 scores them for carry as the score stage does (the task's qualifier on the per-direction strategies, none on the
 per-sample ones, as in the paper): the maximum carry homogeneity, and for that cluster its recall and its
 permutation p-value against carry shuffled within each place (Holm-adjusted over the strategy's clusters); and the
@@ -26,10 +27,11 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline import RunConfig, load_labels, variant_trajectories
+from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories, load_labels, variant_trajectories
 
 STRATEGIES = (("projected_loss", "POLCA"), ("first_order", "First-order POLCA"), ("loss", "Exact loss"),
-              ("loss_change", "Change in exact loss"))
+              ("loss_change", "Change in exact loss"), ("gradients", "Projected-gradient trajectories (the rule)"))
+PER_SAMPLE = ("loss", "loss_change")  # scored without the task's qualifier, as in the paper
 """(trajectory kind, Table 1's name) of the strategies that need only the decomposition along one basis."""
 
 
@@ -95,9 +97,10 @@ def main() -> None:
           f"(τ = {config.threshold_step}, Δ = {config.window}) |\n|---|---|---|")
     for kind, name in STRATEGIES:
         trajectories, steps = variant_trajectories(result, kind)
-        trajectories = np.asarray(trajectories)
-        clusterings = clusterings_of(trajectories, config)
-        print(f"| {name} | {best_carry(clusterings, label_sets, config, trajectories.ndim == 3)} | "
+        trajectories = np.asarray(trajectories)  # for "gradients", the exact loss its breakthroughs are read on
+        clusterings = (cluster_gradient_trajectories(np.asarray(result.projections), config) if kind == "gradients"
+                       else clusterings_of(trajectories, config))
+        print(f"| {name} | {best_carry(clusterings, label_sets, config, kind not in PER_SAMPLE)} | "
               f"{hidden_fraction(clusterings, trajectories, steps, config)} |", flush=True)
 
 
