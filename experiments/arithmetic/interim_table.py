@@ -11,7 +11,7 @@ permutation p-value against carry shuffled within each place (Holm-adjusted over
 hidden-breakthrough fraction, the share of clusters whose mean Eq. 9 breakthrough step (window Δ of the config)
 lies after τ (the config's ``threshold_step``; "—" when the run chooses τ from its loss curve).
 
-    python experiments/arithmetic/interim_table.py RUN_DIR [--basis hessian]
+    python experiments/arithmetic/interim_table.py RUN_DIR [--basis hessian] [--min-cluster-size N]
 
 On a finished run it reproduces the report's Table 1 homogeneities and hidden-breakthrough fractions (a test checks
 it on the `tiny` preset).
@@ -20,6 +20,7 @@ it on the `tiny` preset).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -85,14 +86,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--basis", default="hessian", help="the finished basis (a directory of RUN_DIR/polca/)")
+    parser.add_argument("--min-cluster-size", type=int,
+                        help="HDBSCAN's min_cluster_size instead of the run's (before its scaling to the samples)")
     args = parser.parse_args()
     config_file = args.run_dir / "config.json"
     config = RunConfig.from_dict(json.loads(config_file.read_text()), str(config_file))
+    if args.min_cluster_size is not None:
+        config = dataclasses.replace(config, min_cluster_size=args.min_cluster_size)
     result = pj.POLCAResult.load(args.run_dir / "polca" / args.basis)
     label_sets, _ = load_labels(args.run_dir)
     print(f"{args.run_dir}: basis `{args.basis}`, {result.steps.size} checkpoints {result.steps[0]}–"
           f"{result.steps[-1]}, {np.asarray(result.loss).shape[1]} samples, "
-          f"{np.asarray(result.projections).shape[2]} directions\n")
+          f"{np.asarray(result.projections).shape[2]} directions, min_cluster_size {config.min_cluster_size}\n")
     print(f"| Strategy | Max carry homogeneity / recall / Holm p of that cluster | Hidden-breakthrough fraction "
           f"(τ = {config.threshold_step}, Δ = {config.window}) |\n|---|---|---|")
     for kind, name in STRATEGIES:
