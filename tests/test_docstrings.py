@@ -14,6 +14,7 @@ are collected only where its extra is installed."""
 import doctest
 import functools
 import importlib
+import importlib.util
 import inspect
 import re
 import shutil
@@ -25,12 +26,15 @@ from polca_jax import analysis
 from polca_jax._command import missing_pipeline_modules
 
 pipeline = None if missing_pipeline_modules() else importlib.import_module("polca_jax.pipeline")
-MODULES = (pj, analysis) + ((pipeline,) if pipeline is not None else ())
+# polca_jax.hf's examples build their model with transformers (the hf extra, which the test extra includes)
+hf = importlib.import_module("polca_jax.hf") if importlib.util.find_spec("transformers") else None
+MODULES = (pj, analysis) + ((pipeline,) if pipeline is not None else ()) + ((hf,) if hf is not None else ())
 core = pytest.mark.core  # needs only the core install: pytest -m core
 
 # Module constants (tuples of choices, a number) cannot carry a docstring of their own (an int's or a tuple's is its
 # type's); each is named instead in the docstring of an exported function that takes it (checked below).
 CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NORMALIZATIONS", "PARAMS_ITEM",
+             "SUPPORTED_MODEL_TYPES",  # polca_jax.hf's
              "STRATEGIES",
              # the pipeline's: its registries (bases, stages, strategies, built-in tasks) and the strategies' names
              "BASES", "BUILTIN_TASKS", "STAGES", "VARIANTS", "EXACT_LOSS", "FIRST_ORDER_POLCA", "GRADIENT_NORMS",
@@ -43,6 +47,8 @@ SETUPS = {  # the examples that define the names the others use: the object, and
     "polca_jax.hvp": (pj.hvp, ("jax", "jnp", "np", "pj", "params", "batch", "per_sample_loss", "loss")),
     "polca_jax.analysis.Clustering": (analysis.Clustering, ("analysis", "steps", "projected_loss", "labels",
                                                             "clustering")),
+    **({"polca_jax.hf.read_config": (hf.read_config, ("np", "torch", "model", "config", "params", "tokens"))}
+       if hf is not None else {}),
 }
 # the pipeline's: a run (seconds), run once by the fixture rather than again as a test of its own
 PIPELINE_RUN = "polca_jax.pipeline.run"
@@ -56,7 +62,8 @@ def exported():
 
 
 def in_pipeline(qualified: str) -> bool:
-    return qualified.startswith("polca_jax.pipeline.")
+    """Whether ``qualified`` needs an extra: the pipeline's (its examples read a run) or the hf one's."""
+    return qualified.startswith(("polca_jax.pipeline.", "polca_jax.hf."))
 
 
 def marked(rows, name_of):
@@ -121,7 +128,7 @@ def test_the_kernels_show_runnable_examples():
 
 @pytest.mark.parametrize("test", marked(TESTS, lambda test: test.name))
 def test_a_docstring_example_prints_what_it_shows(test, request):
-    if in_pipeline(test.name):
+    if test.name.startswith("polca_jax.pipeline."):
         shared = request.getfixturevalue("pipeline_names")
         if test.name == PIPELINE_RUN:  # the fixture ran it, and checked what it prints
             return
