@@ -398,7 +398,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
             "causal check": (max(sizes.values()) + 1) * num_samples * BYTES}
     polca_arrays = sum(((2 * steps - 1) * sizes[name] + steps) * num_samples * BYTES for name in bases)
     disk = {f"POLCA arrays of {_count(len(bases), 'basis', 'bases')} (memory-mapped)": polca_arrays,
-            "checkpoints (parameters and Adam moments)": 0 if config.checkpoints else
+            "checkpoints (parameters and Adam moments)": 0 if config.checkpoints or task.checkpoints else
             len(config.checkpoint_steps) * 3 * _nbytes(params)}
     return Plan(stages, sum(k.compile_seconds for k in kernels), memory, work, flops, host, disk, device, mesh,
                 replicated)

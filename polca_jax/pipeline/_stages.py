@@ -44,6 +44,7 @@ from polca_jax.errors import PolcaError
 from polca_jax.files import load_npy, save_npy_atomic
 from polca_jax.fingerprints import params_digest
 from polca_jax.pipeline._compile import measure_compilation
+from polca_jax.pipeline._config import RunConfig
 from polca_jax.pipeline._host_settings import host_result, stage_settings
 from polca_jax.pipeline._registry import (HOST_STAGES, MAIN_BASIS, PROCESS_STAGES, RANDOM_BASIS, STAGE_LOSSES,
                                           STAGE_OUTPUTS, STAGES, BasisInputs, bases_of, basis_kind,
@@ -65,9 +66,9 @@ def train_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
     """Train with AdamW (on ``mesh``, sharded, when given), checkpointing at every POLCA and basis step; or check the
     run's existing checkpoints."""
     config = run.config
-    if config.checkpoints:
+    if reads_checkpoints(config, task):
         _check_existing_checkpoints(run, task)
-        return {"checkpoints": str(run.checkpoint_dir), "trained": False}
+        return {"checkpoints": checkpoint_source(run, task), "trained": False}
     if task.train_batches is None:
         raise PolcaError("the task has no training batches (Task.train_batches is None): give the run its "
                          "checkpoints with --checkpoints DIR (or the setting checkpoints=DIR)")
@@ -96,15 +97,15 @@ def _mean_eval_loss(task: Task) -> Callable:
 def _check_existing_checkpoints(run: RunDirectory, task: Task) -> None:
     """Raise unless the run's checkpoint directory holds params like the task's at every step the run needs; record
     the digest of every one (read once here), which later stages and resumes compare with what they read."""
-    steps = run.config.checkpoint_steps
-    with pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params) as store:
+    steps, source = run.config.checkpoint_steps, checkpoint_source(run, task)
+    with _open_checkpoints(run, task, steps) as store:
         try:
             first = store[0]
         except ValueError as error:
-            raise PolcaError(f"the checkpoints in {run.checkpoint_dir} do not hold parameters like the task's "
+            raise PolcaError(f"the checkpoints in {source} do not hold parameters like the task's "
                              f"init_params (saved from another model than the task's?): {error}") from error
     try:
-        check_same_structure(task.init_params, first, f"the checkpoint at step {steps[0]} in {run.checkpoint_dir}")
+        check_same_structure(task.init_params, first, f"the checkpoint at step {steps[0]} in {source}")
     except ValueError as error:
         raise PolcaError(f"{error}; the checkpoints were saved from another model than the task's") from error
     with checkpoint_store(run, task, steps) as store:
@@ -112,11 +113,32 @@ def _check_existing_checkpoints(run: RunDirectory, task: Task) -> None:
             del params
 
 
-def _record_losses(run: RunDirectory, stage: str) -> None:
+def reads_checkpoints(config: RunConfig, task: Task) -> bool:
+    """Whether the run reads existing checkpoints (``--checkpoints DIR``, or the task's own) instead of training."""
+    return bool(config.checkpoints) or task.checkpoints is not None
+
+
+def checkpoint_source(run: RunDirectory, task: Task) -> str:
+    """Where the run's checkpoints are, for messages: the task's own store's source, else the orbax directory."""
+    return "the task's own checkpoints" if task.checkpoints is not None else str(run.checkpoint_dir)
+
+
+def _open_checkpoints(run: RunDirectory, task: Task, steps: list[int], mesh=None):
+    """The parameters at ``steps``, restored like ``task.init_params``: from the task's own checkpoints when it
+    brings them (``Task.checkpoints``), else from the run's orbax directory."""
+    if task.checkpoints is not None:
+        if run.config.checkpoints:
+            raise PolcaError(f"the task brings its own checkpoints, so --checkpoints {run.config.checkpoints} has no "
+                             "use: start the run without it")
+        return task.checkpoints(steps, task.init_params, mesh)
+    return pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params, mesh=mesh)
+
+
+def _record_losses(run: RunDirectory, task: Task, stage: str) -> None:
     """Record the digests of the task's loss functions ``stage``'s results depend on (``STAGE_LOSSES``), when it
     first writes them: before training, before the first basis is saved, at the end of the other stages (a
     partial decomposition holds its own fingerprint, with its loss)."""
-    uses = () if stage == "train" and run.config.checkpoints else STAGE_LOSSES.get(stage, ())
+    uses = () if stage == "train" and reads_checkpoints(run.config, task) else STAGE_LOSSES.get(stage, ())
     run.record_losses({kind: run.task_loss_digests[kind] for kind in uses}, stage)
 
 
@@ -214,16 +236,16 @@ def checkpoint_store(run: RunDirectory, task: Task, steps: list[int], mesh=None)
       >>> len(store), store.steps, sorted(final) == sorted(task.init_params)
       (2, [0, 40], True)
     """
-    return CheckedCheckpoints(run, pj.OrbaxCheckpoints(run.checkpoint_dir, steps, template=task.init_params,
-                                                       mesh=mesh))
+    return CheckedCheckpoints(run, _open_checkpoints(run, task, steps, mesh), steps)
 
 
 class CheckedCheckpoints(Sequence):
-    """An :class:`~polca_jax.OrbaxCheckpoints` whose every read is checked against (or recorded as) the run's
-    digest of that step's parameters (:meth:`RunDirectory.check_checkpoint`)."""
+    """A checkpoint store (:class:`~polca_jax.OrbaxCheckpoints`, or the task's own) of the parameters at ``steps``
+    whose every read is checked against (or recorded as) the run's digest of that step's parameters
+    (:meth:`RunDirectory.check_checkpoint`)."""
 
-    def __init__(self, run: RunDirectory, store: pj.OrbaxCheckpoints):
-        self.run, self.store, self.steps = run, store, store.steps
+    def __init__(self, run: RunDirectory, store, steps: list[int]):
+        self.run, self.store, self.steps = run, store, list(steps)
 
     def __len__(self) -> int:
         return len(self.store)
@@ -262,9 +284,10 @@ def basis_stage(run: RunDirectory, task: Task, progress: bool, mesh=None) -> dic
         for name in _unfinished(bases_of(config), lambda name: run / "basis" / name / "basis.json"):
             partial = run / "basis" / f"{name}.partial"
             basis = basis_kind(name).build(BasisInputs(config, task, store, key, partial, mesh, progress,
-                                                       final_params, None if config.checkpoints else adam_scales))
+                                                       final_params,
+                                                       None if reads_checkpoints(config, task) else adam_scales))
             _check_built_basis(name, basis, task, basis_kind(name).size_for(config))
-            _record_losses(run, "basis")  # the bases saved depend on the loss
+            _record_losses(run, task, "basis")  # the bases saved depend on the loss
             basis.save(run / "basis" / name)
             if is_writer():
                 shutil.rmtree(partial, ignore_errors=True)
@@ -572,10 +595,10 @@ def run_stages(run: RunDirectory, definition: TaskDefinition, stages=None, *, fo
                 if mesh is not None:
                     check_data_axis(task, pj.num_data_shards(mesh))
             if stage == "train" and task is not None:  # training writes from its first step on
-                _record_losses(run, stage)
+                _record_losses(run, task, stage)
             info = bodies[stage](run, task, progress)
             if task is not None:
-                _record_losses(run, stage)
+                _record_losses(run, task, stage)
         info["wall_seconds"] = time.perf_counter() - start
         info.update(compiling.as_record())
         if is_writer():

@@ -37,6 +37,7 @@ BUILTIN_TASKS = {
 }
 
 
+HUGGING_FACE = "hf:"  # polca run hf:PATH_OR_REPO: a Hugging Face model's checkpoints (experiments/huggingface)
 EXPERIMENTS_PACKAGE = "experiments"
 """The package of the paper's experiments in a clone of the repository (not installed with polca_jax)."""
 
@@ -150,6 +151,11 @@ class Task:
         ``per_sample_loss`` over every entry.
       training_metrics: optional ``params -> {name: float or array}`` logged every ``metrics_every`` training steps
         beside the training and evaluation loss.
+      checkpoints: optional: the task brings its own checkpoints, which a run reads instead of training:
+        ``(steps, template, mesh) -> store``, a sequence of the parameters at ``steps`` (restored like ``template``,
+        placed on ``mesh`` when one is given) with a ``close()`` method, like :class:`polca_jax.OrbaxCheckpoints` and
+        :class:`polca_jax.hf.HFCheckpoints` (the Hugging Face task's). None: the run trains, or reads the orbax
+        directory ``--checkpoints`` names.
       description: one line for the report.
 
     Raises:
@@ -180,6 +186,7 @@ class Task:
     sample_texts: Sequence[str] | None = None
     loss: Callable[[PyTree, PyTree], jax.Array] | None = None
     training_metrics: Callable[[PyTree], Mapping[str, Any]] | None = None
+    checkpoints: Callable[[Sequence[int], PyTree, Any], Sequence[PyTree]] | None = None
     description: str = ""
 
     def __post_init__(self):
@@ -208,6 +215,8 @@ class Task:
                 raise PolcaError(f"Task.{name} must be a function (params, batch) -> losses")
         if self.train_batches is not None and not callable(self.train_batches):
             raise PolcaError("Task.train_batches must be a function step -> batch, or None")
+        if self.checkpoints is not None and not callable(self.checkpoints):
+            raise PolcaError("Task.checkpoints must be a function (steps, template, mesh) -> checkpoint store, or None")
         leaves = jax.tree_util.tree_leaves(self.init_params)
         if not leaves:
             raise PolcaError("Task.init_params holds no arrays")
@@ -393,9 +402,14 @@ def task_factory(*, presets: Mapping[str, Mapping[str, Any]] | None = None, defa
 
 
 def canonical_reference(reference: str) -> str:
-    """The form of a task reference stored in a run's config: a built-in name as is, a file path made absolute."""
+    """The form of a task reference stored in a run's config: a built-in name as is, a file path made absolute (and
+    the local directory of ``hf:PATH``)."""
     if reference in BUILTIN_TASKS:
         return reference
+    if reference.startswith(HUGGING_FACE):
+        source = reference.removeprefix(HUGGING_FACE)
+        local = Path(source).expanduser()
+        return HUGGING_FACE + (str(local.resolve()) if local.exists() else source)
     target, sep, attribute = reference.rpartition(":")
     if not sep or not target or not attribute:
         raise PolcaError(f"unknown task {reference!r}: give a built-in task ({', '.join(BUILTIN_TASKS)}), "
@@ -406,7 +420,8 @@ def canonical_reference(reference: str) -> str:
 
 
 def load_task_definition(reference: str) -> TaskDefinition:
-    """The task definition a reference names: a built-in task, ``path/to/file.py:factory`` or ``module:factory``.
+    """The task definition a reference names: a built-in task, ``path/to/file.py:factory``, ``module:factory`` or
+    ``hf:PATH_OR_REPO`` (a Hugging Face model's training checkpoints: ``experiments/huggingface``).
 
     ``BUILTIN_TASKS`` maps each built-in task's name (``arithmetic``, ``english``, ``planted``,
     ``planted-entangled``) to the ``module:factory`` that defines it. A file is imported (its code runs; a relative
@@ -414,7 +429,7 @@ def load_task_definition(reference: str) -> TaskDefinition:
     (no :func:`task_factory`) becomes a definition without presets.
 
     Args:
-      reference: a key of ``BUILTIN_TASKS``, ``path/to/file.py:factory`` or ``module:factory``.
+      reference: a key of ``BUILTIN_TASKS``, ``path/to/file.py:factory``, ``module:factory`` or ``hf:PATH_OR_REPO``.
 
     Returns:
       The :class:`TaskDefinition`.
@@ -432,6 +447,8 @@ def load_task_definition(reference: str) -> TaskDefinition:
       ('cpu', ['cpu', 'cpu-late', 'cpu-shared'])
     """
     reference = canonical_reference(reference)
+    if reference.startswith(HUGGING_FACE):  # the model's checkpoints decide the presets' steps
+        return import_experiment("huggingface").task_definition(reference.removeprefix(HUGGING_FACE))
     target, _, attribute = BUILTIN_TASKS.get(reference, reference).rpartition(":")
     if target.endswith(".py"):
         module = _import_file(Path(target))
