@@ -123,7 +123,7 @@ def make_task(data: str = "lee", max_documents: int | None = None, validation_fr
     texts = tokenizer.token_texts(bpe, eval_contexts).astype(str)
     if workdir is not None and not (Path(workdir) / "tokens.npz").exists():
         save_npz_atomic(Path(workdir) / "tokens.npz", ids=eval_contexts, texts=texts)
-    targets = target_positions(len(eval_contexts), context_length)
+    label_sets, sample_texts = token_samples(texts)
     return Task(
         init_params=params,
         per_sample_loss=per_sample_loss,
@@ -131,11 +131,8 @@ def make_task(data: str = "lee", max_documents: int | None = None, validation_fr
         eval_batch={"tokens": eval_contexts},
         hessian_batch={"tokens": hessian_contexts},
         train_batches=training_batches(train_contexts, batch_size, seed),
-        labels={
-            "kind": LabelSet(np.array([token_kind(texts[c], p) for c, p in targets])),
-            "token": LabelSet(np.array([repr(str(texts[c, p]))[1:-1] for c, p in targets])),
-        },
-        sample_texts=[labels.format_context(texts[c], p) for c, p in targets],
+        labels=label_sets,
+        sample_texts=sample_texts,
         description=f"English language model on {data!r}: {len(eval_contexts)} evaluation contexts of "
                     f"{context_length} next-token predictions.",
     )
@@ -177,6 +174,18 @@ def training_batches(contexts: np.ndarray, batch_size: int, seed: int) -> Callab
     return batch
 
 
+def token_samples(texts: np.ndarray) -> tuple[dict[str, LabelSet], list[str]]:
+    """The label sets and report texts of every next-token sample of contexts of token texts ``[n, L + 1]``.
+
+    Returns ``({"kind": ..., "token": ...}, texts)``: each sample's target token's kind (:data:`KINDS`) and the
+    token itself (escaped), and its context as the report shows it; samples in row-major (context, position) order.
+    """
+    targets = target_positions(texts.shape[0], texts.shape[1] - 1)
+    label_sets = {"kind": LabelSet(np.array([token_kind(texts[c], p) for c, p in targets])),
+                  "token": LabelSet(np.array([repr(str(texts[c, p]))[1:-1] for c, p in targets]))}
+    return label_sets, [labels.format_context(texts[c], p) for c, p in targets]
+
+
 def token_kind(context_texts, position: int) -> str:
     """The one of :data:`KINDS` that the token at ``position`` of a context of token texts is, from its class tag."""
     tags = labels.builtin_tags(context_texts, position)
@@ -191,4 +200,4 @@ def token_kind(context_texts, position: int) -> str:
 
 
 __all__ = ["KINDS", "PAPER_SETTINGS", "PRESETS", "labels", "language_model_loss_fns", "make_task",
-           "target_positions", "text", "token_kind", "tokenizer", "training_batches"]
+           "target_positions", "text", "token_kind", "token_samples", "tokenizer", "training_batches"]

@@ -36,9 +36,16 @@ TABLE_TOKENS = 5
 def paper_report_sections(view) -> list[str]:
     """The summary beside the paper's, then each labelled cluster of POLCA and of the exact-loss baseline."""
     labelled = cluster_labels(view)
-    parts = ["## The paper's English summary, beside this run", _summary_table(view, labelled)]
+    return (["## The paper's English summary, beside this run", _summary_table(view, labelled)]
+            + cluster_label_sections(view, labelled))
+
+
+def cluster_label_sections(view, labelled: dict | None) -> list[str]:
+    """Each labelled cluster of POLCA and of the exact-loss baseline (``labelled``: :func:`cluster_labels`), as
+    markdown parts; the labels are also written to ``report/cluster_labels.json``."""
+    parts = []
     if labelled is None:
-        return parts + ["*No automatic labels: tokens.npz or the clusters are missing.*"]
+        return ["*No automatic labels: tokens.npz or the clusters are missing.*"]
     text = json.dumps(labelled, indent=2, ensure_ascii=False)
     write_atomic(view.directory / "report" / "cluster_labels.json", lambda file: file.write(text.encode()))
     parts.append(f"Labels: `{labelled['tagger']}` tags covering {labelled['coverage']:.0%} of a cluster at each "

@@ -74,21 +74,24 @@ def load_or_train_tokenizer(path: Path, documents: list[str], vocab_size: int) -
 
 
 def make_contexts(
-    tokenizer: "Tokenizer", documents: list[str], context_length: int, *, max_contexts: int | None = None
+    tokenizer: "Tokenizer", documents: list[str], context_length: int, *, max_contexts: int | None = None,
+    separator: str = END_OF_TEXT,
 ) -> np.ndarray:
     """Non-overlapping token windows: int32[n, context_length + 1], at most ``max_contexts`` rows.
 
-    The documents are encoded and joined into one stream with ``END_OF_TEXT`` between consecutive documents, which
-    is cut into windows of ``context_length + 1`` tokens; the incomplete tail is dropped. A model reads
-    ``windows[:, :-1]`` and is scored on the next tokens ``windows[:, 1:]``.
+    The documents are encoded and joined into one stream with the token ``separator`` (``END_OF_TEXT``; a
+    pretrained model's own end-of-text token) between consecutive documents, which is cut into windows of
+    ``context_length + 1`` tokens; the incomplete tail is dropped. A model reads ``windows[:, :-1]`` and is scored on
+    the next tokens ``windows[:, 1:]``.
     """
     _check_documents(documents)
     _check_positive_int("context_length", context_length)
     if max_contexts is not None:
         _check_positive_int("max_contexts", max_contexts)
-    end_of_text = tokenizer.token_to_id(END_OF_TEXT)
+    end_of_text = tokenizer.token_to_id(separator)
     if end_of_text is None:
-        raise PolcaError(f"the tokenizer has no {END_OF_TEXT} token; build it with train_tokenizer")
+        raise PolcaError(f"the tokenizer has no {separator} token" + (
+            "; build it with train_tokenizer" if separator == END_OF_TEXT else ""))
     window = context_length + 1
     wanted = None if max_contexts is None else max_contexts * window
     pieces, total = [], 0

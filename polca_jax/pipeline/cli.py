@@ -1,6 +1,7 @@
 """The ``polca`` command line: run POLCA on a task as resumable stages in a run directory.
 
     polca run TASK --out DIR [--preset NAME] [--set KEY=VALUE ...] [--checkpoints DIR] [--stage STAGE ...]
+    polca run hf:PATH_OR_REPO --out DIR [--text SOURCE] ...
     polca arithmetic [STAGE] --out DIR ...        (= polca run arithmetic)
     polca english [STAGE] [--data DATA] --out DIR ...
     polca report DIR [--task path/file.py:factory]
@@ -84,7 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run POLCA on a task: train, basis, decompose, cluster, score, report",
         description="Run every stage (or those named with --stage) on a run directory. Finished stages are "
         "skipped, so a killed run resumes where it stopped.")
-    run_command.add_argument("task", help="arithmetic, english, path/to/file.py:factory or module:factory")
+    run_command.add_argument("task", help="arithmetic, english, path/to/file.py:factory, module:factory, or "
+                             "hf:PATH_OR_REPO (a Hugging Face model's training checkpoints, docs/huggingface.md)")
+    run_command.add_argument("--text", metavar="lee|hf:NAME[:CONFIG]|PATH",
+                             help="an hf: task's evaluation text: gensim's Lee corpus (default), a Hugging Face "
+                             "dataset, or a .txt/.jsonl file or directory (the task option text_source)")
     _add_run_options(run_command)
     for name, summary in SHORTHANDS.items():
         command = commands.add_parser(name, help=summary, description=f"{summary}.")
@@ -180,6 +185,11 @@ def _main(args) -> int:
         settings = list(args.settings)
         if getattr(args, "data", None) is not None:
             settings.append(f"data={_data_reference(args.data)}")
+        if getattr(args, "text", None) is not None:
+            if not task.startswith("hf:"):
+                raise PolcaError("--text is the evaluation text of an hf: task (polca run hf:PATH --text FILE); "
+                                 "other tasks take their data as task options (--set NAME=VALUE)")
+            settings.append(f"text_source={_data_reference(args.text)}")
         report = run(task, args.out, preset=args.preset, settings=settings, checkpoints=args.checkpoints,
                      stages=stages, force=args.force, progress=not args.quiet, mesh=mesh)
     except ValueError as error:
