@@ -190,3 +190,12 @@ def test_gpt2_pytorch_files_decompose_on_a_mesh_as_pytorch_computes_them():
                                capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "HF-MESH-OK" in completed.stdout
+
+
+@pytest.mark.slow
+def test_polca_plan_estimates_an_hf_run(neox_run, capsys):
+    assert polca(["plan", f"hf:{neox_run}", "--preset", "tiny"]) == 0
+    plan = capsys.readouterr().out
+    assert f"plan for hf:{neox_run.resolve()}, preset tiny" in plan
+    assert "9 checkpoints" in plan and "fits" in plan  # steps 0..40 every 5, read from the checkpoints found
+    assert "checkpoints (parameters and Adam moments) 0 B" in plan  # nothing trained, nothing saved

@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Build the task, compile every stage's kernels for one device's work (and on cpu time them), and "
         "print the FLOPs and time per stage, the memory per device, host memory and disk, with a WILL NOT FIT line "
         "when the memory per device exceeds the device's (the exit code stays 0). Writes nothing.")
-    plan.add_argument("task", help="arithmetic, english, path/to/file.py:factory or module:factory")
+    plan.add_argument("task", help="arithmetic, english, path/to/file.py:factory, module:factory or hf:PATH_OR_REPO")
     plan.add_argument("--preset", help="preset (default: the task's)")
     plan.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--checkpoints", metavar="DIR", help="the run would read these checkpoints (no training)")
