@@ -39,6 +39,7 @@ CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NOR
              # the pipeline's: its registries (bases, stages, strategies, built-in tasks) and the strategies' names
              "BASES", "BUILTIN_TASKS", "STAGES", "VARIANTS", "EXACT_LOSS", "FIRST_ORDER_POLCA", "GRADIENT_NORMS",
              "POLCA", "POLCA_GRADIENTS", "POLCA_PROFILE", "RANDOM_GRADIENTS", "RANDOM_POLCA", "RANDOM_PROFILE",
+             "RANDOM_SNAPSHOT",
              "SECTIONS"}
 # Exception classes take only a message, like any ValueError: they have no Args to document (and, as for every
 # class, no Example is required; PolcaError's docstring shows one).
@@ -47,9 +48,10 @@ SETUPS = {  # the examples that define the names the others use: the object, and
     "polca_jax.hvp": (pj.hvp, ("jax", "jnp", "np", "pj", "params", "batch", "per_sample_loss", "loss")),
     "polca_jax.analysis.Clustering": (analysis.Clustering, ("analysis", "steps", "projected_loss", "labels",
                                                             "clustering")),
-    **({"polca_jax.hf.read_config": (hf.read_config, ("np", "torch", "model", "config", "params", "tokens"))}
-       if hf is not None else {}),
 }
+# polca_jax.hf's setup (a GPT-2 built with transformers), whose names its other examples use
+HF_SETUP = {"polca_jax.hf.read_config": (hf.read_config, ("np", "torch", "model", "config", "params", "tokens"))
+            } if hf is not None else {}
 # the pipeline's: a run (seconds), run once by the fixture rather than again as a test of its own
 PIPELINE_RUN = "polca_jax.pipeline.run"
 SECTIONS = ("Args", "Attributes", "Returns", "Raises", "Example", "Examples", "Note")
@@ -88,12 +90,10 @@ TESTS = public_doctests()
 EXPORTED = exported()
 
 
-@pytest.fixture(scope="module")
-def shared_names():
-    """The names the setup examples define (pj.hvp's least squares, analysis.Clustering's trajectories), after
-    running them."""
+def run_setups(setups: dict) -> dict:
+    """The names the setup examples ``setups`` define, after running them in order."""
     names = {}
-    for qualified, (obj, defined) in SETUPS.items():
+    for qualified, (obj, defined) in setups.items():
         (setup,) = [test for test in doctest.DocTestFinder().find(obj, qualified) if test.name == qualified]
         setup.globs.update(names)
         runner = doctest.DocTestRunner()
@@ -101,6 +101,18 @@ def shared_names():
         assert runner.failures == 0, f"the setup example of {qualified} fails"
         names.update({name: setup.globs[name] for name in defined})
     return names
+
+
+@pytest.fixture(scope="module")
+def shared_names():
+    """The names the kernels' setup examples define (pj.hvp's least squares, analysis.Clustering's trajectories)."""
+    return run_setups(SETUPS)
+
+
+@pytest.fixture(scope="module")
+def hf_names():
+    """The names polca_jax.hf's setup example defines (a small GPT-2: ``model``, ``config``, ``params``, ...)."""
+    return run_setups(HF_SETUP)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +140,9 @@ def test_the_kernels_show_runnable_examples():
 
 @pytest.mark.parametrize("test", marked(TESTS, lambda test: test.name))
 def test_a_docstring_example_prints_what_it_shows(test, request):
-    if test.name.startswith("polca_jax.pipeline."):
+    if test.name.startswith("polca_jax.hf."):
+        shared = request.getfixturevalue("hf_names")
+    elif test.name.startswith("polca_jax.pipeline."):
         shared = request.getfixturevalue("pipeline_names")
         if test.name == PIPELINE_RUN:  # the fixture ran it, and checked what it prints
             return

@@ -238,6 +238,24 @@ def test_gradient_trajectories_read_the_late_window_where_the_groups_part():
         dataclasses.replace(config, gradient_window=0)
 
 
+def test_the_snapshot_control_reads_the_first_checkpoint_after_step_0_only():
+    from polca_jax.pipeline import RunConfig
+    from polca_jax.pipeline._stages import cluster_checkpoint_gradients
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0, 1], 60)
+    projections = rng.normal(size=(6, 120, 4))  # [T, N, K]
+    config = RunConfig(task="t", preset=None, task_options={}, min_cluster_size=20, reference_num_samples=None)
+    parted = projections.copy()
+    parted[1, :, 0] += np.where(groups == 1, 8.0, -8.0)  # the groups part at the control's checkpoint ...
+    [snapshot] = cluster_checkpoint_gradients(parted, config)
+    assert adjusted_rand_score(groups, snapshot.labels) > 0.9
+    later = projections.copy()
+    later[2:, :, 0] += np.where(groups == 1, 8.0, -8.0)  # ... or only later, which it does not read
+    [snapshot] = cluster_checkpoint_gradients(later, config)
+    assert not adjusted_rand_score(groups, snapshot.labels) > 0.3
+
+
 def test_per_direction_clustering_of_a_continuum_finds_no_group():
     """The paper's step on the same data: within a direction, its own group's amplitudes form a continuum and the
     other group sits at zero, so no cluster recovers a group with recall >= 0.5 at homogeneity >= 0.9 here."""
@@ -335,7 +353,7 @@ def test_the_entangled_tiny_preset_runs_end_to_end_with_its_strategies_and_contr
     assert "## Planted ground truth" in text and "POLCA, projected-gradient trajectories" in text
     assert "Planted late breakthrough: group B enters training at step 100" in text
     metrics = read_metrics(tmp_path / "run" / "metrics.json")
-    assert {"polca_gradients", "random_gradients", "gradient_norms"} <= set(metrics.variants)
+    assert {"polca_gradients", "random_gradients", "gradient_norms", "random_snapshot"} <= set(metrics.variants)
     verdict = metrics.verdicts["group"]
     assert verdict.control is None or verdict.control.homogeneity < 0.9  # the control is blind here
 

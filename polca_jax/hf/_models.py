@@ -196,7 +196,7 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> HFModelConfig:
       >>> from polca_jax.hf import params_from_state_dict, read_config
       >>> _ = torch.manual_seed(0)
       >>> model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      ...     vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+      ...     vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
       >>> config = read_config(model.config.to_dict())
       >>> config.model_type, config.num_layers, config.intermediate_size, config.tie_word_embeddings
       ('gpt2', 2, 64, True)

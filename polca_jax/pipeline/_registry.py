@@ -228,15 +228,17 @@ class Variant:
     loss along the Hessian basis, Eq. 8), ``FIRST_ORDER_POLCA`` (its first-order part), ``RANDOM_POLCA`` (POLCA
     along the random basis: the null beside POLCA), ``POLCA_PROFILE`` and ``RANDOM_PROFILE`` (allocation profiles
     along the Hessian and the random basis), ``POLCA_GRADIENTS`` and ``RANDOM_GRADIENTS`` (projected-gradient
-    trajectories along them) and ``GRADIENT_NORMS`` (the label-free control: each sample's gradient norm per
-    parameter block).
+    trajectories along them) and the label-free controls ``GRADIENT_NORMS`` (each sample's gradient norm per
+    parameter block) and ``RANDOM_SNAPSHOT`` (its gradient along the random directions at one checkpoint, run with
+    the random basis).
 
     Attributes:
       name: its name, the key of its results in ``metrics.json`` (``RunMetrics.variants``) and ``clusters/``.
       label: its name in reports.
       basis: the basis it decomposes along (a key of ``BASES``).
       trajectory: what it clusters (:func:`variant_trajectories`): ``loss``, ``loss_change``, ``fisher``,
-        ``first_order``, ``projected_loss``, ``profile``, ``gradients`` or ``gradient_norms``.
+        ``first_order``, ``projected_loss``, ``profile``, ``gradients``, ``gradient_norms`` or
+        ``checkpoint_gradients``.
       group: ``"main"`` (POLCA and the exact loss, always run), ``"baseline"`` (config ``baselines``),
         ``"ablation"`` (another basis, config ``ablations``) or ``"control"`` (a label-free feature that needs no
         POLCA, which a finding must beat; always run).
@@ -271,9 +273,9 @@ class Variant:
 
 
 TRAJECTORY_KINDS = ("loss", "loss_change", "fisher", "first_order", "projected_loss", "profile", "gradients",
-                    "gradient_norms")
+                    "gradient_norms", "checkpoint_gradients")
 PER_SAMPLE_SIGNALS = ("loss", "loss_change")  # clustered as one signal per sample, scored without qualifying rules
-JOINT_KINDS = ("profile", "gradients", "gradient_norms")  # one clustering of every sample's features, not per direction
+JOINT_KINDS = ("profile", "gradients", "gradient_norms", "checkpoint_gradients")  # one clustering of all features
 GROUPS = ("main", "baseline", "ablation", "control")
 
 # the strategies the score stage, the report and the tasks' sections name (every strategy is in VARIANTS; exported
@@ -287,6 +289,7 @@ RANDOM_PROFILE = "random_profile"
 POLCA_GRADIENTS = "polca_gradients"
 RANDOM_GRADIENTS = "random_gradients"
 GRADIENT_NORMS = "gradient_norms"
+RANDOM_SNAPSHOT = "random_snapshot"
 
 VARIANTS: list[Variant] = [
     Variant(EXACT_LOSS, "Exact loss", MAIN_BASIS, "loss", "main"),
@@ -321,6 +324,8 @@ VARIANTS: list[Variant] = [
     Variant("preconditioned_gradients", "Preconditioned Hessian, projected-gradient trajectories",
             "preconditioned_hessian", "gradients", "ablation"),
     Variant(GRADIENT_NORMS, "Control: gradient norm per parameter block", MAIN_BASIS, "gradient_norms", "control"),
+    Variant(RANDOM_SNAPSHOT, "Control: random projected gradients at one checkpoint", RANDOM_BASIS,
+            "checkpoint_gradients", "control"),
 ]  # the report's order
 BUILTIN_VARIANTS = tuple(v.name for v in VARIANTS)
 
@@ -389,14 +394,15 @@ def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray,
       kind: a strategy's trajectory (``Variant.trajectory``): ``loss`` (exact loss), ``loss_change`` (its change
         per interval), ``fisher`` (⟨b, ∇L(x)⟩²), ``first_order`` (cumulative first-order POLCA),
         ``projected_loss`` (POLCA, Eq. 8), ``profile`` (clustered on the allocation profiles of the projected
-        loss), ``gradients`` (clustered on each sample's projected gradients over all checkpoints) or
+        loss), ``gradients`` (clustered on each sample's projected gradients over the last checkpoints),
         ``gradient_norms`` (clustered on each sample's gradient norm per parameter block at one checkpoint, the
-        decompose stage's ``controls/``); the clusters of the last three have their breakthroughs and medoids read
-        on the exact loss, which is what they return here.
+        decompose stage's ``controls/``) or ``checkpoint_gradients`` (clustered on each sample's projected gradient
+        at that checkpoint); the clusters of the last four have their breakthroughs and medoids read on the exact
+        loss, which is what they return here.
 
     Returns:
-      ``(trajectories, steps)``: the exact loss ``[T, N]`` for ``loss``, ``profile``, ``gradients`` and
-      ``gradient_norms``; ``[T - 1, N]`` and the steps from the second checkpoint on for ``loss_change``;
+      ``(trajectories, steps)``: the exact loss ``[T, N]`` for ``loss``, ``profile``, ``gradients``,
+      ``gradient_norms`` and ``checkpoint_gradients``; ``[T - 1, N]`` and the steps from the second checkpoint on for ``loss_change``;
       ``[T, N, K]`` for ``fisher``, ``first_order`` and ``projected_loss``.
 
     Raises:
@@ -416,7 +422,7 @@ def variant_trajectories(result: pj.POLCAResult, kind: str) -> tuple[np.ndarray,
       >>> changes.shape, steps.tolist()
       ((8, 160), [5, 10, 15, 20, 25, 30, 35, 40])
     """
-    if kind in ("loss", "profile", "gradients", "gradient_norms"):
+    if kind in ("loss",) + JOINT_KINDS:
         return np.asarray(result.loss), result.steps
     if kind == "loss_change":
         return result.loss_change, result.steps[1:]

@@ -233,8 +233,9 @@ def _verdict_lines(view: RunView) -> list[str]:
         lines.append("**Against the label-free controls:** a finding shows POLCA at work only when its homogeneity "
                      "exceeds that of the best cluster (scored and qualifying the same way) of a control that needs "
                      "no basis and no training dynamics: where each sample's gradient lies among the parameters (its "
-                     "norm per parameter block, as shares, at the first POLCA checkpoint after step 0), clustered "
-                     "like the allocation profiles.")
+                     "norm per parameter block, as shares, at the first POLCA checkpoint after step 0), and, with the "
+                     "random basis, its gradient along the random directions at that checkpoint; each clustered like "
+                     "the allocation profiles.")
     return lines
 
 

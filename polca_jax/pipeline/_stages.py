@@ -450,9 +450,7 @@ def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analy
     """
     window = max(2, round(config.gradient_window * projections.shape[0]))
     features = analysis.joint_features(projections[-window:], seed=config.seed)
-    return [analysis.cluster_features(features, method=config.profile_clusterer,
-                                      min_cluster_size=_scaled_min_cluster_size(projections.shape[1], config),
-                                      min_samples_divisor=config.min_samples_divisor, seed=config.seed)]
+    return _cluster_features(features, config)
 
 
 def cluster_gradient_norms(norms: np.ndarray, config) -> list[analysis.Clustering]:
@@ -460,9 +458,32 @@ def cluster_gradient_norms(norms: np.ndarray, config) -> list[analysis.Clusterin
     gradient norm per parameter block ``[N, B]`` at one checkpoint, as shares of its sum reduced by PCA
     (:func:`polca_jax.analysis.gradient_norm_features`). It needs no basis and no training dynamics: a finding that
     does no better than its clusters does not show POLCA at work."""
-    features = analysis.gradient_norm_features(norms, seed=config.seed)
+    return _cluster_features(analysis.gradient_norm_features(norms, seed=config.seed), config)
+
+
+def cluster_checkpoint_gradients(projections: np.ndarray, config) -> list[analysis.Clustering]:
+    """The second label-free control: one clustering, with ``config.profile_clusterer``, of every sample's gradient
+    along the random directions at one checkpoint (the first POLCA checkpoint after step 0, as the gradient-norm
+    control reads), divided by its norm and reduced by PCA. A random sketch of one gradient: no basis from training
+    and no training dynamics.
+
+    Args:
+      projections: ``[T, N, K]`` each sample's gradient along K random directions at T ≥ 2 checkpoints.
+      config: the run's :class:`RunConfig` (``profile_clusterer``, ``min_cluster_size`` scaled as the paper's HDBSCAN
+        step scales it, ``min_samples_divisor``, ``seed``).
+
+    Returns:
+      A list of one :class:`polca_jax.analysis.Clustering` of the N samples.
+    """
+    features = analysis.joint_features(projections[1:2], seed=config.seed)
+    return _cluster_features(features, config)
+
+
+def _cluster_features(features: np.ndarray, config) -> list[analysis.Clustering]:
+    """One clustering of every sample's features ``[N, C]`` with ``config.profile_clusterer`` (min cluster size
+    scaled to N)."""
     return [analysis.cluster_features(features, method=config.profile_clusterer,
-                                      min_cluster_size=_scaled_min_cluster_size(norms.shape[0], config),
+                                      min_cluster_size=_scaled_min_cluster_size(features.shape[0], config),
                                       min_samples_divisor=config.min_samples_divisor, seed=config.seed)]
 
 
@@ -493,6 +514,8 @@ def cluster_stage(run: RunDirectory, progress: bool) -> dict:
             clusterings = cluster_gradient_trajectories(np.asarray(result.projections), run.config)
         elif variant.trajectory == "gradient_norms":
             clusterings = cluster_gradient_norms(load_npy(run / CONTROL_NORMS), run.config)
+        elif variant.trajectory == "checkpoint_gradients":
+            clusterings = cluster_checkpoint_gradients(np.asarray(result.projections), run.config)
         else:
             trajectories, _ = variant_trajectories(result, variant.trajectory)
             clusterings = cluster_variant(trajectories, variant.trajectory, options)

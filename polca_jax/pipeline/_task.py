@@ -420,8 +420,9 @@ def canonical_reference(reference: str) -> str:
 
 
 def load_task_definition(reference: str) -> TaskDefinition:
-    """The task definition a reference names: a built-in task, ``path/to/file.py:factory``, ``module:factory`` or
-    ``hf:PATH_OR_REPO`` (a Hugging Face model's training checkpoints: ``experiments/huggingface``).
+    """The task definition a reference names: a built-in task, a task file or module, or ``hf:PATH_OR_REPO``.
+
+    ``hf:PATH_OR_REPO`` is a Hugging Face model's training checkpoints (``experiments/huggingface``).
 
     ``BUILTIN_TASKS`` maps each built-in task's name (``arithmetic``, ``english``, ``planted``,
     ``planted-entangled``) to the ``module:factory`` that defines it. A file is imported (its code runs; a relative
