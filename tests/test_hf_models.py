@@ -1,13 +1,15 @@
-"""The JAX ports of GPT-2 and GPT-NeoX (polca_jax.hf) against transformers' PyTorch models.
+"""The JAX ports of GPT-2, GPT-NeoX and Llama (polca_jax.hf) against transformers' PyTorch models.
 
 Tiny models (vocabulary 64, width 32, 2 layers, 2 or 4 heads) are built with transformers, trained a few Adam steps on
-random tokens (so that no weight is at its special initial value: layer norms away from 1 and 0, biases away from 0),
+random tokens (so that no weight is at its special initial value: norms away from 1 and 0, biases away from 0),
 saved with ``save_pretrained`` and read back by the port. In float32 on both sides, the port's logits match
 PyTorch's to 1e-5 relative (max abs difference / max abs logit), each single token's loss gradient matches
 ``torch.func.grad`` leaf by leaf to 1e-4 relative, and a Hessian-vector product (``jax.jvp`` over ``jax.grad``)
 matches PyTorch's double backward to 1e-4 relative. Variants: GPT-2 tied (gelu_new) and untied (exact gelu, its own
 MLP width); GPT-NeoX with a quarter of each head rotary and a parallel residual (Pythia's layout), and fully rotary
-with a sequential residual, no attention biases and another rotary base.
+with a sequential residual, no attention biases and another rotary base; Llama with grouped-query attention (4 query
+heads, 2 key/value heads), an untied head, no biases, another rotary base and RMSNorm epsilon, and Llama with tied
+embeddings, attention and MLP biases, heads of 16 (``head_dim`` apart from width / heads) and gelu_new.
 
 The public names are imported from ``polca_jax.hf._models`` until ``polca_jax/hf/__init__.py`` exports them.
 """
@@ -52,6 +54,12 @@ VARIANTS = {
     "neox_full_rotary_sequential": ("GPTNeoX", {
         **NEOX, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0},
         "use_parallel_residual": False, "attention_bias": False, "hidden_act": "gelu_new"}),
+    "llama_gqa_untied": ("Llama", {  # 4 query heads of 8 sharing 2 key/value heads
+        **NEOX, "num_key_value_heads": 2, "rms_norm_eps": 1e-3,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}),
+    "llama_tied_biases": ("Llama", {  # 4 heads of 16 in a width of 32: queries [64], the output projection [32, 64]
+        **NEOX, "head_dim": 16, "tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True,
+        "hidden_act": "gelu_new"}),
 }
 SAMPLES = ((0, 0), (1, 5), (2, LENGTH - 1))  # (sequence, token) of the per-token gradients
 LOGIT_TOLERANCE, GRADIENT_TOLERANCE = 1e-5, 1e-4
@@ -73,7 +81,7 @@ def build(name: str, directory) -> Trained:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model_config = getattr(transformers, f"{family}Config")(**options, attn_implementation="eager")
-    model = getattr(transformers, f"{family}ForCausalLM" if family == "GPTNeoX" else f"{family}LMHeadModel")(
+    model = getattr(transformers, f"{family}LMHeadModel" if family == "GPT2" else f"{family}ForCausalLM")(
         model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(5):
@@ -117,6 +125,11 @@ def neox(models) -> Trained:
     return models("neox_quarter_rotary_parallel")
 
 
+@pytest.fixture
+def llama(models) -> Trained:
+    return models("llama_gqa_untied")
+
+
 def torch_params(model) -> dict:
     """The model's parameters by name (a tied head appears once, as the embedding), detached."""
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
@@ -139,6 +152,13 @@ def test_the_config_is_read_as_transformers_builds_the_model(trained):
         assert config.rotary_dims == attention.rotary_ndims
         assert config.use_parallel_residual == hf_config.use_parallel_residual
         assert config.attention_bias == hf_config.attention_bias
+    elif config.model_type == "llama":
+        attention = trained.model.model.layers[0].self_attn
+        assert config.kv_heads == hf_config.num_key_value_heads and config.head_dim == attention.head_dim
+        assert config.rotary_dims == trained.model.model.rotary_emb.inv_freq.numel() * 2 == attention.head_dim
+        assert config.rotary_base == hf_config.rope_parameters["rope_theta"]
+        assert config.layer_norm_eps == trained.model.model.norm.variance_epsilon == hf_config.rms_norm_eps
+        assert (config.attention_bias, config.mlp_bias) == (hf_config.attention_bias, hf_config.mlp_bias)
     else:
         assert config.intermediate_size == trained.model.transformer.h[0].mlp.c_fc.nf
     assert config.tie_word_embeddings == hf_config.tie_word_embeddings
@@ -195,16 +215,18 @@ def test_a_hessian_vector_product_matches_torch_double_backward(trained):
         assert_close(ours[name], value.numpy(), GRADIENT_TOLERANCE, f"HVP: {name}")
 
 
-def test_forward_and_reverse_projections_agree_on_the_port(neox):
-    """POLCA's kernels run on the port in both modes (forward: jax.jvp through the attention and rotary)."""
-    config = neox.config
-    batch = {"tokens": jnp.asarray(neox.tokens)}
-    basis = pj.random_basis(neox.params, 3, jax.random.key(0))
+@pytest.mark.parametrize("name", ["neox_quarter_rotary_parallel", "llama_gqa_untied"])
+def test_forward_and_reverse_projections_agree_on_the_port(models, name):
+    """POLCA's kernels run on the port in both modes (forward: jax.jvp through the attention, rotary, RMSNorm)."""
+    trained = models(name)
+    config = trained.config
+    batch = {"tokens": jnp.asarray(trained.tokens)}
+    basis = pj.random_basis(trained.params, 3, jax.random.key(0))
 
     def per_token(params, batch):
         return token_losses(config, params, batch["tokens"])
 
-    forward, reverse = (pj.per_sample_projections(per_token, neox.params, batch, basis, method=method)
+    forward, reverse = (pj.per_sample_projections(per_token, trained.params, batch, basis, method=method)
                         for method in ("forward", "reverse"))
     assert forward.shape == (3 * LENGTH, 3)
     assert_close(forward, reverse, 1e-5, "forward against reverse projections")
@@ -217,9 +239,10 @@ def test_each_activation_is_transformers(name):
     np.testing.assert_allclose(np.asarray(_ACTIVATIONS[name](jnp.asarray(x))), reference, rtol=0, atol=1e-12)
 
 
-def test_the_legacy_spellings_give_the_same_model(gpt2, neox):
-    """Pythia's hub config (rotary_pct, rotary_emb_base, rope_scaling null) and head name (embed_out), base-model
-    state dicts without the causal LM's prefix, and the buffers old checkpoints carry."""
+def test_the_legacy_spellings_give_the_same_model(gpt2, neox, llama):
+    """Pythia's hub config (rotary_pct, rotary_emb_base, rope_scaling null) and head name (embed_out), a Llama hub
+    config of transformers 4 (a top-level rope_theta, rope_scaling null, no head_dim), base-model state dicts without
+    the causal LM's prefix, and the buffers old checkpoints carry."""
     values = neox.model.config.to_dict()
     rope = values.pop("rope_parameters")
     legacy = {**values, "rotary_pct": rope["partial_rotary_factor"], "rotary_emb_base": rope["rope_theta"],
@@ -231,7 +254,13 @@ def test_the_legacy_spellings_give_the_same_model(gpt2, neox):
                    torch.tensor(-1e9), "layers.1.attention.rotary_emb.inv_freq": torch.ones(1)}
     gpt2_state = dict(gpt2.model.transformer.state_dict())  # a base model's keys: no "transformer." prefix
     gpt2_state |= {"h.0.attn.bias": torch.ones(1, 1, 16, 16), "h.1.attn.masked_bias": torch.tensor(-1e4)}
-    for trained, state in ((neox, neox_state), (gpt2, gpt2_state)):
+    values = llama.model.config.to_dict()
+    rope = values.pop("rope_parameters")
+    del values["head_dim"]
+    assert read_config({**values, "rope_theta": rope["rope_theta"], "rope_scaling": None}) == llama.config
+    llama_state = {name.removeprefix("model."): value for name, value in llama.model.state_dict().items()}
+    llama_state |= {"layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4), "rotary_emb.inv_freq": torch.ones(4)}
+    for trained, state in ((neox, neox_state), (gpt2, gpt2_state), (llama, llama_state)):
         params = params_from_state_dict(state, trained.config)
         assert list(params) == list(trained.params)
         for name, leaf in params.items():
@@ -264,9 +293,9 @@ def test_the_state_dict_round_trips_and_loads_back_into_transformers(trained):
 
 
 def test_an_unsupported_model_type_is_refused_naming_the_supported_ones(gpt2):
-    with pytest.raises(pj.PolcaError, match="'llama' is not supported: polca_jax.hf ports gpt2, gpt_neox"):
-        read_config({**gpt2.model.config.to_dict(), "model_type": "llama"})
-    assert SUPPORTED_MODEL_TYPES == ("gpt2", "gpt_neox")
+    with pytest.raises(pj.PolcaError, match="'mistral' is not supported: polca_jax.hf ports gpt2, gpt_neox, llama"):
+        read_config({**gpt2.model.config.to_dict(), "model_type": "mistral"})
+    assert SUPPORTED_MODEL_TYPES == ("gpt2", "gpt_neox", "llama")
     with pytest.raises(pj.PolcaError, match="cannot read the model configuration"):
         read_config(gpt2.directory / "missing")
 
@@ -279,13 +308,46 @@ def test_gpt2_options_the_port_lacks_are_refused_by_name(gpt2, option, value):
         read_config({**gpt2.model.config.to_dict(), option: value})
 
 
-def test_gpt_neox_rope_scaling_is_refused(neox):
-    values = neox.model.config.to_dict()
-    for rope in ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, {"type": "dynamic", "factor": 2.0}):
-        with pytest.raises(pj.PolcaError, match=f"not rope_type '{rope.get('rope_type', rope.get('type'))}'"):
-            read_config({**values, "rope_parameters": rope, "rope_scaling": rope})
+@pytest.mark.parametrize("name", ["neox_quarter_rotary_parallel", "llama_gqa_untied"])
+def test_rope_scaling_is_refused(models, name):
+    """In transformers 5's rope_parameters and in the legacy rope_scaling (with "type" in older configs)."""
+    values = models(name).model.config.to_dict()
+    model_type = values["model_type"]
+    ropes = ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, {"type": "dynamic", "factor": 2.0},
+             {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+             {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8})
+    for rope in ropes:
+        named = (f"the {model_type} port implements only the default rotary embedding, not rope_type "
+                 f"'{rope.get('rope_type', rope.get('type'))}'")
+        for spelling in ({"rope_parameters": rope}, {"rope_parameters": None, "rope_scaling": rope}):
+            with pytest.raises(pj.PolcaError, match=named):
+                read_config({**values, **spelling})
     with pytest.raises(pj.PolcaError, match="no 'hidden_size'"):
         read_config({key: value for key, value in values.items() if key != "hidden_size"})
+
+
+def test_llama_key_value_heads_that_do_not_divide_the_heads_are_refused(llama):
+    with pytest.raises(pj.PolcaError, match="num_kv_heads=3 does not divide num_heads=4"):
+        read_config({**llama.model.config.to_dict(), "num_key_value_heads": 3})
+
+
+@pytest.mark.parametrize("change, named", [
+    ("missing", "missing keys: model.layers.1.mlp.gate_proj.weight"),
+    ("bias", "unexpected keys: model.layers.0.mlp.up_proj.bias"),
+    ("ungrouped", r"wrong shapes: model.layers.0.self_attn.k_proj.weight \(32, 32\) \(expected \(16, 32\)\)"),
+])
+def test_a_llama_state_dict_that_does_not_fit_is_refused_naming_the_key(llama, change, named):
+    """As GPT-2's below; a key projection of all 4 heads where the config groups them in 2."""
+    state = {name: value.numpy() for name, value in llama.model.state_dict().items()}
+    if change == "missing":
+        del state["model.layers.1.mlp.gate_proj.weight"]
+    elif change == "bias":
+        state["model.layers.0.mlp.up_proj.bias"] = np.zeros(48, np.float32)
+    else:
+        state["model.layers.0.self_attn.k_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"]
+    with pytest.raises(pj.PolcaError, match=named):
+        params_from_state_dict(state, llama.config)
 
 
 @pytest.mark.parametrize("change, named", [
@@ -334,11 +396,15 @@ def test_bad_tokens_and_params_are_refused(gpt2):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"model_type": "llama"}, "'llama' is not supported"),
+    ({"model_type": "mistral"}, "'mistral' is not supported"),
     ({"num_heads": 5}, "num_heads=5 does not divide hidden_size=32"),
     ({"rotary_dims": 3}, "rotary_dims must be even"),
     ({"rotary_dims": 18}, "rotary_dims must be even and between 0 and the head dimension 16, got 18"),
     ({"num_layers": 0}, "num_layers=0"),
+    ({"num_kv_heads": 2}, "num_kv_heads=2: only the llama port has grouped-query attention"),
+    ({"explicit_head_dim": 8}, "explicit_head_dim=8: only the llama port"),
+    ({"model_type": "llama", "num_kv_heads": 3}, "num_kv_heads=3 does not divide num_heads=2"),
+    ({"model_type": "llama", "explicit_head_dim": 0, "rotary_dims": 0}, "explicit_head_dim must be at least 1"),
 ])
 def test_a_config_the_port_cannot_run_is_refused(neox, fields, message):
     with pytest.raises(pj.PolcaError, match=message):

@@ -1,8 +1,8 @@
-"""Pure-JAX ports of two Hugging Face causal language models: GPT-2 and GPT-NeoX (Pythia).
+"""Pure-JAX ports of three Hugging Face causal language models: GPT-2, GPT-NeoX (Pythia) and Llama.
 
 A model is a static :class:`HFModelConfig` (:func:`read_config` reads it from a ``config.json``) and a flat dict of
 parameters keyed by the state-dict names transformers uses, each in transformers' own layout (GPT-2's ``Conv1D``
-weights ``[in, out]``, GPT-NeoX's ``nn.Linear`` weights ``[out, in]``): a checkpoint converts by a cast
+weights ``[in, out]``, GPT-NeoX's and Llama's ``nn.Linear`` weights ``[out, in]``): a checkpoint converts by a cast
 (:func:`params_from_state_dict`) and back (:func:`state_dict_from_params`). :func:`logits` and :func:`token_losses`
 are pure functions of that dict, their attention written out (einsum, causal mask, softmax; no fused kernel), so that
 reverse mode, forward mode (``jax.jvp``) and forward-over-reverse (Hessian-vector products) all apply to them.
@@ -27,7 +27,7 @@ from jax import lax
 
 from polca_jax.errors import PolcaError
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox")
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
 _HEAD = "lm_head.weight"
 _HEAD_ALIASES = ("embed_out.weight",)  # the head's name in Pythia's checkpoints and save_pretrained's files
 _HIGHEST = lax.Precision.HIGHEST
@@ -72,31 +72,38 @@ class HFModelConfig:
     """The architecture of a ported model: what :func:`logits` needs besides the parameters (hashable, so static).
 
     Attributes:
-      model_type: ``"gpt2"`` or ``"gpt_neox"`` (:data:`SUPPORTED_MODEL_TYPES`).
+      model_type: ``"gpt2"``, ``"gpt_neox"`` or ``"llama"`` (:data:`SUPPORTED_MODEL_TYPES`).
       vocab_size: V, the rows of the token embedding and of the head.
       hidden_size: D, the width of the residual stream.
       num_layers: the transformer blocks.
-      num_heads: attention heads; they divide ``hidden_size``.
+      num_heads: attention (query) heads; they divide ``hidden_size``.
       intermediate_size: the MLP's hidden width.
-      max_positions: the longest input the model reads (GPT-2's learned positions; GPT-NeoX's
+      max_positions: the longest input the model reads (GPT-2's learned positions; GPT-NeoX's and Llama's
         ``max_position_embeddings``).
-      layer_norm_eps: the epsilon of every layer norm.
+      layer_norm_eps: the epsilon of every layer norm (Llama's RMSNorm: ``rms_norm_eps``).
       activation: the MLP's activation by its transformers name: ``"gelu"`` (exact, erf), ``"gelu_new"``,
         ``"gelu_pytorch_tanh"`` (tanh approximation), ``"gelu_fast"``, ``"quick_gelu"``, ``"relu"``, ``"silu"``
         and their aliases ``"gelu_python"``, ``"gelu_python_tanh"``, ``"swish"``.
       tie_word_embeddings: the head is the token embedding (no ``lm_head.weight`` parameter).
-      rotary_dims: GPT-NeoX: rotary dimensions per head, ``int(head_dim · partial_rotary_factor)``, even.
-      rotary_base: GPT-NeoX: the rotary base (``rope_theta``).
+      rotary_dims: GPT-NeoX and Llama: rotary dimensions per head, even; GPT-NeoX's
+        ``int(head_dim · partial_rotary_factor)``, Llama's ``head_dim`` (the whole head).
+      rotary_base: GPT-NeoX and Llama: the rotary base (``rope_theta``).
       use_parallel_residual: GPT-NeoX: ``x + attn(ln1(x)) + mlp(ln2(x))`` when True, else the sequential
         ``y = x + attn(ln1(x)); y + mlp(ln2(y))``.
-      attention_bias: GPT-NeoX: the attention's two projections have biases.
+      attention_bias: GPT-NeoX and Llama: the attention's projections have biases.
+      mlp_bias: Llama: the MLP's three projections have biases (GPT-2's and GPT-NeoX's MLPs always do).
+      num_kv_heads: Llama: key/value heads where fewer than ``num_heads`` (grouped-query attention: each serves
+        ``num_heads // num_kv_heads`` consecutive query heads, which it divides); None: as many as ``num_heads``.
+      explicit_head_dim: Llama: the width of one head where the config's ``head_dim`` differs from
+        ``hidden_size // num_heads``; None: that quotient (:attr:`head_dim`).
 
-    GPT-2 ignores the four GPT-NeoX fields (its blocks are sequential, with biases everywhere, and its positions
-    learned).
+    GPT-2 ignores the GPT-NeoX and Llama fields (its blocks are sequential, with biases everywhere, and its positions
+    learned); Llama ignores ``use_parallel_residual`` (its blocks are sequential).
 
     Raises:
       PolcaError: for a model type or activation the port does not implement, sizes below 1, heads that do not
-        divide ``hidden_size``, or rotary dimensions that are odd, negative or wider than a head.
+        divide ``hidden_size``, rotary dimensions that are odd, negative or wider than a head, key/value heads that
+        do not divide ``num_heads``, or ``num_kv_heads`` or ``explicit_head_dim`` set for a family other than Llama.
     """
 
     model_type: str
@@ -113,6 +120,9 @@ class HFModelConfig:
     rotary_base: float = 10000.0
     use_parallel_residual: bool = True
     attention_bias: bool = True
+    mlp_bias: bool = True
+    num_kv_heads: int | None = None
+    explicit_head_dim: int | None = None
 
     def __post_init__(self):
         _check_model_type(self.model_type)
@@ -126,6 +136,15 @@ class HFModelConfig:
             raise PolcaError(f"model sizes must be at least 1, got {', '.join(small)}")
         if self.hidden_size % self.num_heads:
             raise PolcaError(f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
+        llama_only = [f"{name}={getattr(self, name)}" for name in ("num_kv_heads", "explicit_head_dim")
+                      if getattr(self, name) is not None]
+        if llama_only and self.model_type != "llama":
+            raise PolcaError(f"{', '.join(llama_only)}: only the llama port has grouped-query attention and a head "
+                             f"width apart from hidden_size // num_heads, not the {self.model_type} port")
+        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+            raise PolcaError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        if self.head_dim < 1:
+            raise PolcaError(f"explicit_head_dim must be at least 1, got {self.explicit_head_dim}")
         if not (0 <= self.rotary_dims <= self.head_dim and self.rotary_dims % 2 == 0):
             raise PolcaError(
                 f"rotary_dims must be even and between 0 and the head dimension {self.head_dim}, got {self.rotary_dims}"
@@ -133,8 +152,13 @@ class HFModelConfig:
 
     @property
     def head_dim(self) -> int:
-        """The width of one attention head, ``hidden_size // num_heads``."""
-        return self.hidden_size // self.num_heads
+        """The width of one attention head: ``explicit_head_dim`` if set, else ``hidden_size // num_heads``."""
+        return self.hidden_size // self.num_heads if self.explicit_head_dim is None else self.explicit_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """The key/value heads: ``num_kv_heads`` if set, else ``num_heads``."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +176,7 @@ class _Family:
         """A state-dict key under the name transformers 5 uses; None for a buffer."""
         if name in _HEAD_ALIASES:
             return _HEAD
-        if name.endswith(self.buffers):
+        if ("." + name).endswith(self.buffers):  # also a base model's own: rotary_emb.inv_freq
             return None
         return name if name == _HEAD or name.startswith(self.prefix) else self.prefix + name
 
@@ -161,7 +185,7 @@ class _Family:
 
 
 def read_config(source: str | os.PathLike | Mapping[str, Any]) -> HFModelConfig:
-    """The :class:`HFModelConfig` of a GPT-2 or GPT-NeoX checkpoint, from its transformers configuration.
+    """The :class:`HFModelConfig` of a GPT-2, GPT-NeoX or Llama checkpoint, from its transformers configuration.
 
     GPT-2 reads ``vocab_size``, ``n_embd``, ``n_layer``, ``n_head``, ``n_inner`` (None: 4·``n_embd``),
     ``n_positions``, ``layer_norm_epsilon``, ``activation_function`` and ``tie_word_embeddings`` (default True).
@@ -170,7 +194,13 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> HFModelConfig:
     ``tie_word_embeddings`` (default False), ``use_parallel_residual`` (default True), ``attention_bias`` (default
     True) and the rotary embedding in either spelling: transformers 5's ``rope_parameters`` (``rope_theta``,
     ``partial_rotary_factor``) or the legacy ``rotary_emb_base``, ``rotary_pct`` of Pythia's hub configs (defaults
-    10000 and 0.25, as in transformers). The sizes have no defaults; the other fields default as in transformers.
+    10000 and 0.25, as in transformers). Llama reads ``vocab_size``, ``hidden_size``, ``num_hidden_layers``,
+    ``num_attention_heads``, ``num_key_value_heads`` (default: ``num_attention_heads``), ``head_dim`` (default:
+    ``hidden_size // num_attention_heads``), ``intermediate_size``, ``max_position_embeddings``, ``rms_norm_eps``
+    (default 1e-6), ``hidden_act`` (default ``"silu"``), ``tie_word_embeddings`` (default False), ``attention_bias``
+    and ``mlp_bias`` (default False) and the rotary base, rotary on the whole head: ``rope_parameters``'
+    ``rope_theta`` or the legacy top-level ``rope_theta`` (default 10000). The sizes have no defaults; the other
+    fields default as in transformers.
 
     Args:
       source: a directory written by ``save_pretrained`` (its ``config.json`` is read), the path of a
@@ -183,8 +213,9 @@ def read_config(source: str | os.PathLike | Mapping[str, Any]) -> HFModelConfig:
       PolcaError: for a missing or unreadable file, a ``model_type`` other than those of
         :data:`SUPPORTED_MODEL_TYPES`, a missing size, or an option the port does not implement (GPT-2's
         ``scale_attn_weights`` False, ``scale_attn_by_inverse_layer_idx``, ``reorder_and_upcast_attn`` or
-        ``add_cross_attention`` True; GPT-NeoX rotary scaling other than ``"default"``; an activation outside
-        :class:`HFModelConfig`'s list), naming it.
+        ``add_cross_attention`` True; GPT-NeoX or Llama rotary scaling other than ``"default"``, such as
+        ``"linear"``, ``"dynamic"``, ``"yarn"`` or ``"llama3"``; an activation outside :class:`HFModelConfig`'s
+        list), naming it; for Llama key/value heads that do not divide the attention heads.
 
     Example:
       A small GPT-2 built with transformers (the other examples of :mod:`polca_jax.hf` use ``model``, ``config``,
@@ -263,12 +294,19 @@ def _read_gpt2(values: Mapping[str, Any]) -> HFModelConfig:
     )
 
 
-def _read_gpt_neox(values: Mapping[str, Any]) -> HFModelConfig:
-    # transformers: rope_scaling (legacy) or rope_parameters, completed by the legacy rotary_emb_base / rotary_pct
+def _rope_parameters(values: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The rotary embedding's parameters: transformers' ``rope_scaling`` (legacy) or ``rope_parameters``, which the
+    caller completes from legacy top-level fields; raises unless its type is the default (unscaled) one."""
     rope = dict(values.get("rope_scaling") or values.get("rope_parameters") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise PolcaError(f"the gpt_neox port implements only the default rotary embedding, not rope_type {rope_type!r}")
+        raise PolcaError(
+            f"the {model_type} port implements only the default rotary embedding, not rope_type {rope_type!r}")
+    return rope
+
+
+def _read_gpt_neox(values: Mapping[str, Any]) -> HFModelConfig:
+    rope = _rope_parameters(values, "gpt_neox")  # completed by the legacy rotary_emb_base / rotary_pct
     hidden, heads = _required(values, "hidden_size"), _required(values, "num_attention_heads")
     rotary_fraction = rope.get("partial_rotary_factor", values.get("rotary_pct", 0.25))
     return HFModelConfig(
@@ -289,6 +327,31 @@ def _read_gpt_neox(values: Mapping[str, Any]) -> HFModelConfig:
     )
 
 
+def _read_llama(values: Mapping[str, Any]) -> HFModelConfig:
+    rope = _rope_parameters(values, "llama")  # completed by the legacy top-level rope_theta
+    hidden, heads = _required(values, "hidden_size"), _required(values, "num_attention_heads")
+    kv_heads, head_dim = values.get("num_key_value_heads") or heads, values.get("head_dim") or hidden // heads
+    return HFModelConfig(
+        model_type="llama",
+        vocab_size=_required(values, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=_required(values, "num_hidden_layers"),
+        num_heads=heads,
+        intermediate_size=_required(values, "intermediate_size"),
+        max_positions=_required(values, "max_position_embeddings"),
+        layer_norm_eps=values.get("rms_norm_eps", 1e-6),
+        activation=values.get("hidden_act", "silu"),
+        tie_word_embeddings=values.get("tie_word_embeddings", False),
+        rotary_dims=head_dim,
+        rotary_base=float(rope.get("rope_theta", values.get("rope_theta", 10000.0))),
+        use_parallel_residual=False,
+        attention_bias=values.get("attention_bias", False),
+        mlp_bias=values.get("mlp_bias", False),
+        num_kv_heads=None if kv_heads == heads else kv_heads,  # None where they equal, so equal models compare equal
+        explicit_head_dim=None if head_dim == hidden // heads else head_dim,
+    )
+
+
 # -------------------------------------------------------------------------------------------------------- parameters
 
 
@@ -297,8 +360,8 @@ def _dense_shapes(name: str, fan_in: int, fan_out: int, layout: str, bias: bool 
     return {f"{name}.weight": weight, **({f"{name}.bias": (fan_out,)} if bias else {})}
 
 
-def _norm_shapes(name: str, width: int) -> dict[str, tuple]:
-    return {f"{name}.weight": (width,), f"{name}.bias": (width,)}
+def _norm_shapes(name: str, width: int, bias: bool = True) -> dict[str, tuple]:
+    return {f"{name}.weight": (width,), **({f"{name}.bias": (width,)} if bias else {})}
 
 
 def _gpt2_shapes(config: HFModelConfig) -> dict[str, tuple[int, ...]]:
@@ -327,6 +390,25 @@ def _gpt_neox_shapes(config: HFModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= _dense_shapes(layer + "mlp.dense_h_to_4h", d, m, _LINEAR)
         shapes |= _dense_shapes(layer + "mlp.dense_4h_to_h", m, d, _LINEAR)
     return shapes | _norm_shapes("gpt_neox.final_layer_norm", d)
+
+
+def _llama_shapes(config: HFModelConfig) -> dict[str, tuple[int, ...]]:
+    d, m = config.hidden_size, config.intermediate_size
+    attention_bias, mlp_bias = config.attention_bias, config.mlp_bias
+    queries, keys = config.num_heads * config.head_dim, config.kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d)}
+    for i in range(config.num_layers):
+        layer = f"model.layers.{i}."
+        shapes |= _dense_shapes(layer + "self_attn.q_proj", d, queries, _LINEAR, attention_bias)
+        shapes |= _dense_shapes(layer + "self_attn.k_proj", d, keys, _LINEAR, attention_bias)
+        shapes |= _dense_shapes(layer + "self_attn.v_proj", d, keys, _LINEAR, attention_bias)
+        shapes |= _dense_shapes(layer + "self_attn.o_proj", queries, d, _LINEAR, attention_bias)
+        shapes |= _dense_shapes(layer + "mlp.gate_proj", d, m, _LINEAR, mlp_bias)
+        shapes |= _dense_shapes(layer + "mlp.up_proj", d, m, _LINEAR, mlp_bias)
+        shapes |= _dense_shapes(layer + "mlp.down_proj", m, d, _LINEAR, mlp_bias)
+        shapes |= _norm_shapes(layer + "input_layernorm", d, bias=False)
+        shapes |= _norm_shapes(layer + "post_attention_layernorm", d, bias=False)
+    return shapes | _norm_shapes("model.norm", d, bias=False)
 
 
 def _parameter_shapes(config: HFModelConfig) -> dict[str, tuple[int, ...]]:
@@ -388,11 +470,12 @@ def params_from_state_dict(
     """The parameter dict of a transformers state dict: the same names and layouts, cast to ``dtype``.
 
     Keys are renamed to transformers 5's names: Pythia's ``embed_out.weight`` is ``lm_head.weight``, and a base
-    model's keys (``h.0.attn.c_attn.weight``, ``layers.0.attention.dense.weight``) get the causal LM's prefix
-    (``transformer.``, ``gpt_neox.``). Buffers that old checkpoints carry (GPT-2's ``attn.bias``,
-    ``attn.masked_bias``; GPT-NeoX's ``attention.bias``, ``attention.masked_bias``, ``rotary_emb.inv_freq``) are
-    dropped. With tied embeddings the head is the token embedding: a ``lm_head.weight`` in ``state`` is dropped (it
-    must equal the embedding), so a gradient reaches the one leaf.
+    model's keys (``h.0.attn.c_attn.weight``, ``layers.0.attention.dense.weight``, ``layers.0.mlp.up_proj.weight``)
+    get the causal LM's prefix (``transformer.``, ``gpt_neox.``, ``model.``). Buffers that old checkpoints carry
+    (GPT-2's ``attn.bias``, ``attn.masked_bias``; GPT-NeoX's ``attention.bias``, ``attention.masked_bias``,
+    ``rotary_emb.inv_freq``; Llama's ``rotary_emb.inv_freq``) are dropped. With tied embeddings the head is the
+    token embedding: a ``lm_head.weight`` in ``state`` is dropped (it must equal the embedding), so a gradient
+    reaches the one leaf.
 
     Args:
       state: name -> array: numpy arrays (``safetensors.numpy.load_file``), torch tensors (``model.state_dict()``)
@@ -402,9 +485,10 @@ def params_from_state_dict(
 
     Returns:
       A flat dict, name -> array, in transformers' layouts: GPT-2's ``Conv1D`` weights ``[in, out]`` (e.g.
-      ``transformer.h.0.attn.c_attn.weight [D, 3D]``), GPT-NeoX's ``nn.Linear`` weights ``[out, in]`` (e.g.
-      ``gpt_neox.layers.0.attention.query_key_value.weight [3D, D]``), embeddings ``[V, D]``, the untied head
-      ``lm_head.weight [V, D]``.
+      ``transformer.h.0.attn.c_attn.weight [D, 3D]``), GPT-NeoX's and Llama's ``nn.Linear`` weights ``[out, in]``
+      (e.g. ``gpt_neox.layers.0.attention.query_key_value.weight [3D, D]``,
+      ``model.layers.0.self_attn.k_proj.weight [num_kv_heads · head_dim, D]``), embeddings ``[V, D]``, the untied
+      head ``lm_head.weight [V, D]``.
 
     Raises:
       PolcaError: for missing keys, unexpected keys, wrong shapes (each listed: the first few names and the count),
@@ -494,13 +578,29 @@ def _layer_norm(params: Mapping[str, jax.Array], name: str, x: jax.Array, eps: f
     return (x - mean) * lax.rsqrt(variance + eps) * params[f"{name}.weight"] + params[f"{name}.bias"]
 
 
-def _mlp(params, config: HFModelConfig, names: tuple[str, str], x: jax.Array, layout: str) -> jax.Array:
-    hidden = _ACTIVATIONS[config.activation](_dense(params, names[0], x, layout))
-    return _dense(params, names[1], hidden, layout)
+def _rms_norm(params: Mapping[str, jax.Array], name: str, x: jax.Array, eps: float) -> jax.Array:
+    """Llama's RMSNorm: normalised in float32 (or wider: a float64 model stays float64), cast back, then scaled."""
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    normalised = wide * lax.rsqrt(jnp.square(wide).mean(axis=-1, keepdims=True) + eps)
+    return params[f"{name}.weight"] * normalised.astype(x.dtype)
+
+
+def _mlp(params, config: HFModelConfig, names: tuple[str, ...], x: jax.Array, layout: str) -> jax.Array:
+    """``out(act(fc(x)))`` for ``names`` (fc, out); the gated ``out(act(gate(x)) * up(x))`` for (gate, up, out)."""
+    *inputs, output = names
+    hidden = _ACTIVATIONS[config.activation](_dense(params, inputs[0], x, layout))
+    for name in inputs[1:]:
+        hidden = hidden * _dense(params, name, x, layout)
+    return _dense(params, output, hidden, layout)
 
 
 def _causal_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
-    """Causal softmax attention (each position to itself and earlier ones): ``[B, T, H, hd]`` ×3 -> ``[B, T, H·hd]``."""
+    """Causal softmax attention (each position to itself and earlier ones): ``[B, T, H, hd]`` -> ``[B, T, H·hd]``.
+
+    ``key`` and ``value`` are ``[B, T, H_kv, hd]``, H_kv dividing H: each key/value head serves H / H_kv consecutive
+    query heads (transformers' ``repeat_kv``; H_kv = H without grouped-query attention)."""
+    groups = query.shape[2] // key.shape[2]
+    key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, precision=_HIGHEST) * query.shape[-1] ** -0.5
     length = query.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
@@ -510,7 +610,7 @@ def _causal_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax
 
 
 def _rotary_tables(config: HFModelConfig, length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin ``[T, rotary_dims]`` of GPT-NeoX's rotary embedding, computed in float32 as transformers does."""
+    """cos and sin ``[T, rotary_dims]`` of GPT-NeoX's and Llama's rotary embedding, in float32 as transformers does."""
     dims = config.rotary_dims
     inverse_frequencies = 1.0 / (np.float32(config.rotary_base) ** (np.arange(0, dims, 2, dtype=np.float32) / dims))
     angles = np.arange(length, dtype=np.float32)[:, None] * inverse_frequencies
@@ -560,12 +660,31 @@ def _gpt_neox_hidden_states(config: HFModelConfig, params, tokens: jax.Array) ->
     return _layer_norm(params, "gpt_neox.final_layer_norm", x, eps)
 
 
+def _llama_hidden_states(config: HFModelConfig, params, tokens: jax.Array) -> jax.Array:
+    """Llama's final hidden states ``[B, T, D]``: RMSNorm, rotary grouped-query attention, gated MLP, sequential."""
+    eps = config.layer_norm_eps
+    x = params["model.embed_tokens.weight"][tokens]
+    cos, sin = _rotary_tables(config, tokens.shape[1], x.dtype)
+    for i in range(config.num_layers):
+        layer = f"model.layers.{i}."
+        normalised = _rms_norm(params, layer + "input_layernorm", x, eps)
+        query, key, value = (_dense(params, f"{layer}self_attn.{part}_proj", normalised, _LINEAR)
+                             .reshape(*x.shape[:2], -1, config.head_dim) for part in "qkv")
+        attention = _causal_attention(_rotate(query, cos, sin), _rotate(key, cos, sin), value)
+        x = x + _dense(params, layer + "self_attn.o_proj", attention, _LINEAR)
+        mlp_names = (layer + "mlp.gate_proj", layer + "mlp.up_proj", layer + "mlp.down_proj")
+        x = x + _mlp(params, config, mlp_names, _rms_norm(params, layer + "post_attention_layernorm", x, eps), _LINEAR)
+    return _rms_norm(params, "model.norm", x, eps)
+
+
 _FAMILIES = {
     "gpt2": _Family("transformer.", "transformer.wte.weight", (".attn.bias", ".attn.masked_bias"),
                     _read_gpt2, _gpt2_shapes, _gpt2_hidden_states),
     "gpt_neox": _Family("gpt_neox.", "gpt_neox.embed_in.weight",
                         (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq"),
                         _read_gpt_neox, _gpt_neox_shapes, _gpt_neox_hidden_states),
+    "llama": _Family("model.", "model.embed_tokens.weight", (".rotary_emb.inv_freq",),
+                     _read_llama, _llama_shapes, _llama_hidden_states),
 }
 
 
