@@ -20,7 +20,7 @@ import polca_jax as pj
 from polca_jax.errors import PolcaError
 from polca_jax.hf import HFCheckpoints, checkpoint_steps, read_state_dict
 from polca_jax.pipeline.cli import main as polca
-from experiments.huggingface import step_settings
+from experiments.huggingface import position_quarters, step_settings
 from experiments.huggingface import train_torch
 from experiments.huggingface.train_torch import train_checkpoints
 
@@ -88,6 +88,12 @@ def test_a_damaged_checkpoint_is_refused_by_name(tmp_path, neox_run):
         HFCheckpoints(damaged)
 
 
+def test_position_quarters_follow_the_samples_order():
+    quarters = position_quarters(8, 2)
+    assert quarters.tolist()[:8] == ["1st quarter"] * 2 + ["2nd quarter"] * 2 + ["3rd quarter"] * 2 + ["4th quarter"] * 2
+    assert quarters.tolist()[8:] == quarters.tolist()[:8]
+
+
 def test_step_settings_follow_the_checkpoints():
     pythia = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512] + list(range(1000, 143_001, 1000))
     settings = step_settings(pythia, "pythia")
@@ -126,6 +132,8 @@ def test_docs_huggingface_runs_as_written(tmp_path, monkeypatch, capsys):
         np.testing.assert_allclose(np.asarray(result.loss[index]), losses.numpy().reshape(-1), rtol=1e-4, atol=1e-5)
     report = (out / "report" / "report.md").read_text()
     assert "Top target tokens" in report and "POLCA clusters per kept direction" in report
+    assert {"kind", "token", "position"} <= set(json.loads((out / "metrics.json").read_text())["variants"]["polca"][
+        "label_sets"])
     capsys.readouterr()
     assert polca([*run.split()[1:], "--quiet", "--no-compile-cache"]) == 0
     assert "already finished" in capsys.readouterr().out  # resumed: nothing redone

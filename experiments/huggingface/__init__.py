@@ -14,7 +14,8 @@ model's own tokenizer (``tokenizer``: default the checkpoints' directory or the 
 ``transformers.AutoTokenizer``) and cut into contexts of ``context_length`` + 1 tokens; one part of the documents
 gives the evaluation contexts, another the Hessian sample. Label sets and the report's automatic cluster labels are
 the English experiment's (token kinds, the target token, tags of the target and the tokens before it), computed on
-the token texts of whatever tokenizer the model has.
+the token texts of whatever tokenizer the model has, and the quarter of the context each sample sits in
+(``position``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from polca_jax.errors import PolcaError
 from polca_jax.files import save_npz_atomic
 from polca_jax.hf import HFCheckpoints, checkpoint_steps, token_losses
-from polca_jax.pipeline import Task, TaskDefinition
+from polca_jax.pipeline import LabelSet, Task, TaskDefinition
 from experiments.english import text, token_samples, tokenizer
 from experiments.english.paper import cluster_label_sections, cluster_labels
 
@@ -104,6 +105,7 @@ def make_task(model: str, text_source: str = "lee", tokenizer_path: str | None =
     if workdir is not None and not (Path(workdir) / "tokens.npz").exists():
         save_npz_atomic(Path(workdir) / "tokens.npz", ids=eval_contexts, texts=texts)
     label_sets, sample_texts = token_samples(texts)
+    label_sets["position"] = LabelSet(position_quarters(context_length, len(eval_contexts)))
     return Task(
         init_params=store[0],
         per_sample_loss=lambda params, batch: token_losses(config, params, batch["tokens"]),
@@ -115,6 +117,13 @@ def make_task(model: str, text_source: str = "lee", tokenizer_path: str | None =
         description=f"{config.model_type} checkpoints of {model} on {text_source!r}: {len(eval_contexts)} evaluation "
                     f"contexts of {context_length} next-token predictions.",
     )
+
+
+def position_quarters(context_length: int, num_contexts: int) -> np.ndarray:
+    """``[N]`` the quarter of its context each next-token sample sits in (``"1st quarter"`` ... ``"4th quarter"``),
+    samples in row-major (context, position) order: whether a cluster gathers early or late positions."""
+    quarter = np.arange(context_length) * 4 // context_length
+    return np.tile(np.array(["1st quarter", "2nd quarter", "3rd quarter", "4th quarter"])[quarter], num_contexts)
 
 
 def _load_tokenizer(path: str | None, model: str, store: HFCheckpoints):
@@ -150,4 +159,5 @@ def _contexts(backend, documents: list[str], context_length: int, count: int, se
     return contexts
 
 
-__all__ = ["BASIS_CHECKPOINTS", "TINY_SETTINGS", "make_task", "step_settings", "task_definition"]
+__all__ = ["BASIS_CHECKPOINTS", "TINY_SETTINGS", "make_task", "position_quarters", "step_settings",
+           "task_definition"]
