@@ -1,12 +1,13 @@
 """POLCA on a Hugging Face causal language model's own training checkpoints: ``polca run hf:PATH_OR_REPO``.
 
-``PATH_OR_REPO`` is a directory of one training run's checkpoints (``save_pretrained`` directories named ``step1000``
-or ``checkpoint-1000``, or state-dict files beside a ``config.json``) or a Hub repository whose revisions are named
-``step<N>`` like Pythia's (:mod:`polca_jax.hf` reads them; the Hub needs the network). The model is GPT-2 or
-GPT-NeoX, ported to JAX (:func:`polca_jax.hf.token_losses`), so the run never trains: it decomposes the checkpoints
-that are there. Its POLCA steps are 0, e, 2e, ... up to the last checkpoint, for the smallest interval e whose every
-multiple has a checkpoint (Pythia: every 1000 steps), with about 8 basis checkpoints (preset ``default``, computed
-from the checkpoints found; ``--set polca_every=...`` and the other settings change it).
+``PATH_OR_REPO`` is a directory of one training run's checkpoints (``save_pretrained`` directories named
+``step1000`` or ``checkpoint-1000``, or state-dict files beside a ``config.json``) or a Hub repository whose
+revisions are named ``step<N>`` like Pythia's (:mod:`polca_jax.hf` reads them; the Hub needs the network). The model
+is GPT-2, GPT-NeoX or Llama, ported to JAX (:func:`polca_jax.hf.token_losses`), so the run never trains: it
+decomposes the checkpoints that are there. Its POLCA steps are 0, e, 2e, ... up to the last checkpoint, for the
+smallest interval e whose every multiple has a checkpoint (Pythia: every 1000 steps), with about 8 basis checkpoints
+(preset ``default``, computed from the checkpoints found; ``--set polca_every=...`` and the other settings change
+it).
 
 Every next-token prediction of the evaluation contexts is a sample, as in the English experiment: the text (``text``:
 ``lee``, gensim's news corpus, a ``.txt``/``.jsonl`` file or directory, or ``hf:DATASET``) is tokenised with the

@@ -1,5 +1,6 @@
-"""Train a small GPT-2 or GPT-NeoX from scratch in PyTorch with ``transformers``, saving step checkpoints the way a
-training-dynamics study does: the offline stand-in for a Pythia-style suite, which ``polca run hf:OUT`` decomposes.
+"""Train a small GPT-2, GPT-NeoX or Llama from scratch in PyTorch with ``transformers``, saving step checkpoints the
+way a training-dynamics study does: the offline stand-in for a Pythia-style suite, which ``polca run hf:OUT``
+decomposes.
 
     python -m experiments.huggingface.train_torch runs/tiny-neox --model-type gpt_neox --steps 40 --every 5
     polca run hf:runs/tiny-neox --preset tiny --out runs/tiny-neox-polca
@@ -18,7 +19,8 @@ import numpy as np
 
 from experiments.english import text, tokenizer
 
-MODEL_TYPES = ("gpt2", "gpt_neox")
+MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
+LLAMA_KV_HEADS = 2  # the Llama's key/value heads (grouped-query attention when num_heads is larger)
 END_OF_TEXT = tokenizer.END_OF_TEXT
 
 
@@ -31,7 +33,9 @@ def train_checkpoints(out: str | Path, *, model_type: str = "gpt_neox", steps: i
 
     Args:
       out: the directory to create (the tokenizer at its root, ``step<N>/`` per checkpoint).
-      model_type: ``"gpt2"`` or ``"gpt_neox"`` (Pythia's architecture, rotary on a quarter of each head).
+      model_type: ``"gpt2"``, ``"gpt_neox"`` (Pythia's architecture, rotary on a quarter of each head) or
+        ``"llama"`` (RMSNorm, rotary on the whole head, a SwiGLU MLP, :data:`LLAMA_KV_HEADS` key/value heads, which
+        must divide ``num_heads``).
       steps: AdamW updates; every: the checkpoint interval.
       vocab_size, hidden_size, num_layers, num_heads: the model's sizes; context_length: the tokens it is trained
         to predict per sequence (it reads sequences of ``context_length`` + 1).
@@ -50,6 +54,8 @@ def train_checkpoints(out: str | Path, *, model_type: str = "gpt_neox", steps: i
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if weights not in ("safetensors", "bin"):
         raise ValueError(f"weights must be 'safetensors' or 'bin', got {weights!r}")
+    if model_type == "llama" and num_heads % LLAMA_KV_HEADS:
+        raise ValueError(f"the llama's {LLAMA_KV_HEADS} key/value heads must divide num_heads, got {num_heads}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     documents = text.load_documents(text_source, max_documents=max_documents)
@@ -93,6 +99,11 @@ def _config(model_type: str, vocab_size: int, hidden_size: int, num_layers: int,
         return transformers.GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=hidden_size,
                                        n_layer=num_layers, n_head=num_heads, resid_pdrop=0.0, embd_pdrop=0.0,
                                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    if model_type == "llama":
+        return transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                                        num_attention_heads=num_heads, num_key_value_heads=LLAMA_KV_HEADS,
+                                        intermediate_size=4 * hidden_size, max_position_embeddings=positions,
+                                        bos_token_id=0, eos_token_id=0)
     return transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                                       num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
                                       max_position_embeddings=positions, rotary_pct=0.25, bos_token_id=0,

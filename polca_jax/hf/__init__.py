@@ -1,5 +1,5 @@
-"""Hugging Face causal language models for POLCA's kernels: GPT-2 and GPT-NeoX (Pythia) ported to pure JAX, and
-their training checkpoints read by step.
+"""Hugging Face causal language models for POLCA's kernels: GPT-2, GPT-NeoX (Pythia) and Llama ported to pure JAX,
+and their training checkpoints read by step.
 
 The ports are functions of a flat parameter dict keyed by the models' own state-dict names, so every kernel of
 polca_jax (per-sample projections, HVPs, Lanczos) runs on a checkpoint that ``transformers`` saved, and a basis
