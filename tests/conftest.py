@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import functools
 
@@ -26,9 +27,17 @@ from polca_jax._command import missing_pipeline_modules  # noqa: E402
 _MISSING_EXTRA = missing_pipeline_modules()
 
 
+TORCH_TESTS = Path(__file__).parent / "torch"
+TORCH_PROCESS = "POLCA_TORCH_TESTS"  # set by tests/test_torch_process.py for the process that runs tests/torch/
+
+
 def pytest_ignore_collect(collection_path, config):
     """With the core install alone (no pipeline extra), a test module with no test marked ``core`` is not collected:
-    it imports the pipeline, which cannot be imported."""
+    it imports the pipeline, which cannot be imported. The tests that load PyTorch (``tests/torch/``) are collected
+    only in a process of their own (``tests/test_torch_process.py`` starts it): with PyTorch and XLA in one process,
+    XLA crashed (SIGSEGV) loading executables from JAX's persistent compilation cache in two full-suite runs."""
+    if collection_path == TORCH_TESTS and not os.environ.get(TORCH_PROCESS):
+        return True
     if _MISSING_EXTRA and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
         if "pytest.mark.core" not in collection_path.read_text():
             return True

@@ -109,7 +109,7 @@ def test_step_settings_follow_the_checkpoints():
 @pytest.mark.slow
 def test_docs_huggingface_runs_as_written(tmp_path, monkeypatch, capsys):
     """The page's offline example (train in PyTorch, polca run hf:) and its kernel snippet, as written."""
-    page = (Path(__file__).parent.parent / "docs" / "huggingface.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "huggingface.md").read_text()
     lines = [line for code in re.findall(r"```bash\n(.*?)```", page, re.S) for line in code.splitlines()]
     (train,) = [line for line in lines if line.startswith("python -m experiments.huggingface.train_torch")]
     (run,) = [line for line in lines if line.startswith("polca run hf:runs/tiny-neox")]
@@ -152,7 +152,7 @@ def test_hf_runs_refuse_an_orbax_directory_too(tmp_path, neox_run):
 
 
 def test_text_is_an_hf_option_only(tmp_path, capsys):
-    assert polca(["run", "planted", "--text", "lee", "--out", str(tmp_path / "run")]) == 2
+    assert polca(["run", "planted", "--text", "lee", "--out", str(tmp_path / "run"), "--no-compile-cache"]) == 2
     assert "--text is the evaluation text of an hf: task" in capsys.readouterr().err
 
 
@@ -175,7 +175,7 @@ with tempfile.TemporaryDirectory() as directory:
     assert (root / "step20" / "pytorch_model.bin").is_file()
     out = Path(directory) / "polca"
     assert main(["run", f"hf:{root}", "--preset", "tiny", "--out", str(out), "--quiet", "--mesh", "2x2",
-                 "--stage", "train", "--stage", "basis", "--stage", "decompose"]) == 0
+                 "--no-compile-cache", "--stage", "train", "--stage", "basis", "--stage", "decompose"]) == 0
     result = pj.POLCAResult.load(out / "polca" / "hessian")
     tokens = np.load(out / "tokens.npz")["ids"].astype(np.int64)
     for index, step in ((0, 0), (-1, 20)):
@@ -194,7 +194,7 @@ def test_gpt2_pytorch_files_decompose_on_a_mesh_as_pytorch_computes_them():
     """A GPT-2 trained in PyTorch and saved as ``pytorch_model.bin`` files, its checkpoints placed on a 2x2 mesh of
     simulated devices (samples over data, parameters over model): the decomposition's exact losses are PyTorch's."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    completed = subprocess.run([sys.executable, "-c", GPT2_MESH_SCRIPT], cwd=Path(__file__).parent.parent, env=env,
+    completed = subprocess.run([sys.executable, "-c", GPT2_MESH_SCRIPT], cwd=Path(__file__).parents[2], env=env,
                                capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "HF-MESH-OK" in completed.stdout
