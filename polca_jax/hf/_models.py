@@ -6,7 +6,7 @@ weights ``[in, out]``, GPT-NeoX's and Llama's ``nn.Linear`` weights ``[out, in]`
 (:func:`params_from_state_dict`) and back (:func:`state_dict_from_params`). :func:`logits` and :func:`token_losses`
 are pure functions of that dict, their attention written out (einsum, causal mask, softmax; no fused kernel), so that
 reverse mode, forward mode (``jax.jvp``) and forward-over-reverse (Hessian-vector products) all apply to them.
-tests/test_hf_models.py checks them against transformers' PyTorch models: logits, per-token gradients and
+tests/torch/test_hf_models.py checks them against transformers' PyTorch models: logits, per-token gradients and
 Hessian-vector products.
 """
 
