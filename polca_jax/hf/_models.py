@@ -305,18 +305,21 @@ def _rope_parameters(values: Mapping[str, Any], model_type: str) -> dict[str, An
     return rope
 
 
+def _decoder_sizes(values: Mapping[str, Any]) -> dict[str, int]:
+    """The sizes GPT-NeoX's and Llama's configs spell alike (transformers' names), as HFModelConfig fields."""
+    return dict(vocab_size=_required(values, "vocab_size"), hidden_size=_required(values, "hidden_size"),
+                num_layers=_required(values, "num_hidden_layers"), num_heads=_required(values, "num_attention_heads"),
+                intermediate_size=_required(values, "intermediate_size"),
+                max_positions=_required(values, "max_position_embeddings"))
+
+
 def _read_gpt_neox(values: Mapping[str, Any]) -> HFModelConfig:
     rope = _rope_parameters(values, "gpt_neox")  # completed by the legacy rotary_emb_base / rotary_pct
     hidden, heads = _required(values, "hidden_size"), _required(values, "num_attention_heads")
     rotary_fraction = rope.get("partial_rotary_factor", values.get("rotary_pct", 0.25))
     return HFModelConfig(
         model_type="gpt_neox",
-        vocab_size=_required(values, "vocab_size"),
-        hidden_size=hidden,
-        num_layers=_required(values, "num_hidden_layers"),
-        num_heads=heads,
-        intermediate_size=_required(values, "intermediate_size"),
-        max_positions=_required(values, "max_position_embeddings"),
+        **_decoder_sizes(values),
         layer_norm_eps=values.get("layer_norm_eps", 1e-5),
         activation=values.get("hidden_act", "gelu"),
         tie_word_embeddings=values.get("tie_word_embeddings", False),
@@ -333,12 +336,7 @@ def _read_llama(values: Mapping[str, Any]) -> HFModelConfig:
     kv_heads, head_dim = values.get("num_key_value_heads") or heads, values.get("head_dim") or hidden // heads
     return HFModelConfig(
         model_type="llama",
-        vocab_size=_required(values, "vocab_size"),
-        hidden_size=hidden,
-        num_layers=_required(values, "num_hidden_layers"),
-        num_heads=heads,
-        intermediate_size=_required(values, "intermediate_size"),
-        max_positions=_required(values, "max_position_embeddings"),
+        **_decoder_sizes(values),
         layer_norm_eps=values.get("rms_norm_eps", 1e-6),
         activation=values.get("hidden_act", "silu"),
         tie_word_embeddings=values.get("tie_word_embeddings", False),
