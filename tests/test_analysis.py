@@ -358,3 +358,46 @@ def test_every_permutation_count_takes_a_numpy_integer():
     assert homogeneity_pvalues(clustering, labels, num_permutations=np.int64(50)).num_permutations == 50
     with pytest.raises(PolcaError, match="positive integer"):
         ari_pvalue(clustering, labels, num_permutations=np.float64(50))
+
+
+def _varimax_criterion(rows: np.ndarray) -> float:
+    """Kaiser's varimax criterion: the variance of the squared coordinates within each column, summed."""
+    return float(np.sum(np.var(rows ** 2, axis=0)))
+
+
+def test_varimax_finds_the_rotation_a_search_over_every_angle_finds():
+    from polca_jax.analysis import rotate_within_span
+
+    rng = np.random.default_rng(3)
+    sources = rng.laplace(size=(2, 150, 2)) * (rng.random((2, 150, 2)) < 0.4) + 0.01 * rng.normal(size=(2, 150, 2))
+    mixed = sources @ np.linalg.qr(rng.normal(size=(2, 2)))[0]  # [T, N, K] float64
+    rotated = rotate_within_span(mixed, "varimax")
+
+    def rows(x):  # each sample's trajectory divided by its norm, as rows [T·N, K]
+        per_sample = x.transpose(1, 0, 2)
+        return (per_sample / np.linalg.norm(per_sample, axis=(1, 2), keepdims=True)).reshape(-1, 2)
+
+    transform = np.linalg.lstsq(mixed.reshape(-1, 2), rotated.reshape(-1, 2), rcond=None)[0]
+    np.testing.assert_allclose(transform.T @ transform, np.eye(2), atol=1e-10)  # an orthogonal rotation ...
+    angles = np.linspace(0, np.pi / 2, 20001)  # ... as good as the best of every angle (the criterion's period)
+    best = max(_varimax_criterion(rows(mixed) @ np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]))
+               for a in angles)
+    assert _varimax_criterion(rows(mixed) @ transform) == pytest.approx(best, rel=1e-6)
+    assert _varimax_criterion(rows(mixed) @ transform) > _varimax_criterion(rows(mixed)) * 1.01
+
+
+def test_rotations_within_the_span_recover_mixed_sources_and_refuse_bad_input():
+    from polca_jax.analysis import ROTATIONS, rotate_within_span
+
+    rng = np.random.default_rng(4)
+    sources = rng.laplace(size=(3, 200, 3)) * (rng.random((3, 200, 3)) < 0.3)
+    skewed = sources @ np.array([[1.0, 0.6, 0.0], [0.0, 1.0, 0.5], [0.3, 0.0, 1.0]])  # not orthogonal: ICA's case
+    found = rotate_within_span(skewed, "ica")
+    correlation = np.abs(np.corrcoef(found.reshape(-1, 3).T, sources.reshape(-1, 3).T)[:3, 3:])
+    assert correlation.max(axis=1).min() > 0.98
+    assert rotate_within_span(skewed, "none") is not None and np.array_equal(rotate_within_span(skewed, "none"), skewed)
+    assert ROTATIONS == ("none", "varimax", "ica")
+    with pytest.raises(PolcaError, match="rotation must be one of"):
+        rotate_within_span(skewed, "promax")
+    with pytest.raises(PolcaError, match="projections"):
+        rotate_within_span(skewed[0], "varimax")

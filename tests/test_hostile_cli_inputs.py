@@ -80,6 +80,8 @@ CASES = [
     (["run", USER, "--set", "chunk_size=0"], r"chunk_size must be None or an integer >= 1"),
     (["run", USER, "--set", "significance=1.5"], r"significance must lie strictly between 0 and 1"),
     (["run", USER, "--set", "gradient_window=1.5"], r"gradient_window must be a fraction in \(0, 1\]"),
+    (["run", USER, "--set", "gradient_rotation=pca"], r"gradient_rotation must be one of \('none', 'varimax', 'ica'\)"),
+    (["run", USER, "--set", "gradient_directions=all"], r"gradient_directions must be one of \('joint', 'each'\)"),
     (["run", USER, "--set", "null_permutations=0"], r"null_permutations must be an integer >= 1"),
     (["run", USER, "--set", "preset=paper"], r"'preset' is not a setting; use --preset NAME"),
     (["run", USER, "--set", "task=english"], r"'task' is not a setting; name the task on the command line"),

@@ -238,6 +238,47 @@ def test_gradient_trajectories_read_the_late_window_where_the_groups_part():
         dataclasses.replace(config, gradient_window=0)
 
 
+def test_gradient_increments_see_groups_that_each_sample_s_constant_gradient_hides():
+    from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat([0, 1], 60)
+    offsets = 20.0 * rng.normal(size=(1, 120, 3))  # [T, N, K]: each sample's own constant gradient, far larger ...
+    drift = np.zeros((1, 120, 3))
+    drift[0, :, 0] = np.where(groups == 1, 0.3, -0.3)  # ... than its group's drift per checkpoint
+    projections = offsets + np.arange(10)[:, None, None] * drift + 0.05 * rng.normal(size=(10, 120, 3))
+    config = RunConfig(task="t", preset=None, task_options={}, min_cluster_size=20, reference_num_samples=None,
+                       gradient_window=1.0)
+    [values] = cluster_gradient_trajectories(projections, config)
+    [increments] = cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_increments=True))
+    assert adjusted_rand_score(groups, increments.labels) > 0.9 and not analysis.adjusted_rand(values, groups) > 0.5
+
+
+def test_gradient_trajectories_per_direction_cluster_each_direction_along_the_rotation_asked_for():
+    from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat([0, 1], 60)
+    projections = 0.1 * rng.normal(size=(12, 120, 3))
+    projections[:, :, 1] += np.where(groups == 1, 1.0, -1.0) * np.linspace(0, 1, 12)[:, None]  # the groups part on 1
+    config = RunConfig(task="t", preset=None, task_options={}, min_cluster_size=20, reference_num_samples=None,
+                       gradient_window=0.5, gradient_directions="each")
+    each = cluster_gradient_trajectories(projections, config)
+    assert [clustering.direction for clustering in each] == [0, 1, 2]
+    assert adjusted_rand_score(groups, each[1].labels) > 0.9
+    for rotation in ("varimax", "ica"):  # the same clusterings as of the directions the rotation finds
+        rotated = cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_rotation=rotation))
+        by_hand = cluster_gradient_trajectories(analysis.rotate_within_span(projections[-6:], rotation),
+                                                dataclasses.replace(config, gradient_window=1.0))
+        assert [c.labels.tolist() for c in rotated] == [c.labels.tolist() for c in by_hand]
+        assert max(adjusted_rand_score(groups, c.labels) for c in rotated) > 0.9
+    for setting, value, message in [("gradient_rotation", "pca", "gradient_rotation must be one of"),
+                                    ("gradient_directions", "all", "gradient_directions must be one of"),
+                                    ("gradient_increments", "yes", "gradient_increments must be true or false")]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(config, **{setting: value})
+
+
 def test_the_snapshot_control_reads_the_first_checkpoint_after_step_0_only():
     from polca_jax.pipeline import RunConfig
     from polca_jax.pipeline._stages import cluster_checkpoint_gradients

@@ -275,6 +275,26 @@ def test_another_second_order_is_redone_from_the_stored_arrays(finished_arithmet
            "trapezoid)" in text
 
 
+def test_projected_gradients_reclustered_per_direction_after_a_rotation_are_scored_and_reported(tmp_path):
+    run = synthetic_run(tmp_path / "run")
+    write_json_atomic(run / "config.json",
+                      apply_overrides(load_task_definition("arithmetic"), run.config, {}).to_dict())
+    polca_run("arithmetic", run.path, stages=["cluster"], progress=False, log=lambda _: None,
+              settings=["gradient_directions=each", "gradient_increments=true", "gradient_rotation=varimax"])
+    record = json.loads((run / "stages" / "cluster.json").read_text())["settings"]
+    assert (record["gradient_directions"], record["gradient_increments"], record["gradient_rotation"]) == (
+        "each", True, "varimax")
+    clusterings = analysis.load_clusterings(run / "clusters" / "polca_gradients.npz")
+    assert [clustering.direction for clustering in clusterings] == [0, 1, 2]
+    metrics = read_metrics(run / "metrics.json")
+    gradients = metrics.variants["polca_gradients"]
+    assert gradients.num_directions == 3 and gradients.num_clusters == sum(c.num_clusters for c in clusterings)
+    assert {c.direction for c in gradients.clusters} <= {0, 1, 2} and gradients.label_sets["carry"].per_direction_best
+    text = (run / "report" / "report.md").read_text()
+    line = next(line for line in text.splitlines() if "**Settings of these results:**" in line)
+    assert "gradient_directions=each" in line and "gradient_rotation=varimax" in line
+
+
 def test_a_finding_that_a_label_free_control_matches_is_marked_so():
     def strategy(label, homogeneity, beats_null=True):
         score = LabelScore(scored_class=1, homogeneity=homogeneity, recall=0.8, f1=0.5, base_rate=0.5, qualifies=True,

@@ -37,6 +37,7 @@ from polca_jax.analysis._nulls import (
 )
 from polca_jax.analysis._unsupervised import (
     CLUSTERERS,
+    ROTATIONS,
     STRATEGIES,
     GroupRecovery,
     adjusted_rand,
@@ -46,6 +47,7 @@ from polca_jax.analysis._unsupervised import (
     gradient_norm_features,
     group_recovery,
     joint_features,
+    rotate_within_span,
     shape_features,
     strategy_clusterings,
 )
@@ -53,6 +55,7 @@ from polca_jax.analysis._scores import ClusterScore, cluster_label_scores, max_h
 
 __all__ = [
     "CLUSTERERS",
+    "ROTATIONS",
     "STRATEGIES",
     "GroupRecovery",
     "adjusted_rand",
@@ -62,6 +65,7 @@ __all__ = [
     "gradient_norm_features",
     "group_recovery",
     "joint_features",
+    "rotate_within_span",
     "shape_features",
     "strategy_clusterings",
     "ADJUST_METHODS",

@@ -19,12 +19,13 @@ import typing
 from typing import Any, Mapping
 
 from polca_jax import SecondOrder
-from polca_jax.analysis import CLUSTERERS, NORMALIZATIONS
+from polca_jax.analysis import CLUSTERERS, NORMALIZATIONS, ROTATIONS
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._registry import ablation_basis_names, basis_kind
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
+GRADIENT_DIRECTIONS = ("joint", "each")
 NOT_SETTABLE = ("task", "preset", "task_options")
 TASK_SECTION = "task"
 SECTIONS = {
@@ -34,7 +35,7 @@ SECTIONS = {
               "lca_axes"),
     "decompose": ("polca_every", "polca_until", "second_order", "projection_method", "chunk_size"),
     "cluster": ("min_cluster_size", "min_samples_divisor", "reference_num_samples", "normalize", "profile_clusterer",
-                "gradient_window", "baselines"),
+                "gradient_window", "gradient_increments", "gradient_rotation", "gradient_directions", "baselines"),
     "score": ("window_steps", "threshold_step", "null_permutations", "breakthrough_shuffles", "significance"),
 }
 """The pipeline's settings by section: section -> the names of its fields of :class:`RunConfig` (each in one)."""
@@ -78,6 +79,12 @@ class RunConfig:
       profile_clusterer: the clusterer of the allocation profiles, the projected-gradient trajectories and the
         control: ``"hdbscan"``, ``"kmeans"``, ``"gmm"`` or ``"agglomerative"``.
       gradient_window: the last fraction of the POLCA checkpoints the projected-gradient strategies read, in (0, 1].
+      gradient_increments: those strategies cluster the changes of the projected gradients between successive
+        checkpoints of the window instead of their values.
+      gradient_rotation: new directions within the basis' span before they cluster
+        (:func:`polca_jax.analysis.rotate_within_span`): ``"none"``, ``"varimax"`` or ``"ica"``.
+      gradient_directions: ``"joint"`` (one clustering of all directions' trajectories together) or ``"each"``
+        (one clustering per direction, as the paper's step clusters the projected loss).
       window_steps: Δ of Eq. 9 in steps (None: 5 × ``polca_every``).
       threshold_step: τ of Eq. 10 (None: chosen from the loss curve, as above).
       baselines: run the ``"baseline"`` strategies (change in exact loss, Fisher, first-order POLCA, allocation
@@ -138,6 +145,9 @@ class RunConfig:
     normalize: str | None = None
     profile_clusterer: str = "gmm"  # the allocation-profile strategy's clusterer: hdbscan, kmeans, gmm, agglomerative
     gradient_window: float = 0.25  # the projected-gradient strategies read the last fraction of the POLCA checkpoints
+    gradient_increments: bool = False  # ... and cluster their values (False) or their changes between checkpoints
+    gradient_rotation: str = "none"  # ... along the basis (none) or new directions in its span: varimax, ica
+    gradient_directions: str = "joint"  # ... all directions in one clustering (joint) or one per direction (each)
     # breakthroughs (Eqs. 9-10)
     window_steps: int | None = None
     threshold_step: int | None = None
@@ -178,7 +188,7 @@ class RunConfig:
         if isinstance(self.significance, bool) or not isinstance(self.significance, int | float) or not (
                 0 < self.significance < 1):
             raise PolcaError(f"significance must lie strictly between 0 and 1, got {self.significance!r}")
-        for name in ("baselines", "ablations"):
+        for name in ("baselines", "ablations", "gradient_increments"):
             if not isinstance(getattr(self, name), bool):
                 raise PolcaError(f"{name} must be true or false, got {getattr(self, name)!r}")
         SecondOrder(self.second_order)  # refuses an unknown rule, naming the choices
@@ -187,6 +197,11 @@ class RunConfig:
         if isinstance(self.gradient_window, bool) or not isinstance(self.gradient_window, int | float) or not (
                 0 < self.gradient_window <= 1):
             raise PolcaError(f"gradient_window must be a fraction in (0, 1], got {self.gradient_window!r}")
+        if self.gradient_rotation not in ROTATIONS:
+            raise PolcaError(f"gradient_rotation must be one of {ROTATIONS}, got {self.gradient_rotation!r}")
+        if self.gradient_directions not in GRADIENT_DIRECTIONS:
+            raise PolcaError(f"gradient_directions must be one of {GRADIENT_DIRECTIONS}, got "
+                             f"{self.gradient_directions!r}")
         if self.profile_clusterer not in CLUSTERERS:
             raise PolcaError(f"profile_clusterer must be one of {CLUSTERERS}, got {self.profile_clusterer!r}")
         if self.normalize not in NORMALIZATIONS:

@@ -23,8 +23,9 @@ from polca_jax import load_basis_info
 from polca_jax.errors import PolcaError
 from polca_jax.pipeline._registry import basis_kind
 
-CLUSTER_SETTINGS = ("second_order", "normalize", "profile_clusterer", "gradient_window", "min_cluster_size",
-                    "min_samples_divisor", "reference_num_samples")
+CLUSTER_SETTINGS = ("second_order", "normalize", "profile_clusterer", "gradient_window", "gradient_increments",
+                    "gradient_rotation", "gradient_directions", "min_cluster_size", "min_samples_divisor",
+                    "reference_num_samples")
 SCORE_SETTINGS = ("null_permutations", "significance", "breakthrough_shuffles", "window_steps", "threshold_step")
 HOST_SETTINGS = {**{key: "cluster" for key in CLUSTER_SETTINGS}, **{key: "score" for key in SCORE_SETTINGS}}
 FROM_STORED_ARRAYS = ("none", "trapezoid", "paper")  # second-order rules projected_loss_with can redo

@@ -387,8 +387,9 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     flops["causal"] = directions * causal.flops
     work["causal"] = f"{directions} loss passes × {_duration(device.seconds(causal))}"
 
-    clusterings = sum(1 if v.trajectory in PER_SAMPLE_SIGNALS + JOINT_KINDS else sizes[v.basis]
-                      for v in variants_of(config))
+    per_direction = config.gradient_directions == "each"
+    clusterings = sum(sizes[v.basis] if v.trajectory not in PER_SAMPLE_SIGNALS + JOINT_KINDS
+                      or (v.trajectory == "gradients" and per_direction) else 1 for v in variants_of(config))
     stages["cluster"] = clusterings * _hdbscan_seconds(config, num_samples, steps)
     work["cluster"] = (f"at most {clusterings} HDBSCAN clusterings of about {max(2, num_samples // 2)} samples "
                        "(host; a direction the oscillation filter drops is not clustered)")

@@ -269,10 +269,8 @@ def _breakthrough_null(clusterings, trajectories, steps, found: analysis.Cluster
                        config) -> BreakthroughNull:
     """A hidden breakthrough against the cluster's increments shuffled in time (``analysis.breakthrough_null``)."""
     clustering = next(c for c in clusterings if c.direction == found.direction)
-    members = clustering.members(found.cluster)
-    curves = trajectories[:, members] if clustering.direction is None else trajectories[:, members,
-                                                                                        clustering.direction]
-    null = analysis.breakthrough_null(np.asarray(curves), steps, window, threshold,
+    curves = _member_curves(trajectories, clustering, clustering.members(found.cluster)).T
+    null = analysis.breakthrough_null(curves, steps, window, threshold,
                                       num_shuffles=config.breakthrough_shuffles, seed=config.seed)
     return BreakthroughNull(null_hidden_rate=null.null_hidden_rate, pvalue=null.pvalue,
                             null_median_step=null.null_median, beats_null=bool(null.pvalue < config.significance))
@@ -365,11 +363,18 @@ def breakthrough_records(clusterings: list[analysis.Clustering], trajectories: n
 
 def nearest_to_medoid(trajectories: np.ndarray, clustering: analysis.Clustering, members: np.ndarray) -> np.ndarray:
     """int[≤ NEAREST_SAMPLES]: the cluster's members nearest its medoid in trajectory space, the medoid first."""
-    direction = clustering.direction
-    curves = np.asarray(trajectories[:, members] if direction is None else trajectories[:, members, direction]).T
+    curves = _member_curves(trajectories, clustering, members)
     centre = curves[analysis.medoid(curves)]
     order = np.argsort(np.linalg.norm(curves - centre, axis=1), kind="stable")
     return members[order[:NEAREST_SAMPLES]]
+
+
+def _member_curves(trajectories: np.ndarray, clustering: analysis.Clustering, members: np.ndarray) -> np.ndarray:
+    """float[m, T]: the members' curves, of trajectories ``[T, N, K]`` at the clustering's direction, or of one signal
+    ``[T, N]`` (the exact loss the joint and the projected-gradient strategies read, whatever their direction)."""
+    if trajectories.ndim == 2:
+        return np.asarray(trajectories[:, members]).T
+    return np.asarray(trajectories[:, members, clustering.direction]).T
 
 
 def _find(records: list[analysis.ClusterScore], direction, cluster) -> analysis.ClusterScore:

@@ -417,9 +417,12 @@ def cluster_profiles(projected_loss: np.ndarray, config) -> list[analysis.Cluste
 def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analysis.Clustering]:
     """The projected-gradient strategies' clustering of every sample's projected gradients over checkpoints.
 
-    Each sample's projected gradients over the last ``config.gradient_window`` of the checkpoints (at least two),
-    its trajectory there divided by its norm and reduced by PCA (:func:`polca_jax.analysis.joint_features`),
-    clustered with ``config.profile_clusterer``.
+    Each sample's projected gradients over the last ``config.gradient_window`` of the checkpoints (at least two;
+    with ``config.gradient_increments`` their changes between successive ones, at least two), along the basis or along new
+    directions in its span (``config.gradient_rotation``, :func:`polca_jax.analysis.rotate_within_span`); its
+    trajectory there divided by its norm and reduced by PCA (:func:`polca_jax.analysis.joint_features`), over all
+    directions at once (``config.gradient_directions="joint"``) or one direction at a time (``"each"``), clustered
+    with ``config.profile_clusterer``.
 
     Where the projected loss multiplies each gradient by the shared step and sums over time, this keeps each sample's
     own gradients, late in training when the mechanisms have formed (experiments/planted/results.md).
@@ -427,11 +430,13 @@ def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analy
     Args:
       projections: ``[T, N, K]`` each sample's gradient along each of K directions at T checkpoints (any K: a
         basis, a random sketch, or the whole gradient).
-      config: the run's :class:`RunConfig` (``gradient_window``, ``profile_clusterer``, ``min_cluster_size`` scaled
-        as the paper's HDBSCAN step scales it, ``min_samples_divisor``, ``seed``).
+      config: the run's :class:`RunConfig` (``gradient_window``, ``gradient_increments``, ``gradient_rotation``,
+        ``gradient_directions``, ``profile_clusterer``, ``min_cluster_size`` scaled as the paper's HDBSCAN step
+        scales it, ``min_samples_divisor``, ``seed``).
 
     Returns:
-      A list of one :class:`polca_jax.analysis.Clustering` of the N samples.
+      A list of :class:`polca_jax.analysis.Clustering` of the N samples: one (joint), or one per direction (each,
+      its ``direction`` the direction's index).
 
     Raises:
       PolcaError: ``projections`` is not ``[T, N, K]`` with finite values (from the analysis functions).
@@ -448,9 +453,15 @@ def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analy
       >>> len(set(labels[:20])), len(set(labels[20:])), bool(labels[0] != labels[20])
       (1, 1, True)
     """
-    window = max(2, round(config.gradient_window * projections.shape[0]))
-    features = analysis.joint_features(projections[-window:], seed=config.seed)
-    return _cluster_features(features, config)
+    window = max(2 + config.gradient_increments, round(config.gradient_window * projections.shape[0]))
+    trajectories = projections[-window:]
+    if config.gradient_increments:
+        trajectories = np.diff(trajectories, axis=0)
+    trajectories = analysis.rotate_within_span(trajectories, config.gradient_rotation, seed=config.seed)
+    if config.gradient_directions == "joint":
+        return _cluster_features(analysis.joint_features(trajectories, seed=config.seed), config)
+    return [_cluster_features(analysis.joint_features(trajectories, directions=[k], seed=config.seed), config,
+                              direction=k)[0] for k in range(trajectories.shape[2])]
 
 
 def cluster_gradient_norms(norms: np.ndarray, config) -> list[analysis.Clustering]:
@@ -479,12 +490,13 @@ def cluster_checkpoint_gradients(projections: np.ndarray, config) -> list[analys
     return _cluster_features(features, config)
 
 
-def _cluster_features(features: np.ndarray, config) -> list[analysis.Clustering]:
+def _cluster_features(features: np.ndarray, config, direction: int | None = None) -> list[analysis.Clustering]:
     """One clustering of every sample's features ``[N, C]`` with ``config.profile_clusterer`` (min cluster size
     scaled to N)."""
     return [analysis.cluster_features(features, method=config.profile_clusterer,
                                       min_cluster_size=_scaled_min_cluster_size(features.shape[0], config),
-                                      min_samples_divisor=config.min_samples_divisor, seed=config.seed)]
+                                      min_samples_divisor=config.min_samples_divisor, seed=config.seed,
+                                      direction=direction)]
 
 
 def _scaled_min_cluster_size(num_samples: int, config) -> int:
