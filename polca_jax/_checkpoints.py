@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from polca_jax import tree
 from polca_jax.checks import check_increasing
 from polca_jax._sharding import param_shardings
+from polca_jax.files import storage_path
 from polca_jax.errors import CorruptRunDirectory, PolcaError
 
 PyTree = Any
@@ -31,7 +32,8 @@ class OrbaxCheckpoints(Sequence):
     manager (or call :meth:`close`) to release orbax's background threads when done.
 
     Args:
-      directory: the ``CheckpointManager`` directory.
+      directory: the ``CheckpointManager`` directory: a local path, or ``gs://bucket/dir`` on Google Cloud Storage
+        (the ``gcs`` extra; :func:`polca_jax.files.storage_path`).
       steps: the steps to use, strictly increasing (default: every step on disk).
       template: optional params pytree (or ``ShapeDtypeStruct``s) to restore into, fixing shapes and dtypes.
       mesh: optional mesh (needs ``template``): each checkpoint is restored split over it like
@@ -66,7 +68,7 @@ class OrbaxCheckpoints(Sequence):
     ):
         if mesh is not None and template is None:
             raise PolcaError("OrbaxCheckpoints: restoring onto a mesh needs a template (the parameters' shapes)")
-        self.directory = Path(directory).absolute()
+        self.directory = storage_path(directory)
         if not self.directory.is_dir():
             raise PolcaError(f"checkpoint directory {self.directory} does not exist")
         self._manager = ocp.CheckpointManager(self.directory, item_names=(PARAMS_ITEM,))

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from polca_jax._checkpoints import PARAMS_ITEM
 from polca_jax.checks import check_finite_params
+from polca_jax.files import storage_path
 from polca_jax.errors import PolcaError
 
 PyTree = Any
@@ -32,7 +33,8 @@ class CheckpointRecorder:
     reads.
 
     Args:
-      directory: the checkpoint directory (created if missing).
+      directory: the checkpoint directory (created if missing): a local path, or ``gs://bucket/dir`` on Google
+        Cloud Storage (the ``gcs`` extra).
       steps: the steps to keep (POLCA's, e.g. every 10 steps, and Algorithm 1's); non-negative integers.
 
     Raises:
@@ -58,7 +60,7 @@ class CheckpointRecorder:
         self.steps = sorted({_step(s) for s in steps})
         if not self.steps:
             raise PolcaError("CheckpointRecorder needs at least one step to save")
-        self.directory = Path(directory).expanduser().absolute()
+        self.directory = storage_path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise PolcaError(f"{self.directory} is a file, not a checkpoint directory")
         options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)

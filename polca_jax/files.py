@@ -10,6 +10,7 @@ their files with; public for code of one's own that keeps files beside theirs.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -23,6 +24,35 @@ import numpy as np
 from polca_jax.errors import CorruptRunDirectory, PolcaError
 
 _HASH_BLOCK_BYTES = 1 << 24  # files are hashed 16 MiB at a time
+
+
+OBJECT_STORES = ("gs://",)  # the URL schemes orbax writes checkpoints to besides local paths (tensorstore's gcs)
+
+
+def storage_path(location: str | os.PathLike) -> Path:
+    """A checkpoint directory's path: a local one user-expanded and absolute, or an object-store URL
+    (``gs://bucket/dir``) as an ``etils.epath.Path``, which orbax and the file operations here read through gcsfs.
+
+    Raises ``PolcaError`` for a URL scheme orbax cannot write arrays to (``s3://``: orbax's tensorstore specs know
+    ``gs://`` and local files only) and for ``gs://`` without gcsfs installed (``pip install 'polca_jax[gcs]'``).
+    """
+    text = os.fspath(location)
+    if "://" not in text:
+        return Path(text).expanduser().absolute()
+    if not text.startswith(OBJECT_STORES):
+        raise PolcaError(f"{text}: checkpoints live on a local path or on {', '.join(OBJECT_STORES)} (orbax writes "
+                         "their arrays through tensorstore, which it configures for Google Cloud Storage and local "
+                         "files only); copy them to a local directory first")
+    if importlib.util.find_spec("gcsfs") is None:  # etils.epath reads gs:// through it
+        raise PolcaError(f"{text} is on Google Cloud Storage: reading and writing it needs gcsfs, "
+                         "pip install 'polca_jax[gcs]'")
+    import fsspec
+    from etils import epath
+
+    # gcsfs caches directory listings, and tensorstore writes orbax's arrays past it: listings made before a save
+    # would hide it (the instance is the one etils.epath uses, fsspec caching it by its arguments)
+    fsspec.filesystem("gs", finalize_on_close=True).invalidate_cache()
+    return epath.Path(text)
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -27,16 +27,18 @@ from polca_jax._command import missing_pipeline_modules  # noqa: E402
 _MISSING_EXTRA = missing_pipeline_modules()
 
 
-TORCH_TESTS = Path(__file__).parent / "torch"
-TORCH_PROCESS = "POLCA_TORCH_TESTS"  # set by tests/test_torch_process.py for the process that runs tests/torch/
+# test directories collected only in a pytest process of their own, which tests/test_separate_processes.py starts
+# with the variable set (it says why each runs apart)
+SEPARATE_PROCESSES = {Path(__file__).parent / "torch": "POLCA_TORCH_TESTS",
+                      Path(__file__).parent / "object_store": "POLCA_OBJECT_STORE_TESTS"}
 
 
 def pytest_ignore_collect(collection_path, config):
     """With the core install alone (no pipeline extra), a test module with no test marked ``core`` is not collected:
-    it imports the pipeline, which cannot be imported. The tests that load PyTorch (``tests/torch/``) are collected
-    only in a process of their own (``tests/test_torch_process.py`` starts it): with PyTorch and XLA in one process,
-    XLA crashed (SIGSEGV) loading executables from JAX's persistent compilation cache in two full-suite runs."""
-    if collection_path == TORCH_TESTS and not os.environ.get(TORCH_PROCESS):
+    it imports the pipeline, which cannot be imported. The tests that load PyTorch (``tests/torch/``) and those of
+    checkpoints on an object store (``tests/object_store/``) are collected only in a process of their own
+    (``tests/test_separate_processes.py`` starts it and says why)."""
+    if collection_path in SEPARATE_PROCESSES and not os.environ.get(SEPARATE_PROCESSES[collection_path]):
         return True
     if _MISSING_EXTRA and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
         if "pytest.mark.core" not in collection_path.read_text():

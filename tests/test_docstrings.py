@@ -27,7 +27,7 @@ from polca_jax._command import missing_pipeline_modules
 
 pipeline = None if missing_pipeline_modules() else importlib.import_module("polca_jax.pipeline")
 # polca_jax.hf's examples build their model with transformers and PyTorch: checked only in the process of their own
-# that tests/test_torch_process.py starts (conftest.py says why)
+# that tests/test_separate_processes.py starts (conftest.py says why)
 hf = importlib.import_module("polca_jax.hf") if os.environ.get("POLCA_TORCH_TESTS") else None
 MODULES = (pj, analysis) + ((pipeline,) if pipeline is not None else ()) + ((hf,) if hf is not None else ())
 core = pytest.mark.core  # needs only the core install: pytest -m core

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 import jax
 
 from polca_jax.errors import PolcaError
-from polca_jax.files import read_json, write_json_atomic
+from polca_jax.files import read_json, storage_path, write_json_atomic
 from polca_jax.pipeline._config import apply_overrides, config_differences, make_config, parse_overrides
 from polca_jax.pipeline._host_settings import HOST_SETTINGS, host_setting_changes, second_order_unavailable
 from polca_jax.pipeline._rundir import RunDirectory
@@ -69,7 +69,7 @@ def open_run(task: str, out: str | Path, *, preset: str | None = None,
     reference = canonical_reference(task)
     overrides = parse_overrides(definition, settings) if isinstance(settings, list) else dict(settings or {})
     if checkpoints is not None:
-        overrides["checkpoints"] = str(Path(checkpoints).expanduser().absolute())
+        overrides["checkpoints"] = str(storage_path(checkpoints))
     if (Path(out) / "config.json").is_file():
         saved = RunDirectory(out).config
         if saved.task != reference:

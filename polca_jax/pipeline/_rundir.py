@@ -32,7 +32,7 @@ import numpy as np
 
 from polca_jax import is_writer, tree
 from polca_jax.errors import PolcaError, ResumeMismatch
-from polca_jax.files import load_npz, read_json, save_npz_atomic, write_json_atomic
+from polca_jax.files import load_npz, read_json, save_npz_atomic, storage_path, write_json_atomic
 from polca_jax.fingerprints import PARAMS_DIGEST, digests_differ, loss_digest
 from polca_jax.pipeline._config import RunConfig, config_differences
 from polca_jax.pipeline._task import LabelSet, Qualifier, Task
@@ -103,8 +103,9 @@ class RunDirectory:
 
     @property
     def checkpoint_dir(self) -> Path:
-        """The orbax checkpoints the run reads: its own, or the directory named by ``config.checkpoints``."""
-        return Path(self.config.checkpoints) if self.config.checkpoints else self.path / "checkpoints"
+        """The orbax checkpoints the run reads: its own, or the directory named by ``config.checkpoints`` (a local
+        path or a ``gs://`` URL, :func:`polca_jax.files.storage_path`)."""
+        return storage_path(self.config.checkpoints) if self.config.checkpoints else self.path / "checkpoints"
 
     # --- stages ----------------------------------------------------------------------------------------------------
 

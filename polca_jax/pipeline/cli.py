@@ -23,6 +23,7 @@ import jax
 
 import polca_jax as pj
 from polca_jax.errors import PolcaError
+from polca_jax.files import storage_path
 from polca_jax.pipeline._compile import enable_compile_cache
 from polca_jax.pipeline._report import write_report
 from polca_jax.pipeline._run import run
@@ -241,7 +242,7 @@ def _plan(args) -> str:
     definition = load_task_definition(args.task)
     overrides = parse_overrides(definition, args.settings)
     if args.checkpoints is not None:
-        overrides["checkpoints"] = str(Path(args.checkpoints).absolute())
+        overrides["checkpoints"] = str(storage_path(args.checkpoints))
     config = make_config(definition, canonical_reference(args.task), args.preset, overrides)
     if config.checkpoints is not None:  # refused as polca run's train stage refuses them
         with pj.OrbaxCheckpoints(config.checkpoints, config.checkpoint_steps):
