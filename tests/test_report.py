@@ -167,6 +167,24 @@ def test_a_stratified_label_set_is_scored_and_reported_as_such(tmp_path):
     assert "The permutation null shuffles `carry` within each class of `place`" in text
 
 
+def test_the_report_says_which_strategies_too_few_permutations_keep_from_beating_the_null(tmp_path):
+    for permutations, blocked in ((9, True), (1000, False)):
+        run = synthetic_run(tmp_path / str(permutations), baselines=False, null_permutations=permutations)
+        run_stages(run, load_task_definition("arithmetic"), ["cluster", "score", "report"], progress=False,
+                   log=lambda _: None)
+        metrics = read_metrics(run / "metrics.json")
+        clusters = metrics.variants["polca"].num_clusters
+        text = (run / "report" / "report.md").read_text()
+        assert ("**No cluster of these strategies can beat the permutation null** at 9 permutations" in text) is blocked
+        if blocked:  # POLCA's 4 clusters: Holm puts every p at or above 4 / 10
+            assert f"POLCA ({clusters} clusters: p ≥ {clusters / 10:.2g})" in text
+            most = max(info.num_clusters for info in metrics.variants.values())  # every one blocked at 9
+            assert f"`--set null_permutations={most * 20}` with `--stage score`" in text  # M / 0.05
+            every = [score for record in metrics.variants["polca"].clusters for score in record.labels.values()]
+            assert every and all(score.pvalue_adjusted is None or score.pvalue_adjusted >= clusters / 10 - 1e-12
+                                 for score in every)
+
+
 def test_the_arithmetic_task_stratifies_carry_by_place():
     definition = load_task_definition("arithmetic")
     options = {k: v for k, v in definition.presets["tiny"].items() if k in ("num_layers", "d_model", "num_heads",

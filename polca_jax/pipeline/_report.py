@@ -11,6 +11,7 @@ Directions are 0-based basis indices (the paper's "basis vector #1" is direction
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -428,6 +429,25 @@ def _pvalue_text(score: LabelScore) -> str:
     return f"{score.pvalue_adjusted:.3g}{' ✓' if score.beats_null else ''}"
 
 
+def _permutation_floor_line(view: RunView) -> str | None:
+    """The strategies none of whose clusters can beat the permutation null: with B permutations every p-value is at
+    least 1 / (B + 1), and Holm's correction over a strategy's M clusters multiplies the smallest by M."""
+    settings = view.metrics.settings
+    floors = {info.label: (info.num_clusters, info.num_clusters / (settings.null_permutations + 1))
+              for info in view.variants.values() if info.num_clusters}
+    blocked = {label: value for label, value in floors.items() if value[1] >= settings.significance}
+    if not blocked:
+        return None
+    needed = math.ceil(max(m for m, _ in blocked.values()) / settings.significance)
+    listed = "; ".join(f"{label} ({m} clusters: p ≥ {floor:.2g})" for label, (m, floor) in blocked.items())
+    return (f"**No cluster of these strategies can beat the permutation null** at {settings.null_permutations} "
+            f"permutations: every p-value is at least 1/{settings.null_permutations + 1}, and Holm's correction over "
+            f"a strategy's clusters multiplies the smallest by their number, so its adjusted p cannot fall below "
+            f"{settings.significance}: {listed}. This run cannot tell their clusters from chance, however homogeneous; "
+            f"`--set null_permutations={needed}` with `--stage score` on this run directory rescores the same "
+            "clusters.")
+
+
 def _nulls_section(view: RunView) -> list[str]:
     """Per label set: POLCA beside the random-basis null (same checkpoints, filters and clustering) and the exact
     loss, with the clusters that beat the permutation null and the hidden breakthroughs that beat theirs."""
@@ -449,6 +469,9 @@ def _nulls_section(view: RunView) -> list[str]:
                      "cluster that only separates those classes does not beat it.")
     if RANDOM_POLCA not in view.variants:
         parts.append("*The random-basis null is not run: `--set ablations=true` adds it.*")
+    floor = _permutation_floor_line(view)
+    if floor:
+        parts.append(floor)
     for name, label_set in view.label_sets.items():
         rows = []
         for variant in rows_of:
