@@ -9,7 +9,8 @@ combination of its options, from the stored projections alone (seconds per run):
 - ``gradient_rotation``: along the basis, or along new directions in its span (varimax, FastICA). Varimax is an
   orthogonal rotation, which leaves the joint features' distances as they are, so it is only run per direction.
 
-    python experiments/planted/gradient_features.py RUN_DIR [RUN_DIR ...] [--bases hessian,random,...]
+    python experiments/planted/gradient_features.py RUN_DIR [RUN_DIR ...] [--bases hessian,random,...] \
+        [--window FRACTION]
 
 Prints one table row per run and basis: the best ARI against the planted groups over the strategy's clusterings
 (one joint clustering, or the best direction's) and how many groups any of its clusterings recovers (homogeneity
@@ -41,9 +42,12 @@ def option_name(increments: bool, directions: str, rotation: str) -> str:
     return " ".join(["increments" if increments else "values", directions] + ([rotation] if rotation != "none" else []))
 
 
-def run_scores(run_dir: Path, bases: list[str]) -> dict[str, list[tuple[float, int, int]]]:
-    """basis -> per option (best ARI, groups recovered, groups), for the bases the run has."""
+def run_scores(run_dir: Path, bases: list[str], window: float | None) -> dict[str, list[tuple[float, int, int]]]:
+    """basis -> per option (best ARI, groups recovered, groups), for the bases the run has (``window``: another
+    ``gradient_window`` than the run's)."""
     config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+    if window is not None:
+        config = dataclasses.replace(config, gradient_window=window)
     groups = load_labels(run_dir)[0]["group"].values
     scores = {}
     for basis in bases:
@@ -70,11 +74,12 @@ def main():
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--bases", default="hessian,preconditioned_hessian,random",
                         help="comma-separated bases (those a run lacks are skipped)")
+    parser.add_argument("--window", type=float, help="the last fraction of the checkpoints to read (default: the run's)")
     args = parser.parse_args()
     print(table_header("Run"))
     families = defaultdict(list)  # (family, basis) -> per run, per option (ARI, recovered, groups)
     for run_dir in args.runs:
-        for basis, scores in run_scores(run_dir, args.bases.split(",")).items():
+        for basis, scores in run_scores(run_dir, args.bases.split(","), args.window).items():
             families[run_dir.name.rsplit("-", 1)[0], basis].append(scores)
             print(f"| {run_dir.name} | {basis} | " + " | ".join(f"{ari:.2f} / {recovered}"
                                                                 for ari, recovered, _ in scores) + " |", flush=True)
