@@ -236,10 +236,10 @@ def rotate_within_span(projections, method: str, *, seed: int = 0) -> np.ndarray
     projections = checked_array(projections, "projections", 3)
     if method not in ROTATIONS:
         raise PolcaError(f"rotation must be one of {ROTATIONS}, got {method!r}")
-    t, n, k = projections.shape
+    _, n, k = projections.shape
     if method == "none" or k < 2:
         return projections
-    rows = _unit_rows(projections.transpose(1, 0, 2).reshape(n, -1)).reshape(n, t, k).reshape(-1, k)
+    rows = _unit_rows(projections.transpose(1, 0, 2).reshape(n, -1)).reshape(-1, k)  # [N·T, K]
     if method == "varimax":
         return projections @ _varimax(rows)
     ica = FastICA(n_components=k, whiten="unit-variance", max_iter=1000, random_state=seed)

@@ -418,8 +418,8 @@ def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analy
     """The projected-gradient strategies' clustering of every sample's projected gradients over checkpoints.
 
     Each sample's projected gradients over the last ``config.gradient_window`` of the checkpoints (at least two;
-    with ``config.gradient_increments`` their changes between successive ones, at least two), along the basis or along new
-    directions in its span (``config.gradient_rotation``, :func:`polca_jax.analysis.rotate_within_span`); its
+    with ``config.gradient_increments`` their changes between successive ones, at least two), along the basis or
+    along new directions in its span (``config.gradient_rotation``, :func:`polca_jax.analysis.rotate_within_span`); its
     trajectory there divided by its norm and reduced by PCA (:func:`polca_jax.analysis.joint_features`), over all
     directions at once (``config.gradient_directions="joint"``) or one direction at a time (``"each"``), clustered
     with ``config.profile_clusterer``.
@@ -459,9 +459,9 @@ def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analy
         trajectories = np.diff(trajectories, axis=0)
     trajectories = analysis.rotate_within_span(trajectories, config.gradient_rotation, seed=config.seed)
     if config.gradient_directions == "joint":
-        return _cluster_features(analysis.joint_features(trajectories, seed=config.seed), config)
-    return [_cluster_features(analysis.joint_features(trajectories, directions=[k], seed=config.seed), config,
-                              direction=k)[0] for k in range(trajectories.shape[2])]
+        return [_clustering(analysis.joint_features(trajectories, seed=config.seed), config)]
+    return [_clustering(analysis.joint_features(trajectories, directions=[k], seed=config.seed), config, direction=k)
+            for k in range(trajectories.shape[2])]
 
 
 def cluster_gradient_norms(norms: np.ndarray, config) -> list[analysis.Clustering]:
@@ -469,7 +469,7 @@ def cluster_gradient_norms(norms: np.ndarray, config) -> list[analysis.Clusterin
     gradient norm per parameter block ``[N, B]`` at one checkpoint, as shares of its sum reduced by PCA
     (:func:`polca_jax.analysis.gradient_norm_features`). It needs no basis and no training dynamics: a finding that
     does no better than its clusters does not show POLCA at work."""
-    return _cluster_features(analysis.gradient_norm_features(norms, seed=config.seed), config)
+    return [_clustering(analysis.gradient_norm_features(norms, seed=config.seed), config)]
 
 
 def cluster_checkpoint_gradients(projections: np.ndarray, config) -> list[analysis.Clustering]:
@@ -487,16 +487,16 @@ def cluster_checkpoint_gradients(projections: np.ndarray, config) -> list[analys
       A list of one :class:`polca_jax.analysis.Clustering` of the N samples.
     """
     features = analysis.joint_features(projections[1:2], seed=config.seed)
-    return _cluster_features(features, config)
+    return [_clustering(features, config)]
 
 
-def _cluster_features(features: np.ndarray, config, direction: int | None = None) -> list[analysis.Clustering]:
+def _clustering(features: np.ndarray, config, direction: int | None = None) -> analysis.Clustering:
     """One clustering of every sample's features ``[N, C]`` with ``config.profile_clusterer`` (min cluster size
-    scaled to N)."""
-    return [analysis.cluster_features(features, method=config.profile_clusterer,
-                                      min_cluster_size=_scaled_min_cluster_size(features.shape[0], config),
-                                      min_samples_divisor=config.min_samples_divisor, seed=config.seed,
-                                      direction=direction)]
+    scaled to N), labelled with ``direction``."""
+    return analysis.cluster_features(features, method=config.profile_clusterer,
+                                     min_cluster_size=_scaled_min_cluster_size(features.shape[0], config),
+                                     min_samples_divisor=config.min_samples_divisor, seed=config.seed,
+                                     direction=direction)
 
 
 def _scaled_min_cluster_size(num_samples: int, config) -> int:
