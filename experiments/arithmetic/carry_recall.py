@@ -8,6 +8,8 @@ ways, and a consensus of those per-direction clusterings:
   checkpoint, ``--window 1.0``, and over the last half);
 - ``raw``: the trajectory as it is (its size kept);
 - ``standard``: each checkpoint's value standardised over the samples;
+- ``unit per direction, all directions joined``: the ``unit`` trajectories of every direction side by side, one
+  clustering (PCA to 10 components, the pipeline's clusterer);
 - ``consensus``: how often two samples share a cluster over the ``unit`` directions (evidence accumulation), clustered
   with HDBSCAN (precomputed distance 1 − that share) and with average linkage into 4, 8 and 16 clusters.
 
@@ -84,6 +86,11 @@ def feature_clusterings(projections: np.ndarray, config: RunConfig) -> dict[str,
                                                   method=config.profile_clusterer, min_cluster_size=smallest,
                                                   seed=config.seed).labels
                         for k in range(projections.shape[2])]
+    per_direction_unit = projections / np.maximum(np.linalg.norm(projections, axis=0, keepdims=True), 1e-30)
+    joined = per_direction_unit.transpose(1, 0, 2).reshape(projections.shape[1], -1)
+    out["unit per direction, all directions joined"] = [analysis.cluster_features(
+        PCA(n_components=10, random_state=config.seed).fit_transform(joined), method=config.profile_clusterer,
+        min_cluster_size=smallest, seed=config.seed).labels]
     together = sum((labels[:, None] == labels[None, :]) & (labels[:, None] >= 0) for labels in unit) / len(unit)
     distance = 1.0 - together
     out["consensus, HDBSCAN"] = [HDBSCAN(min_cluster_size=smallest, metric="precomputed",
