@@ -10,6 +10,8 @@ ways, and a consensus of those per-direction clusterings:
 - ``standard``: each checkpoint's value standardised over the samples;
 - ``unit per direction, all directions joined``: the ``unit`` trajectories of every direction side by side, one
   clustering (PCA to 10 components, the pipeline's clusterer);
+- ``upper bound``: not a strategy, the carry labels choose it: the union of every ``unit`` per-direction cluster
+  that qualifies with at least 0.8 carry, what the best merge of per-direction clusters could reach;
 - ``consensus``: how often two samples share a cluster over the ``unit`` directions (evidence accumulation), clustered
   with HDBSCAN (precomputed distance 1 − that share) and with average linkage into 4, 8 and 16 clusters.
 
@@ -111,6 +113,22 @@ def clusterer_grid(projections: np.ndarray, smallest: int, seed: int) -> dict[st
         for components in (3, 5, 10, 20, 40) for method in ("gmm", "hdbscan", "kmeans")}
 
 
+def labelled_union(clusterings: list[np.ndarray], carry: np.ndarray, qualifying: np.ndarray, min_size: int,
+                   min_homogeneity: float = 0.8) -> np.ndarray:
+    """A supervised upper bound for merging clusters across directions: labels ``[N]`` with one cluster (0), the
+    union of every qualifying cluster of ``clusterings`` with at least ``min_size`` members and carry homogeneity
+    >= ``min_homogeneity``; the rest -1. Chosen with the carry labels, so not a strategy."""
+    union = np.zeros(carry.size, bool)
+    for labels in clusterings:
+        for cluster in range(labels.max() + 1):
+            members = labels == cluster
+            carries = carry[members].sum()
+            if (members.sum() >= min_size and carries and (carry & qualifying)[members].sum() / carries > 0.85
+                    and carry[members].mean() >= min_homogeneity):
+                union |= members
+    return np.where(union, 0, -1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
@@ -128,6 +146,9 @@ def main() -> None:
             projections = np.asarray(pj.POLCAResult.load(run / "polca" / basis).projections)
             features = (clusterer_grid(projections, smallest, config.seed) if args.grid
                         else feature_clusterings(projections, config))
+            if not args.grid:
+                features["upper bound (carry labels used): union of the unit clusters >= 0.8 carry"] = [
+                    labelled_union(features["unit, every checkpoint"], carry, qualifying, smallest)]
             for feature, clusterings in features.items():
                 scores = [best_carry_clusters(labels_, carry, qualifying, smallest) for labels_ in clusterings]
                 best, half = max(score[0] for score in scores), max(score[1] for score in scores)
