@@ -20,10 +20,11 @@ ways, and a consensus of those per-direction clusterings:
 With ``--grid``, the ``unit`` features over every checkpoint instead, with 3 to 40 principal components and each of
 the GMM (with BIC), HDBSCAN and k-means (k from the silhouette) clusterers.
 
-Prints per run, basis and feature the best qualifying carry cluster (the paper's rule: more than 85% of its carry
-tokens in the 10s or 100s place; at least the pipeline's minimum cluster size) as homogeneity / recall / size, and the best one with recall >= 0.5 (issue 21's
-goal is homogeneity >= 0.9 there). No permutation null: the pipeline's score stage gives it for the strategy it
-runs (``--set gradient_directions=each``).
+Prints per run, basis and feature the best qualifying carry cluster (the run's own rule for the carry label set, the
+paper's: more than 85% of its carry tokens in the 10s or 100s place; at least the pipeline's minimum cluster size) as
+homogeneity / recall over all carry tokens / size, and the best one with recall >= 0.5 (issue 21's goal is
+homogeneity >= 0.9 there). No permutation null: the pipeline's score stage gives it for the strategy it runs
+(``--set gradient_directions=each``).
 """
 
 import argparse
@@ -37,21 +38,43 @@ from sklearn.decomposition import PCA
 
 import polca_jax as pj
 from polca_jax import analysis
-from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories, load_labels
-
-QUALIFYING_PLACES = (1, 2)  # the 10s and 100s places (experiments/arithmetic PAPER_QUALIFIER)
+from polca_jax.pipeline import LabelSet, RunConfig, cluster_gradient_trajectories, load_labels
 
 
-def best_carry_clusters(labels: np.ndarray, carry: np.ndarray, qualifying: np.ndarray,
-                        min_size: int) -> tuple[tuple, tuple]:
-    """(homogeneity, recall, size) of the most carry-homogeneous qualifying cluster of ``labels [N]`` with at least
-    ``min_size`` members, and of the most homogeneous one with recall >= 0.5 (zeros where none)."""
+@dataclasses.dataclass(frozen=True)
+class CarryRule:
+    """Which clusters count: the carry flags ``[N]``, the run's qualifier for them (``qualifying [N]`` and the share of
+    a cluster's carry tokens that must qualify) and the pipeline's minimum cluster size."""
+
+    carry: np.ndarray
+    qualifying: np.ndarray
+    min_fraction: float
+    min_size: int
+
+    @classmethod
+    def of_run(cls, labels: dict[str, LabelSet], config: RunConfig) -> "CarryRule":
+        carry = labels["carry"]
+        qualifier = carry.qualifier
+        return cls(carry.values, np.isin(labels[qualifier.label_set].values, qualifier.classes),
+                   qualifier.min_fraction, min_cluster_size(config, carry.values.size))
+
+    def counts(self, members: np.ndarray) -> bool:
+        """Whether the cluster with ``members`` (bool ``[N]``) is large enough and qualifies."""
+        carries = self.carry[members].sum()
+        return bool(members.sum() >= self.min_size and carries
+                    and (self.carry & self.qualifying)[members].sum() / carries > self.min_fraction)
+
+
+def best_carry_clusters(labels: np.ndarray, rule: CarryRule) -> tuple[tuple, tuple]:
+    """(homogeneity, recall, size) of the most carry-homogeneous cluster of ``labels [N]`` that counts by ``rule``,
+    and of the most homogeneous one with recall >= 0.5 (zeros where none)."""
+    carry = rule.carry
     best, best_half = (0.0, 0.0, 0), (0.0, 0.0, 0)
     for cluster in range(labels.max() + 1):
         members = labels == cluster
-        carries = int(carry[members].sum())
-        if members.sum() < min_size or not carries or (carry & qualifying)[members].sum() / carries <= 0.85:
+        if not rule.counts(members):
             continue
+        carries = int(carry[members].sum())
         score = (float(carry[members].mean()), carries / int(carry.sum()), int(members.sum()))
         best = max(best, score)
         if score[1] >= 0.5:
@@ -113,18 +136,15 @@ def clusterer_grid(projections: np.ndarray, smallest: int, seed: int) -> dict[st
         for components in (3, 5, 10, 20, 40) for method in ("gmm", "hdbscan", "kmeans")}
 
 
-def labelled_union(clusterings: list[np.ndarray], carry: np.ndarray, qualifying: np.ndarray, min_size: int,
-                   min_homogeneity: float = 0.8) -> np.ndarray:
+def labelled_union(clusterings: list[np.ndarray], rule: CarryRule, min_homogeneity: float = 0.8) -> np.ndarray:
     """A supervised upper bound for merging clusters across directions: labels ``[N]`` with one cluster (0), the
-    union of every qualifying cluster of ``clusterings`` with at least ``min_size`` members and carry homogeneity
-    >= ``min_homogeneity``; the rest -1. Chosen with the carry labels, so not a strategy."""
-    union = np.zeros(carry.size, bool)
+    union of every cluster of ``clusterings`` that counts by ``rule`` with carry homogeneity >= ``min_homogeneity``;
+    the rest -1. Chosen with the carry labels, so not a strategy."""
+    union = np.zeros(rule.carry.size, bool)
     for labels in clusterings:
         for cluster in range(labels.max() + 1):
             members = labels == cluster
-            carries = carry[members].sum()
-            if (members.sum() >= min_size and carries and (carry & qualifying)[members].sum() / carries > 0.85
-                    and carry[members].mean() >= min_homogeneity):
+            if rule.counts(members) and rule.carry[members].mean() >= min_homogeneity:
                 union |= members
     return np.where(union, 0, -1)
 
@@ -139,18 +159,16 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for run in args.runs:
         config = RunConfig.from_dict(json.loads((run / "config.json").read_text()), str(run / "config.json"))
-        labels = load_labels(run)[0]
-        carry, qualifying = labels["carry"].values, np.isin(labels["place"].values, QUALIFYING_PLACES)
-        smallest = min_cluster_size(config, carry.size)
+        rule = CarryRule.of_run(load_labels(run)[0], config)
         for basis in args.bases.split(","):
             projections = np.asarray(pj.POLCAResult.load(run / "polca" / basis).projections)
-            features = (clusterer_grid(projections, smallest, config.seed) if args.grid
+            features = (clusterer_grid(projections, rule.min_size, config.seed) if args.grid
                         else feature_clusterings(projections, config))
             if not args.grid:
                 features["upper bound (carry labels used): union of the unit clusters >= 0.8 carry"] = [
-                    labelled_union(features["unit, every checkpoint"], carry, qualifying, smallest)]
+                    labelled_union(features["unit, every checkpoint"], rule)]
             for feature, clusterings in features.items():
-                scores = [best_carry_clusters(labels_, carry, qualifying, smallest) for labels_ in clusterings]
+                scores = [best_carry_clusters(labels_, rule) for labels_ in clusterings]
                 best, half = max(score[0] for score in scores), max(score[1] for score in scores)
                 print(f"| {run.name} | {basis} | {feature} | {best[0]:.3f} / {best[1]:.2f} / {best[2]} | "
                       + (f"{half[0]:.3f} / {half[1]:.2f} / {half[2]} |" if half[2] else "none |"), flush=True)
