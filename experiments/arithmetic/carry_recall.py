@@ -149,6 +149,11 @@ def labelled_union(clusterings: list[np.ndarray], rule: CarryRule, min_homogenei
     return np.where(union, 0, -1)
 
 
+def cell(score: tuple) -> str:
+    """A table cell: homogeneity / recall / size, or "none" where no cluster counts."""
+    return f"{score[0]:.3f} / {score[1]:.2f} / {score[2]}" if score[2] else "none"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
@@ -170,8 +175,7 @@ def main() -> None:
             for feature, clusterings in features.items():
                 scores = [best_carry_clusters(labels_, rule) for labels_ in clusterings]
                 best, half = max(score[0] for score in scores), max(score[1] for score in scores)
-                print(f"| {run.name} | {basis} | {feature} | {best[0]:.3f} / {best[1]:.2f} / {best[2]} | "
-                      + (f"{half[0]:.3f} / {half[1]:.2f} / {half[2]} |" if half[2] else "none |"), flush=True)
+                print(f"| {run.name} | {basis} | {feature} | {cell(best)} | {cell(half)} |", flush=True)
 
 
 if __name__ == "__main__":
