@@ -30,11 +30,11 @@ UNIT_NORM_TOLERANCE = 1e-3  # loose enough for float32 / bfloat16 bases
 
 
 @jax.jit
-def _without_row(final_params: PyTree, initial_params: PyTree, vectors: jax.Array, row: jax.Array) -> PyTree:
-    """θ_T − ⟨θ_T − θ_0, b⟩ b with b = vectors[row] (a traced index: one compilation for every row), as a pytree
-    with the leaf shapes and dtypes of final_params."""
+def _without_direction(final_params: PyTree, initial_params: PyTree, direction: jax.Array) -> PyTree:
+    """θ_T − ⟨θ_T − θ_0, b⟩ b for a flat ``[P]`` direction b (one compilation for every direction of a basis; only
+    b reaches the device, not the basis' ``[K, P]``), as a pytree with the leaf shapes and dtypes of final_params."""
     final = tree.ravel(final_params)
-    direction = jax.lax.dynamic_index_in_dim(vectors, row, keepdims=False).astype(final.dtype)
+    direction = direction.astype(final.dtype)
     coefficient = jnp.dot(final - tree.ravel(initial_params), direction, precision=jax.lax.Precision.HIGHEST)
     ablated = tree.unravel(final - coefficient * direction, final_params)
     return jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), ablated, final_params)
@@ -84,7 +84,7 @@ def remove_direction(final_params: PyTree, initial_params: PyTree, direction) ->
     if direction.shape != (num,):
         raise PolcaError(f"direction must be a flat [{num}] vector (one entry per parameter), got {direction.shape}")
     _check_unit_rows(direction, "direction")
-    return _without_row(final_params, initial_params, direction[None], jnp.asarray(0, jnp.int32))
+    return _without_direction(final_params, initial_params, direction)
 
 
 def _checked_directions(directions, num_directions: int) -> np.ndarray:
@@ -113,7 +113,8 @@ def direction_ablation_losses(
 
     Row d is L(x; θ_T − ⟨θ_T − θ_0, b_d⟩ b_d) − L(x; θ_T) for every sample x, b_d = ``basis.vectors[directions[d]]``.
     The loss kernel is compiled once (cached by loss function and shapes) and reused for every direction and for
-    new parameters of the same shapes; the ablated parameters come from one compiled function indexed by row.
+    new parameters of the same shapes; the ablated parameters come from one compiled function of the removed row
+    (only that ``[P]`` row reaches the device, never the basis' ``[K, P]``).
 
     Args:
       per_sample_loss_fn, batch, mask, mesh: as for :func:`polca_jax.per_sample_losses` (``[n_seq]`` or
@@ -148,7 +149,7 @@ def direction_ablation_losses(
     check_finite(reference, "the per-sample losses at final_params")
     increases = []
     for row in directions:
-        ablated = _without_row(final_params, initial_params, basis.vectors, jnp.asarray(row, jnp.int32))
+        ablated = _without_direction(final_params, initial_params, jnp.asarray(basis.vectors[row]))
         losses = per_sample_losses(per_sample_loss_fn, ablated, batch, mask=mask, mesh=mesh)
         check_finite(losses, f"the per-sample losses without direction {int(row)}")
         increases.append(losses - reference)
