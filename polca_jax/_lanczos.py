@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from polca_jax import tree
 from polca_jax._hvp import HessianMatvec
-from polca_jax._sharding import param_shardings
+from polca_jax._sharding import check_mesh, param_shardings, shard_batch, shard_params, shard_rows
 from polca_jax.checks import batch_size, check_finite_tree, check_params
 from polca_jax.errors import PolcaError
 
@@ -211,6 +211,8 @@ class LanczosCost:
     temp_bytes: int  # XLA's temporary buffers of one Hessian-vector product
     compile_seconds: float  # compiling the run, on this machine
     seconds: float  # one run on this machine's default device; NaN unless timed
+    run_temp_bytes: int  # XLA's temporaries of the whole run: one product's, the Krylov vectors' and the rest
+    run_bytes: int  # XLA's bytes of the whole run: its arguments, outputs and temporaries (per device on a mesh)
 
 
 def lanczos_kernel_cost(
@@ -222,6 +224,7 @@ def lanczos_kernel_cost(
     num_iters: int = 20,
     num_deflated: int = 0,
     timed: bool = False,
+    mesh: Mesh | None = None,
 ) -> LanczosCost:
     """Compile one checkpoint's Lanczos run of :func:`hessian_basis`, and report its FLOPs, memory and time.
 
@@ -234,14 +237,18 @@ def lanczos_kernel_cost(
       num_deflated: rows of the basis found at earlier checkpoints (rows of zeros here: the cost does not depend on
         their values).
       timed: also run it, once to warm up and once timed; otherwise nothing runs and ``seconds`` is NaN.
+      mesh: compile it for this mesh as ``hessian_basis(mesh=...)`` runs it (parameters, Krylov vectors and rows
+        split over ``"model"``, the batch over ``"data"``); the byte counts are then per device.
 
     Returns:
       A ``LanczosCost``: ``flops`` (XLA's, of the run's ``num_iters`` Hessian-vector products: it counts a loop's
       body once; the Gram–Schmidt steps add a few multiples of P per iteration), ``temp_bytes`` (the temporaries of
-      one product), ``compile_seconds`` (compiling the run) and ``seconds`` (one run).
+      one product), ``compile_seconds`` (compiling the run), ``seconds`` (one run), ``run_temp_bytes`` (the whole
+      run's temporaries) and ``run_bytes`` (its arguments, outputs and temporaries).
 
     Raises:
-      PolcaError: for an empty batch, or parameters that are not all of one floating dtype.
+      PolcaError: for an empty batch, parameters that are not all of one floating dtype, or a mesh that is not a
+        ``("data"[, "model"])`` mesh.
 
     Example:
       ``params``, ``batch``, ``loss``: the least squares of :func:`polca_jax.hvp`'s example.
@@ -252,15 +259,22 @@ def lanczos_kernel_cost(
     """
     batch_size(batch, "lanczos_kernel_cost")
     check_params(params, "lanczos_kernel_cost")
+    check_mesh(mesh, "lanczos_kernel_cost")
+    params, batch = shard_params(params, mesh), shard_batch(batch, mesh)  # placed as hessian_basis places them
     matvec = HessianMatvec(loss_fn)
     product = jax.jit(matvec).lower(jax.tree_util.tree_map(jnp.ones_like, params), params, batch).compile()
     analysis = product.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
-    zeros = jnp.zeros if timed else jax.ShapeDtypeStruct  # only shapes, to compile without running
-    found = jax.tree_util.tree_map(lambda p: zeros((num_deflated, *np.shape(p)), p.dtype), params)
+    found = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct((num_deflated, *np.shape(p)), p.dtype), params)
+    if mesh is not None:
+        found = jax.tree_util.tree_map(lambda row, sharding: jax.ShapeDtypeStruct(row.shape, row.dtype,
+                                                                                   sharding=sharding),
+                                       found, param_shardings(found, mesh, leading_axes=1))
+    if timed:  # rows of zeros to run on; otherwise only shapes, to compile without running
+        found = shard_rows(jax.tree_util.tree_map(lambda row: jnp.zeros(row.shape, row.dtype), found), mesh)
     arguments = (jax.random.key(0), found, (params, batch))
     start = time.perf_counter()
-    compiled = _lanczos.lower(matvec, tree.structure_signature(params), k_per_checkpoint, num_iters, None,
+    compiled = _lanczos.lower(matvec, tree.structure_signature(params), k_per_checkpoint, num_iters, mesh,
                               *arguments).compile()
     compile_seconds = time.perf_counter() - start
     seconds = math.nan
@@ -269,8 +283,11 @@ def lanczos_kernel_cost(
         start = time.perf_counter()
         jax.block_until_ready(compiled(*arguments))
         seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
     return LanczosCost(num_iters * float(analysis.get("flops", 0.0)), int(product.memory_analysis().temp_size_in_bytes),
-                       compile_seconds, seconds)
+                       compile_seconds, seconds, int(memory.temp_size_in_bytes),
+                       int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                           - memory.alias_size_in_bytes))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))

@@ -1,12 +1,16 @@
 """``polca plan``: the per-device memory rule, the mesh argument, the table on a mesh, and the fit warning."""
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 from test_pipeline import USER_TASK
 
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline.cli import main
 from polca_jax.pipeline import plan_run
 from polca_jax.pipeline._plan import GPUS, Plan, check_model_axis, parse_mesh, split_bytes
@@ -113,3 +117,48 @@ def test_a_peak_over_the_device_memory_is_flagged():
     assert "*** WILL NOT FIT: the decompose stage needs 90 GB per device > 80 GB of H100 SXM" in plan.table()
     roomy = Plan({"decompose": 1.0}, 0.0, memory, {}, {"decompose": 1e12}, {}, {}, GPUS["h200"], (1, 1), 0.0)
     assert "WILL NOT FIT" not in roomy.table() and "of 141 GB (H200 SXM" in roomy.table()
+
+
+FOUR_DEVICES_SCRIPT = """
+import tempfile
+from pathlib import Path
+
+from polca_jax.pipeline import build_task, device_named, measured_memory, open_run, plan_run
+
+run, definition = open_run("planted", Path(tempfile.mkdtemp()) / "run", preset="tiny")
+task = build_task(run, definition)
+for data, model in ((1, 1), (4, 1), (1, 4)):
+    measured = measured_memory(run.config, task, mesh=(data, model))
+    planned = plan_run(run.config, task, mesh=(data, model), device=device_named("h100")).memory
+    for stage, size in measured.items():
+        print("STAGE", data, model, stage, size, sum(planned[stage].values()))
+"""
+
+
+@pytest.mark.slow
+def test_the_planned_memory_per_device_is_within_twice_what_xla_allocates_for_each_stage_on_a_real_mesh():
+    """The stages' kernels compiled on meshes of 4 simulated devices (``measured_memory``) against ``plan_run``'s
+    estimate for the same mesh, which compiles on one device and splits by rule: within 2× for every stage, and the
+    measured bytes per device fall when the model axis splits the parameters."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    completed = subprocess.run([sys.executable, "-c", FOUR_DEVICES_SCRIPT], env=env, capture_output=True, text=True,
+                               timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    rows = [line.split()[1:] for line in completed.stdout.splitlines() if line.startswith("STAGE")]
+    measured = {(int(data), int(model), stage): (int(size), int(planned)) for data, model, stage, size, planned in rows}
+    assert {stage for *_, stage in measured} == {"train", "basis", "decompose", "causal"} and len(measured) == 12
+    for key, (size, planned) in measured.items():
+        assert 0.5 <= planned / size <= 2.0, (key, size, planned)
+    for stage in ("train", "basis", "decompose", "causal"):
+        assert measured[1, 4, stage][0] < measured[1, 1, stage][0], stage
+
+
+def test_measured_memory_refuses_a_mesh_of_more_devices_than_the_process_has(user_task):
+    from polca_jax.pipeline import make_config, measured_memory
+    from polca_jax.pipeline._task import load_task_definition
+
+    definition = load_task_definition(user_task)
+    config = make_config(definition, user_task, None, {})
+    task = definition.build(config.task_options, seed=config.seed, workdir=None)
+    with pytest.raises(PolcaError, match=f"needs {2 * jax.device_count()} devices.*device_count="):
+        measured_memory(config, task, mesh=(2 * jax.device_count(), 1))

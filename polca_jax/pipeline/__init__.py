@@ -22,7 +22,7 @@ except ImportError as error:
                       "kernels, polca_jax and polca_jax.analysis, work without it.") from error
 
 from polca_jax.pipeline._config import SECTIONS, RunConfig, flat_settings, make_config, parse_overrides  # noqa: E402
-from polca_jax.pipeline._plan import Device, Plan, device_named, plan_run  # noqa: E402
+from polca_jax.pipeline._plan import Device, Plan, device_named, measured_memory, plan_run  # noqa: E402
 from polca_jax.pipeline._report import write_report  # noqa: E402
 from polca_jax.pipeline._results import RunMetrics, read_metrics  # noqa: E402
 from polca_jax.pipeline._run import open_run, run  # noqa: E402
@@ -107,6 +107,7 @@ __all__ = [
     "load_run_view",
     "load_task_definition",
     "make_config",
+    "measured_memory",
     "open_run",
     "parse_overrides",
     "plan_run",

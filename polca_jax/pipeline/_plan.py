@@ -35,7 +35,10 @@ and Krylov vectors split over the model axis by :func:`polca_jax.param_spec` (a 
 model, a replicated leaf whole); batches split by the data axis; XLA's temporaries of the kernel compiled for one
 device (the projection pass' per-device chunk has the same size whatever the number of data shards, so its
 temporaries do not shrink with them; with a model axis XLA also splits them, so the figure is an upper bound: see the
-sharding section of benchmarks/README.md; training's are those of the whole batch). The POLCA arrays ``[T, N, K]`` (float32) are streamed to
+sharding section of benchmarks/README.md; training's, of one step on its batch shard, likewise); the Lanczos run's temporaries
+beyond one HVP's (its Krylov vectors and their products), measured on one device, split like the parameters.
+:func:`measured_memory` compiles each stage's kernel on a real mesh instead, to check these figures
+(``benchmarks/stage_memory.py``). The POLCA arrays ``[T, N, K]`` (float32) are streamed to
 memory-mapped files: they take disk, and on the host one checkpoint's ``[N, K]`` rows at a time.
 """
 
@@ -64,7 +67,8 @@ from polca_jax.pipeline._registry import (JOINT_KINDS, MESH_STAGES, PER_SAMPLE_S
                                           variants_of)
 from polca_jax.pipeline._stages import causal_bases, check_data_axis
 from polca_jax.pipeline._task import Task
-from polca_jax.pipeline._training import _checkpoint_manager, _save, _train_step, adamw_paper
+from polca_jax.pipeline._training import (_checkpoint_manager, _compiled_train_step, _save, _train_step,
+                                          adamw_paper)
 
 BYTES = 4  # the POLCA arrays' float32
 GPU_EFFICIENCY = 0.41  # the fraction of peak assumed on a GPU: this project's decompose stage on a CPU reached 41%
@@ -345,7 +349,8 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
                            "batch shard": _nbytes(train_shard)}
 
     hessian_bases = [name for name in bases if basis_kind(name).lanczos]
-    lanczos = _lanczos_kernel(config, task, hessian_shard, basis_size, run, repeats)
+    lanczos, lanczos_rest = _lanczos_kernel(config, task, hessian_shard, basis_size, run, repeats)
+    lanczos_rest = math.ceil(lanczos_rest * param_bytes / whole_bytes)
     kernels.append(lanczos)
     calls = len(hessian_bases) * len(config.basis_steps)
     stages["basis"] = calls * (device.seconds(lanczos) + restore_seconds)
@@ -354,9 +359,10 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     work["basis"] = (f"{calls} restores and Lanczos runs × {_duration(device.seconds(lanczos))} "
                      f"({config.lanczos_iters} HVPs on {_batch_size(hessian_shard)} sequences each; "
                      f"{', '.join(hessian_bases)})" + (f"; {', '.join(others)}: not timed" if others else ""))
-    memory["basis"] = {"parameters": param_bytes, f"{config.lanczos_iters} Krylov vectors":
-                       config.lanczos_iters * param_bytes, f"{basis_size} basis rows": basis_size * param_bytes,
-                       "HVP temporaries": lanczos.temp_bytes, "batch shard": _nbytes(hessian_shard)}
+    memory["basis"] = {"parameters": param_bytes, f"{basis_size} basis rows": basis_size * param_bytes,
+                       "HVP temporaries": lanczos.temp_bytes,
+                       f"the Lanczos run's other temporaries ({config.lanczos_iters + 1} Krylov vectors and their "
+                       "products, split like the parameters)": lanczos_rest, "batch shard": _nbytes(hessian_shard)}
 
     passes = {}
     for key in sorted(set(zip(sizes.values(), curvature.values()))):
@@ -383,7 +389,8 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     stages["causal"] = directions * device.seconds(causal)
     memory["causal"] = {"final parameters and one edited copy": 2 * param_bytes,
                         "the edit's flat vectors θ_T, θ_0, b (whole on one device)": 3 * whole_bytes,
-                        "loss temporaries (the evaluation batch shard)": causal.temp_bytes}
+                        "loss temporaries (the evaluation batch shard)": causal.temp_bytes,
+                        "batch shard": _nbytes(eval_shard)}
     flops["causal"] = directions * causal.flops
     work["causal"] = f"{directions} loss passes × {_duration(device.seconds(causal))}"
 
@@ -403,6 +410,89 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
             len(config.checkpoint_steps) * 3 * _nbytes(params)}
     return Plan(stages, sum(k.compile_seconds for k in kernels), memory, work, flops, host, disk, device, mesh,
                 replicated)
+
+
+def measured_memory(config, task: Task, *, mesh: tuple[int, int] = (1, 1)) -> dict[str, int]:
+    """Bytes per device of each mesh stage's kernel, compiled (not run) on a mesh of this machine's devices.
+
+    The inputs are placed as the stage places them: this is what :func:`plan_run`'s memory per device estimates,
+    measured (``benchmarks/stage_memory.py`` sets the two side by side). Each figure is XLA's ``memory_analysis`` of the compiled program for one device (arguments + outputs +
+    temporaries − aliased): the training step (AdamW; parameters, moments and the batch shard as the train stage
+    splits them), one Lanczos run of the basis stage deflating the whole basis (:func:`polca_jax.lanczos_kernel_cost`),
+    the projection pass of the decompose stage for its largest basis (:func:`polca_jax.projection_kernel_cost`), and
+    the causal check's loss on the evaluation batch shard plus the final and initial parameters the stage keeps.
+
+    Args:
+      config: the run's :class:`RunConfig`.
+      task: the run's :class:`Task` (:func:`build_task`).
+      mesh: ``(data, model)``; it needs ``data × model`` devices (on a CPU, simulate them with
+        ``XLA_FLAGS=--xla_force_host_platform_device_count=N``).
+
+    Returns:
+      Bytes per device per stage: ``"train"`` (when the run trains), ``"basis"``, ``"decompose"`` and ``"causal"``.
+
+    Raises:
+      PolcaError: fewer devices than the mesh needs, a model axis that splits no parameter, or a data axis wider than
+        the evaluation or Hessian batch's sequences.
+
+    Example:
+      ``out``: the run directory of :func:`polca_jax.pipeline.run`'s example.
+
+      >>> from polca_jax.pipeline import RunDirectory, build_task, measured_memory
+      >>> run_dir = RunDirectory(out)
+      >>> memory = measured_memory(run_dir.config, build_task(run_dir))
+      >>> sorted(memory), all(size > 0 for size in memory.values())
+      (['basis', 'causal', 'decompose', 'train'], True)
+    """
+    data, model = mesh
+    if data * model > jax.device_count():
+        raise PolcaError(f"a {data} x {model} mesh needs {data * model} devices, this process has "
+                         f"{jax.device_count()} (simulate CPU devices with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={data * model})")
+    check_model_axis(task.init_params, model)
+    check_data_axis(task, data)
+    devices = pj.device_mesh(model=model, data=data, devices=jax.devices()[: data * model])
+    params = pj.shard_params(task.init_params, devices)
+    measured = {}
+    if config.checkpoints is None and task.train_batches is not None:
+        optimizer = adamw_paper(config.learning_rate, config.weight_decay, config.b1, config.b2, config.warmup_steps)
+        opt_state = pj.shard_params(optimizer.init(params), devices)
+        step = _compiled_train_step(task.loss, optimizer, params, opt_state, devices)
+        batch = pj.shard_batch(task.train_batches(0), devices)
+        measured["train"] = _device_bytes(step.lower(params, opt_state, batch, 0, jnp.asarray(-1)).compile())
+    basis_size = len(config.basis_steps) * config.k_per_checkpoint
+    measured["basis"] = pj.lanczos_kernel_cost(task.loss, params, task.hessian_batch,
+                                               k_per_checkpoint=config.k_per_checkpoint,
+                                               num_iters=config.lanczos_iters, num_deflated=basis_size,
+                                               mesh=devices).run_bytes
+    passes = []
+    for name in bases_of(config):
+        rows = jax.tree_util.tree_map(lambda p: jnp.zeros((basis_kind(name).size_for(config), *np.shape(p)), p.dtype),
+                                      task.init_params)
+        cost = pj.projection_kernel_cost(task.per_sample_loss, params, task.eval_batch, rows,
+                                         curvature=config.second_order_for(name).needs_curvature,
+                                         method=config.projection_method, chunk_size=config.chunk_size,
+                                         mesh=devices, with_flops=False)
+        passes.append(cost.argument_bytes + cost.output_bytes + cost.temp_bytes)
+    measured["decompose"] = max(passes)
+    eval_batch = pj.shard_batch(_padded(task.eval_batch, data), devices)  # padded to whole shards, as per_sample_losses pads
+    loss = jax.jit(task.per_sample_loss).lower(params, eval_batch).compile()
+    measured["causal"] = _device_bytes(loss) + 2 * pj.per_device_bytes(params)
+    return measured
+
+
+def _padded(batch, shards: int):
+    """``batch`` with its last sequence repeated up to a multiple of ``shards`` sequences."""
+    extra = -_batch_size(batch) % shards
+    return jax.tree_util.tree_map(lambda x: np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x,
+                                  batch)
+
+
+def _device_bytes(compiled) -> int:
+    """XLA's bytes of a compiled program on one device: arguments + outputs + temporaries − aliased."""
+    memory = compiled.memory_analysis()
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+               - memory.alias_size_in_bytes)
 
 
 def _polca_kernel(config, task: Task, batch, mask, size: int, curvature: bool, *, run: bool, repeats: int):
@@ -461,14 +551,16 @@ def _train_kernel(task: Task, optimizer, opt_state, data: int, run: bool, repeat
     return Kernel(flops, temp, seconds, compiling)
 
 
-def _lanczos_kernel(config, task: Task, batch, basis_size: int, run: bool, repeats: int) -> Kernel:
+def _lanczos_kernel(config, task: Task, batch, basis_size: int, run: bool, repeats: int) -> tuple[Kernel, int]:
     """One basis checkpoint of Algorithm 1: Lanczos with ``lanczos_iters`` HVPs on ``batch``, deflating
-    ``basis_size`` rows, as :func:`polca_jax.hessian_basis` compiles it (:func:`polca_jax.lanczos_kernel_cost`). Its
-    FLOPs and temporaries are those of its HVPs (XLA counts a loop's body once; the Gram-Schmidt steps add a few
-    multiples of P per iteration)."""
+    ``basis_size`` rows, as :func:`polca_jax.hessian_basis` compiles it (:func:`polca_jax.lanczos_kernel_cost`), on
+    one device: the kernel (its FLOPs and temporaries are those of its HVPs: XLA counts a loop's body once; the
+    Gram-Schmidt steps add a few multiples of P per iteration) and the run's temporaries beyond one HVP's (the Krylov
+    vectors and their products: parameter-shaped)."""
     cost = pj.lanczos_kernel_cost(task.loss, task.init_params, batch, k_per_checkpoint=config.k_per_checkpoint,
                                   num_iters=config.lanczos_iters, num_deflated=basis_size, timed=run)
-    return Kernel(cost.flops, cost.temp_bytes, cost.seconds, cost.compile_seconds)
+    return (Kernel(cost.flops, cost.temp_bytes, cost.seconds, cost.compile_seconds),
+            max(0, cost.run_temp_bytes - cost.temp_bytes))
 
 
 def _loss_kernel(task: Task, batch, mask, run: bool, repeats: int) -> Kernel:
