@@ -46,19 +46,6 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-# the modules whose tests run longest (``--durations``: processes of their own, two-process runs, notebooks), first in
-# the collection, so that the workers of ``pytest -n auto --dist loadscope`` (which hands out whole modules in this
-# order) start them early and end together instead of one worker running the longest module last
-LONGEST_FIRST = ("test_separate_processes.py", "test_distributed.py", "test_notebooks.py", "test_gpu_check.py",
-                 "test_sharding.py", "test_arithmetic_pipeline.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Put the modules of ``LONGEST_FIRST`` first, in that order; the others keep theirs."""
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 def pytest_report_header(config):
     if _MISSING_EXTRA:
         return (f"pipeline extra not installed ({', '.join(_MISSING_EXTRA)} missing): only the test modules with tests "
