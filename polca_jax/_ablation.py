@@ -32,7 +32,8 @@ UNIT_NORM_TOLERANCE = 1e-3  # loose enough for float32 / bfloat16 bases
 @jax.jit
 def _without_direction(final_params: PyTree, initial_params: PyTree, direction: jax.Array) -> PyTree:
     """θ_T − ⟨θ_T − θ_0, b⟩ b for a flat ``[P]`` direction b (one compilation for every direction of a basis; only
-    b reaches the device, not the basis' ``[K, P]``), as a pytree with the leaf shapes and dtypes of final_params."""
+    b reaches the device, not the basis' ``[K, P]``), as a pytree with the leaf shapes and dtypes of
+    final_params."""
     final = tree.ravel(final_params)
     direction = direction.astype(final.dtype)
     coefficient = jnp.dot(final - tree.ravel(initial_params), direction, precision=jax.lax.Precision.HIGHEST)

@@ -35,8 +35,9 @@ and Krylov vectors split over the model axis by :func:`polca_jax.param_spec` (a 
 model, a replicated leaf whole); batches split by the data axis; XLA's temporaries of the kernel compiled for one
 device (the projection pass' per-device chunk has the same size whatever the number of data shards, so its
 temporaries do not shrink with them; with a model axis XLA also splits them, so the figure is an upper bound: see the
-sharding section of benchmarks/README.md; training's, of one step on its batch shard, likewise); the Lanczos run's temporaries
-beyond one HVP's (its Krylov vectors and their products), measured on one device, split like the parameters.
+sharding section of benchmarks/README.md; training's, of one step on its batch shard, likewise); the Lanczos run's
+temporaries beyond one HVP's (its Krylov vectors and their products), measured on one device, split like the
+parameters.
 :func:`measured_memory` compiles each stage's kernel on a real mesh instead, to check these figures
 (``benchmarks/stage_memory.py``). The POLCA arrays ``[T, N, K]`` (float32) are streamed to
 memory-mapped files: they take disk, and on the host one checkpoint's ``[N, K]`` rows at a time.
@@ -362,7 +363,7 @@ def plan_run(config, task: Task, *, mesh: tuple[int, int] = (1, 1), device: Devi
     memory["basis"] = {"parameters": param_bytes, f"{basis_size} basis rows": basis_size * param_bytes,
                        "HVP temporaries": lanczos.temp_bytes,
                        f"the Lanczos run's other temporaries ({config.lanczos_iters + 1} Krylov vectors and their "
-                       "products, split like the parameters)": lanczos_rest, "batch shard": _nbytes(hessian_shard)}
+                       "products)": lanczos_rest, "batch shard": _nbytes(hessian_shard)}
 
     passes = {}
     for key in sorted(set(zip(sizes.values(), curvature.values()))):
@@ -416,8 +417,8 @@ def measured_memory(config, task: Task, *, mesh: tuple[int, int] = (1, 1)) -> di
     """Bytes per device of each mesh stage's kernel, compiled (not run) on a mesh of this machine's devices.
 
     The inputs are placed as the stage places them: this is what :func:`plan_run`'s memory per device estimates,
-    measured (``benchmarks/stage_memory.py`` sets the two side by side). Each figure is XLA's ``memory_analysis`` of the compiled program for one device (arguments + outputs +
-    temporaries − aliased): the training step (AdamW; parameters, moments and the batch shard as the train stage
+    measured (``benchmarks/stage_memory.py`` sets the two side by side). Each figure is XLA's ``memory_analysis``
+    of the compiled program for one device (arguments + outputs + temporaries − aliased): the training step (AdamW; parameters, moments and the batch shard as the train stage
     splits them), one Lanczos run of the basis stage deflating the whole basis (:func:`polca_jax.lanczos_kernel_cost`),
     the projection pass of the decompose stage for its largest basis (:func:`polca_jax.projection_kernel_cost`), and
     the causal check's loss on the evaluation batch shard plus the final and initial parameters the stage keeps.
@@ -465,17 +466,17 @@ def measured_memory(config, task: Task, *, mesh: tuple[int, int] = (1, 1)) -> di
                                                k_per_checkpoint=config.k_per_checkpoint,
                                                num_iters=config.lanczos_iters, num_deflated=basis_size,
                                                mesh=devices).run_bytes
-    passes = []
-    for name in bases_of(config):
-        rows = jax.tree_util.tree_map(lambda p: jnp.zeros((basis_kind(name).size_for(config), *np.shape(p)), p.dtype),
-                                      task.init_params)
-        cost = pj.projection_kernel_cost(task.per_sample_loss, params, task.eval_batch, rows,
-                                         curvature=config.second_order_for(name).needs_curvature,
+    passes = []  # one pass per distinct (basis size, curvatures), as plan_run compiles them
+    for size, curvature in sorted({(basis_kind(name).size_for(config), config.second_order_for(name).needs_curvature)
+                                   for name in bases_of(config)}):
+        rows = jax.tree_util.tree_map(lambda p: jnp.zeros((size, *np.shape(p)), p.dtype), task.init_params)
+        cost = pj.projection_kernel_cost(task.per_sample_loss, params, task.eval_batch, rows, curvature=curvature,
                                          method=config.projection_method, chunk_size=config.chunk_size,
                                          mesh=devices, with_flops=False)
         passes.append(cost.argument_bytes + cost.output_bytes + cost.temp_bytes)
     measured["decompose"] = max(passes)
-    eval_batch = pj.shard_batch(_padded(task.eval_batch, data), devices)  # padded to whole shards, as per_sample_losses pads
+    # padded to whole data shards, as per_sample_losses pads its batch
+    eval_batch = pj.shard_batch(_padded(task.eval_batch, data), devices)
     loss = jax.jit(task.per_sample_loss).lower(params, eval_batch).compile()
     measured["causal"] = _device_bytes(loss) + 2 * pj.per_device_bytes(params)
     return measured
