@@ -30,7 +30,11 @@ STRATEGIES = {"polca": "POLCA", "polca_profile": "Profiles", "polca_gradients": 
 def variant_text(options: dict) -> str:
     """The benchmark variant a run's task options name: its gate rule, or the block variant's departures."""
     if "rule" in options:
-        return f"entangled, {options['rule']}"
+        parts = [f"entangled, {options['rule']}"]
+        parts += [f"B's amplitude {options['amplitude_b']}"] if options.get("amplitude_b", 0.5) != 0.5 else []
+        parts += [f"B from step {options['late_step']}"] if options.get("late_step") else []
+        parts += ["same mechanism"] if options.get("same_mechanism") else []
+        return ", ".join(parts)
     parts = [f"weights {options.get('group_weights', '1,1')}"]
     parts += ["shared head"] if options.get("shared_readout") else []
     parts += [f"mirror {options['mirror']}"] if options.get("mirror", "full") != "full" else []
