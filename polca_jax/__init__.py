@@ -34,9 +34,11 @@ from polca_jax._projections import (
     projection_kernel_cost,
 )
 from polca_jax._sharding import (
+    PartitionRules,
     data_mesh,
     device_mesh,
     param_spec,
+    partition_rules,
     num_data_shards,
     per_device_bytes,
     replicated_fraction,
@@ -56,6 +58,7 @@ __all__ = [
     "Interrupted",
     "OrbaxCheckpoints",
     "PARAMS_ITEM",
+    "PartitionRules",
     "POLCAResult",
     "PolcaError",
     "ResumeMismatch",
@@ -77,6 +80,7 @@ __all__ = [
     "lanczos_kernel_cost",
     "load_basis_info",
     "param_spec",
+    "partition_rules",
     "parameter_axis_basis",
     "num_data_shards",
     "per_device_bytes",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import hashlib
 import math
 import operator
@@ -308,7 +309,9 @@ def _read_ahead(checkpoints: Sequence[PyTree], start: int, first: PyTree, count:
         upcoming = None
         for t in range(start, count):
             current = first if t == start else upcoming.result()
-            upcoming = pool.submit(operator.getitem, checkpoints, t + 1) if t + 1 < count else None
+            # run in the caller's context, so that its partition rules place what the thread restores
+            upcoming = (pool.submit(contextvars.copy_context().run, operator.getitem, checkpoints, t + 1)
+                        if t + 1 < count else None)
             yield current
 
 

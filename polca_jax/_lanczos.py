@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 
 from polca_jax import tree
 from polca_jax._hvp import HessianMatvec
-from polca_jax._sharding import check_mesh, param_shardings, shard_batch, shard_params, shard_rows
+from polca_jax._sharding import (active_partition_rules, check_mesh, param_shardings, partition_rules, shard_batch,
+                                 shard_params, shard_rows)
 from polca_jax.checks import batch_size, check_finite_tree, check_params
 from polca_jax.errors import PolcaError
 
@@ -200,7 +201,8 @@ def tree_eigenpairs(
     start vector is a flat ``[P]`` Gaussian split into leaves: the same numbers as the flat form's. No input checks:
     callers check (see :func:`top_eigenpairs`).
     """
-    return _lanczos(matvec, like, k, num_iters, mesh, key, orthogonal_to, tuple(matvec_args))
+    return _lanczos(matvec, like, k, num_iters, mesh, key, orthogonal_to, tuple(matvec_args),
+                    rules=active_partition_rules())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +277,7 @@ def lanczos_kernel_cost(
     arguments = (jax.random.key(0), found, (params, batch))
     start = time.perf_counter()
     compiled = _lanczos.lower(matvec, tree.structure_signature(params), k_per_checkpoint, num_iters, mesh,
-                              *arguments).compile()
+                              *arguments, rules=active_partition_rules()).compile()
     compile_seconds = time.perf_counter() - start
     seconds = math.nan
     if timed:
@@ -290,15 +292,18 @@ def lanczos_kernel_cost(
                            - memory.alias_size_in_bytes))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _lanczos(matvec, like, k, num_iters, mesh, key, deflate, matvec_args) -> Eigenpairs:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), static_argnames=("rules",))
+def _lanczos(matvec, like, k, num_iters, mesh, key, deflate, matvec_args, rules=None) -> Eigenpairs:
     template = tree.from_signature(like)
     dtype = jax.tree_util.tree_leaves(template)[0].dtype
     dim = tree.num_params(template)
     eps = jnp.finfo(dtype).eps
 
     def place(rows):
-        return rows if mesh is None else lax.with_sharding_constraint(rows, param_shardings(rows, mesh, leading_axes=1))
+        if mesh is None:
+            return rows
+        with partition_rules(rules):  # the rules of the call, which are part of the compiled kernel's key
+            return lax.with_sharding_constraint(rows, param_shardings(rows, mesh, leading_axes=1))
 
     def orthogonalise(w, krylov):
         for _ in range(2):  # classical Gram–Schmidt, twice

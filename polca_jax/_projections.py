@@ -39,7 +39,8 @@ from jax.sharding import PartitionSpec
 from polca_jax import tree
 from polca_jax._basis import Basis, split_rows
 from polca_jax._sharding import (
-    MODEL_AXIS, check_mesh, data_axes, data_spec, num_data_shards, param_spec, shard_batch, shard_params, shard_rows,
+    MODEL_AXIS, active_partition_rules, check_mesh, data_axes, data_spec, leaf_path, num_data_shards, param_spec,
+    partition_rules, shard_batch, shard_params, shard_rows,
 )
 from polca_jax.checks import batch_size, check_finite_params, check_finite_tree, check_loss_dtype, check_params
 from polca_jax.errors import PolcaError
@@ -390,8 +391,8 @@ def _reverse_chunk(groups, loss_fn, params, directions, chunk):
         )
     else:
         total = sum(
-            _local_contraction(g, b, model_shards)
-            for g, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(directions))
+            _local_contraction(g, b, model_shards, leaf_path(path))
+            for g, (path, b) in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves_with_path(directions))
         )
     return total.reshape(c, s, -1), losses.reshape(c, s, 1)
 
@@ -405,14 +406,15 @@ def _auto_model_shards() -> int:
     return dict(mesh.shape)[MODEL_AXIS]
 
 
-def _local_contraction(g: jax.Array, b: jax.Array, model_shards: int) -> jax.Array:
+def _local_contraction(g: jax.Array, b: jax.Array, model_shards: int, path: str) -> jax.Array:
     """``[n, K]`` products of per-sample gradients ``g`` ``[n, *leaf]`` with basis rows ``b`` ``[K, *leaf]`` on a
-    split "model" axis: both pinned to the parameters' split (:func:`param_spec` of the leaf, the leading axis whole)
+    split "model" axis: both pinned to the parameters' split (:func:`param_spec` of the leaf at ``path``, the leading
+    axis whole)
     and contracted over the leaf's own axes without flattening them, so that XLA contracts each shard locally and sums
     the ``[K, n]`` partial products over "model" (the flattened product all-gathers the gradients and the rows). The
     rows are the dot's left operand: as the right one, XLA CPU copies them into a ``K``-minor layout first (a copy of
     the basis shard among the temporaries)."""
-    spec = PartitionSpec(None, *param_spec(b.shape[1:], model_shards))
+    spec = PartitionSpec(None, *param_spec(b.shape[1:], model_shards, path=path))
     g = lax.with_sharding_constraint(g, spec)
     b = lax.with_sharding_constraint(b, spec)
     axes = tuple(range(1, b.ndim))
@@ -486,16 +488,26 @@ _CHUNK_KERNELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
 def _stage_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, groups: tuple, unroll: int, mesh):
-    """Compiled: all ``num_chunks`` chunks of ``chunk_size`` sequences (per device) in one ``lax.scan``.
+    """Compiled: all ``num_chunks`` chunks of ``chunk_size`` sequences (per device) in one ``lax.scan``, for the
+    partition rules in force (:func:`polca_jax.partition_rules`).
 
     The scan keeps one chunk's temporaries alive at a time (``unroll`` chunks per loop step), so the memory does not
     grow with the number of samples; the outputs are the only buffers that do.
     """
+    return _compiled_stage_kernel(kind, loss_fn, chunk_size, num_chunks, groups, unroll, mesh, active_partition_rules())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_stage_kernel(kind: str, loss_fn, chunk_size: int, num_chunks: int, groups: tuple, unroll: int, mesh,
+                           rules):
     chunk_kernel = _CHUNK_KERNELS[kind]
 
     def run(params, directions, sequences):
+        with partition_rules(rules):  # traced under the rules of the cache key
+            return scanned(params, directions, sequences)
+
+    def scanned(params, directions, sequences):
         if num_chunks == 1:
             return chunk_kernel(groups, loss_fn, params, directions, sequences)
         chunks = jax.tree_util.tree_map(lambda x: x.reshape(num_chunks, chunk_size, *x.shape[1:]), sequences)

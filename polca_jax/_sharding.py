@@ -4,15 +4,21 @@ A mesh has an optional axis ``"model"`` and one or more other axes, its *data ax
 together (:func:`data_mesh` makes a 1-D ``("data",)`` one, :func:`device_mesh` a 2-D ``("data", "model")`` one; a
 mesh of one's own may add, say, a ``"replica"`` axis across slices or hosts: ``("replica", "data", "model")``). Parameters are split FSDP-style over ``"model"`` by one rule for any
 pytree (:func:`param_spec`): each leaf along its largest dimension that the model axis divides, replicated when none
-does. A basis held as a params-shaped pytree of ``[K, *leaf.shape]`` leaves (and Lanczos' Krylov vectors) is split
-like the parameters, its leading ``K`` axis whole, so its memory per device falls as ``1 / model-axis size``.
+does. :func:`partition_rules` overrides the rule by each leaf's path, for tensor parallelism (attention heads and MLP
+hidden units split, so that XLA splits the activations too: ``polca_jax.pipeline.models.TENSOR_PARALLEL_RULES``) or
+a layout of one's own. A basis held as a params-shaped pytree of ``[K, *leaf.shape]`` leaves (and Lanczos' Krylov vectors) is
+split like the parameters, its leading ``K`` axis whole, so its memory per device falls as ``1 / model-axis size``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
+import re
 import warnings
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -25,6 +31,110 @@ PyTree = Any
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 REPLICATED_WARNING_FRACTION = 0.1  # warn when more of the parameters than this stay whole on every device
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionRules:
+    """Which dimension of each parameter the ``"model"`` axis splits, by the parameter's path.
+
+    The first rule whose pattern ``re.search`` finds in a leaf's path (:func:`leaf_path`, e.g.
+    ``"blocks/0/attention/query/kernel"``) gives the dimension; a leaf no pattern finds is split by the default rule
+    (:func:`param_spec`). Searching, not matching, lets one rule cover a parameter and the optimiser's moments of it
+    (``"0/mu/blocks/0/attention/query/kernel"``). Hashable: the kernels compile once per set of rules. Put them in
+    force with :func:`partition_rules`.
+
+    Args:
+      rules: ``(pattern, dimension)`` pairs, tried in order; ``dimension`` None keeps the leaf whole on every device.
+
+    Raises:
+      PolcaError: a rule that is not a ``(regular expression, int or None)`` pair.
+
+    Example:
+      >>> rules = pj.PartitionRules(((r"query/kernel$", 1), (r"output/bias$", None)))
+      >>> rules.dimension("attention/query/kernel", (16, 16), 4), rules.dimension("mlp/output/bias", (16,), 4)
+      (1, None)
+      >>> rules.dimension("mlp/hidden/kernel", (16, 64), 4)  # no rule names it: the default rule decides
+      False
+    """
+
+    rules: tuple[tuple[str, int | None], ...]
+
+    def __post_init__(self):
+        for rule in self.rules:
+            if (not isinstance(rule, tuple) or len(rule) != 2 or not isinstance(rule[0], str)
+                    or not (rule[1] is None or (isinstance(rule[1], int) and not isinstance(rule[1], bool)))):
+                raise PolcaError(f"a partition rule is a (pattern, dimension or None) pair, got {rule!r}")
+            try:
+                re.compile(rule[0])
+            except re.error as error:
+                raise PolcaError(f"partition rule {rule[0]!r} is not a regular expression: {error}") from error
+
+    def dimension(self, path: str, shape: tuple[int, ...], model_shards: int) -> int | None | bool:
+        """The dimension of the leaf at ``path`` to split, None to keep it whole, or False where no rule names it.
+
+        Args:
+          path: the leaf's path (:func:`leaf_path`).
+          shape: the leaf's shape.
+          model_shards: the devices on the mesh's ``"model"`` axis (1: nothing is split, None).
+
+        Returns:
+          The first matching rule's dimension (counted from 0), None, or False.
+
+        Raises:
+          PolcaError: the rule's dimension is out of range or not divisible by ``model_shards``.
+        """
+        for pattern, dimension in self.rules:
+            if re.search(pattern, path):
+                if dimension is None or model_shards == 1:
+                    return None
+                if not -len(shape) <= dimension < len(shape):
+                    raise PolcaError(f"partition rule {pattern!r} splits dimension {dimension} of {path!r}, whose "
+                                     f"shape {shape} has {len(shape)}")
+                if shape[dimension] % model_shards:
+                    raise PolcaError(f"partition rule {pattern!r}: a model axis of {model_shards} devices does not "
+                                     f"divide dimension {dimension} of {path!r} (shape {shape})")
+                return dimension % len(shape)
+        return False
+
+
+_ACTIVE_RULES: contextvars.ContextVar[PartitionRules | None] = contextvars.ContextVar("partition_rules", default=None)
+
+
+@contextlib.contextmanager
+def partition_rules(rules: PartitionRules | Sequence[tuple[str, int | None]] | None) -> Iterator[PartitionRules | None]:
+    """Within the block, every kernel and :func:`shard_params` split the parameters by ``rules`` first.
+
+    Args:
+      rules: a :class:`PartitionRules`, its ``(pattern, dimension)`` pairs, or None (the default rule alone).
+
+    Returns:
+      A context manager; ``with`` gives the rules in force (a :class:`PartitionRules`, or None).
+
+    Raises:
+      PolcaError: for a rule that is not a ``(pattern, dimension or None)`` pair.
+
+    Example:
+      >>> with pj.partition_rules([("w2", None)]):  # keep w2 whole, split the rest by the default rule
+      ...     tuple(pj.param_spec((16, 2), 2, path="w2")), tuple(pj.param_spec((3, 16), 2, path="w1"))
+      ((), (None, 'model'))
+    """
+    if rules is not None and not isinstance(rules, PartitionRules):
+        rules = PartitionRules(tuple(tuple(rule) if isinstance(rule, list) else rule for rule in rules))
+    token = _ACTIVE_RULES.set(rules)
+    try:
+        yield rules
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def active_partition_rules() -> PartitionRules | None:
+    """The rules of the innermost :func:`partition_rules` block, or None."""
+    return _ACTIVE_RULES.get()
+
+
+def leaf_path(path) -> str:
+    """A pytree key path as the rules see it: ``"blocks/0/attention/query/kernel"``."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -126,19 +236,25 @@ def num_model_shards(mesh: Mesh | None) -> int:
     return 1 if mesh is None else dict(mesh.shape).get(MODEL_AXIS, 1)
 
 
-def param_spec(shape: tuple[int, ...], model_shards: int) -> PartitionSpec:
+def param_spec(shape: tuple[int, ...], model_shards: int, *, path: str | tuple | None = None) -> PartitionSpec:
     """The sharding rule for one parameter: which of its dimensions a ``"model"`` axis splits.
 
-    The largest dimension of ``shape`` that ``model_shards`` divides (the first of equals) is split over ``"model"``; a
+    Where a :func:`partition_rules` block's rule names the parameter's ``path``, that rule decides. Otherwise the
+    largest dimension of ``shape`` that ``model_shards`` divides (the first of equals) is split over ``"model"``; a
     parameter none of whose dimensions it divides (any, when ``model_shards`` is 1) is replicated. :func:`shard_params`
     places parameters, and the kernels a basis' rows, by it.
 
     Args:
       shape: the parameter's shape.
       model_shards: the devices on the mesh's ``"model"`` axis.
+      path: the parameter's path, for the rules in force: a ``jax.tree_util`` key path or its string
+        (:func:`leaf_path`).
 
     Returns:
       A ``PartitionSpec``: ``"model"`` at the split dimension, or ``PartitionSpec()`` (replicated).
+
+    Raises:
+      PolcaError: a rule in force names a dimension the model axis does not divide.
 
     Example:
       >>> tuple(pj.param_spec((3, 8), 4))  # 4 divides 8, not 3
@@ -146,6 +262,13 @@ def param_spec(shape: tuple[int, ...], model_shards: int) -> PartitionSpec:
       >>> tuple(pj.param_spec((3, 5), 4))  # it divides neither: replicated on every device
       ()
     """
+    rules = active_partition_rules()
+    if rules is not None and path is not None:
+        dimension = rules.dimension(path if isinstance(path, str) else leaf_path(path), tuple(shape), model_shards)
+        if dimension is None:
+            return PartitionSpec()
+        if dimension is not False:
+            return PartitionSpec(*([None] * dimension), MODEL_AXIS)
     if model_shards > 1:
         divisible = [axis for axis, size in enumerate(shape) if size % model_shards == 0]
         if divisible:
@@ -158,11 +281,11 @@ def param_shardings(params: PyTree, mesh: Mesh, *, leading_axes: int = 0) -> PyT
     """A ``NamedSharding`` per leaf of ``params`` by :func:`param_spec`; ``leading_axes`` unsplit axes come first
     (1 for a basis' ``[K, *leaf.shape]`` rows, whose shapes are then those of the parameters after ``K``)."""
 
-    def sharding(leaf):
-        spec = param_spec(tuple(np.shape(leaf))[leading_axes:], num_model_shards(mesh))
+    def sharding(path, leaf):
+        spec = param_spec(tuple(np.shape(leaf))[leading_axes:], num_model_shards(mesh), path=leaf_path(path))
         return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), *spec))
 
-    return jax.tree_util.tree_map(sharding, params)
+    return jax.tree_util.tree_map_with_path(sharding, params)
 
 
 def replicated_fraction(params: PyTree, mesh: Mesh | None) -> tuple[float, list[str]]:
@@ -187,7 +310,8 @@ def replicated_fraction(params: PyTree, mesh: Mesh | None) -> tuple[float, list[
     if model_shards == 1:
         return 0.0, []
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    whole = [(path, leaf) for path, leaf in leaves if param_spec(np.shape(leaf), model_shards) == PartitionSpec()]
+    whole = [(path, leaf) for path, leaf in leaves
+             if param_spec(np.shape(leaf), model_shards, path=leaf_path(path)) == PartitionSpec()]
     total = sum(math.prod(np.shape(leaf)) for _, leaf in leaves)
     share = sum(math.prod(np.shape(leaf)) for _, leaf in whole) / max(total, 1)
     return share, [jax.tree_util.keystr(path) for path, _ in whole]

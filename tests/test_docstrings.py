@@ -36,7 +36,7 @@ core = pytest.mark.core  # needs only the core install: pytest -m core
 # type's); each is named instead in the docstring of an exported function that takes it (checked below).
 CONSTANTS = {"ADJUST_METHODS", "CLUSTERERS", "DEFAULT_MIN_SAMPLES_DIVISOR", "NORMALIZATIONS", "PARAMS_ITEM",
              "SUPPORTED_MODEL_TYPES",  # polca_jax.hf's
-             "ROTATIONS", "STRATEGIES",
+             "ROTATIONS", "STRATEGIES", "TENSOR_PARALLEL_RULES",
              # the pipeline's: its registries (bases, stages, strategies, built-in tasks) and the strategies' names
              "BASES", "BUILTIN_TASKS", "STAGES", "VARIANTS", "EXACT_LOSS", "FIRST_ORDER_POLCA", "GRADIENT_NORMS",
              "POLCA", "POLCA_GRADIENTS", "POLCA_PROFILE", "RANDOM_GRADIENTS", "RANDOM_POLCA", "RANDOM_PROFILE",

@@ -47,6 +47,14 @@ def test_a_bad_mesh_exits_2_with_a_message(mesh, message, user_task, capsys):
     assert error.startswith("polca: error: ") and re.search(message, error), error
 
 
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_tensor_parallelism_without_a_mesh_exits_2_with_a_message(command, user_task, tmp_path, capsys):
+    out = [] if command == "plan" else ["--out", str(tmp_path / "run")]
+    assert main([command, user_task, "--set", "width=4", "--tensor-parallel", *out]) == 2
+    assert "--tensor-parallel splits parameters over the model axis of a --mesh" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_mesh_and_devices_must_agree():
     assert parse_mesh(None) == (1, 1) and parse_mesh(None, 8) == (8, 1) and parse_mesh("2x4", 8) == (2, 4)
     with pytest.raises(ValueError, match="--mesh 2x4 has 8 devices but --devices is 4"):

@@ -1,4 +1,5 @@
-"""Parameter sharding over a ("data", "model") mesh: the rule, and every kernel on 8 simulated devices against one."""
+"""Parameter sharding over a ("data", "model") mesh: the rule, partition rules, and every kernel on 8 simulated devices
+against one."""
 
 import os
 import subprocess
@@ -43,6 +44,35 @@ def test_replicated_fraction_names_the_leaves_no_dimension_of_which_is_divisible
 
     share, paths = replicated_fraction({"w": np.zeros((8, 4)), "b": np.zeros((3,))}, FourWay)
     assert share == pytest.approx(3 / 35) and paths == ["['b']"]
+
+
+def test_partition_rules_decide_the_leaves_they_name_and_the_default_rule_the_rest():
+    with pj.partition_rules([(r"w2$", None), (r"query/kernel$", 1)]):
+        assert param_spec((16, 2), 4, path="w2") == PartitionSpec()  # kept whole although 4 divides 16
+        assert param_spec((16, 16), 4, path="attention/query/kernel") == PartitionSpec(None, "model")
+        # a search, not a match: the optimiser's moments of a parameter follow its rule
+        assert param_spec((16, 16), 4, path="0/mu/attention/query/kernel") == PartitionSpec(None, "model")
+        assert param_spec((16, 16), 4, path="attention/key/kernel") == PartitionSpec("model")  # the default rule
+        assert param_spec((16, 16), 4) == PartitionSpec("model")  # no path: the default rule
+        tree = {"w2": np.zeros((16, 2)), "w1": np.zeros((3, 16))}
+        assert replicated_fraction(tree, jax.sharding.AbstractMesh((1, 4), ("data", "model")))[1] == ["['w2']"]
+    assert param_spec((16, 2), 4, path="w2") == PartitionSpec("model")  # the rules end with the block
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ([("w", 1)], "does not divide dimension 1 of 'w'"),
+        ([("w", 2)], "splits dimension 2 of 'w', whose shape"),
+        ([("w",)], "a .pattern, dimension or None. pair"),
+        ([("w", 1.5)], "a .pattern, dimension or None. pair"),
+        ([("(w", 0)], "is not a regular expression"),
+    ],
+)
+def test_a_partition_rule_that_cannot_apply_is_a_clear_error(rules, message):
+    with pytest.raises(ValueError, match=message):
+        with pj.partition_rules(rules):
+            param_spec((16, 3), 4, path="w")
 
 
 @pytest.mark.parametrize(
@@ -135,6 +165,17 @@ for name in ("basis", "exact", "paper", "reverse", "forward", "curvature", "loss
     np.testing.assert_allclose(many[name], one[name], rtol=1e-9, atol=1e-11, err_msg=name)
 print("MESH-OK replica 2 data 2 model 2")
 
+# Partition rules of one's own on a 2 x 4 mesh: b1 and w2 kept whole (the default rule splits them), w1 split.
+mesh = pj.device_mesh(model=4)
+with pj.partition_rules([("b1", None), ("w2", None)]), warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # half of the parameters whole: shard_params warns, as it should
+    many = run(mesh)
+for name in ("basis", "exact", "paper", "reverse", "forward", "curvature", "loss", "preconditioned", "covariance"):
+    np.testing.assert_allclose(many[name], one[name], rtol=1e-9, atol=1e-11, err_msg=name)
+assert many["params_bytes"] == (48 // 4 + 16 + 32 + 2) * 8, many["params_bytes"]
+assert many["basis_bytes"] == (48 // 4 + 16 + 32 + 2) * 6 * 8, many["basis_bytes"]
+print("MESH-OK rules")
+
 # Lanczos contracts each leaf shard by shard: on a 1 x 8 mesh nothing is gathered but the flat start vector
 # ([1, P], only when Lanczos starts or restarts), never a leaf of the Krylov or deflated rows.
 import re
@@ -170,6 +211,7 @@ def test_every_kernel_gives_the_one_device_result_on_a_model_sharded_and_a_data_
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "MESH-OK 1 8" in completed.stdout and "MESH-OK 2 4" in completed.stdout
     assert "MESH-OK replica 2 data 2 model 2" in completed.stdout
+    assert "MESH-OK rules" in completed.stdout
     assert "WARN-OK" in completed.stdout
     assert "LANCZOS-GATHERS-OK" in completed.stdout
 

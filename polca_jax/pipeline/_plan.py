@@ -159,11 +159,11 @@ def parse_mesh(text: str, devices: int | None = None) -> tuple[int, int]:
 
 def split_bytes(params, model: int) -> tuple[int, float]:
     """Bytes of one device's share of ``params`` split over a model axis of ``model`` devices by the rule
-    (:func:`polca_jax.param_spec`: a split leaf's bytes / model, a replicated leaf's whole), and the
-    fraction of the parameters left whole on every device."""
+    (:func:`polca_jax.param_spec`, with the partition rules in force: a split leaf's bytes / model, a replicated
+    leaf's whole), and the fraction of the parameters left whole on every device."""
     share, whole, total = 0, 0, 0
-    for leaf in jax.tree_util.tree_leaves(params):
-        nbytes, split = _nbytes(leaf), pj.param_spec(np.shape(leaf), model) != PartitionSpec()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        nbytes, split = _nbytes(leaf), pj.param_spec(np.shape(leaf), model, path=path) != PartitionSpec()
         share += nbytes // model if split else nbytes
         whole += 0 if split or model == 1 else nbytes
         total += nbytes

@@ -63,6 +63,8 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
                          help="run the train, basis, decompose and causal stages on DATA x MODEL devices: samples and "
                          "batches split over DATA, parameters (and Adam's moments) over MODEL (e.g. 8x1, 2x4; the "
                          "results equal one device's up to the order of floating-point sums)")
+    command.add_argument("--tensor-parallel", action="store_true",
+                         help="split the shipped transformer's attention by heads and its MLP by hidden units over MODEL (tensor parallelism, polca_jax.pipeline.models.TENSOR_PARALLEL_RULES) instead of each parameter along its largest dimension")
     scale = command.add_argument_group(
         "multi-process run", "every process runs the same command (the basis and decompose stages of a run one "
         "process started); each option defaults to its JAX_* environment variable")
@@ -113,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="devices splitting the samples (data) and the parameters (model), e.g. 8x1 or 2x4 "
                       "(default: --devices x 1)")
     plan.add_argument("--devices", type=int, metavar="N", help="number of devices (default 1; must match --mesh)")
+    plan.add_argument("--tensor-parallel", action="store_true", help="split the shipped transformer's attention by heads and its MLP by hidden units over MODEL (tensor parallelism, polca_jax.pipeline.models.TENSOR_PARALLEL_RULES) instead of each parameter along its largest dimension")
     plan.add_argument("--device", choices=("cpu", "h100", "h200"), default="cpu",
                       help="cpu: time the kernels on this machine (and its memory); h100/h200: time from XLA's FLOPs "
                       "at an assumed efficiency (an estimate), their 80/141 GB")
@@ -191,8 +194,9 @@ def _main(args) -> int:
                 raise PolcaError("--text is the evaluation text of an hf: task (polca run hf:PATH --text FILE); "
                                  "other tasks take their data as task options (--set NAME=VALUE)")
             settings.append(f"text_source={_data_reference(args.text)}")
-        report = run(task, args.out, preset=args.preset, settings=settings, checkpoints=args.checkpoints,
-                     stages=stages, force=args.force, progress=not args.quiet, mesh=mesh)
+        with pj.partition_rules(_rules(args)):
+            report = run(task, args.out, preset=args.preset, settings=settings, checkpoints=args.checkpoints,
+                         stages=stages, force=args.force, progress=not args.quiet, mesh=mesh)
     except ValueError as error:
         if args.debug:
             raise
@@ -253,7 +257,19 @@ def _plan(args) -> str:
     device = device_named(args.device)
     header = (f"plan for {config.task}, preset {config.preset}, on {mesh[0] * mesh[1]} device(s) like "
               f"{device.name} (compiled on {jax.devices()[0].platform}):")
-    return header + "\n" + plan_run(config, task, mesh=mesh, device=device).table()
+    with pj.partition_rules(_rules(args)):
+        return header + "\n" + plan_run(config, task, mesh=mesh, device=device).table()
+
+
+def _rules(args):
+    """The partition rules ``--tensor-parallel`` asks for (None: the default rule)."""
+    if not args.tensor_parallel:
+        return None
+    if args.mesh is None:
+        raise PolcaError("--tensor-parallel splits parameters over the model axis of a --mesh DATAxMODEL (e.g. 2x4)")
+    from polca_jax.pipeline.models import TENSOR_PARALLEL_RULES
+
+    return TENSOR_PARALLEL_RULES
 
 
 def _data_reference(data: str) -> str:

@@ -1,6 +1,7 @@
 """Models analysed by POLCA."""
 
 from polca_jax.pipeline.models._transformer import (
+    TENSOR_PARALLEL_RULES,
     Transformer,
     TransformerConfig,
     apply,
@@ -10,6 +11,7 @@ from polca_jax.pipeline.models._transformer import (
 )
 
 __all__ = [
+    "TENSOR_PARALLEL_RULES",
     "Transformer",
     "TransformerConfig",
     "apply",

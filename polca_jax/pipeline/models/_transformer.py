@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import polca_jax as pj
 from polca_jax.errors import PolcaError
 
 _LAYER_NORM_EPSILON = 1e-5  # TransformerLens' default.
@@ -144,7 +145,11 @@ class _Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Decoder-only transformer: tokens int[B, L] -> logits [B, L, config.output_vocab_size]."""
+    """Decoder-only transformer: tokens int[B, L] -> logits [B, L, config.output_vocab_size].
+
+    On a mesh with a ``"model"`` axis, :data:`TENSOR_PARALLEL_RULES` split its attention by heads and its MLP by hidden
+    units (tensor parallelism) instead of each parameter along its largest dimension.
+    """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.param_dtype)
@@ -259,6 +264,20 @@ def _layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
         use_fast_variance=False,
         rngs=rngs,
     )
+
+
+TENSOR_PARALLEL_RULES = pj.PartitionRules((
+    (r"attention/(query|key|value)/kernel$", 1),  # [d_model, heads × d_head]: split by heads (column-parallel)
+    (r"attention/(query|key|value)/bias$", 0),
+    (r"attention/output/kernel$", 0),  # [heads × d_head, d_model]: row-parallel, the heads summed over "model"
+    (r"mlp/hidden/kernel$", 1),  # [d_model, d_mlp]: split by hidden units
+    (r"mlp/hidden/bias$", 0),
+    (r"mlp/output/kernel$", 0),  # [d_mlp, d_model]
+    (r"(attention|mlp)/output/bias$", None),
+))
+"""Megatron-style tensor parallelism for :class:`Transformer` (``with pj.partition_rules(TENSOR_PARALLEL_RULES)``, or
+the pipeline's ``--set tensor_parallel=true``): attention split by heads and the MLP by hidden units over the mesh's
+``"model"`` axis, so that XLA splits those activations too; embeddings and layer norms by the default rule."""
 
 
 def parameter_count(config: TransformerConfig) -> int:
