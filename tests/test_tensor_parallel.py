@@ -45,6 +45,21 @@ specs = {name: tuple(leaf.sharding.spec) for name, leaf in
 assert specs == {"query": (None, "model"), "output": ("model",), "hidden": (None, "model"),
                  "mlp_output": ("model",), "output_bias": ()}, specs
 print("TP-RESULTS-OK")
+
+# The pipeline's mesh stages under the rules (training with the weights and Adam's moments split by them included)
+# against one device: the same decomposition.
+from polca_jax.pipeline import run as run_pipeline
+settings = {"baselines": False, "ablations": False}
+stages = ["train", "basis", "decompose", "causal"]
+outs = {}
+for label, rules, mesh in (("one", None, None), ("tensor", TENSOR_PARALLEL_RULES, pj.device_mesh(model=4))):
+    outs[label] = Path(tempfile.mkdtemp()) / "run"
+    with pj.partition_rules(rules):
+        run_pipeline("arithmetic", outs[label], preset="tiny", settings=settings, stages=stages, progress=False,
+                     log=lambda line: None, mesh=mesh)
+alone, split = (np.load(outs[label] / "polca" / "hessian" / "projections.npy") for label in ("one", "tensor"))
+np.testing.assert_allclose(split, alone, rtol=1e-4, atol=1e-5 * np.abs(alone).max())
+print("TP-PIPELINE-OK")
 for label, rules in (("default", None), ("tensor", TENSOR_PARALLEL_RULES)):
     with pj.partition_rules(rules):
         measured = measured_memory(run.config, task, mesh=(1, 4))
@@ -56,7 +71,8 @@ for label, rules in (("default", None), ("tensor", TENSOR_PARALLEL_RULES)):
 
 @pytest.mark.slow
 def test_tensor_parallel_rules_give_one_devices_results_split_the_activations_and_are_planned_from_above():
-    """On a 1 x 4 mesh: the rules' results equal one device's; the decompose and causal stages' bytes per device fall
+    """On a 1 x 4 mesh: the rules' results equal one device's (the kernels, and the pipeline's train, basis,
+    decompose and causal stages); the decompose and causal stages' bytes per device fall
     below the default rule's (XLA splits the attention and MLP activations by heads and hidden units); ``polca plan``
     never under-counts a stage and is within 2× for the basis and decompose stages (it keeps the activations of
     training and of the causal loss pass whole, so those it over-counts: up to 2.3× here)."""
@@ -64,7 +80,7 @@ def test_tensor_parallel_rules_give_one_devices_results_split_the_activations_an
     completed = subprocess.run([sys.executable, "-c", FOUR_DEVICES_SCRIPT], env=env, capture_output=True, text=True,
                                timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "TP-RESULTS-OK" in completed.stdout
+    assert "TP-RESULTS-OK" in completed.stdout and "TP-PIPELINE-OK" in completed.stdout
     rows = [line.split()[1:] for line in completed.stdout.splitlines() if line.startswith("STAGE")]
     measured = {(label, stage): (int(size), int(planned)) for label, stage, size, planned in rows}
     assert {stage for _, stage in measured} == {"train", "basis", "decompose", "causal"} and len(measured) == 8
