@@ -6,8 +6,9 @@ mesh of one's own may add, say, a ``"replica"`` axis across slices or hosts: ``(
 pytree (:func:`param_spec`): each leaf along its largest dimension that the model axis divides, replicated when none
 does. :func:`partition_rules` overrides the rule by each leaf's path, for tensor parallelism (attention heads and MLP
 hidden units split, so that XLA splits the activations too: ``polca_jax.pipeline.models.TENSOR_PARALLEL_RULES``) or
-a layout of one's own. A basis held as a params-shaped pytree of ``[K, *leaf.shape]`` leaves (and Lanczos' Krylov vectors) is
-split like the parameters, its leading ``K`` axis whole, so its memory per device falls as ``1 / model-axis size``.
+a layout of one's own. A basis held as a params-shaped pytree of ``[K, *leaf.shape]`` leaves (and Lanczos' Krylov
+vectors) is split like the parameters, its leading ``K`` axis whole, so its memory per device falls as
+``1 / model-axis size``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class PartitionRules:
     rules: tuple[tuple[str, int | None], ...]
 
     def __post_init__(self):
-        for rule in self.rules:
+        rules = tuple(tuple(rule) if isinstance(rule, list | tuple) else rule for rule in self.rules)
+        object.__setattr__(self, "rules", rules)  # hashable, as the compiled kernels' keys need
+        for rule in rules:
             if (not isinstance(rule, tuple) or len(rule) != 2 or not isinstance(rule[0], str)
                     or not (rule[1] is None or (isinstance(rule[1], int) and not isinstance(rule[1], bool)))):
                 raise PolcaError(f"a partition rule is a (pattern, dimension or None) pair, got {rule!r}")
@@ -119,7 +122,7 @@ def partition_rules(rules: PartitionRules | Sequence[tuple[str, int | None]] | N
       ((), (None, 'model'))
     """
     if rules is not None and not isinstance(rules, PartitionRules):
-        rules = PartitionRules(tuple(tuple(rule) if isinstance(rule, list) else rule for rule in rules))
+        rules = PartitionRules(tuple(rules))
     token = _ACTIVE_RULES.set(rules)
     try:
         yield rules

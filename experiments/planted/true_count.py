@@ -55,8 +55,8 @@ def main() -> None:
         config = RunConfig.from_dict(stored, str(run_dir / "config.json"))
         names = np.unique(groups)
         loss = np.asarray(pj.POLCAResult.load(run_dir / "polca" / "hessian").loss)
-        losses = ", ".join(f"{name} {np.median(loss[0, groups == name]):.3f} → {np.median(loss[-1, groups == name]):.4f}"
-                           for name in names)
+        losses = ", ".join(f"{name} {np.median(loss[0, groups == name]):.3f} → "
+                           f"{np.median(loss[-1, groups == name]):.4f}" for name in names)
         for basis in ("hessian", "random"):
             projections = np.asarray(pj.POLCAResult.load(run_dir / "polca" / basis).projections)
             rule = cluster_gradient_trajectories(projections, config)[0].labels

@@ -42,6 +42,11 @@ def _version() -> str:
     return f"polca_jax {__version__}"
 
 
+TENSOR_PARALLEL_HELP = ("split the shipped transformer's attention by heads and its MLP by hidden units over MODEL "
+                        "(tensor parallelism, polca_jax.pipeline.models.TENSOR_PARALLEL_RULES) instead of each "
+                        "parameter along its largest dimension")
+
+
 def _add_run_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--out", required=True, help="run directory (created for a new run, resumed otherwise)")
     command.add_argument("--preset", help="preset of a new run (default: the task's); an existing run keeps its own")
@@ -63,8 +68,7 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
                          help="run the train, basis, decompose and causal stages on DATA x MODEL devices: samples and "
                          "batches split over DATA, parameters (and Adam's moments) over MODEL (e.g. 8x1, 2x4; the "
                          "results equal one device's up to the order of floating-point sums)")
-    command.add_argument("--tensor-parallel", action="store_true",
-                         help="split the shipped transformer's attention by heads and its MLP by hidden units over MODEL (tensor parallelism, polca_jax.pipeline.models.TENSOR_PARALLEL_RULES) instead of each parameter along its largest dimension")
+    command.add_argument("--tensor-parallel", action="store_true", help=TENSOR_PARALLEL_HELP)
     scale = command.add_argument_group(
         "multi-process run", "every process runs the same command (the basis and decompose stages of a run one "
         "process started); each option defaults to its JAX_* environment variable")
@@ -115,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="devices splitting the samples (data) and the parameters (model), e.g. 8x1 or 2x4 "
                       "(default: --devices x 1)")
     plan.add_argument("--devices", type=int, metavar="N", help="number of devices (default 1; must match --mesh)")
-    plan.add_argument("--tensor-parallel", action="store_true", help="split the shipped transformer's attention by heads and its MLP by hidden units over MODEL (tensor parallelism, polca_jax.pipeline.models.TENSOR_PARALLEL_RULES) instead of each parameter along its largest dimension")
+    plan.add_argument("--tensor-parallel", action="store_true", help=TENSOR_PARALLEL_HELP)
     plan.add_argument("--device", choices=("cpu", "h100", "h200"), default="cpu",
                       help="cpu: time the kernels on this machine (and its memory); h100/h200: time from XLA's FLOPs "
                       "at an assumed efficiency (an estimate), their 80/141 GB")
