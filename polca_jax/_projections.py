@@ -409,11 +409,10 @@ def _auto_model_shards() -> int:
 def _local_contraction(g: jax.Array, b: jax.Array, model_shards: int, path: str) -> jax.Array:
     """``[n, K]`` products of per-sample gradients ``g`` ``[n, *leaf]`` with basis rows ``b`` ``[K, *leaf]`` on a
     split "model" axis: both pinned to the parameters' split (:func:`param_spec` of the leaf at ``path``, the leading
-    axis whole)
-    and contracted over the leaf's own axes without flattening them, so that XLA contracts each shard locally and sums
-    the ``[K, n]`` partial products over "model" (the flattened product all-gathers the gradients and the rows). The
-    rows are the dot's left operand: as the right one, XLA CPU copies them into a ``K``-minor layout first (a copy of
-    the basis shard among the temporaries)."""
+    axis whole) and contracted over the leaf's own axes without flattening them, so that XLA contracts each shard
+    locally and sums the ``[K, n]`` partial products over "model" (the flattened product all-gathers the gradients
+    and the rows). The rows are the dot's left operand: as the right one, XLA CPU copies them into a ``K``-minor
+    layout first (a copy of the basis shard among the temporaries)."""
     spec = PartitionSpec(None, *param_spec(b.shape[1:], model_shards, path=path))
     g = lax.with_sharding_constraint(g, spec)
     b = lax.with_sharding_constraint(b, spec)

@@ -321,12 +321,21 @@ def replicated_fraction(params: PyTree, mesh: Mesh | None) -> tuple[float, list[
 
 
 def warn_if_replicated(params: PyTree, mesh: Mesh | None, what: str) -> None:
-    """Warn when the model axis splits less than 90% of the parameters (e.g. it divides no leaf)."""
+    """Warn when the model axis splits less than 90% of the parameters (e.g. it divides no leaf), and when partition
+    rules are in force that name none of the parameters (e.g. rules for another model)."""
+    rules = active_partition_rules()
+    if rules is not None and num_model_shards(mesh) > 1:
+        names = [leaf_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        if not any(re.search(pattern, name) for pattern, _ in rules.rules for name in names):
+            warnings.warn(f"{what}: no partition rule in force names any of the parameters (paths such as "
+                          f"{names[:3]}), so the default rule splits them all", stacklevel=3)
     share, paths = replicated_fraction(params, mesh)
     if share > REPLICATED_WARNING_FRACTION:
         shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        reason = ("divides no dimension of" if rules is None
+                  else "divides no dimension of, or the partition rules keep whole,")
         warnings.warn(
-            f"{what}: the model axis of {num_model_shards(mesh)} devices divides no dimension of {shown}, so "
+            f"{what}: the model axis of {num_model_shards(mesh)} devices {reason} {shown}, so "
             f"{share:.0%} of the parameters are replicated on every device; choose a model axis that divides the "
             "large dimensions (e.g. a power of two)",
             stacklevel=3,

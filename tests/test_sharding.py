@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 import polca_jax as pj
-from polca_jax._sharding import param_spec, replicated_fraction
+from polca_jax._sharding import param_spec, replicated_fraction, warn_if_replicated
 
 pytestmark = pytest.mark.core  # needs only the core install: pytest -m core
 
@@ -57,6 +57,17 @@ def test_partition_rules_decide_the_leaves_they_name_and_the_default_rule_the_re
         tree = {"w2": np.zeros((16, 2)), "w1": np.zeros((3, 16))}
         assert replicated_fraction(tree, jax.sharding.AbstractMesh((1, 4), ("data", "model")))[1] == ["['w2']"]
     assert param_spec((16, 2), 4, path="w2") == PartitionSpec("model")  # the rules end with the block
+
+
+def test_rules_that_name_no_parameter_or_keep_leaves_whole_are_said_in_the_warning():
+    four_way = jax.sharding.AbstractMesh((1, 4), ("data", "model"))
+    params = {"w1": np.zeros((3, 16)), "w2": np.zeros((16, 2))}
+    with pj.partition_rules([("attention/query", 1)]), pytest.warns(UserWarning, match="no partition rule in force "
+                                                                       "names any of the parameters"):
+        warn_if_replicated(params, four_way, "test")
+    with pj.partition_rules([("w2", None)]), pytest.warns(UserWarning, match="or the partition rules keep whole, "
+                                                                             r"\['w2'\]"):
+        warn_if_replicated(params, four_way, "test")
 
 
 @pytest.mark.parametrize(

@@ -261,7 +261,10 @@ def _plan(args) -> str:
     device = device_named(args.device)
     header = (f"plan for {config.task}, preset {config.preset}, on {mesh[0] * mesh[1]} device(s) like "
               f"{device.name} (compiled on {jax.devices()[0].platform}):")
-    with pj.partition_rules(_rules(args)):
+    rules = _rules(args)
+    if rules is not None:
+        header += "\nparameters split by --tensor-parallel's rules (TENSOR_PARALLEL_RULES), the others by the default"
+    with pj.partition_rules(rules):
         return header + "\n" + plan_run(config, task, mesh=mesh, device=device).table()
 
 

@@ -276,7 +276,7 @@ TENSOR_PARALLEL_RULES = pj.PartitionRules((
     (r"(attention|mlp)/output/bias$", None),
 ))
 """Megatron-style tensor parallelism for :class:`Transformer` (``with pj.partition_rules(TENSOR_PARALLEL_RULES)``, or
-the pipeline's ``--set tensor_parallel=true``): attention split by heads and the MLP by hidden units over the mesh's
+``polca run ... --mesh DxM --tensor-parallel``): attention split by heads and the MLP by hidden units over the mesh's
 ``"model"`` axis, so that XLA splits those activations too; embeddings and layer norms by the default rule."""
 
 
