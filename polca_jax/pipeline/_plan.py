@@ -418,10 +418,12 @@ def measured_memory(config, task: Task, *, mesh: tuple[int, int] = (1, 1)) -> di
 
     The inputs are placed as the stage places them: this is what :func:`plan_run`'s memory per device estimates,
     measured (``benchmarks/stage_memory.py`` sets the two side by side). Each figure is XLA's ``memory_analysis``
-    of the compiled program for one device (arguments + outputs + temporaries − aliased): the training step (AdamW; parameters, moments and the batch shard as the train stage
-    splits them), one Lanczos run of the basis stage deflating the whole basis (:func:`polca_jax.lanczos_kernel_cost`),
-    the projection pass of the decompose stage for its largest basis (:func:`polca_jax.projection_kernel_cost`), and
-    the causal check's loss on the evaluation batch shard plus the final and initial parameters the stage keeps.
+    of the compiled program for one device (arguments + outputs + temporaries − aliased): the training step (AdamW;
+    parameters, moments and the batch shard as the train stage splits them), one Lanczos run of the basis stage
+    deflating the whole basis (:func:`polca_jax.lanczos_kernel_cost`), the projection pass of the decompose stage for
+    its largest basis (:func:`polca_jax.projection_kernel_cost`), and the causal check's loss on the evaluation batch
+    shard plus the final and initial parameters the stage keeps. Partition rules in force
+    (:func:`polca_jax.partition_rules`) place the parameters.
 
     Args:
       config: the run's :class:`RunConfig`.
