@@ -92,6 +92,34 @@ def test_entangled_groups_defeat_the_trivial_controls_by_construction(entangled,
     assert not analysis.adjusted_rand(control, groups) > 0.3
 
 
+def test_mirrored_entangled_groups_share_every_loss_trajectory_but_not_their_gradients(entangled):
+    """The mirror map S flips the gate and swaps the teachers' blocks; the student starts S-symmetric and trains on
+    mirrored pairs, so sample i and its mirror image i + n/2 (the other group) keep equal losses while training."""
+    task = entangled.build({"mirror": True, "amplitude_b": 1.0, "width": 8, "num_eval_samples": 40}, seed=0,
+                           workdir=None)
+    x, groups = np.asarray(task.eval_batch["x"]), np.asarray(task.eval_batch["group"])
+    np.testing.assert_array_equal(groups[20:], 1 - groups[:20])
+    np.testing.assert_array_equal(x[20:, 0], -x[:20, 0])
+    np.testing.assert_array_equal(x[20:, 4:10], x[:20, 10:16])  # x_A of the mirror image is x_B of the sample
+    np.testing.assert_array_equal(task.eval_batch["y"][20:], task.eval_batch["y"][:20])
+    params, optimizer = task.init_params, optax.adam(1e-2)
+    state, losses = optimizer.init(params), []
+    for step in range(60):
+        batch = task.train_batches(step)
+        np.testing.assert_array_equal(batch["group"][32:], 1 - batch["group"][:32])
+        grads = jax.grad(lambda p: task.per_sample_loss(p, batch).mean())(params)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(np.asarray(task.per_sample_loss(params, task.eval_batch)))
+    losses = np.array(losses)
+    np.testing.assert_allclose(losses[:, 20:], losses[:, :20], rtol=1e-4, atol=1e-6)
+    assert losses[-1].mean() < 0.8 * losses[0].mean()  # it learns
+    grads = flat_grad(task, params, task.eval_batch)
+    assert np.abs(grads[20:] - grads[:20]).max() > 0.1 * np.abs(grads).max()  # the gradients differ
+    plain = entangled.build({"amplitude_b": 1.0, "width": 8, "num_eval_samples": 40}, seed=0, workdir=None)
+    assert not np.allclose(plain.eval_batch["y"][20:], plain.eval_batch["y"][:20])  # the check can fail
+
+
 def test_the_late_entangled_group_enters_training_at_its_step(entangled):
     task = entangled.build({"late_step": 50, "width": 4, "num_eval_samples": 40}, seed=0, workdir=None)
     assert not any(task.train_batches(step)["group"].any() for step in (0, 25, 49))
@@ -102,7 +130,12 @@ def test_the_late_entangled_group_enters_training_at_its_step(entangled):
     (dict(rule="xor"), "rule must be one of"), (dict(gate_bits=1), "gate_bits must be an integer >= 2"),
     (dict(amplitude_b=0.0), "amplitude_b must be a finite number > 0"), (dict(width=1), "width must be an integer"),
     (dict(same_mechanism="yes"), "same_mechanism must be true or false"),
-    (dict(late_step=-1), "late_step must be an integer >= 0"),
+    (dict(late_step=-1), "late_step must be an integer >= 0"), (dict(mirror=1), "mirror must be true or false"),
+    (dict(mirror=True), "mirror=true needs rule=parity, amplitude_b=1.0"),
+    (dict(mirror=True, amplitude_b=1.0, rule="carry"), "mirror=true needs rule=parity"),
+    (dict(mirror=True, amplitude_b=1.0, late_step=5), "late_step must be 0"),
+    (dict(mirror=True, amplitude_b=1.0, width=7), "width must be even"),
+    (dict(mirror=True, amplitude_b=1.0, num_eval_samples=41), "n must be even"),
 ])
 def test_entangled_bad_options_raise_clear_errors(entangled, options, message):
     with pytest.raises(ValueError, match=message):
@@ -252,6 +285,24 @@ def test_gradient_increments_see_groups_that_each_sample_s_constant_gradient_hid
     [values] = cluster_gradient_trajectories(projections, config)
     [increments] = cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_increments=True))
     assert adjusted_rand_score(groups, increments.labels) > 0.9 and not analysis.adjusted_rand(values, groups) > 0.5
+
+
+def test_subspace_features_join_a_mechanism_whose_gradients_flip_sign_that_trajectories_split():
+    """Each group's gradients move along its own direction of three, with a random sign per sample and checkpoint
+    (the residual's): the subspace each sample moves in tells the groups apart, its signed trajectory does not."""
+    from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories
+
+    rng = np.random.default_rng(2)
+    groups = np.repeat([0, 1], 80)
+    axes = np.array([[1.0, 1.0, 0.0], [1.0, -1.0, 0.0]]) / np.sqrt(2)  # the groups share every coordinate's scale
+    signs = rng.choice([-1.0, 1.0], size=(8, 160, 1))
+    projections = signs * (axes[groups][None] + 0.1 * rng.normal(size=(8, 160, 3)))
+    config = RunConfig(task="t", preset=None, task_options={}, min_cluster_size=20, reference_num_samples=None,
+                       gradient_window=1.0, profile_clusterer="kmeans")
+    [joint] = cluster_gradient_trajectories(projections, config)
+    [subspace] = cluster_gradient_trajectories(projections, dataclasses.replace(config, gradient_directions="subspace"))
+    assert adjusted_rand_score(groups, subspace.labels) > 0.9 and not analysis.adjusted_rand(joint, groups) > 0.5
+    np.testing.assert_allclose(analysis.subspace_features(projections), analysis.subspace_features(-projections))
 
 
 def test_gradient_trajectories_per_direction_cluster_each_direction_along_the_rotation_asked_for():

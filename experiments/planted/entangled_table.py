@@ -8,7 +8,8 @@ projected-gradient trajectories, the same trajectories along the random basis, a
 ``ARI / groups recovered`` (recovered: a cluster with homogeneity >= 0.9 at recall >= 0.5 over all members); the
 trivial control of ``trivial_controls.py`` (k-means on where each sample's gradient lies among the first layer's
 rows, at the second POLCA checkpoint); the cross-validated ROC AUC of a logistic probe on the exact-loss
-trajectories (supervised: an upper bound no strategy may use); and the report's verdict for the label set ``group``.
+trajectories (supervised: an upper bound no strategy may use; a mirrored run keeps each sample and its mirror image
+in one fold); and the report's verdict for the label set ``group``.
 ``--strategies`` names other strategies' columns (any registered strategy a run clustered, e.g. those of an
 ablation basis).
 """
@@ -21,7 +22,7 @@ from polca_jax import analysis
 from polca_jax.pipeline import read_metrics
 from polca_jax.pipeline.tasks.planted import strategy_summary
 
-from trivial_controls import exact_loss_probe_auc, gradient_share_ari, load_planted_run
+from trivial_controls import exact_loss_probe_auc, gradient_share_ari, load_planted_run, mirror_pairs
 
 STRATEGIES = {"polca": "POLCA", "polca_profile": "Profiles", "polca_gradients": "Gradient trajectories",
               "random_gradients": "Random-basis gradient trajectories", "gradient_norms": "Control (pipeline)"}
@@ -34,6 +35,7 @@ def variant_text(options: dict) -> str:
         parts += [f"B's amplitude {options['amplitude_b']}"] if options.get("amplitude_b", 0.5) != 0.5 else []
         parts += [f"B from step {options['late_step']}"] if options.get("late_step") else []
         parts += ["same mechanism"] if options.get("same_mechanism") else []
+        parts += ["mirror images"] if options.get("mirror") is True else []
         return ", ".join(parts)
     parts = [f"weights {options.get('group_weights', '1,1')}"]
     parts += ["shared head"] if options.get("shared_readout") else []
@@ -65,7 +67,7 @@ def row(run_dir: Path, strategies) -> list[str]:
     result = pj.POLCAResult.load(run_dir / "polca" / "hessian")
     with pj.OrbaxCheckpoints(run_dir / "checkpoints", [int(result.steps[1])]) as store:
         cells.append(f"{gradient_share_ari(task, store[0], groups):.2f}")
-    cells.append(f"{exact_loss_probe_auc(result.loss, groups):.2f}")
+    cells.append(f"{exact_loss_probe_auc(result.loss, groups, mirror_pairs(config, groups.size)):.2f}")
     cells.append(verdict_text(read_metrics(run_dir / "metrics.json").verdicts["group"]))
     return cells
 

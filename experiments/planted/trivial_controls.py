@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score
-from sklearn.model_selection import cross_val_score
+from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -46,12 +46,20 @@ def gradient_share_ari(task, params, groups: np.ndarray) -> float:
     return adjusted_rand_score(groups, found)
 
 
-def exact_loss_probe_auc(loss: np.ndarray, groups: np.ndarray) -> float:
+def exact_loss_probe_auc(loss: np.ndarray, groups: np.ndarray, pairs: np.ndarray | None = None) -> float:
     """Cross-validated ROC AUC of a logistic probe for the first group against the rest on the exact-loss
-    trajectories ``loss [T, N]``: a supervised upper bound no strategy may use."""
+    trajectories ``loss [T, N]``: a supervised upper bound no strategy may use. ``pairs`` (int[N], optional): samples
+    that share an id stay in one fold (a mirrored run's sample and its mirror image: split between folds, the twin
+    of the other group teaches the probe the opposite answer, and the AUC falls below 0.5)."""
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     target = groups == np.unique(groups)[0]
-    return cross_val_score(probe, np.asarray(loss).T, target, cv=5, scoring="roc_auc").mean()
+    folds = 5 if pairs is None else GroupKFold(5)
+    return cross_val_score(probe, np.asarray(loss).T, target, groups=pairs, cv=folds, scoring="roc_auc").mean()
+
+
+def mirror_pairs(config: dict, num_samples: int) -> np.ndarray | None:
+    """int[N]: the pair id of each evaluation sample of a mirrored entangled run (sample i and i + N/2), else None."""
+    return np.arange(num_samples) % (num_samples // 2) if config["task_options"].get("mirror") is True else None
 
 
 def load_planted_run(run_dir: Path) -> tuple[dict, object, np.ndarray]:

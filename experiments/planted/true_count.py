@@ -7,11 +7,14 @@ the ARI of the decision rule's clustering (the run's own ``polca_gradients`` / `
 projected-gradient trajectories over the last ``gradient_window`` of the checkpoints, a Gaussian mixture whose count
 BIC picks) beside a Gaussian mixture of the *true* number of groups on the same features (a supervised choice: an
 upper bound for the count, not a strategy), and the rule's clusters as ``size:share of its largest group`` (their
-purity). Also each group's median exact loss at the first and the last POLCA checkpoint (has the student learned
-it?).
+purity). Beside them the same two clusterings of the *subspace* features of the same window
+(``gradient_directions=subspace``, :func:`polca_jax.analysis.subspace_features`: which directions each sample's
+gradients move in together, whatever their signs). Also each group's median exact loss at the first and the last
+POLCA checkpoint (has the student learned it?).
 """
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +28,13 @@ from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories
 from trivial_controls import load_planted_run
 
 
-def true_count_labels(projections: np.ndarray, config: RunConfig, count: int) -> np.ndarray:
-    """int[N]: the rule's features of ``projections [T, N, K]`` (last ``gradient_window``, unit norm, PCA) clustered
-    by a full-covariance Gaussian mixture of ``count`` components (5 starts)."""
+def true_count_labels(projections: np.ndarray, config: RunConfig, count: int, features=analysis.joint_features
+                      ) -> np.ndarray:
+    """int[N]: ``features`` (default the rule's: unit norm, PCA) of ``projections [T, N, K]`` over the last
+    ``gradient_window`` clustered by a full-covariance Gaussian mixture of ``count`` components (5 starts)."""
     window = max(2, round(config.gradient_window * projections.shape[0]))
-    features = analysis.joint_features(projections[-window:], seed=config.seed)
-    return GaussianMixture(count, covariance_type="full", n_init=5, random_state=config.seed).fit_predict(features)
+    rows = features(projections[-window:], seed=config.seed)
+    return GaussianMixture(count, covariance_type="full", n_init=5, random_state=config.seed).fit_predict(rows)
 
 
 def purity(labels: np.ndarray, groups: np.ndarray) -> str:
@@ -48,8 +52,8 @@ def main() -> None:
     parser.add_argument("run_dirs", type=Path, nargs="+")
     args = parser.parse_args()
     print("| Run | Median loss per group, first → last checkpoint | Basis | Rule (BIC count) | True count | "
-          "Rule's clusters (size:purity) |")
-    print("|---|---|---|---|---|---|")
+          "Rule's clusters (size:purity) | Subspace (BIC count) | Subspace, true count |")
+    print("|---|---|---|---|---|---|---|---|")
     for run_dir in args.run_dirs:
         stored, _, groups = load_planted_run(run_dir)
         config = RunConfig.from_dict(stored, str(run_dir / "config.json"))
@@ -61,8 +65,13 @@ def main() -> None:
             projections = np.asarray(pj.POLCAResult.load(run_dir / "polca" / basis).projections)
             rule = cluster_gradient_trajectories(projections, config)[0].labels
             fixed = true_count_labels(projections, config, names.size)
+            subspace = dataclasses.replace(config, gradient_directions="subspace")
+            subspace_bic = cluster_gradient_trajectories(projections, subspace)[0].labels
+            subspace_fixed = true_count_labels(projections, config, names.size, analysis.subspace_features)
             print(f"| {run_dir.name} | {losses} | {basis} | {adjusted_rand_score(groups, rule):.2f} | "
-                  f"{adjusted_rand_score(groups, fixed):.2f} | {purity(rule, groups)} |", flush=True)
+                  f"{adjusted_rand_score(groups, fixed):.2f} | {purity(rule, groups)} | "
+                  f"{adjusted_rand_score(groups, subspace_bic):.2f} | "
+                  f"{adjusted_rand_score(groups, subspace_fixed):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from polca_jax.analysis._unsupervised import (
     rotate_within_span,
     shape_features,
     strategy_clusterings,
+    subspace_features,
 )
 from polca_jax.analysis._scores import ClusterScore, cluster_label_scores, max_homogeneity, top_clusters
 
@@ -68,6 +69,7 @@ __all__ = [
     "rotate_within_span",
     "shape_features",
     "strategy_clusterings",
+    "subspace_features",
     "ADJUST_METHODS",
     "AblationEffect",
     "AblationTest",

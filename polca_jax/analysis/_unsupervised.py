@@ -193,6 +193,50 @@ def joint_features(projected_loss, *, directions=None, max_components: int = 10,
     return PCA(n_components=components, random_state=seed).fit_transform(flat)
 
 
+def subspace_features(projections, *, max_components: int = 10, seed: int = 0) -> np.ndarray:
+    """Which directions each sample's gradient moves in: projections float[T, N, K] -> features float[N, C].
+
+    Each sample's second-moment matrix ``M = Σ_t g_t g_tᵀ / Σ_t ‖g_t‖²`` of its coordinates g_t [K] over the T
+    checkpoints (trace 1), its upper triangle (off-diagonal entries times √2, so that distances are Frobenius
+    distances), reduced to the first C = min(max_components, N, K(K+1)/2) principal components. M keeps which
+    directions move and which move together, with which relative sign; it drops the scale, the order in time and the
+    sign of each g_t: samples of one mechanism whose gradients flip sign with their residuals share it, and so do
+    samples whose coordinates agree up to a sign per checkpoint. (Trajectory features, :func:`joint_features`, keep
+    the signs and split such a group into parts.)
+
+    Args:
+      projections: float[T, N, K], each sample's coordinate along each of K directions at T checkpoints (projected
+        gradients or their increments).
+      max_components: the most principal components kept.
+      seed: PCA's ``random_state``.
+
+    Returns:
+      float[N, C], the features (cluster them with :func:`cluster_features`).
+
+    Raises:
+      PolcaError: for projections that are not a finite float[T, N, K] array.
+
+    Example:
+      Samples 0 and 1 move along direction 0 with opposite signs, sample 2 along directions 0 and 1 together:
+
+      >>> import numpy as np
+      >>> from polca_jax import analysis
+      >>> g = np.array([[[1.0, 0.0], [-2.0, 0.0], [1.0, 1.0], [0.0, 1.0]],
+      ...               [[0.5, 0.0], [-1.0, 0.0], [2.0, 2.0], [0.0, -3.0]]])  # [T=2, N=4, K=2]
+      >>> features = analysis.subspace_features(g)
+      >>> features.shape, bool(np.allclose(features[0], features[1])), bool(np.allclose(features[0], features[2]))
+      ((4, 3), True, False)
+    """
+    projections = checked_array(projections, "projections", 3)
+    _, n, k = projections.shape
+    moments = np.einsum("tnk,tnl->nkl", projections, projections)
+    moments /= np.maximum(np.trace(moments, axis1=1, axis2=2), np.finfo(np.float64).tiny)[:, None, None]
+    rows, columns = np.triu_indices(k)
+    flat = moments[:, rows, columns] * np.where(rows == columns, 1.0, np.sqrt(2.0))
+    components = max(1, min(max_components, n, flat.shape[1]))
+    return PCA(n_components=components, random_state=seed).fit_transform(flat)
+
+
 def rotate_within_span(projections, method: str, *, seed: int = 0) -> np.ndarray:
     """New directions within the span of a basis: projections float[T, N, K] -> float[T, N, K] along K new ones.
 

@@ -25,7 +25,7 @@ from polca_jax.pipeline._registry import ablation_basis_names, basis_kind
 from polca_jax.pipeline._task import TaskDefinition
 
 PROJECTION_METHODS = ("auto", "reverse", "forward")
-GRADIENT_DIRECTIONS = ("joint", "each")
+GRADIENT_DIRECTIONS = ("joint", "each", "subspace")
 NOT_SETTABLE = ("task", "preset", "task_options")
 TASK_SECTION = "task"
 SECTIONS = {
@@ -83,8 +83,10 @@ class RunConfig:
         checkpoints of the window instead of their values.
       gradient_rotation: new directions within the basis' span before they cluster
         (:func:`polca_jax.analysis.rotate_within_span`): ``"none"``, ``"varimax"`` or ``"ica"``.
-      gradient_directions: ``"joint"`` (one clustering of all directions' trajectories together) or ``"each"``
-        (one clustering per direction, as the paper's step clusters the projected loss).
+      gradient_directions: ``"joint"`` (one clustering of all directions' trajectories together), ``"each"``
+        (one clustering per direction, as the paper's step clusters the projected loss) or ``"subspace"`` (one
+        clustering of which directions each sample's gradients move in together, whatever their signs:
+        :func:`polca_jax.analysis.subspace_features`).
       window_steps: Δ of Eq. 9 in steps (None: 5 × ``polca_every``).
       threshold_step: τ of Eq. 10 (None: chosen from the loss curve, as above).
       baselines: run the ``"baseline"`` strategies (change in exact loss, Fisher, first-order POLCA, allocation
@@ -147,7 +149,7 @@ class RunConfig:
     gradient_window: float = 0.25  # the projected-gradient strategies read the last fraction of the POLCA checkpoints
     gradient_increments: bool = False  # ... and cluster their values (False) or their changes between checkpoints
     gradient_rotation: str = "none"  # ... along the basis (none) or new directions in its span: varimax, ica
-    gradient_directions: str = "joint"  # ... all directions in one clustering (joint) or one per direction (each)
+    gradient_directions: str = "joint"  # ... all directions' values (joint), one per direction (each), or subspace
     # breakthroughs (Eqs. 9-10)
     window_steps: int | None = None
     threshold_step: int | None = None

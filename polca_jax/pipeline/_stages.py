@@ -421,8 +421,9 @@ def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analy
     with ``config.gradient_increments`` their changes between successive ones, at least two), along the basis or
     along new directions in its span (``config.gradient_rotation``, :func:`polca_jax.analysis.rotate_within_span`); its
     trajectory there divided by its norm and reduced by PCA (:func:`polca_jax.analysis.joint_features`), over all
-    directions at once (``config.gradient_directions="joint"``) or one direction at a time (``"each"``), clustered
-    with ``config.profile_clusterer``.
+    directions at once (``config.gradient_directions="joint"``) or one direction at a time (``"each"``), or the
+    directions it moves in together, whatever their signs (``"subspace"``:
+    :func:`polca_jax.analysis.subspace_features`); clustered with ``config.profile_clusterer``.
 
     Where the projected loss multiplies each gradient by the shared step and sums over time, this keeps each sample's
     own gradients, late in training when the mechanisms have formed (experiments/planted/results.md).
@@ -460,6 +461,8 @@ def cluster_gradient_trajectories(projections: np.ndarray, config) -> list[analy
     trajectories = analysis.rotate_within_span(trajectories, config.gradient_rotation, seed=config.seed)
     if config.gradient_directions == "joint":
         return [_clustering(analysis.joint_features(trajectories, seed=config.seed), config)]
+    if config.gradient_directions == "subspace":
+        return [_clustering(analysis.subspace_features(trajectories, seed=config.seed), config)]
     return [_clustering(analysis.joint_features(trajectories, directions=[k], seed=config.seed), config, direction=k)
             for k in range(trajectories.shape[2])]
 

@@ -22,6 +22,14 @@ sample's gradient lies among the parameters does not give its group away there (
 and the trivial controls of ``experiments/planted``). ``amplitude_b < 1`` makes group B's teacher weaker, so the
 student learns it after group A's. The student is the benchmark's tanh MLP with one shared head (nothing tells it
 the group but the gate).
+
+``mirror=True`` (parity only, ``amplitude_b = 1``) makes the groups exact mirror images, so that the exact loss
+cannot tell them apart while each group still has its own mechanism. The mirror map ``S`` negates the first gate
+bit (which flips the gate) and swaps ``x_A`` with ``x_B``; group B's teacher is group A's, so ``y(S x) = y(x)``.
+Every evaluation, Hessian and training batch is a set of samples followed by their mirror images, and the student
+starts symmetric (the second half of its hidden units are mirror copies of the first: ``w_in[:, H/2 + j] = S
+w_in[:, j]``, equal readout weights), so ``f(S x) = f(x)`` at every step (up to float rounding): a sample and its
+mirror image have the same loss trajectory, and only where their gradients lie among the parameters differs.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ PRESETS = {
 PRESETS["cpu-carry"] = dict(PRESETS["cpu"], rule="carry")
 PRESETS["cpu-null"] = dict(PRESETS["cpu"], same_mechanism=True, amplitude_b=1.0)  # the negative control
 PRESETS["cpu-late"] = dict(PRESETS["cpu"], late_step=600, threshold_step=500, window_steps=100)  # B learned late
+PRESETS["cpu-mirror"] = dict(PRESETS["cpu"], mirror=True, amplitude_b=1.0)  # the exact loss cannot tell the groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,7 @@ class EntangledSpec:
     block_dims: int
     amplitude_b: float
     same_mechanism: bool = False
+    mirror: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -67,6 +77,10 @@ class EntangledSpec:
             raise PolcaError(f"block_dims must be an integer >= 1, got {self.block_dims!r}")
         if not (np.isfinite(self.amplitude_b) and self.amplitude_b > 0):
             raise PolcaError(f"amplitude_b must be a finite number > 0, got {self.amplitude_b!r}")
+        if self.mirror and (self.rule != "parity" or self.amplitude_b != 1.0 or self.same_mechanism):
+            raise PolcaError("mirror=true needs rule=parity, amplitude_b=1.0 and same_mechanism=false (the mirror map "
+                             f"flips a parity gate and swaps two equal teachers), got rule={self.rule!r}, "
+                             f"amplitude_b={self.amplitude_b!r}, same_mechanism={self.same_mechanism!r}")
 
     @property
     def gate_dims(self) -> int:
@@ -76,6 +90,11 @@ class EntangledSpec:
     def input_dim(self) -> int:
         """D = gate inputs + x_A + x_B."""
         return self.gate_dims + 2 * self.block_dims
+
+    def mirror_image(self, x: np.ndarray) -> np.ndarray:
+        """``S x`` for inputs ``[..., D]``: the first gate bit negated, ``x_A`` and ``x_B`` swapped (``S S = 1``)."""
+        gates, x_a, x_b = np.split(x, [self.gate_dims, self.gate_dims + self.block_dims], axis=-1)
+        return np.concatenate([gates * np.where(np.arange(self.gate_dims) == 0, -1, 1).astype(x.dtype), x_b, x_a], axis=-1)
 
 
 def draw_gates(spec: EntangledSpec, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -91,18 +110,27 @@ def draw_gates(spec: EntangledSpec, n: int, rng: np.random.Generator) -> tuple[n
 
 
 def make_teachers(spec: EntangledSpec, rng: np.random.Generator) -> tuple[dict, dict]:
-    """Two independent teachers ``t(z) = Σ_j a_j tanh(2 u_j · z)`` on ``block_dims`` inputs (unit-norm u_j)."""
+    """Two independent teachers ``t(z) = Σ_j a_j tanh(2 u_j · z)`` on ``block_dims`` inputs (unit-norm u_j); with
+    ``spec.mirror`` the second is the first."""
     teachers = []
     for _ in range(2):
         u = rng.normal(size=(spec.block_dims, 2))
         teachers.append({"u": u / np.linalg.norm(u, axis=0, keepdims=True), "a": np.array([1.0, 0.5])})
-    return teachers[0], teachers[1]
+    return teachers[0], teachers[0 if spec.mirror else 1]
 
 
 def make_samples(spec: EntangledSpec, teachers: tuple[dict, dict], n: int, rng: np.random.Generator, *,
                  group_a_only: bool = False) -> dict:
     """``{"x": [n, D], "y": [n], "group": int[n]}`` (float32 inputs and targets); ``group_a_only``: gates drawn
-    from their distribution given a closed gate (the first n closed ones of repeated draws)."""
+    from their distribution given a closed gate (the first n closed ones of repeated draws). With ``spec.mirror``
+    (n even) the last n/2 samples are the mirror images of the first n/2."""
+    if spec.mirror:
+        if n % 2 or group_a_only:
+            raise PolcaError(f"mirrored samples come in pairs of both groups: n must be even and no group late "
+                             f"(got n={n}, group_a_only={group_a_only})")
+        half = make_samples(dataclasses.replace(spec, mirror=False), teachers, n // 2, rng)
+        return {"x": np.concatenate([half["x"], spec.mirror_image(half["x"])]),
+                "y": np.concatenate([half["y"], half["y"]]), "group": np.concatenate([half["group"], 1 - half["group"]])}
     gates, groups = draw_gates(spec, n, rng)
     while group_a_only and np.count_nonzero(groups == 0) < n:
         more_gates, more_groups = draw_gates(spec, n, rng)
@@ -118,27 +146,40 @@ def make_samples(spec: EntangledSpec, teachers: tuple[dict, dict], n: int, rng: 
 
 
 def init_params(spec: EntangledSpec, width: int, key: jax.Array) -> dict:
-    """``w_in [D, H]`` ~ N(0, 1/D), ``w_out [H, 1]`` ~ N(0, 1/H), ``b_out [1]`` = 0: one shared head."""
+    """``w_in [D, H]`` ~ N(0, 1/D), ``w_out [H, 1]`` ~ N(0, 1/H), ``b_out [1]`` = 0: one shared head. With
+    ``spec.mirror`` (H even) unit ``H/2 + j`` is the mirror copy of unit j: ``w_in[:, H/2 + j] = S w_in[:, j]``,
+    ``w_out[H/2 + j] = w_out[j]``."""
     k_in, k_out = jax.random.split(key)
-    return {"w_in": jax.random.normal(k_in, (spec.input_dim, width)) / np.sqrt(spec.input_dim),
-            "w_out": jax.random.normal(k_out, (width, 1)) / np.sqrt(width), "b_out": jnp.zeros(1)}
+    w_in = jax.random.normal(k_in, (spec.input_dim, width)) / np.sqrt(spec.input_dim)
+    w_out = jax.random.normal(k_out, (width, 1)) / np.sqrt(width)
+    if spec.mirror:
+        if width % 2:
+            raise PolcaError(f"mirror=true pairs each hidden unit with its mirror copy: width must be even, got {width}")
+        half = np.asarray(w_in[:, : width // 2])
+        w_in = jnp.concatenate([half, spec.mirror_image(half.T).T], axis=1)
+        w_out = jnp.concatenate([w_out[: width // 2], w_out[: width // 2]])
+    return {"w_in": w_in, "w_out": w_out, "b_out": jnp.zeros(1)}
 
 
 @task_factory(presets=PRESETS, default_preset="cpu", report_sections=planted_report_sections)
 def make_entangled_task(rule: str = "parity", gate_bits: int = 4, block_dims: int = 6, amplitude_b: float = 0.5,
-                        same_mechanism: bool = False, late_step: int = 0, width: int = 32,
+                        same_mechanism: bool = False, mirror: bool = False, late_step: int = 0, width: int = 32,
                         num_eval_samples: int = 400, num_hessian_samples: int = 256, batch_size: int = 64,
                         seed: int = 0) -> Task:
     """The entangled planted task (see the module docstring). same_mechanism: the negative control, in which group
     B's target is group A's teacher too (on x_A, scaled by ``amplitude_b``): the gate then decides nothing a
     mechanism could tell apart but the scale, and with ``amplitude_b=1`` nothing at all. late_step: group B's
     samples enter the training batches only at this step (0: from the start), so that its mechanism is learned late,
-    after group A's has formed (the evaluation and Hessian samples hold both groups throughout)."""
-    if not isinstance(same_mechanism, bool):
-        raise PolcaError(f"same_mechanism must be true or false, got {same_mechanism!r}")
+    after group A's has formed (the evaluation and Hessian samples hold both groups throughout). mirror: the groups
+    as exact mirror images (see the module docstring)."""
+    for name, value in (("same_mechanism", same_mechanism), ("mirror", mirror)):
+        if not isinstance(value, bool):
+            raise PolcaError(f"{name} must be true or false, got {value!r}")
     if isinstance(late_step, bool) or not isinstance(late_step, int) or late_step < 0:
         raise PolcaError(f"late_step must be an integer >= 0 (0: no late group), got {late_step!r}")
-    spec = EntangledSpec(rule, gate_bits, block_dims, float(amplitude_b), same_mechanism)
+    spec = EntangledSpec(rule, gate_bits, block_dims, float(amplitude_b), same_mechanism, mirror)
+    if mirror and late_step:
+        raise PolcaError(f"mirror=true trains on mirrored pairs of both groups: late_step must be 0, got {late_step}")
     for name, value in (("width", width), ("num_eval_samples", num_eval_samples),
                         ("num_hessian_samples", num_hessian_samples), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -162,5 +203,5 @@ def make_entangled_task(rule: str = "parity", gate_bits: int = 4, block_dims: in
                       zip(names, evaluation["x"][:, : spec.gate_dims].astype(int), evaluation["y"])],
         description=(f"Entangled planted groups: gate rule {rule} ({spec.gate_dims} inputs), two teacher blocks of "
                      f"{block_dims}, group B's teacher scaled by {amplitude_b}, tanh MLP of width {width} with one "
-                     "shared head."),
+                     "shared head" + ("; the groups exact mirror images." if mirror else ".")),
     )
