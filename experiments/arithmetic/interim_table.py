@@ -12,6 +12,7 @@ hidden-breakthrough fraction, the share of clusters whose mean Eq. 9 breakthroug
 lies after τ (the config's ``threshold_step``; "—" when the run chooses τ from its loss curve).
 
     python experiments/arithmetic/interim_table.py RUN_DIR [--basis hessian] [--min-cluster-size N]
+        [--gradient-directions joint|each|subspace]
 
 On a finished run it reproduces the report's Table 1 homogeneities and hidden-breakthrough fractions (a test checks
 it on the `tiny` preset).
@@ -88,11 +89,15 @@ def main() -> None:
     parser.add_argument("--basis", default="hessian", help="the finished basis (a directory of RUN_DIR/polca/)")
     parser.add_argument("--min-cluster-size", type=int,
                         help="HDBSCAN's min_cluster_size instead of the run's (before its scaling to the samples)")
+    parser.add_argument("--gradient-directions", help="the projected-gradient strategy's features instead of the "
+                        "run's setting (joint, each or subspace: the pipeline's gradient_directions)")
     args = parser.parse_args()
     config_file = args.run_dir / "config.json"
     config = RunConfig.from_dict(json.loads(config_file.read_text()), str(config_file))
     if args.min_cluster_size is not None:
         config = dataclasses.replace(config, min_cluster_size=args.min_cluster_size)
+    if args.gradient_directions is not None:
+        config = dataclasses.replace(config, gradient_directions=args.gradient_directions)
     result = pj.POLCAResult.load(args.run_dir / "polca" / args.basis)
     label_sets, _ = load_labels(args.run_dir)
     print(f"{args.run_dir}: basis `{args.basis}`, {result.steps.size} checkpoints {result.steps[0]}–"
@@ -105,6 +110,8 @@ def main() -> None:
         trajectories = np.asarray(trajectories)  # for "gradients", the exact loss its breakthroughs are read on
         clusterings = (cluster_gradient_trajectories(np.asarray(result.projections), config) if kind == "gradients"
                        else clusterings_of(trajectories, config))
+        if kind == "gradients" and args.gradient_directions is not None:
+            name = f"Projected-gradient trajectories (gradient_directions={args.gradient_directions})"
         print(f"| {name} | {best_carry(clusterings, label_sets, config, kind not in PER_SAMPLE)} | "
               f"{hidden_fraction(clusterings, trajectories, steps, config)} |", flush=True)
 
