@@ -29,6 +29,7 @@ import numpy as np
 
 import polca_jax as pj
 from polca_jax import analysis
+from polca_jax.errors import PolcaError
 from polca_jax.pipeline import RunConfig, cluster_gradient_trajectories, load_labels, variant_trajectories
 
 STRATEGIES = (("projected_loss", "POLCA"), ("first_order", "First-order POLCA"), ("loss", "Exact loss"),
@@ -97,7 +98,10 @@ def main() -> None:
     if args.min_cluster_size is not None:
         config = dataclasses.replace(config, min_cluster_size=args.min_cluster_size)
     if args.gradient_directions is not None:
-        config = dataclasses.replace(config, gradient_directions=args.gradient_directions)
+        try:
+            config = dataclasses.replace(config, gradient_directions=args.gradient_directions)
+        except PolcaError as error:
+            parser.error(str(error))
     result = pj.POLCAResult.load(args.run_dir / "polca" / args.basis)
     label_sets, _ = load_labels(args.run_dir)
     print(f"{args.run_dir}: basis `{args.basis}`, {result.steps.size} checkpoints {result.steps[0]}–"
