@@ -28,8 +28,9 @@ cannot tell them apart while each group still has its own mechanism. The mirror 
 bit (which flips the gate) and swaps ``x_A`` with ``x_B``; group B's teacher is group A's, so ``y(S x) = y(x)``.
 Every evaluation, Hessian and training batch is a set of samples followed by their mirror images, and the student
 starts symmetric (the second half of its hidden units are mirror copies of the first: ``w_in[:, H/2 + j] = S
-w_in[:, j]``, equal readout weights), so ``f(S x) = f(x)`` at every step (up to float rounding): a sample and its
-mirror image have the same loss trajectory, and only where their gradients lie among the parameters differs.
+w_in[:, j]``, equal readout weights), so ``f(S x) = f(x)`` at every step up to float rounding, which training can amplify in
+float32 (``JAX_ENABLE_X64=1`` keeps the symmetry): a sample and its mirror image have the same loss trajectory, and
+only where their gradients lie among the parameters differs.
 """
 
 from __future__ import annotations
